@@ -1,0 +1,358 @@
+//! Running several hooks in order with explicit combining rules, a per-hook timeout and a failure policy.
+
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use tollgate_protocol::{QoS, ReasonCode};
+
+use crate::decision::*;
+use crate::types::*;
+use crate::{Authenticator, Authorizer, BridgeRouter, HookError, Transformer};
+
+/// Makes a timer future. The runtime supplies it (tokio's `sleep` in the broker), which keeps this crate free of
+/// any runtime dependency and lets tests drive time.
+pub type Sleeper = Arc<dyn Fn(Duration) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Called for every hook failure so the runtime can log and count it.
+pub type FailureObserver = Arc<dyn Fn(&HookError) + Send + Sync>;
+
+/// What a failed or timed-out hook means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Treat the failure as a denial (the default for authentication and authorization).
+    #[default]
+    FailClosed,
+    /// Treat the failure as an abstention: the message or connection proceeds as if the hook were absent (the
+    /// default for transforms).
+    PassThrough,
+}
+
+/// One hook in a chain with its limits.
+pub struct HookSlot<H: ?Sized> {
+    pub hook: Arc<H>,
+    /// `None` for trusted native hooks: no timer is armed at all.
+    pub timeout: Option<Duration>,
+    pub on_failure: FailurePolicy,
+}
+
+impl<H: ?Sized> Clone for HookSlot<H> {
+    fn clone(&self) -> Self {
+        Self {
+            hook: self.hook.clone(),
+            timeout: self.timeout,
+            on_failure: self.on_failure,
+        }
+    }
+}
+
+impl<H: ?Sized> HookSlot<H> {
+    pub fn new(hook: Arc<H>, timeout: Option<Duration>, on_failure: FailurePolicy) -> Self {
+        Self {
+            hook,
+            timeout,
+            on_failure,
+        }
+    }
+}
+
+/// The result of the whole authentication chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AuthOutcome {
+    Allow {
+        attributes: std::collections::BTreeMap<String, String>,
+    },
+    Deny {
+        reason: ReasonCode,
+        message: Option<String>,
+    },
+    Continue {
+        data: Option<bytes::Bytes>,
+    },
+}
+
+/// All hooks of a broker, in configuration order. Immutable once built: a reload builds a new chain with a
+/// higher generation, which also invalidates every connection's ACL cache.
+pub struct HookChain {
+    pub authenticators: Vec<HookSlot<dyn Authenticator>>,
+    pub authorizers: Vec<HookSlot<dyn Authorizer>>,
+    pub transformers: Vec<HookSlot<dyn Transformer>>,
+    pub routers: Vec<HookSlot<dyn BridgeRouter>>,
+    /// Decision when every authenticator abstains (or there are none).
+    pub auth_fallback: AuthFallback,
+    pub generation: u64,
+    sleeper: Option<Sleeper>,
+    observer: Option<FailureObserver>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum AuthFallback {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl Default for HookChain {
+    fn default() -> Self {
+        Self {
+            authenticators: Vec::new(),
+            authorizers: Vec::new(),
+            transformers: Vec::new(),
+            routers: Vec::new(),
+            auth_fallback: AuthFallback::Allow,
+            generation: 0,
+            sleeper: None,
+            observer: None,
+        }
+    }
+}
+
+enum Attempt<T> {
+    Done(T),
+    Failed(HookError),
+}
+
+impl HookChain {
+    pub fn with_sleeper(mut self, sleeper: Sleeper) -> Self {
+        self.sleeper = Some(sleeper);
+        self
+    }
+
+    pub fn with_failure_observer(mut self, observer: FailureObserver) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// True when ACL decisions may be cached per connection.
+    pub fn acl_cacheable(&self) -> bool {
+        self.authorizers.iter().all(|slot| slot.hook.cacheable())
+    }
+
+    pub fn has_outbound_transform(&self) -> bool {
+        self.transformers
+            .iter()
+            .any(|slot| slot.hook.transforms_outbound())
+    }
+
+    /// Polls `call` once before arming a timer, so hooks that answer synchronously (all native ones) never pay
+    /// for one.
+    async fn attempt<T>(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+        call: impl Future<Output = Result<T, HookError>>,
+    ) -> Attempt<T> {
+        let mut call = pin!(call);
+        let mut timer: Option<Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+        let result = poll_fn(|context| {
+            if let Poll::Ready(result) = call.as_mut().poll(context) {
+                return Poll::Ready(result);
+            }
+            let (Some(limit), Some(sleeper)) = (timeout, self.sleeper.as_ref()) else {
+                return Poll::Pending;
+            };
+            let timer = timer.get_or_insert_with(|| sleeper(limit));
+            if timer.as_mut().poll(context).is_ready() {
+                return Poll::Ready(Err(HookError::Timeout {
+                    hook: name.to_owned(),
+                    millis: u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
+                }));
+            }
+            Poll::Pending
+        })
+        .await;
+        match result {
+            Ok(value) => Attempt::Done(value),
+            Err(error) => {
+                if let Some(observer) = &self.observer {
+                    observer(&error);
+                }
+                Attempt::Failed(error)
+            }
+        }
+    }
+
+    pub async fn authenticate(&self, request: &ConnectRequest) -> AuthOutcome {
+        self.run_auth(request, None).await
+    }
+
+    pub async fn continue_auth(&self, request: &ConnectRequest, step: &AuthStep) -> AuthOutcome {
+        self.run_auth(request, Some(step)).await
+    }
+
+    async fn run_auth(&self, request: &ConnectRequest, step: Option<&AuthStep>) -> AuthOutcome {
+        for slot in &self.authenticators {
+            let name = slot.hook.name();
+            let attempt = match step {
+                None => {
+                    self.attempt(name, slot.timeout, slot.hook.authenticate(request))
+                        .await
+                }
+                Some(step) => {
+                    self.attempt(name, slot.timeout, slot.hook.continue_auth(request, step))
+                        .await
+                }
+            };
+            let decision = match attempt {
+                Attempt::Done(decision) => decision,
+                Attempt::Failed(error) => match slot.on_failure {
+                    FailurePolicy::FailClosed => {
+                        return AuthOutcome::Deny {
+                            reason: ReasonCode::UNSPECIFIED_ERROR,
+                            message: Some(error.to_string()),
+                        };
+                    }
+                    FailurePolicy::PassThrough => AuthDecision::Abstain,
+                },
+            };
+            match decision {
+                AuthDecision::Abstain => continue,
+                AuthDecision::Allow { attributes } => return AuthOutcome::Allow { attributes },
+                AuthDecision::Deny { reason, message } => {
+                    return AuthOutcome::Deny { reason, message };
+                }
+                AuthDecision::Continue { data } => return AuthOutcome::Continue { data },
+            }
+        }
+        match (self.auth_fallback, step) {
+            (AuthFallback::Allow, None) => AuthOutcome::Allow {
+                attributes: Default::default(),
+            },
+            // An AUTH exchange nobody understands cannot succeed by default.
+            (_, Some(_)) => AuthOutcome::Deny {
+                reason: ReasonCode::BAD_AUTHENTICATION_METHOD,
+                message: None,
+            },
+            (AuthFallback::Deny, None) => AuthOutcome::Deny {
+                reason: ReasonCode::NOT_AUTHORIZED,
+                message: None,
+            },
+        }
+    }
+
+    /// Every authorizer is asked; the first denial wins, QoS caps combine to the lowest, and a request nobody
+    /// decides is allowed.
+    pub async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> AclOutcome {
+        let mut max_qos = QoS::ExactlyOnce;
+        for slot in &self.authorizers {
+            let attempt = self
+                .attempt(
+                    slot.hook.name(),
+                    slot.timeout,
+                    slot.hook.authorize(client, action),
+                )
+                .await;
+            let decision = match attempt {
+                Attempt::Done(decision) => decision,
+                Attempt::Failed(_) => match slot.on_failure {
+                    FailurePolicy::FailClosed => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+                    FailurePolicy::PassThrough => AclDecision::Abstain,
+                },
+            };
+            match decision {
+                AclDecision::Deny(reason) => return AclOutcome::Deny(reason),
+                AclDecision::AllowMaxQos(cap) => max_qos = max_qos.min(cap),
+                AclDecision::Allow | AclDecision::Abstain => {}
+            }
+        }
+        AclOutcome::Allow { max_qos }
+    }
+
+    /// Transforms compose in order; the first drop stops the chain.
+    pub async fn transform_inbound(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+    ) -> TransformOutcome {
+        self.run_transform(client, message, false).await
+    }
+
+    pub async fn transform_outbound(
+        &self,
+        subscriber: &ClientInfo,
+        message: &mut Message,
+    ) -> TransformOutcome {
+        self.run_transform(subscriber, message, true).await
+    }
+
+    async fn run_transform(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+        outbound: bool,
+    ) -> TransformOutcome {
+        for slot in &self.transformers {
+            if outbound && !slot.hook.transforms_outbound() {
+                continue;
+            }
+            let name = slot.hook.name();
+            // A hook that fails half-way must not leave a half-modified message behind.
+            let before = message.clone();
+            let attempt = if outbound {
+                self.attempt(
+                    name,
+                    slot.timeout,
+                    slot.hook.transform_outbound(client, message),
+                )
+                .await
+            } else {
+                self.attempt(
+                    name,
+                    slot.timeout,
+                    slot.hook.transform_inbound(client, message),
+                )
+                .await
+            };
+            match attempt {
+                Attempt::Done(TransformDecision::Keep | TransformDecision::Modified) => {}
+                Attempt::Done(TransformDecision::Drop { reason }) => {
+                    return TransformOutcome::Drop {
+                        hook: name.to_owned(),
+                        reason,
+                    };
+                }
+                Attempt::Failed(error) => {
+                    *message = before;
+                    if slot.on_failure == FailurePolicy::FailClosed {
+                        return TransformOutcome::Drop {
+                            hook: name.to_owned(),
+                            reason: error.to_string(),
+                        };
+                    }
+                }
+            }
+        }
+        TransformOutcome::Deliver
+    }
+
+    /// The first hook that does not abstain decides; with none, the message is forwarded unchanged.
+    pub async fn route(
+        &self,
+        direction: RouteDirection,
+        bridge: &str,
+        message: &Message,
+    ) -> RouteDecision {
+        for slot in &self.routers {
+            let attempt = self
+                .attempt(
+                    slot.hook.name(),
+                    slot.timeout,
+                    slot.hook.route(direction, bridge, message),
+                )
+                .await;
+            let decision = match attempt {
+                Attempt::Done(decision) => decision,
+                Attempt::Failed(_) => match slot.on_failure {
+                    FailurePolicy::FailClosed => RouteDecision::Drop,
+                    FailurePolicy::PassThrough => RouteDecision::Abstain,
+                },
+            };
+            if decision != RouteDecision::Abstain {
+                return decision;
+            }
+        }
+        RouteDecision::Forward
+    }
+}

@@ -1,0 +1,110 @@
+//! The hook contract: the four points where policy meets the broker.
+//!
+//! | hook | trait | called on |
+//! |---|---|---|
+//! | authentication | [`Authenticator`] | CONNECT, and each v5 AUTH exchange |
+//! | authorization | [`Authorizer`] | PUBLISH, SUBSCRIBE (per filter), the will at CONNECT, retained delivery |
+//! | transform | [`Transformer`] | an inbound PUBLISH after authorization; optionally each outbound copy |
+//! | bridge route | [`BridgeRouter`] | a message crossing a bridge, in either direction |
+//!
+//! Each hook returns a typed decision, never a `bool`, and may abstain to let the next hook in the [`HookChain`]
+//! decide. The chain bounds every call with a timeout and applies the hook's [`FailurePolicy`] when a hook
+//! fails or runs out of time. This crate knows nothing of WASM or Lua and does no I/O; the timer used for
+//! timeouts is handed in by the runtime, so the crate does not depend on tokio.
+
+mod cache;
+mod chain;
+mod decision;
+mod types;
+
+pub use cache::AclCache;
+pub use chain::{FailurePolicy, HookChain, HookSlot, Sleeper};
+pub use decision::*;
+pub use types::*;
+
+use async_trait::async_trait;
+
+/// Why a hook could not give a decision. The chain turns this into the hook's failure policy.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HookError {
+    #[error("hook {hook} timed out after {millis} ms")]
+    Timeout { hook: String, millis: u64 },
+    #[error("hook {hook} failed: {reason}")]
+    Failed { hook: String, reason: String },
+}
+
+/// Decides whether a connection may proceed.
+#[async_trait]
+pub trait Authenticator: Send + Sync {
+    fn name(&self) -> &str;
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, HookError>;
+
+    /// One step of an MQTT 5 enhanced-authentication exchange (an AUTH packet from the client). Hooks that do
+    /// not implement enhanced authentication abstain.
+    async fn continue_auth(
+        &self,
+        _request: &ConnectRequest,
+        _step: &AuthStep,
+    ) -> Result<AuthDecision, HookError> {
+        Ok(AuthDecision::Abstain)
+    }
+}
+
+/// Decides what an authenticated client may do.
+#[async_trait]
+pub trait Authorizer: Send + Sync {
+    fn name(&self) -> &str;
+
+    async fn authorize(
+        &self,
+        client: &ClientInfo,
+        action: &Action<'_>,
+    ) -> Result<AclDecision, HookError>;
+
+    /// Whether a decision depends only on the client and the action, so the connection may cache it until the
+    /// chain's generation changes (a reload). Hooks that look at payloads or time return false.
+    fn cacheable(&self) -> bool {
+        true
+    }
+}
+
+/// Rewrites or drops messages.
+#[async_trait]
+pub trait Transformer: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// Runs once per inbound PUBLISH, after authorization and before routing.
+    async fn transform_inbound(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+    ) -> Result<TransformDecision, HookError>;
+
+    /// Runs once per subscriber copy when [`Transformer::transforms_outbound`] is true.
+    async fn transform_outbound(
+        &self,
+        _subscriber: &ClientInfo,
+        _message: &mut Message,
+    ) -> Result<TransformDecision, HookError> {
+        Ok(TransformDecision::Keep)
+    }
+
+    /// Lets the router skip the per-subscriber call entirely when no hook wants it.
+    fn transforms_outbound(&self) -> bool {
+        false
+    }
+}
+
+/// Chooses what crosses a bridge and under which topic.
+#[async_trait]
+pub trait BridgeRouter: Send + Sync {
+    fn name(&self) -> &str;
+
+    async fn route(
+        &self,
+        direction: RouteDirection,
+        bridge: &str,
+        message: &Message,
+    ) -> Result<RouteDecision, HookError>;
+}
