@@ -4,3 +4,103 @@
 
 pub mod acl_file;
 pub mod password_file;
+
+use async_trait::async_trait;
+use tollgate_hooks::ReasonCode;
+use tollgate_hooks::{
+    AclDecision, Action, AuthDecision, Authenticator, Authorizer, ClientInfo, ConnectRequest,
+    HookError,
+};
+
+use acl_file::{Access, AclFile, AclVerdict};
+use password_file::{PasswordCheck, PasswordFile};
+
+/// Decides connections without a user name: allowed or refused by one switch. Clients with a user name are left
+/// to the next authenticator.
+pub struct AnonymousAccess {
+    pub allow: bool,
+}
+
+#[async_trait]
+impl Authenticator for AnonymousAccess {
+    fn name(&self) -> &str {
+        "anonymous"
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, HookError> {
+        Ok(match (&request.username, self.allow) {
+            (Some(_), _) => AuthDecision::Abstain,
+            (None, true) => AuthDecision::allow(),
+            (None, false) => AuthDecision::deny(ReasonCode::NOT_AUTHORIZED),
+        })
+    }
+}
+
+/// Checks user name and password against a Mosquitto password file.
+pub struct PasswordFileAuth {
+    file: PasswordFile,
+}
+
+impl PasswordFileAuth {
+    pub fn new(file: PasswordFile) -> Self {
+        Self { file }
+    }
+}
+
+#[async_trait]
+impl Authenticator for PasswordFileAuth {
+    fn name(&self) -> &str {
+        "password_file"
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, HookError> {
+        let Some(username) = &request.username else {
+            return Ok(AuthDecision::Abstain);
+        };
+        let password = request.password.as_deref().unwrap_or_default();
+        Ok(match self.file.verify(username, password) {
+            PasswordCheck::Match => AuthDecision::allow(),
+            PasswordCheck::Mismatch | PasswordCheck::UnknownUser => {
+                AuthDecision::deny(ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+            }
+        })
+    }
+}
+
+/// Authorizes with a Mosquitto ACL file. The file is authoritative: what it does not allow is denied.
+pub struct AclFileAuthorizer {
+    file: AclFile,
+}
+
+impl AclFileAuthorizer {
+    pub fn new(file: AclFile) -> Self {
+        Self { file }
+    }
+}
+
+#[async_trait]
+impl Authorizer for AclFileAuthorizer {
+    fn name(&self) -> &str {
+        "acl_file"
+    }
+
+    async fn authorize(
+        &self,
+        client: &ClientInfo,
+        action: &Action<'_>,
+    ) -> Result<AclDecision, HookError> {
+        let (topic, access) = match *action {
+            Action::Publish { topic, .. } | Action::Will { topic, .. } => (topic, Access::Write),
+            // The group prefix is already stripped: rules are written against the inner filter.
+            Action::Subscribe { filter, .. } => (filter, Access::Subscribe),
+            Action::ReceiveRetained { topic } => (topic, Access::Read),
+        };
+        let verdict = self
+            .file
+            .check(&client.client_id, client.username.as_deref(), topic, access);
+        Ok(match verdict {
+            AclVerdict::Allow => AclDecision::Allow,
+            AclVerdict::Deny => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+        })
+    }
+}

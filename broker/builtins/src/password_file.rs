@@ -194,6 +194,8 @@ impl PasswordFile {
         let mut first_lines: HashMap<String, usize> = HashMap::new();
         let mut errors = Vec::new();
 
+        // Editors on Windows may prepend a BOM; left in, it would silently become part of the first word.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (idx, raw) in text.lines().enumerate() {
             let line_no = idx + 1;
             let line = raw.trim();
@@ -717,6 +719,12 @@ mod tests {
             hash_password("pw", HashScheme::Pbkdf2Sha512 { iterations: 0 }),
             Err(HashError::ZeroIterations)
         );
+    }
+
+    #[test]
+    fn leading_bom_is_ignored() {
+        let file = PasswordFile::parse(&format!("\u{feff}{MOSQ_7_USER}")).unwrap();
+        assert_eq!(file.verify("user", b"secret"), PasswordCheck::Match);
     }
 
     #[test]

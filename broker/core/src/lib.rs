@@ -1,1 +1,344 @@
-//! placeholder
+//! The broker core: listener → connection → session → router → delivery. It calls policy only through the
+//! `tollgate-hooks` traits and knows nothing of WASM or Lua. There is no global state: everything hangs off a
+//! [`Broker`] handle, and every client-facing queue is bounded.
+//!
+//! Layout: [`connection`] runs one client, [`session`] holds state that outlives connections, [`router`] is the
+//! subscription trie, [`retained`] and [`store`] are the storage interfaces, [`sys`] publishes `$SYS` topics and
+//! [`listener`] accepts sockets.
+
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod message;
+pub mod metrics;
+pub mod retained;
+pub mod router;
+pub mod session;
+pub mod store;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tollgate_hooks::HookChain;
+use tollgate_protocol::QoS;
+use tracing::{debug, info, warn};
+
+pub use config::{BrokerConfig, OverflowPolicy};
+pub use message::{ClientId, Delivery, Message, SessionId};
+use metrics::Metrics;
+use retained::{MemoryRetainedStore, RetainedStore};
+use router::Router;
+use session::{EnqueueResult, Session, SessionRef};
+use store::{MemorySessionStore, SessionStore};
+
+/// A cheap, cloneable handle to one running broker.
+#[derive(Clone)]
+pub struct Broker {
+    inner: Arc<BrokerInner>,
+}
+
+struct BrokerInner {
+    config: BrokerConfig,
+    hooks: RwLock<Arc<HookChain>>,
+    router: Router,
+    retained: Arc<dyn RetainedStore>,
+    sessions: Arc<dyn SessionStore>,
+    metrics: Metrics,
+    next_session_id: AtomicU64,
+    next_assigned_id: AtomicU64,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+    started: Instant,
+    /// Distinguishes assigned client identifiers of different broker runs.
+    instance_tag: u64,
+}
+
+impl Broker {
+    pub fn new(config: BrokerConfig, hooks: HookChain) -> Self {
+        Self::with_stores(
+            config,
+            hooks,
+            Arc::new(MemoryRetainedStore::default()),
+            Arc::new(MemorySessionStore::default()),
+        )
+    }
+
+    pub fn with_stores(
+        config: BrokerConfig,
+        hooks: HookChain,
+        retained: Arc<dyn RetainedStore>,
+        sessions: Arc<dyn SessionStore>,
+    ) -> Self {
+        let instance_tag = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos() as u64)
+            .unwrap_or(0);
+        Self {
+            inner: Arc::new(BrokerInner {
+                config,
+                hooks: RwLock::new(Arc::new(hooks)),
+                router: Router::default(),
+                retained,
+                sessions,
+                metrics: Metrics::default(),
+                next_session_id: AtomicU64::new(1),
+                next_assigned_id: AtomicU64::new(1),
+                shutdown: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+                started: Instant::now(),
+                instance_tag,
+            }),
+        }
+    }
+
+    pub fn config(&self) -> &BrokerConfig {
+        &self.inner.config
+    }
+
+    pub fn hooks(&self) -> Arc<HookChain> {
+        self.inner
+            .hooks
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Installs a new hook chain (reload). Connections pick it up at their next hook call and drop cached ACL
+    /// decisions when its generation differs.
+    pub fn replace_hooks(&self, hooks: HookChain) {
+        *self
+            .inner
+            .hooks
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn router(&self) -> &Router {
+        &self.inner.router
+    }
+
+    pub fn retained(&self) -> &dyn RetainedStore {
+        &*self.inner.retained
+    }
+
+    pub fn sessions(&self) -> &dyn SessionStore {
+        &*self.inner.sessions
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.inner.started.elapsed()
+    }
+
+    /// Cancelled when the broker begins shutting down.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.inner.shutdown.clone()
+    }
+
+    /// Spawns a task that the shutdown drain waits for.
+    pub fn spawn<F>(&self, future: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.inner.tasks.spawn(future)
+    }
+
+    pub(crate) fn new_session(&self, client_id: ClientId, expiry: u32) -> SessionRef {
+        let id = SessionId(self.inner.next_session_id.fetch_add(1, Ordering::Relaxed));
+        Arc::new(Session::new(id, client_id, expiry))
+    }
+
+    pub(crate) fn assign_client_id(&self) -> ClientId {
+        let serial = self.inner.next_assigned_id.fetch_add(1, Ordering::Relaxed);
+        ClientId(
+            format!(
+                "tollgate-{:x}-{serial}",
+                self.inner.instance_tag & 0xFFFF_FFFF
+            )
+            .into(),
+        )
+    }
+
+    /// Routes an accepted message: updates the retained store, then queues one delivery per subscribed session
+    /// (merging overlapping subscriptions). Returns how many sessions it was queued for.
+    pub fn publish(&self, message: Arc<Message>) -> usize {
+        let inner = &*self.inner;
+        if message.retain && inner.config.retain_available {
+            inner.retained.store(message.clone());
+        }
+        let subscribers = inner.router.matches(&message.topic);
+        if subscribers.is_empty() {
+            return 0;
+        }
+        let mut merged: HashMap<SessionId, (SessionRef, Delivery)> =
+            HashMap::with_capacity(subscribers.len());
+        for subscriber in subscribers {
+            if subscriber.options.no_local && message.origin == Some(subscriber.session.id) {
+                continue;
+            }
+            let qos = message.qos.min(subscriber.options.qos);
+            let retain = subscriber.options.retain_as_published && message.retain;
+            let entry = merged.entry(subscriber.session.id).or_insert_with(|| {
+                let delivery = Delivery {
+                    message: message.clone(),
+                    qos,
+                    retain,
+                    subscription_ids: Vec::new(),
+                };
+                (subscriber.session.clone(), delivery)
+            });
+            // Overlapping subscriptions deliver once, at the highest granted QoS, carrying every identifier.
+            entry.1.qos = entry.1.qos.max(qos);
+            entry.1.retain |= retain;
+            if let Some(identifier) = subscriber.identifier {
+                entry.1.subscription_ids.push(identifier);
+            }
+        }
+        let delivered = merged.len();
+        for (session, delivery) in merged.into_values() {
+            self.deliver(&session, delivery);
+        }
+        delivered
+    }
+
+    pub(crate) fn deliver(&self, session: &Session, delivery: Delivery) {
+        let config = &self.inner.config;
+        match session.enqueue(
+            delivery,
+            config.max_queued_messages,
+            config.overflow_policy,
+            config.queue_qos0_offline,
+        ) {
+            EnqueueResult::Queued | EnqueueResult::SkippedOffline => {}
+            EnqueueResult::DroppedNewest | EnqueueResult::DroppedOldest => {
+                Metrics::add(&self.inner.metrics.publish_dropped, 1);
+                debug!(client_id = %session.client_id, policy = ?config.overflow_policy, "session queue full, message dropped");
+            }
+        }
+    }
+
+    /// Ends a session: its subscriptions leave the router and its queue is discarded.
+    pub(crate) fn end_session(&self, session: &Session) {
+        let subscriptions: Vec<String> = {
+            let mut state = session.lock();
+            state.clear_messages();
+            state
+                .subscriptions
+                .drain()
+                .map(|(filter, _)| filter)
+                .collect()
+        };
+        for filter in subscriptions {
+            if let Ok(parsed) = tollgate_protocol::topic::parse_subscription_filter(&filter) {
+                self.inner
+                    .router
+                    .unsubscribe(parsed.filter, parsed.share_group, session.id);
+            }
+        }
+        self.inner
+            .sessions
+            .remove_if_current(&session.client_id, session.id);
+        debug!(client_id = %session.client_id, "session ended");
+    }
+
+    /// Arms session expiry after a disconnect [MQTT-3.1.2-23]. `u32::MAX` never expires.
+    pub(crate) fn schedule_expiry(
+        &self,
+        session: SessionRef,
+        generation: u64,
+        expiry_seconds: u32,
+    ) {
+        if expiry_seconds == u32::MAX {
+            return;
+        }
+        let broker = self.clone();
+        let shutdown = self.shutdown_token();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(u64::from(expiry_seconds))) => {}
+                // Sessions survive a shutdown in a durable store; in memory they go with the process anyway.
+                _ = shutdown.cancelled() => return,
+            }
+            if !session.is_connected() && session.generation() == generation {
+                broker.end_session(&session);
+            }
+        });
+    }
+
+    /// Publishes a will now, or after its delay unless the session reconnects first [MQTT-3.1.3-9].
+    pub(crate) fn schedule_will(
+        &self,
+        session: SessionRef,
+        generation: u64,
+        will: Arc<Message>,
+        delay: Duration,
+    ) {
+        if delay.is_zero() {
+            self.publish(will);
+            return;
+        }
+        let broker = self.clone();
+        let shutdown = self.shutdown_token();
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if session.generation() == generation && !session.is_connected() {
+                broker.publish(will);
+            }
+        });
+    }
+
+    /// Begins shutdown: listeners stop accepting and connections say goodbye (v5 DISCONNECT 0x8B).
+    pub fn shutdown(&self) {
+        info!("broker shutting down");
+        self.inner.shutdown.cancel();
+    }
+
+    /// Waits for every connection and background task to finish, up to the configured grace period. Returns
+    /// false if the deadline passed first.
+    pub async fn drained(&self) -> bool {
+        self.inner.tasks.close();
+        let finished =
+            tokio::time::timeout(self.inner.config.shutdown_grace, self.inner.tasks.wait())
+                .await
+                .is_ok();
+        if !finished {
+            warn!(
+                remaining = self.inner.tasks.len(),
+                "shutdown grace period over with tasks still running"
+            );
+        }
+        finished
+    }
+
+    /// Publishes a message from inside the process (bridges, `$SYS`, embedding applications). It bypasses the
+    /// client-facing hooks: callers inside the broker are trusted.
+    pub fn publish_local(
+        &self,
+        topic: &str,
+        payload: impl Into<bytes::Bytes>,
+        qos: QoS,
+        retain: bool,
+    ) -> usize {
+        self.publish(Arc::new(Message {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos,
+            retain,
+            properties: Default::default(),
+            expires_at: None,
+            origin: None,
+        }))
+    }
+}

@@ -13,14 +13,18 @@
 //! timeouts is handed in by the runtime, so the crate does not depend on tokio.
 
 mod cache;
-mod chain;
+pub mod chain;
 mod decision;
 mod types;
 
 pub use cache::AclCache;
-pub use chain::{FailurePolicy, HookChain, HookSlot, Sleeper};
+pub use chain::{
+    AuthFallback, AuthOutcome, FailureObserver, FailurePolicy, HookChain, HookSlot, Sleeper,
+};
 pub use decision::*;
 pub use types::*;
+
+pub use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode};
 
 use async_trait::async_trait;
 

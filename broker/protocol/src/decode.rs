@@ -123,7 +123,16 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
             expect_flags("SUBACK", 0)?;
             let packet_id = reader.packet_id()?;
             let properties = v5_properties(&mut reader, version, PropertyContext::SubAck)?;
-            let reason_codes = reader.rest().iter().map(|code| ReasonCode(*code)).collect();
+            let codes = reader.rest();
+            // MQTT 3.1.1 allows only these four return codes [MQTT-3.9.3-2]; the encoder sends every v5 error
+            // code as 0x80, so anything else could not survive a round trip either.
+            if let Some(&bad) = codes
+                .iter()
+                .find(|&&code| !version.is_v5() && !matches!(code, 0x00 | 0x01 | 0x02 | 0x80))
+            {
+                return Err(DecodeError::InvalidReasonCode(bad));
+            }
+            let reason_codes = codes.iter().map(|code| ReasonCode(*code)).collect();
             Packet::SubAck(SubAck {
                 packet_id,
                 reason_codes,
@@ -279,7 +288,14 @@ fn decode_connack(reader: &mut Reader, version: ProtocolVersion) -> Result<ConnA
             flags,
         });
     }
-    let reason_code = ReasonCode(reader.u8()?);
+    let code = reader.u8()?;
+    // `ConnAck::reason_code` always holds a v5 reason code: a 3.1.1 return code is mapped to its v5
+    // counterpart, the inverse of what the encoder does with `to_v3_connack`.
+    let reason_code = if version.is_v5() {
+        ReasonCode(code)
+    } else {
+        ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReasonCode(code))?
+    };
     let properties = v5_properties(reader, version, PropertyContext::ConnAck)?;
     Ok(ConnAck {
         session_present: flags & 0x01 != 0,

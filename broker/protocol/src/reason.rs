@@ -70,6 +70,20 @@ impl ReasonCode {
             _ => 0x05,
         }
     }
+
+    /// The v5 CONNACK reason code for an MQTT 3.1.1 CONNACK return code, the inverse of
+    /// [`to_v3_connack`](Self::to_v3_connack); `None` for the reserved values 6 to 255.
+    pub fn from_v3_connack(code: u8) -> Option<Self> {
+        match code {
+            0x00 => Some(Self::SUCCESS),
+            0x01 => Some(Self::UNSUPPORTED_PROTOCOL_VERSION),
+            0x02 => Some(Self::CLIENT_IDENTIFIER_NOT_VALID),
+            0x03 => Some(Self::SERVER_UNAVAILABLE),
+            0x04 => Some(Self::BAD_USER_NAME_OR_PASSWORD),
+            0x05 => Some(Self::NOT_AUTHORIZED),
+            _ => None,
+        }
+    }
 }
 
 impl fmt::Display for ReasonCode {

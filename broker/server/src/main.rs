@@ -1,1 +1,292 @@
-fn main() {}
+//! The `tollgate` command line.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tollgate::{Config, Server, config};
+use tollgate_builtins::password_file::{HashScheme, MOSQUITTO_PBKDF2_ITERATIONS, PasswordFile};
+use tracing::{error, info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "An MQTT broker whose every connection and message passes through policy gates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker (embedded defaults: 127.0.0.1:1883, anonymous access because it is loopback).
+    Run {
+        /// A TOML configuration file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen on this address instead of the configured listeners (repeatable).
+        #[arg(long)]
+        listen: Vec<String>,
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
+    },
+    /// Check a configuration file, list every problem with its key, and exit non-zero if there are any.
+    CheckConfig { file: PathBuf },
+    /// Create or update a Mosquitto-compatible password file.
+    Passwd {
+        /// Create the file, replacing any existing one.
+        #[arg(short = 'c', long)]
+        create: bool,
+        /// Delete the user instead of setting a password.
+        #[arg(short = 'D', long)]
+        delete: bool,
+        /// Hash scheme for new entries.
+        #[arg(long, value_enum, default_value_t = Scheme::Argon2id)]
+        scheme: Scheme,
+        file: PathBuf,
+        username: String,
+        /// The password; read from standard input when omitted.
+        password: Option<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Scheme {
+    /// argon2id (recommended)
+    Argon2id,
+    /// Mosquitto 2 `$7$` (PBKDF2-SHA512)
+    Pbkdf2,
+    /// Mosquitto 1.x `$6$` (salted SHA-512), for old tooling only
+    Sha512,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            config,
+            listen,
+            log_format,
+        } => run(config.as_deref(), listen, log_format),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Passwd {
+            create,
+            delete,
+            scheme,
+            file,
+            username,
+            password,
+        } => passwd(create, delete, scheme, &file, &username, password),
+    }
+}
+
+fn print_problems(problems: &[config::ConfigProblem]) {
+    eprintln!("configuration has {} problem(s):", problems.len());
+    for problem in problems {
+        eprintln!("  {problem}");
+    }
+}
+
+fn check_config(file: &Path) -> ExitCode {
+    match config::load(Some(file)) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            ExitCode::SUCCESS
+        }
+        Err(problems) => {
+            print_problems(&problems);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFormat>) -> ExitCode {
+    let mut config: Config = match config::load(config_path) {
+        Ok(config) => config,
+        Err(problems) => {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+    };
+    if !listen.is_empty() {
+        config.listeners = listen
+            .into_iter()
+            .map(|bind| config::ListenerConfig {
+                bind,
+                protocol: "tcp".into(),
+                name: None,
+            })
+            .collect();
+        let mut problems = Vec::new();
+        config::validate_listeners(&config, &mut problems);
+        if !problems.is_empty() {
+            print_problems(&problems);
+            return ExitCode::FAILURE;
+        }
+    }
+    let json = match log_format {
+        Some(LogFormat::Json) => true,
+        Some(LogFormat::Human) => false,
+        None => config.log.format == "json",
+    };
+    tollgate::init_logging(&config.log.level, json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::start(&config).await {
+            Ok(server) => server,
+            Err(error) => {
+                error!(error = format!("{error:#}"), "broker did not start");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(version = env!("CARGO_PKG_VERSION"), "tollgate running");
+        wait_for_signals(&server, config_path, &config).await;
+        if server.shutdown().await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(server: &Server, config_path: Option<&Path>, running: &Config) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        warn!("cannot install signal handlers; stop with SIGKILL");
+        std::future::pending::<()>().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => return,
+            _ = interrupt.recv() => return,
+            _ = hangup.recv() => {
+                // Listeners and limits need a restart; the policy files are what SIGHUP refreshes.
+                match config::load(config_path) {
+                    Ok(mut fresh) => {
+                        fresh.listeners = running.listeners.clone();
+                        if let Err(error) = server.reload(&fresh) {
+                            error!(error = format!("{error:#}"), "reload failed; keeping the previous policy");
+                        }
+                    }
+                    Err(problems) => {
+                        for problem in problems {
+                            error!(%problem, "reload refused; keeping the previous policy");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_server: &Server, _config_path: Option<&Path>, _running: &Config) {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn passwd(
+    create: bool,
+    delete: bool,
+    scheme: Scheme,
+    file: &Path,
+    username: &str,
+    password: Option<String>,
+) -> ExitCode {
+    let mut passwords = if create {
+        PasswordFile::new()
+    } else {
+        match std::fs::read_to_string(file) {
+            Ok(text) => match PasswordFile::parse(&text) {
+                Ok(passwords) => passwords,
+                Err(errors) => {
+                    for error in errors {
+                        eprintln!("{}: {error}", file.display());
+                    }
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(error) => {
+                eprintln!(
+                    "cannot read {}: {error} (use -c to create it)",
+                    file.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    if delete {
+        if !passwords.remove(username) {
+            eprintln!("user {username:?} is not in {}", file.display());
+            return ExitCode::FAILURE;
+        }
+    } else {
+        let password = match password {
+            Some(password) => password,
+            None => {
+                if std::io::stdin().is_terminal() {
+                    eprint!("password for {username}: ");
+                }
+                let mut line = String::new();
+                if std::io::stdin().lock().read_line(&mut line).is_err() {
+                    eprintln!("cannot read the password from standard input");
+                    return ExitCode::FAILURE;
+                }
+                line.trim_end_matches(['\r', '\n']).to_owned()
+            }
+        };
+        let scheme = match scheme {
+            Scheme::Argon2id => HashScheme::Argon2id,
+            Scheme::Pbkdf2 => HashScheme::Pbkdf2Sha512 {
+                iterations: MOSQUITTO_PBKDF2_ITERATIONS,
+            },
+            Scheme::Sha512 => HashScheme::Sha512,
+        };
+        if let Err(error) = passwords.set(username, &password, scheme) {
+            eprintln!("{error}");
+            return ExitCode::FAILURE;
+        }
+    }
+    if let Err(error) = write_private(file, &passwords.to_file_string()) {
+        eprintln!("cannot write {}: {error}", file.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}
+
+/// Password files hold hashes that can be attacked offline: only the owner may read them.
+fn write_private(file: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut handle = options.open(file)?;
+    handle.write_all(contents.as_bytes())
+}

@@ -1,0 +1,1237 @@
+//! One client connection: CONNECT handshake (authentication, will authorization, session open or takeover), then
+//! a single task that reads packets, applies them, and writes what the session has queued, until the client
+//! leaves, breaks a rule, times out, is taken over, or the broker shuts down.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::{Instant, Sleep};
+use tokio_util::sync::CancellationToken;
+use tollgate_hooks::chain::AuthOutcome;
+use tollgate_hooks::{
+    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, PeerIdentity,
+    TransformOutcome,
+};
+use tollgate_protocol::{
+    Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties,
+    ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
+    decode::parse_fixed_header, encode, topic,
+};
+use tracing::{debug, info, warn};
+
+use crate::Broker;
+use crate::message::{ClientId, Delivery, Message};
+use crate::metrics::Metrics;
+use crate::router::Subscriber;
+use crate::session::{Inflight, SessionRef, SessionSubscription};
+
+/// Where a connection came from, as the transport knows it.
+#[derive(Clone, Debug)]
+pub struct ConnectionContext {
+    pub listener: Arc<str>,
+    pub remote_addr: Option<SocketAddr>,
+    pub peer: Option<Arc<PeerIdentity>>,
+}
+
+/// Stop filling the write buffer from the session queue beyond this; the socket is the backpressure.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+/// Deliveries taken from the session per lock acquisition.
+const FILL_BATCH: usize = 64;
+/// How long a goodbye (DISCONNECT, final acks) may take to flush before the socket is dropped anyway.
+const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why the connection loop ended.
+#[derive(Debug)]
+enum Exit {
+    /// DISCONNECT from the client; the will is published only for v5 reason 0x04.
+    ClientDisconnect {
+        publish_will: bool,
+    },
+    /// The socket closed or failed without DISCONNECT.
+    Closed,
+    /// The client broke the protocol; v5 clients get this reason code.
+    Violation {
+        reason: ReasonCode,
+        detail: String,
+    },
+    KeepAliveTimeout,
+    TakenOver,
+    Shutdown,
+}
+
+fn violation(reason: ReasonCode, detail: impl Into<String>) -> Exit {
+    Exit::Violation {
+        reason,
+        detail: detail.into(),
+    }
+}
+
+impl From<DecodeError> for Exit {
+    fn from(error: DecodeError) -> Self {
+        violation(error.reason_code(), error.to_string())
+    }
+}
+
+struct Will {
+    message: Arc<Message>,
+    delay: Duration,
+}
+
+/// Serves one client over any byte stream (TCP, TLS, WebSocket adapter, in-memory duplex for tests).
+pub async fn serve<S>(broker: Broker, stream: S, context: ConnectionContext)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (reader, writer) = tokio::io::split(stream);
+    let mut handshake = Handshake {
+        broker,
+        reader,
+        writer,
+        read_buf: BytesMut::with_capacity(256),
+        write_buf: BytesMut::new(),
+        context,
+    };
+    let deadline = Instant::now() + handshake.broker.config().connect_timeout;
+    let connect = match handshake.read_connect(deadline).await {
+        Ok(connect) => connect,
+        Err(reason) => {
+            debug!(remote = ?handshake.context.remote_addr, %reason, "connection closed before CONNECT completed");
+            handshake.flush_and_close().await;
+            return;
+        }
+    };
+    if let Some(connection) = handshake.accept(connect, deadline).await {
+        connection.run().await;
+    }
+}
+
+type Reader<S> = ReadHalf<S>;
+type Writer<S> = WriteHalf<S>;
+
+struct Handshake<S> {
+    broker: Broker,
+    reader: Reader<S>,
+    writer: Writer<S>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    context: ConnectionContext,
+}
+
+/// The protocol level of a CONNECT whose body failed to decode, read straight from its bytes so the refusal
+/// can be a v5 CONNACK when the client speaks v5.
+fn peek_connect_level(buffer: &[u8]) -> Option<u8> {
+    let (_, header_len, _) = parse_fixed_header(buffer).ok().flatten()?;
+    let name_len = usize::from(u16::from_be_bytes([
+        *buffer.get(header_len)?,
+        *buffer.get(header_len + 1)?,
+    ]));
+    buffer.get(header_len + 2 + name_len).copied()
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
+    async fn read_connect(&mut self, deadline: Instant) -> Result<Box<Connect>, String> {
+        let max = self.broker.config().max_packet_size as usize;
+        loop {
+            match tollgate_protocol::decode_packet(&mut self.read_buf, ProtocolVersion::V311, max) {
+                Ok(Some(Packet::Connect(connect))) => return Ok(connect),
+                Ok(Some(other)) => {
+                    return Err(format!("first packet was {} [MQTT-3.1.0-1]", other.kind()));
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    self.refuse_malformed_connect(error);
+                    return Err(error.to_string());
+                }
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
+            {
+                Err(_) => return Err("no CONNECT before the deadline".into()),
+                Ok(Ok(0)) => return Err("closed by peer".into()),
+                Ok(Ok(count)) => Metrics::add(&self.broker.metrics().bytes_received, count as u64),
+                Ok(Err(error)) => return Err(error.to_string()),
+            }
+        }
+    }
+
+    /// A v5 client gets a CONNACK with the reason code; a 3.1.1 client gets CONNACK 0x01 for an unsupported
+    /// level [MQTT-3.1.2-2] and is otherwise just disconnected [MQTT-4.8.0-1].
+    fn refuse_malformed_connect(&mut self, error: DecodeError) {
+        Metrics::add(&self.broker.metrics().protocol_errors, 1);
+        let level = peek_connect_level(&self.read_buf);
+        let (version, reason) = match (level, error) {
+            (Some(5), _) => (ProtocolVersion::V5, error.reason_code()),
+            (_, DecodeError::UnsupportedProtocolLevel(_)) => (
+                ProtocolVersion::V311,
+                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
+            ),
+            _ => return,
+        };
+        let connack = ConnAck {
+            session_present: false,
+            reason_code: reason,
+            properties: Properties::default(),
+        };
+        let _ = tollgate_protocol::encode_packet(
+            &Packet::ConnAck(connack),
+            version,
+            &mut self.write_buf,
+        );
+    }
+
+    async fn flush_and_close(&mut self) {
+        if !self.write_buf.is_empty() {
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf))
+                .await;
+            self.write_buf.clear();
+        }
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.shutdown()).await;
+    }
+
+    fn refuse(
+        &mut self,
+        version: ProtocolVersion,
+        reason: ReasonCode,
+        reason_string: Option<String>,
+    ) {
+        let mut properties = Properties::default();
+        if version.is_v5() {
+            properties.reason_string = reason_string;
+        }
+        let connack = ConnAck {
+            session_present: false,
+            reason_code: reason,
+            properties,
+        };
+        let _ = tollgate_protocol::encode_packet(
+            &Packet::ConnAck(connack),
+            version,
+            &mut self.write_buf,
+        );
+    }
+
+    /// Reads the client's next AUTH packet during enhanced authentication.
+    async fn read_auth(&mut self, deadline: Instant) -> Result<Auth, String> {
+        let max = self.broker.config().max_packet_size as usize;
+        loop {
+            match tollgate_protocol::decode_packet(&mut self.read_buf, ProtocolVersion::V5, max) {
+                Ok(Some(Packet::Auth(auth))) => return Ok(auth),
+                Ok(Some(other)) => return Err(format!("{} during authentication", other.kind())),
+                Ok(None) => {}
+                Err(error) => return Err(error.to_string()),
+            }
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
+            {
+                Ok(Ok(count)) if count > 0 => {}
+                _ => return Err("connection lost during authentication".into()),
+            }
+        }
+    }
+
+    async fn accept(mut self, connect: Box<Connect>, deadline: Instant) -> Option<Connection<S>> {
+        let broker = self.broker.clone();
+        let config = broker.config().clone();
+        let version = connect.protocol;
+        Metrics::add(&broker.metrics().messages_received, 1);
+
+        // Client identifier rules [MQTT-3.1.3-6..9].
+        let mut assigned = None;
+        let client_id = if connect.client_id.is_empty() {
+            if version.is_v5() || (version == ProtocolVersion::V311 && connect.clean_start) {
+                let id = broker.assign_client_id();
+                assigned = Some(id.clone());
+                id
+            } else {
+                self.refuse(version, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, None);
+                self.flush_and_close().await;
+                return None;
+            }
+        } else {
+            ClientId(connect.client_id.as_str().into())
+        };
+
+        let mut request = ConnectRequest {
+            client_id: client_id.0.clone(),
+            username: connect.username.as_deref().map(Arc::from),
+            password: connect.password.clone(),
+            protocol: version,
+            remote_addr: self.context.remote_addr,
+            listener: self.context.listener.clone(),
+            peer: self.context.peer.clone(),
+            authentication_method: connect.properties.authentication_method.clone(),
+            authentication_data: connect.properties.authentication_data.clone(),
+        };
+        let hooks = broker.hooks();
+        let mut outcome = hooks.authenticate(&request).await;
+        let mut auth_rounds = 0;
+        let attributes = loop {
+            match outcome {
+                AuthOutcome::Allow { attributes } => break attributes,
+                AuthOutcome::Deny { reason, message } => {
+                    Metrics::add(&broker.metrics().auth_failures, 1);
+                    info!(client_id = %client_id, remote = ?self.context.remote_addr, %reason, message = message.as_deref().unwrap_or(""), "connection refused by authentication");
+                    self.refuse(version, reason, message);
+                    self.flush_and_close().await;
+                    return None;
+                }
+                AuthOutcome::Continue { data } => {
+                    let Some(method) = request
+                        .authentication_method
+                        .clone()
+                        .filter(|_| version.is_v5())
+                    else {
+                        self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD, None);
+                        self.flush_and_close().await;
+                        return None;
+                    };
+                    auth_rounds += 1;
+                    if auth_rounds > 16 {
+                        self.refuse(
+                            version,
+                            ReasonCode::NOT_AUTHORIZED,
+                            Some("too many authentication rounds".into()),
+                        );
+                        self.flush_and_close().await;
+                        return None;
+                    }
+                    let properties = Properties {
+                        authentication_method: Some(method.clone()),
+                        authentication_data: data,
+                        ..Properties::default()
+                    };
+                    let auth = Auth {
+                        reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                        properties,
+                    };
+                    let _ = tollgate_protocol::encode_packet(
+                        &Packet::Auth(auth),
+                        version,
+                        &mut self.write_buf,
+                    );
+                    if self.writer.write_all(&self.write_buf).await.is_err() {
+                        return None;
+                    }
+                    self.write_buf.clear();
+                    let reply = match self.read_auth(deadline).await {
+                        Ok(reply) => reply,
+                        Err(detail) => {
+                            debug!(client_id = %client_id, %detail, "enhanced authentication failed");
+                            self.refuse(version, ReasonCode::PROTOCOL_ERROR, None);
+                            self.flush_and_close().await;
+                            return None;
+                        }
+                    };
+                    if reply.properties.authentication_method.as_deref() != Some(method.as_str()) {
+                        self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD, None);
+                        self.flush_and_close().await;
+                        return None;
+                    }
+                    request.authentication_data = reply.properties.authentication_data.clone();
+                    let step = AuthStep {
+                        method,
+                        data: reply.properties.authentication_data,
+                    };
+                    outcome = hooks.continue_auth(&request, &step).await;
+                }
+            }
+        };
+
+        let client = Arc::new(ClientInfo {
+            client_id: client_id.0.clone(),
+            username: request.username.clone(),
+            protocol: version,
+            remote_addr: self.context.remote_addr,
+            listener: self.context.listener.clone(),
+            peer: self.context.peer.clone(),
+            attributes: Arc::new(attributes),
+        });
+
+        // The will is authorized now, so a client cannot plant a message it could not publish itself.
+        let acl_cache = AclCache::default();
+        if let Some(will) = &connect.will {
+            let action = Action::Will {
+                topic: &will.topic,
+                qos: will.qos,
+                retain: will.retain,
+            };
+            if let AclOutcome::Deny(reason) = hooks.authorize(&client, &action).await {
+                Metrics::add(&broker.metrics().acl_denials, 1);
+                info!(client_id = %client_id, topic = %will.topic, "connection refused: will not authorized");
+                self.refuse(version, reason, Some("will topic not authorized".into()));
+                self.flush_and_close().await;
+                return None;
+            }
+        }
+
+        // Keepalive: v5 clients are told the server's cap; older clients cannot be, so theirs stands.
+        let mut server_keep_alive = None;
+        let mut keep_alive = connect.keep_alive;
+        if version.is_v5()
+            && config.max_keepalive > 0
+            && (keep_alive == 0 || keep_alive > config.max_keepalive)
+        {
+            keep_alive = config.max_keepalive;
+            server_keep_alive = Some(keep_alive);
+        }
+
+        let expiry = if version.is_v5() {
+            connect.properties.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            config.persistent_session_expiry.map_or(u32::MAX, |limit| {
+                u32::try_from(limit.as_secs()).unwrap_or(u32::MAX)
+            })
+        };
+
+        let mut create = || broker.new_session(client_id.clone(), expiry);
+        let opened = broker
+            .sessions()
+            .open(&client_id, connect.clean_start, &mut create);
+        if let Some(discarded) = &opened.discarded {
+            discarded.kick();
+            broker.end_session(discarded);
+        }
+        let session = opened.session;
+        let kick = CancellationToken::new();
+        let generation = session.attach(kick.clone());
+        session.lock().expiry_interval = expiry;
+
+        let will = connect.will.as_ref().map(|will| {
+            let now = Instant::now();
+            let message = Message {
+                topic: will.topic.as_str().into(),
+                payload: will.payload.clone(),
+                qos: will.qos,
+                retain: will.retain,
+                properties: Message::forwarded_properties(&will.properties),
+                expires_at: will
+                    .properties
+                    .message_expiry_interval
+                    .map(|seconds| now + Duration::from_secs(u64::from(seconds))),
+                origin: Some(session.id),
+            };
+            Will {
+                message: Arc::new(message),
+                delay: Duration::from_secs(u64::from(
+                    will.properties.will_delay_interval.unwrap_or(0),
+                )),
+            }
+        });
+
+        let client_receive_maximum = connect.properties.receive_maximum.unwrap_or(u16::MAX);
+        let mut properties = Properties::default();
+        if version.is_v5() {
+            properties.assigned_client_identifier = assigned.map(|id| id.0.to_string());
+            properties.server_keep_alive = server_keep_alive;
+            properties.receive_maximum = Some(config.max_inflight);
+            properties.maximum_packet_size = Some(config.max_packet_size);
+            properties.topic_alias_maximum = Some(config.topic_alias_maximum);
+            if !config.retain_available {
+                properties.retain_available = Some(0);
+            }
+        }
+        let connack = ConnAck {
+            session_present: opened.resumed && !connect.clean_start,
+            reason_code: ReasonCode::SUCCESS,
+            properties,
+        };
+        let _ = tollgate_protocol::encode_packet(
+            &Packet::ConnAck(connack),
+            version,
+            &mut self.write_buf,
+        );
+        broker.metrics().client_connected();
+        debug!(client_id = %client_id, ?version, keep_alive, resumed = opened.resumed, "client connected");
+
+        let keep_alive =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let mut connection = Connection {
+            shutdown: broker.shutdown_token(),
+            decoder: Decoder::new(version, config.max_packet_size as usize),
+            broker,
+            session,
+            generation,
+            client,
+            version,
+            reader: self.reader,
+            writer: self.writer,
+            read_buf: self.read_buf,
+            write_buf: self.write_buf,
+            keep_alive,
+            last_seen: Instant::now(),
+            keepalive_timer: None,
+            inbound_aliases: HashMap::new(),
+            outbound_aliases: HashMap::new(),
+            client_alias_maximum: connect.properties.topic_alias_maximum.unwrap_or(0),
+            client_max_packet: connect
+                .properties
+                .maximum_packet_size
+                .map_or(usize::MAX, |size| size as usize),
+            send_window: usize::from(client_receive_maximum.min(config.max_inflight.max(1))),
+            will,
+            acl_cache,
+            kick,
+            request,
+            expiry_was_zero: expiry == 0,
+            fill_pending: false,
+        };
+        connection.resend_inflight();
+        Some(connection)
+    }
+}
+
+struct Connection<S> {
+    broker: Broker,
+    session: SessionRef,
+    generation: u64,
+    client: Arc<ClientInfo>,
+    version: ProtocolVersion,
+    reader: Reader<S>,
+    writer: Writer<S>,
+    read_buf: BytesMut,
+    write_buf: BytesMut,
+    decoder: Decoder,
+    /// 1.5 × the negotiated keepalive [MQTT-3.1.2-24], or `None` when the client turned it off.
+    keep_alive: Option<Duration>,
+    last_seen: Instant,
+    /// Armed lazily and re-armed only when it fires, so busy connections do not reset a timer per packet.
+    keepalive_timer: Option<Pin<Box<Sleep>>>,
+    inbound_aliases: HashMap<u16, Arc<str>>,
+    outbound_aliases: HashMap<Arc<str>, u16>,
+    client_alias_maximum: u16,
+    client_max_packet: usize,
+    send_window: usize,
+    will: Option<Will>,
+    acl_cache: AclCache,
+    kick: CancellationToken,
+    shutdown: CancellationToken,
+    request: ConnectRequest,
+    expiry_was_zero: bool,
+    /// The last fill stopped at the write high-water mark with deliveries left in the queue.
+    fill_pending: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
+    async fn run(mut self) {
+        let exit = self.serve_loop().await;
+        self.finish(exit).await;
+    }
+
+    async fn serve_loop(&mut self) -> Exit {
+        self.fill().await;
+        loop {
+            if let Some(period) = self.keep_alive
+                && self.keepalive_timer.is_none()
+            {
+                self.keepalive_timer =
+                    Some(Box::pin(tokio::time::sleep_until(self.last_seen + period)));
+            }
+            let can_fill = self.write_buf.len() < WRITE_HIGH_WATER;
+            let keepalive_fired = async {
+                match self.keepalive_timer.as_mut() {
+                    Some(timer) => timer.as_mut().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Exit::Shutdown,
+                _ = self.kick.cancelled() => return Exit::TakenOver,
+                result = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => {
+                    match result {
+                        Ok(0) | Err(_) => return Exit::Closed,
+                        Ok(count) => {
+                            Metrics::add(&self.broker.metrics().bytes_sent, count as u64);
+                            if self.write_buf.is_empty() {
+                                if self.writer.flush().await.is_err() {
+                                    return Exit::Closed;
+                                }
+                                // Keep idle connections small: give back a buffer a burst inflated.
+                                if self.write_buf.capacity() > 4 * WRITE_HIGH_WATER {
+                                    self.write_buf = BytesMut::new();
+                                }
+                            }
+                            if self.fill_pending && self.write_buf.len() < WRITE_HIGH_WATER {
+                                self.fill().await;
+                            }
+                        }
+                    }
+                }
+                result = self.reader.read_buf(&mut self.read_buf) => {
+                    match result {
+                        Ok(0) | Err(_) => return Exit::Closed,
+                        Ok(count) => {
+                            Metrics::add(&self.broker.metrics().bytes_received, count as u64);
+                            self.last_seen = Instant::now();
+                            if let Err(exit) = self.process_input().await {
+                                return exit;
+                            }
+                            self.fill().await;
+                        }
+                    }
+                }
+                _ = self.session.wakeup.notified(), if can_fill => self.fill().await,
+                _ = keepalive_fired => {
+                    let period = self.keep_alive.unwrap_or(Duration::MAX);
+                    if self.last_seen + period <= Instant::now() {
+                        return Exit::KeepAliveTimeout;
+                    }
+                    self.keepalive_timer = None;
+                }
+            }
+        }
+    }
+
+    async fn process_input(&mut self) -> Result<(), Exit> {
+        loop {
+            match self.decoder.decode(&mut self.read_buf)? {
+                Some(packet) => {
+                    Metrics::add(&self.broker.metrics().messages_received, 1);
+                    self.handle(packet).await?;
+                }
+                None => break,
+            }
+        }
+        // An idle connection should not keep a large read buffer from a past burst.
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 64 * 1024 {
+            self.read_buf = BytesMut::with_capacity(256);
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, packet: &Packet) {
+        match tollgate_protocol::encode_packet(packet, self.version, &mut self.write_buf) {
+            Ok(_) => Metrics::add(&self.broker.metrics().messages_sent, 1),
+            Err(error) => {
+                warn!(client_id = %self.client.client_id, %error, kind = packet.kind(), "could not encode packet")
+            }
+        }
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), Exit> {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(publish).await,
+            Packet::PubAck(ack) => {
+                self.session.lock().complete(ack.packet_id);
+                Ok(())
+            }
+            Packet::PubRec(ack) => {
+                let known = {
+                    let mut state = self.session.lock();
+                    if ack.reason_code.is_error() {
+                        // An error PUBREC ends the exchange [MQTT-4.3.3].
+                        state.complete(ack.packet_id);
+                        return Ok(());
+                    }
+                    state.received(ack.packet_id)
+                };
+                let reason = if known {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
+                Ok(())
+            }
+            Packet::PubComp(ack) => {
+                self.session.lock().complete(ack.packet_id);
+                Ok(())
+            }
+            Packet::PubRel(ack) => {
+                let known = self.session.lock().incoming_qos2.remove(&ack.packet_id);
+                let reason = if known {
+                    ReasonCode::SUCCESS
+                } else {
+                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
+                };
+                self.send(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => self.handle_subscribe(subscribe).await,
+            Packet::Unsubscribe(unsubscribe) => {
+                self.handle_unsubscribe(unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.send(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(disconnect) => self.handle_disconnect(disconnect),
+            Packet::Auth(auth) => self.handle_reauth(auth).await,
+            Packet::Connect(_) => Err(violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "second CONNECT [MQTT-3.1.0-2]",
+            )),
+            other => Err(violation(
+                ReasonCode::PROTOCOL_ERROR,
+                format!("{} is not sent by clients", other.kind()),
+            )),
+        }
+    }
+
+    async fn authorize(&mut self, action: Action<'_>) -> AclOutcome {
+        let hooks = self.broker.hooks();
+        if hooks.authorizers.is_empty() {
+            return AclOutcome::Allow {
+                max_qos: QoS::ExactlyOnce,
+            };
+        }
+        let cacheable = hooks.acl_cacheable();
+        if cacheable && let Some(outcome) = self.acl_cache.get(hooks.generation, &action) {
+            return outcome;
+        }
+        let outcome = hooks.authorize(&self.client, &action).await;
+        if cacheable {
+            self.acl_cache.insert(hooks.generation, &action, outcome);
+        }
+        if let AclOutcome::Deny(reason) = outcome {
+            Metrics::add(&self.broker.metrics().acl_denials, 1);
+            debug!(client_id = %self.client.client_id, ?action, %reason, "denied by authorization");
+        }
+        outcome
+    }
+
+    fn ack_publish(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode) {
+        let Some(packet_id) = packet_id else { return };
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(Ack::new(packet_id, reason))),
+            QoS::ExactlyOnce => {
+                if !reason.is_error() {
+                    self.session.lock().incoming_qos2.insert(packet_id);
+                }
+                self.send(&Packet::PubRec(Ack::new(packet_id, reason)));
+            }
+        }
+    }
+
+    async fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
+        let config = self.broker.config();
+        Metrics::add(&self.broker.metrics().publish_received, 1);
+        if self.version.is_v5() {
+            if !publish.properties.subscription_identifiers.is_empty() {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "PUBLISH from a client carries a subscription identifier [MQTT-3.3.4-6]",
+                ));
+            }
+            if let Some(alias) = publish.properties.topic_alias {
+                if alias > config.topic_alias_maximum {
+                    return Err(violation(
+                        ReasonCode::TOPIC_ALIAS_INVALID,
+                        format!(
+                            "topic alias {alias} exceeds the maximum {}",
+                            config.topic_alias_maximum
+                        ),
+                    ));
+                }
+                if publish.topic.is_empty() {
+                    match self.inbound_aliases.get(&alias) {
+                        Some(topic) => publish.topic = topic.clone(),
+                        None => {
+                            return Err(violation(
+                                ReasonCode::PROTOCOL_ERROR,
+                                format!("unknown topic alias {alias}"),
+                            ));
+                        }
+                    }
+                } else {
+                    self.inbound_aliases.insert(alias, publish.topic.clone());
+                }
+            }
+        }
+        if publish.retain && !config.retain_available {
+            return Err(violation(
+                ReasonCode::RETAIN_NOT_SUPPORTED,
+                "retain is not available [MQTT-3.3.1-8]",
+            ));
+        }
+        if publish.qos == QoS::ExactlyOnce {
+            let packet_id = publish.packet_id.unwrap_or(0);
+            let (duplicate, pending) = {
+                let state = self.session.lock();
+                (
+                    state.incoming_qos2.contains(&packet_id),
+                    state.incoming_qos2.len(),
+                )
+            };
+            if duplicate {
+                // Already routed: exactly once means acknowledging again without delivering again.
+                self.send(&Packet::PubRec(Ack::new(packet_id, ReasonCode::SUCCESS)));
+                return Ok(());
+            }
+            if pending >= usize::from(config.max_inflight) {
+                return Err(violation(
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more QoS 2 publications in flight than the Receive Maximum [MQTT-3.3.4-9]",
+                ));
+            }
+        }
+
+        let qos = publish.qos;
+        let packet_id = publish.packet_id;
+        let topic_for_acl = publish.topic.clone();
+        let outcome = self
+            .authorize(Action::Publish {
+                topic: &topic_for_acl,
+                qos,
+                retain: publish.retain,
+            })
+            .await;
+        let max_qos = match outcome {
+            AclOutcome::Deny(reason) => {
+                // 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped, as Mosquitto does.
+                let reason = if self.version.is_v5() {
+                    reason
+                } else {
+                    ReasonCode::SUCCESS
+                };
+                self.ack_publish(qos, packet_id, reason);
+                return Ok(());
+            }
+            AclOutcome::Allow { max_qos } => max_qos,
+        };
+
+        let hooks = self.broker.hooks();
+        let now = Instant::now();
+        let mut message = Message {
+            expires_at: publish
+                .properties
+                .message_expiry_interval
+                .map(|seconds| now + Duration::from_secs(u64::from(seconds))),
+            properties: Message::forwarded_properties(&publish.properties),
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: qos.min(max_qos),
+            retain: publish.retain,
+            origin: Some(self.session.id),
+        };
+        if !hooks.transformers.is_empty() {
+            let mut draft = to_hook_message(&message, publish.properties.message_expiry_interval);
+            match hooks.transform_inbound(&self.client, &mut draft).await {
+                TransformOutcome::Deliver => apply_hook_message(&mut message, draft, now),
+                TransformOutcome::Drop { hook, reason } => {
+                    debug!(client_id = %self.client.client_id, %hook, %reason, "message dropped by transform");
+                    self.ack_publish(qos, packet_id, ReasonCode::SUCCESS);
+                    return Ok(());
+                }
+            }
+        }
+        let matched = self.broker.publish(Arc::new(message));
+        let reason = if matched == 0 && self.version.is_v5() {
+            ReasonCode::NO_MATCHING_SUBSCRIBERS
+        } else {
+            ReasonCode::SUCCESS
+        };
+        self.ack_publish(qos, packet_id, reason);
+        Ok(())
+    }
+
+    async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
+        let identifier = subscribe
+            .properties
+            .subscription_identifiers
+            .first()
+            .copied();
+        let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
+        let mut replays = Vec::new();
+        for subscription in &subscribe.subscriptions {
+            let parsed = match topic::parse_subscription_filter(&subscription.filter) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    if !self.version.is_v5() {
+                        return Err(violation(
+                            ReasonCode::TOPIC_FILTER_INVALID,
+                            error.to_string(),
+                        ));
+                    }
+                    reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                    continue;
+                }
+            };
+            if parsed.share_group.is_some() && subscription.options.no_local {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "no-local on a shared subscription [MQTT-3.8.3-4]",
+                ));
+            }
+            let requested = subscription.options.qos;
+            let action = Action::Subscribe {
+                filter: parsed.filter,
+                qos: requested,
+                share_group: parsed.share_group,
+            };
+            let granted = match self.authorize(action).await {
+                AclOutcome::Deny(reason) => {
+                    reason_codes.push(reason);
+                    continue;
+                }
+                AclOutcome::Allow { max_qos } => requested.min(max_qos),
+            };
+            let mut options = subscription.options;
+            options.qos = granted;
+            let subscriber = Subscriber {
+                session: self.session.clone(),
+                options,
+                identifier,
+            };
+            let existed =
+                self.broker
+                    .router()
+                    .subscribe(parsed.filter, parsed.share_group, subscriber);
+            self.session.lock().subscriptions.insert(
+                subscription.filter.clone(),
+                SessionSubscription {
+                    options,
+                    identifier,
+                },
+            );
+            reason_codes.push(ReasonCode(granted as u8));
+            let replay = match options.retain_handling {
+                0 => true,
+                1 => !existed,
+                _ => false,
+            };
+            // Shared subscriptions never receive retained messages [MQTT-4.8.2].
+            if replay && parsed.share_group.is_none() {
+                replays.push((parsed.filter.to_owned(), granted));
+            }
+        }
+        self.send(&Packet::SubAck(SubAck {
+            packet_id: subscribe.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        }));
+        let now = Instant::now();
+        for (filter, granted) in replays {
+            for message in self.broker.retained().matching(&filter, now) {
+                if !self
+                    .authorize(Action::ReceiveRetained {
+                        topic: &message.topic,
+                    })
+                    .await
+                    .is_allowed()
+                {
+                    continue;
+                }
+                let qos = message.qos.min(granted);
+                let delivery = Delivery {
+                    message,
+                    qos,
+                    retain: true,
+                    subscription_ids: identifier.into_iter().collect(),
+                };
+                self.broker.deliver(&self.session, delivery);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let mut reason_codes = Vec::with_capacity(unsubscribe.filters.len());
+        for filter in &unsubscribe.filters {
+            let Ok(parsed) = topic::parse_subscription_filter(filter) else {
+                reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
+                continue;
+            };
+            let removed = self.broker.router().unsubscribe(
+                parsed.filter,
+                parsed.share_group,
+                self.session.id,
+            );
+            self.session.lock().subscriptions.remove(filter);
+            reason_codes.push(if removed {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        self.send(&Packet::UnsubAck(UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            reason_codes,
+            properties: Properties::default(),
+        }));
+    }
+
+    fn handle_disconnect(&mut self, disconnect: Disconnect) -> Result<(), Exit> {
+        if let Some(expiry) = disconnect.properties.session_expiry_interval {
+            if self.expiry_was_zero && expiry != 0 {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "session expiry set on DISCONNECT after 0 at CONNECT [MQTT-3.14.2-2]",
+                ));
+            }
+            self.session.lock().expiry_interval = expiry;
+        }
+        Err(Exit::ClientDisconnect {
+            publish_will: disconnect.reason_code == ReasonCode::DISCONNECT_WITH_WILL,
+        })
+    }
+
+    /// Re-authentication (MQTT 5 section 4.12.1) on an established connection.
+    async fn handle_reauth(&mut self, auth: Auth) -> Result<(), Exit> {
+        let Some(method) = self.request.authentication_method.clone() else {
+            return Err(violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH without an authentication method at CONNECT [MQTT-4.12.0-7]",
+            ));
+        };
+        if auth.properties.authentication_method.as_deref() != Some(method.as_str()) {
+            return Err(violation(
+                ReasonCode::PROTOCOL_ERROR,
+                "AUTH with a different authentication method",
+            ));
+        }
+        let step = AuthStep {
+            method: method.clone(),
+            data: auth.properties.authentication_data,
+        };
+        let hooks = self.broker.hooks();
+        match hooks.continue_auth(&self.request, &step).await {
+            AuthOutcome::Allow { .. } => {
+                let properties = Properties {
+                    authentication_method: Some(method),
+                    ..Properties::default()
+                };
+                self.send(&Packet::Auth(Auth {
+                    reason_code: ReasonCode::SUCCESS,
+                    properties,
+                }));
+                Ok(())
+            }
+            AuthOutcome::Continue { data } => {
+                let properties = Properties {
+                    authentication_method: Some(method),
+                    authentication_data: data,
+                    ..Properties::default()
+                };
+                self.send(&Packet::Auth(Auth {
+                    reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
+                    properties,
+                }));
+                Ok(())
+            }
+            AuthOutcome::Deny { reason, .. } => Err(violation(reason, "re-authentication failed")),
+        }
+    }
+
+    /// On session resume, unacknowledged messages go out again in their original order with DUP set, and
+    /// pending PUBRELs are repeated [MQTT-4.4.0-1].
+    fn resend_inflight(&mut self) {
+        let entries = self.session.lock().inflight_in_order();
+        for (packet_id, entry) in entries {
+            match entry {
+                Inflight::Publish(delivery) => self.send_publish(delivery, Some(packet_id), true),
+                Inflight::Release => {
+                    self.send(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS)))
+                }
+            }
+        }
+    }
+
+    async fn fill(&mut self) {
+        self.fill_pending = false;
+        let outbound_transform = self.broker.hooks().has_outbound_transform();
+        loop {
+            if self.write_buf.len() >= WRITE_HIGH_WATER {
+                self.fill_pending = true;
+                return;
+            }
+            let batch =
+                self.session
+                    .lock()
+                    .take_sendable(self.send_window, FILL_BATCH, Instant::now());
+            if batch.is_empty() {
+                return;
+            }
+            for (delivery, packet_id) in batch {
+                if outbound_transform {
+                    match self.transform_outbound(delivery).await {
+                        Some(delivery) => self.send_publish(delivery, packet_id, false),
+                        None => {
+                            if let Some(packet_id) = packet_id {
+                                self.session.lock().complete(packet_id);
+                            }
+                        }
+                    }
+                } else {
+                    self.send_publish(delivery, packet_id, false);
+                }
+            }
+        }
+    }
+
+    async fn transform_outbound(&mut self, delivery: Delivery) -> Option<Delivery> {
+        let hooks = self.broker.hooks();
+        let now = Instant::now();
+        let mut draft = to_hook_message(&delivery.message, delivery.message.remaining_expiry(now));
+        match hooks.transform_outbound(&self.client, &mut draft).await {
+            TransformOutcome::Deliver => {
+                let mut message = Message {
+                    topic: delivery.message.topic.clone(),
+                    payload: delivery.message.payload.clone(),
+                    qos: delivery.message.qos,
+                    retain: delivery.message.retain,
+                    properties: delivery.message.properties.clone(),
+                    expires_at: delivery.message.expires_at,
+                    origin: delivery.message.origin,
+                };
+                apply_hook_message(&mut message, draft, now);
+                Some(Delivery {
+                    message: Arc::new(message),
+                    ..delivery
+                })
+            }
+            TransformOutcome::Drop { hook, reason } => {
+                debug!(client_id = %self.client.client_id, %hook, %reason, "outbound copy dropped by transform");
+                None
+            }
+        }
+    }
+
+    fn send_publish(&mut self, delivery: Delivery, packet_id: Option<u16>, dup: bool) {
+        let now = Instant::now();
+        let message = &delivery.message;
+        let properties = if self.version.is_v5() {
+            let mut properties = message.properties.clone();
+            properties.subscription_identifiers = delivery.subscription_ids.clone();
+            properties.message_expiry_interval = message.remaining_expiry(now);
+            properties
+        } else {
+            Properties::default()
+        };
+        let mut publish = Publish {
+            dup,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: message.topic.clone(),
+            packet_id,
+            properties,
+            payload: message.payload.clone(),
+        };
+        // Outbound topic aliases: a known topic goes out as its alias alone; a new one gets an alias while the
+        // client's maximum allows.
+        let mut new_alias = None;
+        if self.client_alias_maximum > 0 {
+            if let Some(alias) = self.outbound_aliases.get(&message.topic) {
+                publish.properties.topic_alias = Some(*alias);
+                publish.topic = Arc::from("");
+            } else if self.outbound_aliases.len() < usize::from(self.client_alias_maximum) {
+                let alias = self.outbound_aliases.len() as u16 + 1;
+                publish.properties.topic_alias = Some(alias);
+                new_alias = Some(alias);
+            }
+        }
+        let packet = Packet::Publish(publish);
+        let fits = encode::encoded_len(&packet, self.version)
+            .is_ok_and(|length| length <= self.client_max_packet);
+        if !fits {
+            // The client's Maximum Packet Size forbids sending it; it is discarded as if delivered [MQTT-3.1.2-25].
+            Metrics::add(&self.broker.metrics().publish_dropped, 1);
+            if let Some(packet_id) = packet_id {
+                self.session.lock().complete(packet_id);
+            }
+            return;
+        }
+        if let Some(alias) = new_alias {
+            self.outbound_aliases.insert(message.topic.clone(), alias);
+        }
+        Metrics::add(&self.broker.metrics().publish_sent, 1);
+        self.send(&packet);
+    }
+
+    async fn finish(mut self, exit: Exit) {
+        let client_id = self.client.client_id.clone();
+        let (goodbye, publish_will) = match &exit {
+            Exit::ClientDisconnect { publish_will } => (None, *publish_will),
+            Exit::Closed => (None, true),
+            Exit::Violation { reason, detail } => {
+                Metrics::add(&self.broker.metrics().protocol_errors, 1);
+                info!(client_id = %client_id, %reason, %detail, "disconnecting client for a protocol violation");
+                (Some((*reason, Some(detail.clone()))), true)
+            }
+            Exit::KeepAliveTimeout => {
+                info!(client_id = %client_id, "keepalive expired");
+                (Some((ReasonCode::KEEP_ALIVE_TIMEOUT, None)), true)
+            }
+            Exit::TakenOver => {
+                debug!(client_id = %client_id, "session taken over by a new connection");
+                (Some((ReasonCode::SESSION_TAKEN_OVER, None)), true)
+            }
+            // A broker going away publishes no wills: the subscribers are going away too.
+            Exit::Shutdown => (Some((ReasonCode::SERVER_SHUTTING_DOWN, None)), false),
+        };
+        if let Some((reason, detail)) = goodbye
+            && self.version.is_v5()
+        {
+            let properties = Properties {
+                reason_string: detail,
+                ..Properties::default()
+            };
+            self.send(&Packet::Disconnect(Disconnect {
+                reason_code: reason,
+                properties,
+            }));
+        }
+        if !self.write_buf.is_empty() && !matches!(exit, Exit::Closed) {
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf))
+                .await;
+        }
+        let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.shutdown()).await;
+        self.broker.metrics().client_disconnected();
+
+        let still_current = self.session.detach(self.generation);
+        let expiry = self.session.lock().expiry_interval;
+        if publish_will && let Some(will) = self.will.take() {
+            let delay = will.delay.min(Duration::from_secs(u64::from(expiry)));
+            self.broker
+                .schedule_will(self.session.clone(), self.generation, will.message, delay);
+        }
+        if still_current {
+            if expiry == 0 {
+                self.broker.end_session(&self.session);
+            } else {
+                self.broker
+                    .schedule_expiry(self.session.clone(), self.generation, expiry);
+            }
+        }
+        debug!(client_id = %client_id, ?exit, "connection closed");
+    }
+}
+
+fn to_hook_message(message: &Message, expiry: Option<u32>) -> tollgate_hooks::Message {
+    tollgate_hooks::Message {
+        topic: message.topic.clone(),
+        payload: message.payload.clone(),
+        qos: message.qos,
+        retain: message.retain,
+        user_properties: message.properties.user_properties.clone(),
+        content_type: message.properties.content_type.clone(),
+        payload_format_indicator: message.properties.payload_format_indicator,
+        response_topic: message.properties.response_topic.clone(),
+        correlation_data: message.properties.correlation_data.clone(),
+        message_expiry_interval: expiry,
+    }
+}
+
+fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now: Instant) {
+    if topic::validate_topic_name(&draft.topic).is_ok() {
+        message.topic = draft.topic;
+    }
+    message.payload = draft.payload;
+    message.qos = draft.qos;
+    message.retain = draft.retain;
+    message.properties.user_properties = draft.user_properties;
+    message.properties.content_type = draft.content_type;
+    message.properties.payload_format_indicator = draft.payload_format_indicator;
+    message.properties.response_topic = draft.response_topic;
+    message.properties.correlation_data = draft.correlation_data;
+    message.expires_at = draft
+        .message_expiry_interval
+        .map(|seconds| now + Duration::from_secs(u64::from(seconds)));
+}

@@ -1,0 +1,83 @@
+//! The broker's own form of an application message: built once on publish, shared by every subscriber.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tollgate_protocol::{Properties, QoS, UserProperty};
+
+/// Identifies a session for the router's lifetime; never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionId(pub u64);
+
+/// A client identifier. Shared because every queued delivery and log line refers to it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub Arc<str>);
+
+impl ClientId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An accepted PUBLISH (or will, or `$SYS` update) after hooks have run.
+#[derive(Debug)]
+pub struct Message {
+    pub topic: Arc<str>,
+    pub payload: Bytes,
+    pub qos: QoS,
+    pub retain: bool,
+    /// The v5 properties that travel with the message (format, content type, response topic, correlation
+    /// data, user properties). Expiry is tracked through `expires_at` instead.
+    pub properties: Properties,
+    pub expires_at: Option<Instant>,
+    /// The session that published it, for no-local subscriptions.
+    pub origin: Option<SessionId>,
+}
+
+impl Message {
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.expires_at.is_some_and(|deadline| deadline <= now)
+    }
+
+    /// Remaining lifetime in whole seconds, rounded up, for the Message Expiry Interval sent onwards.
+    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
+        self.expires_at.map(|deadline| {
+            let remaining = deadline.saturating_duration_since(now);
+            let seconds = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
+            u32::try_from(seconds).unwrap_or(u32::MAX)
+        })
+    }
+
+    /// Copies only the properties that are forwarded to subscribers [MQTT-3.3.2-*].
+    pub fn forwarded_properties(incoming: &Properties) -> Properties {
+        Properties {
+            payload_format_indicator: incoming.payload_format_indicator,
+            content_type: incoming.content_type.clone(),
+            response_topic: incoming.response_topic.clone(),
+            correlation_data: incoming.correlation_data.clone(),
+            user_properties: incoming.user_properties.clone(),
+            ..Properties::default()
+        }
+    }
+
+    pub fn user_properties(&self) -> &[UserProperty] {
+        &self.properties.user_properties
+    }
+}
+
+/// One message on its way to one subscriber.
+#[derive(Clone, Debug)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// The QoS it is delivered at: the lower of publish QoS and granted QoS.
+    pub qos: QoS,
+    pub retain: bool,
+    pub subscription_ids: Vec<u32>,
+}

@@ -1,0 +1,271 @@
+//! Session state (MQTT section 4.1): subscriptions, the outgoing queue, messages in flight in both directions.
+//! It outlives connections; a connection attaches to it, and detaches when it ends.
+//!
+//! The state sits behind a short-lived `std` mutex: the router appends deliveries from publishers' tasks and the
+//! owning connection drains them. No lock is ever held across an `.await`.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tollgate_protocol::{PacketId, QoS, SubscriptionOptions};
+
+use crate::config::OverflowPolicy;
+use crate::message::{ClientId, Delivery, SessionId};
+
+/// A subscription as the session remembers it, so it can be removed from the router later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionSubscription {
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+/// A message sent to the client and not yet fully acknowledged.
+#[derive(Clone, Debug)]
+pub enum Inflight {
+    /// QoS 1 sent, waiting for PUBACK; or QoS 2 sent, waiting for PUBREC.
+    Publish(Delivery),
+    /// QoS 2: PUBREL sent, waiting for PUBCOMP.
+    Release,
+}
+
+/// What [`Session::enqueue`] did with a delivery.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EnqueueResult {
+    Queued,
+    /// The queue was full and the arriving message was discarded.
+    DroppedNewest,
+    /// The queue was full and its oldest message was discarded to make room.
+    DroppedOldest,
+    /// QoS 0 to an offline session, not queued by configuration.
+    SkippedOffline,
+}
+
+/// Who holds the session right now.
+#[derive(Debug)]
+struct Attachment {
+    generation: u64,
+    kick: CancellationToken,
+}
+
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub queue: VecDeque<Delivery>,
+    /// Keyed by packet id; the `u64` orders redelivery as originally sent.
+    pub inflight: HashMap<PacketId, (u64, Inflight)>,
+    inflight_sequence: u64,
+    next_packet_id: PacketId,
+    /// QoS 2 packet ids received and acknowledged with PUBREC, waiting for PUBREL [MQTT-4.3.3].
+    pub incoming_qos2: HashSet<PacketId>,
+    pub subscriptions: HashMap<String, SessionSubscription>,
+    /// Seconds; `u32::MAX` means never. Updated by CONNECT and DISCONNECT.
+    pub expiry_interval: u32,
+    attachment: Option<Attachment>,
+    /// Incremented on every attach, so late work from an old connection can tell it is stale.
+    generation: u64,
+    pub dropped_messages: u64,
+    /// Set while the session waits for expiry, for diagnostics.
+    pub detached_at: Option<Instant>,
+}
+
+#[derive(Debug)]
+pub struct Session {
+    pub id: SessionId,
+    pub client_id: ClientId,
+    state: Mutex<SessionState>,
+    /// Woken when deliveries are queued or in-flight slots open.
+    pub wakeup: Notify,
+}
+
+impl Session {
+    pub fn new(id: SessionId, client_id: ClientId, expiry_interval: u32) -> Self {
+        Self {
+            id,
+            client_id,
+            state: Mutex::new(SessionState {
+                expiry_interval,
+                next_packet_id: 1,
+                ..SessionState::default()
+            }),
+            wakeup: Notify::new(),
+        }
+    }
+
+    /// A poisoned lock means a panic elsewhere mid-update; the state is plain data, so keep serving with it
+    /// rather than take the whole broker down.
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Attaches a new connection, kicking any previous one, and returns the new generation.
+    pub fn attach(&self, kick: CancellationToken) -> u64 {
+        let mut state = self.lock();
+        if let Some(previous) = state.attachment.take() {
+            previous.kick.cancel();
+        }
+        state.generation += 1;
+        let generation = state.generation;
+        state.attachment = Some(Attachment { generation, kick });
+        state.detached_at = None;
+        generation
+    }
+
+    /// Detaches if `generation` is still the current connection; false means another connection has taken over.
+    pub fn detach(&self, generation: u64) -> bool {
+        let mut state = self.lock();
+        match &state.attachment {
+            Some(attachment) if attachment.generation == generation => {
+                state.attachment = None;
+                state.detached_at = Some(Instant::now());
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.lock().attachment.is_some()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    /// Kicks the attached connection, if any (session takeover, administrative action).
+    pub fn kick(&self) {
+        if let Some(attachment) = &self.lock().attachment {
+            attachment.kick.cancel();
+        }
+    }
+
+    /// Appends a delivery, applying the queue bound and its overflow policy.
+    pub fn enqueue(
+        &self,
+        delivery: Delivery,
+        limit: usize,
+        policy: OverflowPolicy,
+        queue_qos0_offline: bool,
+    ) -> EnqueueResult {
+        let result = {
+            let mut state = self.lock();
+            if state.attachment.is_none() && delivery.qos == QoS::AtMostOnce && !queue_qos0_offline
+            {
+                return EnqueueResult::SkippedOffline;
+            }
+            if state.queue.len() >= limit {
+                state.dropped_messages += 1;
+                match policy {
+                    OverflowPolicy::DropNewest => return EnqueueResult::DroppedNewest,
+                    OverflowPolicy::DropOldest => {
+                        state.queue.pop_front();
+                        state.queue.push_back(delivery);
+                        EnqueueResult::DroppedOldest
+                    }
+                }
+            } else {
+                state.queue.push_back(delivery);
+                EnqueueResult::Queued
+            }
+        };
+        self.wakeup.notify_one();
+        result
+    }
+}
+
+impl SessionState {
+    /// Takes queued deliveries for sending while the in-flight window allows, assigning packet ids to QoS 1/2.
+    /// Expired messages are discarded on the way [MQTT-3.3.2-5].
+    pub fn take_sendable(
+        &mut self,
+        window: usize,
+        max_batch: usize,
+        now: Instant,
+    ) -> Vec<(Delivery, Option<PacketId>)> {
+        let mut batch = Vec::new();
+        while batch.len() < max_batch {
+            let Some(front) = self.queue.front() else {
+                break;
+            };
+            if front.message.is_expired(now) {
+                self.queue.pop_front();
+                continue;
+            }
+            if front.qos != QoS::AtMostOnce && self.inflight.len() >= window {
+                break;
+            }
+            let Some(delivery) = self.queue.pop_front() else {
+                break;
+            };
+            if delivery.qos == QoS::AtMostOnce {
+                batch.push((delivery, None));
+                continue;
+            }
+            let Some(packet_id) = self.allocate_packet_id() else {
+                self.queue.push_front(delivery);
+                break;
+            };
+            self.inflight_sequence += 1;
+            self.inflight.insert(
+                packet_id,
+                (self.inflight_sequence, Inflight::Publish(delivery.clone())),
+            );
+            batch.push((delivery, Some(packet_id)));
+        }
+        batch
+    }
+
+    fn allocate_packet_id(&mut self) -> Option<PacketId> {
+        for _ in 0..u16::MAX {
+            let candidate = self.next_packet_id;
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.inflight.contains_key(&candidate) {
+                return Some(candidate);
+            }
+        }
+        None
+    }
+
+    /// In-flight entries in the order they were first sent, for redelivery on session resume [MQTT-4.4.0-1].
+    pub fn inflight_in_order(&self) -> Vec<(PacketId, Inflight)> {
+        let mut entries: Vec<_> = self
+            .inflight
+            .iter()
+            .map(|(packet_id, (sequence, entry))| (*sequence, *packet_id, entry.clone()))
+            .collect();
+        entries.sort_by_key(|(sequence, _, _)| *sequence);
+        entries
+            .into_iter()
+            .map(|(_, packet_id, entry)| (packet_id, entry))
+            .collect()
+    }
+
+    /// PUBACK (QoS 1) or PUBCOMP (QoS 2) completes an exchange. Returns whether the id was known.
+    pub fn complete(&mut self, packet_id: PacketId) -> bool {
+        self.inflight.remove(&packet_id).is_some()
+    }
+
+    /// PUBREC: the message is now the client's; only PUBREL/PUBCOMP remain. Returns whether the id was known.
+    pub fn received(&mut self, packet_id: PacketId) -> bool {
+        match self.inflight.get_mut(&packet_id) {
+            Some((_, entry)) => {
+                *entry = Inflight::Release;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops all queued and in-flight state (clean start, or the session ended).
+    pub fn clear_messages(&mut self) {
+        self.queue.clear();
+        self.inflight.clear();
+        self.incoming_qos2.clear();
+    }
+}
+
+/// Shared handle used by the router and the registry.
+pub type SessionRef = Arc<Session>;

@@ -1,0 +1,172 @@
+//! Wiring only: configuration → hook chain → broker → listeners, plus signals and logging for the binary. This is
+//! the one crate that reads files, environment variables and signals.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tollgate_builtins::acl_file::AclFile;
+use tollgate_builtins::password_file::PasswordFile;
+use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, PasswordFileAuth};
+use tollgate_core::Broker;
+use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
+use tracing::{info, warn};
+
+pub use config::Config;
+
+/// A running broker with its bound listener addresses.
+pub struct Server {
+    pub broker: Broker,
+    pub addresses: Vec<SocketAddr>,
+    generation: AtomicU64,
+}
+
+/// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
+/// mean a file changed in between (a reload), and are reported without touching the running chain.
+pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain> {
+    let mut chain = HookChain::default()
+        .with_sleeper(Arc::new(|duration| Box::pin(tokio::time::sleep(duration))))
+        .with_failure_observer(Arc::new(|error| warn!(%error, "hook failed")));
+    chain.generation = generation;
+    chain.authenticators.push(HookSlot::new(
+        Arc::new(AnonymousAccess {
+            allow: config.allow_anonymous(),
+        }),
+        None,
+        FailurePolicy::FailClosed,
+    ));
+    if let Some(path) = &config.auth.password_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file = PasswordFile::parse(&text).map_err(|errors| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        chain.authenticators.push(HookSlot::new(
+            Arc::new(PasswordFileAuth::new(file)),
+            None,
+            FailurePolicy::FailClosed,
+        ));
+    }
+    // Mosquitto semantics: without a password file, a client with a user name is let in exactly when anonymous
+    // access is; with one, the file must vouch for it.
+    chain.auth_fallback = if config.auth.password_file.is_none() && config.allow_anonymous() {
+        AuthFallback::Allow
+    } else {
+        AuthFallback::Deny
+    };
+    if let Some(path) = &config.auth.acl_file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let file = AclFile::parse(&text).map_err(|errors| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })?;
+        chain.authorizers.push(HookSlot::new(
+            Arc::new(AclFileAuthorizer::new(file)),
+            None,
+            FailurePolicy::FailClosed,
+        ));
+    }
+    Ok(chain)
+}
+
+impl Server {
+    /// Binds every listener and starts serving. Must run inside a tokio runtime.
+    pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        let hooks = build_hooks(config, 1)?;
+        let broker = Broker::new(config.broker_config(), hooks);
+        let mut addresses = Vec::new();
+        let mut bound = Vec::new();
+        for (index, listener) in config.listeners.iter().enumerate() {
+            let address: SocketAddr = listener
+                .bind
+                .parse()
+                .with_context(|| format!("listeners[{index}].bind = {:?}", listener.bind))?;
+            let socket = TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {address}"))?;
+            let local = socket.local_addr()?;
+            let auth_mode = if config.auth.password_file.is_some() {
+                "password_file"
+            } else if config.allow_anonymous() {
+                "anonymous"
+            } else {
+                "deny-all"
+            };
+            info!(listener = index, address = %local, protocol = %listener.protocol, auth = auth_mode, acl = config.auth.acl_file.is_some(), "listener ready");
+            let name: Arc<str> = listener
+                .name
+                .clone()
+                .unwrap_or_else(|| format!("{}:{}", listener.protocol, local))
+                .into();
+            addresses.push(local);
+            bound.push((socket, name));
+        }
+        for (socket, name) in bound {
+            broker.spawn(tollgate_core::listener::serve_tcp(
+                broker.clone(),
+                socket,
+                name,
+            ));
+        }
+        broker.spawn(tollgate_core::sys::run(broker.clone()));
+        Ok(Server {
+            broker,
+            addresses,
+            generation: AtomicU64::new(1),
+        })
+    }
+
+    /// Re-reads the password and ACL files; on any error the running chain stays as it was.
+    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        let hooks = build_hooks(config, generation)?;
+        self.broker.replace_hooks(hooks);
+        info!(generation, "hooks reloaded");
+        Ok(())
+    }
+
+    /// Stops accepting, says goodbye to every client and waits for them up to the grace period.
+    pub async fn shutdown(&self) -> bool {
+        self.broker.shutdown();
+        self.broker.drained().await
+    }
+}
+
+/// Installs the global tracing subscriber for the binary.
+pub fn init_logging(level: &str, json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Grace given to a second signal before exiting hard.
+pub const SHUTDOWN_NOTICE: Duration = Duration::from_secs(1);
