@@ -56,10 +56,7 @@ pub enum AclFileErrorKind {
     #[error("missing topic after {keyword:?}")]
     MissingTopic { keyword: &'static str },
     #[error("invalid topic filter {filter:?}: {reason}")]
-    InvalidFilter {
-        filter: String,
-        reason: &'static str,
-    },
+    InvalidFilter { filter: String, reason: &'static str },
     #[error("\"user\" without a username")]
     MissingUsername,
 }
@@ -150,12 +147,7 @@ impl AclFile {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let mut fail = |kind| {
-                errors.push(AclFileError {
-                    line: line_no,
-                    kind,
-                })
-            };
+            let mut fail = |kind| errors.push(AclFileError { line: line_no, kind });
             let (keyword, rest) = split_word(line);
             match keyword {
                 "user" => {
@@ -168,10 +160,7 @@ impl AclFile {
                 }
                 "topic" => match parse_access_and_filter("topic", rest) {
                     Ok((access, filter)) => {
-                        let rule = TopicRule {
-                            access,
-                            levels: filter.split('/').map(fixed_level).collect(),
-                        };
+                        let rule = TopicRule { access, levels: filter.split('/').map(fixed_level).collect() };
                         match &section {
                             None => acl.anonymous.push(rule),
                             Some(user) => acl.users.entry(user.clone()).or_default().push(rule),
@@ -180,21 +169,16 @@ impl AclFile {
                     Err(kind) => fail(kind),
                 },
                 "pattern" => match parse_access_and_filter("pattern", rest) {
-                    Ok((access, filter)) => acl.patterns.push(PatternRule {
-                        access,
-                        levels: filter.split('/').map(pattern_level).collect(),
-                    }),
+                    Ok((access, filter)) => acl
+                        .patterns
+                        .push(PatternRule { access, levels: filter.split('/').map(pattern_level).collect() }),
                     Err(kind) => fail(kind),
                 },
                 other => fail(AclFileErrorKind::UnknownKeyword(other.to_owned())),
             }
         }
 
-        if errors.is_empty() {
-            Ok(acl)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(acl) } else { Err(errors) }
     }
 
     /// Decides whether `client_id` / `username` (None = anonymous) may perform `access` on `topic_or_filter`: a topic
@@ -203,13 +187,7 @@ impl AclFile {
     /// A matching `deny` rule wins over any allow; otherwise some applicable rule must grant the access. For
     /// subscriptions "matching" means containment: every topic the filter can match must be matched by the rule.
     /// A malformed topic or filter is denied.
-    pub fn check(
-        &self,
-        client_id: &str,
-        username: Option<&str>,
-        topic_or_filter: &str,
-        access: Access,
-    ) -> AclVerdict {
+    pub fn check(&self, client_id: &str, username: Option<&str>, topic_or_filter: &str, access: Access) -> AclVerdict {
         let request = match access {
             Access::Read | Access::Write => {
                 if validate_topic_name(topic_or_filter).is_err() {
@@ -249,11 +227,7 @@ impl AclFile {
             }
         }
 
-        if allowed {
-            AclVerdict::Allow
-        } else {
-            AclVerdict::Deny
-        }
+        if allowed { AclVerdict::Allow } else { AclVerdict::Deny }
     }
 }
 
@@ -268,12 +242,7 @@ enum Outcome {
     NoMatch,
 }
 
-fn evaluate<L: AsView>(
-    rule_access: RuleAccess,
-    levels: &[L],
-    request: &Request<'_>,
-    access: Access,
-) -> Outcome {
+fn evaluate<L: AsView>(rule_access: RuleAccess, levels: &[L], request: &Request<'_>, access: Access) -> Outcome {
     let deny = rule_access == RuleAccess::Deny;
     // Skip the match when the rule could not change the verdict either way.
     if !deny && !rule_access.grants(access) {
@@ -406,11 +375,7 @@ fn filter_covered<L: AsView>(rule: &[L], filter: &[View<'_>]) -> bool {
 }
 
 /// Substitutes `%u` / `%c`; None when the pattern must not apply to this client at all.
-fn resolve<'a>(
-    levels: &'a [PatternLevel],
-    client_id: &'a str,
-    username: Option<&'a str>,
-) -> Option<Vec<Resolved<'a>>> {
+fn resolve<'a>(levels: &'a [PatternLevel], client_id: &'a str, username: Option<&'a str>) -> Option<Vec<Resolved<'a>>> {
     let value = |piece: &Piece| -> Option<&'a str> {
         let v = match piece {
             Piece::Username => username?,
@@ -444,10 +409,7 @@ fn resolve<'a>(
                 };
                 // A client-chosen value must not move the rule into the `$` namespace (client id `$SYS` with
                 // pattern `%c/#` would otherwise reach `$SYS/#`). Text the admin wrote starting with `$` is fine.
-                if i == 0
-                    && text.starts_with('$')
-                    && !matches!(pieces.first(), Some(Piece::Text(_)))
-                {
+                if i == 0 && text.starts_with('$') && !matches!(pieces.first(), Some(Piece::Text(_))) {
                     return None;
                 }
                 Resolved::Literal(text)
@@ -482,14 +444,10 @@ fn parse_access_and_filter<'a>(
         (RuleAccess::ReadWrite, first)
     } else {
         // As in Mosquitto: with more than one word, the first must be the access (the topic may contain spaces).
-        let access = RuleAccess::from_word(first)
-            .ok_or_else(|| AclFileErrorKind::BadAccess(first.to_owned()))?;
+        let access = RuleAccess::from_word(first).ok_or_else(|| AclFileErrorKind::BadAccess(first.to_owned()))?;
         (access, after)
     };
-    validate_filter(filter).map_err(|reason| AclFileErrorKind::InvalidFilter {
-        filter: filter.to_owned(),
-        reason,
-    })?;
+    validate_filter(filter).map_err(|reason| AclFileErrorKind::InvalidFilter { filter: filter.to_owned(), reason })?;
     Ok((access, filter))
 }
 
@@ -576,12 +534,7 @@ mod tests {
     }
 
     /// (read, write, subscribe) verdicts for one client and topic, to keep tables short.
-    fn rws(
-        acl: &AclFile,
-        client: &str,
-        user: Option<&str>,
-        topic: &str,
-    ) -> (AclVerdict, AclVerdict, AclVerdict) {
+    fn rws(acl: &AclFile, client: &str, user: Option<&str>, topic: &str) -> (AclVerdict, AclVerdict, AclVerdict) {
         (
             acl.check(client, user, topic, Access::Read),
             acl.check(client, user, topic, Access::Write),
@@ -593,41 +546,21 @@ mod tests {
     fn vin_pattern() {
         let a = acl("pattern vehicle/%u/#");
         let vin = Some("1J9RP1A36A1644345");
-        assert_eq!(
-            a.check("c", vin, "vehicle/1J9RP1A36A1644345/state", Access::Write),
-            Allow
-        );
-        assert_eq!(
-            a.check("c", vin, "vehicle/1J9RP1A36A1644345/state", Access::Read),
-            Allow
-        );
-        assert_eq!(
-            a.check("c", vin, "vehicle/1J9RP1A36A1644345", Access::Write),
-            Allow
-        );
-        assert_eq!(
-            a.check("c", vin, "vehicle/1J9RP1A36A1644345/#", Access::Subscribe),
-            Allow
-        );
+        assert_eq!(a.check("c", vin, "vehicle/1J9RP1A36A1644345/state", Access::Write), Allow);
+        assert_eq!(a.check("c", vin, "vehicle/1J9RP1A36A1644345/state", Access::Read), Allow);
+        assert_eq!(a.check("c", vin, "vehicle/1J9RP1A36A1644345", Access::Write), Allow);
+        assert_eq!(a.check("c", vin, "vehicle/1J9RP1A36A1644345/#", Access::Subscribe), Allow);
         assert_eq!(rws(&a, "c", vin, "vehicle/OTHER/state"), (Deny, Deny, Deny));
-        assert_eq!(
-            a.check("c", vin, "vehicle/+/state", Access::Subscribe),
-            Deny
-        );
+        assert_eq!(a.check("c", vin, "vehicle/+/state", Access::Subscribe), Deny);
         assert_eq!(a.check("c", vin, "vehicle/#", Access::Subscribe), Deny);
         assert_eq!(a.check("c", vin, "#", Access::Subscribe), Deny);
         // Anonymous has no %u, so the pattern does not apply.
-        assert_eq!(
-            rws(&a, "c", None, "vehicle/1J9RP1A36A1644345/state"),
-            (Deny, Deny, Deny)
-        );
+        assert_eq!(rws(&a, "c", None, "vehicle/1J9RP1A36A1644345/state"), (Deny, Deny, Deny));
     }
 
     #[test]
     fn hostile_usernames_gain_nothing() {
-        let a = acl(
-            "pattern vehicle/%u/#\npattern readwrite %u\npattern read x/%u/y\npattern read p-%u-s/z",
-        );
+        let a = acl("pattern vehicle/%u/#\npattern readwrite %u\npattern read x/%u/y\npattern read p-%u-s/z");
         for user in ["a/b", "+", "#", "", "a+", "b#", "/", "a/+/#"] {
             let u = Some(user);
             for topic in [
@@ -646,27 +579,10 @@ mod tests {
                 "p--s/z",
                 "p-a+-s/z",
             ] {
-                assert_eq!(
-                    rws(&a, "c", u, topic),
-                    (Deny, Deny, Deny),
-                    "user {user:?} topic {topic:?}"
-                );
+                assert_eq!(rws(&a, "c", u, topic), (Deny, Deny, Deny), "user {user:?} topic {topic:?}");
             }
-            for filter in [
-                "vehicle/+/#",
-                "vehicle/#",
-                "#",
-                "+",
-                "x/+/y",
-                "x/#",
-                "+/+",
-                "p-+-s/z",
-            ] {
-                assert_eq!(
-                    a.check("c", u, filter, Access::Subscribe),
-                    Deny,
-                    "user {user:?} filter {filter:?}"
-                );
+            for filter in ["vehicle/+/#", "vehicle/#", "#", "+", "x/+/y", "x/#", "+/+", "p-+-s/z"] {
+                assert_eq!(a.check("c", u, filter, Access::Subscribe), Deny, "user {user:?} filter {filter:?}");
             }
         }
     }
@@ -674,32 +590,14 @@ mod tests {
     #[test]
     fn hostile_client_ids_gain_nothing() {
         let a = acl("pattern clients/%c/#\npattern read in/%c");
-        assert_eq!(
-            a.check("dev1", None, "clients/dev1/x", Access::Write),
-            Allow
-        );
+        assert_eq!(a.check("dev1", None, "clients/dev1/x", Access::Write), Allow);
         assert_eq!(a.check("dev1", None, "in/dev1", Access::Read), Allow);
         for id in ["x/y", "+", "#", "", "x+"] {
-            for topic in [
-                "clients/x/y",
-                "clients/x/y/z",
-                "clients//a",
-                "in/x/y",
-                "in/",
-                "clients/x/a",
-            ] {
-                assert_eq!(
-                    rws(&a, id, None, topic),
-                    (Deny, Deny, Deny),
-                    "id {id:?} topic {topic:?}"
-                );
+            for topic in ["clients/x/y", "clients/x/y/z", "clients//a", "in/x/y", "in/", "clients/x/a"] {
+                assert_eq!(rws(&a, id, None, topic), (Deny, Deny, Deny), "id {id:?} topic {topic:?}");
             }
             for filter in ["clients/+/#", "clients/#", "in/+", "in/#", "#"] {
-                assert_eq!(
-                    a.check(id, None, filter, Access::Subscribe),
-                    Deny,
-                    "id {id:?} filter {filter:?}"
-                );
+                assert_eq!(a.check(id, None, filter, Access::Subscribe), Deny, "id {id:?} filter {filter:?}");
             }
         }
     }
@@ -708,20 +606,11 @@ mod tests {
     fn substitution_cannot_reach_dollar_topics() {
         let a = acl("pattern %c/#\npattern read $SYS/clients/%c");
         assert_eq!(a.check("dev", None, "dev/x", Access::Write), Allow);
-        assert_eq!(
-            rws(&a, "$SYS", None, "$SYS/broker/load"),
-            (Deny, Deny, Deny)
-        );
+        assert_eq!(rws(&a, "$SYS", None, "$SYS/broker/load"), (Deny, Deny, Deny));
         assert_eq!(a.check("$SYS", None, "$SYS/#", Access::Subscribe), Deny);
         // An admin-written `$` prefix is honoured.
-        assert_eq!(
-            a.check("dev", None, "$SYS/clients/dev", Access::Read),
-            Allow
-        );
-        assert_eq!(
-            a.check("dev", None, "$SYS/clients/other", Access::Read),
-            Deny
-        );
+        assert_eq!(a.check("dev", None, "$SYS/clients/dev", Access::Read), Allow);
+        assert_eq!(a.check("dev", None, "$SYS/clients/other", Access::Read), Deny);
     }
 
     #[test]
@@ -731,20 +620,14 @@ mod tests {
         assert_eq!(a.check("c1", u, "dev-alice-c1/data", Access::Read), Allow);
         assert_eq!(a.check("c1", u, "dev-alice-c2/data", Access::Read), Deny);
         assert_eq!(a.check("c/1", u, "dev-alice-c/1/data", Access::Read), Deny);
-        assert_eq!(
-            a.check("c1", u, "raw/100%/%x/alice%%", Access::Write),
-            Allow
-        );
+        assert_eq!(a.check("c1", u, "raw/100%/%x/alice%%", Access::Write), Allow);
         assert_eq!(a.check("c1", None, "dev--c1/data", Access::Read), Deny);
     }
 
     #[test]
     fn percent_in_topic_lines_is_literal() {
         let a = acl("user alice\ntopic read users/%u");
-        assert_eq!(
-            a.check("c", Some("alice"), "users/alice", Access::Read),
-            Deny
-        );
+        assert_eq!(a.check("c", Some("alice"), "users/alice", Access::Read), Deny);
         assert_eq!(a.check("c", Some("alice"), "users/%u", Access::Read), Allow);
     }
 
@@ -868,17 +751,12 @@ pattern deny private/%u/#
         // At the top level `+/#` is the same set of topics as `#`.
         let plus_hash = acl("topic read +/#");
         assert_eq!(plus_hash.check("c", None, "#", Access::Subscribe), Allow);
-        assert_eq!(
-            plus_hash.check("c", None, "$SYS/#", Access::Subscribe),
-            Deny
-        );
+        assert_eq!(plus_hash.check("c", None, "$SYS/#", Access::Subscribe), Deny);
     }
 
     #[test]
     fn topic_matching_rules() {
-        let a = acl(
-            "topic read a/#\ntopic read +/b\ntopic read #\ntopic read $SYS/broker/#\ntopic read q/+/+",
-        );
+        let a = acl("topic read a/#\ntopic read +/b\ntopic read #\ntopic read $SYS/broker/#\ntopic read q/+/+");
         let read = |t: &str| a.check("c", None, t, Access::Read);
         assert_eq!(read("a"), Allow);
         assert_eq!(read("a/b/c"), Allow);
@@ -904,10 +782,7 @@ pattern deny private/%u/#
     #[test]
     fn topics_may_contain_spaces() {
         let a = acl("  topic   read   my topic/with spaces  \n\ttopic\twrite\tx y");
-        assert_eq!(
-            a.check("c", None, "my topic/with spaces", Access::Read),
-            Allow
-        );
+        assert_eq!(a.check("c", None, "my topic/with spaces", Access::Read), Allow);
         assert_eq!(a.check("c", None, "x y", Access::Write), Allow);
         assert_eq!(a.check("c", None, "my", Access::Read), Deny);
     }
@@ -947,10 +822,7 @@ pattern %u/#
         use AclFileErrorKind as K;
         let errs = AclFile::parse(text).unwrap_err();
         let got: Vec<(usize, K)> = errs.iter().map(|e| (e.line, e.kind.clone())).collect();
-        let invalid = |filter: &str, reason| K::InvalidFilter {
-            filter: filter.into(),
-            reason,
-        };
+        let invalid = |filter: &str, reason| K::InvalidFilter { filter: filter.into(), reason };
         assert_eq!(
             got,
             vec![
@@ -968,14 +840,8 @@ pattern %u/#
                 (14, K::BadAccess("my".into())),
             ]
         );
-        assert_eq!(
-            errs[0].to_string(),
-            r#"line 3: unknown keyword "Topic" (expected topic, user or pattern)"#
-        );
-        assert_eq!(
-            errs[6].to_string(),
-            r#"line 9: invalid topic filter "a/#/b": '#' must be the whole last level"#
-        );
+        assert_eq!(errs[0].to_string(), r#"line 3: unknown keyword "Topic" (expected topic, user or pattern)"#);
+        assert_eq!(errs[6].to_string(), r#"line 9: invalid topic filter "a/#/b": '#' must be the whole last level"#);
     }
 
     /// Every topic over a small alphabet, up to `max_levels` levels.
@@ -983,10 +849,8 @@ pattern %u/#
         let mut out: Vec<String> = alphabet.iter().map(|s| s.to_string()).collect();
         let mut frontier = out.clone();
         for _ in 1..max_levels {
-            let next: Vec<String> = frontier
-                .iter()
-                .flat_map(|p| alphabet.iter().map(move |l| format!("{p}/{l}")))
-                .collect();
+            let next: Vec<String> =
+                frontier.iter().flat_map(|p| alphabet.iter().map(move |l| format!("{p}/{l}"))).collect();
             out.extend(next.iter().cloned());
             frontier = next;
         }
@@ -1001,28 +865,15 @@ pattern %u/#
     /// no filter names and topics one level longer than any filter, this finite universe is a complete witness set.
     #[test]
     fn containment_agrees_with_brute_force() {
-        let filters: Vec<String> = all_paths(&["a", "$s", "+", "#"], 3)
-            .into_iter()
-            .filter(|f| validate_filter(f).is_ok())
-            .collect();
+        let filters: Vec<String> =
+            all_paths(&["a", "$s", "+", "#"], 3).into_iter().filter(|f| validate_filter(f).is_ok()).collect();
         let topics = all_paths(&["a", "z", "$s"], 4);
-        let matched: Vec<Vec<bool>> = filters
-            .iter()
-            .map(|f| {
-                topics
-                    .iter()
-                    .map(|t| topic_matches(&levels(f), t))
-                    .collect()
-            })
-            .collect();
+        let matched: Vec<Vec<bool>> =
+            filters.iter().map(|f| topics.iter().map(|t| topic_matches(&levels(f), t)).collect()).collect();
         for (ri, rule) in filters.iter().enumerate() {
             for (fi, filter) in filters.iter().enumerate() {
                 let expected = matched[fi].iter().zip(&matched[ri]).all(|(&f, &r)| !f || r);
-                assert_eq!(
-                    filter_covered(&levels(rule), &levels(filter)),
-                    expected,
-                    "rule {rule:?} filter {filter:?}"
-                );
+                assert_eq!(filter_covered(&levels(rule), &levels(filter)), expected, "rule {rule:?} filter {filter:?}");
             }
         }
     }

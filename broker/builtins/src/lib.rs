@@ -8,8 +8,7 @@ pub mod password_file;
 use async_trait::async_trait;
 use tollgate_hooks::ReasonCode;
 use tollgate_hooks::{
-    AclDecision, Action, AuthDecision, Authenticator, Authorizer, ClientInfo, ConnectRequest,
-    HookError,
+    AclDecision, Action, AuthDecision, Authenticator, Authorizer, ClientInfo, ConnectRequest, HookError,
 };
 
 use acl_file::{Access, AclFile, AclVerdict};
@@ -84,23 +83,24 @@ impl Authorizer for AclFileAuthorizer {
         "acl_file"
     }
 
-    async fn authorize(
-        &self,
-        client: &ClientInfo,
-        action: &Action<'_>,
-    ) -> Result<AclDecision, HookError> {
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError> {
         let (topic, access) = match *action {
             Action::Publish { topic, .. } | Action::Will { topic, .. } => (topic, Access::Write),
             // The group prefix is already stripped: rules are written against the inner filter.
             Action::Subscribe { filter, .. } => (filter, Access::Subscribe),
             Action::ReceiveRetained { topic } => (topic, Access::Read),
         };
-        let verdict = self
-            .file
-            .check(&client.client_id, client.username.as_deref(), topic, access);
+        let verdict = self.file.check(&client.client_id, client.username.as_deref(), topic, access);
+        // A refused subscription is answered 0x80 rather than 0x87: both are legal in a v5 SUBACK, 0x80 is the
+        // only failure code 3.1.1 knows, and the Eclipse Paho conformance client accepts only 0x80 there.
+        // Refused publishes keep 0x87, which is what tells a v5 publisher it lacks permission.
+        let denial = match access {
+            Access::Subscribe => ReasonCode::UNSPECIFIED_ERROR,
+            Access::Read | Access::Write => ReasonCode::NOT_AUTHORIZED,
+        };
         Ok(match verdict {
             AclVerdict::Allow => AclDecision::Allow,
-            AclVerdict::Deny => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+            AclVerdict::Deny => AclDecision::Deny(denial),
         })
     }
 }

@@ -40,9 +40,7 @@ const DIGEST_LEN: usize = 64;
 /// Writes padding like Mosquitto, but reads unpadded input too: hand-edited files lose it and it carries no meaning.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &alphabet::STANDARD,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(true)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new().with_encode_padding(true).with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
 /// Outcome of [`PasswordFile::verify`].
@@ -85,18 +83,13 @@ pub enum PasswordFileErrorKind {
     EmptyUsername,
     #[error("empty hash")]
     EmptyHash,
-    #[error(
-        "hash does not start with '$' (plain-text passwords are not supported; hash them first)"
-    )]
+    #[error("hash does not start with '$' (plain-text passwords are not supported; hash them first)")]
     NotAHash,
     /// The scheme is shown only when it looks like a scheme id, never when it could be a password.
     #[error("unknown hash scheme{}", scheme_suffix(.0))]
     UnknownScheme(Option<String>),
     #[error("malformed {scheme} hash, expected {expected}")]
-    Malformed {
-        scheme: &'static str,
-        expected: &'static str,
-    },
+    Malformed { scheme: &'static str, expected: &'static str },
     #[error("bad base64 in the {field}")]
     BadBase64 { field: &'static str },
     #[error("empty salt")]
@@ -175,9 +168,7 @@ pub struct PasswordFile {
 // Hand-written so that salts and digests never end up in debug logs.
 impl fmt::Debug for PasswordFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PasswordFile")
-            .field("users", &self.usernames().collect::<Vec<_>>())
-            .finish()
+        f.debug_struct("PasswordFile").field("users", &self.usernames().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -207,28 +198,18 @@ impl PasswordFile {
                     if let Some(&first_line) = first_lines.get(&entry.username) {
                         errors.push(PasswordFileError {
                             line: line_no,
-                            kind: PasswordFileErrorKind::DuplicateUser {
-                                username: entry.username,
-                                first_line,
-                            },
+                            kind: PasswordFileErrorKind::DuplicateUser { username: entry.username, first_line },
                         });
                     } else {
                         first_lines.insert(entry.username.clone(), line_no);
                         file.push(entry);
                     }
                 }
-                Err(kind) => errors.push(PasswordFileError {
-                    line: line_no,
-                    kind,
-                }),
+                Err(kind) => errors.push(PasswordFileError { line: line_no, kind }),
             }
         }
 
-        if errors.is_empty() {
-            Ok(file)
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(file) } else { Err(errors) }
     }
 
     /// Checks a password. Digests are compared in constant time.
@@ -236,29 +217,16 @@ impl PasswordFile {
         let Some(entry) = self.index.get(username).and_then(|&i| self.entries.get(i)) else {
             return PasswordCheck::UnknownUser;
         };
-        if entry_matches(entry, password) {
-            PasswordCheck::Match
-        } else {
-            PasswordCheck::Mismatch
-        }
+        if entry_matches(entry, password) { PasswordCheck::Match } else { PasswordCheck::Mismatch }
     }
 
     /// Adds a user or replaces that user's password in place (keeping the line's position).
-    pub fn set(
-        &mut self,
-        username: &str,
-        password: &str,
-        scheme: HashScheme,
-    ) -> Result<(), SetError> {
+    pub fn set(&mut self, username: &str, password: &str, scheme: HashScheme) -> Result<(), SetError> {
         validate_username(username)?;
         let hash = hash_password(password, scheme)?;
         // Re-parse our own output so the stored form is built by exactly the code that reads files.
         let stored = parse_hash(&hash).map_err(|e| HashError::Unreadable(e.to_string()))?;
-        let entry = Entry {
-            username: username.to_owned(),
-            hash,
-            stored,
-        };
+        let entry = Entry { username: username.to_owned(), hash, stored };
         match self.index.get(username).copied() {
             Some(i) => {
                 if let Some(slot) = self.entries.get_mut(i) {
@@ -313,18 +281,12 @@ impl PasswordFile {
     }
 
     fn push(&mut self, entry: Entry) {
-        self.index
-            .insert(entry.username.clone(), self.entries.len());
+        self.index.insert(entry.username.clone(), self.entries.len());
         self.entries.push(entry);
     }
 
     fn reindex(&mut self) {
-        self.index = self
-            .entries
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (e.username.clone(), i))
-            .collect();
+        self.index = self.entries.iter().enumerate().map(|(i, e)| (e.username.clone(), i)).collect();
     }
 }
 
@@ -335,11 +297,9 @@ pub fn hash_password(password: &str, scheme: HashScheme) -> Result<String, HashE
         HashScheme::Argon2id => {
             let mut salt = [0u8; ARGON2_SALT_LEN];
             fill_random(&mut salt)?;
-            let salt =
-                SaltString::encode_b64(&salt).map_err(|e| HashError::Argon2(e.to_string()))?;
-            let hash = Argon2::default()
-                .hash_password(password, &salt)
-                .map_err(|e| HashError::Argon2(e.to_string()))?;
+            let salt = SaltString::encode_b64(&salt).map_err(|e| HashError::Argon2(e.to_string()))?;
+            let hash =
+                Argon2::default().hash_password(password, &salt).map_err(|e| HashError::Argon2(e.to_string()))?;
             Ok(hash.to_string())
         }
         HashScheme::Pbkdf2Sha512 { iterations } => {
@@ -349,30 +309,20 @@ pub fn hash_password(password: &str, scheme: HashScheme) -> Result<String, HashE
             let mut salt = [0u8; MOSQUITTO_SALT_LEN];
             fill_random(&mut salt)?;
             let digest = pbkdf2_sha512(password, &salt, iterations);
-            Ok(format!(
-                "$7${iterations}${}${}",
-                BASE64.encode(salt),
-                BASE64.encode(digest)
-            ))
+            Ok(format!("$7${iterations}${}${}", BASE64.encode(salt), BASE64.encode(digest)))
         }
         HashScheme::Sha512 => {
             let mut salt = [0u8; MOSQUITTO_SALT_LEN];
             fill_random(&mut salt)?;
             let digest = sha512_salted(password, &salt);
-            Ok(format!(
-                "$6${}${}",
-                BASE64.encode(salt),
-                BASE64.encode(digest)
-            ))
+            Ok(format!("$6${}${}", BASE64.encode(salt), BASE64.encode(digest)))
         }
     }
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<(), HashError> {
     // `try_fill_bytes` rather than `fill_bytes`: the latter panics if the OS RNG is unavailable.
-    OsRng
-        .try_fill_bytes(buf)
-        .map_err(|e| HashError::Random(e.to_string()))
+    OsRng.try_fill_bytes(buf).map_err(|e| HashError::Random(e.to_string()))
 }
 
 fn sha512_salted(password: &[u8], salt: &[u8]) -> [u8; DIGEST_LEN] {
@@ -390,18 +340,10 @@ fn pbkdf2_sha512(password: &[u8], salt: &[u8], iterations: u32) -> [u8; DIGEST_L
 
 fn entry_matches(entry: &Entry, password: &[u8]) -> bool {
     match &entry.stored {
-        StoredHash::Sha512 { salt, digest } => {
-            bool::from(sha512_salted(password, salt).as_slice().ct_eq(digest))
+        StoredHash::Sha512 { salt, digest } => bool::from(sha512_salted(password, salt).as_slice().ct_eq(digest)),
+        StoredHash::Pbkdf2Sha512 { iterations, salt, digest } => {
+            bool::from(pbkdf2_sha512(password, salt, *iterations).as_slice().ct_eq(digest))
         }
-        StoredHash::Pbkdf2Sha512 {
-            iterations,
-            salt,
-            digest,
-        } => bool::from(
-            pbkdf2_sha512(password, salt, *iterations)
-                .as_slice()
-                .ct_eq(digest),
-        ),
         StoredHash::Argon2id => match PasswordHash::new(&entry.hash) {
             // The argon2 crate compares outputs in constant time and takes parameters from the PHC string.
             Ok(parsed) => Argon2::default().verify_password(password, &parsed).is_ok(),
@@ -431,20 +373,14 @@ fn validate_username(username: &str) -> Result<(), SetError> {
 }
 
 fn parse_line(line: &str) -> Result<Entry, PasswordFileErrorKind> {
-    let (username, hash) = line
-        .split_once(':')
-        .ok_or(PasswordFileErrorKind::MissingColon)?;
+    let (username, hash) = line.split_once(':').ok_or(PasswordFileErrorKind::MissingColon)?;
     let username = username.trim();
     let hash = hash.trim();
     if username.is_empty() {
         return Err(PasswordFileErrorKind::EmptyUsername);
     }
     let stored = parse_hash(hash)?;
-    Ok(Entry {
-        username: username.to_owned(),
-        hash: hash.to_owned(),
-        stored,
-    })
+    Ok(Entry { username: username.to_owned(), hash: hash.to_owned(), stored })
 }
 
 fn parse_hash(hash: &str) -> Result<StoredHash, PasswordFileErrorKind> {
@@ -467,19 +403,14 @@ fn parse_hash(hash: &str) -> Result<StoredHash, PasswordFileErrorKind> {
 fn displayable_scheme(id: &str) -> Option<String> {
     let looks_like_id = !id.is_empty()
         && id.len() <= 16
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
     looks_like_id.then(|| format!("${id}$"))
 }
 
 fn parse_sha512(rest: &str) -> Result<StoredHash, PasswordFileErrorKind> {
     let mut fields = rest.split('$');
     let (Some(salt), Some(digest), None) = (fields.next(), fields.next(), fields.next()) else {
-        return Err(PasswordFileErrorKind::Malformed {
-            scheme: "$6$",
-            expected: "$6$<salt>$<hash>",
-        });
+        return Err(PasswordFileErrorKind::Malformed { scheme: "$6$", expected: "$6$<salt>$<hash>" });
     };
     let (salt, digest) = decode_salt_and_digest(salt, digest)?;
     Ok(StoredHash::Sha512 { salt, digest })
@@ -490,10 +421,7 @@ fn parse_pbkdf2(rest: &str) -> Result<StoredHash, PasswordFileErrorKind> {
     let (Some(iterations), Some(salt), Some(digest), None) =
         (fields.next(), fields.next(), fields.next(), fields.next())
     else {
-        return Err(PasswordFileErrorKind::Malformed {
-            scheme: "$7$",
-            expected: "$7$<iterations>$<salt>$<hash>",
-        });
+        return Err(PasswordFileErrorKind::Malformed { scheme: "$7$", expected: "$7$<iterations>$<salt>$<hash>" });
     };
     // Digits only: `u32::from_str` would also take a leading '+', which Mosquitto never writes.
     let iterations = if !iterations.is_empty() && iterations.bytes().all(|b| b.is_ascii_digit()) {
@@ -503,31 +431,17 @@ fn parse_pbkdf2(rest: &str) -> Result<StoredHash, PasswordFileErrorKind> {
     }
     .ok_or(PasswordFileErrorKind::BadIterations)?;
     let (salt, digest) = decode_salt_and_digest(salt, digest)?;
-    Ok(StoredHash::Pbkdf2Sha512 {
-        iterations,
-        salt,
-        digest,
-    })
+    Ok(StoredHash::Pbkdf2Sha512 { iterations, salt, digest })
 }
 
-fn decode_salt_and_digest(
-    salt: &str,
-    digest: &str,
-) -> Result<(Vec<u8>, Vec<u8>), PasswordFileErrorKind> {
-    let salt = BASE64
-        .decode(salt)
-        .map_err(|_| PasswordFileErrorKind::BadBase64 { field: "salt" })?;
+fn decode_salt_and_digest(salt: &str, digest: &str) -> Result<(Vec<u8>, Vec<u8>), PasswordFileErrorKind> {
+    let salt = BASE64.decode(salt).map_err(|_| PasswordFileErrorKind::BadBase64 { field: "salt" })?;
     if salt.is_empty() {
         return Err(PasswordFileErrorKind::EmptySalt);
     }
-    let digest = BASE64
-        .decode(digest)
-        .map_err(|_| PasswordFileErrorKind::BadBase64 { field: "hash" })?;
+    let digest = BASE64.decode(digest).map_err(|_| PasswordFileErrorKind::BadBase64 { field: "hash" })?;
     if digest.len() != DIGEST_LEN {
-        return Err(PasswordFileErrorKind::BadHashLength {
-            expected: DIGEST_LEN,
-            found: digest.len(),
-        });
+        return Err(PasswordFileErrorKind::BadHashLength { expected: DIGEST_LEN, found: digest.len() });
     }
     Ok((salt, digest))
 }
@@ -544,8 +458,7 @@ fn parse_argon2id(hash: &str) -> Result<StoredHash, PasswordFileErrorKind> {
         )));
     }
     if let Some(version) = parsed.version {
-        argon2::Version::try_from(version)
-            .map_err(|e| PasswordFileErrorKind::BadArgon2(e.to_string()))?;
+        argon2::Version::try_from(version).map_err(|e| PasswordFileErrorKind::BadArgon2(e.to_string()))?;
     }
     if parsed.salt.is_none() {
         return Err(PasswordFileErrorKind::BadArgon2("missing salt".to_owned()));
@@ -577,11 +490,7 @@ mod tests {
     }
 
     fn kinds(text: &str) -> Vec<(usize, PasswordFileErrorKind)> {
-        PasswordFile::parse(text)
-            .unwrap_err()
-            .into_iter()
-            .map(|e| (e.line, e.kind))
-            .collect()
+        PasswordFile::parse(text).unwrap_err().into_iter().map(|e| (e.line, e.kind)).collect()
     }
 
     /// An argon2id PHC string with tiny parameters so tests stay fast in debug builds.
@@ -613,29 +522,19 @@ mod tests {
         let line = format!("dave:$7$1000${}${}", b64(&salt), b64(&digest));
         let file = PasswordFile::parse(&line).unwrap();
         assert_eq!(file.verify("dave", b"correct horse"), PasswordCheck::Match);
-        assert_eq!(
-            file.verify("dave", b"correct horsf"),
-            PasswordCheck::Mismatch
-        );
+        assert_eq!(file.verify("dave", b"correct horsf"), PasswordCheck::Mismatch);
 
         // Same salt and digest under a different iteration count must not match.
         let wrong_iter = format!("dave:$7$999${}${}", b64(&salt), b64(&digest));
         let file = PasswordFile::parse(&wrong_iter).unwrap();
-        assert_eq!(
-            file.verify("dave", b"correct horse"),
-            PasswordCheck::Mismatch
-        );
+        assert_eq!(file.verify("dave", b"correct horse"), PasswordCheck::Mismatch);
     }
 
     #[test]
     fn unpadded_base64_is_accepted() {
         let salt = b"0123456789a"; // 11 bytes: its base64 form needs one '='
         let digest = sha512_salted(b"pw", salt);
-        let line = format!(
-            "eve:$6${}${}",
-            b64(salt).trim_end_matches('='),
-            b64(&digest).trim_end_matches('=')
-        );
+        let line = format!("eve:$6${}${}", b64(salt).trim_end_matches('='), b64(&digest).trim_end_matches('='));
         let file = PasswordFile::parse(&line).unwrap();
         assert_eq!(file.verify("eve", b"pw"), PasswordCheck::Match);
     }
@@ -647,10 +546,7 @@ mod tests {
         assert_eq!(file.len(), 3);
         assert_eq!(file.verify("user", b"secret"), PasswordCheck::Match);
         assert_eq!(file.verify("user", b"Secret"), PasswordCheck::Mismatch);
-        assert_eq!(
-            file.verify("alice", "p@ss word:ü".as_bytes()),
-            PasswordCheck::Match
-        );
+        assert_eq!(file.verify("alice", "p@ss word:ü".as_bytes()), PasswordCheck::Match);
         assert_eq!(file.verify("alice", b"p@ss word:"), PasswordCheck::Mismatch);
         assert_eq!(file.verify("bob", b""), PasswordCheck::Match);
         assert_eq!(file.verify("bob", b" "), PasswordCheck::Mismatch);
@@ -664,10 +560,7 @@ mod tests {
         let file = PasswordFile::parse(&text).unwrap();
         assert_eq!(file.verify("user", b"secret"), PasswordCheck::Match);
         assert_eq!(file.verify("user", b"secret "), PasswordCheck::Mismatch);
-        assert_eq!(
-            file.verify("alice", "p@ss word:ü".as_bytes()),
-            PasswordCheck::Match
-        );
+        assert_eq!(file.verify("alice", "p@ss word:ü".as_bytes()), PasswordCheck::Match);
         assert_eq!(file.verify("alice", b"secret"), PasswordCheck::Mismatch);
     }
 
@@ -690,13 +583,7 @@ mod tests {
 
     #[test]
     fn mosquitto_schemes_generate_12_byte_salts_and_verify() {
-        let h7 = hash_password(
-            "pw",
-            HashScheme::Pbkdf2Sha512 {
-                iterations: MOSQUITTO_PBKDF2_ITERATIONS,
-            },
-        )
-        .unwrap();
+        let h7 = hash_password("pw", HashScheme::Pbkdf2Sha512 { iterations: MOSQUITTO_PBKDF2_ITERATIONS }).unwrap();
         let fields: Vec<&str> = h7.split('$').collect();
         assert_eq!(fields[..3], ["", "7", "101"]);
         assert_eq!(BASE64.decode(fields[3]).unwrap().len(), 12);
@@ -715,10 +602,7 @@ mod tests {
 
         // Fresh salt each time.
         assert_ne!(h6, hash_password("pw", HashScheme::Sha512).unwrap());
-        assert_eq!(
-            hash_password("pw", HashScheme::Pbkdf2Sha512 { iterations: 0 }),
-            Err(HashError::ZeroIterations)
-        );
+        assert_eq!(hash_password("pw", HashScheme::Pbkdf2Sha512 { iterations: 0 }), Err(HashError::ZeroIterations));
     }
 
     #[test]
@@ -732,10 +616,7 @@ mod tests {
         let file = PasswordFile::parse(MOSQ_7_USER).unwrap();
         assert_eq!(file.verify("User", b"secret"), PasswordCheck::UnknownUser);
         assert_eq!(file.verify("", b"secret"), PasswordCheck::UnknownUser);
-        assert_eq!(
-            PasswordFile::new().verify("user", b"secret"),
-            PasswordCheck::UnknownUser
-        );
+        assert_eq!(PasswordFile::new().verify("user", b"secret"), PasswordCheck::UnknownUser);
     }
 
     #[test]
@@ -789,49 +670,22 @@ mod tests {
             (4, K::EmptyHash),
             (5, K::NotAHash),
             (6, K::UnknownScheme(Some("$5$".into()))),
-            (
-                7,
-                K::Malformed {
-                    scheme: "$6$",
-                    expected: "$6$<salt>$<hash>",
-                },
-            ),
+            (7, K::Malformed { scheme: "$6$", expected: "$6$<salt>$<hash>" }),
             (8, K::BadBase64 { field: "salt" }),
             (9, K::BadBase64 { field: "hash" }),
-            (
-                10,
-                K::BadHashLength {
-                    expected: 64,
-                    found: 5,
-                },
-            ),
+            (10, K::BadHashLength { expected: 64, found: 5 }),
             (11, K::EmptySalt),
             (12, K::BadIterations),
             (13, K::BadIterations),
             (14, K::BadIterations),
             (15, K::BadIterations),
-            (
-                16,
-                K::Malformed {
-                    scheme: "$7$",
-                    expected: "$7$<iterations>$<salt>$<hash>",
-                },
-            ),
+            (16, K::Malformed { scheme: "$7$", expected: "$7$<iterations>$<salt>$<hash>" }),
         ];
         assert_eq!(got[..expected_prefix.len()], expected_prefix[..]);
         let rest = &got[expected_prefix.len()..];
         assert_eq!(rest.len(), 5, "{rest:?}");
         assert!(matches!(rest[0], (17, K::BadArgon2(_))));
-        assert_eq!(
-            rest[1],
-            (
-                19,
-                K::DuplicateUser {
-                    username: "user".into(),
-                    first_line: 18
-                }
-            )
-        );
+        assert_eq!(rest[1], (19, K::DuplicateUser { username: "user".into(), first_line: 18 }));
         assert_eq!(rest[2], (20, K::BadArgon2("missing hash".into())));
         assert_eq!(rest[3], (21, K::MissingColon));
         assert_eq!(rest[4], (22, K::UnknownScheme(None)));
@@ -854,48 +708,29 @@ mod tests {
         let got = kinds(&text);
         assert_eq!(got.len(), 2);
         assert_eq!(got[0].0, 1);
-        assert_eq!(
-            got[1],
-            (
-                3,
-                PasswordFileErrorKind::DuplicateUser {
-                    username: "user".into(),
-                    first_line: 2
-                }
-            )
-        );
+        assert_eq!(got[1], (3, PasswordFileErrorKind::DuplicateUser { username: "user".into(), first_line: 2 }));
     }
 
     #[test]
     fn set_remove_and_rewrite_round_trip() {
-        let mut file =
-            PasswordFile::parse(&format!("# kept? no\n{MOSQ_7_USER}\n{MOSQ_6_ALICE}\n")).unwrap();
+        let mut file = PasswordFile::parse(&format!("# kept? no\n{MOSQ_7_USER}\n{MOSQ_6_ALICE}\n")).unwrap();
         let fast = HashScheme::Pbkdf2Sha512 { iterations: 1 };
 
         // Replacing keeps the position; adding appends.
         file.set("user", "new-secret", HashScheme::Sha512).unwrap();
         file.set("zed", "zzz", fast).unwrap();
-        assert_eq!(
-            file.usernames().collect::<Vec<_>>(),
-            ["user", "alice", "zed"]
-        );
+        assert_eq!(file.usernames().collect::<Vec<_>>(), ["user", "alice", "zed"]);
         assert_eq!(file.verify("user", b"secret"), PasswordCheck::Mismatch);
         assert_eq!(file.verify("user", b"new-secret"), PasswordCheck::Match);
         assert_eq!(file.verify("zed", b"zzz"), PasswordCheck::Match);
 
         let text = file.to_file_string();
         assert!(!text.contains('#'));
-        assert!(
-            text.contains(MOSQ_6_ALICE),
-            "untouched line must be byte-identical"
-        );
+        assert!(text.contains(MOSQ_6_ALICE), "untouched line must be byte-identical");
         let reread = PasswordFile::parse(&text).unwrap();
         assert_eq!(reread.to_file_string(), text);
         assert_eq!(reread.verify("user", b"new-secret"), PasswordCheck::Match);
-        assert_eq!(
-            reread.verify("alice", "p@ss word:ü".as_bytes()),
-            PasswordCheck::Match
-        );
+        assert_eq!(reread.verify("alice", "p@ss word:ü".as_bytes()), PasswordCheck::Match);
 
         assert!(file.remove("alice"));
         assert!(!file.remove("alice"));
@@ -917,13 +752,8 @@ mod tests {
     fn set_rejects_bad_usernames() {
         let mut file = PasswordFile::new();
         let fast = HashScheme::Pbkdf2Sha512 { iterations: 1 };
-        for bad in [
-            "", "a:b", "a\nb", "a\rb", " lead", "trail ", "#hash", "tab\t",
-        ] {
-            assert!(
-                matches!(file.set(bad, "pw", fast), Err(SetError::InvalidUsername(_))),
-                "{bad:?} accepted"
-            );
+        for bad in ["", "a:b", "a\nb", "a\rb", " lead", "trail ", "#hash", "tab\t"] {
+            assert!(matches!(file.set(bad, "pw", fast), Err(SetError::InvalidUsername(_))), "{bad:?} accepted");
         }
         assert!(file.is_empty());
         file.set("in ner", "pw", fast).unwrap();

@@ -14,13 +14,11 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tollgate_hooks::chain::AuthOutcome;
 use tollgate_hooks::{
-    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, PeerIdentity,
-    TransformOutcome,
+    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, PeerIdentity, TransformOutcome,
 };
 use tollgate_protocol::{
-    Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties,
-    ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
-    decode::parse_fixed_header, encode, topic,
+    Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, decode::parse_fixed_header, encode, topic,
 };
 use tracing::{debug, info, warn};
 
@@ -44,6 +42,8 @@ const WRITE_HIGH_WATER: usize = 64 * 1024;
 const FILL_BATCH: usize = 64;
 /// How long a goodbye (DISCONNECT, final acks) may take to flush before the socket is dropped anyway.
 const FAREWELL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a connection the broker closed keeps draining the client's input (see `finish`).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Why the connection loop ended.
 #[derive(Debug)]
@@ -65,10 +65,7 @@ enum Exit {
 }
 
 fn violation(reason: ReasonCode, detail: impl Into<String>) -> Exit {
-    Exit::Violation {
-        reason,
-        detail: detail.into(),
-    }
+    Exit::Violation { reason, detail: detail.into() }
 }
 
 impl From<DecodeError> for Exit {
@@ -126,10 +123,7 @@ struct Handshake<S> {
 /// can be a v5 CONNACK when the client speaks v5.
 fn peek_connect_level(buffer: &[u8]) -> Option<u8> {
     let (_, header_len, _) = parse_fixed_header(buffer).ok().flatten()?;
-    let name_len = usize::from(u16::from_be_bytes([
-        *buffer.get(header_len)?,
-        *buffer.get(header_len + 1)?,
-    ]));
+    let name_len = usize::from(u16::from_be_bytes([*buffer.get(header_len)?, *buffer.get(header_len + 1)?]));
     buffer.get(header_len + 2 + name_len).copied()
 }
 
@@ -148,8 +142,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                     return Err(error.to_string());
                 }
             }
-            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
-            {
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await {
                 Err(_) => return Err("no CONNECT before the deadline".into()),
                 Ok(Ok(0)) => return Err("closed by peer".into()),
                 Ok(Ok(count)) => Metrics::add(&self.broker.metrics().bytes_received, count as u64),
@@ -165,53 +158,30 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         let level = peek_connect_level(&self.read_buf);
         let (version, reason) = match (level, error) {
             (Some(5), _) => (ProtocolVersion::V5, error.reason_code()),
-            (_, DecodeError::UnsupportedProtocolLevel(_)) => (
-                ProtocolVersion::V311,
-                ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-            ),
+            (_, DecodeError::UnsupportedProtocolLevel(_)) => {
+                (ProtocolVersion::V311, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION)
+            }
             _ => return,
         };
-        let connack = ConnAck {
-            session_present: false,
-            reason_code: reason,
-            properties: Properties::default(),
-        };
-        let _ = tollgate_protocol::encode_packet(
-            &Packet::ConnAck(connack),
-            version,
-            &mut self.write_buf,
-        );
+        let connack = ConnAck { session_present: false, reason_code: reason, properties: Properties::default() };
+        let _ = tollgate_protocol::encode_packet(&Packet::ConnAck(connack), version, &mut self.write_buf);
     }
 
     async fn flush_and_close(&mut self) {
         if !self.write_buf.is_empty() {
-            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf))
-                .await;
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf)).await;
             self.write_buf.clear();
         }
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.shutdown()).await;
     }
 
-    fn refuse(
-        &mut self,
-        version: ProtocolVersion,
-        reason: ReasonCode,
-        reason_string: Option<String>,
-    ) {
+    fn refuse(&mut self, version: ProtocolVersion, reason: ReasonCode, reason_string: Option<String>) {
         let mut properties = Properties::default();
         if version.is_v5() {
             properties.reason_string = reason_string;
         }
-        let connack = ConnAck {
-            session_present: false,
-            reason_code: reason,
-            properties,
-        };
-        let _ = tollgate_protocol::encode_packet(
-            &Packet::ConnAck(connack),
-            version,
-            &mut self.write_buf,
-        );
+        let connack = ConnAck { session_present: false, reason_code: reason, properties };
+        let _ = tollgate_protocol::encode_packet(&Packet::ConnAck(connack), version, &mut self.write_buf);
     }
 
     /// Reads the client's next AUTH packet during enhanced authentication.
@@ -224,8 +194,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                 Ok(None) => {}
                 Err(error) => return Err(error.to_string()),
             }
-            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await
-            {
+            match tokio::time::timeout_at(deadline, self.reader.read_buf(&mut self.read_buf)).await {
                 Ok(Ok(count)) if count > 0 => {}
                 _ => return Err("connection lost during authentication".into()),
             }
@@ -279,22 +248,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                     return None;
                 }
                 AuthOutcome::Continue { data } => {
-                    let Some(method) = request
-                        .authentication_method
-                        .clone()
-                        .filter(|_| version.is_v5())
-                    else {
+                    let Some(method) = request.authentication_method.clone().filter(|_| version.is_v5()) else {
                         self.refuse(version, ReasonCode::BAD_AUTHENTICATION_METHOD, None);
                         self.flush_and_close().await;
                         return None;
                     };
                     auth_rounds += 1;
                     if auth_rounds > 16 {
-                        self.refuse(
-                            version,
-                            ReasonCode::NOT_AUTHORIZED,
-                            Some("too many authentication rounds".into()),
-                        );
+                        self.refuse(version, ReasonCode::NOT_AUTHORIZED, Some("too many authentication rounds".into()));
                         self.flush_and_close().await;
                         return None;
                     }
@@ -303,15 +264,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                         authentication_data: data,
                         ..Properties::default()
                     };
-                    let auth = Auth {
-                        reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
-                        properties,
-                    };
-                    let _ = tollgate_protocol::encode_packet(
-                        &Packet::Auth(auth),
-                        version,
-                        &mut self.write_buf,
-                    );
+                    let auth = Auth { reason_code: ReasonCode::CONTINUE_AUTHENTICATION, properties };
+                    let _ = tollgate_protocol::encode_packet(&Packet::Auth(auth), version, &mut self.write_buf);
                     if self.writer.write_all(&self.write_buf).await.is_err() {
                         return None;
                     }
@@ -331,10 +285,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                         return None;
                     }
                     request.authentication_data = reply.properties.authentication_data.clone();
-                    let step = AuthStep {
-                        method,
-                        data: reply.properties.authentication_data,
-                    };
+                    let step = AuthStep { method, data: reply.properties.authentication_data };
                     outcome = hooks.continue_auth(&request, &step).await;
                 }
             }
@@ -353,11 +304,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         // The will is authorized now, so a client cannot plant a message it could not publish itself.
         let acl_cache = AclCache::default();
         if let Some(will) = &connect.will {
-            let action = Action::Will {
-                topic: &will.topic,
-                qos: will.qos,
-                retain: will.retain,
-            };
+            let action = Action::Will { topic: &will.topic, qos: will.qos, retain: will.retain };
             if let AclOutcome::Deny(reason) = hooks.authorize(&client, &action).await {
                 Metrics::add(&broker.metrics().acl_denials, 1);
                 info!(client_id = %client_id, topic = %will.topic, "connection refused: will not authorized");
@@ -370,10 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         // Keepalive: v5 clients are told the server's cap; older clients cannot be, so theirs stands.
         let mut server_keep_alive = None;
         let mut keep_alive = connect.keep_alive;
-        if version.is_v5()
-            && config.max_keepalive > 0
-            && (keep_alive == 0 || keep_alive > config.max_keepalive)
-        {
+        if version.is_v5() && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive) {
             keep_alive = config.max_keepalive;
             server_keep_alive = Some(keep_alive);
         }
@@ -383,15 +327,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         } else if connect.clean_start {
             0
         } else {
-            config.persistent_session_expiry.map_or(u32::MAX, |limit| {
-                u32::try_from(limit.as_secs()).unwrap_or(u32::MAX)
-            })
+            config
+                .persistent_session_expiry
+                .map_or(u32::MAX, |limit| u32::try_from(limit.as_secs()).unwrap_or(u32::MAX))
         };
 
         let mut create = || broker.new_session(client_id.clone(), expiry);
-        let opened = broker
-            .sessions()
-            .open(&client_id, connect.clean_start, &mut create);
+        let opened = broker.sessions().open(&client_id, connect.clean_start, &mut create);
         if let Some(discarded) = &opened.discarded {
             discarded.kick();
             broker.end_session(discarded);
@@ -417,9 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             };
             Will {
                 message: Arc::new(message),
-                delay: Duration::from_secs(u64::from(
-                    will.properties.will_delay_interval.unwrap_or(0),
-                )),
+                delay: Duration::from_secs(u64::from(will.properties.will_delay_interval.unwrap_or(0))),
             }
         });
 
@@ -440,16 +380,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             reason_code: ReasonCode::SUCCESS,
             properties,
         };
-        let _ = tollgate_protocol::encode_packet(
-            &Packet::ConnAck(connack),
-            version,
-            &mut self.write_buf,
-        );
+        let _ = tollgate_protocol::encode_packet(&Packet::ConnAck(connack), version, &mut self.write_buf);
         broker.metrics().client_connected();
         debug!(client_id = %client_id, ?version, keep_alive, resumed = opened.resumed, "client connected");
 
-        let keep_alive =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut connection = Connection {
             shutdown: broker.shutdown_token(),
             decoder: Decoder::new(version, config.max_packet_size as usize),
@@ -468,10 +403,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             inbound_aliases: HashMap::new(),
             outbound_aliases: HashMap::new(),
             client_alias_maximum: connect.properties.topic_alias_maximum.unwrap_or(0),
-            client_max_packet: connect
-                .properties
-                .maximum_packet_size
-                .map_or(usize::MAX, |size| size as usize),
+            client_max_packet: connect.properties.maximum_packet_size.map_or(usize::MAX, |size| size as usize),
             send_window: usize::from(client_receive_maximum.min(config.max_inflight.max(1))),
             will,
             acl_cache,
@@ -528,8 +460,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             if let Some(period) = self.keep_alive
                 && self.keepalive_timer.is_none()
             {
-                self.keepalive_timer =
-                    Some(Box::pin(tokio::time::sleep_until(self.last_seen + period)));
+                self.keepalive_timer = Some(Box::pin(tokio::time::sleep_until(self.last_seen + period)));
             }
             let can_fill = self.write_buf.len() < WRITE_HIGH_WATER;
             let keepalive_fired = async {
@@ -630,11 +561,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     }
                     state.received(ack.packet_id)
                 };
-                let reason = if known {
-                    ReasonCode::SUCCESS
-                } else {
-                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-                };
+                let reason = if known { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
                 self.send(&Packet::PubRel(Ack::new(ack.packet_id, reason)));
                 Ok(())
             }
@@ -644,11 +571,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
             Packet::PubRel(ack) => {
                 let known = self.session.lock().incoming_qos2.remove(&ack.packet_id);
-                let reason = if known {
-                    ReasonCode::SUCCESS
-                } else {
-                    ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-                };
+                let reason = if known { ReasonCode::SUCCESS } else { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND };
                 self.send(&Packet::PubComp(Ack::new(ack.packet_id, reason)));
                 Ok(())
             }
@@ -663,23 +586,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
             Packet::Disconnect(disconnect) => self.handle_disconnect(disconnect),
             Packet::Auth(auth) => self.handle_reauth(auth).await,
-            Packet::Connect(_) => Err(violation(
-                ReasonCode::PROTOCOL_ERROR,
-                "second CONNECT [MQTT-3.1.0-2]",
-            )),
-            other => Err(violation(
-                ReasonCode::PROTOCOL_ERROR,
-                format!("{} is not sent by clients", other.kind()),
-            )),
+            Packet::Connect(_) => Err(violation(ReasonCode::PROTOCOL_ERROR, "second CONNECT [MQTT-3.1.0-2]")),
+            other => Err(violation(ReasonCode::PROTOCOL_ERROR, format!("{} is not sent by clients", other.kind()))),
         }
     }
 
     async fn authorize(&mut self, action: Action<'_>) -> AclOutcome {
         let hooks = self.broker.hooks();
         if hooks.authorizers.is_empty() {
-            return AclOutcome::Allow {
-                max_qos: QoS::ExactlyOnce,
-            };
+            return AclOutcome::Allow { max_qos: QoS::ExactlyOnce };
         }
         let cacheable = hooks.acl_cacheable();
         if cacheable && let Some(outcome) = self.acl_cache.get(hooks.generation, &action) {
@@ -724,20 +639,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 if alias > config.topic_alias_maximum {
                     return Err(violation(
                         ReasonCode::TOPIC_ALIAS_INVALID,
-                        format!(
-                            "topic alias {alias} exceeds the maximum {}",
-                            config.topic_alias_maximum
-                        ),
+                        format!("topic alias {alias} exceeds the maximum {}", config.topic_alias_maximum),
                     ));
                 }
                 if publish.topic.is_empty() {
                     match self.inbound_aliases.get(&alias) {
                         Some(topic) => publish.topic = topic.clone(),
                         None => {
-                            return Err(violation(
-                                ReasonCode::PROTOCOL_ERROR,
-                                format!("unknown topic alias {alias}"),
-                            ));
+                            return Err(violation(ReasonCode::PROTOCOL_ERROR, format!("unknown topic alias {alias}")));
                         }
                     }
                 } else {
@@ -746,19 +655,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
         }
         if publish.retain && !config.retain_available {
-            return Err(violation(
-                ReasonCode::RETAIN_NOT_SUPPORTED,
-                "retain is not available [MQTT-3.3.1-8]",
-            ));
+            return Err(violation(ReasonCode::RETAIN_NOT_SUPPORTED, "retain is not available [MQTT-3.3.1-8]"));
         }
         if publish.qos == QoS::ExactlyOnce {
             let packet_id = publish.packet_id.unwrap_or(0);
             let (duplicate, pending) = {
                 let state = self.session.lock();
-                (
-                    state.incoming_qos2.contains(&packet_id),
-                    state.incoming_qos2.len(),
-                )
+                (state.incoming_qos2.contains(&packet_id), state.incoming_qos2.len())
             };
             if duplicate {
                 // Already routed: exactly once means acknowledging again without delivering again.
@@ -776,21 +679,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let qos = publish.qos;
         let packet_id = publish.packet_id;
         let topic_for_acl = publish.topic.clone();
-        let outcome = self
-            .authorize(Action::Publish {
-                topic: &topic_for_acl,
-                qos,
-                retain: publish.retain,
-            })
-            .await;
+        let outcome = self.authorize(Action::Publish { topic: &topic_for_acl, qos, retain: publish.retain }).await;
         let max_qos = match outcome {
             AclOutcome::Deny(reason) => {
                 // 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped, as Mosquitto does.
-                let reason = if self.version.is_v5() {
-                    reason
-                } else {
-                    ReasonCode::SUCCESS
-                };
+                let reason = if self.version.is_v5() { reason } else { ReasonCode::SUCCESS };
                 self.ack_publish(qos, packet_id, reason);
                 return Ok(());
             }
@@ -823,6 +716,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
         }
         let matched = self.broker.publish(Arc::new(message));
+        tracing::trace!(client_id = %self.client.client_id, topic = %topic_for_acl, matched, "published");
         let reason = if matched == 0 && self.version.is_v5() {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
         } else {
@@ -833,11 +727,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     async fn handle_subscribe(&mut self, subscribe: Subscribe) -> Result<(), Exit> {
-        let identifier = subscribe
-            .properties
-            .subscription_identifiers
-            .first()
-            .copied();
+        let identifier = subscribe.properties.subscription_identifiers.first().copied();
         let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
         let mut replays = Vec::new();
         for subscription in &subscribe.subscriptions {
@@ -845,27 +735,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 Ok(parsed) => parsed,
                 Err(error) => {
                     if !self.version.is_v5() {
-                        return Err(violation(
-                            ReasonCode::TOPIC_FILTER_INVALID,
-                            error.to_string(),
-                        ));
+                        return Err(violation(ReasonCode::TOPIC_FILTER_INVALID, error.to_string()));
                     }
                     reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                     continue;
                 }
             };
             if parsed.share_group.is_some() && subscription.options.no_local {
-                return Err(violation(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "no-local on a shared subscription [MQTT-3.8.3-4]",
-                ));
+                return Err(violation(ReasonCode::PROTOCOL_ERROR, "no-local on a shared subscription [MQTT-3.8.3-4]"));
             }
             let requested = subscription.options.qos;
-            let action = Action::Subscribe {
-                filter: parsed.filter,
-                qos: requested,
-                share_group: parsed.share_group,
-            };
+            let action = Action::Subscribe { filter: parsed.filter, qos: requested, share_group: parsed.share_group };
             let granted = match self.authorize(action).await {
                 AclOutcome::Deny(reason) => {
                     reason_codes.push(reason);
@@ -875,23 +755,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             };
             let mut options = subscription.options;
             options.qos = granted;
-            let subscriber = Subscriber {
-                session: self.session.clone(),
-                options,
-                identifier,
-            };
-            let existed =
-                self.broker
-                    .router()
-                    .subscribe(parsed.filter, parsed.share_group, subscriber);
-            self.session.lock().subscriptions.insert(
-                subscription.filter.clone(),
-                SessionSubscription {
-                    options,
-                    identifier,
-                },
-            );
+            let subscriber = Subscriber { session: self.session.clone(), options, identifier };
+            let existed = self.broker.router().subscribe(parsed.filter, parsed.share_group, subscriber);
+            self.session
+                .lock()
+                .subscriptions
+                .insert(subscription.filter.clone(), SessionSubscription { options, identifier });
             reason_codes.push(ReasonCode(granted as u8));
+            debug!(client_id = %self.client.client_id, filter = %subscription.filter, ?granted, existed, "subscribed");
             let replay = match options.retain_handling {
                 0 => true,
                 1 => !existed,
@@ -910,22 +781,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let now = Instant::now();
         for (filter, granted) in replays {
             for message in self.broker.retained().matching(&filter, now) {
-                if !self
-                    .authorize(Action::ReceiveRetained {
-                        topic: &message.topic,
-                    })
-                    .await
-                    .is_allowed()
-                {
+                if !self.authorize(Action::ReceiveRetained { topic: &message.topic }).await.is_allowed() {
                     continue;
                 }
                 let qos = message.qos.min(granted);
-                let delivery = Delivery {
-                    message,
-                    qos,
-                    retain: true,
-                    subscription_ids: identifier.into_iter().collect(),
-                };
+                let delivery =
+                    Delivery { message, qos, retain: true, subscription_ids: identifier.into_iter().collect() };
                 self.broker.deliver(&self.session, delivery);
             }
         }
@@ -939,17 +800,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 reason_codes.push(ReasonCode::TOPIC_FILTER_INVALID);
                 continue;
             };
-            let removed = self.broker.router().unsubscribe(
-                parsed.filter,
-                parsed.share_group,
-                self.session.id,
-            );
+            let removed = self.broker.router().unsubscribe(parsed.filter, parsed.share_group, self.session.id);
             self.session.lock().subscriptions.remove(filter);
-            reason_codes.push(if removed {
-                ReasonCode::SUCCESS
-            } else {
-                ReasonCode::NO_SUBSCRIPTION_EXISTED
-            });
+            reason_codes.push(if removed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         self.send(&Packet::UnsubAck(UnsubAck {
             packet_id: unsubscribe.packet_id,
@@ -968,9 +821,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
             self.session.lock().expiry_interval = expiry;
         }
-        Err(Exit::ClientDisconnect {
-            publish_will: disconnect.reason_code == ReasonCode::DISCONNECT_WITH_WILL,
-        })
+        Err(Exit::ClientDisconnect { publish_will: disconnect.reason_code == ReasonCode::DISCONNECT_WITH_WILL })
     }
 
     /// Re-authentication (MQTT 5 section 4.12.1) on an established connection.
@@ -982,26 +833,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             ));
         };
         if auth.properties.authentication_method.as_deref() != Some(method.as_str()) {
-            return Err(violation(
-                ReasonCode::PROTOCOL_ERROR,
-                "AUTH with a different authentication method",
-            ));
+            return Err(violation(ReasonCode::PROTOCOL_ERROR, "AUTH with a different authentication method"));
         }
-        let step = AuthStep {
-            method: method.clone(),
-            data: auth.properties.authentication_data,
-        };
+        let step = AuthStep { method: method.clone(), data: auth.properties.authentication_data };
         let hooks = self.broker.hooks();
         match hooks.continue_auth(&self.request, &step).await {
             AuthOutcome::Allow { .. } => {
-                let properties = Properties {
-                    authentication_method: Some(method),
-                    ..Properties::default()
-                };
-                self.send(&Packet::Auth(Auth {
-                    reason_code: ReasonCode::SUCCESS,
-                    properties,
-                }));
+                let properties = Properties { authentication_method: Some(method), ..Properties::default() };
+                self.send(&Packet::Auth(Auth { reason_code: ReasonCode::SUCCESS, properties }));
                 Ok(())
             }
             AuthOutcome::Continue { data } => {
@@ -1010,10 +849,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     authentication_data: data,
                     ..Properties::default()
                 };
-                self.send(&Packet::Auth(Auth {
-                    reason_code: ReasonCode::CONTINUE_AUTHENTICATION,
-                    properties,
-                }));
+                self.send(&Packet::Auth(Auth { reason_code: ReasonCode::CONTINUE_AUTHENTICATION, properties }));
                 Ok(())
             }
             AuthOutcome::Deny { reason, .. } => Err(violation(reason, "re-authentication failed")),
@@ -1027,9 +863,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         for (packet_id, entry) in entries {
             match entry {
                 Inflight::Publish(delivery) => self.send_publish(delivery, Some(packet_id), true),
-                Inflight::Release => {
-                    self.send(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS)))
-                }
+                Inflight::Release => self.send(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS))),
             }
         }
     }
@@ -1042,10 +876,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 self.fill_pending = true;
                 return;
             }
-            let batch =
-                self.session
-                    .lock()
-                    .take_sendable(self.send_window, FILL_BATCH, Instant::now());
+            let batch = self.session.lock().take_sendable(self.send_window, FILL_BATCH, Instant::now());
             if batch.is_empty() {
                 return;
             }
@@ -1082,10 +913,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     origin: delivery.message.origin,
                 };
                 apply_hook_message(&mut message, draft, now);
-                Some(Delivery {
-                    message: Arc::new(message),
-                    ..delivery
-                })
+                Some(Delivery { message: Arc::new(message), ..delivery })
             }
             TransformOutcome::Drop { hook, reason } => {
                 debug!(client_id = %self.client.client_id, %hook, %reason, "outbound copy dropped by transform");
@@ -1128,8 +956,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
         }
         let packet = Packet::Publish(publish);
-        let fits = encode::encoded_len(&packet, self.version)
-            .is_ok_and(|length| length <= self.client_max_packet);
+        let fits = encode::encoded_len(&packet, self.version).is_ok_and(|length| length <= self.client_max_packet);
         if !fits {
             // The client's Maximum Packet Size forbids sending it; it is discarded as if delivered [MQTT-3.1.2-25].
             Metrics::add(&self.broker.metrics().publish_dropped, 1);
@@ -1166,21 +993,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             // A broker going away publishes no wills: the subscribers are going away too.
             Exit::Shutdown => (Some((ReasonCode::SERVER_SHUTTING_DOWN, None)), false),
         };
+        let said_goodbye = goodbye.is_some();
         if let Some((reason, detail)) = goodbye
             && self.version.is_v5()
         {
-            let properties = Properties {
-                reason_string: detail,
-                ..Properties::default()
-            };
-            self.send(&Packet::Disconnect(Disconnect {
-                reason_code: reason,
-                properties,
-            }));
+            let properties = Properties { reason_string: detail, ..Properties::default() };
+            self.send(&Packet::Disconnect(Disconnect { reason_code: reason, properties }));
         }
         if !self.write_buf.is_empty() && !matches!(exit, Exit::Closed) {
-            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf))
-                .await;
+            let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.write_all(&self.write_buf)).await;
         }
         let _ = tokio::time::timeout(FAREWELL_TIMEOUT, self.writer.shutdown()).await;
         self.broker.metrics().client_disconnected();
@@ -1189,15 +1010,26 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let expiry = self.session.lock().expiry_interval;
         if publish_will && let Some(will) = self.will.take() {
             let delay = will.delay.min(Duration::from_secs(u64::from(expiry)));
-            self.broker
-                .schedule_will(self.session.clone(), self.generation, will.message, delay);
+            self.broker.schedule_will(self.session.clone(), self.generation, will.message, delay);
         }
         if still_current {
             if expiry == 0 {
                 self.broker.end_session(&self.session);
             } else {
-                self.broker
-                    .schedule_expiry(self.session.clone(), self.generation, expiry);
+                self.broker.schedule_expiry(self.session.clone(), self.generation, expiry);
+            }
+        }
+        // Lingering close: a client still sending when the broker said goodbye would otherwise hit a reset and
+        // may never read the DISCONNECT that explains why. Our side is already shut for writing; drain and discard
+        // what the client sends until it closes, for a bounded time.
+        if said_goodbye {
+            let deadline = Instant::now() + LINGER;
+            let mut scratch = BytesMut::with_capacity(4096);
+            while let Ok(Ok(count)) = tokio::time::timeout_at(deadline, self.reader.read_buf(&mut scratch)).await {
+                if count == 0 {
+                    break;
+                }
+                scratch.clear();
             }
         }
         debug!(client_id = %client_id, ?exit, "connection closed");
@@ -1231,7 +1063,5 @@ fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now
     message.properties.payload_format_indicator = draft.payload_format_indicator;
     message.properties.response_topic = draft.response_topic;
     message.properties.correlation_data = draft.correlation_data;
-    message.expires_at = draft
-        .message_expiry_interval
-        .map(|seconds| now + Duration::from_secs(u64::from(seconds)));
+    message.expires_at = draft.message_expiry_interval.map(|seconds| now + Duration::from_secs(u64::from(seconds)));
 }

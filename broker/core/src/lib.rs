@@ -102,21 +102,13 @@ impl Broker {
     }
 
     pub fn hooks(&self) -> Arc<HookChain> {
-        self.inner
-            .hooks
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.inner.hooks.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
     /// Installs a new hook chain (reload). Connections pick it up at their next hook call and drop cached ACL
     /// decisions when its generation differs.
     pub fn replace_hooks(&self, hooks: HookChain) {
-        *self
-            .inner
-            .hooks
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
+        *self.inner.hooks.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -152,6 +144,14 @@ impl Broker {
         self.inner.tasks.spawn(future)
     }
 
+    /// Spawns a tracked task on another runtime (a connection worker).
+    pub fn spawn_on<F>(&self, handle: &tokio::runtime::Handle, future: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        handle.spawn(self.inner.tasks.track_future(future))
+    }
+
     pub(crate) fn new_session(&self, client_id: ClientId, expiry: u32) -> SessionRef {
         let id = SessionId(self.inner.next_session_id.fetch_add(1, Ordering::Relaxed));
         Arc::new(Session::new(id, client_id, expiry))
@@ -159,13 +159,7 @@ impl Broker {
 
     pub(crate) fn assign_client_id(&self) -> ClientId {
         let serial = self.inner.next_assigned_id.fetch_add(1, Ordering::Relaxed);
-        ClientId(
-            format!(
-                "tollgate-{:x}-{serial}",
-                self.inner.instance_tag & 0xFFFF_FFFF
-            )
-            .into(),
-        )
+        ClientId(format!("tollgate-{:x}-{serial}", self.inner.instance_tag & 0xFFFF_FFFF).into())
     }
 
     /// Routes an accepted message: updates the retained store, then queues one delivery per subscribed session
@@ -179,8 +173,7 @@ impl Broker {
         if subscribers.is_empty() {
             return 0;
         }
-        let mut merged: HashMap<SessionId, (SessionRef, Delivery)> =
-            HashMap::with_capacity(subscribers.len());
+        let mut merged: HashMap<SessionId, (SessionRef, Delivery)> = HashMap::with_capacity(subscribers.len());
         for subscriber in subscribers {
             if subscriber.options.no_local && message.origin == Some(subscriber.session.id) {
                 continue;
@@ -188,12 +181,7 @@ impl Broker {
             let qos = message.qos.min(subscriber.options.qos);
             let retain = subscriber.options.retain_as_published && message.retain;
             let entry = merged.entry(subscriber.session.id).or_insert_with(|| {
-                let delivery = Delivery {
-                    message: message.clone(),
-                    qos,
-                    retain,
-                    subscription_ids: Vec::new(),
-                };
+                let delivery = Delivery { message: message.clone(), qos, retain, subscription_ids: Vec::new() };
                 (subscriber.session.clone(), delivery)
             });
             // Overlapping subscriptions deliver once, at the highest granted QoS, carrying every identifier.
@@ -212,12 +200,7 @@ impl Broker {
 
     pub(crate) fn deliver(&self, session: &Session, delivery: Delivery) {
         let config = &self.inner.config;
-        match session.enqueue(
-            delivery,
-            config.max_queued_messages,
-            config.overflow_policy,
-            config.queue_qos0_offline,
-        ) {
+        match session.enqueue(delivery, config.max_queued_messages, config.overflow_policy, config.queue_qos0_offline) {
             EnqueueResult::Queued | EnqueueResult::SkippedOffline => {}
             EnqueueResult::DroppedNewest | EnqueueResult::DroppedOldest => {
                 Metrics::add(&self.inner.metrics.publish_dropped, 1);
@@ -231,32 +214,19 @@ impl Broker {
         let subscriptions: Vec<String> = {
             let mut state = session.lock();
             state.clear_messages();
-            state
-                .subscriptions
-                .drain()
-                .map(|(filter, _)| filter)
-                .collect()
+            state.subscriptions.drain().map(|(filter, _)| filter).collect()
         };
         for filter in subscriptions {
             if let Ok(parsed) = tollgate_protocol::topic::parse_subscription_filter(&filter) {
-                self.inner
-                    .router
-                    .unsubscribe(parsed.filter, parsed.share_group, session.id);
+                self.inner.router.unsubscribe(parsed.filter, parsed.share_group, session.id);
             }
         }
-        self.inner
-            .sessions
-            .remove_if_current(&session.client_id, session.id);
+        self.inner.sessions.remove_if_current(&session.client_id, session.id);
         debug!(client_id = %session.client_id, "session ended");
     }
 
     /// Arms session expiry after a disconnect [MQTT-3.1.2-23]. `u32::MAX` never expires.
-    pub(crate) fn schedule_expiry(
-        &self,
-        session: SessionRef,
-        generation: u64,
-        expiry_seconds: u32,
-    ) {
+    pub(crate) fn schedule_expiry(&self, session: SessionRef, generation: u64, expiry_seconds: u32) {
         if expiry_seconds == u32::MAX {
             return;
         }
@@ -275,13 +245,7 @@ impl Broker {
     }
 
     /// Publishes a will now, or after its delay unless the session reconnects first [MQTT-3.1.3-9].
-    pub(crate) fn schedule_will(
-        &self,
-        session: SessionRef,
-        generation: u64,
-        will: Arc<Message>,
-        delay: Duration,
-    ) {
+    pub(crate) fn schedule_will(&self, session: SessionRef, generation: u64, will: Arc<Message>, delay: Duration) {
         if delay.is_zero() {
             self.publish(will);
             return;
@@ -309,28 +273,16 @@ impl Broker {
     /// false if the deadline passed first.
     pub async fn drained(&self) -> bool {
         self.inner.tasks.close();
-        let finished =
-            tokio::time::timeout(self.inner.config.shutdown_grace, self.inner.tasks.wait())
-                .await
-                .is_ok();
+        let finished = tokio::time::timeout(self.inner.config.shutdown_grace, self.inner.tasks.wait()).await.is_ok();
         if !finished {
-            warn!(
-                remaining = self.inner.tasks.len(),
-                "shutdown grace period over with tasks still running"
-            );
+            warn!(remaining = self.inner.tasks.len(), "shutdown grace period over with tasks still running");
         }
         finished
     }
 
     /// Publishes a message from inside the process (bridges, `$SYS`, embedding applications). It bypasses the
     /// client-facing hooks: callers inside the broker are trusted.
-    pub fn publish_local(
-        &self,
-        topic: &str,
-        payload: impl Into<bytes::Bytes>,
-        qos: QoS,
-        retain: bool,
-    ) -> usize {
+    pub fn publish_local(&self, topic: &str, payload: impl Into<bytes::Bytes>, qos: QoS, retain: bool) -> usize {
         self.publish(Arc::new(Message {
             topic: topic.into(),
             payload: payload.into(),

@@ -28,10 +28,7 @@ pub struct MemoryRetainedStore {
 
 impl RetainedStore for MemoryRetainedStore {
     fn store(&self, message: Arc<Message>) {
-        let mut messages = self
-            .messages
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut messages = self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if message.payload.is_empty() {
             messages.remove(&message.topic);
         } else {
@@ -40,22 +37,12 @@ impl RetainedStore for MemoryRetainedStore {
     }
 
     fn matching(&self, filter: &str, now: Instant) -> Vec<Arc<Message>> {
-        let mut messages = self
-            .messages
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut messages = self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         messages.retain(|_, message| !message.is_expired(now));
-        messages
-            .values()
-            .filter(|message| topic::matches(filter, &message.topic))
-            .cloned()
-            .collect()
+        messages.values().filter(|message| topic::matches(filter, &message.topic)).cloned().collect()
     }
 
     fn len(&self) -> usize {
-        self.messages
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .len()
+        self.messages.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).len()
     }
 }

@@ -88,16 +88,8 @@ pub struct Router {
 
 impl Router {
     /// Adds or replaces a subscription. Returns true if the session already had this exact subscription.
-    pub fn subscribe(
-        &self,
-        filter: &str,
-        share_group: Option<&str>,
-        subscriber: Subscriber,
-    ) -> bool {
-        let mut root = self
-            .root
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+    pub fn subscribe(&self, filter: &str, share_group: Option<&str>, subscriber: Subscriber) -> bool {
+        let mut root = self.root.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut node = &mut *root;
         for level in filter.split('/') {
             node = node.children.entry(level.into()).or_default();
@@ -107,11 +99,7 @@ impl Router {
             None => node.subscribers.insert(session_id, subscriber).is_some(),
             Some(group) => {
                 let group = node.shared.entry(group.into()).or_default();
-                match group
-                    .members
-                    .iter_mut()
-                    .find(|member| member.session.id == session_id)
-                {
+                match group.members.iter_mut().find(|member| member.session.id == session_id) {
                     Some(member) => {
                         *member = subscriber;
                         true
@@ -131,10 +119,7 @@ impl Router {
 
     /// Removes a subscription. Returns true if it existed.
     pub fn unsubscribe(&self, filter: &str, share_group: Option<&str>, session: SessionId) -> bool {
-        let mut root = self
-            .root
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut root = self.root.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         let levels: Vec<&str> = filter.split('/').collect();
         let removed = Self::remove(&mut root, &levels, share_group, session);
         if removed {
@@ -143,12 +128,7 @@ impl Router {
         removed
     }
 
-    fn remove(
-        node: &mut Node,
-        levels: &[&str],
-        share_group: Option<&str>,
-        session: SessionId,
-    ) -> bool {
+    fn remove(node: &mut Node, levels: &[&str], share_group: Option<&str>, session: SessionId) -> bool {
         let Some((first, rest)) = levels.split_first() else {
             return match share_group {
                 None => node.subscribers.remove(&session).is_some(),
@@ -181,10 +161,7 @@ impl Router {
     pub fn matches(&self, topic: &str) -> Vec<Subscriber> {
         let levels: Vec<&str> = topic.split('/').collect();
         let mut out = Vec::new();
-        let root = self
-            .root
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let root = self.root.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         root.collect(&levels, 0, topic.starts_with('$'), &mut out);
         out
     }
@@ -204,25 +181,14 @@ mod tests {
 
     fn subscriber(id: u64) -> Subscriber {
         Subscriber {
-            session: Arc::new(Session::new(
-                SessionId(id),
-                ClientId(format!("c{id}").into()),
-                0,
-            )),
-            options: SubscriptionOptions {
-                qos: QoS::AtLeastOnce,
-                ..Default::default()
-            },
+            session: Arc::new(Session::new(SessionId(id), ClientId(format!("c{id}").into()), 0)),
+            options: SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() },
             identifier: None,
         }
     }
 
     fn ids(router: &Router, topic: &str) -> Vec<u64> {
-        let mut found: Vec<u64> = router
-            .matches(topic)
-            .iter()
-            .map(|s| s.session.id.0)
-            .collect();
+        let mut found: Vec<u64> = router.matches(topic).iter().map(|s| s.session.id.0).collect();
         found.sort_unstable();
         found
     }

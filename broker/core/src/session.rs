@@ -84,11 +84,7 @@ impl Session {
         Self {
             id,
             client_id,
-            state: Mutex::new(SessionState {
-                expiry_interval,
-                next_packet_id: 1,
-                ..SessionState::default()
-            }),
+            state: Mutex::new(SessionState { expiry_interval, next_packet_id: 1, ..SessionState::default() }),
             wakeup: Notify::new(),
         }
     }
@@ -96,9 +92,7 @@ impl Session {
     /// A poisoned lock means a panic elsewhere mid-update; the state is plain data, so keep serving with it
     /// rather than take the whole broker down.
     pub fn lock(&self) -> MutexGuard<'_, SessionState> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Attaches a new connection, kicking any previous one, and returns the new generation.
@@ -152,8 +146,7 @@ impl Session {
     ) -> EnqueueResult {
         let result = {
             let mut state = self.lock();
-            if state.attachment.is_none() && delivery.qos == QoS::AtMostOnce && !queue_qos0_offline
-            {
+            if state.attachment.is_none() && delivery.qos == QoS::AtMostOnce && !queue_qos0_offline {
                 return EnqueueResult::SkippedOffline;
             }
             if state.queue.len() >= limit {
@@ -209,10 +202,7 @@ impl SessionState {
                 break;
             };
             self.inflight_sequence += 1;
-            self.inflight.insert(
-                packet_id,
-                (self.inflight_sequence, Inflight::Publish(delivery.clone())),
-            );
+            self.inflight.insert(packet_id, (self.inflight_sequence, Inflight::Publish(delivery.clone())));
             batch.push((delivery, Some(packet_id)));
         }
         batch
@@ -231,16 +221,10 @@ impl SessionState {
 
     /// In-flight entries in the order they were first sent, for redelivery on session resume [MQTT-4.4.0-1].
     pub fn inflight_in_order(&self) -> Vec<(PacketId, Inflight)> {
-        let mut entries: Vec<_> = self
-            .inflight
-            .iter()
-            .map(|(packet_id, (sequence, entry))| (*sequence, *packet_id, entry.clone()))
-            .collect();
+        let mut entries: Vec<_> =
+            self.inflight.iter().map(|(packet_id, (sequence, entry))| (*sequence, *packet_id, entry.clone())).collect();
         entries.sort_by_key(|(sequence, _, _)| *sequence);
-        entries
-            .into_iter()
-            .map(|(_, packet_id, entry)| (packet_id, entry))
-            .collect()
+        entries.into_iter().map(|(_, packet_id, entry)| (packet_id, entry)).collect()
     }
 
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2) completes an exchange. Returns whether the id was known.

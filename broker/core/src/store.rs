@@ -19,12 +19,7 @@ pub struct OpenedSession {
 pub trait SessionStore: Send + Sync {
     /// Atomically finds or creates the session of `client_id`. With `clean_start`, any existing session is
     /// replaced by the one `create` makes.
-    fn open(
-        &self,
-        client_id: &ClientId,
-        clean_start: bool,
-        create: &mut dyn FnMut() -> SessionRef,
-    ) -> OpenedSession;
+    fn open(&self, client_id: &ClientId, clean_start: bool, create: &mut dyn FnMut() -> SessionRef) -> OpenedSession;
     fn get(&self, client_id: &ClientId) -> Option<SessionRef>;
     /// Removes the session only if it is still the one identified by `session` (not replaced meanwhile).
     fn remove_if_current(&self, client_id: &ClientId, session: SessionId) -> bool;
@@ -42,34 +37,21 @@ pub struct MemorySessionStore {
 
 impl MemorySessionStore {
     fn locked(&self) -> std::sync::MutexGuard<'_, HashMap<ClientId, SessionRef>> {
-        self.sessions
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
 impl SessionStore for MemorySessionStore {
-    fn open(
-        &self,
-        client_id: &ClientId,
-        clean_start: bool,
-        create: &mut dyn FnMut() -> SessionRef,
-    ) -> OpenedSession {
+    fn open(&self, client_id: &ClientId, clean_start: bool, create: &mut dyn FnMut() -> SessionRef) -> OpenedSession {
         let mut sessions = self.locked();
         match sessions.get(client_id) {
-            Some(existing) if !clean_start => OpenedSession {
-                session: existing.clone(),
-                resumed: true,
-                discarded: None,
-            },
+            Some(existing) if !clean_start => {
+                OpenedSession { session: existing.clone(), resumed: true, discarded: None }
+            }
             _ => {
                 let session = create();
                 let discarded = sessions.insert(client_id.clone(), session.clone());
-                OpenedSession {
-                    session,
-                    resumed: false,
-                    discarded,
-                }
+                OpenedSession { session, resumed: false, discarded }
             }
         }
     }
@@ -80,10 +62,7 @@ impl SessionStore for MemorySessionStore {
 
     fn remove_if_current(&self, client_id: &ClientId, session: SessionId) -> bool {
         let mut sessions = self.locked();
-        if sessions
-            .get(client_id)
-            .is_some_and(|current| current.id == session)
-        {
+        if sessions.get(client_id).is_some_and(|current| current.id == session) {
             sessions.remove(client_id);
             true
         } else {

@@ -39,33 +39,18 @@ fn publish_stats(broker: &Broker) {
         ("uptime", format!("{} seconds", broker.uptime().as_secs())),
         ("clients/connected", connected.to_string()),
         ("clients/active", connected.to_string()),
-        (
-            "clients/disconnected",
-            total_sessions.saturating_sub(connected).to_string(),
-        ),
+        ("clients/disconnected", total_sessions.saturating_sub(connected).to_string()),
         ("clients/total", total_sessions.to_string()),
         ("clients/maximum", counter(&metrics.clients_maximum)),
         ("messages/received", counter(&metrics.messages_received)),
         ("messages/sent", counter(&metrics.messages_sent)),
-        (
-            "publish/messages/received",
-            counter(&metrics.publish_received),
-        ),
+        ("publish/messages/received", counter(&metrics.publish_received)),
         ("publish/messages/sent", counter(&metrics.publish_sent)),
-        (
-            "publish/messages/dropped",
-            counter(&metrics.publish_dropped),
-        ),
+        ("publish/messages/dropped", counter(&metrics.publish_dropped)),
         ("bytes/received", counter(&metrics.bytes_received)),
         ("bytes/sent", counter(&metrics.bytes_sent)),
-        (
-            "subscriptions/count",
-            broker.router().subscription_count().to_string(),
-        ),
-        (
-            "retained messages/count",
-            broker.retained().len().to_string(),
-        ),
+        ("subscriptions/count", broker.router().subscription_count().to_string()),
+        ("retained messages/count", broker.retained().len().to_string()),
     ];
     for (name, value) in entries {
         broker.publish_local(&format!("$SYS/broker/{name}"), value, QoS::AtMostOnce, true);

@@ -21,16 +21,9 @@ impl AclCache {
     fn key(action: &Action<'_>) -> (u8, String, QoS, bool) {
         match *action {
             Action::Publish { topic, qos, retain } => (0, topic.to_owned(), qos, retain),
-            Action::Subscribe {
-                filter,
-                qos,
-                share_group,
-            } => (
-                1,
-                format!("{}\u{0}{}", share_group.unwrap_or(""), filter),
-                qos,
-                false,
-            ),
+            Action::Subscribe { filter, qos, share_group } => {
+                (1, format!("{}\u{0}{}", share_group.unwrap_or(""), filter), qos, false)
+            }
             Action::Will { topic, qos, retain } => (2, topic.to_owned(), qos, retain),
             Action::ReceiveRetained { topic } => (3, topic.to_owned(), QoS::AtMostOnce, false),
         }

@@ -40,37 +40,22 @@ pub struct HookSlot<H: ?Sized> {
 
 impl<H: ?Sized> Clone for HookSlot<H> {
     fn clone(&self) -> Self {
-        Self {
-            hook: self.hook.clone(),
-            timeout: self.timeout,
-            on_failure: self.on_failure,
-        }
+        Self { hook: self.hook.clone(), timeout: self.timeout, on_failure: self.on_failure }
     }
 }
 
 impl<H: ?Sized> HookSlot<H> {
     pub fn new(hook: Arc<H>, timeout: Option<Duration>, on_failure: FailurePolicy) -> Self {
-        Self {
-            hook,
-            timeout,
-            on_failure,
-        }
+        Self { hook, timeout, on_failure }
     }
 }
 
 /// The result of the whole authentication chain.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthOutcome {
-    Allow {
-        attributes: std::collections::BTreeMap<String, String>,
-    },
-    Deny {
-        reason: ReasonCode,
-        message: Option<String>,
-    },
-    Continue {
-        data: Option<bytes::Bytes>,
-    },
+    Allow { attributes: std::collections::BTreeMap<String, String> },
+    Deny { reason: ReasonCode, message: Option<String> },
+    Continue { data: Option<bytes::Bytes> },
 }
 
 /// All hooks of a broker, in configuration order. Immutable once built: a reload builds a new chain with a
@@ -131,9 +116,7 @@ impl HookChain {
     }
 
     pub fn has_outbound_transform(&self) -> bool {
-        self.transformers
-            .iter()
-            .any(|slot| slot.hook.transforms_outbound())
+        self.transformers.iter().any(|slot| slot.hook.transforms_outbound())
     }
 
     /// Polls `call` once before arming a timer, so hooks that answer synchronously (all native ones) never pay
@@ -186,14 +169,8 @@ impl HookChain {
         for slot in &self.authenticators {
             let name = slot.hook.name();
             let attempt = match step {
-                None => {
-                    self.attempt(name, slot.timeout, slot.hook.authenticate(request))
-                        .await
-                }
-                Some(step) => {
-                    self.attempt(name, slot.timeout, slot.hook.continue_auth(request, step))
-                        .await
-                }
+                None => self.attempt(name, slot.timeout, slot.hook.authenticate(request)).await,
+                Some(step) => self.attempt(name, slot.timeout, slot.hook.continue_auth(request, step)).await,
             };
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
@@ -217,18 +194,10 @@ impl HookChain {
             }
         }
         match (self.auth_fallback, step) {
-            (AuthFallback::Allow, None) => AuthOutcome::Allow {
-                attributes: Default::default(),
-            },
+            (AuthFallback::Allow, None) => AuthOutcome::Allow { attributes: Default::default() },
             // An AUTH exchange nobody understands cannot succeed by default.
-            (_, Some(_)) => AuthOutcome::Deny {
-                reason: ReasonCode::BAD_AUTHENTICATION_METHOD,
-                message: None,
-            },
-            (AuthFallback::Deny, None) => AuthOutcome::Deny {
-                reason: ReasonCode::NOT_AUTHORIZED,
-                message: None,
-            },
+            (_, Some(_)) => AuthOutcome::Deny { reason: ReasonCode::BAD_AUTHENTICATION_METHOD, message: None },
+            (AuthFallback::Deny, None) => AuthOutcome::Deny { reason: ReasonCode::NOT_AUTHORIZED, message: None },
         }
     }
 
@@ -237,13 +206,7 @@ impl HookChain {
     pub async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> AclOutcome {
         let mut max_qos = QoS::ExactlyOnce;
         for slot in &self.authorizers {
-            let attempt = self
-                .attempt(
-                    slot.hook.name(),
-                    slot.timeout,
-                    slot.hook.authorize(client, action),
-                )
-                .await;
+            let attempt = self.attempt(slot.hook.name(), slot.timeout, slot.hook.authorize(client, action)).await;
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
                 Attempt::Failed(_) => match slot.on_failure {
@@ -261,28 +224,15 @@ impl HookChain {
     }
 
     /// Transforms compose in order; the first drop stops the chain.
-    pub async fn transform_inbound(
-        &self,
-        client: &ClientInfo,
-        message: &mut Message,
-    ) -> TransformOutcome {
+    pub async fn transform_inbound(&self, client: &ClientInfo, message: &mut Message) -> TransformOutcome {
         self.run_transform(client, message, false).await
     }
 
-    pub async fn transform_outbound(
-        &self,
-        subscriber: &ClientInfo,
-        message: &mut Message,
-    ) -> TransformOutcome {
+    pub async fn transform_outbound(&self, subscriber: &ClientInfo, message: &mut Message) -> TransformOutcome {
         self.run_transform(subscriber, message, true).await
     }
 
-    async fn run_transform(
-        &self,
-        client: &ClientInfo,
-        message: &mut Message,
-        outbound: bool,
-    ) -> TransformOutcome {
+    async fn run_transform(&self, client: &ClientInfo, message: &mut Message, outbound: bool) -> TransformOutcome {
         for slot in &self.transformers {
             if outbound && !slot.hook.transforms_outbound() {
                 continue;
@@ -291,35 +241,19 @@ impl HookChain {
             // A hook that fails half-way must not leave a half-modified message behind.
             let before = message.clone();
             let attempt = if outbound {
-                self.attempt(
-                    name,
-                    slot.timeout,
-                    slot.hook.transform_outbound(client, message),
-                )
-                .await
+                self.attempt(name, slot.timeout, slot.hook.transform_outbound(client, message)).await
             } else {
-                self.attempt(
-                    name,
-                    slot.timeout,
-                    slot.hook.transform_inbound(client, message),
-                )
-                .await
+                self.attempt(name, slot.timeout, slot.hook.transform_inbound(client, message)).await
             };
             match attempt {
                 Attempt::Done(TransformDecision::Keep | TransformDecision::Modified) => {}
                 Attempt::Done(TransformDecision::Drop { reason }) => {
-                    return TransformOutcome::Drop {
-                        hook: name.to_owned(),
-                        reason,
-                    };
+                    return TransformOutcome::Drop { hook: name.to_owned(), reason };
                 }
                 Attempt::Failed(error) => {
                     *message = before;
                     if slot.on_failure == FailurePolicy::FailClosed {
-                        return TransformOutcome::Drop {
-                            hook: name.to_owned(),
-                            reason: error.to_string(),
-                        };
+                        return TransformOutcome::Drop { hook: name.to_owned(), reason: error.to_string() };
                     }
                 }
             }
@@ -328,20 +262,10 @@ impl HookChain {
     }
 
     /// The first hook that does not abstain decides; with none, the message is forwarded unchanged.
-    pub async fn route(
-        &self,
-        direction: RouteDirection,
-        bridge: &str,
-        message: &Message,
-    ) -> RouteDecision {
+    pub async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message) -> RouteDecision {
         for slot in &self.routers {
-            let attempt = self
-                .attempt(
-                    slot.hook.name(),
-                    slot.timeout,
-                    slot.hook.route(direction, bridge, message),
-                )
-                .await;
+            let attempt =
+                self.attempt(slot.hook.name(), slot.timeout, slot.hook.route(direction, bridge, message)).await;
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
                 Attempt::Failed(_) => match slot.on_failure {

@@ -8,14 +8,9 @@ use tollgate_protocol::{QoS, ReasonCode};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AuthDecision {
     /// Accept; the attributes are attached to the client for later hooks.
-    Allow {
-        attributes: BTreeMap<String, String>,
-    },
+    Allow { attributes: BTreeMap<String, String> },
     /// Refuse with a CONNACK reason code (mapped to a 3.1.1 return code for old clients).
-    Deny {
-        reason: ReasonCode,
-        message: Option<String>,
-    },
+    Deny { reason: ReasonCode, message: Option<String> },
     /// Enhanced authentication: send AUTH 0x18 with this data and wait for the client's answer.
     Continue { data: Option<Bytes> },
     /// Not this hook's decision; ask the next one.
@@ -24,16 +19,11 @@ pub enum AuthDecision {
 
 impl AuthDecision {
     pub fn allow() -> Self {
-        AuthDecision::Allow {
-            attributes: BTreeMap::new(),
-        }
+        AuthDecision::Allow { attributes: BTreeMap::new() }
     }
 
     pub fn deny(reason: ReasonCode) -> Self {
-        AuthDecision::Deny {
-            reason,
-            message: None,
-        }
+        AuthDecision::Deny { reason, message: None }
     }
 }
 

@@ -18,9 +18,7 @@ mod decision;
 mod types;
 
 pub use cache::AclCache;
-pub use chain::{
-    AuthFallback, AuthOutcome, FailureObserver, FailurePolicy, HookChain, HookSlot, Sleeper,
-};
+pub use chain::{AuthFallback, AuthOutcome, FailureObserver, FailurePolicy, HookChain, HookSlot, Sleeper};
 pub use decision::*;
 pub use types::*;
 
@@ -46,11 +44,7 @@ pub trait Authenticator: Send + Sync {
 
     /// One step of an MQTT 5 enhanced-authentication exchange (an AUTH packet from the client). Hooks that do
     /// not implement enhanced authentication abstain.
-    async fn continue_auth(
-        &self,
-        _request: &ConnectRequest,
-        _step: &AuthStep,
-    ) -> Result<AuthDecision, HookError> {
+    async fn continue_auth(&self, _request: &ConnectRequest, _step: &AuthStep) -> Result<AuthDecision, HookError> {
         Ok(AuthDecision::Abstain)
     }
 }
@@ -60,11 +54,7 @@ pub trait Authenticator: Send + Sync {
 pub trait Authorizer: Send + Sync {
     fn name(&self) -> &str;
 
-    async fn authorize(
-        &self,
-        client: &ClientInfo,
-        action: &Action<'_>,
-    ) -> Result<AclDecision, HookError>;
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError>;
 
     /// Whether a decision depends only on the client and the action, so the connection may cache it until the
     /// chain's generation changes (a reload). Hooks that look at payloads or time return false.

@@ -77,15 +77,15 @@ pub enum Action<'a> {
         retain: bool,
     },
     /// A retained message about to be replayed to a new subscription.
-    ReceiveRetained { topic: &'a str },
+    ReceiveRetained {
+        topic: &'a str,
+    },
 }
 
 impl Action<'_> {
     pub fn topic(&self) -> &str {
         match self {
-            Action::Publish { topic, .. }
-            | Action::Will { topic, .. }
-            | Action::ReceiveRetained { topic } => topic,
+            Action::Publish { topic, .. } | Action::Will { topic, .. } | Action::ReceiveRetained { topic } => topic,
             Action::Subscribe { filter, .. } => filter,
         }
     }

@@ -21,10 +21,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(version: ProtocolVersion, max_packet_size: usize) -> Self {
-        Self {
-            version,
-            max_packet_size,
-        }
+        Self { version, max_packet_size }
     }
 
     pub fn decode(&self, buffer: &mut BytesMut) -> Result<Option<Packet>, DecodeError> {
@@ -64,10 +61,7 @@ pub fn decode_packet(
     };
     let total = header_len + remaining;
     if total > max_packet_size {
-        return Err(DecodeError::PacketTooLarge {
-            size: total,
-            limit: max_packet_size,
-        });
+        return Err(DecodeError::PacketTooLarge { size: total, limit: max_packet_size });
     }
     if buffer.len() < total {
         buffer.reserve(total - buffer.len());
@@ -83,11 +77,7 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
     let flags = first & 0x0F;
     let mut reader = Reader::new(body);
     let expect_flags = |kind: &'static str, wanted: u8| {
-        if flags == wanted {
-            Ok(())
-        } else {
-            Err(DecodeError::InvalidHeaderFlags { kind, flags })
-        }
+        if flags == wanted { Ok(()) } else { Err(DecodeError::InvalidHeaderFlags { kind, flags }) }
     };
     let packet = match packet_type {
         1 => {
@@ -126,18 +116,13 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
             let codes = reader.rest();
             // MQTT 3.1.1 allows only these four return codes [MQTT-3.9.3-2]; the encoder sends every v5 error
             // code as 0x80, so anything else could not survive a round trip either.
-            if let Some(&bad) = codes
-                .iter()
-                .find(|&&code| !version.is_v5() && !matches!(code, 0x00 | 0x01 | 0x02 | 0x80))
+            if let Some(&bad) =
+                codes.iter().find(|&&code| !version.is_v5() && !matches!(code, 0x00 | 0x01 | 0x02 | 0x80))
             {
                 return Err(DecodeError::InvalidReasonCode(bad));
             }
             let reason_codes = codes.iter().map(|code| ReasonCode(*code)).collect();
-            Packet::SubAck(SubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
+            Packet::SubAck(SubAck { packet_id, reason_codes, properties })
         }
         10 => {
             expect_flags("UNSUBSCRIBE", 0b0010)?;
@@ -147,16 +132,9 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
             expect_flags("UNSUBACK", 0)?;
             let packet_id = reader.packet_id()?;
             let properties = v5_properties(&mut reader, version, PropertyContext::UnsubAck)?;
-            let reason_codes = if version.is_v5() {
-                reader.rest().iter().map(|code| ReasonCode(*code)).collect()
-            } else {
-                Vec::new()
-            };
-            Packet::UnsubAck(UnsubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
+            let reason_codes =
+                if version.is_v5() { reader.rest().iter().map(|code| ReasonCode(*code)).collect() } else { Vec::new() };
+            Packet::UnsubAck(UnsubAck { packet_id, reason_codes, properties })
         }
         12 => {
             expect_flags("PINGREQ", 0)?;
@@ -172,8 +150,7 @@ fn decode_body(first: u8, body: Bytes, version: ProtocolVersion) -> Result<Packe
             if version.is_v5() && reader.remaining() > 0 {
                 disconnect.reason_code = ReasonCode(reader.u8()?);
                 if reader.remaining() > 0 {
-                    disconnect.properties =
-                        Properties::decode(&mut reader, PropertyContext::Disconnect)?;
+                    disconnect.properties = Properties::decode(&mut reader, PropertyContext::Disconnect)?;
                 }
             }
             Packet::Disconnect(disconnect)
@@ -205,11 +182,7 @@ fn v5_properties(
     version: ProtocolVersion,
     context: PropertyContext,
 ) -> Result<Properties, DecodeError> {
-    if version.is_v5() {
-        Properties::decode(reader, context)
-    } else {
-        Ok(Properties::default())
-    }
+    if version.is_v5() { Properties::decode(reader, context) } else { Ok(Properties::default()) }
 }
 
 fn decode_connect(reader: &mut Reader) -> Result<Connect, DecodeError> {
@@ -248,45 +221,19 @@ fn decode_connect(reader: &mut Reader) -> Result<Connect, DecodeError> {
         let topic = reader.string()?;
         topic::validate_topic_name(&topic).map_err(|_| DecodeError::WildcardInTopicName)?;
         let payload = reader.binary()?;
-        Some(LastWill {
-            topic,
-            payload,
-            qos: will_qos,
-            retain: will_retain,
-            properties: will_properties,
-        })
+        Some(LastWill { topic, payload, qos: will_qos, retain: will_retain, properties: will_properties })
     } else {
         None
     };
-    let username = if username_flag {
-        Some(reader.string()?)
-    } else {
-        None
-    };
-    let password = if password_flag {
-        Some(reader.binary()?)
-    } else {
-        None
-    };
-    Ok(Connect {
-        protocol,
-        clean_start,
-        keep_alive,
-        client_id,
-        username,
-        password,
-        will,
-        properties,
-    })
+    let username = if username_flag { Some(reader.string()?) } else { None };
+    let password = if password_flag { Some(reader.binary()?) } else { None };
+    Ok(Connect { protocol, clean_start, keep_alive, client_id, username, password, will, properties })
 }
 
 fn decode_connack(reader: &mut Reader, version: ProtocolVersion) -> Result<ConnAck, DecodeError> {
     let flags = reader.u8()?;
     if flags & 0xFE != 0 {
-        return Err(DecodeError::InvalidHeaderFlags {
-            kind: "CONNACK",
-            flags,
-        });
+        return Err(DecodeError::InvalidHeaderFlags { kind: "CONNACK", flags });
     }
     let code = reader.u8()?;
     // `ConnAck::reason_code` always holds a v5 reason code: a 3.1.1 return code is mapped to its v5
@@ -297,56 +244,29 @@ fn decode_connack(reader: &mut Reader, version: ProtocolVersion) -> Result<ConnA
         ReasonCode::from_v3_connack(code).ok_or(DecodeError::InvalidReasonCode(code))?
     };
     let properties = v5_properties(reader, version, PropertyContext::ConnAck)?;
-    Ok(ConnAck {
-        session_present: flags & 0x01 != 0,
-        reason_code,
-        properties,
-    })
+    Ok(ConnAck { session_present: flags & 0x01 != 0, reason_code, properties })
 }
 
-fn decode_publish(
-    reader: &mut Reader,
-    flags: u8,
-    version: ProtocolVersion,
-) -> Result<Publish, DecodeError> {
+fn decode_publish(reader: &mut Reader, flags: u8, version: ProtocolVersion) -> Result<Publish, DecodeError> {
     let qos = QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::InvalidQoS)?;
     let dup = flags & 0x08 != 0;
     if dup && qos == QoS::AtMostOnce {
-        return Err(DecodeError::InvalidHeaderFlags {
-            kind: "PUBLISH",
-            flags,
-        });
+        return Err(DecodeError::InvalidHeaderFlags { kind: "PUBLISH", flags });
     }
     let topic: std::sync::Arc<str> = reader.utf8(|text| std::sync::Arc::<str>::from(text))?;
     if topic.contains(['+', '#']) {
         return Err(DecodeError::WildcardInTopicName);
     }
-    let packet_id = if qos == QoS::AtMostOnce {
-        None
-    } else {
-        Some(reader.packet_id()?)
-    };
+    let packet_id = if qos == QoS::AtMostOnce { None } else { Some(reader.packet_id()?) };
     let properties = v5_properties(reader, version, PropertyContext::Publish)?;
     if topic.is_empty() && properties.topic_alias.is_none() {
         return Err(DecodeError::EmptyTopicName);
     }
     let payload = reader.take_rest();
-    Ok(Publish {
-        dup,
-        qos,
-        retain: flags & 0x01 != 0,
-        topic,
-        packet_id,
-        properties,
-        payload,
-    })
+    Ok(Publish { dup, qos, retain: flags & 0x01 != 0, topic, packet_id, properties, payload })
 }
 
-fn decode_ack(
-    reader: &mut Reader,
-    version: ProtocolVersion,
-    valid_codes: &[u8],
-) -> Result<Ack, DecodeError> {
+fn decode_ack(reader: &mut Reader, version: ProtocolVersion, valid_codes: &[u8]) -> Result<Ack, DecodeError> {
     let packet_id = reader.packet_id()?;
     let mut ack = Ack::new(packet_id, ReasonCode::SUCCESS);
     if version.is_v5() && reader.remaining() > 0 {
@@ -362,10 +282,7 @@ fn decode_ack(
     Ok(ack)
 }
 
-fn decode_subscribe(
-    reader: &mut Reader,
-    version: ProtocolVersion,
-) -> Result<Subscribe, DecodeError> {
+fn decode_subscribe(reader: &mut Reader, version: ProtocolVersion) -> Result<Subscribe, DecodeError> {
     let packet_id = reader.packet_id()?;
     let properties = v5_properties(reader, version, PropertyContext::Subscribe)?;
     let mut subscriptions = Vec::new();
@@ -392,17 +309,10 @@ fn decode_subscribe(
     if subscriptions.is_empty() {
         return Err(DecodeError::NoTopicFilters);
     }
-    Ok(Subscribe {
-        packet_id,
-        subscriptions,
-        properties,
-    })
+    Ok(Subscribe { packet_id, subscriptions, properties })
 }
 
-fn decode_unsubscribe(
-    reader: &mut Reader,
-    version: ProtocolVersion,
-) -> Result<Unsubscribe, DecodeError> {
+fn decode_unsubscribe(reader: &mut Reader, version: ProtocolVersion) -> Result<Unsubscribe, DecodeError> {
     let packet_id = reader.packet_id()?;
     let properties = v5_properties(reader, version, PropertyContext::Unsubscribe)?;
     let mut filters = Vec::new();
@@ -412,11 +322,7 @@ fn decode_unsubscribe(
     if filters.is_empty() {
         return Err(DecodeError::NoTopicFilters);
     }
-    Ok(Unsubscribe {
-        packet_id,
-        filters,
-        properties,
-    })
+    Ok(Unsubscribe { packet_id, filters, properties })
 }
 
 /// A cursor over one packet body. Every read is bounds-checked and reports [`DecodeError::Truncated`] rather
@@ -435,11 +341,7 @@ impl Reader {
     }
 
     fn need(&self, count: usize) -> Result<(), DecodeError> {
-        if self.data.len() < count {
-            Err(DecodeError::Truncated)
-        } else {
-            Ok(())
-        }
+        if self.data.len() < count { Err(DecodeError::Truncated) } else { Ok(()) }
     }
 
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
@@ -502,9 +404,7 @@ impl Reader {
 
     pub(crate) fn sub_reader(&mut self, length: usize) -> Result<Reader, DecodeError> {
         self.need(length)?;
-        Ok(Reader {
-            data: self.data.split_to(length),
-        })
+        Ok(Reader { data: self.data.split_to(length) })
     }
 
     pub(crate) fn rest(&mut self) -> Bytes {
@@ -516,10 +416,6 @@ impl Reader {
     }
 
     fn finish(&self) -> Result<(), DecodeError> {
-        if self.data.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::TrailingBytes(self.data.len()))
-        }
+        if self.data.is_empty() { Ok(()) } else { Err(DecodeError::TrailingBytes(self.data.len())) }
     }
 }

@@ -52,11 +52,7 @@ pub(crate) fn put_binary(out: &mut BytesMut, value: &[u8]) {
 }
 
 fn field_len(value: &[u8]) -> Result<usize, EncodeError> {
-    if value.len() > usize::from(u16::MAX) {
-        Err(EncodeError::FieldTooLong)
-    } else {
-        Ok(2 + value.len())
-    }
+    if value.len() > usize::from(u16::MAX) { Err(EncodeError::FieldTooLong) } else { Ok(2 + value.len()) }
 }
 
 fn properties_len(properties: &Properties, version: ProtocolVersion) -> Result<usize, EncodeError> {
@@ -75,13 +71,7 @@ fn properties_len(properties: &Properties, version: ProtocolVersion) -> Result<u
     for text in strings.into_iter().flatten() {
         field_len(text.as_bytes())?;
     }
-    for data in [
-        &properties.correlation_data,
-        &properties.authentication_data,
-    ]
-    .into_iter()
-    .flatten()
-    {
+    for data in [&properties.correlation_data, &properties.authentication_data].into_iter().flatten() {
         field_len(data)?;
     }
     for pair in &properties.user_properties {
@@ -120,11 +110,7 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, Enc
     Ok(match packet {
         Packet::Connect(connect) => {
             let version = connect.protocol;
-            let name_len = if version == ProtocolVersion::V31 {
-                8
-            } else {
-                6
-            };
+            let name_len = if version == ProtocolVersion::V31 { 8 } else { 6 };
             let mut length = name_len + 1 + 1 + 2 + properties_len(&connect.properties, version)?;
             length += field_len(connect.client_id.as_bytes())?;
             if let Some(will) = &connect.will {
@@ -156,9 +142,7 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, Enc
             }
             length
         }
-        Packet::SubAck(suback) => {
-            2 + properties_len(&suback.properties, version)? + suback.reason_codes.len()
-        }
+        Packet::SubAck(suback) => 2 + properties_len(&suback.properties, version)? + suback.reason_codes.len(),
         Packet::Unsubscribe(unsubscribe) => {
             let mut length = 2 + properties_len(&unsubscribe.properties, version)?;
             for filter in &unsubscribe.filters {
@@ -178,11 +162,7 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, Enc
             if !version.is_v5() {
                 0
             } else if disconnect.properties.is_empty() {
-                if disconnect.reason_code == ReasonCode::SUCCESS {
-                    0
-                } else {
-                    1
-                }
+                if disconnect.reason_code == ReasonCode::SUCCESS { 0 } else { 1 }
             } else {
                 1 + properties_len(&disconnect.properties, version)?
             }
@@ -205,9 +185,7 @@ fn first_byte(packet: &Packet) -> u8 {
         Packet::Connect(_) => 0x10,
         Packet::ConnAck(_) => 0x20,
         Packet::Publish(publish) => {
-            0x30 | (u8::from(publish.dup) << 3)
-                | ((publish.qos as u8) << 1)
-                | u8::from(publish.retain)
+            0x30 | (u8::from(publish.dup) << 3) | ((publish.qos as u8) << 1) | u8::from(publish.retain)
         }
         Packet::PubAck(_) => 0x40,
         Packet::PubRec(_) => 0x50,
@@ -225,11 +203,7 @@ fn first_byte(packet: &Packet) -> u8 {
 }
 
 /// Appends `packet` to `out` and returns the number of bytes written.
-pub fn encode_packet(
-    packet: &Packet,
-    version: ProtocolVersion,
-    out: &mut BytesMut,
-) -> Result<usize, EncodeError> {
+pub fn encode_packet(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Result<usize, EncodeError> {
     let version = match packet {
         Packet::Connect(connect) => connect.protocol,
         _ => version,
@@ -246,11 +220,7 @@ pub fn encode_packet(
         Packet::Connect(connect) => encode_connect(connect, out),
         Packet::ConnAck(connack) => {
             out.put_u8(u8::from(connack.session_present));
-            let code = if version.is_v5() {
-                connack.reason_code.0
-            } else {
-                connack.reason_code.to_v3_connack()
-            };
+            let code = if version.is_v5() { connack.reason_code.0 } else { connack.reason_code.to_v3_connack() };
             out.put_u8(code);
             put_properties(out, &connack.properties, version);
         }
@@ -291,11 +261,7 @@ pub fn encode_packet(
             out.put_u16(suback.packet_id);
             put_properties(out, &suback.properties, version);
             for code in &suback.reason_codes {
-                let byte = if !version.is_v5() && code.is_error() {
-                    0x80
-                } else {
-                    code.0
-                };
+                let byte = if !version.is_v5() && code.is_error() { 0x80 } else { code.0 };
                 out.put_u8(byte);
             }
         }

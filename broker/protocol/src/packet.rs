@@ -146,11 +146,7 @@ pub struct Ack {
 
 impl Ack {
     pub fn new(packet_id: PacketId, reason_code: ReasonCode) -> Self {
-        Self {
-            packet_id,
-            reason_code,
-            properties: Properties::default(),
-        }
+        Self { packet_id, reason_code, properties: Properties::default() }
     }
 }
 

@@ -96,11 +96,7 @@ fn allowed(context: PropertyContext, identifier: u8) -> bool {
     use id::*;
     match identifier {
         USER_PROPERTY => true,
-        PAYLOAD_FORMAT_INDICATOR
-        | MESSAGE_EXPIRY_INTERVAL
-        | CONTENT_TYPE
-        | RESPONSE_TOPIC
-        | CORRELATION_DATA => {
+        PAYLOAD_FORMAT_INDICATOR | MESSAGE_EXPIRY_INTERVAL | CONTENT_TYPE | RESPONSE_TOPIC | CORRELATION_DATA => {
             matches!(context, C::Publish | C::Will)
         }
         SUBSCRIPTION_IDENTIFIER => matches!(context, C::Publish | C::Subscribe),
@@ -119,10 +115,7 @@ fn allowed(context: PropertyContext, identifier: u8) -> bool {
         REQUEST_PROBLEM_INFORMATION | REQUEST_RESPONSE_INFORMATION => context == C::Connect,
         WILL_DELAY_INTERVAL => context == C::Will,
         SERVER_REFERENCE => matches!(context, C::ConnAck | C::Disconnect),
-        REASON_STRING => matches!(
-            context,
-            C::ConnAck | C::Ack | C::SubAck | C::UnsubAck | C::Disconnect | C::Auth
-        ),
+        REASON_STRING => matches!(context, C::ConnAck | C::Ack | C::SubAck | C::UnsubAck | C::Disconnect | C::Auth),
         RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | MAXIMUM_PACKET_SIZE => {
             matches!(context, C::Connect | C::ConnAck)
         }
@@ -152,17 +145,13 @@ impl Properties {
     }
 
     /// Reads a property length and block from `reader`.
-    pub(crate) fn decode(
-        reader: &mut Reader,
-        context: PropertyContext,
-    ) -> Result<Self, DecodeError> {
+    pub(crate) fn decode(reader: &mut Reader, context: PropertyContext) -> Result<Self, DecodeError> {
         let length = reader.varint()? as usize;
         let mut block = reader.sub_reader(length)?;
         let mut properties = Properties::default();
         while block.remaining() > 0 {
             let identifier = block.varint()?;
-            let identifier =
-                u8::try_from(identifier).map_err(|_| DecodeError::InvalidProperty(0xFF))?;
+            let identifier = u8::try_from(identifier).map_err(|_| DecodeError::InvalidProperty(0xFF))?;
             if !allowed(context, identifier) {
                 return Err(DecodeError::InvalidProperty(identifier));
             }
@@ -171,21 +160,14 @@ impl Properties {
         Ok(properties)
     }
 
-    fn read_one(
-        &mut self,
-        block: &mut Reader,
-        identifier: u8,
-        context: PropertyContext,
-    ) -> Result<(), DecodeError> {
+    fn read_one(&mut self, block: &mut Reader, identifier: u8, context: PropertyContext) -> Result<(), DecodeError> {
         use id::*;
         match identifier {
             PAYLOAD_FORMAT_INDICATOR => {
                 let value = zero_one(block.u8()?, identifier)?;
                 set_once(&mut self.payload_format_indicator, value, identifier)
             }
-            MESSAGE_EXPIRY_INTERVAL => {
-                set_once(&mut self.message_expiry_interval, block.u32()?, identifier)
-            }
+            MESSAGE_EXPIRY_INTERVAL => set_once(&mut self.message_expiry_interval, block.u32()?, identifier),
             CONTENT_TYPE => set_once(&mut self.content_type, block.string()?, identifier),
             RESPONSE_TOPIC => {
                 let topic = block.string()?;
@@ -200,43 +182,27 @@ impl Properties {
                 if value == 0 {
                     return Err(DecodeError::InvalidPropertyValue(identifier));
                 }
-                if context == PropertyContext::Subscribe
-                    && !self.subscription_identifiers.is_empty()
-                {
+                if context == PropertyContext::Subscribe && !self.subscription_identifiers.is_empty() {
                     return Err(DecodeError::DuplicateProperty(identifier));
                 }
                 self.subscription_identifiers.push(value);
                 Ok(())
             }
-            SESSION_EXPIRY_INTERVAL => {
-                set_once(&mut self.session_expiry_interval, block.u32()?, identifier)
-            }
-            ASSIGNED_CLIENT_IDENTIFIER => set_once(
-                &mut self.assigned_client_identifier,
-                block.string()?,
-                identifier,
-            ),
+            SESSION_EXPIRY_INTERVAL => set_once(&mut self.session_expiry_interval, block.u32()?, identifier),
+            ASSIGNED_CLIENT_IDENTIFIER => set_once(&mut self.assigned_client_identifier, block.string()?, identifier),
             SERVER_KEEP_ALIVE => set_once(&mut self.server_keep_alive, block.u16()?, identifier),
-            AUTHENTICATION_METHOD => {
-                set_once(&mut self.authentication_method, block.string()?, identifier)
-            }
-            AUTHENTICATION_DATA => {
-                set_once(&mut self.authentication_data, block.binary()?, identifier)
-            }
+            AUTHENTICATION_METHOD => set_once(&mut self.authentication_method, block.string()?, identifier),
+            AUTHENTICATION_DATA => set_once(&mut self.authentication_data, block.binary()?, identifier),
             REQUEST_PROBLEM_INFORMATION => {
                 let value = zero_one(block.u8()?, identifier)?;
                 set_once(&mut self.request_problem_information, value, identifier)
             }
-            WILL_DELAY_INTERVAL => {
-                set_once(&mut self.will_delay_interval, block.u32()?, identifier)
-            }
+            WILL_DELAY_INTERVAL => set_once(&mut self.will_delay_interval, block.u32()?, identifier),
             REQUEST_RESPONSE_INFORMATION => {
                 let value = zero_one(block.u8()?, identifier)?;
                 set_once(&mut self.request_response_information, value, identifier)
             }
-            RESPONSE_INFORMATION => {
-                set_once(&mut self.response_information, block.string()?, identifier)
-            }
+            RESPONSE_INFORMATION => set_once(&mut self.response_information, block.string()?, identifier),
             SERVER_REFERENCE => set_once(&mut self.server_reference, block.string()?, identifier),
             REASON_STRING => set_once(&mut self.reason_string, block.string()?, identifier),
             RECEIVE_MAXIMUM => {
@@ -246,9 +212,7 @@ impl Properties {
                 }
                 set_once(&mut self.receive_maximum, value, identifier)
             }
-            TOPIC_ALIAS_MAXIMUM => {
-                set_once(&mut self.topic_alias_maximum, block.u16()?, identifier)
-            }
+            TOPIC_ALIAS_MAXIMUM => set_once(&mut self.topic_alias_maximum, block.u16()?, identifier),
             TOPIC_ALIAS => {
                 let value = block.u16()?;
                 if value == 0 {
@@ -283,11 +247,7 @@ impl Properties {
             }
             SUBSCRIPTION_IDENTIFIER_AVAILABLE => {
                 let value = zero_one(block.u8()?, identifier)?;
-                set_once(
-                    &mut self.subscription_identifier_available,
-                    value,
-                    identifier,
-                )
+                set_once(&mut self.subscription_identifier_available, value, identifier)
             }
             SHARED_SUBSCRIPTION_AVAILABLE => {
                 let value = zero_one(block.u8()?, identifier)?;
@@ -313,11 +273,7 @@ impl Properties {
             + string(&self.content_type)
             + string(&self.response_topic)
             + binary(&self.correlation_data)
-            + self
-                .subscription_identifiers
-                .iter()
-                .map(|value| 1 + varint_len(*value as usize))
-                .sum::<usize>()
+            + self.subscription_identifiers.iter().map(|value| 1 + varint_len(*value as usize)).sum::<usize>()
             + fixed(&self.session_expiry_interval, 4)
             + string(&self.assigned_client_identifier)
             + fixed(&self.server_keep_alive, 2)
@@ -334,11 +290,7 @@ impl Properties {
             + fixed(&self.topic_alias, 2)
             + fixed(&self.maximum_qos, 1)
             + fixed(&self.retain_available, 1)
-            + self
-                .user_properties
-                .iter()
-                .map(|pair| 5 + pair.key.len() + pair.value.len())
-                .sum::<usize>()
+            + self.user_properties.iter().map(|pair| 5 + pair.key.len() + pair.value.len()).sum::<usize>()
             + fixed(&self.maximum_packet_size, 4)
             + fixed(&self.wildcard_subscription_available, 1)
             + fixed(&self.subscription_identifier_available, 1)
@@ -394,25 +346,13 @@ impl Properties {
             put_varint(out, *value as usize);
         }
         long(out, SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        text(
-            out,
-            ASSIGNED_CLIENT_IDENTIFIER,
-            &self.assigned_client_identifier,
-        );
+        text(out, ASSIGNED_CLIENT_IDENTIFIER, &self.assigned_client_identifier);
         short(out, SERVER_KEEP_ALIVE, self.server_keep_alive);
         text(out, AUTHENTICATION_METHOD, &self.authentication_method);
         data(out, AUTHENTICATION_DATA, &self.authentication_data);
-        byte(
-            out,
-            REQUEST_PROBLEM_INFORMATION,
-            self.request_problem_information,
-        );
+        byte(out, REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
         long(out, WILL_DELAY_INTERVAL, self.will_delay_interval);
-        byte(
-            out,
-            REQUEST_RESPONSE_INFORMATION,
-            self.request_response_information,
-        );
+        byte(out, REQUEST_RESPONSE_INFORMATION, self.request_response_information);
         text(out, RESPONSE_INFORMATION, &self.response_information);
         text(out, SERVER_REFERENCE, &self.server_reference);
         text(out, REASON_STRING, &self.reason_string);
@@ -427,20 +367,8 @@ impl Properties {
             put_string(out, &pair.value);
         }
         long(out, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        byte(
-            out,
-            WILDCARD_SUBSCRIPTION_AVAILABLE,
-            self.wildcard_subscription_available,
-        );
-        byte(
-            out,
-            SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            self.subscription_identifier_available,
-        );
-        byte(
-            out,
-            SHARED_SUBSCRIPTION_AVAILABLE,
-            self.shared_subscription_available,
-        );
+        byte(out, WILDCARD_SUBSCRIPTION_AVAILABLE, self.wildcard_subscription_available);
+        byte(out, SUBSCRIPTION_IDENTIFIER_AVAILABLE, self.subscription_identifier_available);
+        byte(out, SHARED_SUBSCRIPTION_AVAILABLE, self.shared_subscription_available);
     }
 }

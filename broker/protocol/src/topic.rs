@@ -12,9 +12,7 @@ pub enum TopicError {
     MisplacedMultiLevelWildcard,
     #[error("'+' must occupy a whole level [MQTT-4.7.1-2]")]
     MisplacedSingleLevelWildcard,
-    #[error(
-        "invalid shared subscription: needs $share/<group>/<filter> with a non-empty group without wildcards"
-    )]
+    #[error("invalid shared subscription: needs $share/<group>/<filter> with a non-empty group without wildcards")]
     InvalidSharedSubscription,
     #[error("topic contains U+0000")]
     NullCharacter,
@@ -75,19 +73,13 @@ pub fn parse_subscription_filter(filter: &str) -> Result<ParsedFilter<'_>, Topic
             return Err(TopicError::InvalidSharedSubscription);
         }
         validate_topic_filter(inner)?;
-        return Ok(ParsedFilter {
-            share_group: Some(group),
-            filter: inner,
-        });
+        return Ok(ParsedFilter { share_group: Some(group), filter: inner });
     }
     if filter == "$share" {
         return Err(TopicError::InvalidSharedSubscription);
     }
     validate_topic_filter(filter)?;
-    Ok(ParsedFilter {
-        share_group: None,
-        filter,
-    })
+    Ok(ParsedFilter { share_group: None, filter })
 }
 
 /// Whether `filter` matches `topic`. A filter starting with a wildcard does not match topics that start with
@@ -116,10 +108,7 @@ mod tests {
     #[test]
     fn matching_follows_the_spec_examples() {
         assert!(matches("sport/tennis/player1/#", "sport/tennis/player1"));
-        assert!(matches(
-            "sport/tennis/player1/#",
-            "sport/tennis/player1/ranking"
-        ));
+        assert!(matches("sport/tennis/player1/#", "sport/tennis/player1/ranking"));
         assert!(matches("sport/#", "sport"));
         assert!(matches("#", "a/b/c"));
         assert!(matches("+/+", "/finance"));
@@ -138,18 +127,9 @@ mod tests {
     fn filters_are_validated() {
         assert!(validate_topic_filter("a/#").is_ok());
         assert!(validate_topic_filter("+/+/#").is_ok());
-        assert_eq!(
-            validate_topic_filter("a/#/b"),
-            Err(TopicError::MisplacedMultiLevelWildcard)
-        );
-        assert_eq!(
-            validate_topic_filter("a#"),
-            Err(TopicError::MisplacedMultiLevelWildcard)
-        );
-        assert_eq!(
-            validate_topic_filter("a+/b"),
-            Err(TopicError::MisplacedSingleLevelWildcard)
-        );
+        assert_eq!(validate_topic_filter("a/#/b"), Err(TopicError::MisplacedMultiLevelWildcard));
+        assert_eq!(validate_topic_filter("a#"), Err(TopicError::MisplacedMultiLevelWildcard));
+        assert_eq!(validate_topic_filter("a+/b"), Err(TopicError::MisplacedSingleLevelWildcard));
         assert_eq!(validate_topic_filter(""), Err(TopicError::Empty));
         assert_eq!(validate_topic_name("a/+"), Err(TopicError::WildcardInName));
     }
@@ -157,19 +137,10 @@ mod tests {
     #[test]
     fn shared_subscriptions_are_parsed() {
         let parsed = parse_subscription_filter("$share/group/a/+");
-        assert_eq!(
-            parsed,
-            Ok(ParsedFilter {
-                share_group: Some("group"),
-                filter: "a/+"
-            })
-        );
+        assert_eq!(parsed, Ok(ParsedFilter { share_group: Some("group"), filter: "a/+" }));
         assert!(parse_subscription_filter("$share/group").is_err());
         assert!(parse_subscription_filter("$share//a").is_err());
         assert!(parse_subscription_filter("$share/g+/a").is_err());
-        assert_eq!(
-            parse_subscription_filter("a/b").map(|p| p.share_group),
-            Ok(None)
-        );
+        assert_eq!(parse_subscription_filter("a/b").map(|p| p.share_group), Ok(None));
     }
 }

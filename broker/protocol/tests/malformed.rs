@@ -11,9 +11,8 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use proptest::prelude::*;
 use tollgate_protocol::{
-    Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion,
-    Publish, QoS, ReasonCode, SubAck, Subscribe, Subscription, SubscriptionOptions, UserProperty,
-    decode_packet,
+    Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
+    ReasonCode, SubAck, Subscribe, Subscription, SubscriptionOptions, UserProperty, decode_packet,
 };
 
 const V3: ProtocolVersion = ProtocolVersion::V311;
@@ -61,21 +60,8 @@ struct Bad {
     reason: u8,
 }
 
-fn bad(
-    name: &'static str,
-    version: ProtocolVersion,
-    bytes: Vec<u8>,
-    error: DecodeError,
-    reason: u8,
-) -> Bad {
-    Bad {
-        name,
-        version,
-        bytes,
-        max: BIG,
-        error,
-        reason,
-    }
+fn bad(name: &'static str, version: ProtocolVersion, bytes: Vec<u8>, error: DecodeError, reason: u8) -> Bad {
+    Bad { name, version, bytes, max: BIG, error, reason }
 }
 
 fn flags(kind: &'static str, flags: u8) -> DecodeError {
@@ -100,80 +86,23 @@ fn malformed_corpus() -> Vec<Bad> {
             MalformedRemainingLength,
             0x81,
         ),
-        bad(
-            "reserved packet type 0 (3.1.1)",
-            V3,
-            vec![0x00, 0x00],
-            ReservedPacketType(0),
-            0x81,
-        ),
-        bad(
-            "reserved packet type 0 (5)",
-            V5,
-            vec![0x00, 0x00],
-            ReservedPacketType(0),
-            0x81,
-        ),
-        bad(
-            "packet type 15 (AUTH) in 3.1.1",
-            V3,
-            vec![0xF0, 0x00],
-            ReservedPacketType(15),
-            0x81,
-        ),
+        bad("reserved packet type 0 (3.1.1)", V3, vec![0x00, 0x00], ReservedPacketType(0), 0x81),
+        bad("reserved packet type 0 (5)", V5, vec![0x00, 0x00], ReservedPacketType(0), 0x81),
+        bad("packet type 15 (AUTH) in 3.1.1", V3, vec![0xF0, 0x00], ReservedPacketType(15), 0x81),
         // --- Fixed-header flags [MQTT-2.1.3-1].
         bad(
             "CONNECT with flags 0x2",
             V3,
-            frame(
-                0x12,
-                &[MQTT4, &[0x02, 0x00, 0x3C, 0x00, 0x01, b'c']].concat(),
-            ),
+            frame(0x12, &[MQTT4, &[0x02, 0x00, 0x3C, 0x00, 0x01, b'c']].concat()),
             flags("CONNECT", 0x2),
             0x81,
         ),
-        bad(
-            "CONNACK with flags 0x1",
-            V3,
-            vec![0x21, 0x02, 0x00, 0x00],
-            flags("CONNACK", 0x1),
-            0x81,
-        ),
-        bad(
-            "PUBACK with flags 0x2",
-            V3,
-            vec![0x42, 0x02, 0x00, 0x01],
-            flags("PUBACK", 0x2),
-            0x81,
-        ),
-        bad(
-            "PUBREC with flags 0x8",
-            V5,
-            vec![0x58, 0x02, 0x00, 0x01],
-            flags("PUBREC", 0x8),
-            0x81,
-        ),
-        bad(
-            "PUBREL with flags 0x0",
-            V3,
-            vec![0x60, 0x02, 0x00, 0x01],
-            flags("PUBREL", 0x0),
-            0x81,
-        ),
-        bad(
-            "PUBREL with flags 0x3",
-            V5,
-            vec![0x63, 0x02, 0x00, 0x01],
-            flags("PUBREL", 0x3),
-            0x81,
-        ),
-        bad(
-            "PUBCOMP with flags 0x2",
-            V3,
-            vec![0x72, 0x02, 0x00, 0x01],
-            flags("PUBCOMP", 0x2),
-            0x81,
-        ),
+        bad("CONNACK with flags 0x1", V3, vec![0x21, 0x02, 0x00, 0x00], flags("CONNACK", 0x1), 0x81),
+        bad("PUBACK with flags 0x2", V3, vec![0x42, 0x02, 0x00, 0x01], flags("PUBACK", 0x2), 0x81),
+        bad("PUBREC with flags 0x8", V5, vec![0x58, 0x02, 0x00, 0x01], flags("PUBREC", 0x8), 0x81),
+        bad("PUBREL with flags 0x0", V3, vec![0x60, 0x02, 0x00, 0x01], flags("PUBREL", 0x0), 0x81),
+        bad("PUBREL with flags 0x3", V5, vec![0x63, 0x02, 0x00, 0x01], flags("PUBREL", 0x3), 0x81),
+        bad("PUBCOMP with flags 0x2", V3, vec![0x72, 0x02, 0x00, 0x01], flags("PUBCOMP", 0x2), 0x81),
         bad(
             "SUBSCRIBE with flags 0x0",
             V3,
@@ -188,13 +117,7 @@ fn malformed_corpus() -> Vec<Bad> {
             flags("SUBSCRIBE", 0x3),
             0x81,
         ),
-        bad(
-            "SUBACK with flags 0x2",
-            V3,
-            vec![0x92, 0x03, 0x00, 0x01, 0x00],
-            flags("SUBACK", 0x2),
-            0x81,
-        ),
+        bad("SUBACK with flags 0x2", V3, vec![0x92, 0x03, 0x00, 0x01, 0x00], flags("SUBACK", 0x2), 0x81),
         bad(
             "UNSUBSCRIBE with flags 0x0",
             V3,
@@ -202,62 +125,14 @@ fn malformed_corpus() -> Vec<Bad> {
             flags("UNSUBSCRIBE", 0x0),
             0x81,
         ),
-        bad(
-            "UNSUBACK with flags 0x4",
-            V3,
-            vec![0xB4, 0x02, 0x00, 0x01],
-            flags("UNSUBACK", 0x4),
-            0x81,
-        ),
-        bad(
-            "PINGREQ with flags 0x1",
-            V3,
-            vec![0xC1, 0x00],
-            flags("PINGREQ", 0x1),
-            0x81,
-        ),
-        bad(
-            "PINGRESP with flags 0x8",
-            V5,
-            vec![0xD8, 0x00],
-            flags("PINGRESP", 0x8),
-            0x81,
-        ),
-        bad(
-            "DISCONNECT with flags 0x2",
-            V3,
-            vec![0xE2, 0x00],
-            flags("DISCONNECT", 0x2),
-            0x81,
-        ),
-        bad(
-            "AUTH with flags 0x1",
-            V5,
-            vec![0xF1, 0x00],
-            flags("AUTH", 0x1),
-            0x81,
-        ),
-        bad(
-            "PUBLISH with QoS 3",
-            V3,
-            frame(0x36, &[0x00, 0x01, b'a', 0x00, 0x01]),
-            InvalidQoS,
-            0x81,
-        ),
-        bad(
-            "PUBLISH with QoS 3 and DUP (5)",
-            V5,
-            frame(0x3E, &[0x00, 0x01, b'a', 0x00, 0x01, 0x00]),
-            InvalidQoS,
-            0x81,
-        ),
-        bad(
-            "PUBLISH with DUP and QoS 0",
-            V3,
-            frame(0x38, &[0x00, 0x01, b'a']),
-            flags("PUBLISH", 0x8),
-            0x81,
-        ),
+        bad("UNSUBACK with flags 0x4", V3, vec![0xB4, 0x02, 0x00, 0x01], flags("UNSUBACK", 0x4), 0x81),
+        bad("PINGREQ with flags 0x1", V3, vec![0xC1, 0x00], flags("PINGREQ", 0x1), 0x81),
+        bad("PINGRESP with flags 0x8", V5, vec![0xD8, 0x00], flags("PINGRESP", 0x8), 0x81),
+        bad("DISCONNECT with flags 0x2", V3, vec![0xE2, 0x00], flags("DISCONNECT", 0x2), 0x81),
+        bad("AUTH with flags 0x1", V5, vec![0xF1, 0x00], flags("AUTH", 0x1), 0x81),
+        bad("PUBLISH with QoS 3", V3, frame(0x36, &[0x00, 0x01, b'a', 0x00, 0x01]), InvalidQoS, 0x81),
+        bad("PUBLISH with QoS 3 and DUP (5)", V5, frame(0x3E, &[0x00, 0x01, b'a', 0x00, 0x01, 0x00]), InvalidQoS, 0x81),
+        bad("PUBLISH with DUP and QoS 0", V3, frame(0x38, &[0x00, 0x01, b'a']), flags("PUBLISH", 0x8), 0x81),
         bad(
             "PUBLISH with DUP, retain and QoS 0 (5)",
             V5,
@@ -266,48 +141,12 @@ fn malformed_corpus() -> Vec<Bad> {
             0x81,
         ),
         // --- Bodies that end before their fields do.
-        bad(
-            "PUBLISH topic length points past the end",
-            V3,
-            frame(0x30, &[0x00, 0x05, b'a', b'b']),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "PUBLISH QoS 1 without packet identifier",
-            V3,
-            frame(0x32, &[0x00, 0x01, b'a']),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "PUBLISH QoS 2 with half a packet identifier",
-            V3,
-            frame(0x34, &[0x00, 0x01, b'a', 0x00]),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "PUBLISH (5) without property length",
-            V5,
-            frame(0x30, &[0x00, 0x01, b'a']),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "PUBACK without packet identifier",
-            V3,
-            vec![0x40, 0x00],
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "PUBREL with one byte of packet identifier",
-            V5,
-            vec![0x62, 0x01, 0x00],
-            Truncated,
-            0x81,
-        ),
+        bad("PUBLISH topic length points past the end", V3, frame(0x30, &[0x00, 0x05, b'a', b'b']), Truncated, 0x81),
+        bad("PUBLISH QoS 1 without packet identifier", V3, frame(0x32, &[0x00, 0x01, b'a']), Truncated, 0x81),
+        bad("PUBLISH QoS 2 with half a packet identifier", V3, frame(0x34, &[0x00, 0x01, b'a', 0x00]), Truncated, 0x81),
+        bad("PUBLISH (5) without property length", V5, frame(0x30, &[0x00, 0x01, b'a']), Truncated, 0x81),
+        bad("PUBACK without packet identifier", V3, vec![0x40, 0x00], Truncated, 0x81),
+        bad("PUBREL with one byte of packet identifier", V5, vec![0x62, 0x01, 0x00], Truncated, 0x81),
         bad(
             "PUBACK (5) property length points past the end",
             V5,
@@ -325,20 +164,11 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "PUBLISH (5) property value cut by the property length",
             V5,
-            frame(
-                0x30,
-                &[0x00, 0x01, b'a', 0x02, 0x02, 0x00, 0x00, 0x00, 0x00],
-            ),
+            frame(0x30, &[0x00, 0x01, b'a', 0x02, 0x02, 0x00, 0x00, 0x00, 0x00]),
             Truncated,
             0x81,
         ),
-        bad(
-            "SUBSCRIBE without options byte",
-            V3,
-            frame(0x82, &[0x00, 0x01, 0x00, 0x01, b'a']),
-            Truncated,
-            0x81,
-        ),
+        bad("SUBSCRIBE without options byte", V3, frame(0x82, &[0x00, 0x01, 0x00, 0x01, b'a']), Truncated, 0x81),
         bad(
             "UNSUBSCRIBE filter length points past the end",
             V3,
@@ -346,27 +176,9 @@ fn malformed_corpus() -> Vec<Bad> {
             Truncated,
             0x81,
         ),
-        bad(
-            "SUBACK without packet identifier",
-            V3,
-            vec![0x90, 0x01, 0x00],
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "CONNACK with only the flags byte",
-            V3,
-            vec![0x20, 0x01, 0x00],
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "CONNACK (5) without property length",
-            V5,
-            vec![0x20, 0x02, 0x00, 0x00],
-            Truncated,
-            0x81,
-        ),
+        bad("SUBACK without packet identifier", V3, vec![0x90, 0x01, 0x00], Truncated, 0x81),
+        bad("CONNACK with only the flags byte", V3, vec![0x20, 0x01, 0x00], Truncated, 0x81),
+        bad("CONNACK (5) without property length", V5, vec![0x20, 0x02, 0x00, 0x00], Truncated, 0x81),
         bad(
             "CONNECT ending after the protocol name",
             V3,
@@ -374,20 +186,8 @@ fn malformed_corpus() -> Vec<Bad> {
             Truncated,
             0x81,
         ),
-        bad(
-            "CONNECT without client identifier",
-            V3,
-            connect(MQTT4, 0x02, &[]),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "CONNECT with the will flag but no will",
-            V3,
-            connect(MQTT4, 0x06, &[0x00, 0x01, b'c']),
-            Truncated,
-            0x81,
-        ),
+        bad("CONNECT without client identifier", V3, connect(MQTT4, 0x02, &[]), Truncated, 0x81),
+        bad("CONNECT with the will flag but no will", V3, connect(MQTT4, 0x06, &[0x00, 0x01, b'c']), Truncated, 0x81),
         bad(
             "CONNECT with the user name flag but no user name",
             V3,
@@ -395,28 +195,10 @@ fn malformed_corpus() -> Vec<Bad> {
             Truncated,
             0x81,
         ),
-        bad(
-            "CONNECT (5) without property length",
-            V5,
-            connect(MQTT5, 0x02, &[]),
-            Truncated,
-            0x81,
-        ),
-        bad(
-            "DISCONNECT (5) property length points past the end",
-            V5,
-            vec![0xE0, 0x02, 0x00, 0x03],
-            Truncated,
-            0x81,
-        ),
+        bad("CONNECT (5) without property length", V5, connect(MQTT5, 0x02, &[]), Truncated, 0x81),
+        bad("DISCONNECT (5) property length points past the end", V5, vec![0xE0, 0x02, 0x00, 0x03], Truncated, 0x81),
         // --- Strings [MQTT-1.5.4-1, MQTT-1.5.4-2].
-        bad(
-            "topic with invalid UTF-8 C3 28",
-            V3,
-            frame(0x30, &[0x00, 0x02, 0xC3, 0x28]),
-            InvalidUtf8,
-            0x81,
-        ),
+        bad("topic with invalid UTF-8 C3 28", V3, frame(0x30, &[0x00, 0x02, 0xC3, 0x28]), InvalidUtf8, 0x81),
         bad(
             "topic with the encoded surrogate ED A0 80",
             V5,
@@ -424,13 +206,7 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidUtf8,
             0x81,
         ),
-        bad(
-            "topic with the overlong encoding C0 AF",
-            V3,
-            frame(0x30, &[0x00, 0x02, 0xC0, 0xAF]),
-            InvalidUtf8,
-            0x81,
-        ),
+        bad("topic with the overlong encoding C0 AF", V3, frame(0x30, &[0x00, 0x02, 0xC0, 0xAF]), InvalidUtf8, 0x81),
         bad(
             "topic with a code point above U+10FFFF",
             V3,
@@ -445,13 +221,7 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidUtf8,
             0x81,
         ),
-        bad(
-            "topic with U+0000",
-            V3,
-            frame(0x30, &[0x00, 0x03, b'a', 0x00, b'b']),
-            InvalidUtf8,
-            0x81,
-        ),
+        bad("topic with U+0000", V3, frame(0x30, &[0x00, 0x03, b'a', 0x00, b'b']), InvalidUtf8, 0x81),
         bad(
             "client identifier with invalid UTF-8",
             V3,
@@ -462,34 +232,21 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "user name with U+0000",
             V5,
-            connect(
-                MQTT5,
-                0x82,
-                &[0x00, 0x00, 0x01, b'c', 0x00, 0x02, b'u', 0x00],
-            ),
+            connect(MQTT5, 0x82, &[0x00, 0x00, 0x01, b'c', 0x00, 0x02, b'u', 0x00]),
             InvalidUtf8,
             0x81,
         ),
         bad(
             "protocol name with invalid UTF-8",
             V3,
-            frame(
-                0x10,
-                &[
-                    0x00, 0x04, b'M', 0xFF, b'T', b'T', 0x04, 0x02, 0x00, 0x3C, 0x00, 0x00,
-                ],
-            ),
+            frame(0x10, &[0x00, 0x04, b'M', 0xFF, b'T', b'T', 0x04, 0x02, 0x00, 0x3C, 0x00, 0x00]),
             InvalidUtf8,
             0x81,
         ),
         bad(
             "will topic with the surrogate ED B0 80",
             V3,
-            connect(
-                MQTT4,
-                0x06,
-                &[0x00, 0x01, b'c', 0x00, 0x03, 0xED, 0xB0, 0x80, 0x00, 0x00],
-            ),
+            connect(MQTT4, 0x06, &[0x00, 0x01, b'c', 0x00, 0x03, 0xED, 0xB0, 0x80, 0x00, 0x00]),
             InvalidUtf8,
             0x81,
         ),
@@ -510,34 +267,14 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "user property key with invalid UTF-8",
             V5,
-            vec![
-                0x40, 0x0C, 0x00, 0x01, 0x00, 0x08, 0x26, 0x00, 0x02, 0xC3, 0x28, 0x00, 0x01, b'v',
-            ],
+            vec![0x40, 0x0C, 0x00, 0x01, 0x00, 0x08, 0x26, 0x00, 0x02, 0xC3, 0x28, 0x00, 0x01, b'v'],
             InvalidUtf8,
             0x81,
         ),
-        bad(
-            "reason string with U+0000",
-            V5,
-            vec![0xE0, 0x06, 0x80, 0x04, 0x1F, 0x00, 0x01, 0x00],
-            InvalidUtf8,
-            0x81,
-        ),
+        bad("reason string with U+0000", V5, vec![0xE0, 0x06, 0x80, 0x04, 0x1F, 0x00, 0x01, 0x00], InvalidUtf8, 0x81),
         // --- Topic names.
-        bad(
-            "PUBLISH topic with +",
-            V3,
-            frame(0x30, &[0x00, 0x03, b'a', b'/', b'+']),
-            WildcardInTopicName,
-            0x90,
-        ),
-        bad(
-            "PUBLISH topic with #",
-            V5,
-            frame(0x30, &[0x00, 0x03, b'a', b'/', b'#', 0x00]),
-            WildcardInTopicName,
-            0x90,
-        ),
+        bad("PUBLISH topic with +", V3, frame(0x30, &[0x00, 0x03, b'a', b'/', b'+']), WildcardInTopicName, 0x90),
+        bad("PUBLISH topic with #", V5, frame(0x30, &[0x00, 0x03, b'a', b'/', b'#', 0x00]), WildcardInTopicName, 0x90),
         bad(
             "PUBLISH topic with + inside a level",
             V3,
@@ -548,21 +285,11 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "will topic with #",
             V3,
-            connect(
-                MQTT4,
-                0x06,
-                &[0x00, 0x01, b'c', 0x00, 0x01, b'#', 0x00, 0x00],
-            ),
+            connect(MQTT4, 0x06, &[0x00, 0x01, b'c', 0x00, 0x01, b'#', 0x00, 0x00]),
             WildcardInTopicName,
             0x90,
         ),
-        bad(
-            "PUBLISH with empty topic (3.1.1)",
-            V3,
-            frame(0x30, &[0x00, 0x00, b'x']),
-            EmptyTopicName,
-            0x82,
-        ),
+        bad("PUBLISH with empty topic (3.1.1)", V3, frame(0x30, &[0x00, 0x00, b'x']), EmptyTopicName, 0x82),
         bad(
             "PUBLISH with empty topic and no topic alias (5)",
             V5,
@@ -573,21 +300,12 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "response topic with a wildcard",
             V5,
-            frame(
-                0x30,
-                &[0x00, 0x01, b'a', 0x05, 0x08, 0x00, 0x02, b'r', b'+'],
-            ),
+            frame(0x30, &[0x00, 0x01, b'a', 0x05, 0x08, 0x00, 0x02, b'r', b'+']),
             InvalidPropertyValue(0x08),
             0x82,
         ),
         // --- CONNECT.
-        bad(
-            "CONNECT reserved flag",
-            V3,
-            connect(MQTT4, 0x03, &[0x00, 0x01, b'c']),
-            ReservedConnectFlag,
-            0x81,
-        ),
+        bad("CONNECT reserved flag", V3, connect(MQTT4, 0x03, &[0x00, 0x01, b'c']), ReservedConnectFlag, 0x81),
         bad(
             "CONNECT (5) reserved flag",
             V5,
@@ -612,11 +330,7 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "will QoS 3",
             V3,
-            connect(
-                MQTT4,
-                0x1E,
-                &[0x00, 0x01, b'c', 0x00, 0x01, b't', 0x00, 0x00],
-            ),
+            connect(MQTT4, 0x1E, &[0x00, 0x01, b'c', 0x00, 0x01, b't', 0x00, 0x00]),
             InvalidQoS,
             0x81,
         ),
@@ -637,55 +351,35 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "protocol level 6",
             V3,
-            connect(
-                &[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x06],
-                0x02,
-                &[0x00, 0x01, b'c'],
-            ),
+            connect(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x06], 0x02, &[0x00, 0x01, b'c']),
             UnsupportedProtocolLevel(6),
             0x84,
         ),
         bad(
             "protocol name MQTT with level 3",
             V5,
-            connect(
-                &[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03],
-                0x02,
-                &[0x00, 0x01, b'c'],
-            ),
+            connect(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x03], 0x02, &[0x00, 0x01, b'c']),
             UnsupportedProtocolLevel(3),
             0x84,
         ),
         bad(
             "protocol name MQIsdp with level 4",
             V3,
-            connect(
-                &[0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x04],
-                0x02,
-                &[0x00, 0x01, b'c'],
-            ),
+            connect(&[0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x04], 0x02, &[0x00, 0x01, b'c']),
             UnsupportedProtocolLevel(4),
             0x84,
         ),
         bad(
             "protocol name MQTX",
             V3,
-            connect(
-                &[0x00, 0x04, b'M', b'Q', b'T', b'X', 0x04],
-                0x02,
-                &[0x00, 0x01, b'c'],
-            ),
+            connect(&[0x00, 0x04, b'M', b'Q', b'T', b'X', 0x04], 0x02, &[0x00, 0x01, b'c']),
             InvalidProtocolName("other"),
             0x84,
         ),
         bad(
             "protocol name in lower case",
             V3,
-            connect(
-                &[0x00, 0x04, b'm', b'q', b't', b't', 0x04],
-                0x02,
-                &[0x00, 0x01, b'c'],
-            ),
+            connect(&[0x00, 0x04, b'm', b'q', b't', b't', 0x04], 0x02, &[0x00, 0x01, b'c']),
             InvalidProtocolName("other"),
             0x84,
         ),
@@ -697,34 +391,10 @@ fn malformed_corpus() -> Vec<Bad> {
             0x81,
         ),
         // --- Packet identifier 0 [MQTT-2.2.1-3].
-        bad(
-            "PUBACK with packet identifier 0",
-            V3,
-            vec![0x40, 0x02, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
-        bad(
-            "PUBREC with packet identifier 0",
-            V5,
-            vec![0x50, 0x02, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
-        bad(
-            "PUBREL with packet identifier 0",
-            V3,
-            vec![0x62, 0x02, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
-        bad(
-            "PUBCOMP with packet identifier 0",
-            V5,
-            vec![0x70, 0x03, 0x00, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
+        bad("PUBACK with packet identifier 0", V3, vec![0x40, 0x02, 0x00, 0x00], ZeroPacketId, 0x81),
+        bad("PUBREC with packet identifier 0", V5, vec![0x50, 0x02, 0x00, 0x00], ZeroPacketId, 0x81),
+        bad("PUBREL with packet identifier 0", V3, vec![0x62, 0x02, 0x00, 0x00], ZeroPacketId, 0x81),
+        bad("PUBCOMP with packet identifier 0", V5, vec![0x70, 0x03, 0x00, 0x00, 0x00], ZeroPacketId, 0x81),
         bad(
             "PUBLISH QoS 1 with packet identifier 0",
             V3,
@@ -746,20 +416,8 @@ fn malformed_corpus() -> Vec<Bad> {
             ZeroPacketId,
             0x81,
         ),
-        bad(
-            "SUBACK with packet identifier 0",
-            V3,
-            vec![0x90, 0x03, 0x00, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
-        bad(
-            "UNSUBACK with packet identifier 0",
-            V3,
-            vec![0xB0, 0x02, 0x00, 0x00],
-            ZeroPacketId,
-            0x81,
-        ),
+        bad("SUBACK with packet identifier 0", V3, vec![0x90, 0x03, 0x00, 0x00, 0x00], ZeroPacketId, 0x81),
+        bad("UNSUBACK with packet identifier 0", V3, vec![0xB0, 0x02, 0x00, 0x00], ZeroPacketId, 0x81),
         // --- Properties: duplicates (Protocol Error).
         bad(
             "duplicate payload format indicator",
@@ -771,42 +429,28 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "duplicate topic alias",
             V5,
-            frame(
-                0x30,
-                &[0x00, 0x01, b'a', 0x06, 0x23, 0x00, 0x01, 0x23, 0x00, 0x01],
-            ),
+            frame(0x30, &[0x00, 0x01, b'a', 0x06, 0x23, 0x00, 0x01, 0x23, 0x00, 0x01]),
             DuplicateProperty(0x23),
             0x82,
         ),
         bad(
             "duplicate session expiry interval in CONNECT",
             V5,
-            connect(
-                MQTT5,
-                0x02,
-                &[0x0A, 0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2, 0x00, 0x01, b'c'],
-            ),
+            connect(MQTT5, 0x02, &[0x0A, 0x11, 0, 0, 0, 1, 0x11, 0, 0, 0, 2, 0x00, 0x01, b'c']),
             DuplicateProperty(0x11),
             0x82,
         ),
         bad(
             "duplicate reason string in PUBACK",
             V5,
-            vec![
-                0x40, 0x0C, 0x00, 0x01, 0x80, 0x08, 0x1F, 0x00, 0x01, b'x', 0x1F, 0x00, 0x01, b'y',
-            ],
+            vec![0x40, 0x0C, 0x00, 0x01, 0x80, 0x08, 0x1F, 0x00, 0x01, b'x', 0x1F, 0x00, 0x01, b'y'],
             DuplicateProperty(0x1F),
             0x82,
         ),
         bad(
             "two subscription identifiers in SUBSCRIBE",
             V5,
-            frame(
-                0x82,
-                &[
-                    0x00, 0x01, 0x04, 0x0B, 0x01, 0x0B, 0x02, 0x00, 0x01, b'a', 0x00,
-                ],
-            ),
+            frame(0x82, &[0x00, 0x01, 0x04, 0x0B, 0x01, 0x0B, 0x02, 0x00, 0x01, b'a', 0x00]),
             DuplicateProperty(0x0B),
             0x82,
         ),
@@ -816,10 +460,7 @@ fn malformed_corpus() -> Vec<Bad> {
             connect(
                 MQTT5,
                 0x06,
-                &[
-                    0x00, 0x00, 0x01, b'c', 0x0A, 0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 1, 0x00, 0x01,
-                    b't', 0x00, 0x00,
-                ],
+                &[0x00, 0x00, 0x01, b'c', 0x0A, 0x18, 0, 0, 0, 1, 0x18, 0, 0, 0, 1, 0x00, 0x01, b't', 0x00, 0x00],
             ),
             DuplicateProperty(0x18),
             0x82,
@@ -856,13 +497,7 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "session expiry interval in will properties",
             V5,
-            connect(
-                MQTT5,
-                0x06,
-                &[
-                    0x00, 0x00, 0x01, b'c', 0x05, 0x11, 0, 0, 0, 1, 0x00, 0x01, b't', 0x00, 0x00,
-                ],
-            ),
+            connect(MQTT5, 0x06, &[0x00, 0x00, 0x01, b'c', 0x05, 0x11, 0, 0, 0, 1, 0x00, 0x01, b't', 0x00, 0x00]),
             InvalidProperty(0x11),
             0x81,
         ),
@@ -873,13 +508,7 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidProperty(0x0B),
             0x81,
         ),
-        bad(
-            "maximum QoS in DISCONNECT",
-            V5,
-            vec![0xE0, 0x04, 0x00, 0x02, 0x24, 0x00],
-            InvalidProperty(0x24),
-            0x81,
-        ),
+        bad("maximum QoS in DISCONNECT", V5, vec![0xE0, 0x04, 0x00, 0x02, 0x24, 0x00], InvalidProperty(0x24), 0x81),
         bad(
             "server keep alive in AUTH",
             V5,
@@ -894,13 +523,7 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidProperty(0x05),
             0x81,
         ),
-        bad(
-            "unknown property 0x00",
-            V5,
-            vec![0xE0, 0x03, 0x00, 0x01, 0x00],
-            InvalidProperty(0x00),
-            0x81,
-        ),
+        bad("unknown property 0x00", V5, vec![0xE0, 0x03, 0x00, 0x01, 0x00], InvalidProperty(0x00), 0x81),
         // --- Property values out of range (Protocol Error).
         bad(
             "receive maximum 0",
@@ -926,13 +549,7 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "payload format indicator 2 in will properties",
             V5,
-            connect(
-                MQTT5,
-                0x06,
-                &[
-                    0x00, 0x00, 0x01, b'c', 0x02, 0x01, 0x02, 0x00, 0x01, b't', 0x00, 0x00,
-                ],
-            ),
+            connect(MQTT5, 0x06, &[0x00, 0x00, 0x01, b'c', 0x02, 0x01, 0x02, 0x00, 0x01, b't', 0x00, 0x00]),
             InvalidPropertyValue(0x01),
             0x82,
         ),
@@ -946,10 +563,7 @@ fn malformed_corpus() -> Vec<Bad> {
         bad(
             "subscription identifier 0",
             V5,
-            frame(
-                0x82,
-                &[0x00, 0x01, 0x02, 0x0B, 0x00, 0x00, 0x01, b'a', 0x00],
-            ),
+            frame(0x82, &[0x00, 0x01, 0x02, 0x0B, 0x00, 0x00, 0x01, b'a', 0x00]),
             InvalidPropertyValue(0x0B),
             0x82,
         ),
@@ -982,34 +596,10 @@ fn malformed_corpus() -> Vec<Bad> {
             0x82,
         ),
         // --- SUBSCRIBE and UNSUBSCRIBE payloads.
-        bad(
-            "SUBSCRIBE without topic filters (3.1.1)",
-            V3,
-            vec![0x82, 0x02, 0x00, 0x01],
-            NoTopicFilters,
-            0x82,
-        ),
-        bad(
-            "SUBSCRIBE without topic filters (5)",
-            V5,
-            vec![0x82, 0x03, 0x00, 0x01, 0x00],
-            NoTopicFilters,
-            0x82,
-        ),
-        bad(
-            "UNSUBSCRIBE without topic filters (3.1.1)",
-            V3,
-            vec![0xA2, 0x02, 0x00, 0x01],
-            NoTopicFilters,
-            0x82,
-        ),
-        bad(
-            "UNSUBSCRIBE without topic filters (5)",
-            V5,
-            vec![0xA2, 0x03, 0x00, 0x01, 0x00],
-            NoTopicFilters,
-            0x82,
-        ),
+        bad("SUBSCRIBE without topic filters (3.1.1)", V3, vec![0x82, 0x02, 0x00, 0x01], NoTopicFilters, 0x82),
+        bad("SUBSCRIBE without topic filters (5)", V5, vec![0x82, 0x03, 0x00, 0x01, 0x00], NoTopicFilters, 0x82),
+        bad("UNSUBSCRIBE without topic filters (3.1.1)", V3, vec![0xA2, 0x02, 0x00, 0x01], NoTopicFilters, 0x82),
+        bad("UNSUBSCRIBE without topic filters (5)", V5, vec![0xA2, 0x03, 0x00, 0x01, 0x00], NoTopicFilters, 0x82),
         bad(
             "subscription options bit 6 set (5)",
             V5,
@@ -1045,75 +635,22 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidSubscriptionOptions,
             0x81,
         ),
-        bad(
-            "subscription QoS 3",
-            V3,
-            frame(0x82, &[0x00, 0x01, 0x00, 0x01, b'a', 0x03]),
-            InvalidQoS,
-            0x81,
-        ),
+        bad("subscription QoS 3", V3, frame(0x82, &[0x00, 0x01, 0x00, 0x01, b'a', 0x03]), InvalidQoS, 0x81),
         bad(
             "second subscription invalid",
             V5,
-            frame(
-                0x82,
-                &[
-                    0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x01, 0x00, 0x01, b'b', 0x31,
-                ],
-            ),
+            frame(0x82, &[0x00, 0x01, 0x00, 0x00, 0x01, b'a', 0x01, 0x00, 0x01, b'b', 0x31]),
             InvalidSubscriptionOptions,
             0x81,
         ),
         // --- Bytes after the last field.
-        bad(
-            "PINGREQ with a body",
-            V3,
-            vec![0xC0, 0x01, 0x00],
-            TrailingBytes(1),
-            0x81,
-        ),
-        bad(
-            "PINGREQ (5) with a body",
-            V5,
-            vec![0xC0, 0x02, 0x00, 0x00],
-            TrailingBytes(2),
-            0x81,
-        ),
-        bad(
-            "PINGRESP with a body",
-            V3,
-            vec![0xD0, 0x01, 0x00],
-            TrailingBytes(1),
-            0x81,
-        ),
-        bad(
-            "DISCONNECT (3.1.1) with a body",
-            V3,
-            vec![0xE0, 0x01, 0x00],
-            TrailingBytes(1),
-            0x81,
-        ),
-        bad(
-            "PUBACK (3.1.1) with a reason code",
-            V3,
-            vec![0x40, 0x03, 0x00, 0x01, 0x00],
-            TrailingBytes(1),
-            0x81,
-        ),
-        bad(
-            "UNSUBACK (3.1.1) with reason codes",
-            V3,
-            vec![0xB0, 0x04, 0x00, 0x01, 0x00, 0x00],
-            TrailingBytes(2),
-            0x81,
-        ),
-        bad(
-            "CONNACK (3.1.1) with a property length",
-            V3,
-            vec![0x20, 0x03, 0x00, 0x00, 0x00],
-            TrailingBytes(1),
-            0x81,
-        ),
+        bad("PINGREQ with a body", V3, vec![0xC0, 0x01, 0x00], TrailingBytes(1), 0x81),
+        bad("PINGREQ (5) with a body", V5, vec![0xC0, 0x02, 0x00, 0x00], TrailingBytes(2), 0x81),
+        bad("PINGRESP with a body", V3, vec![0xD0, 0x01, 0x00], TrailingBytes(1), 0x81),
+        bad("DISCONNECT (3.1.1) with a body", V3, vec![0xE0, 0x01, 0x00], TrailingBytes(1), 0x81),
+        bad("PUBACK (3.1.1) with a reason code", V3, vec![0x40, 0x03, 0x00, 0x01, 0x00], TrailingBytes(1), 0x81),
+        bad("UNSUBACK (3.1.1) with reason codes", V3, vec![0xB0, 0x04, 0x00, 0x01, 0x00, 0x00], TrailingBytes(2), 0x81),
+        bad("CONNACK (3.1.1) with a property length", V3, vec![0x20, 0x03, 0x00, 0x00, 0x00], TrailingBytes(1), 0x81),
         bad(
             "PUBACK (5) with bytes after its properties",
             V5,
@@ -1128,49 +665,13 @@ fn malformed_corpus() -> Vec<Bad> {
             TrailingBytes(1),
             0x81,
         ),
-        bad(
-            "AUTH with bytes after its properties",
-            V5,
-            vec![0xF0, 0x03, 0x18, 0x00, 0xAA],
-            TrailingBytes(1),
-            0x81,
-        ),
+        bad("AUTH with bytes after its properties", V5, vec![0xF0, 0x03, 0x18, 0x00, 0xAA], TrailingBytes(1), 0x81),
         // --- Reason codes.
-        bad(
-            "PUBACK (5) with reason code 0x05",
-            V5,
-            vec![0x40, 0x03, 0x00, 0x01, 0x05],
-            InvalidReasonCode(0x05),
-            0x81,
-        ),
-        bad(
-            "PUBREC (5) with reason code 0x92",
-            V5,
-            vec![0x50, 0x03, 0x00, 0x01, 0x92],
-            InvalidReasonCode(0x92),
-            0x81,
-        ),
-        bad(
-            "PUBREL (5) with reason code 0x10",
-            V5,
-            vec![0x62, 0x03, 0x00, 0x01, 0x10],
-            InvalidReasonCode(0x10),
-            0x81,
-        ),
-        bad(
-            "PUBCOMP (5) with reason code 0x80",
-            V5,
-            vec![0x70, 0x03, 0x00, 0x01, 0x80],
-            InvalidReasonCode(0x80),
-            0x81,
-        ),
-        bad(
-            "AUTH with reason code 0x01",
-            V5,
-            vec![0xF0, 0x02, 0x01, 0x00],
-            InvalidReasonCode(0x01),
-            0x81,
-        ),
+        bad("PUBACK (5) with reason code 0x05", V5, vec![0x40, 0x03, 0x00, 0x01, 0x05], InvalidReasonCode(0x05), 0x81),
+        bad("PUBREC (5) with reason code 0x92", V5, vec![0x50, 0x03, 0x00, 0x01, 0x92], InvalidReasonCode(0x92), 0x81),
+        bad("PUBREL (5) with reason code 0x10", V5, vec![0x62, 0x03, 0x00, 0x01, 0x10], InvalidReasonCode(0x10), 0x81),
+        bad("PUBCOMP (5) with reason code 0x80", V5, vec![0x70, 0x03, 0x00, 0x01, 0x80], InvalidReasonCode(0x80), 0x81),
+        bad("AUTH with reason code 0x01", V5, vec![0xF0, 0x02, 0x01, 0x00], InvalidReasonCode(0x01), 0x81),
         bad(
             "CONNACK (3.1.1) with reserved return code 6",
             V3,
@@ -1178,13 +679,7 @@ fn malformed_corpus() -> Vec<Bad> {
             InvalidReasonCode(0x06),
             0x81,
         ),
-        bad(
-            "CONNACK (3.1.1) with a v5 reason code",
-            V3,
-            vec![0x20, 0x02, 0x00, 0x87],
-            InvalidReasonCode(0x87),
-            0x81,
-        ),
+        bad("CONNACK (3.1.1) with a v5 reason code", V3, vec![0x20, 0x02, 0x00, 0x87], InvalidReasonCode(0x87), 0x81),
         bad(
             "SUBACK (3.1.1) with return code 0x03",
             V3,
@@ -1212,10 +707,7 @@ fn malformed_corpus() -> Vec<Bad> {
             version: V3,
             bytes: vec![0x30, 0xFF, 0x7F],
             max: 1024,
-            error: PacketTooLarge {
-                size: 3 + 16_383,
-                limit: 1024,
-            },
+            error: PacketTooLarge { size: 3 + 16_383, limit: 1024 },
             reason: 0x95,
         },
         Bad {
@@ -1223,10 +715,7 @@ fn malformed_corpus() -> Vec<Bad> {
             version: V5,
             bytes: vec![0x30, 0xFF, 0xFF, 0xFF, 0x7F],
             max: BIG,
-            error: PacketTooLarge {
-                size: 5 + 268_435_455,
-                limit: BIG,
-            },
+            error: PacketTooLarge { size: 5 + 268_435_455, limit: BIG },
             reason: 0x95,
         },
         Bad {
@@ -1242,10 +731,7 @@ fn malformed_corpus() -> Vec<Bad> {
             version: V3,
             bytes: connect(MQTT4, 0x02, &[0x00, 0x01, b'c']),
             max: 10,
-            error: PacketTooLarge {
-                size: 15,
-                limit: 10,
-            },
+            error: PacketTooLarge { size: 15, limit: 10 },
             reason: 0x95,
         },
     ]
@@ -1259,10 +745,7 @@ fn malformed_packets_are_rejected_with_the_right_error_and_reason_code() {
         let mut buffer = BytesMut::from(&case.bytes[..]);
         let result = decode_packet(&mut buffer, case.version, case.max);
         if result != Err(case.error) {
-            failures.push(format!(
-                "{}: expected {:?}, got {:?}",
-                case.name, case.error, result
-            ));
+            failures.push(format!("{}: expected {:?}, got {:?}", case.name, case.error, result));
             continue;
         }
         if case.error.reason_code() != ReasonCode(case.reason) {
@@ -1275,13 +758,7 @@ fn malformed_packets_are_rejected_with_the_right_error_and_reason_code() {
             ));
         }
     }
-    assert!(
-        failures.is_empty(),
-        "{} of {} cases failed:\n{}",
-        failures.len(),
-        corpus.len(),
-        failures.join("\n")
-    );
+    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), corpus.len(), failures.join("\n"));
 }
 
 #[test]
@@ -1289,10 +766,8 @@ fn no_strict_prefix_of_a_malformed_packet_is_an_error_except_at_the_header() {
     // Body errors only surface once the whole declared body is there; before that the decoder waits. Errors
     // decided by the fixed header alone (remaining length, size limit) may surface as soon as it is complete.
     for case in malformed_corpus() {
-        let header_decides = matches!(
-            case.error,
-            DecodeError::MalformedRemainingLength | DecodeError::PacketTooLarge { .. }
-        );
+        let header_decides =
+            matches!(case.error, DecodeError::MalformedRemainingLength | DecodeError::PacketTooLarge { .. });
         for cut in 0..case.bytes.len() {
             let mut buffer = BytesMut::from(&case.bytes[..cut]);
             let result = decode_packet(&mut buffer, case.version, case.max);
@@ -1308,13 +783,7 @@ fn no_strict_prefix_of_a_malformed_packet_is_an_error_except_at_the_header() {
 #[test]
 fn a_packet_refused_as_too_large_is_not_consumed() {
     let mut buffer = BytesMut::from(&[0x30u8, 0xFF, 0x7F][..]);
-    assert_eq!(
-        decode_packet(&mut buffer, V3, 1024),
-        Err(DecodeError::PacketTooLarge {
-            size: 16_386,
-            limit: 1024
-        })
-    );
+    assert_eq!(decode_packet(&mut buffer, V3, 1024), Err(DecodeError::PacketTooLarge { size: 16_386, limit: 1024 }));
     assert_eq!(buffer.len(), 3);
 }
 
@@ -1329,13 +798,7 @@ fn every_error_has_a_reason_code_that_is_an_error() {
 // Valid but unusual packets: must be accepted.
 
 fn publish(topic: &str, qos: QoS, packet_id: Option<u16>, payload: &[u8]) -> Publish {
-    Publish {
-        qos,
-        topic: Arc::from(topic),
-        packet_id,
-        payload: Bytes::copy_from_slice(payload),
-        ..Publish::default()
-    }
+    Publish { qos, topic: Arc::from(topic), packet_id, payload: Bytes::copy_from_slice(payload), ..Publish::default() }
 }
 
 fn connect_packet(protocol: ProtocolVersion, client_id: &str) -> Connect {
@@ -1353,18 +816,8 @@ fn connect_packet(protocol: ProtocolVersion, client_id: &str) -> Connect {
 
 fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
     vec![
-        (
-            "PINGREQ with a two-byte remaining length of 0",
-            V3,
-            vec![0xC0, 0x80, 0x00],
-            Packet::PingReq,
-        ),
-        (
-            "PINGREQ with a four-byte remaining length of 0",
-            V5,
-            vec![0xC0, 0x80, 0x80, 0x80, 0x00],
-            Packet::PingReq,
-        ),
+        ("PINGREQ with a two-byte remaining length of 0", V3, vec![0xC0, 0x80, 0x00], Packet::PingReq),
+        ("PINGREQ with a four-byte remaining length of 0", V5, vec![0xC0, 0x80, 0x80, 0x80, 0x00], Packet::PingReq),
         (
             "PUBACK with a two-byte remaining length of 2",
             V3,
@@ -1387,22 +840,12 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
             "PUBLISH QoS 2 with DUP and retain",
             V3,
             vec![0x3D, 0x06, 0x00, 0x01, b'a', 0x00, 0x07, b'x'],
-            Packet::Publish(Publish {
-                dup: true,
-                retain: true,
-                ..publish("a", QoS::ExactlyOnce, Some(7), b"x")
-            }),
+            Packet::Publish(Publish { dup: true, retain: true, ..publish("a", QoS::ExactlyOnce, Some(7), b"x") }),
         ),
         (
             "PUBLISH topic with multi-byte characters and a BOM",
             V3,
-            frame(
-                0x30,
-                &[
-                    0x00, 0x0D, 0xEF, 0xBB, 0xBF, 0xC3, 0xBC, b'/', 0xE2, 0x82, 0xAC, 0xF0, 0x9F,
-                    0x98, 0x80,
-                ],
-            ),
+            frame(0x30, &[0x00, 0x0D, 0xEF, 0xBB, 0xBF, 0xC3, 0xBC, b'/', 0xE2, 0x82, 0xAC, 0xF0, 0x9F, 0x98, 0x80]),
             Packet::Publish(publish("\u{FEFF}ü/€😀", QoS::AtMostOnce, None, b"")),
         ),
         (
@@ -1416,25 +859,16 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
             V5,
             vec![0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01, b'p'],
             Packet::Publish(Publish {
-                properties: Properties {
-                    topic_alias: Some(1),
-                    ..Properties::default()
-                },
+                properties: Properties { topic_alias: Some(1), ..Properties::default() },
                 ..publish("", QoS::AtMostOnce, None, b"p")
             }),
         ),
         (
             "PUBLISH (5) with several subscription identifiers",
             V5,
-            frame(
-                0x30,
-                &[0x00, 0x01, b'a', 0x06, 0x0B, 0x01, 0x0B, 0xFF, 0xFF, 0x7F],
-            ),
+            frame(0x30, &[0x00, 0x01, b'a', 0x06, 0x0B, 0x01, 0x0B, 0xFF, 0xFF, 0x7F]),
             Packet::Publish(Publish {
-                properties: Properties {
-                    subscription_identifiers: vec![1, 2_097_151],
-                    ..Properties::default()
-                },
+                properties: Properties { subscription_identifiers: vec![1, 2_097_151], ..Properties::default() },
                 ..publish("a", QoS::AtMostOnce, None, b"")
             }),
         ),
@@ -1443,21 +877,12 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
             V5,
             frame(
                 0x30,
-                &[
-                    0x00, 0x01, b'a', 0x0C, 0x26, 0x00, 0x00, 0x00, 0x00, 0x26, 0x00, 0x00, 0x00,
-                    0x00, 0x01, 0x01,
-                ],
+                &[0x00, 0x01, b'a', 0x0C, 0x26, 0x00, 0x00, 0x00, 0x00, 0x26, 0x00, 0x00, 0x00, 0x00, 0x01, 0x01],
             ),
             Packet::Publish(Publish {
                 properties: Properties {
                     payload_format_indicator: Some(1),
-                    user_properties: vec![
-                        UserProperty {
-                            key: String::new(),
-                            value: String::new(),
-                        };
-                        2
-                    ],
+                    user_properties: vec![UserProperty { key: String::new(), value: String::new() }; 2],
                     ..Properties::default()
                 },
                 ..publish("a", QoS::AtMostOnce, None, b"")
@@ -1490,11 +915,7 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
         (
             "CONNECT (5) with a password and no user name",
             V5,
-            connect(
-                MQTT5,
-                0x42,
-                &[0x00, 0x00, 0x01, b'c', 0x00, 0x02, b'p', b'w'],
-            ),
+            connect(MQTT5, 0x42, &[0x00, 0x00, 0x01, b'c', 0x00, 0x02, b'p', b'w']),
             Packet::Connect(Box::new(Connect {
                 password: Some(Bytes::from_static(b"pw")),
                 ..connect_packet(ProtocolVersion::V5, "c")
@@ -1503,13 +924,7 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
         (
             "CONNECT with an empty will payload and empty password",
             V3,
-            connect(
-                MQTT4,
-                0xF6,
-                &[
-                    0x00, 0x01, b'c', 0x00, 0x01, b't', 0x00, 0x00, 0x00, 0x01, b'u', 0x00, 0x00,
-                ],
-            ),
+            connect(MQTT4, 0xF6, &[0x00, 0x01, b'c', 0x00, 0x01, b't', 0x00, 0x00, 0x00, 0x01, b'u', 0x00, 0x00]),
             Packet::Connect(Box::new(Connect {
                 will: Some(tollgate_protocol::LastWill {
                     topic: "t".to_owned(),
@@ -1527,10 +942,7 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
             "CONNACK (3.1.1) with return code 5",
             V3,
             vec![0x20, 0x02, 0x00, 0x05],
-            Packet::ConnAck(ConnAck {
-                reason_code: ReasonCode::NOT_AUTHORIZED,
-                ..ConnAck::default()
-            }),
+            Packet::ConnAck(ConnAck { reason_code: ReasonCode::NOT_AUTHORIZED, ..ConnAck::default() }),
         ),
         (
             "SUBSCRIBE (5) with every option bit that may be set",
@@ -1587,12 +999,7 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
             vec![0xE0, 0x02, 0x00, 0x00],
             Packet::Disconnect(Disconnect::default()),
         ),
-        (
-            "AUTH with remaining length 0",
-            V5,
-            vec![0xF0, 0x00],
-            Packet::Auth(Auth::default()),
-        ),
+        ("AUTH with remaining length 0", V5, vec![0xF0, 0x00], Packet::Auth(Auth::default())),
     ]
 }
 
@@ -1604,10 +1011,9 @@ fn unusual_but_valid_packets_are_accepted() {
         // The limit is inclusive: every case is decoded with a limit of exactly its own size.
         match decode_packet(&mut buffer, version, bytes.len()) {
             Ok(Some(packet)) if packet == want && buffer.is_empty() => {}
-            other => failures.push(format!(
-                "{name}: got {other:?} with {} bytes left, expected {want:?}",
-                buffer.len()
-            )),
+            other => {
+                failures.push(format!("{name}: got {other:?} with {} bytes left, expected {want:?}", buffer.len()))
+            }
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -1618,11 +1024,7 @@ fn incomplete_packets_wait_without_consuming() {
     let whole = [0x32u8, 0x06, 0x00, 0x01, b'a', 0x00, 0x01, b'x'];
     for cut in 0..whole.len() {
         let mut buffer = BytesMut::from(&whole[..cut]);
-        assert_eq!(
-            decode_packet(&mut buffer, V3, BIG),
-            Ok(None),
-            "cut at {cut}"
-        );
+        assert_eq!(decode_packet(&mut buffer, V3, BIG), Ok(None), "cut at {cut}");
         assert_eq!(buffer.len(), cut);
     }
 }
@@ -1630,14 +1032,8 @@ fn incomplete_packets_wait_without_consuming() {
 #[test]
 fn back_to_back_packets_are_split_correctly() {
     let mut buffer = BytesMut::from(&[0xC0u8, 0x00, 0x40, 0x02, 0x00, 0x05, 0xD0][..]);
-    assert_eq!(
-        decode_packet(&mut buffer, V3, BIG),
-        Ok(Some(Packet::PingReq))
-    );
-    assert_eq!(
-        decode_packet(&mut buffer, V3, BIG),
-        Ok(Some(Packet::PubAck(Ack::new(5, ReasonCode::SUCCESS))))
-    );
+    assert_eq!(decode_packet(&mut buffer, V3, BIG), Ok(Some(Packet::PingReq)));
+    assert_eq!(decode_packet(&mut buffer, V3, BIG), Ok(Some(Packet::PubAck(Ack::new(5, ReasonCode::SUCCESS)))));
     assert_eq!(decode_packet(&mut buffer, V3, BIG), Ok(None));
     assert_eq!(&buffer[..], &[0xD0]);
 }
@@ -1646,11 +1042,7 @@ fn back_to_back_packets_are_split_correctly() {
 // Arbitrary bytes.
 
 fn any_version() -> impl Strategy<Value = ProtocolVersion> {
-    prop_oneof![
-        Just(ProtocolVersion::V31),
-        Just(ProtocolVersion::V311),
-        Just(ProtocolVersion::V5)
-    ]
+    prop_oneof![Just(ProtocolVersion::V31), Just(ProtocolVersion::V311), Just(ProtocolVersion::V5)]
 }
 
 fn max_size() -> impl Strategy<Value = usize> {
@@ -1659,20 +1051,15 @@ fn max_size() -> impl Strategy<Value = usize> {
 
 /// Bytes that look somewhat like packets: a plausible first byte and a remaining length that often matches.
 fn packet_like() -> impl Strategy<Value = Vec<u8>> {
-    (
-        any::<u8>(),
-        proptest::collection::vec(any::<u8>(), 0..200),
-        any::<bool>(),
-    )
-        .prop_map(|(first, body, honest)| {
-            if honest {
-                frame(first, &body)
-            } else {
-                let mut bytes = vec![first];
-                bytes.extend(body);
-                bytes
-            }
-        })
+    (any::<u8>(), proptest::collection::vec(any::<u8>(), 0..200), any::<bool>()).prop_map(|(first, body, honest)| {
+        if honest {
+            frame(first, &body)
+        } else {
+            let mut bytes = vec![first];
+            bytes.extend(body);
+            bytes
+        }
+    })
 }
 
 proptest! {

@@ -15,28 +15,26 @@ use proptest::prelude::*;
 use tollgate_protocol::decode::parse_fixed_header;
 use tollgate_protocol::encode::encoded_len;
 use tollgate_protocol::{
-    Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, PacketId, Properties,
-    ProtocolVersion, Publish, QoS, ReasonCode, SubAck, Subscribe, Subscription,
-    SubscriptionOptions, UnsubAck, Unsubscribe, UserProperty, decode_packet, encode_packet,
+    Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, PacketId, Properties, ProtocolVersion,
+    Publish, QoS, ReasonCode, SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck, Unsubscribe,
+    UserProperty, decode_packet, encode_packet,
 };
 
 // ---------------------------------------------------------------------------------------------------------------
 // Reason codes valid in each packet (MQTT 5 section 3.x.2.1 tables).
 
 const CONNACK_CODES: &[u8] = &[
-    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97,
-    0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9F,
+    0x00, 0x80, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86, 0x87, 0x88, 0x89, 0x8A, 0x8C, 0x90, 0x95, 0x97, 0x99, 0x9A, 0x9B,
+    0x9C, 0x9D, 0x9F,
 ];
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
 const PUBREL_CODES: &[u8] = &[0x00, 0x92];
-const SUBACK_CODES: &[u8] = &[
-    0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2,
-];
+const SUBACK_CODES: &[u8] = &[0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E, 0xA1, 0xA2];
 const SUBACK_V3_CODES: &[u8] = &[0x00, 0x01, 0x02, 0x80];
 const UNSUBACK_CODES: &[u8] = &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8F, 0x91];
 const DISCONNECT_CODES: &[u8] = &[
-    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95,
-    0x96, 0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+    0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98,
+    0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
 ];
 const AUTH_CODES: &[u8] = &[0x00, 0x18, 0x19];
 
@@ -54,21 +52,15 @@ fn mqtt_char() -> impl Strategy<Value = char> {
 }
 
 fn mqtt_string() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "[a-zA-Z0-9/_ -]{0,12}",
-        vec(mqtt_char(), 0..12).prop_map(|chars| chars.into_iter().collect()),
-    ]
+    prop_oneof!["[a-zA-Z0-9/_ -]{0,12}", vec(mqtt_char(), 0..12).prop_map(|chars| chars.into_iter().collect()),]
 }
 
 /// A non-empty topic name without wildcards [MQTT-4.7.0-1, MQTT-4.7.3-1].
 fn topic_name() -> impl Strategy<Value = String> {
     prop_oneof![
         "[a-z0-9$]{1,6}(/[a-z0-9 ]{0,6}){0,4}",
-        vec(
-            mqtt_char().prop_filter("wildcard", |c| *c != '+' && *c != '#'),
-            1..12
-        )
-        .prop_map(|chars| chars.into_iter().collect()),
+        vec(mqtt_char().prop_filter("wildcard", |c| *c != '+' && *c != '#'), 1..12)
+            .prop_map(|chars| chars.into_iter().collect()),
     ]
 }
 
@@ -107,11 +99,7 @@ fn packet_id() -> impl Strategy<Value = PacketId> {
 }
 
 fn qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![
-        Just(QoS::AtMostOnce),
-        Just(QoS::AtLeastOnce),
-        Just(QoS::ExactlyOnce)
-    ]
+    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
 }
 
 fn flag() -> impl Strategy<Value = u8> {
@@ -120,12 +108,7 @@ fn flag() -> impl Strategy<Value = u8> {
 
 /// A subscription identifier: 1 to 268,435,455 (section 3.8.2.1.2).
 fn subscription_identifier() -> impl Strategy<Value = u32> {
-    prop_oneof![
-        1..=127u32,
-        128..=16_383u32,
-        1..=268_435_455u32,
-        Just(268_435_455u32)
-    ]
+    prop_oneof![1..=127u32, 128..=16_383u32, 1..=268_435_455u32, Just(268_435_455u32)]
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -181,10 +164,7 @@ fn any_properties() -> impl Strategy<Value = Properties> {
         weighted(P, flag()),
         weighted(P, flag()),
         weighted(P, flag()),
-        vec(
-            (mqtt_string(), mqtt_string()).prop_map(|(key, value)| UserProperty { key, value }),
-            0..3,
-        ),
+        vec((mqtt_string(), mqtt_string()).prop_map(|(key, value)| UserProperty { key, value }), 0..3),
     );
     (message, session, limits).prop_map(|(message, session, limits)| Properties {
         payload_format_indicator: message.0,
@@ -221,10 +201,7 @@ fn any_properties() -> impl Strategy<Value = Properties> {
 /// table so that the two check each other.
 fn restrict(all: Properties, ctx: Ctx) -> Properties {
     use Ctx::*;
-    let mut kept = Properties {
-        user_properties: all.user_properties,
-        ..Properties::default()
-    };
+    let mut kept = Properties { user_properties: all.user_properties, ..Properties::default() };
     if matches!(ctx, Publish | Will) {
         kept.payload_format_indicator = all.payload_format_indicator;
         kept.message_expiry_interval = all.message_expiry_interval;
@@ -238,12 +215,7 @@ fn restrict(all: Properties, ctx: Ctx) -> Properties {
     }
     if ctx == Subscribe {
         // At most one in a SUBSCRIBE (section 3.8.2.1.2).
-        kept.subscription_identifiers = all
-            .subscription_identifiers
-            .iter()
-            .copied()
-            .take(1)
-            .collect();
+        kept.subscription_identifiers = all.subscription_identifiers.iter().copied().take(1).collect();
     }
     if ctx == Will {
         kept.will_delay_interval = all.will_delay_interval;
@@ -301,20 +273,8 @@ fn properties(ctx: Ctx, v5: bool) -> BoxedStrategy<Properties> {
 // Packets.
 
 fn will(v5: bool) -> impl Strategy<Value = LastWill> {
-    (
-        topic_name(),
-        binary(),
-        qos(),
-        any::<bool>(),
-        properties(Ctx::Will, v5),
-    )
-        .prop_map(|(topic, payload, qos, retain, properties)| LastWill {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties,
-        })
+    (topic_name(), binary(), qos(), any::<bool>(), properties(Ctx::Will, v5))
+        .prop_map(|(topic, payload, qos, retain, properties)| LastWill { topic, payload, qos, retain, properties })
 }
 
 fn connect(v5: bool) -> impl Strategy<Value = Packet> {
@@ -333,8 +293,10 @@ fn connect(v5: bool) -> impl Strategy<Value = Packet> {
         weighted(0.4, will(v5)),
         properties(Ctx::Connect, v5),
     )
-        .prop_map(
-            move |(
+        .prop_map(move |(protocol, clean_start, keep_alive, client_id, username, password, will, properties)| {
+            // 3.1.1 forbids a password without a user name [MQTT-3.1.2-22]; v5 allows it.
+            let password = if !v5 && username.is_none() { None } else { password };
+            Packet::Connect(Box::new(Connect {
                 protocol,
                 clean_start,
                 keep_alive,
@@ -343,42 +305,22 @@ fn connect(v5: bool) -> impl Strategy<Value = Packet> {
                 password,
                 will,
                 properties,
-            )| {
-                // 3.1.1 forbids a password without a user name [MQTT-3.1.2-22]; v5 allows it.
-                let password = if !v5 && username.is_none() {
-                    None
-                } else {
-                    password
-                };
-                Packet::Connect(Box::new(Connect {
-                    protocol,
-                    clean_start,
-                    keep_alive,
-                    client_id,
-                    username,
-                    password,
-                    will,
-                    properties,
-                }))
-            },
-        )
+            }))
+        })
 }
 
 fn connack(v5: bool) -> impl Strategy<Value = Packet> {
     // Any v5 CONNACK code, for 3.1.1 too: the encoder maps it down and `expected` maps the result back up.
-    (
-        any::<bool>(),
-        code(CONNACK_CODES),
-        properties(Ctx::ConnAck, v5),
-    )
-        .prop_map(|(session_present, reason_code, properties)| {
+    (any::<bool>(), code(CONNACK_CODES), properties(Ctx::ConnAck, v5)).prop_map(
+        |(session_present, reason_code, properties)| {
             Packet::ConnAck(ConnAck {
                 // Session Present is 0 with any failure code [MQTT-3.2.2-6].
                 session_present: session_present && !reason_code.is_error(),
                 reason_code,
                 properties,
             })
-        })
+        },
+    )
 }
 
 fn publish(v5: bool) -> impl Strategy<Value = Packet> {
@@ -392,137 +334,74 @@ fn publish(v5: bool) -> impl Strategy<Value = Packet> {
         payload(),
         any::<bool>(),
     )
-        .prop_map(
-            |(qos, dup, retain, topic, id, properties, payload, use_alias_only)| {
-                let at_most_once = qos == QoS::AtMostOnce;
-                // With a topic alias a v5 PUBLISH may leave the topic name empty.
-                let topic = if use_alias_only && properties.topic_alias.is_some() {
-                    String::new()
-                } else {
-                    topic
-                };
-                Packet::Publish(Publish {
-                    // DUP is 0 for QoS 0 [MQTT-3.3.1-2].
-                    dup: dup && !at_most_once,
-                    qos,
-                    retain,
-                    topic: Arc::from(topic),
-                    packet_id: (!at_most_once).then_some(id),
-                    properties,
-                    payload,
-                })
-            },
-        )
+        .prop_map(|(qos, dup, retain, topic, id, properties, payload, use_alias_only)| {
+            let at_most_once = qos == QoS::AtMostOnce;
+            // With a topic alias a v5 PUBLISH may leave the topic name empty.
+            let topic = if use_alias_only && properties.topic_alias.is_some() { String::new() } else { topic };
+            Packet::Publish(Publish {
+                // DUP is 0 for QoS 0 [MQTT-3.3.1-2].
+                dup: dup && !at_most_once,
+                qos,
+                retain,
+                topic: Arc::from(topic),
+                packet_id: (!at_most_once).then_some(id),
+                properties,
+                payload,
+            })
+        })
 }
 
 fn ack(v5: bool, valid: &'static [u8]) -> impl Strategy<Value = Ack> {
-    let reason = if v5 {
-        code(valid).boxed()
-    } else {
-        Just(ReasonCode::SUCCESS).boxed()
-    };
-    (packet_id(), reason, properties(Ctx::Ack, v5)).prop_map(
-        |(packet_id, reason_code, properties)| Ack {
-            packet_id,
-            reason_code,
-            properties,
-        },
-    )
+    let reason = if v5 { code(valid).boxed() } else { Just(ReasonCode::SUCCESS).boxed() };
+    (packet_id(), reason, properties(Ctx::Ack, v5)).prop_map(|(packet_id, reason_code, properties)| Ack {
+        packet_id,
+        reason_code,
+        properties,
+    })
 }
 
 fn subscribe(v5: bool) -> impl Strategy<Value = Packet> {
     let options = (qos(), any::<bool>(), any::<bool>(), 0..=2u8).prop_map(
         move |(qos, no_local, retain_as_published, retain_handling)| {
             if v5 {
-                SubscriptionOptions {
-                    qos,
-                    no_local,
-                    retain_as_published,
-                    retain_handling,
-                }
+                SubscriptionOptions { qos, no_local, retain_as_published, retain_handling }
             } else {
                 // 3.1.1 has only the QoS bits.
-                SubscriptionOptions {
-                    qos,
-                    ..SubscriptionOptions::default()
-                }
+                SubscriptionOptions { qos, ..SubscriptionOptions::default() }
             }
         },
     );
-    let subscription =
-        (topic_filter(), options).prop_map(|(filter, options)| Subscription { filter, options });
-    (
-        packet_id(),
-        vec(subscription, 1..5),
-        properties(Ctx::Subscribe, v5),
+    let subscription = (topic_filter(), options).prop_map(|(filter, options)| Subscription { filter, options });
+    (packet_id(), vec(subscription, 1..5), properties(Ctx::Subscribe, v5)).prop_map(
+        |(packet_id, subscriptions, properties)| Packet::Subscribe(Subscribe { packet_id, subscriptions, properties }),
     )
-        .prop_map(|(packet_id, subscriptions, properties)| {
-            Packet::Subscribe(Subscribe {
-                packet_id,
-                subscriptions,
-                properties,
-            })
-        })
 }
 
 fn suback(v5: bool) -> impl Strategy<Value = Packet> {
     let codes = if v5 { SUBACK_CODES } else { SUBACK_V3_CODES };
-    (
-        packet_id(),
-        vec(code(codes), 0..6),
-        properties(Ctx::SubAck, v5),
+    (packet_id(), vec(code(codes), 0..6), properties(Ctx::SubAck, v5)).prop_map(
+        |(packet_id, reason_codes, properties)| Packet::SubAck(SubAck { packet_id, reason_codes, properties }),
     )
-        .prop_map(|(packet_id, reason_codes, properties)| {
-            Packet::SubAck(SubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
-        })
 }
 
 fn unsubscribe(v5: bool) -> impl Strategy<Value = Packet> {
-    (
-        packet_id(),
-        vec(topic_filter(), 1..5),
-        properties(Ctx::Unsubscribe, v5),
+    (packet_id(), vec(topic_filter(), 1..5), properties(Ctx::Unsubscribe, v5)).prop_map(
+        |(packet_id, filters, properties)| Packet::Unsubscribe(Unsubscribe { packet_id, filters, properties }),
     )
-        .prop_map(|(packet_id, filters, properties)| {
-            Packet::Unsubscribe(Unsubscribe {
-                packet_id,
-                filters,
-                properties,
-            })
-        })
 }
 
 fn unsuback(v5: bool) -> impl Strategy<Value = Packet> {
     // A 3.1.1 UNSUBACK has neither reason codes nor properties.
-    let codes = if v5 {
-        vec(code(UNSUBACK_CODES), 0..6).boxed()
-    } else {
-        Just(Vec::new()).boxed()
-    };
-    (packet_id(), codes, properties(Ctx::UnsubAck, v5)).prop_map(
-        |(packet_id, reason_codes, properties)| {
-            Packet::UnsubAck(UnsubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
-        },
-    )
+    let codes = if v5 { vec(code(UNSUBACK_CODES), 0..6).boxed() } else { Just(Vec::new()).boxed() };
+    (packet_id(), codes, properties(Ctx::UnsubAck, v5)).prop_map(|(packet_id, reason_codes, properties)| {
+        Packet::UnsubAck(UnsubAck { packet_id, reason_codes, properties })
+    })
 }
 
 fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
     if v5 {
         (code(DISCONNECT_CODES), properties(Ctx::Disconnect, true))
-            .prop_map(|(reason_code, properties)| {
-                Packet::Disconnect(Disconnect {
-                    reason_code,
-                    properties,
-                })
-            })
+            .prop_map(|(reason_code, properties)| Packet::Disconnect(Disconnect { reason_code, properties }))
             .boxed()
     } else {
         Just(Packet::Disconnect(Disconnect::default())).boxed()
@@ -530,12 +409,8 @@ fn disconnect(v5: bool) -> BoxedStrategy<Packet> {
 }
 
 fn auth() -> impl Strategy<Value = Packet> {
-    (code(AUTH_CODES), properties(Ctx::Auth, true)).prop_map(|(reason_code, properties)| {
-        Packet::Auth(Auth {
-            reason_code,
-            properties,
-        })
-    })
+    (code(AUTH_CODES), properties(Ctx::Auth, true))
+        .prop_map(|(reason_code, properties)| Packet::Auth(Auth { reason_code, properties }))
 }
 
 /// Every packet type valid in `version`.
@@ -557,11 +432,7 @@ fn packet(version: ProtocolVersion) -> BoxedStrategy<Packet> {
         Just(Packet::PingResp),
         disconnect(v5),
     ];
-    if v5 {
-        prop_oneof![14 => common, 1 => auth()].boxed()
-    } else {
-        common.boxed()
-    }
+    if v5 { prop_oneof![14 => common, 1 => auth()].boxed() } else { common.boxed() }
 }
 
 fn version() -> impl Strategy<Value = ProtocolVersion> {
@@ -578,10 +449,7 @@ fn expected(packet: &Packet, version: ProtocolVersion) -> Packet {
     match packet {
         Packet::ConnAck(connack) if !version.is_v5() => {
             let v3 = connack.reason_code.to_v3_connack();
-            Packet::ConnAck(ConnAck {
-                reason_code: ReasonCode::from_v3_connack(v3).unwrap(),
-                ..connack.clone()
-            })
+            Packet::ConnAck(ConnAck { reason_code: ReasonCode::from_v3_connack(v3).unwrap(), ..connack.clone() })
         }
         other => other.clone(),
     }
@@ -690,45 +558,19 @@ proptest! {
 fn v3_connack_return_codes_map_to_v5_reason_codes() {
     let cases = [
         (ReasonCode::SUCCESS, 0x00, ReasonCode::SUCCESS),
-        (
-            ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-            0x01,
-            ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
-        ),
-        (
-            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-            0x02,
-            ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
-        ),
-        (
-            ReasonCode::SERVER_BUSY,
-            0x03,
-            ReasonCode::SERVER_UNAVAILABLE,
-        ),
-        (
-            ReasonCode::BAD_AUTHENTICATION_METHOD,
-            0x04,
-            ReasonCode::BAD_USER_NAME_OR_PASSWORD,
-        ),
+        (ReasonCode::UNSUPPORTED_PROTOCOL_VERSION, 0x01, ReasonCode::UNSUPPORTED_PROTOCOL_VERSION),
+        (ReasonCode::CLIENT_IDENTIFIER_NOT_VALID, 0x02, ReasonCode::CLIENT_IDENTIFIER_NOT_VALID),
+        (ReasonCode::SERVER_BUSY, 0x03, ReasonCode::SERVER_UNAVAILABLE),
+        (ReasonCode::BAD_AUTHENTICATION_METHOD, 0x04, ReasonCode::BAD_USER_NAME_OR_PASSWORD),
         (ReasonCode::BANNED, 0x05, ReasonCode::NOT_AUTHORIZED),
         (ReasonCode::NOT_AUTHORIZED, 0x05, ReasonCode::NOT_AUTHORIZED),
     ];
     for (sent, wire, received) in cases {
-        let packet = Packet::ConnAck(ConnAck {
-            reason_code: sent,
-            ..ConnAck::default()
-        });
+        let packet = Packet::ConnAck(ConnAck { reason_code: sent, ..ConnAck::default() });
         let mut out = encode(&packet, ProtocolVersion::V311);
         assert_eq!(&out[..], &[0x20, 0x02, 0x00, wire], "{sent}");
         let decoded = decode_packet(&mut out, ProtocolVersion::V311, 16).unwrap();
-        assert_eq!(
-            decoded,
-            Some(Packet::ConnAck(ConnAck {
-                reason_code: received,
-                ..ConnAck::default()
-            })),
-            "{sent}"
-        );
+        assert_eq!(decoded, Some(Packet::ConnAck(ConnAck { reason_code: received, ..ConnAck::default() })), "{sent}");
     }
 }
 
@@ -736,11 +578,7 @@ fn v3_connack_return_codes_map_to_v5_reason_codes() {
 fn v3_suback_error_codes_are_sent_as_0x80() {
     let packet = Packet::SubAck(SubAck {
         packet_id: 7,
-        reason_codes: vec![
-            ReasonCode::GRANTED_QOS_1,
-            ReasonCode::NOT_AUTHORIZED,
-            ReasonCode::QUOTA_EXCEEDED,
-        ],
+        reason_codes: vec![ReasonCode::GRANTED_QOS_1, ReasonCode::NOT_AUTHORIZED, ReasonCode::QUOTA_EXCEEDED],
         properties: Properties::default(),
     });
     let out = encode(&packet, ProtocolVersion::V311);
@@ -751,36 +589,21 @@ fn v3_suback_error_codes_are_sent_as_0x80() {
 fn v3_drops_what_3_1_1_cannot_carry() {
     // The broker hands the encoder v5-shaped packets whatever the peer speaks; for a 3.1.1 peer the extra
     // fields must simply not be written.
-    let properties = Properties {
-        reason_string: Some("why".to_owned()),
-        ..Properties::default()
-    };
+    let properties = Properties { reason_string: Some("why".to_owned()), ..Properties::default() };
     let ack = Packet::PubAck(Ack {
         packet_id: 1,
         reason_code: ReasonCode::NO_MATCHING_SUBSCRIBERS,
         properties: properties.clone(),
     });
-    assert_eq!(
-        &encode(&ack, ProtocolVersion::V311)[..],
-        &[0x40, 0x02, 0x00, 0x01]
-    );
+    assert_eq!(&encode(&ack, ProtocolVersion::V311)[..], &[0x40, 0x02, 0x00, 0x01]);
     let unsuback = Packet::UnsubAck(UnsubAck {
         packet_id: 2,
         reason_codes: vec![ReasonCode::SUCCESS],
         properties: properties.clone(),
     });
-    assert_eq!(
-        &encode(&unsuback, ProtocolVersion::V311)[..],
-        &[0xB0, 0x02, 0x00, 0x02]
-    );
-    let disconnect = Packet::Disconnect(Disconnect {
-        reason_code: ReasonCode::SERVER_SHUTTING_DOWN,
-        properties,
-    });
-    assert_eq!(
-        &encode(&disconnect, ProtocolVersion::V311)[..],
-        &[0xE0, 0x00]
-    );
+    assert_eq!(&encode(&unsuback, ProtocolVersion::V311)[..], &[0xB0, 0x02, 0x00, 0x02]);
+    let disconnect = Packet::Disconnect(Disconnect { reason_code: ReasonCode::SERVER_SHUTTING_DOWN, properties });
+    assert_eq!(&encode(&disconnect, ProtocolVersion::V311)[..], &[0xE0, 0x00]);
     let subscribe = Packet::Subscribe(Subscribe {
         packet_id: 3,
         subscriptions: vec![Subscription {
@@ -794,21 +617,14 @@ fn v3_drops_what_3_1_1_cannot_carry() {
         }],
         properties: Properties::default(),
     });
-    assert_eq!(
-        &encode(&subscribe, ProtocolVersion::V311)[..],
-        &[0x82, 0x06, 0x00, 0x03, 0x00, 0x01, b'a', 0x01]
-    );
+    assert_eq!(&encode(&subscribe, ProtocolVersion::V311)[..], &[0x82, 0x06, 0x00, 0x03, 0x00, 0x01, b'a', 0x01]);
 }
 
 #[test]
 fn auth_does_not_exist_in_3_1_1() {
     let mut out = BytesMut::new();
     assert_eq!(
-        encode_packet(
-            &Packet::Auth(Auth::default()),
-            ProtocolVersion::V311,
-            &mut out
-        ),
+        encode_packet(&Packet::Auth(Auth::default()), ProtocolVersion::V311, &mut out),
         Err(tollgate_protocol::EncodeError::NotInVersion("AUTH"))
     );
     assert!(out.is_empty());
@@ -828,10 +644,7 @@ fn v5_short_forms_are_used_when_allowed() {
         properties: Properties::default(),
     });
     assert_eq!(&encode(&disconnect, v5)[..], &[0xE0, 0x01, 0x04]);
-    assert_eq!(
-        &encode(&Packet::Auth(Auth::default()), v5)[..],
-        &[0xF0, 0x00]
-    );
+    assert_eq!(&encode(&Packet::Auth(Auth::default()), v5)[..], &[0xF0, 0x00]);
 }
 
 #[test]

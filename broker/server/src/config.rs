@@ -20,6 +20,14 @@ pub struct Config {
     pub sys: SysConfig,
     pub log: LogConfig,
     pub session: SessionConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Connection worker threads; 0 means one per available core.
+    pub worker_threads: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -87,11 +95,7 @@ impl Default for Config {
     fn default() -> Self {
         let core = BrokerConfig::default();
         Self {
-            listeners: vec![ListenerConfig {
-                bind: "127.0.0.1:1883".into(),
-                protocol: default_protocol(),
-                name: None,
-            }],
+            listeners: vec![ListenerConfig { bind: "127.0.0.1:1883".into(), protocol: default_protocol(), name: None }],
             auth: AuthConfig::default(),
             limits: LimitsConfig {
                 max_keepalive: core.max_keepalive,
@@ -104,14 +108,9 @@ impl Default for Config {
                 connect_timeout: core.connect_timeout.as_secs() as u32,
             },
             sys: SysConfig { interval: 10 },
-            log: LogConfig {
-                level: "info".into(),
-                format: "human".into(),
-            },
-            session: SessionConfig {
-                persistent_expiry: 0,
-                shutdown_grace: 5,
-            },
+            log: LogConfig { level: "info".into(), format: "human".into() },
+            session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5 },
+            runtime: RuntimeConfig { worker_threads: 0 },
         }
     }
 }
@@ -130,10 +129,7 @@ impl std::fmt::Display for ConfigProblem {
 }
 
 fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
-    ConfigProblem {
-        key: key.into(),
-        message: message.into(),
-    }
+    ConfigProblem { key: key.into(), message: message.into() }
 }
 
 /// Every key the file may contain, for the unknown-key check. `listeners.*` are per array element.
@@ -155,6 +151,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
     ("session", &["persistent_expiry", "shutdown_grace"]),
+    ("runtime", &["worker_threads"]),
 ];
 const LISTENER_KEYS: &[&str] = &["bind", "protocol", "name"];
 
@@ -164,11 +161,7 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment.merge(
-        Env::prefixed("TOLLGATE_")
-            .split("__")
-            .filter(|key| key.as_str() != "config"),
-    )
+    figment.merge(Env::prefixed("TOLLGATE_").split("__").filter(|key| key.as_str() != "config"))
 }
 
 /// Loads and validates. On failure every problem found is returned, never just the first.
@@ -176,20 +169,14 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
     if let Some(file) = file
         && !file.is_file()
     {
-        return Err(vec![problem(
-            "config",
-            format!("cannot read {}", file.display()),
-        )]);
+        return Err(vec![problem("config", format!("cannot read {}", file.display()))]);
     }
     let figment = figment(file);
     let mut problems = Vec::new();
     let data = match figment.data() {
         Ok(mut data) => data.remove(&figment::Profile::Default).unwrap_or_default(),
         Err(error) => {
-            return Err(error
-                .into_iter()
-                .map(|error| problem(error_key(&error), error.kind.to_string()))
-                .collect());
+            return Err(error.into_iter().map(|error| problem(error_key(&error), error.kind.to_string())).collect());
         }
     };
     check_unknown_keys(&data, &mut problems);
@@ -213,26 +200,15 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
     let config: Config = match figment.extract() {
         Ok(config) => config,
         Err(error) => {
-            return Err(error
-                .into_iter()
-                .map(|error| problem(error_key(&error), error.kind.to_string()))
-                .collect());
+            return Err(error.into_iter().map(|error| problem(error_key(&error), error.kind.to_string())).collect());
         }
     };
     validate(&config, &mut problems);
-    if problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(config) } else { Err(problems) }
 }
 
 fn error_key(error: &figment::Error) -> String {
-    if error.path.is_empty() {
-        "config".into()
-    } else {
-        error.path.join(".")
-    }
+    if error.path.is_empty() { "config".into() } else { error.path.join(".") }
 }
 
 fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> {
@@ -240,12 +216,10 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
     let result = match (section, key) {
         ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
         ("auth", _) => figment.extract_inner::<Option<PathBuf>>(&path).map(drop),
-        ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") => {
+        ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") | ("runtime", _) => {
             figment.extract_inner::<u16>(&path).map(drop)
         }
-        ("limits", "overflow_policy") | ("log", _) => {
-            figment.extract_inner::<String>(&path).map(drop)
-        }
+        ("limits", "overflow_policy") | ("log", _) => figment.extract_inner::<String>(&path).map(drop),
         ("limits", "queue_qos0_offline") => figment.extract_inner::<bool>(&path).map(drop),
         _ => figment.extract_inner::<u32>(&path).map(drop),
     };
@@ -263,14 +237,8 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
             if let Value::Array(_, listeners) = value {
                 for (index, listener) in listeners.iter().enumerate() {
                     if let Value::Dict(_, fields) = listener {
-                        for field in fields
-                            .keys()
-                            .filter(|field| !LISTENER_KEYS.contains(&field.as_str()))
-                        {
-                            problems.push(problem(
-                                format!("listeners[{index}].{field}"),
-                                "unknown key",
-                            ));
+                        for field in fields.keys().filter(|field| !LISTENER_KEYS.contains(&field.as_str())) {
+                            problems.push(problem(format!("listeners[{index}].{field}"), "unknown key"));
                         }
                     }
                 }
@@ -282,10 +250,7 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
             continue;
         };
         if let Value::Dict(_, fields) = value {
-            for field in fields
-                .keys()
-                .filter(|field| !known.contains(&field.as_str()))
-            {
+            for field in fields.keys().filter(|field| !known.contains(&field.as_str())) {
                 problems.push(problem(format!("{key}.{field}"), "unknown key"));
             }
         }
@@ -314,15 +279,11 @@ pub fn validate_listeners(config: &Config, problems: &mut Vec<ConfigProblem>) {
         if listener.protocol != "tcp" {
             problems.push(problem(
                 format!("listeners[{index}].protocol"),
-                format!(
-                    "{:?} is not supported by this build (tcp)",
-                    listener.protocol
-                ),
+                format!("{:?} is not supported by this build (tcp)", listener.protocol),
             ));
         }
     }
-    if config.auth.allow_anonymous.is_none() && !all_loopback && config.auth.password_file.is_none()
-    {
+    if config.auth.allow_anonymous.is_none() && !all_loopback && config.auth.password_file.is_none() {
         problems.push(problem(
             "auth.allow_anonymous",
             "a listener is reachable beyond loopback: set allow_anonymous = true explicitly, or configure a password_file",
@@ -331,16 +292,10 @@ pub fn validate_listeners(config: &Config, problems: &mut Vec<ConfigProblem>) {
 }
 
 fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
-    for (key, path) in [
-        ("auth.password_file", &config.auth.password_file),
-        ("auth.acl_file", &config.auth.acl_file),
-    ] {
+    for (key, path) in [("auth.password_file", &config.auth.password_file), ("auth.acl_file", &config.auth.acl_file)] {
         if let Some(path) = path {
             match std::fs::read_to_string(path) {
-                Err(error) => problems.push(problem(
-                    key,
-                    format!("cannot read {}: {error}", path.display()),
-                )),
+                Err(error) => problems.push(problem(key, format!("cannot read {}: {error}", path.display()))),
                 Ok(text) => {
                     let errors: Vec<String> = if key == "auth.password_file" {
                         tollgate_builtins::password_file::PasswordFile::parse(&text)
@@ -365,13 +320,8 @@ fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
         }
     }
     let limits = &config.limits;
-    if limits.max_packet_size < 64
-        || limits.max_packet_size as usize > tollgate_protocol::MAX_REMAINING_LENGTH + 5
-    {
-        problems.push(problem(
-            "limits.max_packet_size",
-            "must be between 64 and 268435460 bytes",
-        ));
+    if limits.max_packet_size < 64 || limits.max_packet_size as usize > tollgate_protocol::MAX_REMAINING_LENGTH + 5 {
+        problems.push(problem("limits.max_packet_size", "must be between 64 and 268435460 bytes"));
     }
     if limits.max_inflight == 0 {
         problems.push(problem("limits.max_inflight", "must be at least 1"));
@@ -380,25 +330,16 @@ fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
         problems.push(problem("limits.max_queued_messages", "must be at least 1"));
     }
     if parse_overflow(&limits.overflow_policy).is_none() {
-        problems.push(problem(
-            "limits.overflow_policy",
-            "must be \"drop_newest\" or \"drop_oldest\"",
-        ));
+        problems.push(problem("limits.overflow_policy", "must be \"drop_newest\" or \"drop_oldest\""));
     }
     if limits.connect_timeout == 0 {
-        problems.push(problem(
-            "limits.connect_timeout",
-            "must be at least 1 second",
-        ));
+        problems.push(problem("limits.connect_timeout", "must be at least 1 second"));
     }
     if !matches!(config.log.format.as_str(), "human" | "json") {
         problems.push(problem("log.format", "must be \"human\" or \"json\""));
     }
     if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
-        problems.push(problem(
-            "log.level",
-            format!("{:?} is not a valid log filter", config.log.level),
-        ));
+        problems.push(problem("log.level", format!("{:?} is not a valid log filter", config.log.level)));
     }
 }
 

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tollgate_builtins::acl_file::AclFile;
 use tollgate_builtins::password_file::PasswordFile;
 use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, PasswordFileAuth};
 use tollgate_core::Broker;
+use tollgate_core::listener::Workers;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
 use tracing::{info, warn};
 
@@ -24,6 +26,8 @@ pub struct Server {
     pub broker: Broker,
     pub addresses: Vec<SocketAddr>,
     generation: AtomicU64,
+    worker_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    stop_workers: CancellationToken,
 }
 
 /// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
@@ -34,24 +38,17 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         .with_failure_observer(Arc::new(|error| warn!(%error, "hook failed")));
     chain.generation = generation;
     chain.authenticators.push(HookSlot::new(
-        Arc::new(AnonymousAccess {
-            allow: config.allow_anonymous(),
-        }),
+        Arc::new(AnonymousAccess { allow: config.allow_anonymous() }),
         None,
         FailurePolicy::FailClosed,
     ));
     if let Some(path) = &config.auth.password_file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file = PasswordFile::parse(&text).map_err(|errors| {
             anyhow::anyhow!(
                 "{}: {}",
                 path.display(),
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             )
         })?;
         chain.authenticators.push(HookSlot::new(
@@ -68,24 +65,15 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         AuthFallback::Deny
     };
     if let Some(path) = &config.auth.acl_file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let file = AclFile::parse(&text).map_err(|errors| {
             anyhow::anyhow!(
                 "{}: {}",
                 path.display(),
-                errors
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
             )
         })?;
-        chain.authorizers.push(HookSlot::new(
-            Arc::new(AclFileAuthorizer::new(file)),
-            None,
-            FailurePolicy::FailClosed,
-        ));
+        chain.authorizers.push(HookSlot::new(Arc::new(AclFileAuthorizer::new(file)), None, FailurePolicy::FailClosed));
     }
     Ok(chain)
 }
@@ -98,13 +86,9 @@ impl Server {
         let mut addresses = Vec::new();
         let mut bound = Vec::new();
         for (index, listener) in config.listeners.iter().enumerate() {
-            let address: SocketAddr = listener
-                .bind
-                .parse()
-                .with_context(|| format!("listeners[{index}].bind = {:?}", listener.bind))?;
-            let socket = TcpListener::bind(address)
-                .await
-                .with_context(|| format!("binding {address}"))?;
+            let address: SocketAddr =
+                listener.bind.parse().with_context(|| format!("listeners[{index}].bind = {:?}", listener.bind))?;
+            let socket = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
             let local = socket.local_addr()?;
             let auth_mode = if config.auth.password_file.is_some() {
                 "password_file"
@@ -114,26 +98,22 @@ impl Server {
                 "deny-all"
             };
             info!(listener = index, address = %local, protocol = %listener.protocol, auth = auth_mode, acl = config.auth.acl_file.is_some(), "listener ready");
-            let name: Arc<str> = listener
-                .name
-                .clone()
-                .unwrap_or_else(|| format!("{}:{}", listener.protocol, local))
-                .into();
+            let name: Arc<str> =
+                listener.name.clone().unwrap_or_else(|| format!("{}:{}", listener.protocol, local)).into();
             addresses.push(local);
             bound.push((socket, name));
         }
+        let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
         for (socket, name) in bound {
-            broker.spawn(tollgate_core::listener::serve_tcp(
-                broker.clone(),
-                socket,
-                name,
-            ));
+            broker.spawn(tollgate_core::listener::serve_tcp(broker.clone(), socket, name, Some(workers.clone())));
         }
         broker.spawn(tollgate_core::sys::run(broker.clone()));
         Ok(Server {
             broker,
             addresses,
             generation: AtomicU64::new(1),
+            worker_threads: std::sync::Mutex::new(worker_threads),
+            stop_workers,
         })
     }
 
@@ -146,11 +126,49 @@ impl Server {
         Ok(())
     }
 
-    /// Stops accepting, says goodbye to every client and waits for them up to the grace period.
+    /// Stops accepting, says goodbye to every client and waits for them up to the grace period, then stops the
+    /// connection runtimes.
     pub async fn shutdown(&self) -> bool {
         self.broker.shutdown();
-        self.broker.drained().await
+        let drained = self.broker.drained().await;
+        self.stop_workers.cancel();
+        let threads = std::mem::take(&mut *self.worker_threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        // Joining is blocking; the threads exit promptly once told to stop.
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
+        drained
     }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop_workers.cancel();
+    }
+}
+
+/// Starts one current-thread runtime per worker (see `tollgate_core::listener::Workers` for why).
+fn start_workers(requested: u16) -> anyhow::Result<(Workers, Vec<std::thread::JoinHandle<()>>, CancellationToken)> {
+    let count = match requested {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        count => usize::from(count),
+    };
+    let stop = CancellationToken::new();
+    let mut handles = Vec::with_capacity(count);
+    let mut threads = Vec::with_capacity(count);
+    for index in 0..count {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        handles.push(runtime.handle().clone());
+        let stop = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("tollgate-worker-{index}"))
+            .spawn(move || runtime.block_on(stop.cancelled()))?;
+        threads.push(thread);
+    }
+    Ok((Workers { handles: handles.into() }, threads, stop))
 }
 
 /// Installs the global tracing subscriber for the binary.
@@ -158,9 +176,7 @@ pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -72,20 +72,11 @@ enum Scheme {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run {
-            config,
-            listen,
-            log_format,
-        } => run(config.as_deref(), listen, log_format),
+        Command::Run { config, listen, log_format } => run(config.as_deref(), listen, log_format),
         Command::CheckConfig { file } => check_config(&file),
-        Command::Passwd {
-            create,
-            delete,
-            scheme,
-            file,
-            username,
-            password,
-        } => passwd(create, delete, scheme, &file, &username, password),
+        Command::Passwd { create, delete, scheme, file, username, password } => {
+            passwd(create, delete, scheme, &file, &username, password)
+        }
     }
 }
 
@@ -120,11 +111,7 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
     if !listen.is_empty() {
         config.listeners = listen
             .into_iter()
-            .map(|bind| config::ListenerConfig {
-                bind,
-                protocol: "tcp".into(),
-                name: None,
-            })
+            .map(|bind| config::ListenerConfig { bind, protocol: "tcp".into(), name: None })
             .collect();
         let mut problems = Vec::new();
         config::validate_listeners(&config, &mut problems);
@@ -139,10 +126,7 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
         None => config.log.format == "json",
     };
     tollgate::init_logging(&config.log.level, json);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("cannot start the runtime: {error}");
@@ -159,22 +143,16 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
         };
         info!(version = env!("CARGO_PKG_VERSION"), "tollgate running");
         wait_for_signals(&server, config_path, &config).await;
-        if server.shutdown().await {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        }
+        if server.shutdown().await { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
 }
 
 #[cfg(unix)]
 async fn wait_for_signals(server: &Server, config_path: Option<&Path>, running: &Config) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         warn!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;
@@ -230,10 +208,7 @@ fn passwd(
                 }
             },
             Err(error) => {
-                eprintln!(
-                    "cannot read {}: {error} (use -c to create it)",
-                    file.display()
-                );
+                eprintln!("cannot read {}: {error} (use -c to create it)", file.display());
                 return ExitCode::FAILURE;
             }
         }
@@ -260,9 +235,7 @@ fn passwd(
         };
         let scheme = match scheme {
             Scheme::Argon2id => HashScheme::Argon2id,
-            Scheme::Pbkdf2 => HashScheme::Pbkdf2Sha512 {
-                iterations: MOSQUITTO_PBKDF2_ITERATIONS,
-            },
+            Scheme::Pbkdf2 => HashScheme::Pbkdf2Sha512 { iterations: MOSQUITTO_PBKDF2_ITERATIONS },
             Scheme::Sha512 => HashScheme::Sha512,
         };
         if let Err(error) = passwords.set(username, &password, scheme) {

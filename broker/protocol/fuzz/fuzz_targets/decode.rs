@@ -67,11 +67,7 @@ fn encode(packet: &Packet, version: ProtocolVersion) -> BytesMut {
         Err(error) => panic!("decoded packet does not encode: {error:?}\n{packet:?}"),
     };
     assert_eq!(written, out.len(), "encode_packet miscounted\n{packet:?}");
-    assert_eq!(
-        encoded_len(packet, version),
-        Ok(written),
-        "encoded_len disagrees\n{packet:?}"
-    );
+    assert_eq!(encoded_len(packet, version), Ok(written), "encoded_len disagrees\n{packet:?}");
     out
 }
 
