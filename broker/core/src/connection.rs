@@ -519,14 +519,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     async fn process_input(&mut self) -> Result<(), Exit> {
-        loop {
-            match self.decoder.decode(&mut self.read_buf)? {
-                Some(packet) => {
-                    Metrics::add(&self.broker.metrics().messages_received, 1);
-                    self.handle(packet).await?;
-                }
-                None => break,
-            }
+        while let Some(packet) = self.decoder.decode(&mut self.read_buf)? {
+            Metrics::add(&self.broker.metrics().messages_received, 1);
+            self.handle(packet).await?;
         }
         // An idle connection should not keep a large read buffer from a past burst.
         if self.read_buf.is_empty() && self.read_buf.capacity() > 64 * 1024 {

@@ -10,6 +10,9 @@ use crate::properties::{Properties, PropertyContext};
 use crate::reason::ReasonCode;
 use crate::topic;
 
+/// Largest single allocation made on behalf of a packet that has not arrived yet.
+const RESERVE_STEP: usize = 64 * 1024;
+
 /// Per-connection decoding settings.
 #[derive(Clone, Copy, Debug)]
 pub struct Decoder {
@@ -64,7 +67,9 @@ pub fn decode_packet(
         return Err(DecodeError::PacketTooLarge { size: total, limit: max_packet_size });
     }
     if buffer.len() < total {
-        buffer.reserve(total - buffer.len());
+        // Grow towards the declared size in bounded steps: a peer that announces a large packet and then trickles
+        // (or never sends) it must not make us allocate the whole maximum up front.
+        buffer.reserve((total - buffer.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     let mut frame = buffer.split_to(total).freeze();
