@@ -88,7 +88,7 @@ impl Authorizer for AclFileAuthorizer {
             Action::Publish { topic, .. } | Action::Will { topic, .. } => (topic, Access::Write),
             // The group prefix is already stripped: rules are written against the inner filter.
             Action::Subscribe { filter, .. } => (filter, Access::Subscribe),
-            Action::ReceiveRetained { topic } => (topic, Access::Read),
+            Action::ReceiveRetained { topic } | Action::Receive { topic } => (topic, Access::Read),
         };
         let verdict = self.file.check(&client.client_id, client.username.as_deref(), topic, access);
         // A refused subscription is answered 0x80 rather than 0x87: both are legal in a v5 SUBACK, 0x80 is the

@@ -131,6 +131,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
     async fn read_connect(&mut self, deadline: Instant) -> Result<Box<Connect>, String> {
         let max = self.broker.config().max_packet_size as usize;
         loop {
+            // Read before decoding: a failed decode has already consumed the frame.
+            let level = peek_connect_level(&self.read_buf);
             match tollgate_protocol::decode_packet(&mut self.read_buf, ProtocolVersion::V311, max) {
                 Ok(Some(Packet::Connect(connect))) => return Ok(connect),
                 Ok(Some(other)) => {
@@ -138,7 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
                 }
                 Ok(None) => {}
                 Err(error) => {
-                    self.refuse_malformed_connect(error);
+                    self.refuse_malformed_connect(error, level);
                     return Err(error.to_string());
                 }
             }
@@ -153,9 +155,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
 
     /// A v5 client gets a CONNACK with the reason code; a 3.1.1 client gets CONNACK 0x01 for an unsupported
     /// level [MQTT-3.1.2-2] and is otherwise just disconnected [MQTT-4.8.0-1].
-    fn refuse_malformed_connect(&mut self, error: DecodeError) {
+    fn refuse_malformed_connect(&mut self, error: DecodeError, level: Option<u8>) {
         Metrics::add(&self.broker.metrics().protocol_errors, 1);
-        let level = peek_connect_level(&self.read_buf);
         let (version, reason) = match (level, error) {
             (Some(5), _) => (ProtocolVersion::V5, error.reason_code()),
             (_, DecodeError::UnsupportedProtocolLevel(_)) => {
@@ -865,7 +866,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     async fn fill(&mut self) {
         self.fill_pending = false;
-        let outbound_transform = self.broker.hooks().has_outbound_transform();
+        let hooks = self.broker.hooks();
+        let outbound_transform = hooks.has_outbound_transform();
+        let check_read = !hooks.authorizers.is_empty();
+        drop(hooks);
         loop {
             if self.write_buf.len() >= WRITE_HIGH_WATER {
                 self.fill_pending = true;
@@ -876,6 +880,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 return;
             }
             for (delivery, packet_id) in batch {
+                // Read permission is checked per delivered message, as Mosquitto does: a subscription to `#` must
+                // not carry messages from topics the subscriber may not read. Decisions are cached per connection.
+                if check_read && !self.authorize(Action::Receive { topic: &delivery.message.topic }).await.is_allowed()
+                {
+                    if let Some(packet_id) = packet_id {
+                        self.session.lock().complete(packet_id);
+                    }
+                    continue;
+                }
                 if outbound_transform {
                     match self.transform_outbound(delivery).await {
                         Some(delivery) => self.send_publish(delivery, packet_id, false),

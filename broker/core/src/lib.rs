@@ -222,6 +222,7 @@ impl Broker {
             }
         }
         self.inner.sessions.remove_if_current(&session.client_id, session.id);
+        session.ended.cancel();
         debug!(client_id = %session.client_id, "session ended");
     }
 
@@ -246,7 +247,7 @@ impl Broker {
 
     /// Publishes a will now, or after its delay unless the session reconnects first [MQTT-3.1.3-9].
     pub(crate) fn schedule_will(&self, session: SessionRef, generation: u64, will: Arc<Message>, delay: Duration) {
-        if delay.is_zero() {
+        if delay.is_zero() || session.ended.is_cancelled() {
             self.publish(will);
             return;
         }
@@ -254,11 +255,17 @@ impl Broker {
         let shutdown = self.shutdown_token();
         self.inner.tasks.spawn(async move {
             tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
-            }
-            if session.generation() == generation && !session.is_connected() {
-                broker.publish(will);
+                _ = tokio::time::sleep(delay) => {
+                    // A reconnect to the same session within the delay cancels the will.
+                    if session.generation() == generation && !session.is_connected() {
+                        broker.publish(will);
+                    }
+                }
+                // The session ended first (expiry, or a clean start replaced it): the will goes now.
+                _ = session.ended.cancelled() => {
+                    broker.publish(will);
+                }
+                _ = shutdown.cancelled() => {}
             }
         });
     }

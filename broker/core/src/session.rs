@@ -77,6 +77,9 @@ pub struct Session {
     state: Mutex<SessionState>,
     /// Woken when deliveries are queued or in-flight slots open.
     pub wakeup: Notify,
+    /// Cancelled when the session ends (expiry, clean start, or disconnect with expiry 0): a delayed will waits
+    /// for the delay or for this, whichever comes first [MQTT-3.1.3-9].
+    pub ended: CancellationToken,
 }
 
 impl Session {
@@ -86,6 +89,7 @@ impl Session {
             client_id,
             state: Mutex::new(SessionState { expiry_interval, next_packet_id: 1, ..SessionState::default() }),
             wakeup: Notify::new(),
+            ended: CancellationToken::new(),
         }
     }
 

@@ -3,7 +3,7 @@
 //! | hook | trait | called on |
 //! |---|---|---|
 //! | authentication | [`Authenticator`] | CONNECT, and each v5 AUTH exchange |
-//! | authorization | [`Authorizer`] | PUBLISH, SUBSCRIBE (per filter), the will at CONNECT, retained delivery |
+//! | authorization | [`Authorizer`] | PUBLISH, SUBSCRIBE (per filter), the will at CONNECT, each delivery |
 //! | transform | [`Transformer`] | an inbound PUBLISH after authorization; optionally each outbound copy |
 //! | bridge route | [`BridgeRouter`] | a message crossing a bridge, in either direction |
 //!

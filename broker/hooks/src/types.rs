@@ -77,6 +77,10 @@ pub enum Action<'a> {
         retain: bool,
     },
     /// A retained message about to be replayed to a new subscription.
+    /// A live message about to be delivered to a subscriber (Mosquitto's per-message read check).
+    Receive {
+        topic: &'a str,
+    },
     ReceiveRetained {
         topic: &'a str,
     },
@@ -85,7 +89,10 @@ pub enum Action<'a> {
 impl Action<'_> {
     pub fn topic(&self) -> &str {
         match self {
-            Action::Publish { topic, .. } | Action::Will { topic, .. } | Action::ReceiveRetained { topic } => topic,
+            Action::Publish { topic, .. }
+            | Action::Will { topic, .. }
+            | Action::ReceiveRetained { topic }
+            | Action::Receive { topic } => topic,
             Action::Subscribe { filter, .. } => filter,
         }
     }

@@ -162,7 +162,9 @@ fn remaining_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, Enc
             if !version.is_v5() {
                 0
             } else if disconnect.properties.is_empty() {
-                if disconnect.reason_code == ReasonCode::SUCCESS { 0 } else { 1 }
+                // A reason code goes out with an explicit empty property length: legal either way, and some
+                // clients (rumqttc 0.25) reject the shorter form.
+                if disconnect.reason_code == ReasonCode::SUCCESS { 0 } else { 2 }
             } else {
                 1 + properties_len(&disconnect.properties, version)?
             }

@@ -643,7 +643,8 @@ fn v5_short_forms_are_used_when_allowed() {
         reason_code: ReasonCode::DISCONNECT_WITH_WILL,
         properties: Properties::default(),
     });
-    assert_eq!(&encode(&disconnect, v5)[..], &[0xE0, 0x01, 0x04]);
+    // With a reason code the empty property length is written too: legal, and rumqttc 0.25 requires it.
+    assert_eq!(&encode(&disconnect, v5)[..], &[0xE0, 0x02, 0x04, 0x00]);
     assert_eq!(&encode(&Packet::Auth(Auth::default()), v5)[..], &[0xF0, 0x00]);
 }
 

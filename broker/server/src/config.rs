@@ -161,7 +161,12 @@ pub fn figment(file: Option<&Path>) -> Figment {
     if let Some(file) = file {
         figment = figment.merge(Toml::file_exact(file));
     }
-    figment.merge(Env::prefixed("TOLLGATE_").split("__").filter(|key| key.as_str() != "config"))
+    // Only variables that name a configuration section are configuration; TOLLGATE_SOMETHING_ELSE is left alone.
+    figment.merge(Env::prefixed("TOLLGATE_").split("__").filter(|key| {
+        // figment may hand the key over before or after `split` maps `__` to `.`; accept both spellings.
+        let section = key.as_str().split(['.', '_']).next().unwrap_or_default().to_ascii_lowercase();
+        section == "listeners" || SECTION_KEYS.iter().any(|(name, _)| *name == section)
+    }))
 }
 
 /// Loads and validates. On failure every problem found is returned, never just the first.
@@ -195,6 +200,22 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
         }
     }
     if !problems.is_empty() {
+        // Still check what can be checked: drop the keys already reported, validate the rest on top of the
+        // defaults, and add the problems found under keys not yet named.
+        let mut cleaned = data.clone();
+        for reported in &problems {
+            remove_key(&mut cleaned, &reported.key);
+        }
+        let lenient = Figment::from(Serialized::defaults(Config::default())).merge(Serialized::defaults(cleaned));
+        if let Ok(config) = lenient.extract::<Config>() {
+            let mut more = Vec::new();
+            validate(&config, &mut more);
+            for extra in more {
+                if !problems.iter().any(|reported| reported.key == extra.key) {
+                    problems.push(extra);
+                }
+            }
+        }
         return Err(problems);
     }
     let config: Config = match figment.extract() {
@@ -205,6 +226,24 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
     };
     validate(&config, &mut problems);
     if problems.is_empty() { Ok(config) } else { Err(problems) }
+}
+
+/// Removes `section.key`, a top-level key, or (for any `listeners…` key) the whole listener list.
+fn remove_key(data: &mut Dict, key: &str) {
+    if key.starts_with("listeners") {
+        data.remove("listeners");
+        return;
+    }
+    match key.split_once('.') {
+        None => {
+            data.remove(key);
+        }
+        Some((section, field)) => {
+            if let Some(Value::Dict(_, fields)) = data.get_mut(section) {
+                fields.remove(field);
+            }
+        }
+    }
 }
 
 fn error_key(error: &figment::Error) -> String {

@@ -134,6 +134,9 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
         }
     };
     runtime.block_on(async move {
+        // Installed before the listeners open, so a signal that arrives as soon as clients can connect is not
+        // met by the default action (immediate exit, no goodbye).
+        let signals = install_signals();
         let server = match Server::start(&config).await {
             Ok(server) => server,
             Err(error) => {
@@ -142,17 +145,26 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
             }
         };
         info!(version = env!("CARGO_PKG_VERSION"), "tollgate running");
-        wait_for_signals(&server, config_path, &config).await;
+        wait_for_signals(signals, &server, config_path, &config).await;
         if server.shutdown().await { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(server: &Server, config_path: Option<&Path>, running: &Config) {
+type Signals = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+
+#[cfg(unix)]
+fn install_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut terminate), Ok(mut interrupt), Ok(mut hangup)) =
-        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
-    else {
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+        (Ok(terminate), Ok(interrupt), Ok(hangup)) => Some((terminate, interrupt, hangup)),
+        _ => None,
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signals(signals: Signals, server: &Server, config_path: Option<&Path>, running: &Config) {
+    let Some((mut terminate, mut interrupt, mut hangup)) = signals else {
         warn!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;
@@ -182,7 +194,13 @@ async fn wait_for_signals(server: &Server, config_path: Option<&Path>, running: 
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_server: &Server, _config_path: Option<&Path>, _running: &Config) {
+type Signals = ();
+
+#[cfg(not(unix))]
+fn install_signals() -> Signals {}
+
+#[cfg(not(unix))]
+async fn wait_for_signals(_signals: Signals, _server: &Server, _config_path: Option<&Path>, _running: &Config) {
     let _ = tokio::signal::ctrl_c().await;
 }
 

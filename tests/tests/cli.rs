@@ -1,0 +1,288 @@
+//! The `tollgate` binary: `check-config`, `run` (startup, refusal of a bad configuration, SIGTERM) and `passwd`.
+//! The binary is located (and built if needed) by `external::tollgate_bin`.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use rumqttc::ConnectReturnCode;
+use tokio::process::Command;
+use tollgate_integration_tests::external::{self, clean_env, describe, run, tollgate_bin};
+use tollgate_integration_tests::raw;
+use tollgate_integration_tests::{TestBroker, v4};
+use tollgate_protocol::{ProtocolVersion, ReasonCode};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn tollgate() -> Command {
+    let mut command = Command::new(tollgate_bin());
+    clean_env(&mut command);
+    command
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn check_config_lists_every_problem_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_acl = dir.path().join("no-such-dir").join("acl");
+    let config = write(
+        dir.path(),
+        "bad.toml",
+        &format!(
+            r#"
+[limits]
+bogus = 1
+max_inflight = "x"
+
+[[listeners]]
+bind = "not-an-address"
+
+[auth]
+acl_file = "{}"
+"#,
+            missing_acl.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "a bad file is refused: {}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing: Vec<&str> = ["limits.bogus", "limits.max_inflight", "listeners[0].bind", "auth.acl_file"]
+        .into_iter()
+        .filter(|key| !stderr.contains(key))
+        .collect();
+    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+}
+
+#[tokio::test]
+async fn check_config_reports_semantic_problems_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing_acl = dir.path().join("missing-acl");
+    let config = write(
+        dir.path(),
+        "semantic.toml",
+        &format!(
+            "[[listeners]]\nbind = \"not-an-address\"\n\n[auth]\nacl_file = \"{}\"\n\n[limits]\nmax_inflight = 0\n",
+            missing_acl.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["listeners[0].bind", "auth.acl_file", "limits.max_inflight"] {
+        assert!(stderr.contains(key), "{key} not reported\n{}", describe(&output));
+    }
+}
+
+#[tokio::test]
+async fn check_config_accepts_a_good_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = write(dir.path(), "acl", "pattern readwrite #\n");
+    let config = write(
+        dir.path(),
+        "good.toml",
+        &format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n\n[auth]\nacl_file = \"{}\"\n\n[limits]\nmax_inflight = 64\n",
+            acl.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ok"), "{}", describe(&output));
+}
+
+#[tokio::test]
+async fn run_with_a_bad_config_exits_non_zero_without_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port that is free now; the broker must not get as far as binding it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config =
+        write(dir.path(), "bad.toml", &format!("[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[limits]\nbogus = 1\n"));
+    let output = run(tollgate().arg("run").arg("--config").arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("limits.bogus"), "{}", describe(&output));
+    assert!(!stderr.contains("listener ready"), "it must not start listening: {}", describe(&output));
+}
+
+#[tokio::test]
+async fn run_with_a_missing_config_file_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = run(tollgate().arg("run").arg("--config").arg(dir.path().join("absent.toml")), LIMIT).await;
+    assert!(!output.status.success(), "{}", describe(&output));
+}
+
+/// Starts `tollgate run` with JSON logs and returns it with the address its listener reported.
+async fn start_binary(args: &[&str]) -> (external::Background, SocketAddr) {
+    start_command(tollgate(), args).await
+}
+
+async fn start_command(mut command: Command, args: &[&str]) -> (external::Background, SocketAddr) {
+    let mut child = external::spawn(command.arg("run").args(args).args(["--log-format", "json"]));
+    let address = child
+        .stderr_until(LIMIT, |line| {
+            let value: serde_json::Value = serde_json::from_str(line).ok()?;
+            let fields = value.get("fields")?;
+            if fields.get("message")?.as_str()? != "listener ready" {
+                return None;
+            }
+            fields.get("address")?.as_str()?.parse::<SocketAddr>().ok()
+        })
+        .await
+        .unwrap_or_else(|lines| panic!("the broker never reported a listener; its stderr:\n{}", lines.join("\n")));
+    (child, address)
+}
+
+#[tokio::test]
+async fn run_listens_and_exits_0_on_sigterm_saying_goodbye_to_v5_clients() {
+    let (mut child, address) = start_binary(&["--listen", "127.0.0.1:0"]).await;
+    assert!(address.ip().is_loopback());
+    assert_ne!(address.port(), 0);
+
+    let mut v5_client = raw::tcp(address, ProtocolVersion::V5).await;
+    v5_client.connect_ok(ProtocolVersion::V5, "v5-client").await;
+    let mut v311_client = raw::tcp(address, ProtocolVersion::V311).await;
+    v311_client.connect_ok(ProtocolVersion::V311, "v311-client").await;
+
+    child.signal("TERM");
+    v5_client.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
+    v311_client.expect_closed().await;
+    let status = child.wait(Duration::from_secs(10)).await;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+#[tokio::test]
+async fn sigint_also_shuts_down_cleanly() {
+    let (mut child, address) = start_binary(&["--listen", "127.0.0.1:0"]).await;
+    let mut client = raw::tcp(address, ProtocolVersion::V5).await;
+    client.connect_ok(ProtocolVersion::V5, "v5-client").await;
+    child.signal("INT");
+    client.expect_disconnect(ReasonCode::SERVER_SHUTTING_DOWN).await;
+    assert!(child.wait(Duration::from_secs(10)).await.success());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn passwd_creates_a_private_file_the_broker_accepts() {
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwords");
+    let output = run(tollgate().arg("passwd").arg("-c").arg(&file).args(["alice", "s3cret"]), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "password file mode is {mode:o}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with("alice:"), "{text}");
+    assert!(!text.contains("s3cret"), "the password is stored hashed");
+
+    // Add a second user (password from standard input, as an interactive prompt would read it).
+    let mut add = tollgate();
+    add.arg("passwd").arg(&file).arg("bob").stdin(std::process::Stdio::piped());
+    add.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).kill_on_drop(true);
+    let mut child = add.spawn().unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"builder\n").await.unwrap();
+    }
+    let output = tokio::time::timeout(LIMIT, child.wait_with_output()).await.unwrap().unwrap();
+    assert!(output.status.success(), "{}", describe(&output));
+
+    let broker = TestBroker::builder().password_file(file.clone()).allow_anonymous(false).start().await;
+    let mut alice = v4::options(&broker, "alice");
+    alice.set_credentials("alice", "s3cret");
+    v4::connect(alice).await.0.disconnect().await;
+    let mut bob = v4::options(&broker, "bob");
+    bob.set_credentials("bob", "builder");
+    v4::connect(bob).await.0.disconnect().await;
+    let mut wrong = v4::options(&broker, "wrong");
+    wrong.set_credentials("alice", "builder");
+    assert_eq!(v4::refused_code(wrong).await, ConnectReturnCode::BadUserNamePassword);
+
+    // -D removes a user.
+    let output = run(tollgate().arg("passwd").arg("-D").arg(&file).arg("bob"), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("alice:") && !text.contains("bob:"), "{text}");
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "still private after rewriting");
+}
+
+#[tokio::test]
+async fn passwd_without_create_on_a_missing_file_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("absent");
+    let output = run(tollgate().arg("passwd").arg(&file).args(["alice", "pw"]), LIMIT).await;
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(!file.exists());
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_password_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    let set_password = |password: &'static str, create: bool| {
+        let mut command = tollgate();
+        command.arg("passwd").args(["--scheme", "pbkdf2"]);
+        if create {
+            command.arg("-c");
+        }
+        command.arg(&passwords).args(["alice", password]);
+        command
+    };
+    let output = run(&mut set_password("first", true), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n\n[auth]\nallow_anonymous = false\npassword_file = \"{}\"\n",
+            passwords.display()
+        ),
+    );
+    let config = config.to_str().unwrap().to_owned();
+    let (mut child, address) = start_binary(&["--config", &config]).await;
+    let broker_options = |password: &str| {
+        let mut options = rumqttc::MqttOptions::new("alice", "127.0.0.1", address.port());
+        options.set_credentials("alice", password);
+        options
+    };
+    v4::connect(broker_options("first")).await.0.disconnect().await;
+    assert_eq!(v4::refused_code(broker_options("second")).await, ConnectReturnCode::BadUserNamePassword);
+
+    let output = run(&mut set_password("second", false), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    child.signal("HUP");
+    child
+        .stderr_until(LIMIT, |line| line.contains("hooks reloaded").then_some(()))
+        .await
+        .unwrap_or_else(|lines| panic!("no reload was logged:\n{}", lines.join("\n")));
+
+    v4::connect(broker_options("second")).await.0.disconnect().await;
+    assert_eq!(v4::refused_code(broker_options("first")).await, ConnectReturnCode::BadUserNamePassword);
+
+    child.signal("TERM");
+    assert!(child.wait(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
+async fn environment_overrides_the_configuration() {
+    let mut command = tollgate();
+    command.env("TOLLGATE_LIMITS__MAX_INFLIGHT", "7").env("TOLLGATE_LIMITS__MAX_KEEPALIVE", "42");
+    let (mut child, address) = start_command(command, &["--listen", "127.0.0.1:0"]).await;
+    let mut client = raw::tcp(address, ProtocolVersion::V5).await;
+    let connack = client.connect_ok(ProtocolVersion::V5, "env").await;
+    assert_eq!(connack.properties.receive_maximum, Some(7), "TOLLGATE_LIMITS__MAX_INFLIGHT");
+    assert_eq!(connack.properties.server_keep_alive, Some(42), "TOLLGATE_LIMITS__MAX_KEEPALIVE");
+    client.disconnect().await;
+    child.signal("TERM");
+    assert!(child.wait(Duration::from_secs(10)).await.success());
+}
