@@ -1,0 +1,373 @@
+//! Starting, watching and stopping the brokers under test, each as its own process on a free loopback port.
+
+use std::fmt;
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    Tollgate,
+    Mosquitto,
+    Rumqttd,
+}
+
+impl BrokerKind {
+    pub const ALL: [BrokerKind; 3] = [Self::Tollgate, Self::Mosquitto, Self::Rumqttd];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tollgate => "tollgate",
+            Self::Mosquitto => "mosquitto",
+            Self::Rumqttd => "rumqttd",
+        }
+    }
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Self::Tollgate => "Tollgate",
+            Self::Mosquitto => "Mosquitto",
+            Self::Rumqttd => "rumqttd",
+        }
+    }
+}
+
+impl fmt::Display for BrokerKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Limits written into every broker's configuration, the same for all three.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Limits {
+    /// Outgoing QoS 1 messages in flight per client.
+    pub max_inflight: u16,
+    /// Messages queued per client beyond those in flight.
+    pub max_queued: u32,
+    /// Connections the broker must accept (rumqttd has a hard cap).
+    pub max_connections: usize,
+}
+
+pub struct BrokerSpec {
+    pub kind: BrokerKind,
+    pub binary: PathBuf,
+    pub version: String,
+}
+
+/// Finds the binary and its version, or says why the broker cannot be benchmarked.
+pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Result<BrokerSpec> {
+    let candidates: Vec<PathBuf> = match (explicit, kind) {
+        (Some(path), _) => vec![path.to_path_buf()],
+        (None, BrokerKind::Tollgate) => {
+            let mut list = Vec::new();
+            if let Ok(exe) = std::env::current_exe()
+                && let Some(dir) = exe.parent()
+            {
+                list.push(dir.join("tollgate"));
+            }
+            list.push(workspace.join("target/release/tollgate"));
+            list
+        }
+        (None, BrokerKind::Mosquitto) => {
+            let mut list = vec![PathBuf::from("/usr/sbin/mosquitto")];
+            list.extend(on_path("mosquitto"));
+            list
+        }
+        (None, BrokerKind::Rumqttd) => {
+            let mut list = Vec::new();
+            if let Some(home) = std::env::var_os("CARGO_HOME") {
+                list.push(PathBuf::from(home).join("bin/rumqttd"));
+            }
+            if let Some(home) = std::env::var_os("HOME") {
+                list.push(PathBuf::from(home).join(".cargo/bin/rumqttd"));
+            }
+            list.extend(on_path("rumqttd"));
+            list
+        }
+    };
+    let Some(binary) = candidates.into_iter().find(|path| path.is_file()) else {
+        bail!(
+            "{kind} binary not found ({})",
+            match kind {
+                BrokerKind::Tollgate => "build it with `cargo build --release -p tollgate` or pass --tollgate-bin",
+                BrokerKind::Mosquitto => "install the Debian package `mosquitto` or pass --mosquitto-bin",
+                BrokerKind::Rumqttd => "`cargo install rumqttd --locked` or pass --rumqttd-bin",
+            }
+        );
+    };
+    let version = match kind {
+        BrokerKind::Tollgate => {
+            let version = first_line(&binary, &["--version"]);
+            format!("{version} (git {})", git_rev(workspace))
+        }
+        BrokerKind::Mosquitto => first_line(&binary, &["-h"]),
+        BrokerKind::Rumqttd => first_line(&binary, &["--version"]),
+    };
+    Ok(BrokerSpec { kind, binary, version })
+}
+
+fn on_path(name: &str) -> Vec<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).map(|dir| dir.join(name)).collect())
+        .unwrap_or_default()
+}
+
+fn first_line(binary: &Path, args: &[&str]) -> String {
+    match Command::new(binary).args(args).output() {
+        Ok(output) => {
+            let text = if output.stdout.is_empty() { output.stderr } else { output.stdout };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or("unknown")
+                .trim()
+                .to_string()
+        }
+        Err(error) => format!("unknown ({error})"),
+    }
+}
+
+pub fn git_rev(workspace: &Path) -> String {
+    let run = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(workspace)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_string())
+    };
+    let Some(rev) = run(&["rev-parse", "--short=12", "HEAD"]) else {
+        return "unknown".into();
+    };
+    // Only the broker's own sources decide whether the measured binary differs from the commit.
+    let dirty =
+        run(&["status", "--porcelain", "--", "broker", ":!broker/bench"]).is_some_and(|status| !status.is_empty());
+    if dirty { format!("{rev}-dirty") } else { rev }
+}
+
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+pub struct RunningBroker {
+    pub kind: BrokerKind,
+    pub addr: SocketAddr,
+    pub pid: u32,
+    child: Child,
+    dir: PathBuf,
+}
+
+impl RunningBroker {
+    pub fn start(spec: &BrokerSpec, limits: Limits, tag: &str) -> Result<RunningBroker> {
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{}-{tag}", std::process::id(), spec.kind));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let mut command = Command::new(&spec.binary);
+        match spec.kind {
+            BrokerKind::Tollgate => {
+                let config = dir.join("tollgate.toml");
+                fs::write(&config, tollgate_config(port, limits))?;
+                command.arg("run").arg("--config").arg(config);
+            }
+            BrokerKind::Mosquitto => {
+                let config = dir.join("mosquitto.conf");
+                fs::write(&config, mosquitto_config(port, limits))?;
+                command.arg("-c").arg(config);
+            }
+            BrokerKind::Rumqttd => {
+                let config = dir.join("rumqttd.toml");
+                fs::write(&config, rumqttd_config(port, free_port()?, limits))?;
+                command.arg("--quiet").arg("--config").arg(config);
+            }
+        }
+        let log = fs::File::create(dir.join("broker.log"))?;
+        let child = command
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawn {}", spec.binary.display()))?;
+        let mut broker = RunningBroker { kind: spec.kind, addr, pid: child.id(), child, dir };
+        broker.wait_ready()?;
+        Ok(broker)
+    }
+
+    fn wait_ready(&mut self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("{} exited during startup ({status}): {}", self.kind, self.log_tail());
+            }
+            if TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {} within 10 s: {}", self.kind, self.addr, self.log_tail());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running; if not, why.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("{} died ({status}): {}", self.kind, self.log_tail());
+        }
+        Ok(())
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(self.dir.join("broker.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().rev().take(5).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    }
+
+    pub fn rss_kib(&self) -> Result<u64> {
+        rss_kib(self.pid)
+    }
+
+    pub fn cpu_ticks(&self) -> Result<u64> {
+        cpu_ticks(&format!("/proc/{}/stat", self.pid))
+    }
+
+    /// SIGTERM, a grace period, then SIGKILL.
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate();
+        Ok(())
+    }
+
+    fn terminate(&mut self) {
+        if matches!(self.child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunningBroker {
+    fn drop(&mut self) {
+        self.terminate();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn rss_kib(pid: u32) -> Result<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// utime + stime in clock ticks from a `/proc/.../stat` file (threads included).
+pub fn cpu_ticks(path: &str) -> Result<u64> {
+    let stat = fs::read_to_string(path)?;
+    // The command name may contain spaces; fields after it are fixed.
+    let rest = stat.rsplit_once(')').map(|(_, rest)| rest).context("bad stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); utime is field 14, stime 15.
+    let utime: u64 = fields.get(11).context("utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+pub fn tollgate_config(port: u16, limits: Limits) -> String {
+    format!(
+        r#"[[listeners]]
+bind = "127.0.0.1:{port}"
+
+[auth]
+allow_anonymous = true
+
+[sys]
+interval = 0
+
+[limits]
+max_inflight = {inflight}
+max_queued_messages = {queued}
+
+[log]
+level = "warn"
+"#,
+        inflight = limits.max_inflight,
+        queued = limits.max_queued,
+    )
+}
+
+pub fn mosquitto_config(port: u16, limits: Limits) -> String {
+    format!(
+        "listener {port} 127.0.0.1
+allow_anonymous true
+persistence false
+max_inflight_messages {inflight}
+max_queued_messages {queued}
+max_keepalive 65535
+set_tcp_nodelay true
+log_dest stderr
+log_type error
+log_type warning
+",
+        inflight = limits.max_inflight,
+        queued = limits.max_queued,
+    )
+}
+
+/// rumqttd 0.20 configuration: router, one v4 and one v5 server, no console, metrics or websocket.
+/// `next_connection_delay_ms` is 0 (its example config sleeps 1 ms after every accept).
+pub fn rumqttd_config(port: u16, v5_port: u16, limits: Limits) -> String {
+    format!(
+        r#"id = 0
+
+[router]
+id = 0
+max_connections = {max_connections}
+max_outgoing_packet_count = 1000
+max_segment_size = 104857600
+max_segment_count = 10
+
+[v4.1]
+name = "v4-1"
+listen = "127.0.0.1:{port}"
+next_connection_delay_ms = 0
+    [v4.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 1048576
+    max_inflight_count = {inflight}
+    dynamic_filters = true
+
+[v5.1]
+name = "v5-1"
+listen = "127.0.0.1:{v5_port}"
+next_connection_delay_ms = 0
+    [v5.1.connections]
+    connection_timeout_ms = 60000
+    max_payload_size = 1048576
+    max_inflight_count = {inflight}
+"#,
+        max_connections = limits.max_connections,
+        inflight = limits.max_inflight,
+    )
+}
