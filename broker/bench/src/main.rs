@@ -173,6 +173,7 @@ async fn run(cli: Cli) -> Result<()> {
         limits,
         nofile_limit: nofile,
         max_interference_pct: cli.max_interference,
+        retries: cli.retries,
     };
 
     let mut entries = Vec::new();

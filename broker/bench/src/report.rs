@@ -22,6 +22,7 @@ pub struct Meta {
     pub limits: Limits,
     pub nofile_limit: u64,
     pub max_interference_pct: f64,
+    pub retries: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -149,6 +150,12 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
         meta.nofile_limit,
         meta.idle_connections,
         meta.connect_workers,
+    );
+    let _ = writeln!(
+        out,
+        "- A scenario during which other processes used more than {:.0}% of a core is repeated (at most {} \
+         times) and the least disturbed attempt is reported.",
+        meta.max_interference_pct, meta.retries
     );
     let _ = writeln!(out, "- Brokers and load generator share the same {} cores over loopback.\n", meta.machine.nproc);
 
