@@ -253,6 +253,12 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
             } else if let Some(n) = o.connections {
                 notes.push(format!("{n} connections"));
             }
+            if o.unit == "msg/s" && o.max_stream_gap_ms >= 50.0 {
+                notes.push(format!(
+                    "delivery paused up to {:.0} ms (one publisher's stream) / {:.0} ms (whole subscriber)",
+                    o.max_stream_gap_ms, o.max_gap_ms
+                ));
+            }
             if o.attempts > 1 {
                 notes.push(format!("{} attempts (others busy), least disturbed shown", o.attempts));
             }

@@ -182,6 +182,10 @@ pub struct Outcome {
     pub invalid: u64,
     /// Publisher waits that ended in sending anyway (see `STALL`).
     pub stalls: u64,
+    /// Longest pause in deliveries at any subscriber while publishers were running, in ms.
+    pub max_gap_ms: f64,
+    /// Longest pause in deliveries of one publisher's messages at one subscriber, in ms.
+    pub max_stream_gap_ms: f64,
     pub unacked: u64,
     pub bad_acks: u64,
     pub latency: Option<Percentiles>,
@@ -338,6 +342,10 @@ struct SubResult {
     trackers: Vec<Tracker>,
     invalid: u64,
     latencies_ns: Vec<u64>,
+    /// Longest time without any new message at this subscriber while publishers were running.
+    max_gap_ns: u64,
+    /// Longest time without a new message from one particular publisher while publishers were running.
+    max_stream_gap_ns: u64,
     error: Option<String>,
 }
 
@@ -366,6 +374,8 @@ struct SubCtx {
     pubs: Arc<Vec<PubShared>>,
     /// Latency samples are taken for messages sent at or after this time (ns since origin).
     latency_from: Option<u64>,
+    /// Set when the publishers stop; delivery gaps after that are not gaps.
+    publishing_stopped: Arc<AtomicBool>,
 }
 
 async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) -> SubResult {
@@ -375,6 +385,9 @@ async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) ->
     let mut invalid = 0u64;
     let mut latencies_ns = Vec::new();
     let mut unique_total = 0u64;
+    let mut last_any: Option<u64> = None;
+    let mut last_stream: Vec<Option<u64>> = vec![None; ctx.sources.len()];
+    let (mut max_gap_ns, mut max_stream_gap_ns) = (0u64, 0u64);
     let me = ctx.shared.get(ctx.index);
     let result: Result<()> = async {
         loop {
@@ -434,12 +447,24 @@ async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) ->
             if unique_total != before
                 && let Some(me) = me
             {
+                let now = now_ns();
+                let counting = !ctx.publishing_stopped.load(Relaxed);
+                if counting && let Some(last) = last_any {
+                    max_gap_ns = max_gap_ns.max(now.saturating_sub(last));
+                }
+                last_any = Some(now);
                 me.unique.store(unique_total, Relaxed);
                 for (local, tracker) in trackers.iter().enumerate() {
                     if let Some(hw) = me.high_water.get(local)
                         && hw.load(Relaxed) != tracker.next
                     {
                         hw.store(tracker.next, Relaxed);
+                        if let Some(last) = last_stream.get_mut(local) {
+                            if counting && let Some(previous) = *last {
+                                max_stream_gap_ns = max_stream_gap_ns.max(now.saturating_sub(previous));
+                            }
+                            *last = Some(now);
+                        }
                         if let Some(publisher) = ctx.sources.get(local).and_then(|&p| ctx.pubs.get(p)) {
                             publisher.notify.notify_one();
                         }
@@ -449,7 +474,14 @@ async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) ->
         }
     }
     .await;
-    SubResult { trackers, invalid, latencies_ns, error: result.err().map(|e| e.to_string()) }
+    SubResult {
+        trackers,
+        invalid,
+        latencies_ns,
+        max_gap_ns,
+        max_stream_gap_ns,
+        error: result.err().map(|e| e.to_string()),
+    }
 }
 
 struct PubCtx {
@@ -668,6 +700,7 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
 
     let warmup_end_ns = now_ns() + settings.warmup.as_nanos() as u64;
     let (stop_subs, stop_rx) = watch::channel(false);
+    let stop_pubs = Arc::new(AtomicBool::new(false));
     let mut sub_handles = Vec::new();
     for (index, conn) in sub_conns.into_iter().enumerate() {
         let sources = spec.sources.get(index).cloned().unwrap_or_default();
@@ -687,10 +720,10 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
             shared: subs_shared.clone(),
             pubs: pubs_shared.clone(),
             latency_from: spec.latency.then_some(warmup_end_ns),
+            publishing_stopped: stop_pubs.clone(),
         };
         sub_handles.push(tokio::spawn(subscriber(conn, ctx, stop_rx.clone())));
     }
-    let stop_pubs = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let mut pub_handles = Vec::new();
     for (index, conn) in pub_conns.into_iter().enumerate() {
@@ -770,6 +803,8 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
         }
         outcome.invalid += res.invalid;
         latencies.extend(res.latencies_ns);
+        outcome.max_gap_ms = outcome.max_gap_ms.max(res.max_gap_ns as f64 / 1e6);
+        outcome.max_stream_gap_ms = outcome.max_stream_gap_ms.max(res.max_stream_gap_ns as f64 / 1e6);
         if let Some(error) = res.error {
             outcome.errors.push(error);
         }
