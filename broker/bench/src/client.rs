@@ -194,20 +194,6 @@ fn parse_publish(first: u8, body: &[u8]) -> Result<Frame<'_>> {
     Ok(Frame::Publish { qos, packet_id, topic, payload: body.get(pos..).unwrap_or_default() })
 }
 
-fn put_varint(out: &mut BytesMut, mut value: usize) {
-    loop {
-        let mut byte = (value & 0x7F) as u8;
-        value >>= 7;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if value == 0 {
-            break;
-        }
-    }
-}
-
 /// The filler byte for every payload position past the header: a function of publisher and sequence so
 /// that a payload delivered to the wrong place or corrupted in the middle is caught.
 pub fn fill_byte(publisher: u32, seq: u64) -> u8 {
@@ -228,7 +214,7 @@ pub fn put_publish(
     let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload_len;
     out.reserve(5 + remaining);
     out.put_u8(0x30 | (qos << 1));
-    put_varint(out, remaining);
+    tollgate_protocol::encode::put_varint(out, remaining);
     out.put_u16(topic.len() as u16);
     out.put_slice(topic);
     if qos > 0 {

@@ -27,7 +27,8 @@ pub(crate) fn varint_len(value: usize) -> usize {
     }
 }
 
-pub(crate) fn put_varint(out: &mut BytesMut, mut value: usize) {
+/// Appends a variable byte integer (MQTT 1.5.5). Public for tools that frame packets by hand (the bench).
+pub fn put_varint(out: &mut BytesMut, mut value: usize) {
     loop {
         let mut byte = (value & 0x7F) as u8;
         value >>= 7;
