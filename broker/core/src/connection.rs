@@ -84,6 +84,19 @@ pub async fn serve<S>(broker: Broker, stream: S, context: ConnectionContext)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // The handshake's state is large (authentication hooks, session takeover) and needed once; boxing it keeps
+    // it out of the future that lives as long as the connection, which is most of the memory of an idle client.
+    // For the same reason the connection lives in its own box rather than inline in this future, and the
+    // once-only goodbye is boxed when it runs.
+    let Some(mut connection) = Box::pin(handshake(broker, stream, context)).await else { return };
+    let exit = connection.serve_loop().await;
+    Box::pin(connection.finish(exit)).await;
+}
+
+async fn handshake<S>(broker: Broker, stream: S, context: ConnectionContext) -> Option<Box<Connection<S>>>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (reader, writer) = tokio::io::split(stream);
     let mut handshake = Handshake {
         broker,
@@ -99,11 +112,33 @@ where
         Err(reason) => {
             debug!(remote = ?handshake.context.remote_addr, %reason, "connection closed before CONNECT completed");
             handshake.flush_and_close().await;
-            return;
+            return None;
         }
     };
-    if let Some(connection) = handshake.accept(connect, deadline).await {
-        connection.run().await;
+    handshake.accept(connect, deadline).await
+}
+
+/// Reads straight into `buffer` when it has room (a packet being assembled), and otherwise through a buffer on
+/// the stack, copying only what arrived: a connection waiting for its next packet then holds no heap buffer,
+/// which is most of what an idle client would cost.
+fn poll_read_into<R: AsyncRead>(
+    reader: Pin<&mut R>,
+    buffer: &mut BytesMut,
+    cx: &mut std::task::Context<'_>,
+) -> std::task::Poll<std::io::Result<usize>> {
+    const STACK_READ: usize = 8 * 1024;
+    if buffer.capacity() - buffer.len() >= STACK_READ {
+        return tokio_util::io::poll_read_buf(reader, cx, buffer);
+    }
+    let mut scratch = [0u8; STACK_READ];
+    let mut read = tokio::io::ReadBuf::new(&mut scratch);
+    match reader.poll_read(cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => {
+            buffer.extend_from_slice(read.filled());
+            std::task::Poll::Ready(Ok(read.filled().len()))
+        }
+        std::task::Poll::Ready(Err(error)) => std::task::Poll::Ready(Err(error)),
+        std::task::Poll::Pending => std::task::Poll::Pending,
     }
 }
 
@@ -202,7 +237,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         }
     }
 
-    async fn accept(mut self, connect: Box<Connect>, deadline: Instant) -> Option<Connection<S>> {
+    async fn accept(mut self, connect: Box<Connect>, deadline: Instant) -> Option<Box<Connection<S>>> {
         let broker = self.broker.clone();
         let config = broker.config().clone();
         let version = connect.protocol;
@@ -386,7 +421,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         debug!(client_id = %client_id, ?version, keep_alive, resumed = opened.resumed, "client connected");
 
         let keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        let mut connection = Connection {
+        let mut connection = Box::new(Connection {
             shutdown: broker.shutdown_token(),
             decoder: Decoder::new(version, config.max_packet_size as usize),
             broker,
@@ -409,10 +444,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             will,
             acl_cache,
             kick,
-            request,
+            // Only an enhanced-authentication client can re-authenticate; other connections need not keep their
+            // CONNECT (password included) for their whole life.
+            reauth_request: request.authentication_method.is_some().then(|| Box::new(request)),
             expiry_was_zero: expiry == 0,
             fill_pending: false,
-        };
+        });
         connection.resend_inflight();
         Some(connection)
     }
@@ -443,20 +480,15 @@ struct Connection<S> {
     acl_cache: AclCache,
     kick: CancellationToken,
     shutdown: CancellationToken,
-    request: ConnectRequest,
+    reauth_request: Option<Box<ConnectRequest>>,
     expiry_was_zero: bool,
     /// The last fill stopped at the write high-water mark with deliveries left in the queue.
     fill_pending: bool,
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
-    async fn run(mut self) {
-        let exit = self.serve_loop().await;
-        self.finish(exit).await;
-    }
-
     async fn serve_loop(&mut self) -> Exit {
-        self.fill().await;
+        Box::pin(self.fill()).await;
         loop {
             if let Some(period) = self.keep_alive
                 && self.keepalive_timer.is_none()
@@ -489,25 +521,25 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                                 }
                             }
                             if self.fill_pending && self.write_buf.len() < WRITE_HIGH_WATER {
-                                self.fill().await;
+                                Box::pin(self.fill()).await;
                             }
                         }
                     }
                 }
-                result = self.reader.read_buf(&mut self.read_buf) => {
+                result = std::future::poll_fn(|cx| poll_read_into(Pin::new(&mut self.reader), &mut self.read_buf, cx)) => {
                     match result {
                         Ok(0) | Err(_) => return Exit::Closed,
                         Ok(count) => {
                             Metrics::add(&self.broker.metrics().bytes_received, count as u64);
                             self.last_seen = Instant::now();
-                            if let Err(exit) = self.process_input().await {
+                            if let Err(exit) = Box::pin(self.process_input()).await {
                                 return exit;
                             }
-                            self.fill().await;
+                            Box::pin(self.fill()).await;
                         }
                     }
                 }
-                _ = self.session.wakeup.notified(), if can_fill => self.fill().await,
+                _ = self.session.wakeup.notified(), if can_fill => Box::pin(self.fill()).await,
                 _ = keepalive_fired => {
                     let period = self.keep_alive.unwrap_or(Duration::MAX);
                     if self.last_seen + period <= Instant::now() {
@@ -524,9 +556,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             Metrics::add(&self.broker.metrics().messages_received, 1);
             self.handle(packet).await?;
         }
-        // An idle connection should not keep a large read buffer from a past burst.
-        if self.read_buf.is_empty() && self.read_buf.capacity() > 64 * 1024 {
-            self.read_buf = BytesMut::with_capacity(256);
+        // An idle connection keeps no read buffer at all; `poll_read_into` reads through a stack buffer.
+        if self.read_buf.is_empty() {
+            self.read_buf = BytesMut::new();
         }
         Ok(())
     }
@@ -822,18 +854,21 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     /// Re-authentication (MQTT 5 section 4.12.1) on an established connection.
     async fn handle_reauth(&mut self, auth: Auth) -> Result<(), Exit> {
-        let Some(method) = self.request.authentication_method.clone() else {
+        let Some(request) = self.reauth_request.as_deref() else {
             return Err(violation(
                 ReasonCode::PROTOCOL_ERROR,
                 "AUTH without an authentication method at CONNECT [MQTT-4.12.0-7]",
             ));
         };
+        let method = request.authentication_method.clone().unwrap_or_default();
         if auth.properties.authentication_method.as_deref() != Some(method.as_str()) {
             return Err(violation(ReasonCode::PROTOCOL_ERROR, "AUTH with a different authentication method"));
         }
         let step = AuthStep { method: method.clone(), data: auth.properties.authentication_data };
         let hooks = self.broker.hooks();
-        match hooks.continue_auth(&self.request, &step).await {
+        let outcome = hooks.continue_auth(request, &step).await;
+        drop(hooks);
+        match outcome {
             AuthOutcome::Allow { .. } => {
                 let properties = Properties { authentication_method: Some(method), ..Properties::default() };
                 self.send(&Packet::Auth(Auth { reason_code: ReasonCode::SUCCESS, properties }));
@@ -980,7 +1015,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         self.send(&packet);
     }
 
-    async fn finish(mut self, exit: Exit) {
+    async fn finish(mut self: Box<Self>, exit: Exit) {
         let client_id = self.client.client_id.clone();
         let (goodbye, publish_will) = match &exit {
             Exit::ClientDisconnect { publish_will } => (None, *publish_will),
@@ -1073,3 +1108,4 @@ fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now
     message.properties.correlation_data = draft.correlation_data;
     message.expires_at = draft.message_expiry_interval.map(|seconds| now + Duration::from_secs(u64::from(seconds)));
 }
+
