@@ -1108,4 +1108,3 @@ fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now
     message.properties.correlation_data = draft.correlation_data;
     message.expires_at = draft.message_expiry_interval.map(|seconds| now + Duration::from_secs(u64::from(seconds)));
 }
-

@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tollgate_builtins::acl_file::AclFile;
 use tollgate_builtins::password_file::PasswordFile;
 use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, PasswordFileAuth};
 use tollgate_core::Broker;
-use tollgate_core::listener::Workers;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::Config;
 
@@ -105,7 +105,19 @@ impl Server {
         }
         let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
         for (socket, name) in bound {
-            broker.spawn(tollgate_core::listener::serve_tcp(broker.clone(), socket, name, Some(workers.clone())));
+            // Every worker accepts from the same socket (see `start_workers`); a tokio socket belongs to the runtime
+            // that registered it, so each worker registers its own handle to it.
+            let socket = socket.into_std()?;
+            for worker in workers.iter() {
+                let socket = socket.try_clone()?;
+                let (broker, name) = (broker.clone(), name.clone());
+                broker.clone().spawn_on(worker, async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => tollgate_core::listener::serve_tcp(broker, socket, name).await,
+                        Err(error) => error!(listener = %name, %error, "cannot register the listener on a worker"),
+                    }
+                });
+            }
         }
         broker.spawn(tollgate_core::sys::run(broker.clone()));
         Ok(Server {
@@ -150,8 +162,14 @@ impl Drop for Server {
     }
 }
 
-/// Starts one current-thread runtime per worker (see `tollgate_core::listener::Workers` for why).
-fn start_workers(requested: u16) -> anyhow::Result<(Workers, Vec<std::thread::JoinHandle<()>>, CancellationToken)> {
+/// Starts one current-thread runtime per worker thread, each accepting and serving its own connections.
+///
+/// Why not one multi-threaded runtime: its scheduler runs the most recently woken task first (the LIFO slot), so
+/// when two clients' packets arrive in the same readiness batch the later one is often applied first. MQTT does not
+/// order packets across connections, but clients written against single-threaded brokers (and the Paho
+/// conformance suite) expect a SUBSCRIBE that arrived first to be in place for a PUBLISH that arrived after it.
+/// Current-thread runtimes run ready tasks in arrival order, and connections never migrate between threads.
+fn start_workers(requested: u16) -> anyhow::Result<(Vec<Handle>, Vec<std::thread::JoinHandle<()>>, CancellationToken)> {
     let count = match requested {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         count => usize::from(count),
@@ -168,7 +186,7 @@ fn start_workers(requested: u16) -> anyhow::Result<(Workers, Vec<std::thread::Jo
             .spawn(move || runtime.block_on(stop.cancelled()))?;
         threads.push(thread);
     }
-    Ok((Workers { handles: handles.into() }, threads, stop))
+    Ok((handles, threads, stop))
 }
 
 /// Installs the global tracing subscriber for the binary.
