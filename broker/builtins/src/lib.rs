@@ -35,6 +35,26 @@ impl Authenticator for AnonymousAccess {
     }
 }
 
+/// Allows clients whose user name is the identity of their verified client certificate
+/// (`use_identity_as_username`, as Mosquitto does: the certificate is the credential). Others are left to the
+/// next authenticator.
+pub struct CertificateIdentityAuth;
+
+#[async_trait]
+impl Authenticator for CertificateIdentityAuth {
+    fn name(&self) -> &str {
+        "certificate_identity"
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, HookError> {
+        Ok(if request.username_from_certificate && request.peer.is_some() {
+            AuthDecision::allow()
+        } else {
+            AuthDecision::Abstain
+        })
+    }
+}
+
 /// Checks user name and password against a Mosquitto password file.
 pub struct PasswordFileAuth {
     file: PasswordFile,

@@ -37,6 +37,13 @@ pub struct BrokerConfig {
     pub retain_available: bool,
     /// Session expiry given to MQTT 3.1.1 persistent sessions (they carry none). `None` keeps them forever.
     pub persistent_session_expiry: Option<Duration>,
+    /// PUBLISH packets per second one client may send (0 = no limit); beyond it the client is disconnected
+    /// (v5: 0x96 Message rate too high).
+    pub max_publish_rate: u32,
+    /// PUBLISH payload bytes per second one client may send (0 = no limit); beyond it v5 QoS 1/2 messages are
+    /// refused with 0x97 Quota exceeded and QoS 0 ones dropped; a 3.1.1 client, which cannot be told, is
+    /// disconnected.
+    pub max_publish_bytes_rate: u32,
 }
 
 impl Default for BrokerConfig {
@@ -50,6 +57,8 @@ impl Default for BrokerConfig {
             queue_qos0_offline: false,
             topic_alias_maximum: 10,
             connect_timeout: Duration::from_secs(10),
+            max_publish_rate: 0,
+            max_publish_bytes_rate: 0,
             shutdown_grace: Duration::from_secs(5),
             sys_interval: Duration::from_secs(10),
             retain_available: true,

@@ -34,6 +34,9 @@ pub struct ConnectionContext {
     pub listener: Arc<str>,
     pub remote_addr: Option<SocketAddr>,
     pub peer: Option<Arc<PeerIdentity>>,
+    /// Set by a listener with `use_identity_as_username`: replaces the CONNECT user name, and the client counts
+    /// as authenticated by its certificate.
+    pub identity_username: Option<Arc<str>>,
 }
 
 /// Stop filling the write buffer from the session queue beyond this; the socket is the backpressure.
@@ -261,7 +264,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
 
         let mut request = ConnectRequest {
             client_id: client_id.0.clone(),
-            username: connect.username.as_deref().map(Arc::from),
+            username: match &self.context.identity_username {
+                Some(identity) => Some(identity.clone()),
+                None => connect.username.as_deref().map(Arc::from),
+            },
+            username_from_certificate: self.context.identity_username.is_some(),
             password: connect.password.clone(),
             protocol: version,
             remote_addr: self.context.remote_addr,
@@ -449,6 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             reauth_request: request.authentication_method.is_some().then(|| Box::new(request)),
             expiry_was_zero: expiry == 0,
             fill_pending: false,
+            publish_window: PublishWindow::default(),
         });
         connection.resend_inflight();
         Some(connection)
@@ -484,6 +492,46 @@ struct Connection<S> {
     expiry_was_zero: bool,
     /// The last fill stopped at the write high-water mark with deliveries left in the queue.
     fill_pending: bool,
+    publish_window: PublishWindow,
+}
+
+/// PUBLISH count and payload bytes in the current one-second window, for the per-client publish limits.
+#[derive(Default)]
+struct PublishWindow {
+    started: Option<Instant>,
+    messages: u32,
+    bytes: u64,
+}
+
+enum PublishBudget {
+    Within,
+    /// The payload-bytes quota for this second is spent.
+    BytesExceeded,
+}
+
+impl PublishWindow {
+    fn charge(&mut self, now: Instant, payload: usize, config: &crate::BrokerConfig) -> Result<PublishBudget, Exit> {
+        if config.max_publish_rate == 0 && config.max_publish_bytes_rate == 0 {
+            return Ok(PublishBudget::Within);
+        }
+        if self.started.is_none_or(|started| now.duration_since(started) >= Duration::from_secs(1)) {
+            *self = PublishWindow { started: Some(now), messages: 0, bytes: 0 };
+        }
+        self.messages = self.messages.saturating_add(1);
+        if config.max_publish_rate != 0 && self.messages > config.max_publish_rate {
+            return Err(violation(
+                ReasonCode::MESSAGE_RATE_TOO_HIGH,
+                format!("more than max_publish_rate = {} PUBLISH packets in one second", config.max_publish_rate),
+            ));
+        }
+        if config.max_publish_bytes_rate != 0 {
+            if self.bytes + payload as u64 > u64::from(config.max_publish_bytes_rate) {
+                return Ok(PublishBudget::BytesExceeded);
+            }
+            self.bytes += payload as u64;
+        }
+        Ok(PublishBudget::Within)
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
@@ -681,6 +729,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     self.inbound_aliases.insert(alias, publish.topic.clone());
                 }
             }
+        }
+        if let PublishBudget::BytesExceeded =
+            self.publish_window.charge(Instant::now(), publish.payload.len(), config)?
+        {
+            if !self.version.is_v5() {
+                return Err(violation(
+                    ReasonCode::QUOTA_EXCEEDED,
+                    format!(
+                        "more than max_publish_bytes_rate = {} payload bytes in one second",
+                        config.max_publish_bytes_rate
+                    ),
+                ));
+            }
+            // Dropped and, where the protocol has an answer, told so; the connection stays.
+            self.ack_publish(publish.qos, publish.packet_id, ReasonCode::QUOTA_EXCEEDED);
+            return Ok(());
         }
         if publish.retain && !config.retain_available {
             return Err(violation(ReasonCode::RETAIN_NOT_SUPPORTED, "retain is not available [MQTT-3.3.1-8]"));

@@ -8,7 +8,6 @@
 
 pub mod config;
 pub mod connection;
-pub mod listener;
 pub mod message;
 pub mod metrics;
 pub mod retained;

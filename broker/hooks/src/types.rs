@@ -28,6 +28,9 @@ pub struct PeerIdentity {
 pub struct ConnectRequest {
     pub client_id: Arc<str>,
     pub username: Option<Arc<str>>,
+    /// The user name is the identity of a verified client certificate (`use_identity_as_username`), not what the
+    /// client sent.
+    pub username_from_certificate: bool,
     pub password: Option<Bytes>,
     pub protocol: ProtocolVersion,
     pub remote_addr: Option<SocketAddr>,

@@ -34,10 +34,78 @@ pub struct RuntimeConfig {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     pub bind: String,
+    /// `tcp`, `tls`, `ws` or `wss`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     #[serde(default)]
     pub name: Option<String>,
+    /// Server certificate chain (PEM), for `tls` and `wss`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Server private key (PEM: PKCS#8, RSA or EC).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// CA bundle that client certificates must chain to; without it no client certificate is requested.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Certificate revocation lists (PEM) for client certificates.
+    #[serde(default)]
+    pub crl: Vec<PathBuf>,
+    /// HTTP path of the WebSocket endpoint (`ws`, `wss`).
+    #[serde(default = "default_ws_path")]
+    pub ws_path: String,
+    /// `cn`, `san_uri:<prefix>`, `subject_serial` or `none`.
+    #[serde(default = "default_identity_from")]
+    pub identity_from: String,
+    /// The client certificate's identity becomes the user name and authenticates the client (Mosquitto's option).
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+    /// Connections this listener accepts at once; 0 = no cap of its own.
+    #[serde(default)]
+    pub max_connections: u32,
+}
+
+impl ListenerConfig {
+    pub fn tcp(bind: impl Into<String>) -> Self {
+        Self {
+            bind: bind.into(),
+            protocol: default_protocol(),
+            name: None,
+            cert: None,
+            key: None,
+            client_ca: None,
+            require_client_cert: false,
+            crl: Vec::new(),
+            ws_path: default_ws_path(),
+            identity_from: default_identity_from(),
+            use_identity_as_username: false,
+            max_connections: 0,
+        }
+    }
+
+    pub fn uses_tls(&self) -> bool {
+        matches!(self.protocol.as_str(), "tls" | "wss")
+    }
+
+    pub fn tls_settings(&self) -> Option<tollgate_transport::TlsSettings> {
+        Some(tollgate_transport::TlsSettings {
+            cert: self.cert.clone()?,
+            key: self.key.clone()?,
+            client_ca: self.client_ca.clone(),
+            require_client_cert: self.require_client_cert,
+            crl: self.crl.clone(),
+        })
+    }
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
+}
+
+fn default_identity_from() -> String {
+    "cn".into()
 }
 
 fn default_protocol() -> String {
@@ -63,8 +131,16 @@ pub struct LimitsConfig {
     pub overflow_policy: String,
     pub queue_qos0_offline: bool,
     pub topic_alias_maximum: u16,
-    /// Seconds a new socket has to complete CONNECT.
+    /// Seconds a new socket has to complete CONNECT (TLS and WebSocket handshakes included).
     pub connect_timeout: u32,
+    /// Connections open at once over all listeners; 0 = no cap.
+    pub max_connections: u32,
+    /// New connections per second from one source address (also the burst); 0 = no limit.
+    pub max_connection_rate: u32,
+    /// PUBLISH packets per second one client may send; 0 = no limit.
+    pub max_publish_rate: u32,
+    /// PUBLISH payload bytes per second one client may send; 0 = no limit.
+    pub max_publish_bytes_rate: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -95,7 +171,7 @@ impl Default for Config {
     fn default() -> Self {
         let core = BrokerConfig::default();
         Self {
-            listeners: vec![ListenerConfig { bind: "127.0.0.1:1883".into(), protocol: default_protocol(), name: None }],
+            listeners: vec![ListenerConfig::tcp("127.0.0.1:1883")],
             auth: AuthConfig::default(),
             limits: LimitsConfig {
                 max_keepalive: core.max_keepalive,
@@ -106,6 +182,10 @@ impl Default for Config {
                 queue_qos0_offline: core.queue_qos0_offline,
                 topic_alias_maximum: core.topic_alias_maximum,
                 connect_timeout: core.connect_timeout.as_secs() as u32,
+                max_connections: 0,
+                max_connection_rate: 0,
+                max_publish_rate: core.max_publish_rate,
+                max_publish_bytes_rate: core.max_publish_bytes_rate,
             },
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
@@ -146,6 +226,10 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
             "queue_qos0_offline",
             "topic_alias_maximum",
             "connect_timeout",
+            "max_connections",
+            "max_connection_rate",
+            "max_publish_rate",
+            "max_publish_bytes_rate",
         ],
     ),
     ("sys", &["interval"]),
@@ -153,7 +237,20 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("session", &["persistent_expiry", "shutdown_grace"]),
     ("runtime", &["worker_threads"]),
 ];
-const LISTENER_KEYS: &[&str] = &["bind", "protocol", "name"];
+const LISTENER_KEYS: &[&str] = &[
+    "bind",
+    "protocol",
+    "name",
+    "cert",
+    "key",
+    "client_ca",
+    "require_client_cert",
+    "crl",
+    "ws_path",
+    "identity_from",
+    "use_identity_as_username",
+    "max_connections",
+];
 
 /// Builds the figment: defaults, then the file (if any), then the environment.
 pub fn figment(file: Option<&Path>) -> Figment {
@@ -315,18 +412,83 @@ pub fn validate_listeners(config: &Config, problems: &mut Vec<ConfigProblem>) {
                 format!("{:?} is not an address:port", listener.bind),
             )),
         }
-        if listener.protocol != "tcp" {
-            problems.push(problem(
-                format!("listeners[{index}].protocol"),
-                format!("{:?} is not supported by this build (tcp)", listener.protocol),
-            ));
-        }
+        validate_transport(index, listener, problems);
     }
     if config.auth.allow_anonymous.is_none() && !all_loopback && config.auth.password_file.is_none() {
         problems.push(problem(
             "auth.allow_anonymous",
             "a listener is reachable beyond loopback: set allow_anonymous = true explicitly, or configure a password_file",
         ));
+    }
+}
+
+fn validate_transport(index: usize, listener: &ListenerConfig, problems: &mut Vec<ConfigProblem>) {
+    let key = |name: &str| format!("listeners[{index}].{name}");
+    if !matches!(listener.protocol.as_str(), "tcp" | "tls" | "ws" | "wss") {
+        problems.push(problem(
+            key("protocol"),
+            format!("{:?} is not one of \"tcp\", \"tls\", \"ws\", \"wss\"", listener.protocol),
+        ));
+        return;
+    }
+    if let Err(message) = listener.identity_from.parse::<tollgate_transport::IdentitySource>() {
+        problems.push(problem(key("identity_from"), message));
+    }
+    if matches!(listener.protocol.as_str(), "ws" | "wss") && !listener.ws_path.starts_with('/') {
+        problems.push(problem(key("ws_path"), format!("{:?} must start with /", listener.ws_path)));
+    }
+    if !listener.uses_tls() {
+        for (name, set) in [
+            ("cert", listener.cert.is_some()),
+            ("key", listener.key.is_some()),
+            ("client_ca", listener.client_ca.is_some()),
+            ("require_client_cert", listener.require_client_cert),
+            ("crl", !listener.crl.is_empty()),
+            ("use_identity_as_username", listener.use_identity_as_username),
+        ] {
+            if set {
+                problems.push(problem(
+                    key(name),
+                    format!("only applies to tls and wss listeners, not {}", listener.protocol),
+                ));
+            }
+        }
+        return;
+    }
+    let mut complete = true;
+    for (name, path) in [("cert", &listener.cert), ("key", &listener.key)] {
+        if path.is_none() {
+            complete = false;
+            problems.push(problem(key(name), format!("a {} listener needs a {name} file", listener.protocol)));
+        }
+    }
+    if listener.client_ca.is_none() {
+        for (name, set) in [
+            ("require_client_cert", listener.require_client_cert),
+            ("use_identity_as_username", listener.use_identity_as_username),
+            ("crl", !listener.crl.is_empty()),
+        ] {
+            if set {
+                complete = false;
+                problems.push(problem(key(name), "needs client_ca (the CA client certificates are verified against)"));
+            }
+        }
+    }
+    // Building the rustls configuration reads and checks every file, so each unreadable or mismatched file is
+    // reported now, under the key that names it.
+    if complete
+        && let Some(settings) = listener.tls_settings()
+        && let Err(error) = tollgate_transport::tls::server_config(&settings)
+    {
+        let culprit = match &error {
+            tollgate_transport::TransportError::File { path, .. } if Some(path) == listener.cert.as_ref() => "cert",
+            tollgate_transport::TransportError::File { path, .. } if Some(path) == listener.client_ca.as_ref() => {
+                "client_ca"
+            }
+            tollgate_transport::TransportError::File { path, .. } if listener.crl.contains(path) => "crl",
+            _ => "key",
+        };
+        problems.push(problem(key(culprit), error.to_string()));
     }
 }
 
@@ -407,6 +569,8 @@ impl Config {
             retain_available: true,
             persistent_session_expiry: (self.session.persistent_expiry > 0)
                 .then(|| Duration::from_secs(u64::from(self.session.persistent_expiry))),
+            max_publish_rate: limits.max_publish_rate,
+            max_publish_bytes_rate: limits.max_publish_bytes_rate,
         }
     }
 

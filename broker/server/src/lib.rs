@@ -1,6 +1,7 @@
 //! Wiring only: configuration → hook chain → broker → listeners, plus signals and logging for the binary. This is
 //! the one crate that reads files, environment variables and signals.
 
+pub mod certs;
 pub mod config;
 
 use std::net::SocketAddr;
@@ -14,9 +15,10 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tollgate_builtins::acl_file::AclFile;
 use tollgate_builtins::password_file::PasswordFile;
-use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, PasswordFileAuth};
+use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, CertificateIdentityAuth, PasswordFileAuth};
 use tollgate_core::Broker;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
+use tollgate_transport::{ConnectionLimits, ListenerSpec, ReloadableTls, Transport};
 use tracing::{error, info, warn};
 
 pub use config::Config;
@@ -28,6 +30,9 @@ pub struct Server {
     generation: AtomicU64,
     worker_threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     stop_workers: CancellationToken,
+    /// TLS listeners' certificates, re-read on reload.
+    tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
+    pub limits: Arc<ConnectionLimits>,
 }
 
 /// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
@@ -37,6 +42,10 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         .with_sleeper(Arc::new(|duration| Box::pin(tokio::time::sleep(duration))))
         .with_failure_observer(Arc::new(|error| warn!(%error, "hook failed")));
     chain.generation = generation;
+    // First: a client whose user name is its verified certificate identity needs no password.
+    if config.listeners.iter().any(|listener| listener.use_identity_as_username) {
+        chain.authenticators.push(HookSlot::new(Arc::new(CertificateIdentityAuth), None, FailurePolicy::FailClosed));
+    }
     chain.authenticators.push(HookSlot::new(
         Arc::new(AnonymousAccess { allow: config.allow_anonymous() }),
         None,
@@ -83,38 +92,89 @@ impl Server {
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let hooks = build_hooks(config, 1)?;
         let broker = Broker::new(config.broker_config(), hooks);
+        let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
+        let limits = Arc::new(ConnectionLimits::new(
+            config.limits.max_connections as usize,
+            config.limits.max_connection_rate,
+            workers.len(),
+        ));
         let mut addresses = Vec::new();
-        let mut bound = Vec::new();
+        let mut tls_listeners = Vec::new();
+        let auth_mode = if config.auth.password_file.is_some() {
+            "password_file"
+        } else if config.allow_anonymous() {
+            "anonymous"
+        } else {
+            "deny-all"
+        };
         for (index, listener) in config.listeners.iter().enumerate() {
             let address: SocketAddr =
                 listener.bind.parse().with_context(|| format!("listeners[{index}].bind = {:?}", listener.bind))?;
+            let tls = match listener.tls_settings().filter(|_| listener.uses_tls()) {
+                Some(settings) => Some(Arc::new(
+                    ReloadableTls::new(settings)
+                        .with_context(|| format!("listeners[{index}] ({})", listener.protocol))?,
+                )),
+                None if listener.uses_tls() => anyhow::bail!("listeners[{index}]: cert and key are required"),
+                None => None,
+            };
+            let ws_path: Arc<str> = listener.ws_path.as_str().into();
+            let transport = match (listener.protocol.as_str(), tls) {
+                ("tls", Some(tls)) => Transport::Tls(tls),
+                ("wss", Some(tls)) => Transport::Wss { tls, path: ws_path },
+                ("ws", _) => Transport::Ws { path: ws_path },
+                _ => Transport::Tcp,
+            };
             let socket = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
             let local = socket.local_addr()?;
-            let auth_mode = if config.auth.password_file.is_some() {
-                "password_file"
-            } else if config.allow_anonymous() {
-                "anonymous"
-            } else {
-                "deny-all"
-            };
-            info!(listener = index, address = %local, protocol = %listener.protocol, auth = auth_mode, acl = config.auth.acl_file.is_some(), "listener ready");
             let name: Arc<str> =
                 listener.name.clone().unwrap_or_else(|| format!("{}:{}", listener.protocol, local)).into();
+            let client_certificates = match (&listener.client_ca, listener.require_client_cert) {
+                (None, _) => "none",
+                (Some(_), false) => "optional",
+                (Some(_), true) => "required",
+            };
+            let user_name = if listener.use_identity_as_username {
+                format!("certificate {}", listener.identity_from)
+            } else {
+                "from CONNECT".to_owned()
+            };
+            info!(
+                listener = %name,
+                address = %local,
+                protocol = %listener.protocol,
+                auth = auth_mode,
+                client_certificates,
+                user_name = %user_name,
+                acl = config.auth.acl_file.is_some(),
+                "listener ready"
+            );
+            if let Some(tls) = transport.tls() {
+                tls_listeners.push((name.clone(), tls.clone()));
+            }
+            let spec = Arc::new(ListenerSpec {
+                name: name.clone(),
+                transport,
+                identity_from: listener
+                    .identity_from
+                    .parse()
+                    .map_err(|message| anyhow::anyhow!("listeners[{index}].identity_from: {message}"))?,
+                use_identity_as_username: listener.use_identity_as_username,
+                limits: limits.clone(),
+                max_connections: listener.max_connections as usize,
+                open_connections: Arc::default(),
+            });
             addresses.push(local);
-            bound.push((socket, name));
-        }
-        let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
-        for (socket, name) in bound {
             // Every worker accepts from the same socket (see `start_workers`); a tokio socket belongs to the runtime
             // that registered it, so each worker registers its own handle to it.
             let socket = socket.into_std()?;
-            for worker in workers.iter() {
+            for (worker_index, worker) in workers.iter().enumerate() {
                 let socket = socket.try_clone()?;
-                let (broker, name) = (broker.clone(), name.clone());
+                let (broker, spec) = (broker.clone(), spec.clone());
                 broker.clone().spawn_on(worker, async move {
                     match TcpListener::from_std(socket) {
-                        Ok(socket) => tollgate_core::listener::serve_tcp(broker, socket, name).await,
-                        Err(error) => error!(listener = %name, %error, "cannot register the listener on a worker"),
+                        Ok(socket) => tollgate_transport::serve_listener(broker, socket, spec, worker_index).await,
+                        Err(error) => error!(listener = %spec.name, %error, "cannot register the listener on a worker"),
                     }
                 });
             }
@@ -126,6 +186,8 @@ impl Server {
             generation: AtomicU64::new(1),
             worker_threads: std::sync::Mutex::new(worker_threads),
             stop_workers,
+            tls: tls_listeners,
+            limits,
         })
     }
 
@@ -135,6 +197,21 @@ impl Server {
         let hooks = build_hooks(config, generation)?;
         self.broker.replace_hooks(hooks);
         info!(generation, "hooks reloaded");
+        // Certificates: each listener keeps its old ones if the new files do not load; established connections
+        // are never touched.
+        let mut failed = Vec::new();
+        for (name, tls) in &self.tls {
+            match tls.reload() {
+                Ok(()) => info!(listener = %name, "TLS certificates reloaded"),
+                Err(error) => {
+                    error!(listener = %name, %error, "TLS certificates not reloaded; the previous ones stay in use");
+                    failed.push(format!("{name}: {error}"));
+                }
+            }
+        }
+        if !failed.is_empty() {
+            anyhow::bail!("TLS reload failed for {}", failed.join("; "));
+        }
         Ok(())
     }
 

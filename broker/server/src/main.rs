@@ -51,6 +51,51 @@ enum Command {
         /// The password; read from standard input when omitted.
         password: Option<String>,
     },
+    /// Development certificates: a CA, server certificates and client certificates (rcgen).
+    Certs {
+        #[command(subcommand)]
+        action: CertsAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsAction {
+    /// Create a development CA (ca.pem, ca.key) and a server certificate (server.pem, server.key).
+    Init {
+        /// Directory for the files.
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Host name or IP address the server certificate is valid for (repeatable; the first is its CN).
+        #[arg(long = "host", default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()])]
+        hosts: Vec<String>,
+        /// Validity of the server certificate in days (the CA gets four times as long).
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        /// Replace existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a client certificate signed by the CA in --dir.
+    Client {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Subject common name, e.g. the vehicle's VIN.
+        #[arg(long)]
+        cn: String,
+        /// URI subject alternative name, e.g. urn:vin:<VIN> (repeatable).
+        #[arg(long = "san-uri")]
+        san_uris: Vec<String>,
+        /// Subject serialNumber attribute (for identity_from = "subject_serial").
+        #[arg(long)]
+        subject_serial: Option<String>,
+        /// File name stem for <out>.pem and <out>.key (default: the CN).
+        #[arg(long)]
+        out: Option<String>,
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +121,72 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(&file),
         Command::Passwd { create, delete, scheme, file, username, password } => {
             passwd(create, delete, scheme, &file, &username, password)
+        }
+        Command::Certs { action } => certs(action),
+    }
+}
+
+fn certs(action: CertsAction) -> ExitCode {
+    match action {
+        CertsAction::Init { dir, hosts, days, force } => match tollgate::certs::init(&dir, &hosts, days, force) {
+            Ok((ca, server)) => {
+                println!("wrote {} and {} (the CA; keep the key private)", ca.certificate.display(), ca.key.display());
+                println!(
+                    "wrote {} and {} (for {})",
+                    server.certificate.display(),
+                    server.key.display(),
+                    hosts.join(", ")
+                );
+                println!();
+                println!("# TLS listener, client certificates optional:");
+                println!("[[listeners]]");
+                println!("bind = \"0.0.0.0:8883\"");
+                println!("protocol = \"tls\"");
+                println!("cert = \"{}\"", server.certificate.display());
+                println!("key = \"{}\"", server.key.display());
+                println!("client_ca = \"{}\"", ca.certificate.display());
+                println!();
+                println!(
+                    "# then: mosquitto_sub -h {} -p 8883 --cafile {} -t '#' -v",
+                    hosts[0],
+                    ca.certificate.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("certs init: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
+        CertsAction::Client { dir, cn, san_uris, subject_serial, out, days, force } => {
+            let name = out.unwrap_or_else(|| cn.clone());
+            let subject =
+                tollgate::certs::ClientSubject { common_name: cn.clone(), san_uris: san_uris.clone(), subject_serial };
+            match tollgate::certs::client(&dir, &subject, &name, days, force) {
+                Ok(written) => {
+                    println!("wrote {} and {} (CN={cn})", written.certificate.display(), written.key.display());
+                    println!();
+                    println!("# listener settings that make this certificate the MQTT user name:");
+                    println!("require_client_cert = true");
+                    println!("use_identity_as_username = true");
+                    match san_uris.first().and_then(|uri| uri.rsplit_once(':')) {
+                        Some((prefix, _)) => println!("identity_from = \"san_uri:{prefix}:\"   # or \"cn\""),
+                        None => println!("identity_from = \"cn\""),
+                    }
+                    println!();
+                    println!(
+                        "# then: mosquitto_pub -p 8883 --cafile {} --cert {} --key {} -t vehicle/{cn}/status -m online",
+                        dir.join(tollgate::certs::CA_CERT).display(),
+                        written.certificate.display(),
+                        written.key.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("certs client: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
         }
     }
 }
@@ -109,10 +220,7 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
         }
     };
     if !listen.is_empty() {
-        config.listeners = listen
-            .into_iter()
-            .map(|bind| config::ListenerConfig { bind, protocol: "tcp".into(), name: None })
-            .collect();
+        config.listeners = listen.into_iter().map(config::ListenerConfig::tcp).collect();
         let mut problems = Vec::new();
         config::validate_listeners(&config, &mut problems);
         if !problems.is_empty() {

@@ -1,0 +1,230 @@
+//! Tollgate's transports. Each listener accepts TCP and, by its kind, serves MQTT over it directly, over TLS
+//! (optionally with client certificates), over WebSockets or over WebSockets in TLS. Connection limits apply before
+//! any handshake work is done, and every handshake is bounded by the CONNECT deadline.
+//!
+//! The core knows nothing of TLS or WebSockets: it serves any byte stream and receives the client's certificate
+//! identity, already verified, in its `ConnectionContext`.
+
+pub mod identity;
+pub mod limits;
+pub mod tls;
+pub mod ws;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tollgate_core::Broker;
+use tollgate_core::connection::{ConnectionContext, serve};
+use tracing::{debug, info, warn};
+
+pub use identity::{IdentitySource, peer_identity};
+pub use limits::{Admission, ConnectionLimits};
+pub use tls::{ReloadableTls, TlsSettings};
+
+/// The transport layer's errors: all of them are configuration problems found at start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{}: {reason}", path.display())]
+    File { path: PathBuf, reason: String },
+    #[error("TLS: {0}")]
+    Tls(rustls::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// How bytes reach the MQTT codec on one listener.
+#[derive(Clone)]
+pub enum Transport {
+    Tcp,
+    Tls(Arc<ReloadableTls>),
+    Ws { path: Arc<str> },
+    Wss { tls: Arc<ReloadableTls>, path: Arc<str> },
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Tls(_) => "tls",
+            Self::Ws { .. } => "ws",
+            Self::Wss { .. } => "wss",
+        }
+    }
+
+    pub fn tls(&self) -> Option<&Arc<ReloadableTls>> {
+        match self {
+            Self::Tls(tls) | Self::Wss { tls, .. } => Some(tls),
+            Self::Tcp | Self::Ws { .. } => None,
+        }
+    }
+}
+
+/// One configured listener, shared by the workers that accept on it.
+pub struct ListenerSpec {
+    pub name: Arc<str>,
+    pub transport: Transport,
+    pub identity_from: IdentitySource,
+    /// Mosquitto's `use_identity_as_username`: the certificate identity replaces the CONNECT user name and
+    /// authenticates the client.
+    pub use_identity_as_username: bool,
+    pub limits: Arc<ConnectionLimits>,
+    /// This listener's own connection cap (0 = none); the total cap lives in `limits`.
+    pub max_connections: usize,
+    pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Accepts until shutdown and serves each connection on the runtime this runs on. Failed accepts (usually
+/// descriptor exhaustion) back off exponentially instead of spinning.
+///
+/// The server runs one of these per listener on every connection runtime, all accepting from the same socket, so
+/// a connection is served by the thread that accepted it (see `ARCHITECTURE.md`, "Runtimes").
+pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<ListenerSpec>, worker: usize) {
+    let shutdown = broker.shutdown_token();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        if spec.limits.should_defer(worker) {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = shutdown.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, remote_addr)) => {
+                backoff = Duration::from_millis(5);
+                let admission =
+                    match spec.limits.admit(remote_addr.ip(), &spec.open_connections, spec.max_connections, worker) {
+                        Ok(admission) => admission,
+                        Err(refusal) => {
+                            // Closed before any handshake work: a flood costs an accept and a close.
+                            debug!(listener = %spec.name, remote = %remote_addr, %refusal, "connection refused");
+                            drop(stream);
+                            continue;
+                        }
+                    };
+                let _ = stream.set_nodelay(true);
+                broker.spawn(serve_connection(broker.clone(), stream, remote_addr, spec.clone(), admission));
+            }
+            Err(error) => {
+                warn!(listener = %spec.name, %error, ?backoff, "accept failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+async fn serve_connection(
+    broker: Broker,
+    stream: TcpStream,
+    remote_addr: SocketAddr,
+    spec: Arc<ListenerSpec>,
+    admission: Admission,
+) {
+    // Held until the connection ends: it is what the connection caps count.
+    let _admission = admission;
+    let context = ConnectionContext {
+        listener: spec.name.clone(),
+        remote_addr: Some(remote_addr),
+        peer: None,
+        identity_username: None,
+    };
+    // The TLS and WebSocket handshakes count against the CONNECT deadline: a client that stalls in them is a
+    // slowloris like any other.
+    let deadline = tokio::time::Instant::now() + broker.config().connect_timeout;
+    let max_packet = broker.config().max_packet_size as usize;
+    match &spec.transport {
+        Transport::Tcp => serve(broker, stream, context).await,
+        Transport::Ws { path } => {
+            let Some(stream) = upgrade(stream, path, max_packet, deadline, &spec, remote_addr).await else { return };
+            serve(broker, stream, context).await;
+        }
+        Transport::Tls(tls) => {
+            let Some((stream, context)) = tls_handshake(stream, tls, context, deadline, &spec).await else { return };
+            serve(broker, stream, context).await;
+        }
+        Transport::Wss { tls, path } => {
+            let Some((stream, context)) = tls_handshake(stream, tls, context, deadline, &spec).await else { return };
+            let Some(stream) = upgrade(stream, path, max_packet, deadline, &spec, remote_addr).await else { return };
+            serve(broker, stream, context).await;
+        }
+    }
+}
+
+async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    path: &str,
+    max_packet: usize,
+    deadline: tokio::time::Instant,
+    spec: &ListenerSpec,
+    remote_addr: SocketAddr,
+) -> Option<ws::WsStream<S>> {
+    // A frame can hold a whole packet plus its header; leave room for both.
+    match tokio::time::timeout_at(deadline, ws::accept(stream, path, max_packet.saturating_add(16))).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(reason)) => {
+            info!(listener = %spec.name, remote = %remote_addr, %reason, "WebSocket connection refused");
+            None
+        }
+        Err(_) => {
+            info!(listener = %spec.name, remote = %remote_addr, "WebSocket upgrade not completed before the CONNECT deadline");
+            None
+        }
+    }
+}
+
+async fn tls_handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    tls: &ReloadableTls,
+    mut context: ConnectionContext,
+    deadline: tokio::time::Instant,
+    spec: &ListenerSpec,
+) -> Option<(tokio_rustls::server::TlsStream<S>, ConnectionContext)> {
+    let remote = context.remote_addr;
+    let stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            // rustls names the cause: unknown issuer, expired, revoked, unsupported protocol version, ...
+            info!(listener = %spec.name, remote = ?remote, reason = %error, "TLS handshake refused");
+            return None;
+        }
+        Err(_) => {
+            info!(listener = %spec.name, remote = ?remote, "TLS handshake not completed before the CONNECT deadline");
+            return None;
+        }
+    };
+    let certificate = stream.get_ref().1.peer_certificates().and_then(|chain| chain.first());
+    if let Some(certificate) = certificate {
+        match peer_identity(certificate.as_ref()) {
+            Some(peer) => {
+                let identity = spec.identity_from.select(&peer);
+                debug!(listener = %spec.name, remote = ?remote, subject = %peer.subject, identity = ?identity, "client certificate verified");
+                if spec.use_identity_as_username {
+                    context.identity_username = identity.map(Into::into);
+                }
+                context.peer = Some(Arc::new(peer));
+            }
+            None => warn!(listener = %spec.name, remote = ?remote, "verified client certificate could not be parsed"),
+        }
+    }
+    if spec.use_identity_as_username && context.identity_username.is_none() {
+        info!(
+            listener = %spec.name,
+            remote = ?remote,
+            identity_from = %spec.identity_from,
+            "connection refused: use_identity_as_username is set and the client certificate carries no such identity"
+        );
+        return None;
+    }
+    Some((stream, context))
+}

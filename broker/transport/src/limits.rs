@@ -1,0 +1,201 @@
+//! Connection caps (total and per listener) and a connection rate limit per source address.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+/// Why a new connection was closed at accept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    TotalConnections(usize),
+    ListenerConnections(usize),
+    RateFromAddress,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::TotalConnections(cap) => write!(formatter, "max_connections ({cap}) reached"),
+            Self::ListenerConnections(cap) => write!(formatter, "listener max_connections ({cap}) reached"),
+            Self::RateFromAddress => formatter.write_str("max_connection_rate exceeded for this address"),
+        }
+    }
+}
+
+/// Source addresses tracked for the rate limit at most; beyond it, full buckets (addresses quiet for a second or
+/// more) are forgotten first, so a scan of many addresses cannot grow the table without bound.
+const MAX_TRACKED_ADDRESSES: usize = 16_384;
+
+/// Limits shared by every listener.
+pub struct ConnectionLimits {
+    /// 0 = no cap.
+    pub max_connections: usize,
+    /// New connections per second per source address (and the burst allowed); 0 = off.
+    pub max_connection_rate: u32,
+    open: Arc<AtomicUsize>,
+    /// Open connections per worker runtime, to spread connections over the workers (see `should_defer`).
+    per_worker: Arc<[AtomicUsize]>,
+    buckets: Mutex<HashMap<IpAddr, Bucket>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    refilled: Instant,
+}
+
+/// A connection counted against the caps until dropped.
+pub struct Admission {
+    total: Arc<AtomicUsize>,
+    listener: Arc<AtomicUsize>,
+    per_worker: Arc<[AtomicUsize]>,
+    worker: usize,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.total.fetch_sub(1, Ordering::AcqRel);
+        self.listener.fetch_sub(1, Ordering::AcqRel);
+        if let Some(count) = self.per_worker.get(self.worker) {
+            count.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl ConnectionLimits {
+    pub fn new(max_connections: usize, max_connection_rate: u32, workers: usize) -> Self {
+        Self {
+            max_connections,
+            max_connection_rate,
+            open: Arc::default(),
+            per_worker: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
+            buckets: Mutex::default(),
+        }
+    }
+
+    /// Every worker accepts from the same sockets, and the one awake first wins, so without care one worker ends
+    /// up with every connection. A worker holding more than its share waits briefly before accepting, letting a
+    /// less loaded one take the connection.
+    pub fn should_defer(&self, worker: usize) -> bool {
+        let Some(mine) = self.per_worker.get(worker).map(|count| count.load(Ordering::Acquire)) else { return false };
+        let least = self.per_worker.iter().map(|count| count.load(Ordering::Acquire)).min().unwrap_or(mine);
+        mine > least
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Admits a connection from `address` on a listener with `listener_open` connections and cap `listener_cap`.
+    pub fn admit(
+        &self,
+        address: IpAddr,
+        listener_open: &Arc<AtomicUsize>,
+        listener_cap: usize,
+        worker: usize,
+    ) -> Result<Admission, Refusal> {
+        self.take_rate_token(address, Instant::now())?;
+        let total = self.open.fetch_add(1, Ordering::AcqRel) + 1;
+        let on_listener = listener_open.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(count) = self.per_worker.get(worker) {
+            count.fetch_add(1, Ordering::AcqRel);
+        }
+        let admission = Admission {
+            total: self.open.clone(),
+            listener: listener_open.clone(),
+            per_worker: self.per_worker.clone(),
+            worker,
+        };
+        if self.max_connections != 0 && total > self.max_connections {
+            return Err(Refusal::TotalConnections(self.max_connections));
+        }
+        if listener_cap != 0 && on_listener > listener_cap {
+            return Err(Refusal::ListenerConnections(listener_cap));
+        }
+        Ok(admission)
+    }
+
+    fn take_rate_token(&self, address: IpAddr, now: Instant) -> Result<(), Refusal> {
+        if self.max_connection_rate == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.max_connection_rate);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&address) {
+            buckets.retain(|_, bucket| now.duration_since(bucket.refilled).as_secs_f64() < 1.0);
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                // Every tracked address is active: refuse newcomers rather than forget an active flooder.
+                return Err(Refusal::RateFromAddress);
+            }
+        }
+        let bucket = buckets.entry(address).or_insert(Bucket { tokens: rate, refilled: now });
+        bucket.tokens = (bucket.tokens + now.duration_since(bucket.refilled).as_secs_f64() * rate).min(rate);
+        bucket.refilled = now;
+        if bucket.tokens < 1.0 {
+            return Err(Refusal::RateFromAddress);
+        }
+        bucket.tokens -= 1.0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+
+    #[test]
+    fn caps_count_open_connections_and_release_on_drop() {
+        let limits = ConnectionLimits::new(2, 0, 1);
+        let listener = Arc::new(AtomicUsize::new(0));
+        let first = limits.admit(A, &listener, 0, 0).expect("first");
+        let second = limits.admit(A, &listener, 0, 0).expect("second");
+        assert_eq!(limits.admit(A, &listener, 0, 0).err(), Some(Refusal::TotalConnections(2)));
+        assert_eq!(limits.open_connections(), 2, "a refusal does not stay counted");
+        drop(first);
+        let third = limits.admit(A, &listener, 0, 0).expect("room again");
+        drop((second, third));
+        assert_eq!(limits.open_connections(), 0);
+        assert_eq!(listener.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn listener_cap_is_separate_from_the_total() {
+        let limits = ConnectionLimits::new(0, 0, 1);
+        let small = Arc::new(AtomicUsize::new(0));
+        let other = Arc::new(AtomicUsize::new(0));
+        let _held = limits.admit(A, &small, 1, 0).expect("first on small");
+        assert_eq!(limits.admit(A, &small, 1, 0).err(), Some(Refusal::ListenerConnections(1)));
+        let _elsewhere = limits.admit(A, &other, 1, 0).expect("other listener unaffected");
+    }
+
+    #[test]
+    fn a_worker_with_more_than_the_least_loaded_defers() {
+        let limits = ConnectionLimits::new(0, 0, 2);
+        let listener = Arc::new(AtomicUsize::new(0));
+        assert!(!limits.should_defer(0));
+        let held = limits.admit(A, &listener, 0, 0).expect("admitted");
+        assert!(limits.should_defer(0));
+        assert!(!limits.should_defer(1));
+        drop(held);
+        assert!(!limits.should_defer(0));
+    }
+
+    #[test]
+    fn rate_limit_is_per_address_and_refills() {
+        let limits = ConnectionLimits::new(0, 2, 1);
+        let start = Instant::now();
+        assert!(limits.take_rate_token(A, start).is_ok());
+        assert!(limits.take_rate_token(A, start).is_ok());
+        assert_eq!(limits.take_rate_token(A, start), Err(Refusal::RateFromAddress));
+        assert!(limits.take_rate_token(B, start).is_ok(), "another address has its own bucket");
+        assert!(limits.take_rate_token(A, start + Duration::from_millis(500)).is_ok(), "one token back after 0.5 s");
+        assert_eq!(limits.take_rate_token(A, start + Duration::from_millis(500)), Err(Refusal::RateFromAddress));
+    }
+}
