@@ -61,6 +61,64 @@ acl_file = "{}"
 }
 
 #[tokio::test]
+async fn check_config_names_each_bad_transport_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    tollgate::certs::init(&certs, &["localhost".into()], 30, false).unwrap();
+    let config = write(
+        dir.path(),
+        "transports.toml",
+        &format!(
+            r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+protocol = "tls"
+cert = "{certs}/missing.pem"
+key = "{certs}/server.key"
+require_client_cert = true
+identity_from = "sanuri"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+protocol = "ws"
+ws_path = "mqtt"
+cert = "{certs}/server.pem"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+protocol = "quic"
+
+[[listeners]]
+bind = "127.0.0.1:0"
+protocol = "wss"
+cert = "{certs}/server.pem"
+key = "{certs}/ca.key"
+"#,
+            certs = certs.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "a bad file is refused: {}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing: Vec<&str> = [
+        "listeners[0].cert: cannot read",
+        "listeners[0].require_client_cert: needs client_ca",
+        "listeners[0].identity_from",
+        "listeners[1].ws_path",
+        "listeners[1].cert: only applies to tls and wss",
+        "listeners[2].protocol",
+        "listeners[3].key",
+    ]
+    .into_iter()
+    .filter(|key| !stderr.contains(key))
+    .collect();
+    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+    // `run` refuses the same file.
+    let output = run(tollgate().args(["run", "--config"]).arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "run started on a bad file: {}", describe(&output));
+}
+
+#[tokio::test]
 async fn check_config_reports_semantic_problems_together() {
     let dir = tempfile::tempdir().unwrap();
     let missing_acl = dir.path().join("missing-acl");

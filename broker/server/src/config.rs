@@ -456,10 +456,17 @@ fn validate_transport(index: usize, listener: &ListenerConfig, problems: &mut Ve
         return;
     }
     let mut complete = true;
-    for (name, path) in [("cert", &listener.cert), ("key", &listener.key)] {
-        if path.is_none() {
-            complete = false;
-            problems.push(problem(key(name), format!("a {} listener needs a {name} file", listener.protocol)));
+    for (name, path) in [("cert", &listener.cert), ("key", &listener.key), ("client_ca", &listener.client_ca)] {
+        match path {
+            None if name != "client_ca" => {
+                complete = false;
+                problems.push(problem(key(name), format!("a {} listener needs a {name} file", listener.protocol)));
+            }
+            Some(path) if std::fs::metadata(path).is_err() => {
+                complete = false;
+                problems.push(problem(key(name), format!("cannot read {}", path.display())));
+            }
+            _ => {}
         }
     }
     if listener.client_ca.is_none() {

@@ -163,6 +163,7 @@ impl Server {
                 limits: limits.clone(),
                 max_connections: listener.max_connections as usize,
                 open_connections: Arc::default(),
+                workers: workers.clone().into(),
             });
             addresses.push(local);
             // Every worker accepts from the same socket (see `start_workers`); a tokio socket belongs to the runtime

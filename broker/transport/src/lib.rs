@@ -75,6 +75,8 @@ pub struct ListenerSpec {
     /// This listener's own connection cap (0 = none); the total cap lives in `limits`.
     pub max_connections: usize,
     pub open_connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// The connection runtimes, indexed like the `worker` argument of [`serve_listener`].
+    pub workers: Arc<[tokio::runtime::Handle]>,
 }
 
 /// Accepts until shutdown and serves each connection on the runtime this runs on. Failed accepts (usually
@@ -86,12 +88,6 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
     let shutdown = broker.shutdown_token();
     let mut backoff = Duration::from_millis(5);
     loop {
-        if spec.limits.should_defer(worker) {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(1)) => {}
-                _ = shutdown.cancelled() => return,
-            }
-        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = shutdown.cancelled() => return,
@@ -99,8 +95,13 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
         match accepted {
             Ok((stream, remote_addr)) => {
                 backoff = Duration::from_millis(5);
+                // Hand the connection to a less loaded worker when this one is clearly ahead (see
+                // `ConnectionLimits::rebalance_target`); a tokio socket belongs to the runtime that registered it,
+                // so it crosses as a std socket.
+                let target = spec.limits.rebalance_target(worker).filter(|&target| target < spec.workers.len());
+                let serving = target.unwrap_or(worker);
                 let admission =
-                    match spec.limits.admit(remote_addr.ip(), &spec.open_connections, spec.max_connections, worker) {
+                    match spec.limits.admit(remote_addr.ip(), &spec.open_connections, spec.max_connections, serving) {
                         Ok(admission) => admission,
                         Err(refusal) => {
                             // Closed before any handshake work: a flood costs an accept and a close.
@@ -110,7 +111,21 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
                         }
                     };
                 let _ = stream.set_nodelay(true);
-                broker.spawn(serve_connection(broker.clone(), stream, remote_addr, spec.clone(), admission));
+                match target {
+                    Some(target) => {
+                        let Ok(std_stream) = stream.into_std() else { continue };
+                        let (connection_broker, spec_for_task) = (broker.clone(), spec.clone());
+                        broker.spawn_on(&spec.workers[target], async move {
+                            if let Ok(stream) = TcpStream::from_std(std_stream) {
+                                serve_connection(connection_broker, stream, remote_addr, spec_for_task, admission)
+                                    .await;
+                            }
+                        });
+                    }
+                    None => {
+                        broker.spawn(serve_connection(broker.clone(), stream, remote_addr, spec.clone(), admission));
+                    }
+                }
             }
             Err(error) => {
                 warn!(listener = %spec.name, %error, ?backoff, "accept failed");
@@ -143,20 +158,39 @@ async fn serve_connection(
     // slowloris like any other.
     let deadline = tokio::time::Instant::now() + broker.config().connect_timeout;
     let max_packet = broker.config().max_packet_size as usize;
-    match &spec.transport {
-        Transport::Tcp => serve(broker, stream, context).await,
+    match spec.transport.clone() {
+        // Each arm is boxed: inline, every connection's task would be as large as the largest arm (TLS session
+        // plus WebSocket state), which would triple the memory of an idle plain TCP client.
+        Transport::Tcp => Box::pin(serve(broker, stream, context)).await,
         Transport::Ws { path } => {
-            let Some(stream) = upgrade(stream, path, max_packet, deadline, &spec, remote_addr).await else { return };
-            serve(broker, stream, context).await;
+            Box::pin(async move {
+                let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
+                    return;
+                };
+                serve(broker, stream, context).await;
+            })
+            .await
         }
         Transport::Tls(tls) => {
-            let Some((stream, context)) = tls_handshake(stream, tls, context, deadline, &spec).await else { return };
-            serve(broker, stream, context).await;
+            Box::pin(async move {
+                let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
+                    return;
+                };
+                serve(broker, stream, context).await;
+            })
+            .await
         }
         Transport::Wss { tls, path } => {
-            let Some((stream, context)) = tls_handshake(stream, tls, context, deadline, &spec).await else { return };
-            let Some(stream) = upgrade(stream, path, max_packet, deadline, &spec, remote_addr).await else { return };
-            serve(broker, stream, context).await;
+            Box::pin(async move {
+                let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
+                    return;
+                };
+                let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
+                    return;
+                };
+                serve(broker, stream, context).await;
+            })
+            .await
         }
     }
 }
