@@ -32,7 +32,6 @@ pub struct Server {
     stop_workers: CancellationToken,
     /// TLS listeners' certificates, re-read on reload.
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
-    pub limits: Arc<ConnectionLimits>,
 }
 
 /// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
@@ -188,7 +187,6 @@ impl Server {
             worker_threads: std::sync::Mutex::new(worker_threads),
             stop_workers,
             tls: tls_listeners,
-            limits,
         })
     }
 

@@ -46,15 +46,6 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Tcp => "tcp",
-            Self::Tls(_) => "tls",
-            Self::Ws { .. } => "ws",
-            Self::Wss { .. } => "wss",
-        }
-    }
-
     pub fn tls(&self) -> Option<&Arc<ReloadableTls>> {
         match self {
             Self::Tls(tls) | Self::Wss { tls, .. } => Some(tls),

@@ -106,8 +106,4 @@ impl ReloadableTls {
         *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = acceptor;
         Ok(())
     }
-
-    pub fn settings(&self) -> &TlsSettings {
-        &self.settings
-    }
 }
