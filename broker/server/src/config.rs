@@ -499,33 +499,45 @@ fn validate_transport(index: usize, listener: &ListenerConfig, problems: &mut Ve
     }
 }
 
-fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
-    for (key, path) in [("auth.password_file", &config.auth.password_file), ("auth.acl_file", &config.auth.acl_file)] {
-        if let Some(path) = path {
-            match std::fs::read_to_string(path) {
-                Err(error) => problems.push(problem(key, format!("cannot read {}: {error}", path.display()))),
-                Ok(text) => {
-                    let errors: Vec<String> = if key == "auth.password_file" {
-                        tollgate_builtins::password_file::PasswordFile::parse(&text)
-                            .err()
-                            .unwrap_or_default()
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect()
-                    } else {
-                        tollgate_builtins::acl_file::AclFile::parse(&text)
-                            .err()
-                            .unwrap_or_default()
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect()
-                    };
-                    for error in errors {
-                        problems.push(problem(key, format!("{}: {error}", path.display())));
-                    }
-                }
+/// Why a password or ACL file cannot be used.
+#[derive(Debug)]
+pub enum PolicyFileError {
+    Unreadable(std::io::Error),
+    /// Every bad line, described.
+    Invalid(Vec<String>),
+}
+
+/// Reads a password or ACL file and parses it with `parse`; used both by validation and when the hooks are built.
+pub fn read_policy_file<T, E: ToString>(
+    path: &Path,
+    parse: impl FnOnce(&str) -> Result<T, Vec<E>>,
+) -> Result<T, PolicyFileError> {
+    let text = std::fs::read_to_string(path).map_err(PolicyFileError::Unreadable)?;
+    parse(&text).map_err(|errors| PolicyFileError::Invalid(errors.iter().map(ToString::to_string).collect()))
+}
+
+fn report_policy_file(problems: &mut Vec<ConfigProblem>, key: &str, path: &Path, error: Option<PolicyFileError>) {
+    match error {
+        Some(PolicyFileError::Unreadable(error)) => {
+            problems.push(problem(key, format!("cannot read {}: {error}", path.display())));
+        }
+        Some(PolicyFileError::Invalid(errors)) => {
+            for error in errors {
+                problems.push(problem(key, format!("{}: {error}", path.display())));
             }
         }
+        None => {}
+    }
+}
+
+fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
+    if let Some(path) = &config.auth.password_file {
+        let outcome = read_policy_file(path, tollgate_builtins::password_file::PasswordFile::parse);
+        report_policy_file(problems, "auth.password_file", path, outcome.err());
+    }
+    if let Some(path) = &config.auth.acl_file {
+        let outcome = read_policy_file(path, tollgate_builtins::acl_file::AclFile::parse);
+        report_policy_file(problems, "auth.acl_file", path, outcome.err());
     }
     let limits = &config.limits;
     if limits.max_packet_size < 64 || limits.max_packet_size as usize > tollgate_protocol::MAX_REMAINING_LENGTH + 5 {

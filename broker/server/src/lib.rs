@@ -34,6 +34,18 @@ pub struct Server {
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
 }
 
+fn load_policy_file<T, E: ToString>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, Vec<E>>,
+) -> anyhow::Result<T> {
+    config::read_policy_file(path, parse).map_err(|error| match error {
+        config::PolicyFileError::Unreadable(error) => {
+            anyhow::Error::new(error).context(format!("reading {}", path.display()))
+        }
+        config::PolicyFileError::Invalid(errors) => anyhow::anyhow!("{}: {}", path.display(), errors.join("; ")),
+    })
+}
+
 /// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
 /// mean a file changed in between (a reload), and are reported without touching the running chain.
 pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain> {
@@ -51,14 +63,7 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         FailurePolicy::FailClosed,
     ));
     if let Some(path) = &config.auth.password_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let file = PasswordFile::parse(&text).map_err(|errors| {
-            anyhow::anyhow!(
-                "{}: {}",
-                path.display(),
-                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            )
-        })?;
+        let file = load_policy_file(path, PasswordFile::parse)?;
         chain.authenticators.push(HookSlot::new(
             Arc::new(PasswordFileAuth::new(file)),
             None,
@@ -73,14 +78,7 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         AuthFallback::Deny
     };
     if let Some(path) = &config.auth.acl_file {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        let file = AclFile::parse(&text).map_err(|errors| {
-            anyhow::anyhow!(
-                "{}: {}",
-                path.display(),
-                errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
-            )
-        })?;
+        let file = load_policy_file(path, AclFile::parse)?;
         chain.authorizers.push(HookSlot::new(Arc::new(AclFileAuthorizer::new(file)), None, FailurePolicy::FailClosed));
     }
     Ok(chain)
