@@ -139,14 +139,7 @@ impl AclFile {
         // None = the anonymous section before the first `user` line.
         let mut section: Option<String> = None;
 
-        // Editors on Windows may prepend a BOM; left in, it would silently become part of the first word.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        for (idx, raw) in text.lines().enumerate() {
-            let line_no = idx + 1;
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (line_no, line) in crate::content_lines(text) {
             let mut fail = |kind| errors.push(AclFileError { line: line_no, kind });
             let (keyword, rest) = split_word(line);
             match keyword {

@@ -11,6 +11,17 @@ use tollgate_hooks::{
     AclDecision, Action, AuthDecision, Authenticator, Authorizer, ClientInfo, ConnectRequest, HookError,
 };
 
+/// The lines of a Mosquitto-style file that carry content, numbered from 1: blank lines and `#` comments are
+/// skipped, surrounding whitespace trimmed. Editors on Windows may prepend a BOM; left in, it would silently become
+/// part of the first word, so it is dropped.
+pub(crate) fn content_lines(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    text.lines()
+        .enumerate()
+        .map(|(index, raw)| (index + 1, raw.trim()))
+        .filter(|(_, line)| !line.is_empty() && !line.starts_with('#'))
+}
+
 use acl_file::{Access, AclFile, AclVerdict};
 use password_file::{PasswordCheck, PasswordFile};
 

@@ -185,14 +185,7 @@ impl PasswordFile {
         let mut first_lines: HashMap<String, usize> = HashMap::new();
         let mut errors = Vec::new();
 
-        // Editors on Windows may prepend a BOM; left in, it would silently become part of the first word.
-        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
-        for (idx, raw) in text.lines().enumerate() {
-            let line_no = idx + 1;
-            let line = raw.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
+        for (line_no, line) in crate::content_lines(text) {
             match parse_line(line) {
                 Ok(entry) => {
                     if let Some(&first_line) = first_lines.get(&entry.username) {
