@@ -20,21 +20,10 @@ async fn broker() -> TestBroker {
 
 /// A packet from its first byte and body, with the remaining length encoded properly.
 fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut length = body.len();
-    loop {
-        let mut byte = (length & 0x7F) as u8;
-        length >>= 7;
-        if length > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if length == 0 {
-            break;
-        }
-    }
+    let mut out = bytes::BytesMut::from(&[first][..]);
+    tollgate_protocol::encode::put_varint(&mut out, body.len());
     out.extend_from_slice(body);
-    out
+    out.to_vec()
 }
 
 /// A v5 PUBLISH QoS 0 body: topic bytes as given (not validated), properties block as given, payload.

@@ -21,21 +21,10 @@ const BIG: usize = 1 << 20;
 
 /// Fixed header (`first` byte, minimal remaining length) followed by `body`.
 fn frame(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first];
-    let mut length = body.len();
-    loop {
-        let mut byte = (length & 0x7F) as u8;
-        length >>= 7;
-        if length > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if length == 0 {
-            break;
-        }
-    }
+    let mut out = bytes::BytesMut::from(&[first][..]);
+    tollgate_protocol::encode::put_varint(&mut out, body.len());
     out.extend_from_slice(body);
-    out
+    out.to_vec()
 }
 
 /// Protocol name "MQTT" and level 4.

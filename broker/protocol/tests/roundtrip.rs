@@ -114,21 +114,9 @@ fn subscription_identifier() -> impl Strategy<Value = u32> {
 // ---------------------------------------------------------------------------------------------------------------
 // Properties.
 
-/// Where a property block sits; decides which properties it may hold (MQTT 5 table 2-4).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Ctx {
-    Connect,
-    Will,
-    ConnAck,
-    Publish,
-    Ack,
-    Subscribe,
-    SubAck,
-    Unsubscribe,
-    UnsubAck,
-    Disconnect,
-    Auth,
-}
+// Where a property block sits decides which properties it may hold (MQTT 5 table 2-4). The codec's context type
+// is reused; the table of what each context allows (`restrict`) stays independent of the codec's.
+use tollgate_protocol::properties::PropertyContext as Ctx;
 
 /// Properties with every kind possibly set to a valid value; [`restrict`] then keeps what a packet allows.
 fn any_properties() -> impl Strategy<Value = Properties> {
