@@ -31,22 +31,16 @@ fn validity(params: &mut CertificateParams, days: u32) {
 }
 
 fn write_file(path: &Path, contents: &str, private: bool, force: bool) -> anyhow::Result<()> {
-    use std::io::Write;
     if path.exists() && !force {
         bail!("{} exists (use --force to replace it)", path.display());
     }
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    if private {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+    if !private {
+        return std::fs::write(path, contents).with_context(|| format!("writing {}", path.display()));
     }
-    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(contents.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
+    crate::write_private(path, contents).with_context(|| format!("writing {}", path.display()))?;
     // An existing file keeps its mode when truncated; make sure a replaced key is private too.
     #[cfg(unix)]
-    if private {
+    {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("restricting {}", path.display()))?;

@@ -263,6 +263,21 @@ fn start_workers(requested: u16) -> anyhow::Result<(Vec<Handle>, Vec<std::thread
     Ok((handles, threads, stop))
 }
 
+/// Writes a file only its owner may read (password hashes, private keys). A new file is created with mode 0600;
+/// an existing one is truncated and keeps its mode.
+pub fn write_private(path: &std::path::Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut handle = options.open(path)?;
+    handle.write_all(contents.as_bytes())
+}
+
 /// Installs the global tracing subscriber for the binary.
 pub fn init_logging(level: &str, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -369,23 +369,9 @@ fn passwd(
             return ExitCode::FAILURE;
         }
     }
-    if let Err(error) = write_private(file, &passwords.to_file_string()) {
+    if let Err(error) = tollgate::write_private(file, &passwords.to_file_string()) {
         eprintln!("cannot write {}: {error}", file.display());
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
-}
-
-/// Password files hold hashes that can be attacked offline: only the owner may read them.
-fn write_private(file: &Path, contents: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut handle = options.open(file)?;
-    handle.write_all(contents.as_bytes())
 }
