@@ -1,0 +1,334 @@
+//! The plugin host: runs policy plugins — WebAssembly components (wasmtime) and Luau scripts (mlua) — on the hook
+//! contract of `tollgate-hooks`. This is the only crate that links a guest runtime.
+//!
+//! Containment: every call runs with a CPU budget (epoch ticks / the Lua interrupt), a memory cap and a wall-clock
+//! timeout. A guest yields to the worker's other connections every millisecond, so a looping plugin slows its own
+//! caller only. A failed call drops the instance that ran it, the hook's failure policy decides, and a plugin that
+//! keeps failing is disabled with backoff ([`shared::CRASH_LOOP_FAILURES`]).
+
+pub mod events;
+mod lua;
+pub mod shared;
+pub mod spec;
+mod wasm;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tollgate_hooks::{
+    AclDecision, Action, AuthDecision, AuthStep, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest,
+    HookError, HookSlot, Message, RouteDecision, RouteDirection, TransformDecision, Transformer,
+};
+
+pub use shared::{Failure, PluginMetrics, PluginShared};
+pub use spec::{HookKind, Limits, PluginKind, PluginSpec};
+
+/// A plugin that could not be loaded, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("plugin {plugin:?}: {reason}")]
+pub struct LoadError {
+    pub plugin: String,
+    pub reason: String,
+}
+
+/// What both runtimes offer the adapters below.
+#[async_trait]
+pub(crate) trait Runtime: Send + Sync {
+    fn shared(&self) -> &Arc<PluginShared>;
+    fn provided_hooks(&self) -> Vec<HookKind>;
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure>;
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure>;
+    async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
+    async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message)
+    -> Result<RouteDecision, Failure>;
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A topic a plugin hands back must be one the broker could have received.
+pub(crate) fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic is empty".to_owned());
+    }
+    if topic.contains(['+', '#', '\0']) {
+        return Err(format!("the topic {topic:?} contains a wildcard or NUL"));
+    }
+    if topic.len() > usize::from(u16::MAX) {
+        return Err("the topic is longer than 65535 bytes".to_owned());
+    }
+    Ok(())
+}
+
+/// A plugin ready to be put into a hook chain.
+pub struct LoadedPlugin {
+    pub spec: PluginSpec,
+    runtime: Arc<dyn Runtime>,
+    /// The hooks attached: the configured ones, or all the plugin provides.
+    pub hooks: Vec<HookKind>,
+}
+
+impl std::fmt::Debug for LoadedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedPlugin").field("name", &self.spec.name).field("hooks", &self.hooks).finish()
+    }
+}
+
+/// The hook slots of one plugin, for the chain.
+#[derive(Default)]
+pub struct PluginSlots {
+    pub authenticator: Option<HookSlot<dyn Authenticator>>,
+    pub authorizer: Option<HookSlot<dyn Authorizer>>,
+    pub transformer: Option<HookSlot<dyn Transformer>>,
+    pub router: Option<HookSlot<dyn BridgeRouter>>,
+}
+
+impl LoadedPlugin {
+    /// Loads and starts one plugin: compiles (or reads the cached compilation), instantiates once, calls `init`,
+    /// and checks that the configured hooks are ones the plugin provides.
+    pub async fn load(spec: PluginSpec, cache_dir: Option<PathBuf>) -> Result<LoadedPlugin, LoadError> {
+        let runtime: Arc<dyn Runtime> = match spec.kind {
+            PluginKind::Wasm => Arc::new(wasm::WasmPlugin::load(&spec, cache_dir).await?),
+            PluginKind::Lua => Arc::new(lua::LuaPlugin::load(&spec).await?),
+        };
+        let provided = runtime.provided_hooks();
+        let hooks = match &spec.hooks {
+            None => provided,
+            Some(wanted) => {
+                if let Some(missing) = wanted.iter().find(|hook| !provided.contains(hook)) {
+                    let offered: Vec<&str> = provided.iter().map(|hook| hook.as_str()).collect();
+                    return Err(LoadError {
+                        plugin: spec.name.clone(),
+                        reason: format!(
+                            "hooks includes {missing}, which the plugin does not implement (it implements: {})",
+                            if offered.is_empty() { "nothing".to_owned() } else { offered.join(", ") }
+                        ),
+                    });
+                }
+                wanted.clone()
+            }
+        };
+        Ok(LoadedPlugin { spec, runtime, hooks })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.spec.name
+    }
+
+    pub fn shared(&self) -> &Arc<PluginShared> {
+        self.runtime.shared()
+    }
+
+    /// One adapter per attached hook. The adapters enforce the wall-clock timeout themselves (so a timeout counts
+    /// towards crash-loop protection), hence no chain-level timer.
+    pub fn slots(&self) -> PluginSlots {
+        let adapter = Arc::new(PluginHook {
+            name: self.spec.name.clone(),
+            runtime: self.runtime.clone(),
+            timeout: self.spec.limits.call_timeout,
+            cacheable: self.spec.cache_decisions,
+        });
+        let mut slots = PluginSlots::default();
+        for hook in &self.hooks {
+            let policy = self.spec.failure_policy(*hook);
+            match hook {
+                HookKind::Authenticate => slots.authenticator = Some(HookSlot::new(adapter.clone(), None, policy)),
+                HookKind::Authorize => slots.authorizer = Some(HookSlot::new(adapter.clone(), None, policy)),
+                HookKind::Transform => slots.transformer = Some(HookSlot::new(adapter.clone(), None, policy)),
+                HookKind::Route => slots.router = Some(HookSlot::new(adapter.clone(), None, policy)),
+            }
+        }
+        slots
+    }
+
+    /// Calls straight into the plugin, bypassing chain and policy: for `tollgate plugin test`.
+    pub fn hook(&self) -> Arc<PluginHook> {
+        Arc::new(PluginHook {
+            name: self.spec.name.clone(),
+            runtime: self.runtime.clone(),
+            timeout: self.spec.limits.call_timeout,
+            cacheable: false,
+        })
+    }
+}
+
+/// The adapter between the hook contract and a plugin runtime.
+pub struct PluginHook {
+    name: String,
+    runtime: Arc<dyn Runtime>,
+    timeout: Duration,
+    cacheable: bool,
+}
+
+impl PluginHook {
+    async fn guarded<T>(&self, hook: HookKind, call: impl Future<Output = Result<T, Failure>>) -> Result<T, HookError> {
+        let shared = self.runtime.shared();
+        shared.metrics.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = match shared.check_enabled() {
+            Err(failure) => Err(failure),
+            Ok(()) => match tokio::time::timeout(self.timeout, call).await {
+                Ok(result) => result,
+                Err(_) => Err(Failure::Timeout(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX))),
+            },
+        };
+        result.map_err(|failure| {
+            shared.record_failure(hook.as_str(), &failure);
+            HookError::Failed { hook: format!("{} ({hook})", self.name), reason: failure.to_string() }
+        })
+    }
+}
+
+#[async_trait]
+impl Authenticator for PluginHook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, HookError> {
+        self.guarded(HookKind::Authenticate, self.runtime.authenticate(request)).await
+    }
+
+    async fn continue_auth(&self, request: &ConnectRequest, step: &AuthStep) -> Result<AuthDecision, HookError> {
+        let mut request = request.clone();
+        request.authentication_method = Some(step.method.clone());
+        request.authentication_data = step.data.clone();
+        self.guarded(HookKind::Authenticate, self.runtime.authenticate(&request)).await
+    }
+}
+
+#[async_trait]
+impl Authorizer for PluginHook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError> {
+        if matches!(action, Action::Receive { .. } | Action::ReceiveRetained { .. }) {
+            return Ok(AclDecision::Abstain);
+        }
+        self.guarded(HookKind::Authorize, self.runtime.authorize(client, action)).await
+    }
+
+    fn cacheable(&self) -> bool {
+        self.cacheable
+    }
+}
+
+#[async_trait]
+impl Transformer for PluginHook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn transform_inbound(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+    ) -> Result<TransformDecision, HookError> {
+        self.guarded(HookKind::Transform, self.runtime.transform(client, message)).await
+    }
+}
+
+#[async_trait]
+impl BridgeRouter for PluginHook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn route(
+        &self,
+        direction: RouteDirection,
+        bridge: &str,
+        message: &Message,
+    ) -> Result<RouteDecision, HookError> {
+        self.guarded(HookKind::Route, self.runtime.route(direction, bridge, message)).await
+    }
+}
+
+/// What identifies a plugin version: its configuration and its file. A reload reuses a plugin whose fingerprint
+/// did not change, with its instances and key-value table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    spec: String,
+    modified: Option<SystemTime>,
+    length: Option<u64>,
+}
+
+impl Fingerprint {
+    fn of(spec: &PluginSpec) -> Self {
+        let metadata = std::fs::metadata(&spec.path).ok();
+        Fingerprint {
+            spec: format!("{spec:?}"),
+            modified: metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
+            length: metadata.map(|metadata| metadata.len()),
+        }
+    }
+}
+
+/// Keeps the loaded plugins across reloads.
+#[derive(Default)]
+pub struct PluginHost {
+    cache_dir: Option<PathBuf>,
+    loaded: Mutex<HashMap<String, (Fingerprint, Arc<LoadedPlugin>)>>,
+}
+
+/// The outcome of loading the configured plugins.
+pub struct LoadReport {
+    /// In configuration order.
+    pub plugins: Vec<Arc<LoadedPlugin>>,
+    /// Plugins that failed and kept their previous version (reload only).
+    pub kept_previous: Vec<LoadError>,
+}
+
+impl PluginHost {
+    pub fn new(cache_dir: Option<PathBuf>) -> Self {
+        Self { cache_dir, loaded: Mutex::new(HashMap::new()) }
+    }
+
+    /// Loads what changed. A plugin that fails keeps its previous version when it had one; a plugin that fails
+    /// without one fails the whole call, so a reload never silently drops a policy.
+    pub async fn load(&self, specs: &[PluginSpec]) -> Result<LoadReport, Vec<LoadError>> {
+        let previous = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+        let mut plugins = Vec::with_capacity(specs.len());
+        let mut kept_previous = Vec::new();
+        let mut errors = Vec::new();
+        let mut next = HashMap::new();
+        for spec in specs {
+            let fingerprint = Fingerprint::of(spec);
+            if let Some((old, plugin)) = previous.get(&spec.name)
+                && *old == fingerprint
+            {
+                plugins.push(plugin.clone());
+                next.insert(spec.name.clone(), (fingerprint, plugin.clone()));
+                continue;
+            }
+            match LoadedPlugin::load(spec.clone(), self.cache_dir.clone()).await {
+                Ok(plugin) => {
+                    let plugin = Arc::new(plugin);
+                    plugins.push(plugin.clone());
+                    next.insert(spec.name.clone(), (fingerprint, plugin));
+                }
+                Err(error) => match previous.get(&spec.name) {
+                    Some((old, plugin)) => {
+                        tracing::error!(%error, "plugin not reloaded; its previous version stays in use");
+                        plugins.push(plugin.clone());
+                        next.insert(spec.name.clone(), (old.clone(), plugin.clone()));
+                        kept_previous.push(error);
+                    }
+                    None => errors.push(error),
+                },
+            }
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        *self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = next;
+        Ok(LoadReport { plugins, kept_previous })
+    }
+}

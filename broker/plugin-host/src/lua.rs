@@ -1,0 +1,663 @@
+//! Luau script plugins on mlua: a sandboxed state per instance (Luau's read-only globals, no io/os/require/
+//! loadstring/debug), a heap cap, and a CPU budget enforced by the interrupt callback, which also yields to the
+//! worker's other tasks every millisecond.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Value, VmState};
+use tollgate_hooks::{
+    AclDecision, Action, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection,
+    TransformDecision,
+};
+use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
+
+use crate::shared::{CallClient, Failure, PluginShared};
+use crate::spec::{HookKind, Limits, PluginSpec};
+use crate::{LoadError, Runtime};
+
+const CPU_LIMIT_MESSAGE: &str = "tollgate: CPU time budget exhausted";
+/// How long a script runs before it yields to the worker's other tasks.
+const TIME_SLICE: Duration = Duration::from_millis(1);
+
+/// Globals a policy script must not reach. Luau has no io or bytecode loading to begin with.
+const REMOVED_GLOBALS: [&str; 8] =
+    ["require", "loadstring", "getfenv", "setfenv", "collectgarbage", "gcinfo", "debug", "os"];
+
+struct Budget {
+    limit: Duration,
+    used: Duration,
+    slice_start: Option<Instant>,
+    exhausted: bool,
+}
+
+struct Hooks {
+    on_connect: Option<Function>,
+    authorize_publish: Option<Function>,
+    authorize_subscribe: Option<Function>,
+    on_publish: Option<Function>,
+    route: Option<Function>,
+}
+
+struct Instance {
+    lua: Lua,
+    hooks: Hooks,
+    budget: Arc<Mutex<Budget>>,
+    client: Arc<Mutex<CallClient>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// One loaded Lua plugin.
+pub struct LuaPlugin {
+    shared: Arc<PluginShared>,
+    source: Arc<str>,
+    chunk_name: String,
+    config: serde_json::Value,
+    limits: Limits,
+    pool: Mutex<Vec<Instance>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    hooks: Vec<HookKind>,
+}
+
+impl LuaPlugin {
+    pub(crate) async fn load(spec: &PluginSpec) -> Result<Self, LoadError> {
+        let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
+        let source = std::fs::read_to_string(&spec.path)
+            .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
+        let mut plugin = LuaPlugin {
+            shared: Arc::new(PluginShared::new(&spec.name, spec.secrets.clone())),
+            source: source.into(),
+            chunk_name: format!("@{}", spec.path.display()),
+            config: serde_json::Value::Object(spec.config.clone()),
+            limits: spec.limits,
+            pool: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_instances.max(1))),
+            hooks: Vec::new(),
+        };
+        let instance = plugin.instantiate().await.map_err(|failure| fail(failure.to_string()))?;
+        let hooks = &instance.hooks;
+        plugin.hooks = [
+            (HookKind::Authenticate, hooks.on_connect.is_some()),
+            (HookKind::Authorize, hooks.authorize_publish.is_some() || hooks.authorize_subscribe.is_some()),
+            (HookKind::Transform, hooks.on_publish.is_some()),
+            (HookKind::Route, hooks.route.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(hook, present)| present.then_some(hook))
+        .collect();
+        if plugin.hooks.is_empty() {
+            return Err(fail(
+                "defines none of on_connect, authorize_publish, authorize_subscribe, on_publish, route".to_owned(),
+            ));
+        }
+        tracing::info!(plugin = %spec.name, hooks = ?plugin.hooks, "Lua plugin loaded");
+        plugin.pool_mut().push(instance);
+        Ok(plugin)
+    }
+
+    fn pool_mut(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        lock(&self.pool)
+    }
+
+    fn classify(&self, instance: Option<&Instance>, error: mlua::Error) -> Failure {
+        let exhausted = instance.is_some_and(|instance| lock(&instance.budget).exhausted);
+        if exhausted || error.to_string().contains(CPU_LIMIT_MESSAGE) {
+            return Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX));
+        }
+        if is_memory_error(&error) {
+            return Failure::OutOfMemory(self.limits.memory_bytes);
+        }
+        Failure::Script(error.to_string())
+    }
+
+    async fn instantiate(&self) -> Result<Instance, Failure> {
+        self.shared.metrics.instances_created.fetch_add(1, Ordering::Relaxed);
+        let budget = Arc::new(Mutex::new(Budget {
+            limit: self.limits.cpu_time,
+            used: Duration::ZERO,
+            slice_start: None,
+            exhausted: false,
+        }));
+        let client = Arc::new(Mutex::new(CallClient::default()));
+        let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(None, error))?;
+        let run = async {
+            lua.load(&*self.source).set_name(self.chunk_name.clone()).exec_async().await?;
+            let globals = lua.globals();
+            let hooks = Hooks {
+                on_connect: globals.get("on_connect")?,
+                authorize_publish: globals.get("authorize_publish")?,
+                authorize_subscribe: globals.get("authorize_subscribe")?,
+                on_publish: globals.get("on_publish")?,
+                route: globals.get("route")?,
+            };
+            if let Some(init) = globals.get::<Option<Function>>("init")? {
+                let config = lua.to_value(&self.config)?;
+                init.call_async::<()>(config).await?;
+            }
+            Ok::<_, mlua::Error>(hooks)
+        };
+        reset_budget(&budget);
+        let hooks = run.await.map_err(|error| {
+            let failure = self.classify(None, error);
+            if lock(&budget).exhausted {
+                Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX))
+            } else {
+                failure
+            }
+        })?;
+        Ok(Instance { lua, hooks, budget, client })
+    }
+
+    fn new_state(&self, budget: Arc<Mutex<Budget>>, client: Arc<Mutex<CallClient>>) -> mlua::Result<Lua> {
+        let libraries = StdLib::COROUTINE
+            | StdLib::TABLE
+            | StdLib::STRING
+            | StdLib::UTF8
+            | StdLib::BIT
+            | StdLib::MATH
+            | StdLib::BUFFER;
+        let lua = Lua::new_with(libraries, LuaOptions::default())?;
+        let globals = lua.globals();
+        for name in REMOVED_GLOBALS {
+            globals.raw_set(name, Value::Nil)?;
+        }
+        let host = lua.create_table()?;
+        let plugin: Arc<str> = self.shared.name.clone();
+        host.raw_set(
+            "log",
+            lua.create_function(move |_, (level, message): (String, String)| {
+                let plugin = &*plugin;
+                match level.as_str() {
+                    "trace" => tracing::trace!(plugin, "{message}"),
+                    "debug" => tracing::debug!(plugin, "{message}"),
+                    "warn" => tracing::warn!(plugin, "{message}"),
+                    "error" => tracing::error!(plugin, "{message}"),
+                    _ => tracing::info!(plugin, "{message}"),
+                }
+                Ok(())
+            })?,
+        )?;
+        let plugin: Arc<str> = self.shared.name.clone();
+        globals.raw_set(
+            "print",
+            lua.create_function(move |_, values: mlua::Variadic<Value>| {
+                let text: Vec<String> = values.iter().map(|value| value.to_string().unwrap_or_default()).collect();
+                tracing::info!(plugin = &*plugin, "{}", text.join("\t"));
+                Ok(())
+            })?,
+        )?;
+        host.raw_set("now_ms", lua.create_function(|_, ()| Ok(crate::now_ms()))?)?;
+        host.raw_set(
+            "client_attribute",
+            lua.create_function(move |_, key: String| Ok(lock(&client).attribute(&key)))?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "kv_get",
+            lua.create_function(move |lua, key: String| match shared.kv_get(&key) {
+                Some(value) => Ok(Value::String(lua.create_string(value)?)),
+                None => Ok(Value::Nil),
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "kv_set",
+            lua.create_function(move |_, (key, value): (String, LuaString)| {
+                shared.kv_set(key, value.as_bytes().to_vec()).map_err(mlua::Error::runtime)
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "kv_delete",
+            lua.create_function(move |_, key: String| {
+                shared.kv_delete(&key);
+                Ok(())
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "counter_add",
+            lua.create_function(move |_, (name, delta): (String, Option<u64>)| {
+                shared.counter_add(&name, delta.unwrap_or(1));
+                Ok(())
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "hmac_sha256",
+            lua.create_function(move |lua, (key_id, data): (String, LuaString)| {
+                let tag = shared.hmac_sha256(&key_id, &data.as_bytes()).map_err(mlua::Error::runtime)?;
+                lua.create_string(tag)
+            })?,
+        )?;
+        host.raw_set(
+            "sha256",
+            lua.create_function(|lua, data: LuaString| lua.create_string(PluginShared::sha256(&data.as_bytes())))?,
+        )?;
+        host.raw_set("hex", lua.create_function(|_, data: LuaString| Ok(hex::encode(data.as_bytes())))?)?;
+        globals.raw_set("tollgate", host)?;
+        lua.set_memory_limit(self.limits.memory_bytes)?;
+        lua.set_interrupt(move |_| {
+            let mut budget = lock(&budget);
+            let now = Instant::now();
+            let slice_start = *budget.slice_start.get_or_insert(now);
+            let slice = now.duration_since(slice_start);
+            if budget.used + slice > budget.limit {
+                budget.exhausted = true;
+                return Err(mlua::Error::runtime(CPU_LIMIT_MESSAGE));
+            }
+            if slice >= TIME_SLICE {
+                budget.used += slice;
+                // The next interrupt after resuming starts a new slice, so time spent suspended is not counted.
+                budget.slice_start = None;
+                return Ok(VmState::Yield);
+            }
+            Ok(VmState::Continue)
+        });
+        // Read-only built-ins and a private global table for the script.
+        lua.sandbox(true)?;
+        Ok(lua)
+    }
+
+    async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
+    where
+        F: FnOnce(Instance) -> Fut,
+        Fut: Future<Output = (Instance, mlua::Result<R>)>,
+    {
+        let _permit = self.permits.clone().acquire_owned().await.map_err(|_| Failure::Disabled(0))?;
+        let pooled = self.pool_mut().pop();
+        let instance = match pooled {
+            Some(instance) => instance,
+            None => self.instantiate().await?,
+        };
+        *lock(&instance.client) = client;
+        reset_budget(&instance.budget);
+        let (instance, result) = call(instance).await;
+        match result {
+            Ok(value) => {
+                *lock(&instance.client) = CallClient::default();
+                self.pool_mut().push(instance);
+                Ok(value)
+            }
+            Err(error) => Err(self.classify(Some(&instance), error)),
+        }
+    }
+}
+
+fn reset_budget(budget: &Mutex<Budget>) {
+    let mut budget = lock(budget);
+    budget.used = Duration::ZERO;
+    budget.slice_start = None;
+    budget.exhausted = false;
+}
+
+fn is_memory_error(error: &mlua::Error) -> bool {
+    match error {
+        mlua::Error::MemoryError(_) => true,
+        mlua::Error::CallbackError { cause, .. } => is_memory_error(cause),
+        mlua::Error::WithContext { cause, .. } => is_memory_error(cause),
+        _ => false,
+    }
+}
+
+fn protocol_name(protocol: ProtocolVersion) -> &'static str {
+    match protocol {
+        ProtocolVersion::V31 => "3.1",
+        ProtocolVersion::V311 => "3.1.1",
+        ProtocolVersion::V5 => "5",
+    }
+}
+
+fn client_table(lua: &Lua, client: &ClientInfo) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, 4)?;
+    table.raw_set("client_id", &*client.client_id)?;
+    table.raw_set("username", client.username.as_deref())?;
+    table.raw_set("protocol", protocol_name(client.protocol))?;
+    table.raw_set("listener", &*client.listener)?;
+    Ok(table)
+}
+
+fn message_table(lua: &Lua, message: &Message) -> mlua::Result<Table> {
+    let table = lua.create_table_with_capacity(0, 10)?;
+    table.raw_set("topic", &*message.topic)?;
+    table.raw_set("payload", lua.create_string(&message.payload)?)?;
+    table.raw_set("qos", message.qos as u8)?;
+    table.raw_set("retain", message.retain)?;
+    let properties = lua.create_table_with_capacity(message.user_properties.len(), 0)?;
+    for property in &message.user_properties {
+        properties.push(lua.create_sequence_from([property.key.as_str(), property.value.as_str()])?)?;
+    }
+    table.raw_set("user_properties", properties)?;
+    table.raw_set("content_type", message.content_type.as_deref())?;
+    table.raw_set("payload_is_utf8", message.payload_format_indicator == Some(1))?;
+    table.raw_set("response_topic", message.response_topic.as_deref())?;
+    if let Some(data) = &message.correlation_data {
+        table.raw_set("correlation_data", lua.create_string(data)?)?;
+    }
+    table.raw_set("message_expiry", message.message_expiry_interval)?;
+    Ok(table)
+}
+
+fn read_message(table: &Table, target: &mut Message) -> Result<(), String> {
+    let bad = |field: &str, error: mlua::Error| format!("message.{field}: {error}");
+    let topic: String = table.get("topic").map_err(|error| bad("topic", error))?;
+    crate::check_topic(&topic)?;
+    let payload: LuaString = table.get("payload").map_err(|error| bad("payload", error))?;
+    let qos: u8 = table.get("qos").map_err(|error| bad("qos", error))?;
+    let qos = QoS::from_u8(qos).ok_or_else(|| format!("message.qos: {qos} is not 0, 1 or 2"))?;
+    let retain: bool = table.get("retain").map_err(|error| bad("retain", error))?;
+    let mut user_properties = Vec::new();
+    if let Some(list) = table.get::<Option<Table>>("user_properties").map_err(|error| bad("user_properties", error))? {
+        for entry in list.sequence_values::<Table>() {
+            let entry = entry.map_err(|error| bad("user_properties", error))?;
+            let key: String = entry.get(1).map_err(|error| bad("user_properties[i][1]", error))?;
+            let value: String = entry.get(2).map_err(|error| bad("user_properties[i][2]", error))?;
+            user_properties.push(UserProperty { key, value });
+        }
+    }
+    target.topic = topic.into();
+    target.payload = bytes::Bytes::copy_from_slice(&payload.as_bytes());
+    target.qos = qos;
+    target.retain = retain;
+    target.user_properties = user_properties;
+    target.content_type = table.get("content_type").map_err(|error| bad("content_type", error))?;
+    let utf8: Option<bool> = table.get("payload_is_utf8").map_err(|error| bad("payload_is_utf8", error))?;
+    target.payload_format_indicator = utf8.unwrap_or(false).then_some(1);
+    target.response_topic = table.get("response_topic").map_err(|error| bad("response_topic", error))?;
+    let correlation: Option<LuaString> =
+        table.get("correlation_data").map_err(|error| bad("correlation_data", error))?;
+    target.correlation_data = correlation.map(|data| bytes::Bytes::copy_from_slice(&data.as_bytes()));
+    target.message_expiry_interval = table.get("message_expiry").map_err(|error| bad("message_expiry", error))?;
+    Ok(())
+}
+
+fn deny_reason(name: &str) -> Result<ReasonCode, String> {
+    Ok(match name {
+        "bad_credentials" => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        "not_authorized" => ReasonCode::NOT_AUTHORIZED,
+        "banned" => ReasonCode::BANNED,
+        "server_busy" => ReasonCode::SERVER_BUSY,
+        "bad_auth_method" => ReasonCode::BAD_AUTHENTICATION_METHOD,
+        "quota_exceeded" => ReasonCode::QUOTA_EXCEEDED,
+        "payload_format_invalid" => ReasonCode::PAYLOAD_FORMAT_INVALID,
+        "topic_name_invalid" => ReasonCode::TOPIC_NAME_INVALID,
+        other => return Err(format!("unknown deny reason {other:?}")),
+    })
+}
+
+fn string_of(value: &Value) -> Option<String> {
+    match value {
+        Value::String(text) => text.to_str().ok().map(|text| text.to_owned()),
+        _ => None,
+    }
+}
+
+fn connect_decision(value: Value) -> Result<AuthDecision, String> {
+    match value {
+        Value::Nil => Ok(AuthDecision::Abstain),
+        Value::Boolean(true) => Ok(AuthDecision::allow()),
+        Value::Boolean(false) => Ok(AuthDecision::deny(ReasonCode::NOT_AUTHORIZED)),
+        Value::String(_) => match string_of(&value).as_deref() {
+            Some("allow") => Ok(AuthDecision::allow()),
+            Some("deny") => Ok(AuthDecision::deny(ReasonCode::NOT_AUTHORIZED)),
+            Some("ignore") => Ok(AuthDecision::Abstain),
+            other => Err(format!("on_connect returned {other:?}; expected \"allow\", \"deny\", \"ignore\" or a table")),
+        },
+        Value::Table(table) => {
+            if let Some(reason) = table.get::<Option<String>>("deny").map_err(|error| error.to_string())? {
+                return Ok(AuthDecision::Deny { reason: deny_reason(&reason)?, message: None });
+            }
+            if let Some(data) = table.get::<Option<LuaString>>("challenge").map_err(|error| error.to_string())? {
+                return Ok(AuthDecision::Continue { data: Some(bytes::Bytes::copy_from_slice(&data.as_bytes())) });
+            }
+            if table.get::<Option<bool>>("allow").map_err(|error| error.to_string())? == Some(true) {
+                let mut attributes = std::collections::BTreeMap::new();
+                if let Some(map) = table.get::<Option<Table>>("attributes").map_err(|error| error.to_string())? {
+                    for pair in map.pairs::<String, String>() {
+                        let (key, value) = pair.map_err(|error| format!("attributes: {error}"))?;
+                        attributes.insert(key, value);
+                    }
+                }
+                return Ok(AuthDecision::Allow { attributes });
+            }
+            Err("on_connect returned a table without allow, deny or challenge".to_owned())
+        }
+        other => Err(format!("on_connect returned a {}", other.type_name())),
+    }
+}
+
+fn acl_decision(function: &str, value: Value) -> Result<AclDecision, String> {
+    match value {
+        Value::Nil => Ok(AclDecision::Abstain),
+        Value::Boolean(true) => Ok(AclDecision::Allow),
+        Value::Boolean(false) => Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)),
+        Value::String(_) => match string_of(&value).as_deref() {
+            Some("allow") => Ok(AclDecision::Allow),
+            Some("deny") => Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)),
+            Some("ignore") => Ok(AclDecision::Abstain),
+            other => Err(format!("{function} returned {other:?}; expected \"allow\", \"deny\", \"ignore\" or a table")),
+        },
+        Value::Table(table) => {
+            if let Some(reason) = table.get::<Option<String>>("deny").map_err(|error| error.to_string())? {
+                return Ok(AclDecision::Deny(deny_reason(&reason)?));
+            }
+            if let Some(qos) = table.get::<Option<u8>>("max_qos").map_err(|error| error.to_string())? {
+                let qos = QoS::from_u8(qos).ok_or_else(|| format!("max_qos {qos} is not 0, 1 or 2"))?;
+                return Ok(AclDecision::AllowMaxQos(qos));
+            }
+            Err(format!("{function} returned a table without deny or max_qos"))
+        }
+        other => Err(format!("{function} returned a {}", other.type_name())),
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for LuaPlugin {
+    fn shared(&self) -> &Arc<PluginShared> {
+        &self.shared
+    }
+
+    fn provided_hooks(&self) -> Vec<HookKind> {
+        self.hooks.clone()
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure> {
+        let request = request.clone();
+        let client = CallClient { attributes: Default::default(), peer: request.peer.clone() };
+        let decision = self
+            .with_instance(client, |instance| async move {
+                let result = async {
+                    let Some(function) = &instance.hooks.on_connect else { return Ok(Ok(AuthDecision::Abstain)) };
+                    let lua = &instance.lua;
+                    let info = lua.create_table()?;
+                    info.raw_set("client_id", &*request.client_id)?;
+                    info.raw_set("username", request.username.as_deref())?;
+                    info.raw_set("username_from_certificate", request.username_from_certificate)?;
+                    if let Some(password) = &request.password {
+                        info.raw_set("password", lua.create_string(password)?)?;
+                    }
+                    info.raw_set("protocol", protocol_name(request.protocol))?;
+                    info.raw_set("remote_addr", request.remote_addr.map(|address| address.to_string()))?;
+                    info.raw_set("listener", &*request.listener)?;
+                    if let Some(peer) = &request.peer {
+                        let cert = lua.create_table()?;
+                        cert.raw_set("subject", peer.subject.as_str())?;
+                        cert.raw_set("common_name", peer.common_name.as_deref())?;
+                        cert.raw_set("subject_serial_number", peer.subject_serial_number.as_deref())?;
+                        cert.raw_set(
+                            "organizational_units",
+                            lua.create_sequence_from(peer.organizational_units.iter().map(String::as_str))?,
+                        )?;
+                        cert.raw_set("san_uris", lua.create_sequence_from(peer.san_uri.iter().map(String::as_str))?)?;
+                        cert.raw_set("san_dns", lua.create_sequence_from(peer.san_dns.iter().map(String::as_str))?)?;
+                        cert.raw_set("serial", peer.serial.as_str())?;
+                        cert.raw_set("fingerprint_sha256", peer.fingerprint_sha256.as_str())?;
+                        info.raw_set("cert", cert)?;
+                    }
+                    info.raw_set("auth_method", request.authentication_method.as_deref())?;
+                    if let Some(data) = &request.authentication_data {
+                        info.raw_set("auth_data", lua.create_string(data)?)?;
+                    }
+                    let value: Value = function.call_async(info).await?;
+                    Ok(connect_decision(value))
+                }
+                .await;
+                (instance, result)
+            })
+            .await?;
+        decision.map_err(Failure::BadAnswer)
+    }
+
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure> {
+        enum Request {
+            Publish { topic: String, qos: QoS, retain: bool, kind: &'static str },
+            Subscribe { filter: String, qos: QoS, group: Option<String> },
+        }
+        let request = match *action {
+            Action::Publish { topic, qos, retain } => {
+                Request::Publish { topic: topic.to_owned(), qos, retain, kind: "publish" }
+            }
+            Action::Will { topic, qos, retain } => {
+                Request::Publish { topic: topic.to_owned(), qos, retain, kind: "will" }
+            }
+            Action::Subscribe { filter, qos, share_group } => {
+                Request::Subscribe { filter: filter.to_owned(), qos, group: share_group.map(str::to_owned) }
+            }
+            Action::Receive { .. } | Action::ReceiveRetained { .. } => return Ok(AclDecision::Abstain),
+        };
+        let client_info = client.clone();
+        let decision = self
+            .with_instance(
+                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                |instance| async move {
+                    let result = async {
+                        let lua = &instance.lua;
+                        let (function, name, table) = match request {
+                            Request::Publish { topic, qos, retain, kind } => {
+                                let Some(function) = &instance.hooks.authorize_publish else {
+                                    return Ok(Ok(AclDecision::Abstain));
+                                };
+                                let table = lua.create_table_with_capacity(0, 4)?;
+                                table.raw_set("topic", topic)?;
+                                table.raw_set("qos", qos as u8)?;
+                                table.raw_set("retain", retain)?;
+                                table.raw_set("kind", kind)?;
+                                (function, "authorize_publish", table)
+                            }
+                            Request::Subscribe { filter, qos, group } => {
+                                let Some(function) = &instance.hooks.authorize_subscribe else {
+                                    return Ok(Ok(AclDecision::Abstain));
+                                };
+                                let table = lua.create_table_with_capacity(0, 3)?;
+                                table.raw_set("filter", filter)?;
+                                table.raw_set("qos", qos as u8)?;
+                                table.raw_set("share_group", group)?;
+                                (function, "authorize_subscribe", table)
+                            }
+                        };
+                        let value: Value = function.call_async((client_table(lua, &client_info)?, table)).await?;
+                        Ok(acl_decision(name, value))
+                    }
+                    .await;
+                    (instance, result)
+                },
+            )
+            .await?;
+        decision.map_err(Failure::BadAnswer)
+    }
+
+    async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
+        let client_info = client.clone();
+        let draft = message.clone();
+        let outcome = self
+            .with_instance(
+                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                |instance| async move {
+                    let result = async {
+                        let Some(function) = &instance.hooks.on_publish else {
+                            return Ok(Ok((TransformDecision::Keep, None)));
+                        };
+                        let lua = &instance.lua;
+                        let table = message_table(lua, &draft)?;
+                        let value: Value = function.call_async((client_table(lua, &client_info)?, table)).await?;
+                        Ok(match value {
+                            Value::Nil => Ok((TransformDecision::Keep, None)),
+                            Value::String(_) => match string_of(&value).as_deref() {
+                                Some("unchanged") => Ok((TransformDecision::Keep, None)),
+                                Some("drop") => {
+                                    Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None))
+                                }
+                                other => {
+                                    Err(format!("on_publish returned {other:?}; expected nil, \"drop\" or a message"))
+                                }
+                            },
+                            Value::Table(table) => {
+                                if let Some(reason) = table.get::<Option<String>>("drop")? {
+                                    Ok((TransformDecision::Drop { reason }, None))
+                                } else {
+                                    let mut modified = draft.clone();
+                                    match read_message(&table, &mut modified) {
+                                        Ok(()) => Ok((TransformDecision::Modified, Some(modified))),
+                                        Err(error) => Err(error),
+                                    }
+                                }
+                            }
+                            other => Err(format!("on_publish returned a {}", other.type_name())),
+                        })
+                    }
+                    .await;
+                    (instance, result)
+                },
+            )
+            .await?;
+        let (decision, modified) = outcome.map_err(Failure::BadAnswer)?;
+        if let Some(modified) = modified {
+            *message = modified;
+        }
+        Ok(decision)
+    }
+
+    async fn route(
+        &self,
+        direction: RouteDirection,
+        bridge: &str,
+        message: &Message,
+    ) -> Result<RouteDecision, Failure> {
+        let draft = message.clone();
+        let bridge = bridge.to_owned();
+        let decision = self
+            .with_instance(CallClient::default(), |instance| async move {
+                let result = async {
+                    let Some(function) = &instance.hooks.route else { return Ok(Ok(RouteDecision::Abstain)) };
+                    let lua = &instance.lua;
+                    let direction = match direction {
+                        RouteDirection::Egress => "egress",
+                        RouteDirection::Ingress => "ingress",
+                    };
+                    let value: Value = function.call_async((direction, bridge, message_table(lua, &draft)?)).await?;
+                    Ok(match value {
+                        Value::Nil => Ok(RouteDecision::Abstain),
+                        Value::String(_) => match string_of(&value).as_deref() {
+                            Some("forward") => Ok(RouteDecision::Forward),
+                            Some("drop") => Ok(RouteDecision::Drop),
+                            Some("ignore") => Ok(RouteDecision::Abstain),
+                            other => Err(format!("route returned {other:?}")),
+                        },
+                        Value::Table(table) => match table.get::<Option<String>>("rewrite")? {
+                            Some(topic) => crate::check_topic(&topic).map(|()| RouteDecision::Rewrite { topic }),
+                            None => Err("route returned a table without rewrite".to_owned()),
+                        },
+                        other => Err(format!("route returned a {}", other.type_name())),
+                    })
+                }
+                .await;
+                (instance, result)
+            })
+            .await?;
+        decision.map_err(Failure::BadAnswer)
+    }
+}

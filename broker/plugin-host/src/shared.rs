@@ -1,0 +1,318 @@
+//! State one plugin's instances share, whatever the runtime: the key-value table, counters, secrets, health.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use tollgate_hooks::PeerIdentity;
+use tracing::warn;
+
+/// Bounds on the shared key-value table, so a plugin cannot grow the broker's memory without limit.
+pub const KV_MAX_ENTRIES: usize = 65_536;
+pub const KV_MAX_VALUE_BYTES: usize = 64 << 10;
+
+/// Why a plugin call gave no decision.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Failure {
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("used more than its CPU time budget of {0} ms")]
+    CpuLimit(u64),
+    #[error("exceeded its memory limit of {0} bytes")]
+    OutOfMemory(usize),
+    #[error("script error: {0}")]
+    Script(String),
+    #[error("took longer than {0} ms")]
+    Timeout(u64),
+    #[error("returned an invalid answer: {0}")]
+    BadAnswer(String),
+    #[error("disabled for {0} ms after repeated failures")]
+    Disabled(u64),
+    #[error("could not start an instance: {0}")]
+    Instantiate(String),
+}
+
+/// Counters for one plugin, readable by the broker (`$SYS`, logs) and tests.
+#[derive(Debug, Default)]
+pub struct PluginMetrics {
+    pub calls: AtomicU64,
+    pub failures: AtomicU64,
+    pub cpu_limit: AtomicU64,
+    pub out_of_memory: AtomicU64,
+    pub traps: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub disabled: AtomicU64,
+    pub instances_created: AtomicU64,
+}
+
+impl PluginMetrics {
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("calls", read(&self.calls)),
+            ("failures", read(&self.failures)),
+            ("cpu_limit", read(&self.cpu_limit)),
+            ("out_of_memory", read(&self.out_of_memory)),
+            ("traps", read(&self.traps)),
+            ("timeouts", read(&self.timeouts)),
+            ("disabled", read(&self.disabled)),
+            ("instances_created", read(&self.instances_created)),
+        ])
+    }
+}
+
+/// Crash-loop protection: a plugin failing [`CRASH_LOOP_FAILURES`] times within [`CRASH_LOOP_WINDOW`] is disabled
+/// (its hooks answer with their failure policy) for a backoff that doubles on each relapse up to
+/// [`MAX_BACKOFF`], and resets after a quiet [`MAX_BACKOFF`].
+pub const CRASH_LOOP_FAILURES: u32 = 5;
+pub const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(10);
+pub const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Debug)]
+struct Health {
+    window_start: Instant,
+    failures_in_window: u32,
+    disabled_until: Option<Instant>,
+    backoff: Duration,
+    last_disabled: Option<Instant>,
+    last_log: Option<Instant>,
+    suppressed_logs: u64,
+}
+
+/// What the broker knows about the client of the current call, for `client-attribute`.
+#[derive(Clone, Debug, Default)]
+pub struct CallClient {
+    pub attributes: Arc<BTreeMap<String, String>>,
+    pub peer: Option<Arc<PeerIdentity>>,
+}
+
+impl CallClient {
+    pub fn attribute(&self, key: &str) -> Option<String> {
+        if let Some(field) = key.strip_prefix("cert.") {
+            let peer = self.peer.as_deref()?;
+            return match field {
+                "subject" => Some(peer.subject.clone()),
+                "common-name" => peer.common_name.clone(),
+                "subject-serial-number" => peer.subject_serial_number.clone(),
+                "serial" => Some(peer.serial.clone()),
+                "fingerprint" => Some(peer.fingerprint_sha256.clone()),
+                "issuer" => Some(peer.issuer.clone()),
+                "san-uri" => peer.san_uri.first().cloned(),
+                "san-dns" => peer.san_dns.first().cloned(),
+                "ou" => peer.organizational_units.first().cloned(),
+                _ => None,
+            };
+        }
+        self.attributes.get(key).cloned()
+    }
+}
+
+/// Shared by every instance of one plugin.
+pub struct PluginShared {
+    pub name: Arc<str>,
+    pub metrics: PluginMetrics,
+    secrets: BTreeMap<String, Vec<u8>>,
+    kv: Mutex<HashMap<String, Vec<u8>>>,
+    counters: Mutex<BTreeMap<String, u64>>,
+    health: Mutex<Health>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave the data half-updated in a way that matters (plain
+    // inserts and counters), so a poisoned lock is used as it is.
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl PluginShared {
+    pub fn new(name: &str, secrets: BTreeMap<String, Vec<u8>>) -> Self {
+        Self {
+            name: name.into(),
+            metrics: PluginMetrics::default(),
+            secrets,
+            kv: Mutex::new(HashMap::new()),
+            counters: Mutex::new(BTreeMap::new()),
+            health: Mutex::new(Health {
+                window_start: Instant::now(),
+                failures_in_window: 0,
+                disabled_until: None,
+                backoff: FIRST_BACKOFF,
+                last_disabled: None,
+                last_log: None,
+                suppressed_logs: 0,
+            }),
+        }
+    }
+
+    pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
+        lock(&self.kv).get(key).cloned()
+    }
+
+    pub fn kv_set(&self, key: String, value: Vec<u8>) -> Result<(), String> {
+        if value.len() > KV_MAX_VALUE_BYTES {
+            return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
+        }
+        let mut kv = lock(&self.kv);
+        if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(&key) {
+            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
+        }
+        kv.insert(key, value);
+        Ok(())
+    }
+
+    pub fn kv_delete(&self, key: &str) {
+        lock(&self.kv).remove(key);
+    }
+
+    pub fn counter_add(&self, name: &str, delta: u64) {
+        let mut counters = lock(&self.counters);
+        if let Some(value) = counters.get_mut(name) {
+            *value = value.saturating_add(delta);
+        } else if counters.len() < 1024 {
+            counters.insert(name.to_owned(), delta);
+        }
+    }
+
+    pub fn counters(&self) -> BTreeMap<String, u64> {
+        lock(&self.counters).clone()
+    }
+
+    pub fn hmac_sha256(&self, key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+        let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string())?;
+        mac.update(data);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    pub fn sha256(data: &[u8]) -> Vec<u8> {
+        Sha256::digest(data).to_vec()
+    }
+
+    /// `Err` while the plugin is disabled after a crash loop.
+    pub fn check_enabled(&self) -> Result<(), Failure> {
+        let mut health = lock(&self.health);
+        match health.disabled_until {
+            Some(until) if Instant::now() < until => {
+                Err(Failure::Disabled(u64::try_from((until - Instant::now()).as_millis()).unwrap_or(u64::MAX)))
+            }
+            Some(_) => {
+                health.disabled_until = None;
+                health.failures_in_window = 0;
+                health.window_start = Instant::now();
+                tracing::info!(plugin = %self.name, "plugin enabled again after its backoff");
+                Ok(())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failure, logs it (at most once a second per plugin) and disables the plugin on a crash loop.
+    pub fn record_failure(&self, hook: &str, failure: &Failure) {
+        let metrics = &self.metrics;
+        metrics.failures.fetch_add(1, Ordering::Relaxed);
+        match failure {
+            Failure::CpuLimit(_) => metrics.cpu_limit.fetch_add(1, Ordering::Relaxed),
+            Failure::OutOfMemory(_) => metrics.out_of_memory.fetch_add(1, Ordering::Relaxed),
+            Failure::Trap(_) | Failure::Script(_) | Failure::BadAnswer(_) | Failure::Instantiate(_) => {
+                metrics.traps.fetch_add(1, Ordering::Relaxed)
+            }
+            Failure::Timeout(_) => metrics.timeouts.fetch_add(1, Ordering::Relaxed),
+            Failure::Disabled(_) => 0,
+        };
+        let now = Instant::now();
+        let mut health = lock(&self.health);
+        if !matches!(failure, Failure::Disabled(_)) {
+            if now.duration_since(health.window_start) > CRASH_LOOP_WINDOW {
+                health.window_start = now;
+                health.failures_in_window = 0;
+            }
+            health.failures_in_window += 1;
+            if health.failures_in_window >= CRASH_LOOP_FAILURES && health.disabled_until.is_none() {
+                if health.last_disabled.is_some_and(|at| now.duration_since(at) > MAX_BACKOFF + health.backoff) {
+                    health.backoff = FIRST_BACKOFF;
+                }
+                let backoff = health.backoff;
+                health.disabled_until = Some(now + backoff);
+                health.last_disabled = Some(now);
+                health.backoff = (backoff * 2).min(MAX_BACKOFF);
+                metrics.disabled.fetch_add(1, Ordering::Relaxed);
+                warn!(
+                    plugin = %self.name,
+                    failures = health.failures_in_window,
+                    backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
+                    "plugin disabled after repeated failures; its hooks apply their failure policy meanwhile"
+                );
+                return;
+            }
+        }
+        if health.last_log.is_some_and(|at| now.duration_since(at) < LOG_INTERVAL) {
+            health.suppressed_logs += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut health.suppressed_logs);
+        health.last_log = Some(now);
+        drop(health);
+        warn!(plugin = %self.name, hook, error = %failure, suppressed, "plugin call failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crash_loop_disables_then_reenables_with_growing_backoff() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        for _ in 0..CRASH_LOOP_FAILURES - 1 {
+            shared.record_failure("authorize", &Failure::Trap("x".into()));
+            assert_eq!(shared.check_enabled(), Ok(()));
+        }
+        shared.record_failure("authorize", &Failure::Trap("x".into()));
+        assert!(matches!(shared.check_enabled(), Err(Failure::Disabled(_))));
+        assert_eq!(shared.metrics.disabled.load(Ordering::Relaxed), 1);
+        // Pretend the backoff is over.
+        lock(&shared.health).disabled_until = Some(Instant::now() - Duration::from_millis(1));
+        assert_eq!(shared.check_enabled(), Ok(()));
+        assert_eq!(lock(&shared.health).backoff, FIRST_BACKOFF * 2);
+    }
+
+    #[test]
+    fn kv_is_bounded() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        assert!(shared.kv_set("k".into(), vec![0; KV_MAX_VALUE_BYTES + 1]).is_err());
+        shared.kv_set("k".into(), b"v".to_vec()).expect("set");
+        assert_eq!(shared.kv_get("k"), Some(b"v".to_vec()));
+        shared.kv_delete("k");
+        assert_eq!(shared.kv_get("k"), None);
+    }
+
+    #[test]
+    fn hmac_uses_named_secret_only() {
+        let shared = PluginShared::new("p", BTreeMap::from([("k1".to_owned(), b"key".to_vec())]));
+        // RFC 4231-style check against a known vector: HMAC-SHA256("key", "The quick brown fox jumps over the lazy dog").
+        let tag = shared.hmac_sha256("k1", b"The quick brown fox jumps over the lazy dog").expect("hmac");
+        assert_eq!(hex::encode(tag), "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8");
+        assert!(shared.hmac_sha256("missing", b"x").is_err());
+    }
+
+    #[test]
+    fn certificate_fields_are_attributes() {
+        let client = CallClient {
+            attributes: Arc::new(BTreeMap::from([("tenant".to_owned(), "acme".to_owned())])),
+            peer: Some(Arc::new(PeerIdentity {
+                common_name: Some("car-1".into()),
+                san_uri: vec!["urn:vin:1J9RP1A36A1644345".into()],
+                ..Default::default()
+            })),
+        };
+        assert_eq!(client.attribute("tenant").as_deref(), Some("acme"));
+        assert_eq!(client.attribute("cert.common-name").as_deref(), Some("car-1"));
+        assert_eq!(client.attribute("cert.san-uri").as_deref(), Some("urn:vin:1J9RP1A36A1644345"));
+        assert_eq!(client.attribute("cert.ou"), None);
+        assert_eq!(client.attribute("nothing"), None);
+    }
+}

@@ -1,0 +1,630 @@
+//! WebAssembly component plugins on wasmtime: one process-wide engine, a compiled component and pre-linked
+//! instance per plugin, and a pool of instances (stores) that calls borrow one at a time.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tollgate_hooks::{
+    AclDecision, Action, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection,
+    TransformDecision,
+};
+use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
+use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
+use wasmtime::{Engine, Store, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::shared::{CallClient, Failure, PluginShared};
+use crate::spec::{HookKind, Limits, PluginSpec, flatten_config};
+use crate::{LoadError, Runtime};
+
+wasmtime::component::bindgen!({
+    path: "../../sdk/wit",
+    world: "plugin",
+    exports: { default: async },
+});
+
+use exports::tollgate::plugin::{authn, authz, bridge, lifecycle, transform};
+use tollgate::plugin::types as wit;
+
+/// How often the engine's epoch advances. A running guest yields to the worker's other tasks at every tick, and
+/// the CPU budget is counted in ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The one engine of the process, with its epoch ticker thread.
+pub fn engine() -> Result<&'static Engine, String> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut config = wasmtime::Config::new();
+            config.epoch_interruption(true);
+            config.wasm_component_model(true);
+            config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+            // Guest stack overflow traps cleanly instead of touching the host stack.
+            config.max_wasm_stack(1 << 20);
+            config.async_stack_size(2 << 20);
+            let engine = Engine::new(&config).map_err(|error| error.to_string())?;
+            let ticker = engine.clone();
+            std::thread::Builder::new()
+                .name("tollgate-wasm-epoch".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(EPOCH_TICK);
+                        ticker.increment_epoch();
+                    }
+                })
+                .map_err(|error| error.to_string())?;
+            Ok(engine)
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Marker errors raised from host callbacks, recognised when classifying a failed call.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU time budget exhausted")]
+struct CpuBudgetExhausted;
+
+#[derive(Debug, thiserror::Error)]
+#[error("memory limit reached")]
+struct MemoryLimitReached;
+
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    shared: Arc<PluginShared>,
+    client: CallClient,
+    memory_cap: usize,
+    ticks: u64,
+    cpu_ticks: u64,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wasmtime::ResourceLimiter for HostState {
+    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        if desired > self.memory_cap {
+            return Err(wasmtime::Error::new(MemoryLimitReached));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        Ok(desired <= 1 << 20)
+    }
+}
+
+impl wit::Host for HostState {}
+
+impl tollgate::plugin::host::Host for HostState {
+    fn log(&mut self, level: tollgate::plugin::host::LogLevel, message: String) {
+        use tollgate::plugin::host::LogLevel;
+        let plugin = &*self.shared.name;
+        match level {
+            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            LogLevel::Info => tracing::info!(plugin, "{message}"),
+            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+
+    fn now_ms(&mut self) -> u64 {
+        crate::now_ms()
+    }
+
+    fn client_attribute(&mut self, key: String) -> Option<String> {
+        self.client.attribute(&key)
+    }
+
+    fn kv_get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.shared.kv_get(&key)
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.shared.kv_set(key, value)
+    }
+
+    fn kv_delete(&mut self, key: String) {
+        self.shared.kv_delete(&key)
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        self.shared.counter_add(&name, delta)
+    }
+}
+
+impl tollgate::plugin::crypto::Host for HostState {
+    fn hmac_sha256(&mut self, key_id: String, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.shared.hmac_sha256(&key_id, &data)
+    }
+
+    fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
+        PluginShared::sha256(&data)
+    }
+}
+
+struct Exports {
+    lifecycle: lifecycle::GuestIndices,
+    authn: Option<authn::GuestIndices>,
+    authz: Option<authz::GuestIndices>,
+    transform: Option<transform::GuestIndices>,
+    bridge: Option<bridge::GuestIndices>,
+}
+
+struct Instance {
+    store: Store<HostState>,
+    authn: Option<authn::Guest>,
+    authz: Option<authz::Guest>,
+    transform: Option<transform::Guest>,
+    bridge: Option<bridge::Guest>,
+}
+
+/// One loaded WASM plugin.
+pub struct WasmPlugin {
+    shared: Arc<PluginShared>,
+    pre: InstancePre<HostState>,
+    exports: Exports,
+    limits: Limits,
+    config: Vec<(String, String)>,
+    pool: Mutex<Vec<Instance>>,
+    permits: Arc<tokio::sync::Semaphore>,
+    hooks: Vec<HookKind>,
+}
+
+fn compile(engine: &Engine, path: &Path, cache_dir: Option<&Path>) -> Result<Component, String> {
+    let bytes = std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))?;
+    let Some(cache_dir) = cache_dir else {
+        return Component::new(engine, &bytes).map_err(|error| format!("not a valid component: {error:#}"));
+    };
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let cached =
+        cache_dir.join(format!("{}-{:016x}.cwasm", hex::encode(PluginShared::sha256(&bytes)), hasher.finish()));
+    if cached.is_file() {
+        // SAFETY: deserializing runs native code from the file, so only files this process wrote are read: the
+        // cache directory is created owner-only (0700) and each file is named by the SHA-256 of the component it
+        // was compiled from together with the engine's compatibility hash, so a stale or foreign build is never
+        // picked up by name. A file that fails wasmtime's own header checks is recompiled.
+        #[allow(unsafe_code)]
+        let loaded = unsafe { Component::deserialize_file(engine, &cached) };
+        match loaded {
+            Ok(component) => return Ok(component),
+            Err(error) => tracing::warn!(file = %cached.display(), %error, "ignoring an unusable compiled plugin"),
+        }
+    }
+    let component = Component::new(engine, &bytes).map_err(|error| format!("not a valid component: {error:#}"))?;
+    if let Err(error) = store_compiled(&component, cache_dir, &cached) {
+        tracing::warn!(dir = %cache_dir.display(), %error, "compiled plugin not cached; the next start recompiles it");
+    }
+    Ok(component)
+}
+
+fn store_compiled(component: &Component, dir: &Path, file: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)?;
+    let bytes = component.serialize().map_err(|error| std::io::Error::other(error.to_string()))?;
+    let partial = file.with_extension(format!("partial-{}", std::process::id()));
+    std::fs::write(&partial, bytes)?;
+    std::fs::rename(partial, file)
+}
+
+impl WasmPlugin {
+    pub(crate) async fn load(spec: &PluginSpec, cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
+        let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
+        let engine = engine().map_err(|error| fail(format!("the WebAssembly engine did not start: {error}")))?;
+        let path = spec.path.clone();
+        let component = {
+            let engine = engine.clone();
+            let cache_dir = cache_dir.clone();
+            // Compiling takes tens to hundreds of milliseconds: keep it off the async threads.
+            tokio::task::spawn_blocking(move || compile(&engine, &path, cache_dir.as_deref()))
+                .await
+                .map_err(|error| fail(error.to_string()))?
+                .map_err(fail)?
+        };
+        let mut linker = Linker::<HostState>::new(engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(|error| fail(error.to_string()))?;
+        Plugin::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |state| state)
+            .map_err(|error| fail(error.to_string()))?;
+        let pre = linker.instantiate_pre(&component).map_err(|error| {
+            fail(format!("imports something Tollgate does not offer (only tollgate:plugin host and crypto, and WASI with no capabilities): {error:#}"))
+        })?;
+        let exports = Exports {
+            lifecycle: lifecycle::GuestIndices::new(&pre).map_err(|error| {
+                fail(format!("does not export tollgate:plugin/lifecycle@0.1.0 (built against another WIT?): {error:#}"))
+            })?,
+            authn: authn::GuestIndices::new(&pre).ok(),
+            authz: authz::GuestIndices::new(&pre).ok(),
+            transform: transform::GuestIndices::new(&pre).ok(),
+            bridge: bridge::GuestIndices::new(&pre).ok(),
+        };
+        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()));
+        let mut plugin = WasmPlugin {
+            shared,
+            pre,
+            exports,
+            limits: spec.limits,
+            config: flatten_config(&spec.config),
+            pool: Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_instances.max(1))),
+            hooks: Vec::new(),
+        };
+        // The first instance proves the plugin starts, and tells which hooks it implements.
+        let (instance, info) = plugin.instantiate().await.map_err(|failure| fail(failure.to_string()))?;
+        let exported = |hook: HookKind| match hook {
+            HookKind::Authenticate => plugin.exports.authn.is_some(),
+            HookKind::Authorize => plugin.exports.authz.is_some(),
+            HookKind::Transform => plugin.exports.transform.is_some(),
+            HookKind::Route => plugin.exports.bridge.is_some(),
+        };
+        let mut provided = Vec::new();
+        for hook in info.hooks {
+            let hook = match hook {
+                wit::Hook::Authenticate => HookKind::Authenticate,
+                wit::Hook::Authorize => HookKind::Authorize,
+                wit::Hook::Transform => HookKind::Transform,
+                wit::Hook::Route => HookKind::Route,
+            };
+            if !exported(hook) {
+                return Err(fail(format!("declares the {hook} hook but does not export its interface")));
+            }
+            provided.push(hook);
+        }
+        plugin.hooks = provided;
+        tracing::info!(plugin = %spec.name, name = %info.name, version = %info.version, "WebAssembly plugin loaded");
+        plugin.pool_mut().push(instance);
+        Ok(plugin)
+    }
+
+    fn pool_mut(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
+        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    async fn instantiate(&self) -> Result<(Instance, wit::PluginInfo), Failure> {
+        self.shared.metrics.instances_created.fetch_add(1, Ordering::Relaxed);
+        let engine = self.pre.engine();
+        let state = HostState {
+            // Deny-all WASI: no preopened directories, no environment, no arguments, no network, stdio closed.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            shared: self.shared.clone(),
+            client: CallClient::default(),
+            memory_cap: self.limits.memory_bytes,
+            ticks: 0,
+            cpu_ticks: cpu_ticks(self.limits),
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|state| state);
+        store.epoch_deadline_callback(|mut context| {
+            let state = context.data_mut();
+            state.ticks += 1;
+            if state.ticks > state.cpu_ticks {
+                return Err(wasmtime::Error::new(CpuBudgetExhausted));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store.set_epoch_deadline(1);
+        let instance = self.pre.instantiate_async(&mut store).await.map_err(|error| self.classify(error))?;
+        let lifecycle = self.exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
+        let authn = match &self.exports.authn {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
+            None => None,
+        };
+        let authz = match &self.exports.authz {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
+            None => None,
+        };
+        let transform = match &self.exports.transform {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
+            None => None,
+        };
+        let bridge = match &self.exports.bridge {
+            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
+            None => None,
+        };
+        let info = lifecycle
+            .call_init(&mut store, &self.config)
+            .await
+            .map_err(|error| self.classify(error))?
+            .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
+        store.data_mut().ticks = 0;
+        Ok((Instance { store, authn, authz, transform, bridge }, info))
+    }
+
+    fn classify(&self, error: wasmtime::Error) -> Failure {
+        if error.downcast_ref::<CpuBudgetExhausted>().is_some() {
+            Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX))
+        } else if error.downcast_ref::<MemoryLimitReached>().is_some() {
+            Failure::OutOfMemory(self.limits.memory_bytes)
+        } else {
+            Failure::Trap(format!("{error:#}"))
+        }
+    }
+
+    /// Borrows an instance, runs `call` on it and returns it to the pool. An instance whose call failed is
+    /// dropped, since a trapped store may be left inconsistent; the next call builds a fresh one.
+    async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
+    where
+        F: FnOnce(Instance) -> Fut,
+        Fut: Future<Output = (Instance, wasmtime::Result<R>)>,
+    {
+        let _permit = self.permits.clone().acquire_owned().await.map_err(|_| Failure::Disabled(0))?;
+        let pooled = self.pool_mut().pop();
+        let mut instance = match pooled {
+            Some(instance) => instance,
+            None => self.instantiate().await?.0,
+        };
+        {
+            let state = instance.store.data_mut();
+            state.client = client;
+            state.ticks = 0;
+        }
+        instance.store.set_epoch_deadline(1);
+        let (mut instance, result) = call(instance).await;
+        match result {
+            Ok(value) => {
+                instance.store.data_mut().client = CallClient::default();
+                self.pool_mut().push(instance);
+                Ok(value)
+            }
+            Err(error) => Err(self.classify(error)),
+        }
+    }
+}
+
+fn cpu_ticks(limits: Limits) -> u64 {
+    let tick = EPOCH_TICK.as_micros().max(1);
+    u64::try_from(limits.cpu_time.as_micros().div_ceil(tick)).unwrap_or(u64::MAX).max(1)
+}
+
+fn wit_protocol(protocol: ProtocolVersion) -> wit::ProtocolVersion {
+    match protocol {
+        ProtocolVersion::V31 => wit::ProtocolVersion::V31,
+        ProtocolVersion::V311 => wit::ProtocolVersion::V311,
+        ProtocolVersion::V5 => wit::ProtocolVersion::V5,
+    }
+}
+
+fn wit_qos(qos: QoS) -> wit::Qos {
+    match qos {
+        QoS::AtMostOnce => wit::Qos::AtMostOnce,
+        QoS::AtLeastOnce => wit::Qos::AtLeastOnce,
+        QoS::ExactlyOnce => wit::Qos::ExactlyOnce,
+    }
+}
+
+fn host_qos(qos: wit::Qos) -> QoS {
+    match qos {
+        wit::Qos::AtMostOnce => QoS::AtMostOnce,
+        wit::Qos::AtLeastOnce => QoS::AtLeastOnce,
+        wit::Qos::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+fn reason(deny: wit::DenyReason) -> ReasonCode {
+    match deny {
+        wit::DenyReason::BadCredentials => ReasonCode::BAD_USER_NAME_OR_PASSWORD,
+        wit::DenyReason::NotAuthorized => ReasonCode::NOT_AUTHORIZED,
+        wit::DenyReason::Banned => ReasonCode::BANNED,
+        wit::DenyReason::ServerBusy => ReasonCode::SERVER_BUSY,
+        wit::DenyReason::BadAuthMethod => ReasonCode::BAD_AUTHENTICATION_METHOD,
+        wit::DenyReason::QuotaExceeded => ReasonCode::QUOTA_EXCEEDED,
+        wit::DenyReason::PayloadFormatInvalid => ReasonCode::PAYLOAD_FORMAT_INVALID,
+        wit::DenyReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
+    }
+}
+
+fn wit_client(client: &ClientInfo) -> wit::Client {
+    wit::Client {
+        client_id: client.client_id.to_string(),
+        username: client.username.as_deref().map(str::to_owned),
+        protocol: wit_protocol(client.protocol),
+        listener: client.listener.to_string(),
+    }
+}
+
+fn call_client(client: &ClientInfo) -> CallClient {
+    CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() }
+}
+
+fn wit_message(message: &Message) -> wit::Message {
+    wit::Message {
+        topic: message.topic.to_string(),
+        payload: message.payload.to_vec(),
+        qos: wit_qos(message.qos),
+        retain: message.retain,
+        user_properties: message
+            .user_properties
+            .iter()
+            .map(|property| wit::UserProperty { key: property.key.clone(), value: property.value.clone() })
+            .collect(),
+        content_type: message.content_type.clone(),
+        payload_is_utf8: message.payload_format_indicator == Some(1),
+        response_topic: message.response_topic.clone(),
+        correlation_data: message.correlation_data.as_ref().map(|data| data.to_vec()),
+        message_expiry_secs: message.message_expiry_interval,
+    }
+}
+
+fn apply_message(target: &mut Message, modified: wit::Message) {
+    target.topic = modified.topic.into();
+    target.payload = modified.payload.into();
+    target.qos = host_qos(modified.qos);
+    target.retain = modified.retain;
+    target.user_properties = modified
+        .user_properties
+        .into_iter()
+        .map(|property| UserProperty { key: property.key, value: property.value })
+        .collect();
+    target.content_type = modified.content_type;
+    target.payload_format_indicator = modified.payload_is_utf8.then_some(1);
+    target.response_topic = modified.response_topic;
+    target.correlation_data = modified.correlation_data.map(Into::into);
+    target.message_expiry_interval = modified.message_expiry_secs;
+}
+
+#[async_trait::async_trait]
+impl Runtime for WasmPlugin {
+    fn shared(&self) -> &Arc<PluginShared> {
+        &self.shared
+    }
+
+    fn provided_hooks(&self) -> Vec<HookKind> {
+        self.hooks.clone()
+    }
+
+    async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure> {
+        let info = wit::ConnectInfo {
+            client_id: request.client_id.to_string(),
+            username: request.username.as_deref().map(str::to_owned),
+            username_from_certificate: request.username_from_certificate,
+            password: request.password.as_ref().map(|password| password.to_vec()),
+            protocol: wit_protocol(request.protocol),
+            remote_addr: request.remote_addr.map(|address| address.to_string()),
+            listener: request.listener.to_string(),
+            peer: request.peer.as_deref().map(|peer| wit::PeerCertificate {
+                subject: peer.subject.clone(),
+                common_name: peer.common_name.clone(),
+                subject_serial_number: peer.subject_serial_number.clone(),
+                organizational_units: peer.organizational_units.clone(),
+                san_uris: peer.san_uri.clone(),
+                san_dns: peer.san_dns.clone(),
+                serial: peer.serial.clone(),
+                fingerprint_sha256: peer.fingerprint_sha256.clone(),
+            }),
+            auth_method: request.authentication_method.clone(),
+            auth_data: request.authentication_data.as_ref().map(|data| data.to_vec()),
+        };
+        let client = CallClient { attributes: Default::default(), peer: request.peer.clone() };
+        let decision = self
+            .with_instance(client, |mut instance| async move {
+                let result = match &instance.authn {
+                    Some(guest) => guest.call_on_connect(&mut instance.store, &info).await,
+                    None => Ok(wit::ConnectDecision::Ignore),
+                };
+                (instance, result)
+            })
+            .await?;
+        Ok(match decision {
+            wit::ConnectDecision::Allow(attributes) => {
+                AuthDecision::Allow { attributes: attributes.into_iter().collect() }
+            }
+            wit::ConnectDecision::Deny(deny) => AuthDecision::deny(reason(deny)),
+            wit::ConnectDecision::Challenge(data) => AuthDecision::Continue { data: data.map(Into::into) },
+            wit::ConnectDecision::Ignore => AuthDecision::Abstain,
+        })
+    }
+
+    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure> {
+        enum Request {
+            Publish { topic: String, qos: wit::Qos, retain: bool, kind: wit::PublishKind },
+            Subscribe { filter: String, qos: wit::Qos, group: Option<String> },
+        }
+        let request = match *action {
+            Action::Publish { topic, qos, retain } => {
+                Request::Publish { topic: topic.to_owned(), qos: wit_qos(qos), retain, kind: wit::PublishKind::Publish }
+            }
+            Action::Will { topic, qos, retain } => {
+                Request::Publish { topic: topic.to_owned(), qos: wit_qos(qos), retain, kind: wit::PublishKind::Will }
+            }
+            Action::Subscribe { filter, qos, share_group } => Request::Subscribe {
+                filter: filter.to_owned(),
+                qos: wit_qos(qos),
+                group: share_group.map(str::to_owned),
+            },
+            // Delivery checks are the subscription's business: a plugin decides at SUBSCRIBE.
+            Action::Receive { .. } | Action::ReceiveRetained { .. } => return Ok(AclDecision::Abstain),
+        };
+        let wit_client = wit_client(client);
+        let decision = self
+            .with_instance(call_client(client), |mut instance| async move {
+                let result = match (&instance.authz, request) {
+                    (Some(guest), Request::Publish { topic, qos, retain, kind }) => {
+                        guest.call_authorize_publish(&mut instance.store, &wit_client, &topic, qos, retain, kind).await
+                    }
+                    (Some(guest), Request::Subscribe { filter, qos, group }) => {
+                        guest
+                            .call_authorize_subscribe(&mut instance.store, &wit_client, &filter, qos, group.as_deref())
+                            .await
+                    }
+                    (None, _) => Ok(wit::AclDecision::Ignore),
+                };
+                (instance, result)
+            })
+            .await?;
+        Ok(match decision {
+            wit::AclDecision::Allow => AclDecision::Allow,
+            wit::AclDecision::AllowMaxQos(qos) => AclDecision::AllowMaxQos(host_qos(qos)),
+            wit::AclDecision::Deny(deny) => AclDecision::Deny(reason(deny)),
+            wit::AclDecision::Ignore => AclDecision::Abstain,
+        })
+    }
+
+    async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
+        let wit_client = wit_client(client);
+        let draft = wit_message(message);
+        let result = self
+            .with_instance(call_client(client), |mut instance| async move {
+                let result = match &instance.transform {
+                    Some(guest) => guest.call_on_publish(&mut instance.store, &wit_client, &draft).await,
+                    None => Ok(wit::TransformResult::Unchanged),
+                };
+                (instance, result)
+            })
+            .await?;
+        Ok(match result {
+            wit::TransformResult::Unchanged => TransformDecision::Keep,
+            wit::TransformResult::Modified(modified) => {
+                crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
+                apply_message(message, modified);
+                TransformDecision::Modified
+            }
+            wit::TransformResult::Drop(reason) => TransformDecision::Drop { reason },
+        })
+    }
+
+    async fn route(
+        &self,
+        direction: RouteDirection,
+        bridge_name: &str,
+        message: &Message,
+    ) -> Result<RouteDecision, Failure> {
+        let direction = match direction {
+            RouteDirection::Egress => wit::RouteDirection::Egress,
+            RouteDirection::Ingress => wit::RouteDirection::Ingress,
+        };
+        let draft = wit_message(message);
+        let bridge_name = bridge_name.to_owned();
+        let decision = self
+            .with_instance(CallClient::default(), |mut instance| async move {
+                let result = match &instance.bridge {
+                    Some(guest) => guest.call_route(&mut instance.store, direction, &bridge_name, &draft).await,
+                    None => Ok(wit::RouteDecision::Ignore),
+                };
+                (instance, result)
+            })
+            .await?;
+        Ok(match decision {
+            wit::RouteDecision::Forward => RouteDecision::Forward,
+            wit::RouteDecision::Rewrite(topic) => {
+                crate::check_topic(&topic).map_err(Failure::BadAnswer)?;
+                RouteDecision::Rewrite { topic }
+            }
+            wit::RouteDecision::Drop => RouteDecision::Drop,
+            wit::RouteDecision::Ignore => RouteDecision::Abstain,
+        })
+    }
+}

@@ -1,0 +1,345 @@
+//! Both runtimes through the same adapter: every hook, every limit obeyed and exceeded, containment, load errors
+//! and reload. No broker: the hook contract is called directly.
+
+#[path = "../../../tests/support/wasm_build.rs"]
+mod wasm_build;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tollgate_hooks::{
+    AclDecision, Action, AuthDecision, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest, HookError,
+    Message, ProtocolVersion, QoS, ReasonCode, RouteDecision, RouteDirection, TransformDecision, Transformer,
+};
+use tollgate_plugin_host::{HookKind, LoadedPlugin, PluginHook, PluginHost, PluginKind, PluginSpec};
+
+fn testkit(kind: PluginKind) -> PluginSpec {
+    let path = match kind {
+        PluginKind::Wasm => wasm_build::wasm_plugin("testkit-wasm"),
+        PluginKind::Lua => wasm_build::workspace_root().join("tests/plugins/testkit.lua"),
+    };
+    let mut spec = PluginSpec::new(format!("testkit-{kind:?}"), kind, path);
+    spec.secrets.insert("k1".into(), b"secret".to_vec());
+    spec.limits.cpu_time = Duration::from_millis(30);
+    spec.limits.memory_bytes = 16 << 20;
+    spec.limits.call_timeout = Duration::from_secs(2);
+    spec
+}
+
+async fn load(spec: PluginSpec) -> (LoadedPlugin, Arc<PluginHook>) {
+    let plugin = LoadedPlugin::load(spec, None).await.expect("plugin loads");
+    let hook = plugin.hook();
+    (plugin, hook)
+}
+
+fn client() -> ClientInfo {
+    ClientInfo {
+        client_id: "car-1".into(),
+        username: Some("alice".into()),
+        protocol: ProtocolVersion::V5,
+        remote_addr: None,
+        listener: "tcp".into(),
+        peer: None,
+        attributes: Arc::new(BTreeMap::new()),
+    }
+}
+
+fn message(topic: &str, payload: &str) -> Message {
+    Message { topic: topic.into(), payload: Bytes::copy_from_slice(payload.as_bytes()), ..Default::default() }
+}
+
+async fn publish(hook: &PluginHook, topic: &str) -> Result<AclDecision, HookError> {
+    hook.authorize(&client(), &Action::Publish { topic, qos: QoS::AtLeastOnce, retain: false }).await
+}
+
+fn connect(username: &str) -> ConnectRequest {
+    ConnectRequest {
+        client_id: "c".into(),
+        username: Some(username.into()),
+        username_from_certificate: false,
+        password: None,
+        protocol: ProtocolVersion::V311,
+        remote_addr: None,
+        listener: "tcp".into(),
+        peer: None,
+        authentication_method: None,
+        authentication_data: None,
+    }
+}
+
+const KINDS: [PluginKind; 2] = [PluginKind::Wasm, PluginKind::Lua];
+
+#[tokio::test]
+async fn every_hook_answers_in_both_runtimes() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        assert_eq!(plugin.hooks, HookKind::ALL.to_vec(), "{kind:?}");
+        // Authentication.
+        assert_eq!(
+            hook.authenticate(&connect("blocked")).await,
+            Ok(AuthDecision::deny(ReasonCode::NOT_AUTHORIZED)),
+            "{kind:?}"
+        );
+        assert_eq!(hook.authenticate(&connect("alice")).await, Ok(AuthDecision::Abstain), "{kind:?}");
+        // Authorization.
+        assert_eq!(publish(&hook, "deny/x").await, Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)), "{kind:?}");
+        assert_eq!(publish(&hook, "quota/x").await, Ok(AclDecision::Deny(ReasonCode::QUOTA_EXCEEDED)), "{kind:?}");
+        assert_eq!(publish(&hook, "ok/x").await, Ok(AclDecision::Abstain), "{kind:?}");
+        let capped = Action::Subscribe { filter: "capped/#", qos: QoS::ExactlyOnce, share_group: None };
+        assert_eq!(hook.authorize(&client(), &capped).await, Ok(AclDecision::AllowMaxQos(QoS::AtMostOnce)));
+        // Transform.
+        let mut upper = message("upper/a", "hello");
+        assert_eq!(hook.transform_inbound(&client(), &mut upper).await, Ok(TransformDecision::Modified));
+        assert_eq!(upper.payload, Bytes::from_static(b"HELLO"), "{kind:?}");
+        let mut rewrite = message("rewrite/b/c", "x");
+        hook.transform_inbound(&client(), &mut rewrite).await.expect("rewrite");
+        assert_eq!(&*rewrite.topic, "rewritten/b/c", "{kind:?}");
+        let mut dropped = message("drop/a", "x");
+        assert!(matches!(hook.transform_inbound(&client(), &mut dropped).await, Ok(TransformDecision::Drop { .. })));
+        let mut plain = message("plain/a", "x");
+        assert_eq!(hook.transform_inbound(&client(), &mut plain).await, Ok(TransformDecision::Keep));
+        assert_eq!(plain, message("plain/a", "x"));
+        // Host HMAC with a key that lives only in the host.
+        let mut signed = message("sign/a", "payload");
+        hook.transform_inbound(&client(), &mut signed).await.expect("sign");
+        let expected = {
+            use hmac::Mac;
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"secret").expect("key");
+            mac.update(b"payload");
+            hex::encode(mac.finalize().into_bytes())
+        };
+        assert_eq!(signed.user_properties.len(), 1, "{kind:?}");
+        assert_eq!((signed.user_properties[0].key.as_str(), &signed.user_properties[0].value), ("sig", &expected));
+        // Route.
+        let route = |topic: &'static str| {
+            let hook = hook.clone();
+            async move { hook.route(RouteDirection::Egress, "cloud", &message(topic, "x")).await }
+        };
+        assert_eq!(route("local/a").await, Ok(RouteDecision::Drop), "{kind:?}");
+        assert_eq!(route("bridge/a/b").await, Ok(RouteDecision::Rewrite { topic: "remote/a/b".into() }));
+        assert_eq!(route("other").await, Ok(RouteDecision::Abstain), "{kind:?}");
+    }
+}
+
+fn failure_of(result: Result<AclDecision, HookError>) -> String {
+    match result {
+        Err(HookError::Failed { reason, .. }) => reason,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn cpu_budget_obeyed_and_exceeded() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        // 5 ms of work fits a 30 ms budget.
+        assert_eq!(publish(&hook, "slow/5").await, Ok(AclDecision::Abstain), "{kind:?}");
+        // 200 ms does not, and neither does a loop; both stop near the budget, not at the wall-clock timeout.
+        for topic in ["slow/200", "loop/x"] {
+            let started = Instant::now();
+            let reason = failure_of(publish(&hook, topic).await);
+            assert!(reason.contains("CPU time budget"), "{kind:?} {topic}: {reason}");
+            assert!(started.elapsed() < Duration::from_millis(500), "{kind:?} {topic}: {:?}", started.elapsed());
+        }
+        // The instance that looped was replaced: the next call works.
+        assert_eq!(publish(&hook, "ok/x").await, Ok(AclDecision::Abstain), "{kind:?}");
+        assert_eq!(plugin.shared().metrics.cpu_limit.load(Ordering::Relaxed), 2, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn memory_cap_obeyed_and_exceeded() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        let mut big = message("upper/a", &"x".repeat(1 << 20));
+        assert_eq!(hook.transform_inbound(&client(), &mut big).await, Ok(TransformDecision::Modified), "{kind:?}");
+        let reason = failure_of(publish(&hook, "oom/x").await);
+        assert!(reason.contains("memory limit"), "{kind:?}: {reason}");
+        assert_eq!(publish(&hook, "ok/x").await, Ok(AclDecision::Abstain), "{kind:?}");
+        assert_eq!(plugin.shared().metrics.out_of_memory.load(Ordering::Relaxed), 1, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn traps_and_script_errors_are_contained() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        let reason = failure_of(publish(&hook, "trap/x").await);
+        assert!(reason.contains("trap") || reason.contains("script error"), "{kind:?}: {reason}");
+        assert_eq!(publish(&hook, "deny/x").await, Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)));
+        assert_eq!(plugin.shared().metrics.traps.load(Ordering::Relaxed), 1, "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn wall_clock_timeout_obeyed_and_exceeded() {
+    for kind in KINDS {
+        let mut spec = testkit(kind);
+        spec.limits.cpu_time = Duration::from_secs(1);
+        spec.limits.call_timeout = Duration::from_millis(40);
+        let (plugin, hook) = load(spec).await;
+        assert_eq!(publish(&hook, "slow/2").await, Ok(AclDecision::Abstain), "{kind:?}");
+        let reason = failure_of(publish(&hook, "slow/300").await);
+        assert!(reason.contains("took longer than 40 ms"), "{kind:?}: {reason}");
+        assert_eq!(plugin.shared().metrics.timeouts.load(Ordering::Relaxed), 1, "{kind:?}");
+        assert_eq!(publish(&hook, "ok/x").await, Ok(AclDecision::Abstain), "{kind:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_crash_looping_plugin_is_disabled() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        for _ in 0..tollgate_plugin_host::shared::CRASH_LOOP_FAILURES {
+            failure_of(publish(&hook, "trap/x").await);
+        }
+        // Disabled: even a harmless call now gets the failure policy, without running the guest.
+        let reason = failure_of(publish(&hook, "ok/x").await);
+        assert!(reason.contains("disabled"), "{kind:?}: {reason}");
+        assert_eq!(plugin.shared().metrics.disabled.load(Ordering::Relaxed), 1, "{kind:?}");
+    }
+}
+
+/// The worker thread keeps serving while a plugin loops: on a single-threaded runtime, another task keeps
+/// ticking during the guest's whole CPU budget.
+#[tokio::test(flavor = "current_thread")]
+async fn a_looping_plugin_does_not_block_its_worker() {
+    for kind in KINDS {
+        let mut spec = testkit(kind);
+        spec.limits.cpu_time = Duration::from_millis(150);
+        let (_plugin, hook) = load(spec).await;
+        let ticks = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let ticks = ticks.clone();
+            tokio::spawn(async move {
+                loop {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        let reason = failure_of(publish(&hook, "loop/x").await);
+        ticker.abort();
+        assert!(reason.contains("CPU time budget"), "{kind:?}: {reason}");
+        let ticks = ticks.load(Ordering::Relaxed);
+        // One tick per yield of the guest (every millisecond of its 150): far more than the 0 a blocking call gives.
+        assert!(ticks >= 50, "{kind:?}: the other task ran only {ticks} times during the loop");
+    }
+}
+
+#[tokio::test]
+async fn load_errors_name_the_plugin_and_the_reason() {
+    let root = wasm_build::workspace_root();
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let not_wasm = dir.join("garbage.wasm");
+    std::fs::write(&not_wasm, b"not a component").expect("write");
+    let bad_lua = dir.join("bad.lua");
+    std::fs::write(&bad_lua, "function on_publish(client, msg\n  return nil\nend\n").expect("write");
+    let no_hooks = dir.join("none.lua");
+    std::fs::write(&no_hooks, "local x = 1\n").expect("write");
+    let cases: Vec<(PluginSpec, &str)> = vec![
+        (PluginSpec::new("missing", PluginKind::Wasm, dir.join("nope.wasm")), "cannot read"),
+        (PluginSpec::new("garbage", PluginKind::Wasm, not_wasm), "not a valid component"),
+        (PluginSpec::new("syntax", PluginKind::Lua, bad_lua), "bad.lua"),
+        (PluginSpec::new("empty", PluginKind::Lua, no_hooks), "defines none of"),
+        (
+            {
+                let mut spec = testkit(PluginKind::Wasm);
+                spec.name = "refuses".into();
+                spec.config.insert("fail_init".into(), true.into());
+                spec
+            },
+            "init refused: asked to fail",
+        ),
+        (
+            {
+                let mut spec = testkit(PluginKind::Lua);
+                spec.name = "refuses-lua".into();
+                spec.config.insert("fail_init".into(), true.into());
+                spec
+            },
+            "asked to fail",
+        ),
+        (
+            {
+                let mut spec =
+                    PluginSpec::new("wrong-hooks", PluginKind::Lua, root.join("tests/plugins/sandbox-probe.lua"));
+                spec.hooks = Some(vec![HookKind::Transform]);
+                spec
+            },
+            "hooks includes transform, which the plugin does not implement (it implements: authorize)",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let name = spec.name.clone();
+        let error = LoadedPlugin::load(spec, None).await.expect_err("must not load");
+        assert_eq!(error.plugin, name);
+        assert!(error.to_string().contains(expected), "{name}: {error}");
+        assert!(error.to_string().contains(&format!("{name:?}")), "{error}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn lua_sandbox_hides_the_dangerous_globals() {
+    let spec =
+        PluginSpec::new("probe", PluginKind::Lua, wasm_build::workspace_root().join("tests/plugins/sandbox-probe.lua"));
+    let (_plugin, hook) = load(spec).await;
+    assert_eq!(publish(&hook, "probe").await, Ok(AclDecision::Allow));
+}
+
+#[tokio::test]
+async fn compiled_components_are_cached_between_starts() {
+    let cache = std::env::temp_dir().join(format!("tollgate-cwasm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    LoadedPlugin::load(testkit(PluginKind::Wasm), Some(cache.clone())).await.expect("first load");
+    let cached: Vec<PathBuf> =
+        std::fs::read_dir(&cache).expect("cache dir").map(|entry| entry.expect("entry").path()).collect();
+    assert_eq!(cached.len(), 1, "{cached:?}");
+    assert!(cached[0].extension().is_some_and(|extension| extension == "cwasm"));
+    // The second load reads the cached file; it still has to work.
+    let (_plugin, hook) = {
+        let plugin = LoadedPlugin::load(testkit(PluginKind::Wasm), Some(cache.clone())).await.expect("second load");
+        let hook = plugin.hook();
+        (plugin, hook)
+    };
+    assert_eq!(publish(&hook, "deny/x").await, Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)));
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+#[tokio::test]
+async fn reload_keeps_unchanged_plugins_and_the_previous_version_of_a_broken_one() {
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("policy.lua");
+    std::fs::write(&script, "function authorize_publish(c, r) return 'deny' end\n").expect("write");
+    let host = PluginHost::new(None);
+    let specs = vec![PluginSpec::new("policy", PluginKind::Lua, &script)];
+    let first = host.load(&specs).await.expect("load");
+    let again = host.load(&specs).await.expect("reload");
+    assert!(Arc::ptr_eq(&first.plugins[0], &again.plugins[0]), "an unchanged plugin is reused");
+    // A broken edit keeps the running version and says why.
+    std::thread::sleep(Duration::from_millis(20));
+    std::fs::write(&script, "function authorize_publish(c, r) return 'allow' \n").expect("write");
+    let broken = host.load(&specs).await.expect("reload with a broken plugin");
+    assert_eq!(broken.kept_previous.len(), 1);
+    assert!(broken.kept_previous[0].to_string().contains("policy"));
+    assert!(Arc::ptr_eq(&first.plugins[0], &broken.plugins[0]));
+    // A good edit replaces it.
+    std::fs::write(&script, "function authorize_publish(c, r) return 'allow' end -- v2\n").expect("write");
+    let fixed = host.load(&specs).await.expect("reload");
+    assert!(fixed.kept_previous.is_empty());
+    let hook = fixed.plugins[0].hook();
+    assert_eq!(publish(&hook, "a").await, Ok(AclDecision::Allow));
+    // A new plugin that does not load fails the reload as a whole.
+    let mut more = specs.clone();
+    more.push(PluginSpec::new("ghost", PluginKind::Lua, dir.join("ghost.lua")));
+    let errors = host.load(&more).await.err().expect("a new plugin that fails to load fails the reload");
+    assert_eq!(errors[0].plugin, "ghost");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,456 @@
+//! The Tollgate plugin SDK for Rust.
+//!
+//! A plugin is a plain Rust library crate with `crate-type = ["cdylib", "rlib"]`: implement [`Plugin`], call
+//! [`export_plugin!`], and build with `cargo build --release --target wasm32-wasip2`. The `.wasm` file is what
+//! the broker's `[[plugins]] path` points at.
+//!
+//! ```ignore
+//! use tollgate_sdk::prelude::*;
+//!
+//! struct DenyDebug;
+//!
+//! impl Plugin for DenyDebug {
+//!     const NAME: &'static str = "deny-debug";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!     const HOOKS: &'static [Hook] = &[Hook::Authorize];
+//!
+//!     fn init(_config: Config) -> Result<Self, String> {
+//!         Ok(DenyDebug)
+//!     }
+//!
+//!     fn authorize_publish(&self, _client: &Client, topic: &str, _qos: Qos, _retain: bool, _kind: PublishKind) -> AclDecision {
+//!         if topic.starts_with("debug/") { AclDecision::Deny(DenyReason::NotAuthorized) } else { AclDecision::Ignore }
+//!     }
+//! }
+//!
+//! export_plugin!(DenyDebug);
+//! ```
+//!
+//! The same type can be tested natively (`cargo test`): construct it with `init` and call its methods. Host
+//! functions ([`host`], [`crypto`]) then run against the in-process double in [`testing`].
+
+use std::collections::BTreeMap;
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_bindings",
+        default_bindings_module: "tollgate_sdk::bindings",
+    });
+}
+
+pub use bindings::tollgate::plugin::types::{
+    AclDecision, Client, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, ProtocolVersion,
+    PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty,
+};
+
+/// Everything a plugin usually needs.
+pub mod prelude {
+    pub use crate::{
+        AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, Plugin, ProtocolVersion,
+        PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty, crypto, export_plugin, host,
+    };
+}
+
+/// The plugin's `[plugins.config]` table from the broker configuration, flattened to dotted keys
+/// (`keys.alice = "…"` for a nested table, `list.0` for array items).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config(BTreeMap<String, String>);
+
+impl Config {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+
+    /// A required key, with an error message naming it.
+    pub fn require(&self, key: &str) -> Result<&str, String> {
+        self.get(key).ok_or_else(|| format!("config key {key:?} is required"))
+    }
+
+    /// The entries under `prefix.`, with the prefix removed: the children of a table.
+    pub fn table<'a>(&'a self, prefix: &str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
+        let prefix = format!("{prefix}.");
+        self.0
+            .iter()
+            .filter_map(move |(key, value)| key.strip_prefix(prefix.as_str()).map(|rest| (rest, value.as_str())))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(key, value)| (key.as_str(), value.as_str()))
+    }
+}
+
+impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Config {
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(pairs: I) -> Self {
+        Config(pairs.into_iter().map(|(key, value)| (key.into(), value.into())).collect())
+    }
+}
+
+/// A policy plugin. Implement the hooks you need; the others answer "not my decision" and are never called by
+/// the broker, because only the hooks named in [`Plugin::HOOKS`] are attached.
+pub trait Plugin: Sized + 'static {
+    const NAME: &'static str;
+    const VERSION: &'static str;
+    /// The hooks this plugin implements.
+    const HOOKS: &'static [Hook];
+
+    /// Runs once per instance (the broker runs one instance per worker thread) before any hook.
+    fn init(config: Config) -> Result<Self, String>;
+
+    /// CONNECT, and each MQTT 5 AUTH step (`info.auth_data` then holds the client's latest data).
+    fn on_connect(&self, _info: &ConnectInfo) -> ConnectDecision {
+        ConnectDecision::Ignore
+    }
+
+    /// A PUBLISH, or the will of a CONNECT (`kind`), on its resolved topic (after topic aliases).
+    fn authorize_publish(
+        &self,
+        _client: &Client,
+        _topic: &str,
+        _qos: Qos,
+        _retain: bool,
+        _kind: PublishKind,
+    ) -> AclDecision {
+        AclDecision::Ignore
+    }
+
+    /// One filter of a SUBSCRIBE, without any `$share/<group>/` prefix.
+    fn authorize_subscribe(
+        &self,
+        _client: &Client,
+        _filter: &str,
+        _qos: Qos,
+        _share_group: Option<&str>,
+    ) -> AclDecision {
+        AclDecision::Ignore
+    }
+
+    /// An inbound PUBLISH after authorization. Return [`TransformResult::Modified`] with the changed message.
+    fn on_publish(&self, _client: &Client, _message: Message) -> TransformResult {
+        TransformResult::Unchanged
+    }
+
+    /// A message about to cross a bridge.
+    fn route(&self, _direction: RouteDirection, _bridge: &str, _message: &Message) -> RouteDecision {
+        RouteDecision::Ignore
+    }
+}
+
+/// Host functions: logging, clock, per-client attributes, the plugin's shared key-value table, counters.
+pub mod host {
+    #[cfg(target_arch = "wasm32")]
+    use crate::bindings::tollgate::plugin::host as imports;
+
+    pub use crate::bindings::tollgate::plugin::host::LogLevel;
+
+    pub fn log(level: LogLevel, message: &str) {
+        #[cfg(target_arch = "wasm32")]
+        imports::log(level, message);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::record_log(level, message);
+    }
+
+    pub fn info(message: &str) {
+        log(LogLevel::Info, message)
+    }
+
+    pub fn warn(message: &str) {
+        log(LogLevel::Warn, message)
+    }
+
+    /// Wall-clock milliseconds since the Unix epoch.
+    pub fn now_ms() -> u64 {
+        #[cfg(target_arch = "wasm32")]
+        return imports::now_ms();
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::now_ms();
+    }
+
+    /// An attribute the authentication chain attached to the current client, or a certificate field
+    /// (`cert.common-name`, `cert.subject-serial-number`, `cert.san-uri`, `cert.serial`, `cert.fingerprint`,
+    /// `cert.subject`, `cert.ou`).
+    pub fn client_attribute(key: &str) -> Option<String> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::client_attribute(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::client_attribute(key);
+    }
+
+    /// The plugin's key-value table, shared by all its instances.
+    pub fn kv_get(key: &str) -> Option<Vec<u8>> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_get(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_get(key);
+    }
+
+    pub fn kv_set(key: &str, value: &[u8]) -> Result<(), String> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_set(key, value);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_set(key, value);
+    }
+
+    pub fn kv_delete(key: &str) {
+        #[cfg(target_arch = "wasm32")]
+        imports::kv_delete(key);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::kv_delete(key);
+    }
+
+    pub fn counter_add(name: &str, delta: u64) {
+        #[cfg(target_arch = "wasm32")]
+        imports::counter_add(name, delta);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::counter_add(name, delta);
+    }
+}
+
+/// Host-side cryptography: the secrets live in the broker configuration and never enter the plugin.
+pub mod crypto {
+    /// HMAC-SHA256 of `data` with the secret the broker configuration names `key_id`.
+    pub fn hmac_sha256(key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::hmac_sha256(key_id, data);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::hmac_sha256(key_id, data);
+    }
+
+    pub fn sha256(data: &[u8]) -> Vec<u8> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::sha256(data);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::sha256(data);
+    }
+}
+
+/// The host double used when a plugin's logic runs natively (`cargo test`). State is per thread, so tests do not
+/// see each other's keys or secrets.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod testing {
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    use hmac::{Hmac, Mac};
+    use sha2::{Digest, Sha256};
+
+    use crate::host::LogLevel;
+
+    #[derive(Default)]
+    struct TestHost {
+        secrets: BTreeMap<String, Vec<u8>>,
+        attributes: BTreeMap<String, String>,
+        kv: BTreeMap<String, Vec<u8>>,
+        counters: BTreeMap<String, u64>,
+        logs: Vec<(LogLevel, String)>,
+        now_ms: Option<u64>,
+    }
+
+    thread_local! {
+        static HOST: RefCell<TestHost> = RefCell::new(TestHost::default());
+    }
+
+    fn with<R>(f: impl FnOnce(&mut TestHost) -> R) -> R {
+        HOST.with(|host| f(&mut host.borrow_mut()))
+    }
+
+    /// A secret for `crypto::hmac_sha256`, as the broker's `[plugins.secrets]` would provide.
+    pub fn set_secret(key_id: &str, secret: &[u8]) {
+        with(|host| host.secrets.insert(key_id.to_owned(), secret.to_vec()));
+    }
+
+    /// A client attribute (or `cert.*` field) for `host::client_attribute`.
+    pub fn set_attribute(key: &str, value: &str) {
+        with(|host| host.attributes.insert(key.to_owned(), value.to_owned()));
+    }
+
+    /// Fixes the clock; `None` goes back to the real one.
+    pub fn set_now_ms(now: Option<u64>) {
+        with(|host| host.now_ms = now);
+    }
+
+    pub fn counter(name: &str) -> u64 {
+        with(|host| host.counters.get(name).copied().unwrap_or(0))
+    }
+
+    pub fn logs() -> Vec<String> {
+        with(|host| host.logs.iter().map(|(_, message)| message.clone()).collect())
+    }
+
+    pub(crate) fn record_log(level: LogLevel, message: &str) {
+        with(|host| host.logs.push((level, message.to_owned())));
+    }
+
+    pub(crate) fn now_ms() -> u64 {
+        with(|host| host.now_ms).unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        })
+    }
+
+    pub(crate) fn client_attribute(key: &str) -> Option<String> {
+        with(|host| host.attributes.get(key).cloned())
+    }
+
+    pub(crate) fn kv_get(key: &str) -> Option<Vec<u8>> {
+        with(|host| host.kv.get(key).cloned())
+    }
+
+    pub(crate) fn kv_set(key: &str, value: &[u8]) -> Result<(), String> {
+        with(|host| host.kv.insert(key.to_owned(), value.to_vec()));
+        Ok(())
+    }
+
+    pub(crate) fn kv_delete(key: &str) {
+        with(|host| host.kv.remove(key));
+    }
+
+    pub(crate) fn counter_add(name: &str, delta: u64) {
+        with(|host| *host.counters.entry(name.to_owned()).or_default() += delta);
+    }
+
+    pub(crate) fn hmac_sha256(key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+        let secret =
+            with(|host| host.secrets.get(key_id).cloned()).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+        let mut mac = Hmac::<Sha256>::new_from_slice(&secret).map_err(|error| error.to_string())?;
+        mac.update(data);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    pub(crate) fn sha256(data: &[u8]) -> Vec<u8> {
+        Sha256::digest(data).to_vec()
+    }
+}
+
+/// Exports a [`Plugin`] implementation as the plugin's WebAssembly component. Use once per crate.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        const _: () = {
+            use $crate::bindings::exports::tollgate::plugin as __exports;
+            use $crate::bindings::tollgate::plugin::types as __types;
+
+            // Only the WebAssembly build exports the bindings; natively the type exists for `cargo test`.
+            #[allow(dead_code)]
+            struct __TollgateExport;
+
+            ::std::thread_local! {
+                static __STATE: ::core::cell::RefCell<::core::option::Option<$plugin>> =
+                    const { ::core::cell::RefCell::new(::core::option::Option::None) };
+            }
+
+            fn __with<R>(call: impl FnOnce(&$plugin) -> R, before_init: R) -> R {
+                __STATE.with(|state| match &*state.borrow() {
+                    ::core::option::Option::Some(plugin) => call(plugin),
+                    ::core::option::Option::None => before_init,
+                })
+            }
+
+            impl __exports::lifecycle::Guest for __TollgateExport {
+                fn init(
+                    config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
+                ) -> ::core::result::Result<__types::PluginInfo, ::std::string::String> {
+                    let plugin = <$plugin as $crate::Plugin>::init(config.into_iter().collect())?;
+                    __STATE.with(|state| *state.borrow_mut() = ::core::option::Option::Some(plugin));
+                    ::core::result::Result::Ok(__types::PluginInfo {
+                        name: <$plugin as $crate::Plugin>::NAME.into(),
+                        version: <$plugin as $crate::Plugin>::VERSION.into(),
+                        hooks: <$plugin as $crate::Plugin>::HOOKS.to_vec(),
+                    })
+                }
+            }
+
+            impl __exports::authn::Guest for __TollgateExport {
+                fn on_connect(info: __types::ConnectInfo) -> __types::ConnectDecision {
+                    __with(|plugin| $crate::Plugin::on_connect(plugin, &info), __types::ConnectDecision::Ignore)
+                }
+            }
+
+            impl __exports::authz::Guest for __TollgateExport {
+                fn authorize_publish(
+                    client: __types::Client,
+                    topic: ::std::string::String,
+                    qos: __types::Qos,
+                    retain: bool,
+                    kind: __types::PublishKind,
+                ) -> __types::AclDecision {
+                    __with(
+                        |plugin| $crate::Plugin::authorize_publish(plugin, &client, &topic, qos, retain, kind),
+                        __types::AclDecision::Ignore,
+                    )
+                }
+
+                fn authorize_subscribe(
+                    client: __types::Client,
+                    filter: ::std::string::String,
+                    qos: __types::Qos,
+                    share_group: ::core::option::Option<::std::string::String>,
+                ) -> __types::AclDecision {
+                    __with(
+                        |plugin| {
+                            $crate::Plugin::authorize_subscribe(plugin, &client, &filter, qos, share_group.as_deref())
+                        },
+                        __types::AclDecision::Ignore,
+                    )
+                }
+            }
+
+            impl __exports::transform::Guest for __TollgateExport {
+                fn on_publish(client: __types::Client, message: __types::Message) -> __types::TransformResult {
+                    __with(
+                        |plugin| $crate::Plugin::on_publish(plugin, &client, message),
+                        __types::TransformResult::Unchanged,
+                    )
+                }
+            }
+
+            impl __exports::bridge::Guest for __TollgateExport {
+                fn route(
+                    direction: __types::RouteDirection,
+                    bridge: ::std::string::String,
+                    message: __types::Message,
+                ) -> __types::RouteDecision {
+                    __with(
+                        |plugin| $crate::Plugin::route(plugin, direction, &bridge, &message),
+                        __types::RouteDecision::Ignore,
+                    )
+                }
+            }
+
+            #[cfg(target_arch = "wasm32")]
+            $crate::bindings::__export_bindings!(__TollgateExport);
+        };
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_keys_and_tables() {
+        let config: Config = [("keys.alice", "k1"), ("keys.bob", "k2"), ("mode", "strict")].into_iter().collect();
+        assert_eq!(config.get("mode"), Some("strict"));
+        assert!(config.require("missing").expect_err("missing").contains("missing"));
+        let keys: Vec<_> = config.table("keys").collect();
+        assert_eq!(keys, vec![("alice", "k1"), ("bob", "k2")]);
+    }
+
+    #[test]
+    fn host_double_answers_natively() {
+        testing::set_secret("k1", b"key");
+        let tag = crypto::hmac_sha256("k1", b"The quick brown fox jumps over the lazy dog").expect("hmac");
+        assert_eq!(tag[..4], [0xf7, 0xbc, 0x83, 0xf4]);
+        assert!(crypto::hmac_sha256("k2", b"x").is_err());
+        host::kv_set("a", b"1").expect("set");
+        assert_eq!(host::kv_get("a"), Some(b"1".to_vec()));
+        host::counter_add("n", 2);
+        assert_eq!(testing::counter("n"), 2);
+        testing::set_now_ms(Some(42));
+        assert_eq!(host::now_ms(), 42);
+    }
+}

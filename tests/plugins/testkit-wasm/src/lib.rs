@@ -1,0 +1,184 @@
+//! Behaviour by topic prefix (the same table as `tests/plugins/testkit.lua`):
+//!
+//! | prefix | authorize_publish | on_publish |
+//! |---|---|---|
+//! | `deny/` | deny (not authorized) | |
+//! | `quota/` | deny (quota exceeded) | |
+//! | `loop/` | loops forever | loops forever |
+//! | `oom/` | allocates without bound | allocates without bound |
+//! | `trap/` | panics | panics |
+//! | `slow/<ms>` | busy-waits that long, then allows | busy-waits, then unchanged |
+//! | `upper/` | | payload upper-cased |
+//! | `drop/` | | dropped |
+//! | `sign/` | | user property `sig` = hex HMAC-SHA256 (key id `k1`) of the payload |
+//! | `rewrite/<rest>` | | topic becomes `rewritten/<rest>` |
+//!
+//! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
+//! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
+//! to `remote/<rest>`.
+
+use tollgate_sdk::prelude::*;
+
+pub struct Testkit {
+    /// `mode = "strict"` denies every publish not explicitly allowed: used to test reload.
+    strict: bool,
+}
+
+fn misbehave(topic: &str) {
+    if topic.starts_with("loop/") {
+        let mut counter: u64 = 0;
+        loop {
+            counter = std::hint::black_box(counter.wrapping_add(1));
+        }
+    }
+    if topic.starts_with("oom/") {
+        let mut hoard: Vec<Vec<u8>> = Vec::new();
+        loop {
+            hoard.push(vec![1; 1 << 20]);
+            std::hint::black_box(&hoard);
+        }
+    }
+    if topic.starts_with("trap/") {
+        panic!("testkit asked to trap on {topic}");
+    }
+    if let Some(millis) = topic.strip_prefix("slow/").and_then(|rest| rest.split('/').next()?.parse::<u64>().ok()) {
+        let until = host::now_ms() + millis;
+        while host::now_ms() < until {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+impl Plugin for Testkit {
+    const NAME: &'static str = "testkit";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize, Hook::Transform, Hook::Route];
+
+    fn init(config: Config) -> Result<Self, String> {
+        if config.get("fail_init") == Some("true") {
+            return Err("asked to fail".to_owned());
+        }
+        Ok(Testkit { strict: config.get("mode") == Some("strict") })
+    }
+
+    fn on_connect(&self, info: &ConnectInfo) -> ConnectDecision {
+        match info.username.as_deref() {
+            Some("blocked") => ConnectDecision::Deny(DenyReason::NotAuthorized),
+            Some("loop") => {
+                misbehave("loop/");
+                ConnectDecision::Ignore
+            }
+            _ => ConnectDecision::Ignore,
+        }
+    }
+
+    fn authorize_publish(
+        &self,
+        _client: &Client,
+        topic: &str,
+        _qos: Qos,
+        _retain: bool,
+        _kind: PublishKind,
+    ) -> AclDecision {
+        misbehave(topic);
+        if topic.starts_with("deny/") {
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        } else if topic.starts_with("quota/") {
+            AclDecision::Deny(DenyReason::QuotaExceeded)
+        } else if self.strict && !topic.starts_with("allowed/") {
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        } else {
+            AclDecision::Ignore
+        }
+    }
+
+    fn authorize_subscribe(
+        &self,
+        _client: &Client,
+        filter: &str,
+        _qos: Qos,
+        _share_group: Option<&str>,
+    ) -> AclDecision {
+        if filter.starts_with("capped/") {
+            AclDecision::AllowMaxQos(Qos::AtMostOnce)
+        } else if filter.starts_with("deny/") {
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        } else {
+            AclDecision::Ignore
+        }
+    }
+
+    fn on_publish(&self, _client: &Client, mut message: Message) -> TransformResult {
+        let topic = message.topic.clone();
+        misbehave(&topic);
+        if topic.starts_with("upper/") {
+            message.payload = message.payload.to_ascii_uppercase();
+            TransformResult::Modified(message)
+        } else if topic.starts_with("drop/") {
+            TransformResult::Drop("testkit drops drop/ topics".to_owned())
+        } else if topic.starts_with("sign/") {
+            match crypto::hmac_sha256("k1", &message.payload) {
+                Ok(tag) => {
+                    message.user_properties.push(UserProperty { key: "sig".into(), value: hex(&tag) });
+                    TransformResult::Modified(message)
+                }
+                Err(error) => TransformResult::Drop(error),
+            }
+        } else if let Some(rest) = topic.strip_prefix("rewrite/") {
+            message.topic = format!("rewritten/{rest}");
+            TransformResult::Modified(message)
+        } else {
+            TransformResult::Unchanged
+        }
+    }
+
+    fn route(&self, _direction: RouteDirection, _bridge: &str, message: &Message) -> RouteDecision {
+        if message.topic.starts_with("local/") {
+            RouteDecision::Drop
+        } else if let Some(rest) = message.topic.strip_prefix("bridge/") {
+            RouteDecision::Rewrite(format!("remote/{rest}"))
+        } else {
+            RouteDecision::Ignore
+        }
+    }
+}
+
+export_plugin!(Testkit);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn client() -> Client {
+        Client { client_id: "c".into(), username: None, protocol: ProtocolVersion::V5, listener: "tcp".into() }
+    }
+
+    #[test]
+    fn native_logic_matches_the_table() {
+        let plugin = Testkit::init(Config::default()).expect("init");
+        let decide = |topic| plugin.authorize_publish(&client(), topic, Qos::AtMostOnce, false, PublishKind::Publish);
+        assert!(matches!(decide("deny/x"), AclDecision::Deny(DenyReason::NotAuthorized)));
+        assert!(matches!(decide("ok/x"), AclDecision::Ignore));
+        tollgate_sdk::testing::set_secret("k1", b"secret");
+        let message = Message {
+            topic: "sign/a".into(),
+            payload: b"hello".to_vec(),
+            qos: Qos::AtMostOnce,
+            retain: false,
+            user_properties: vec![],
+            content_type: None,
+            payload_is_utf8: false,
+            response_topic: None,
+            correlation_data: None,
+            message_expiry_secs: None,
+        };
+        match plugin.on_publish(&client(), message) {
+            TransformResult::Modified(signed) => assert_eq!(signed.user_properties[0].value.len(), 64),
+            _ => panic!("sign/ must be signed"),
+        }
+    }
+}

@@ -1,0 +1,78 @@
+-- Tollgate's Lua test plugin: the same behaviour table as tests/plugins/testkit-wasm (see its lib.rs).
+local strict = false
+
+function init(config)
+  if config.fail_init then
+    error("asked to fail")
+  end
+  strict = config.mode == "strict"
+end
+
+local function starts(text, prefix)
+  return string.sub(text, 1, #prefix) == prefix
+end
+
+local function misbehave(topic)
+  if starts(topic, "loop/") then
+    local n = 0
+    while true do n = n + 1 end
+  end
+  if starts(topic, "oom/") then
+    local hoard = {}
+    while true do table.insert(hoard, string.rep("x", 1024 * 1024)) end
+  end
+  if starts(topic, "trap/") then
+    error("testkit asked to fail on " .. topic)
+  end
+  local millis = string.match(topic, "^slow/(%d+)")
+  if millis then
+    local until_ms = tollgate.now_ms() + tonumber(millis)
+    while tollgate.now_ms() < until_ms do end
+  end
+end
+
+function on_connect(info)
+  if info.username == "blocked" then return "deny" end
+  if info.username == "loop" then misbehave("loop/") end
+  return nil
+end
+
+function authorize_publish(client, request)
+  misbehave(request.topic)
+  if starts(request.topic, "deny/") then return "deny" end
+  if starts(request.topic, "quota/") then return { deny = "quota_exceeded" } end
+  if strict and not starts(request.topic, "allowed/") then return "deny" end
+  return nil
+end
+
+function authorize_subscribe(client, request)
+  if starts(request.filter, "capped/") then return { max_qos = 0 } end
+  if starts(request.filter, "deny/") then return "deny" end
+  return nil
+end
+
+function on_publish(client, msg)
+  misbehave(msg.topic)
+  if starts(msg.topic, "upper/") then
+    msg.payload = string.upper(msg.payload)
+    return msg
+  end
+  if starts(msg.topic, "drop/") then return { drop = "testkit drops drop/ topics" } end
+  if starts(msg.topic, "sign/") then
+    table.insert(msg.user_properties, { "sig", tollgate.hex(tollgate.hmac_sha256("k1", msg.payload)) })
+    return msg
+  end
+  local rest = string.match(msg.topic, "^rewrite/(.*)$")
+  if rest then
+    msg.topic = "rewritten/" .. rest
+    return msg
+  end
+  return nil
+end
+
+function route(direction, bridge, msg)
+  if starts(msg.topic, "local/") then return "drop" end
+  local rest = string.match(msg.topic, "^bridge/(.*)$")
+  if rest then return { rewrite = "remote/" .. rest } end
+  return nil
+end
