@@ -344,3 +344,136 @@ async fn environment_overrides_the_configuration() {
     child.signal("TERM");
     assert!(child.wait(Duration::from_secs(10)).await.success());
 }
+
+#[tokio::test]
+async fn check_config_names_each_bad_plugin_key_and_load_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "policy.lua", "function authorize_publish(c, r) return nil end\n");
+    let refusing =
+        write(dir.path(), "refuses.lua", "function init(config) error('needs a tenant') end\nfunction route() end\n");
+    let config = write(
+        dir.path(),
+        "plugins.toml",
+        &format!(
+            r#"
+[[plugins]]
+name = "a"
+kind = "python"
+path = "{dir}/missing.py"
+hooks = ["authorize", "teleport"]
+on_failure = {{ authorize = "shrug" }}
+colour = "blue"
+secrets = {{ k1 = "plain-text" }}
+
+[plugins.limits]
+cpu_ms = 0
+memory_gb = 1
+
+[[plugins]]
+name = "a"
+kind = "lua"
+path = "{script}"
+"#,
+            dir = dir.path().display(),
+            script = script.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "a bad file is refused: {}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing: Vec<&str> = ["plugins[0].colour: unknown key", "plugins[0].limits.memory_gb: unknown key"]
+        .into_iter()
+        .filter(|key| !stderr.contains(key))
+        .collect();
+    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+
+    // The same file without the unknown keys: every remaining problem, each with its key.
+    let config = write(
+        dir.path(),
+        "plugins2.toml",
+        &format!(
+            r#"
+[[plugins]]
+name = "a"
+kind = "python"
+path = "{dir}/missing.py"
+hooks = ["authorize", "teleport"]
+on_failure = {{ authorize = "shrug" }}
+secrets = {{ k1 = "plain-text" }}
+limits = {{ cpu_ms = 0 }}
+
+[[plugins]]
+name = "a"
+kind = "lua"
+path = "{script}"
+"#,
+            dir = dir.path().display(),
+            script = script.display()
+        ),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing: Vec<&str> = [
+        "plugins[0].kind: unknown plugin kind \"python\"",
+        "plugins[0].path: cannot read",
+        "plugins[0].hooks: unknown hook \"teleport\"",
+        "plugins[0].on_failure.authorize",
+        "plugins[0].secrets.k1",
+        "plugins[0].limits.cpu_ms",
+        "plugins[1].name: \"a\" is used twice",
+    ]
+    .into_iter()
+    .filter(|key| !stderr.contains(key))
+    .collect();
+    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+
+    // A well-formed entry whose plugin refuses to start: named, with the plugin's own reason.
+    let config = write(
+        dir.path(),
+        "refusing.toml",
+        &format!("[[plugins]]\nname = \"tenants\"\nkind = \"lua\"\npath = \"{}\"\n", refusing.display()),
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("plugins[0]") && stderr.contains("\"tenants\"") && stderr.contains("needs a tenant"),
+        "{stderr}"
+    );
+    // `run` refuses to start with it, saying the same.
+    let output = run(tollgate().args(["run", "--config"]).arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "run started with a plugin that does not load: {}", describe(&output));
+    assert!(describe(&output).contains("needs a tenant"), "{}", describe(&output));
+}
+
+#[tokio::test]
+async fn plugin_test_replays_events_and_prints_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(
+        dir.path(),
+        "tenants.lua",
+        "function authorize_publish(client, request)\n  if string.sub(request.topic, 1, 8 + #client.username) == 'tenants/' .. client.username then return 'allow' end\n  return 'deny'\nend\n",
+    );
+    let events = write(
+        dir.path(),
+        "events.jsonl",
+        concat!(
+            "# a comment\n",
+            "{\"hook\":\"authorize_publish\",\"username\":\"acme\",\"topic\":\"tenants/acme/t\"}\n",
+            "{\"hook\":\"authorize_publish\",\"username\":\"acme\",\"topic\":\"tenants/other/t\"}\n",
+        ),
+    );
+    let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&events), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "{}", describe(&output));
+    assert_eq!((lines[0]["line"].as_u64(), lines[0]["decision"].as_str()), (Some(2), Some("allow")));
+    assert_eq!((lines[1]["decision"].as_str(), lines[1]["reason_code"].as_u64()), (Some("deny"), Some(0x87)));
+    // A bad event line makes the command fail, after printing what it could.
+    let bad = write(dir.path(), "bad.jsonl", "{\"hook\":\"teleport\"}\n");
+    let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&bad), LIMIT).await;
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("invalid event"), "{}", describe(&output));
+}

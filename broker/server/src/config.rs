@@ -21,6 +21,9 @@ pub struct Config {
     pub log: LogConfig,
     pub session: SessionConfig,
     pub runtime: RuntimeConfig,
+    /// Policy plugins, in chain order.
+    #[serde(default)]
+    pub plugins: Vec<PluginConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -28,6 +31,152 @@ pub struct Config {
 pub struct RuntimeConfig {
     /// Connection worker threads; 0 means one per available core.
     pub worker_threads: u16,
+    /// Where compiled WebAssembly plugins are cached (`.cwasm`), so a restart does not recompile them. Unset:
+    /// `$XDG_CACHE_HOME/tollgate/plugins` or `~/.cache/tollgate/plugins`; an empty string turns caching off.
+    #[serde(default)]
+    pub plugin_cache_dir: Option<PathBuf>,
+}
+
+/// One `[[plugins]]` entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    /// `wasm` or `lua`.
+    pub kind: String,
+    pub path: PathBuf,
+    /// The hooks to attach (`authenticate`, `authorize`, `transform`, `route`); unset: all the plugin implements.
+    #[serde(default)]
+    pub hooks: Option<Vec<String>>,
+    #[serde(default)]
+    pub limits: PluginLimitsConfig,
+    /// Hook name → `fail_closed` or `pass_through`.
+    #[serde(default)]
+    pub on_failure: std::collections::BTreeMap<String, String>,
+    /// Let connections cache this plugin's ACL decisions until the next reload (only for decisions that depend on
+    /// nothing but the client and the topic).
+    #[serde(default)]
+    pub cache_decisions: bool,
+    /// Key id → `hex:…`, `env:VAR` or `file:path`, for the host-side HMAC. The plugin never sees the bytes.
+    #[serde(default)]
+    pub secrets: std::collections::BTreeMap<String, String>,
+    /// Handed to the plugin's `init`.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginLimitsConfig {
+    /// Guest CPU time per call, in milliseconds.
+    pub cpu_ms: u64,
+    /// Memory per instance, in MiB.
+    pub memory_mb: u32,
+    /// Wall-clock time per call (waiting for an instance included), in milliseconds.
+    pub timeout_ms: u64,
+    /// Instances alive at once.
+    pub max_instances: u32,
+}
+
+impl Default for PluginLimitsConfig {
+    fn default() -> Self {
+        let limits = tollgate_plugin_host::Limits::default();
+        Self {
+            cpu_ms: limits.cpu_time.as_millis() as u64,
+            memory_mb: (limits.memory_bytes >> 20) as u32,
+            timeout_ms: limits.call_timeout.as_millis() as u64,
+            max_instances: limits.max_instances as u32,
+        }
+    }
+}
+
+impl PluginConfig {
+    /// The validated plugin specification, or every problem with its key (`plugins[<index>].<key>`).
+    pub fn spec(&self, index: usize) -> Result<tollgate_plugin_host::PluginSpec, Vec<ConfigProblem>> {
+        use tollgate_plugin_host::{HookKind, PluginKind, PluginSpec};
+        let key = |name: &str| format!("plugins[{index}].{name}");
+        let mut problems = Vec::new();
+        if self.name.trim().is_empty() {
+            problems.push(problem(key("name"), "must not be empty"));
+        }
+        let kind = match self.kind.parse::<PluginKind>() {
+            Ok(kind) => kind,
+            Err(message) => {
+                problems.push(problem(key("kind"), message));
+                PluginKind::Wasm
+            }
+        };
+        if !self.path.is_file() {
+            problems.push(problem(key("path"), format!("cannot read {}", self.path.display())));
+        }
+        let mut spec = PluginSpec::new(self.name.clone(), kind, self.path.clone());
+        if let Some(hooks) = &self.hooks {
+            let mut parsed = Vec::new();
+            for hook in hooks {
+                match hook.parse::<HookKind>() {
+                    Ok(hook) if !parsed.contains(&hook) => parsed.push(hook),
+                    Ok(hook) => problems.push(problem(key("hooks"), format!("{hook} is listed twice"))),
+                    Err(message) => problems.push(problem(key("hooks"), message)),
+                }
+            }
+            if hooks.is_empty() {
+                problems.push(problem(key("hooks"), "must name at least one hook (or be left out for all)"));
+            }
+            spec.hooks = Some(parsed);
+        }
+        for (hook, policy) in &self.on_failure {
+            let hook = match hook.parse::<HookKind>() {
+                Ok(hook) => hook,
+                Err(message) => {
+                    problems.push(problem(key(&format!("on_failure.{hook}")), message));
+                    continue;
+                }
+            };
+            let policy = match policy.as_str() {
+                "fail_closed" => tollgate_hooks::FailurePolicy::FailClosed,
+                "pass_through" => tollgate_hooks::FailurePolicy::PassThrough,
+                other => {
+                    problems.push(problem(
+                        key(&format!("on_failure.{hook}")),
+                        format!("{other:?} is not \"fail_closed\" or \"pass_through\""),
+                    ));
+                    continue;
+                }
+            };
+            spec.on_failure.insert(hook, policy);
+        }
+        for (id, spelling) in &self.secrets {
+            match tollgate_plugin_host::spec::resolve_secret(spelling) {
+                Ok(secret) if !secret.is_empty() => {
+                    spec.secrets.insert(id.clone(), secret);
+                }
+                Ok(_) => problems.push(problem(key(&format!("secrets.{id}")), "the secret is empty")),
+                Err(message) => problems.push(problem(key(&format!("secrets.{id}")), message)),
+            }
+        }
+        let limits = &self.limits;
+        if !(1..=60_000).contains(&limits.cpu_ms) {
+            problems.push(problem(key("limits.cpu_ms"), "must be between 1 and 60000"));
+        }
+        if !(1..=4096).contains(&limits.memory_mb) {
+            problems.push(problem(key("limits.memory_mb"), "must be between 1 and 4096"));
+        }
+        if !(1..=600_000).contains(&limits.timeout_ms) {
+            problems.push(problem(key("limits.timeout_ms"), "must be between 1 and 600000"));
+        }
+        if !(1..=1024).contains(&limits.max_instances) {
+            problems.push(problem(key("limits.max_instances"), "must be between 1 and 1024"));
+        }
+        spec.limits = tollgate_plugin_host::Limits {
+            cpu_time: Duration::from_millis(limits.cpu_ms),
+            memory_bytes: (limits.memory_mb as usize) << 20,
+            call_timeout: Duration::from_millis(limits.timeout_ms),
+            max_instances: limits.max_instances as usize,
+        };
+        spec.cache_decisions = self.cache_decisions;
+        spec.config = self.config.clone();
+        if problems.is_empty() { Ok(spec) } else { Err(problems) }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -190,7 +339,8 @@ impl Default for Config {
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
             session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5 },
-            runtime: RuntimeConfig { worker_threads: 0 },
+            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None },
+            plugins: Vec::new(),
         }
     }
 }
@@ -235,8 +385,11 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
     ("session", &["persistent_expiry", "shutdown_grace"]),
-    ("runtime", &["worker_threads"]),
+    ("runtime", &["worker_threads", "plugin_cache_dir"]),
 ];
+const PLUGIN_KEYS: &[&str] =
+    &["name", "kind", "path", "hooks", "limits", "on_failure", "cache_decisions", "secrets", "config"];
+const PLUGIN_LIMIT_KEYS: &[&str] = &["cpu_ms", "memory_mb", "timeout_ms", "max_instances"];
 const LISTENER_KEYS: &[&str] = &[
     "bind",
     "protocol",
@@ -296,6 +449,13 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
             problems.push(problem(error_key(&error), error.kind.to_string()));
         }
     }
+    if data.contains_key("plugins")
+        && let Err(error) = figment.extract_inner::<Vec<PluginConfig>>("plugins")
+    {
+        for error in error {
+            problems.push(problem(error_key(&error), error.kind.to_string()));
+        }
+    }
     if !problems.is_empty() {
         // Still check what can be checked: drop the keys already reported, validate the rest on top of the
         // defaults, and add the problems found under keys not yet named.
@@ -327,9 +487,11 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
 
 /// Removes `section.key`, a top-level key, or (for any `listeners…` key) the whole listener list.
 fn remove_key(data: &mut Dict, key: &str) {
-    if key.starts_with("listeners") {
-        data.remove("listeners");
-        return;
+    for list in ["listeners", "plugins"] {
+        if key.starts_with(list) {
+            data.remove(list);
+            return;
+        }
     }
     match key.split_once('.') {
         None => {
@@ -351,7 +513,7 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
     let path = format!("{section}.{key}");
     let result = match (section, key) {
         ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
-        ("auth", _) => figment.extract_inner::<Option<PathBuf>>(&path).map(drop),
+        ("auth", _) | ("runtime", "plugin_cache_dir") => figment.extract_inner::<Option<PathBuf>>(&path).map(drop),
         ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") | ("runtime", _) => {
             figment.extract_inner::<u16>(&path).map(drop)
         }
@@ -381,6 +543,25 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
             }
             continue;
         }
+        if key == "plugins" {
+            if let Value::Array(_, plugins) = value {
+                for (index, plugin) in plugins.iter().enumerate() {
+                    let Value::Dict(_, fields) = plugin else { continue };
+                    for (field, value) in fields {
+                        if !PLUGIN_KEYS.contains(&field.as_str()) {
+                            problems.push(problem(format!("plugins[{index}].{field}"), "unknown key"));
+                        } else if field == "limits"
+                            && let Value::Dict(_, limits) = value
+                        {
+                            for limit in limits.keys().filter(|limit| !PLUGIN_LIMIT_KEYS.contains(&limit.as_str())) {
+                                problems.push(problem(format!("plugins[{index}].limits.{limit}"), "unknown key"));
+                            }
+                        }
+                    }
+                }
+            }
+            continue;
+        }
         let Some((_, known)) = SECTION_KEYS.iter().find(|(section, _)| section == key) else {
             problems.push(problem(key.clone(), "unknown section or key"));
             continue;
@@ -396,6 +577,9 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
 fn validate(config: &Config, problems: &mut Vec<ConfigProblem>) {
     validate_listeners(config, problems);
     validate_rest(config, problems);
+    if let Err(more) = config.plugin_specs() {
+        problems.extend(more);
+    }
 }
 
 /// Listener addresses and protocols, and the anonymous-access rule that depends on them.
@@ -595,5 +779,34 @@ impl Config {
 
     pub fn allow_anonymous(&self) -> bool {
         self.auth.allow_anonymous.unwrap_or(true)
+    }
+
+    /// Every plugin's specification, or every problem found in any of them (names must also be unique).
+    pub fn plugin_specs(&self) -> Result<Vec<tollgate_plugin_host::PluginSpec>, Vec<ConfigProblem>> {
+        let mut specs = Vec::new();
+        let mut problems = Vec::new();
+        for (index, plugin) in self.plugins.iter().enumerate() {
+            if self.plugins[..index].iter().any(|earlier| earlier.name == plugin.name) {
+                problems.push(problem(format!("plugins[{index}].name"), format!("{:?} is used twice", plugin.name)));
+            }
+            match plugin.spec(index) {
+                Ok(spec) => specs.push(spec),
+                Err(more) => problems.extend(more),
+            }
+        }
+        if problems.is_empty() { Ok(specs) } else { Err(problems) }
+    }
+
+    /// The compiled-plugin cache directory, if caching is on.
+    pub fn plugin_cache_dir(&self) -> Option<PathBuf> {
+        match &self.runtime.plugin_cache_dir {
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(dir.clone()),
+            None => std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .filter(|dir| dir.is_absolute())
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .map(|dir| dir.join("tollgate").join("plugins")),
+        }
     }
 }

@@ -18,8 +18,9 @@ use tollgate_builtins::password_file::PasswordFile;
 use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, CertificateIdentityAuth, PasswordFileAuth};
 use tollgate_core::Broker;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
+use tollgate_plugin_host::{LoadedPlugin, PluginHost};
 use tollgate_transport::{ConnectionLimits, ListenerSpec, ReloadableTls, Transport};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 pub use config::Config;
 
@@ -32,6 +33,8 @@ pub struct Server {
     stop_workers: CancellationToken,
     /// TLS listeners' certificates, re-read on reload.
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
+    /// Loaded plugins, kept across reloads so unchanged ones keep their instances and state.
+    plugins: PluginHost,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -46,13 +49,31 @@ fn load_policy_file<T, E: ToString>(
     })
 }
 
+/// Loads (or, on reload, refreshes) the configured plugins. Errors name each plugin and why.
+async fn load_plugins(host: &PluginHost, config: &Config) -> anyhow::Result<Vec<Arc<LoadedPlugin>>> {
+    let specs = config.plugin_specs().map_err(|problems| {
+        anyhow::anyhow!("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+    })?;
+    match host.load(&specs).await {
+        Ok(report) => Ok(report.plugins),
+        Err(errors) => anyhow::bail!("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+    }
+}
+
 /// Builds the hook chain the configuration describes. File formats are validated by [`config::load`]; errors here
 /// mean a file changed in between (a reload), and are reported without touching the running chain.
-pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain> {
+///
+/// Order: plugin authenticators first (in configuration order), then the built-ins, so a plugin can refuse a
+/// client the built-ins would let in; the built-in ACL file before plugin authorizers (every authorizer is asked,
+/// and the first denial wins); then plugin transforms and routes.
+pub fn build_hooks(config: &Config, generation: u64, plugins: &[Arc<LoadedPlugin>]) -> anyhow::Result<HookChain> {
     let mut chain = HookChain::default()
         .with_sleeper(Arc::new(|duration| Box::pin(tokio::time::sleep(duration))))
-        .with_failure_observer(Arc::new(|error| warn!(%error, "hook failed")));
+        // Plugin failures are logged (rate-limited) by the plugin host; this catches the rest.
+        .with_failure_observer(Arc::new(|error| tracing::debug!(%error, "hook failed")));
     chain.generation = generation;
+    let slots: Vec<_> = plugins.iter().map(|plugin| plugin.slots()).collect();
+    chain.authenticators.extend(slots.iter().filter_map(|slots| slots.authenticator.clone()));
     // First: a client whose user name is its verified certificate identity needs no password.
     if config.listeners.iter().any(|listener| listener.use_identity_as_username) {
         chain.authenticators.push(HookSlot::new(Arc::new(CertificateIdentityAuth), None, FailurePolicy::FailClosed));
@@ -81,13 +102,22 @@ pub fn build_hooks(config: &Config, generation: u64) -> anyhow::Result<HookChain
         let file = load_policy_file(path, AclFile::parse)?;
         chain.authorizers.push(HookSlot::new(Arc::new(AclFileAuthorizer::new(file)), None, FailurePolicy::FailClosed));
     }
+    chain.authorizers.extend(slots.iter().filter_map(|slots| slots.authorizer.clone()));
+    chain.transformers.extend(slots.iter().filter_map(|slots| slots.transformer.clone()));
+    chain.routers.extend(slots.iter().filter_map(|slots| slots.router.clone()));
     Ok(chain)
 }
 
 impl Server {
     /// Binds every listener and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
-        let hooks = build_hooks(config, 1)?;
+        let plugin_host = PluginHost::new(config.plugin_cache_dir());
+        let plugins = load_plugins(&plugin_host, config).await?;
+        for plugin in &plugins {
+            let hooks: Vec<&str> = plugin.hooks.iter().map(|hook| hook.as_str()).collect();
+            info!(plugin = plugin.name(), kind = ?plugin.spec.kind, hooks = %hooks.join(","), "plugin attached");
+        }
+        let hooks = build_hooks(config, 1, &plugins)?;
         let broker = Broker::new(config.broker_config(), hooks);
         let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
         let limits = Arc::new(ConnectionLimits::new(
@@ -185,13 +215,21 @@ impl Server {
             worker_threads: std::sync::Mutex::new(worker_threads),
             stop_workers,
             tls: tls_listeners,
+            plugins: plugin_host,
         })
     }
 
-    /// Re-reads the password and ACL files; on any error the running chain stays as it was.
-    pub fn reload(&self, config: &Config) -> anyhow::Result<()> {
+    /// Re-reads the password and ACL files and reloads changed plugins; on any error the running chain stays as
+    /// it was. A changed plugin that fails to load keeps its previous version (and the reload says so).
+    pub async fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let hooks = build_hooks(config, generation)?;
+        let specs = config.plugin_specs().map_err(|problems| {
+            anyhow::anyhow!("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        let report = self.plugins.load(&specs).await.map_err(|errors| {
+            anyhow::anyhow!("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        let hooks = build_hooks(config, generation, &report.plugins)?;
         self.broker.replace_hooks(hooks);
         info!(generation, "hooks reloaded");
         // Certificates: each listener keeps its old ones if the new files do not load; established connections
@@ -206,8 +244,9 @@ impl Server {
                 }
             }
         }
+        failed.extend(report.kept_previous.iter().map(|error| format!("{error} (previous version kept)")));
         if !failed.is_empty() {
-            anyhow::bail!("TLS reload failed for {}", failed.join("; "));
+            anyhow::bail!("reload incomplete: {}", failed.join("; "));
         }
         Ok(())
     }

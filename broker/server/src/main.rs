@@ -56,6 +56,33 @@ enum Command {
         #[command(subcommand)]
         action: CertsAction,
     },
+    /// Work with policy plugins.
+    Plugin {
+        #[command(subcommand)]
+        action: PluginAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginAction {
+    /// Replay a JSON Lines file of hook events against one plugin, without a broker, printing each decision as
+    /// a JSON line. Exits non-zero if an event is invalid or the plugin failed on one.
+    Test {
+        /// A `.wasm` or `.lua` file, or with --config the name of a `[[plugins]]` entry.
+        plugin: String,
+        /// The events, one JSON object per line (`-` for standard input).
+        #[arg(long)]
+        events: PathBuf,
+        /// Take the plugin (path, limits, secrets, config) from this broker configuration.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// A plugin config value, `key=value` (repeatable; dotted keys make tables). Without --config only.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        settings: Vec<String>,
+        /// A host-side HMAC secret, `id=hex:…|env:VAR|file:path` (repeatable). Without --config only.
+        #[arg(long = "secret", value_name = "ID=SECRET")]
+        secrets: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -123,7 +150,148 @@ fn main() -> ExitCode {
             passwd(create, delete, scheme, &file, &username, password)
         }
         Command::Certs { action } => certs(action),
+        Command::Plugin { action: PluginAction::Test { plugin, events, config, settings, secrets } } => {
+            plugin_test(&plugin, &events, config.as_deref(), &settings, &secrets)
+        }
     }
+}
+
+/// Builds the spec `plugin test` runs: from a configuration file, or from a path plus --set/--secret.
+fn plugin_test_spec(
+    plugin: &str,
+    config_path: Option<&Path>,
+    settings: &[String],
+    secrets: &[String],
+) -> Result<tollgate_plugin_host::PluginSpec, Vec<String>> {
+    use tollgate_plugin_host::{PluginKind, PluginSpec};
+    if let Some(path) = config_path {
+        if !settings.is_empty() || !secrets.is_empty() {
+            return Err(vec!["--set and --secret cannot be combined with --config".into()]);
+        }
+        let config = config::load(Some(path))
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let Some(index) = config.plugins.iter().position(|entry| entry.name == plugin) else {
+            let names: Vec<&str> = config.plugins.iter().map(|entry| entry.name.as_str()).collect();
+            return Err(vec![format!(
+                "{} has no plugin named {plugin:?} (it has: {})",
+                path.display(),
+                names.join(", ")
+            )]);
+        };
+        return config.plugins[index]
+            .spec(index)
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect());
+    }
+    let path = PathBuf::from(plugin);
+    let kind = match path.extension().and_then(|extension| extension.to_str()) {
+        Some("wasm") => PluginKind::Wasm,
+        Some("lua" | "luau") => PluginKind::Lua,
+        _ => return Err(vec![format!("{plugin}: expected a .wasm or .lua file (or --config with a plugin name)")]),
+    };
+    let name = path.file_stem().and_then(|stem| stem.to_str()).unwrap_or("plugin").to_owned();
+    let mut spec = PluginSpec::new(name, kind, path);
+    let mut problems = Vec::new();
+    for setting in settings {
+        let Some((key, value)) = setting.split_once('=') else {
+            problems.push(format!("--set {setting}: expected key=value"));
+            continue;
+        };
+        // Dotted keys become nested tables, as in the configuration file.
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let last = parts.pop().unwrap_or_default();
+        let mut table = &mut spec.config;
+        for part in parts {
+            let entry = table.entry(part.to_owned()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !entry.is_object() {
+                *entry = serde_json::Value::Object(Default::default());
+            }
+            let serde_json::Value::Object(inner) = entry else { unreachable!("just made an object") };
+            table = inner;
+        }
+        table.insert(last.to_owned(), serde_json::Value::String(value.to_owned()));
+    }
+    for secret in secrets {
+        match secret.split_once('=') {
+            Some((id, spelling)) => match tollgate_plugin_host::spec::resolve_secret(spelling) {
+                Ok(bytes) => {
+                    spec.secrets.insert(id.to_owned(), bytes);
+                }
+                Err(message) => problems.push(format!("--secret {id}: {message}")),
+            },
+            None => problems.push(format!("--secret {secret}: expected id=secret")),
+        }
+    }
+    if problems.is_empty() { Ok(spec) } else { Err(problems) }
+}
+
+fn plugin_test(
+    plugin: &str,
+    events: &Path,
+    config_path: Option<&Path>,
+    settings: &[String],
+    secrets: &[String],
+) -> ExitCode {
+    let spec = match plugin_test_spec(plugin, config_path, settings, secrets) {
+        Ok(spec) => spec,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("{problem}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let input = if events == Path::new("-") {
+        let mut text = String::new();
+        match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+            Ok(_) => text,
+            Err(error) => {
+                eprintln!("cannot read events from standard input: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        match std::fs::read_to_string(events) {
+            Ok(text) => text,
+            Err(error) => {
+                eprintln!("cannot read {}: {error}", events.display());
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    tollgate::init_logging("warn", false);
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let plugin = match tollgate_plugin_host::LoadedPlugin::load(spec, None).await {
+            Ok(plugin) => plugin,
+            Err(error) => {
+                eprintln!("{error}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut out = std::io::stdout().lock();
+        match tollgate_plugin_host::events::replay(&plugin.hook(), &input, &mut out).await {
+            Ok(summary) if summary.invalid == 0 && summary.failed == 0 => ExitCode::SUCCESS,
+            Ok(summary) => {
+                eprintln!(
+                    "{} event(s): {} invalid, {} failed",
+                    summary.events + summary.invalid,
+                    summary.invalid,
+                    summary.failed
+                );
+                ExitCode::FAILURE
+            }
+            Err(error) => {
+                eprintln!("cannot write the results: {error}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn certs(action: CertsAction) -> ExitCode {
@@ -200,7 +368,37 @@ fn print_problems(problems: &[config::ConfigProblem]) {
 
 fn check_config(file: &Path) -> ExitCode {
     match config::load(Some(file)) {
-        Ok(_) => {
+        Ok(config) => {
+            // The file is valid; the plugins must also load (compile, start, accept their config).
+            if !config.plugins.is_empty() {
+                let specs = config.plugin_specs().unwrap_or_default();
+                let loaded = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| vec![error.to_string()])
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            tollgate_plugin_host::PluginHost::new(config.plugin_cache_dir())
+                                .load(&specs)
+                                .await
+                                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())
+                        })
+                    });
+                if let Err(errors) = loaded {
+                    let problems: Vec<config::ConfigProblem> = errors
+                        .into_iter()
+                        .map(|message| {
+                            let index = specs.iter().position(|spec| message.contains(&format!("{:?}", spec.name)));
+                            config::ConfigProblem {
+                                key: index.map_or_else(|| "plugins".to_owned(), |index| format!("plugins[{index}]")),
+                                message,
+                            }
+                        })
+                        .collect();
+                    print_problems(&problems);
+                    return ExitCode::FAILURE;
+                }
+            }
             println!("{}: ok", file.display());
             ExitCode::SUCCESS
         }
@@ -286,7 +484,7 @@ async fn wait_for_signals(signals: Signals, server: &Server, config_path: Option
                 match config::load(config_path) {
                     Ok(mut fresh) => {
                         fresh.listeners = running.listeners.clone();
-                        if let Err(error) = server.reload(&fresh) {
+                        if let Err(error) = server.reload(&fresh).await {
                             error!(error = format!("{error:#}"), "reload failed; keeping the previous policy");
                         }
                     }

@@ -1,0 +1,339 @@
+//! Plugins end to end: a real broker with WebAssembly and Lua plugins attached through `[[plugins]]`, driven by
+//! rumqttc (3.1.1 and 5) and the Mosquitto command-line clients. The behaviour table of the test plugins is in
+//! `tests/plugins/testkit-wasm/src/lib.rs`; both runtimes get the same assertions.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../support/wasm_build.rs"]
+mod wasm_build;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, PubAckReason, SubscribeReasonCode};
+use tollgate::config::{PluginConfig, PluginLimitsConfig};
+use tollgate_integration_tests::external::{self, describe, require_tool, run};
+use tollgate_integration_tests::v5::{self, Acked, connect, connect_to, options, topic};
+use tollgate_integration_tests::{QUIET, TestBroker, v4, within};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Wasm,
+    Lua,
+}
+
+const KINDS: [Kind; 2] = [Kind::Wasm, Kind::Lua];
+
+fn testkit_path(kind: Kind) -> PathBuf {
+    match kind {
+        Kind::Wasm => wasm_build::wasm_plugin("testkit-wasm"),
+        Kind::Lua => wasm_build::workspace_root().join("tests/plugins/testkit.lua"),
+    }
+}
+
+fn plugin_entry(name: &str, kind: Kind, path: PathBuf) -> PluginConfig {
+    PluginConfig {
+        name: name.into(),
+        kind: match kind {
+            Kind::Wasm => "wasm".into(),
+            Kind::Lua => "lua".into(),
+        },
+        path,
+        hooks: None,
+        limits: PluginLimitsConfig { cpu_ms: 30, ..Default::default() },
+        on_failure: Default::default(),
+        cache_decisions: false,
+        secrets: [("k1".to_owned(), "hex:736563726574".to_owned())].into(), // "secret"
+        config: Default::default(),
+    }
+}
+
+async fn broker_with(plugins: Vec<PluginConfig>) -> TestBroker {
+    TestBroker::builder()
+        .configure(|config| {
+            config.plugins = plugins;
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+        })
+        .start()
+        .await
+}
+
+async fn testkit_broker(kind: Kind) -> TestBroker {
+    broker_with(vec![plugin_entry("testkit", kind, testkit_path(kind))]).await
+}
+
+#[tokio::test]
+async fn a_plugin_refuses_a_connect_in_both_protocol_versions() {
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut blocked = options(&broker, "blocked-5");
+        blocked.set_credentials("blocked", "x");
+        assert_eq!(v5::refused_code(blocked).await, ConnectReturnCode::NotAuthorized, "{kind:?}");
+        let mut blocked = v4::options(&broker, "blocked-4");
+        blocked.set_credentials("blocked", "x");
+        assert_eq!(
+            v4::refused_code(blocked).await,
+            rumqttc::ConnectReturnCode::NotAuthorized,
+            "{kind:?}: 3.1.1 gets return code 5"
+        );
+        let mut alice = options(&broker, "alice");
+        alice.set_credentials("alice", "x");
+        connect(alice).await.0.disconnect().await;
+        assert!(broker.stop().await);
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_denies_publishes_with_reason_codes_and_caps_subscriptions() {
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut subscriber = connect_to(&broker, "sub").await;
+        // `deny/...` filters are refused by the plugin; `+/a` is not, and matches the denied topics below.
+        subscriber.subscribe_ok("+/a", QoS::AtLeastOnce).await;
+        // The plugin caps this subscription at QoS 0, which the SUBACK says.
+        assert_eq!(
+            subscriber.subscribe("capped/#", QoS::ExactlyOnce).await,
+            SubscribeReasonCode::Success(QoS::AtMostOnce),
+            "{kind:?}"
+        );
+        assert_eq!(subscriber.subscribe("deny/secret/#", QoS::AtLeastOnce).await, SubscribeReasonCode::NotAuthorized);
+        let mut publisher = connect_to(&broker, "pub").await;
+        let denied = publisher.publish_with("deny/a", QoS::AtLeastOnce, false, b"x", None).await;
+        assert_eq!(denied, Acked::PubAck(PubAckReason::NotAuthorized), "{kind:?}: 0x87");
+        let quota = publisher.publish_with("quota/a", QoS::AtLeastOnce, false, b"x", None).await;
+        assert_eq!(quota, Acked::PubAck(PubAckReason::QuotaExceeded), "{kind:?}: 0x97");
+        subscriber.expect_no_publish(QUIET).await;
+        // A capped subscription receives a QoS 2 publish at QoS 0.
+        publisher.publish("capped/b", QoS::ExactlyOnce, false, b"low").await;
+        let received = subscriber.next_publish().await;
+        assert_eq!((topic(&received), received.qos), ("capped/b".to_owned(), QoS::AtMostOnce), "{kind:?}");
+
+        // MQTT 3.1.1 has no negative PUBACK: the publish is acknowledged and dropped, the client stays connected.
+        let mut old = v4::connect_to(&broker, "old").await;
+        old.publish("deny/old", rumqttc::QoS::AtLeastOnce, false, b"x").await;
+        subscriber.expect_no_publish(QUIET).await;
+        old.publish("capped/old", rumqttc::QoS::AtLeastOnce, false, b"still connected").await;
+        assert_eq!(topic(&subscriber.next_publish().await), "capped/old", "{kind:?}");
+        assert!(broker.stop().await);
+    }
+}
+
+#[tokio::test]
+async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut subscriber = connect_to(&broker, "sub").await;
+        for filter in ["upper/#", "drop/#", "rewritten/#", "sign/#"] {
+            subscriber.subscribe_ok(filter, QoS::AtLeastOnce).await;
+        }
+        let mut publisher = connect_to(&broker, "pub").await;
+        publisher.publish("upper/a", QoS::AtLeastOnce, false, b"hello").await;
+        assert_eq!(&subscriber.next_publish().await.payload[..], b"HELLO", "{kind:?}");
+        publisher.publish("drop/a", QoS::AtLeastOnce, false, b"gone").await;
+        subscriber.expect_no_publish(QUIET).await;
+        publisher.publish("rewrite/b/c", QoS::AtLeastOnce, false, b"moved").await;
+        let moved = subscriber.next_publish().await;
+        assert_eq!((topic(&moved), &moved.payload[..]), ("rewritten/b/c".to_owned(), &b"moved"[..]), "{kind:?}");
+        publisher.publish("sign/a", QoS::AtLeastOnce, false, b"payload").await;
+        let signed = subscriber.next_publish().await;
+        let properties = v5::properties(&signed).user_properties;
+        // HMAC-SHA256("secret", "payload"), computed by the host with a key the plugin never sees.
+        assert_eq!(
+            properties,
+            vec![("sig".to_owned(), "b82fcb791acec57859b989b430a826488ce2e479fdf92326bd0a2e8375a42ba4".to_owned())],
+            "{kind:?}"
+        );
+        assert!(broker.stop().await);
+    }
+}
+
+#[tokio::test]
+async fn mosquitto_clients_see_the_transform_in_both_versions() {
+    let (Some(publish), Some(subscribe)) = (
+        require_tool("mosquitto_pub", "apt-get install mosquitto-clients"),
+        require_tool("mosquitto_sub", "apt-get install mosquitto-clients"),
+    ) else {
+        return;
+    };
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        for version in ["mqttv311", "mqttv5"] {
+            let port = broker.port().to_string();
+            let mut sub = external::spawn(tokio::process::Command::new(&subscribe).args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-V",
+                version,
+                "-t",
+                "upper/#",
+                "-C",
+                "1",
+                "-W",
+                "10",
+            ]));
+            broker.wait_for_subscriptions(1).await;
+            let output = run(
+                tokio::process::Command::new(&publish).args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    version,
+                    "-t",
+                    "upper/m",
+                    "-q",
+                    "1",
+                    "-m",
+                    "shout",
+                ]),
+                Duration::from_secs(10),
+            )
+            .await;
+            assert!(output.status.success(), "{}", describe(&output));
+            assert_eq!(sub.stdout_line(Duration::from_secs(10)).await.as_deref(), Some("SHOUT"), "{kind:?} {version}");
+            sub.wait(Duration::from_secs(10)).await;
+            tollgate_integration_tests::wait_until("mosquitto_sub to leave", || broker.subscription_count() == 0).await;
+            // A refused CONNECT is reported by the client.
+            let refused = run(
+                tokio::process::Command::new(&publish).args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-V",
+                    version,
+                    "-u",
+                    "blocked",
+                    "-P",
+                    "x",
+                    "-t",
+                    "a",
+                    "-m",
+                    "x",
+                ]),
+                Duration::from_secs(10),
+            )
+            .await;
+            assert!(!refused.status.success(), "{kind:?} {version}: blocked user connected");
+            assert!(describe(&refused).to_lowercase().contains("not authori"), "{}", describe(&refused));
+        }
+        assert!(broker.stop().await);
+    }
+}
+
+/// A plugin looping, eating memory and trapping on every message of one client: that client's messages fall back
+/// to the transform's pass-through policy, the plugin is disabled with backoff, and another client's flow on the
+/// same broker never stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misbehaving_plugin_is_contained_while_others_keep_flowing() {
+    for kind in KINDS {
+        // Only the transform is attached: its failures pass messages through (authorization would fail closed,
+        // and once the plugin is disabled, refuse everyone's publishes: see `authorization_failures_fail_closed`).
+        let mut entry = plugin_entry("testkit", kind, testkit_path(kind));
+        entry.hooks = Some(vec!["transform".into()]);
+        let broker = broker_with(vec![entry]).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let attacker = {
+            let mut attacker = connect_to(&broker, "attacker").await;
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut sent = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    for topic in ["loop/x", "oom/x", "trap/x", "slow/200"] {
+                        // Transform failures pass the message through unchanged, so each publish is acknowledged.
+                        attacker.publish(topic, QoS::AtLeastOnce, false, b"evil").await;
+                        sent += 1;
+                    }
+                }
+                sent
+            })
+        };
+        let mut subscriber = connect_to(&broker, "sub").await;
+        subscriber.subscribe_ok("flow/#", QoS::AtLeastOnce).await;
+        let mut publisher = connect_to(&broker, "pub").await;
+        for index in 0..60u32 {
+            let payload = index.to_string();
+            publisher.publish(&format!("flow/{index}"), QoS::AtLeastOnce, false, payload.as_bytes()).await;
+            let received = within("a flow message during the attack", subscriber.next_publish()).await;
+            assert_eq!(received.payload, payload.as_bytes(), "{kind:?}");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let sent = within("the attacker to stop", attacker).await.unwrap();
+        assert!(sent >= 4, "{kind:?}: the attacker published {sent} messages");
+        assert!(broker.stop().await);
+    }
+}
+
+#[tokio::test]
+async fn authorization_failures_fail_closed() {
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut publisher = connect_to(&broker, "pub").await;
+        for topic in ["loop/a", "trap/a", "oom/a"] {
+            let acked = publisher.publish_with(topic, QoS::AtLeastOnce, false, b"x", None).await;
+            assert_eq!(acked, Acked::PubAck(PubAckReason::NotAuthorized), "{kind:?} {topic}");
+        }
+        assert!(broker.stop().await);
+    }
+}
+
+fn write_script(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("policy.lua");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+/// SIGHUP's reload path under traffic: connections stay up and the new decisions apply right after.
+#[tokio::test]
+async fn reload_under_traffic_keeps_connections_and_applies_new_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(dir.path(), "function authorize_publish(client, request) return nil end\n");
+    let broker = broker_with(vec![plugin_entry("policy", Kind::Lua, script.clone())]).await;
+    let mut subscriber = connect_to(&broker, "sub").await;
+    subscriber.subscribe_ok("r/#", QoS::AtLeastOnce).await;
+    let mut publisher = connect_to(&broker, "pub").await;
+    publisher.publish("r/before", QoS::AtLeastOnce, false, b"1").await;
+    assert_eq!(topic(&subscriber.next_publish().await), "r/before");
+
+    // A broken edit: the reload reports it and the running version stays.
+    std::fs::write(&script, "function authorize_publish(client, request) return 'deny'\n").unwrap();
+    let error = broker.server.reload(&broker.config).await.expect_err("a broken plugin is reported");
+    assert!(error.to_string().contains("policy") && error.to_string().contains("previous version kept"), "{error}");
+    publisher.publish("r/still", QoS::AtLeastOnce, false, b"2").await;
+    assert_eq!(topic(&subscriber.next_publish().await), "r/still");
+
+    // A good edit takes effect for the next publish on the same connection.
+    std::fs::write(&script, "function authorize_publish(client, request)\n  return 'deny'\nend\n").unwrap();
+    broker.server.reload(&broker.config).await.unwrap();
+    let denied = publisher.publish_with("r/after", QoS::AtLeastOnce, false, b"3", None).await;
+    assert_eq!(denied, Acked::PubAck(PubAckReason::NotAuthorized));
+    subscriber.expect_no_publish(QUIET).await;
+    // Nobody was disconnected.
+    assert_eq!(broker.broker().metrics().clients_connected.load(Ordering::Relaxed), 2);
+    assert!(broker.stop().await);
+}
+
+const SENSOR_KEY_SHA256: &str = "8d969eef6ecad3c29a3a629280e686cf0c3f5d5a86aff3ca12020c923adc6c92"; // "123456"
+
+#[tokio::test]
+async fn the_auth_wasm_example_checks_api_keys() {
+    let mut entry = plugin_entry("api-keys", Kind::Wasm, wasm_build::wasm_plugin("auth-wasm"));
+    entry.config = serde_json::json!({ "keys": { "sensor-1": SENSOR_KEY_SHA256 } }).as_object().unwrap().clone();
+    let broker = broker_with(vec![entry]).await;
+    let mut good = options(&broker, "s1");
+    good.set_credentials("sensor-1", "123456");
+    connect(good).await.0.disconnect().await;
+    let mut wrong = options(&broker, "s2");
+    wrong.set_credentials("sensor-1", "654321");
+    assert_eq!(v5::refused_code(wrong).await, ConnectReturnCode::BadUserNamePassword);
+    let mut stranger = v4::options(&broker, "s3");
+    stranger.set_credentials("intruder", "123456");
+    assert_eq!(v4::refused_code(stranger).await, rumqttc::ConnectReturnCode::BadUserNamePassword);
+    assert!(broker.stop().await);
+}
