@@ -16,16 +16,35 @@ pub enum BrokerKind {
     Tollgate,
     Mosquitto,
     Rumqttd,
+    /// Tollgate with the WebAssembly transform that HMACs every payload through the host.
+    #[serde(rename = "tollgate+wasm")]
+    TollgateWasm,
+    /// Tollgate with a Lua ACL called on every publish.
+    #[serde(rename = "tollgate+lua")]
+    TollgateLua,
+    /// The same Lua ACL with `cache_decisions = true`: called once per connection and topic.
+    #[serde(rename = "tollgate+lua-cached")]
+    TollgateLuaCached,
 }
 
 impl BrokerKind {
-    pub const ALL: [BrokerKind; 3] = [Self::Tollgate, Self::Mosquitto, Self::Rumqttd];
+    pub const ALL: [BrokerKind; 6] = [
+        Self::Tollgate,
+        Self::Mosquitto,
+        Self::Rumqttd,
+        Self::TollgateWasm,
+        Self::TollgateLua,
+        Self::TollgateLuaCached,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Tollgate => "tollgate",
             Self::Mosquitto => "mosquitto",
             Self::Rumqttd => "rumqttd",
+            Self::TollgateWasm => "tollgate+wasm",
+            Self::TollgateLua => "tollgate+lua",
+            Self::TollgateLuaCached => "tollgate+lua-cached",
         }
     }
 
@@ -34,7 +53,15 @@ impl BrokerKind {
             Self::Tollgate => "Tollgate",
             Self::Mosquitto => "Mosquitto",
             Self::Rumqttd => "rumqttd",
+            Self::TollgateWasm => "Tollgate + WASM HMAC transform",
+            Self::TollgateLua => "Tollgate + Lua ACL",
+            Self::TollgateLuaCached => "Tollgate + Lua ACL (cached)",
         }
+    }
+
+    /// A Tollgate run with a plugin, compared with plain Tollgate rather than with the other brokers.
+    pub fn is_plugin_variant(self) -> bool {
+        matches!(self, Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached)
     }
 }
 
@@ -59,13 +86,44 @@ pub struct BrokerSpec {
     pub kind: BrokerKind,
     pub binary: PathBuf,
     pub version: String,
+    /// The plugin of a plugin variant.
+    pub plugin: Option<PathBuf>,
+}
+
+/// The plugin file of a plugin variant: the Lua script in the source tree, or the WebAssembly transform, built
+/// here with cargo (needs `rustup target add wasm32-wasip2`).
+fn plugin_for(kind: BrokerKind, workspace: &Path) -> Result<Option<PathBuf>> {
+    match kind {
+        BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached => {
+            Ok(Some(workspace.join("broker/bench/plugins/acl.lua")))
+        }
+        BrokerKind::TollgateWasm => {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let output = Command::new(cargo)
+                .current_dir(workspace)
+                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "bench-sign-wasm"])
+                .output()
+                .context("running cargo to build the benchmark plugin")?;
+            if !output.status.success() {
+                bail!(
+                    "building the WebAssembly plugin failed (`rustup target add wasm32-wasip2`?): {}",
+                    String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or_default()
+                );
+            }
+            Ok(Some(workspace.join("target/wasm32-wasip2/release/bench_sign_wasm.wasm")))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Finds the binary and its version, or says why the broker cannot be benchmarked.
 pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Result<BrokerSpec> {
     let candidates: Vec<PathBuf> = match (explicit, kind) {
         (Some(path), _) => vec![path.to_path_buf()],
-        (None, BrokerKind::Tollgate) => {
+        (
+            None,
+            BrokerKind::Tollgate | BrokerKind::TollgateWasm | BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached,
+        ) => {
             let mut list = Vec::new();
             if let Ok(exe) = std::env::current_exe()
                 && let Some(dir) = exe.parent()
@@ -96,21 +154,27 @@ pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Re
         bail!(
             "{kind} binary not found ({})",
             match kind {
-                BrokerKind::Tollgate => "build it with `cargo build --release -p tollgate` or pass --tollgate-bin",
+                BrokerKind::Tollgate
+                | BrokerKind::TollgateWasm
+                | BrokerKind::TollgateLua
+                | BrokerKind::TollgateLuaCached => {
+                    "build it with `cargo build --release -p tollgate` or pass --tollgate-bin"
+                }
                 BrokerKind::Mosquitto => "install the Debian package `mosquitto` or pass --mosquitto-bin",
                 BrokerKind::Rumqttd => "`cargo install rumqttd --locked` or pass --rumqttd-bin",
             }
         );
     };
     let version = match kind {
-        BrokerKind::Tollgate => {
+        BrokerKind::Tollgate | BrokerKind::TollgateWasm | BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached => {
             let version = first_line(&binary, &["--version"]);
             format!("{version} (git {})", git_rev(workspace))
         }
         BrokerKind::Mosquitto => first_line(&binary, &["-h"]),
         BrokerKind::Rumqttd => first_line(&binary, &["--version"]),
     };
-    Ok(BrokerSpec { kind, binary, version })
+    let plugin = plugin_for(kind, workspace)?;
+    Ok(BrokerSpec { kind, binary, version, plugin })
 }
 
 fn on_path(name: &str) -> Vec<PathBuf> {
@@ -176,9 +240,16 @@ impl RunningBroker {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let mut command = Command::new(&spec.binary);
         match spec.kind {
-            BrokerKind::Tollgate => {
+            BrokerKind::Tollgate
+            | BrokerKind::TollgateWasm
+            | BrokerKind::TollgateLua
+            | BrokerKind::TollgateLuaCached => {
                 let config = dir.join("tollgate.toml");
-                fs::write(&config, tollgate_config(port, limits))?;
+                let mut text = tollgate_config(port, limits);
+                if let Some(plugin) = &spec.plugin {
+                    text.push_str(&plugin_config(spec.kind, plugin));
+                }
+                fs::write(&config, text)?;
                 command.arg("run").arg("--config").arg(config);
             }
             BrokerKind::Mosquitto => {
@@ -314,6 +385,27 @@ level = "warn"
 "#,
         inflight = limits.max_inflight,
         queued = limits.max_queued,
+    )
+}
+
+fn plugin_config(kind: BrokerKind, plugin: &Path) -> String {
+    let kind_name = if kind == BrokerKind::TollgateWasm { "wasm" } else { "lua" };
+    let cache = kind == BrokerKind::TollgateLuaCached;
+    format!(
+        r#"
+[runtime]
+plugin_cache_dir = ""
+
+[[plugins]]
+name = "bench"
+kind = "{kind_name}"
+path = "{path}"
+cache_decisions = {cache}
+
+[plugins.secrets]
+k1 = "hex:000102030405060708090a0b0c0d0e0f"
+"#,
+        path = plugin.display()
     )
 }
 

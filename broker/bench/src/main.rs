@@ -19,10 +19,15 @@ use crate::scenarios::{Outcome, Settings};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum BrokerChoice {
+    /// The three brokers and both plugin variants.
     All,
     Tollgate,
     Mosquitto,
     Rumqttd,
+    /// Tollgate with, and without, each benchmark plugin.
+    Plugins,
+    TollgateWasm,
+    TollgateLua,
 }
 
 #[derive(Parser, Debug)]
@@ -133,6 +138,14 @@ async fn run(cli: Cli) -> Result<()> {
             BrokerChoice::Tollgate => &[BrokerKind::Tollgate],
             BrokerChoice::Mosquitto => &[BrokerKind::Mosquitto],
             BrokerChoice::Rumqttd => &[BrokerKind::Rumqttd],
+            BrokerChoice::Plugins => &[
+                BrokerKind::Tollgate,
+                BrokerKind::TollgateWasm,
+                BrokerKind::TollgateLua,
+                BrokerKind::TollgateLuaCached,
+            ],
+            BrokerChoice::TollgateWasm => &[BrokerKind::TollgateWasm],
+            BrokerChoice::TollgateLua => &[BrokerKind::TollgateLua],
         };
         for kind in add {
             if !kinds.contains(kind) {
@@ -144,7 +157,10 @@ async fn run(cli: Cli) -> Result<()> {
     let mut missing = Vec::new();
     for kind in kinds {
         let explicit = match kind {
-            BrokerKind::Tollgate => cli.tollgate_bin.as_deref(),
+            BrokerKind::Tollgate
+            | BrokerKind::TollgateWasm
+            | BrokerKind::TollgateLua
+            | BrokerKind::TollgateLuaCached => cli.tollgate_bin.as_deref(),
             BrokerKind::Mosquitto => cli.mosquitto_bin.as_deref(),
             BrokerKind::Rumqttd => cli.rumqttd_bin.as_deref(),
         };

@@ -160,7 +160,8 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
     let _ = writeln!(out, "- Brokers and load generator share the same {} cores over loopback.\n", meta.machine.nproc);
 
     // Headline table.
-    let ratio_brokers: Vec<BrokerKind> = brokers.iter().copied().filter(|b| *b != BrokerKind::Tollgate).collect();
+    let ratio_brokers: Vec<BrokerKind> =
+        brokers.iter().copied().filter(|b| *b != BrokerKind::Tollgate && !b.is_plugin_variant()).collect();
     let with_ratios = brokers.contains(&BrokerKind::Tollgate) && !ratio_brokers.is_empty();
     let _ = write!(out, "| Scenario | Unit |");
     for broker in &brokers {
@@ -216,6 +217,37 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
     );
     if flagged {
         let _ = writeln!(out, "⚠ = loss, duplication, reordering, invalid payloads or errors; see below.");
+    }
+
+    // Plugin cost: each plugin variant as a share of plain Tollgate, same run, same scenario.
+    let variants: Vec<BrokerKind> = brokers.iter().copied().filter(|b| b.is_plugin_variant()).collect();
+    if brokers.contains(&BrokerKind::Tollgate) && !variants.is_empty() {
+        let _ = writeln!(out, "\n## Plugin cost\n");
+        let _ = write!(out, "| Scenario | Unit |");
+        for variant in &variants {
+            let _ = write!(out, " {} / Tollgate |", variant.title());
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "|{}", "---|".repeat(2 + variants.len()));
+        for row in rows(entries) {
+            let plain = find(entries, BrokerKind::Tollgate, row.scenario).and_then(|e| (row.pick)(&e.outcome));
+            let _ = write!(out, "| {} | {} |", row.label, row.unit);
+            for variant in &variants {
+                let with = find(entries, *variant, row.scenario).and_then(|e| (row.pick)(&e.outcome));
+                let cell = match (with, plain) {
+                    (Some(a), Some(b)) if b > 0.0 => format!("{:.0}%", 100.0 * a / b),
+                    _ => "–".to_string(),
+                };
+                let _ = write!(out, " {cell} |");
+            }
+            let _ = writeln!(out);
+        }
+        let _ = writeln!(
+            out,
+            "\nA share of 100% means the plugin costs nothing measurable; on rows where lower is better, above 100% \
+             is the plugin's cost. The WASM transform computes HMAC-SHA256 of every payload through the host and adds \
+             it as a user property; the Lua ACL decides every publish (no decision cache), and once per connection and topic with `cache_decisions = true` (cached)."
+        );
     }
 
     // Details.

@@ -799,7 +799,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         if !hooks.transformers.is_empty() {
             let mut draft = to_hook_message(&message, publish.properties.message_expiry_interval);
             match hooks.transform_inbound(&self.client, &mut draft).await {
-                TransformOutcome::Deliver => apply_hook_message(&mut message, draft, now),
+                TransformOutcome::Deliver => {
+                    apply_hook_message(&mut message, draft, now);
+                    // A transform may lower the QoS, never raise it past what the ACL granted.
+                    message.qos = message.qos.min(max_qos);
+                }
                 TransformOutcome::Drop { hook, reason } => {
                     debug!(client_id = %self.client.client_id, %hook, %reason, "message dropped by transform");
                     self.ack_publish(qos, packet_id, ReasonCode::SUCCESS);

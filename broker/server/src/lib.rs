@@ -127,7 +127,11 @@ impl Server {
         ));
         let mut addresses = Vec::new();
         let mut tls_listeners = Vec::new();
-        let auth_mode = if config.auth.password_file.is_some() {
+        let plugin_auth =
+            plugins.iter().any(|plugin| plugin.hooks.contains(&tollgate_plugin_host::HookKind::Authenticate));
+        let auth_mode = if plugin_auth {
+            "plugins, then built-ins"
+        } else if config.auth.password_file.is_some() {
             "password_file"
         } else if config.allow_anonymous() {
             "anonymous"

@@ -485,7 +485,7 @@ async fn wait_for_signals(signals: Signals, server: &Server, config_path: Option
                     Ok(mut fresh) => {
                         fresh.listeners = running.listeners.clone();
                         if let Err(error) = server.reload(&fresh).await {
-                            error!(error = format!("{error:#}"), "reload failed; keeping the previous policy");
+                            error!(error = format!("{error:#}"), "reload incomplete: what failed keeps its previous version");
                         }
                     }
                     Err(problems) => {

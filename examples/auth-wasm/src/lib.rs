@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Unknown users and wrong keys are refused with "bad user name or password"; clients without a user name are
-//! left to the rest of the chain (`anonymous = false` turns them away), and every key is checked in constant time.
+//! left to the rest of the chain (`[auth] allow_anonymous = false` turns them away), and every key is checked in constant time.
 
 use std::collections::BTreeMap;
 

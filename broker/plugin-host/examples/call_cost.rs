@@ -1,0 +1,55 @@
+//! Per-call cost of the plugin adapters, without a broker: `cargo run --release -p tollgate-plugin-host --example
+//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform] [calls]`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tollgate_hooks::{Action, Authorizer, ClientInfo, Message, ProtocolVersion, QoS, Transformer};
+use tollgate_plugin_host::{LoadedPlugin, PluginKind, PluginSpec};
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let path = args.get(1).expect("plugin path");
+    let hook = args.get(2).map_or("authorize", String::as_str);
+    let calls: u32 = args.get(3).and_then(|n| n.parse().ok()).unwrap_or(200_000);
+    let kind = if path.ends_with(".wasm") { PluginKind::Wasm } else { PluginKind::Lua };
+    let mut spec = PluginSpec::new("bench", kind, path);
+    spec.secrets.insert("k1".into(), vec![7; 16]);
+    let plugin = LoadedPlugin::load(spec, None).await.expect("load");
+    let adapter = plugin.hook();
+    let client = ClientInfo {
+        client_id: "client-1".into(),
+        username: Some("user".into()),
+        protocol: ProtocolVersion::V311,
+        remote_addr: None,
+        listener: "tcp".into(),
+        peer: None,
+        attributes: Arc::new(BTreeMap::new()),
+    };
+    let message = Message { topic: "bench/pair/1".into(), payload: Bytes::from(vec![b'x'; 64]), ..Default::default() };
+    for round in 0..3 {
+        let started = Instant::now();
+        for _ in 0..calls {
+            match hook {
+                "transform" => {
+                    let mut copy = message.clone();
+                    adapter.transform_inbound(&client, &mut copy).await.expect("transform");
+                }
+                _ => {
+                    adapter
+                        .authorize(
+                            &client,
+                            &Action::Publish { topic: "bench/pair/1", qos: QoS::AtLeastOnce, retain: false },
+                        )
+                        .await
+                        .expect("authorize");
+                }
+            }
+        }
+        let per_call = started.elapsed().as_nanos() as f64 / f64::from(calls);
+        println!("round {round}: {per_call:.0} ns per {hook} call");
+    }
+}
