@@ -337,3 +337,37 @@ async fn the_auth_wasm_example_checks_api_keys() {
     assert_eq!(v4::refused_code(stranger).await, rumqttc::ConnectReturnCode::BadUserNamePassword);
     assert!(broker.stop().await);
 }
+
+/// Plugin calls, failures and the plugin's own counters appear under `$SYS/broker/plugins/<name>/`.
+#[tokio::test]
+async fn plugin_metrics_are_published_in_sys() {
+    let mut entry = plugin_entry("api-keys", Kind::Wasm, wasm_build::wasm_plugin("auth-wasm"));
+    entry.config = serde_json::json!({ "keys": { "sensor-1": SENSOR_KEY_SHA256 } }).as_object().unwrap().clone();
+    let broker = TestBroker::builder()
+        .configure(|config| {
+            config.plugins = vec![entry];
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+            config.sys.interval = 1;
+        })
+        .start()
+        .await;
+    let mut wrong = options(&broker, "s2");
+    wrong.set_credentials("sensor-1", "654321");
+    assert_eq!(v5::refused_code(wrong).await, ConnectReturnCode::BadUserNamePassword);
+    let mut watcher = connect_to(&broker, "watcher").await;
+    watcher.subscribe_ok("$SYS/broker/plugins/api-keys/#", QoS::AtMostOnce).await;
+    let mut seen = std::collections::BTreeMap::new();
+    within("plugin metrics in $SYS", async {
+        while !(seen.contains_key("calls") && seen.contains_key("counters/refused")) {
+            let publish = watcher.next_publish().await;
+            let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/api-keys/").to_owned();
+            seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
+        }
+    })
+    .await;
+    // Retained values from the last tick: at least the refused CONNECT was counted.
+    assert!(seen["calls"].parse::<u64>().unwrap() >= 1, "{seen:?}");
+    assert_eq!(seen["failures"], "0", "{seen:?}");
+    assert_eq!(seen["counters/refused"], "1", "{seen:?}");
+    assert!(broker.stop().await);
+}

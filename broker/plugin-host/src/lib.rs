@@ -291,6 +291,14 @@ impl PluginHost {
         Self { cache_dir, loaded: Mutex::new(HashMap::new()) }
     }
 
+    /// The plugins in use since the last successful load, by name.
+    pub fn plugins(&self) -> Vec<Arc<LoadedPlugin>> {
+        let loaded = self.loaded.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut plugins: Vec<_> = loaded.values().map(|(_, plugin)| plugin.clone()).collect();
+        plugins.sort_by(|a, b| a.name().cmp(b.name()));
+        plugins
+    }
+
     /// Loads what changed. A plugin that fails keeps its previous version when it had one; a plugin that fails
     /// without one fails the whole call, so a reload never silently drops a policy.
     pub async fn load(&self, specs: &[PluginSpec]) -> Result<LoadReport, Vec<LoadError>> {

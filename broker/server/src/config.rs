@@ -96,8 +96,10 @@ impl PluginConfig {
         use tollgate_plugin_host::{HookKind, PluginKind, PluginSpec};
         let key = |name: &str| format!("plugins[{index}].{name}");
         let mut problems = Vec::new();
-        if self.name.trim().is_empty() {
-            problems.push(problem(key("name"), "must not be empty"));
+        // The name becomes a `$SYS` topic level and a log field.
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            problems.push(problem(key("name"), "must be non-empty letters, digits, '-', '_' or '.'"));
         }
         let kind = match self.kind.parse::<PluginKind>() {
             Ok(kind) => kind,

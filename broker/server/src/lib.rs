@@ -19,6 +19,7 @@ use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, CertificateIdentityA
 use tollgate_core::Broker;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
 use tollgate_plugin_host::{LoadedPlugin, PluginHost};
+use tollgate_protocol::QoS;
 use tollgate_transport::{ConnectionLimits, ListenerSpec, ReloadableTls, Transport};
 use tracing::{error, info};
 
@@ -34,7 +35,7 @@ pub struct Server {
     /// TLS listeners' certificates, re-read on reload.
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
     /// Loaded plugins, kept across reloads so unchanged ones keep their instances and state.
-    plugins: PluginHost,
+    plugins: Arc<PluginHost>,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -111,7 +112,7 @@ pub fn build_hooks(config: &Config, generation: u64, plugins: &[Arc<LoadedPlugin
 impl Server {
     /// Binds every listener and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
-        let plugin_host = PluginHost::new(config.plugin_cache_dir());
+        let plugin_host = Arc::new(PluginHost::new(config.plugin_cache_dir()));
         let plugins = load_plugins(&plugin_host, config).await?;
         for plugin in &plugins {
             let hooks: Vec<&str> = plugin.hooks.iter().map(|hook| hook.as_str()).collect();
@@ -212,6 +213,7 @@ impl Server {
             }
         }
         broker.spawn(tollgate_core::sys::run(broker.clone()));
+        broker.spawn(publish_plugin_metrics(broker.clone(), plugin_host.clone()));
         Ok(Server {
             broker,
             addresses,
@@ -276,6 +278,41 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop_workers.cancel();
+    }
+}
+
+/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts and its own counters, on the `$SYS`
+/// interval.
+async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
+    let interval = broker.config().sys_interval;
+    if interval.is_zero() {
+        return;
+    }
+    let shutdown = broker.shutdown_token();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        for plugin in plugins.plugins() {
+            let prefix = format!("$SYS/broker/plugins/{}", plugin.name());
+            let shared = plugin.shared();
+            for (metric, value) in shared.metrics.snapshot() {
+                broker.publish_local(&format!("{prefix}/{metric}"), value.to_string(), QoS::AtMostOnce, true);
+            }
+            for (counter, value) in shared.counters() {
+                if tollgate_protocol::topic::validate_topic_name(&counter).is_ok() {
+                    broker.publish_local(
+                        &format!("{prefix}/counters/{counter}"),
+                        value.to_string(),
+                        QoS::AtMostOnce,
+                        true,
+                    );
+                }
+            }
+        }
     }
 }
 
