@@ -1,5 +1,5 @@
 //! Per-call cost of the plugin adapters, without a broker: `cargo run --release -p tollgate-plugin-host --example
-//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform] [calls]`.
+//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform] [calls] [pause µs between calls]`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,9 +30,14 @@ async fn main() {
         attributes: Arc::new(BTreeMap::new()),
     };
     let message = Message { topic: "bench/pair/1".into(), payload: Bytes::from(vec![b'x'; 64]), ..Default::default() };
+    let pause: u64 = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(0);
     for round in 0..3 {
-        let started = Instant::now();
+        let mut busy = std::time::Duration::ZERO;
         for _ in 0..calls {
+            if pause > 0 {
+                tokio::time::sleep(std::time::Duration::from_micros(pause)).await;
+            }
+            let started = Instant::now();
             match hook {
                 "transform" => {
                     let mut copy = message.clone();
@@ -48,8 +53,9 @@ async fn main() {
                         .expect("authorize");
                 }
             }
+            busy += started.elapsed();
         }
-        let per_call = started.elapsed().as_nanos() as f64 / f64::from(calls);
+        let per_call = busy.as_nanos() as f64 / f64::from(calls);
         println!("round {round}: {per_call:.0} ns per {hook} call");
     }
 }

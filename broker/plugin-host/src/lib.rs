@@ -256,6 +256,8 @@ impl BridgeRouter for PluginHook {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
     spec: String,
+    /// Secrets are not in the spec's `Debug` output; a changed secret must still count as a change.
+    secrets: Vec<u8>,
     modified: Option<SystemTime>,
     length: Option<u64>,
 }
@@ -263,8 +265,16 @@ struct Fingerprint {
 impl Fingerprint {
     fn of(spec: &PluginSpec) -> Self {
         let metadata = std::fs::metadata(&spec.path).ok();
+        let mut secrets = Vec::new();
+        for (id, secret) in &spec.secrets {
+            secrets.extend_from_slice(id.as_bytes());
+            secrets.push(0);
+            secrets.extend_from_slice(secret);
+            secrets.push(0);
+        }
         Fingerprint {
             spec: format!("{spec:?}"),
+            secrets: PluginShared::sha256(&secrets),
             modified: metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
             length: metadata.map(|metadata| metadata.len()),
         }

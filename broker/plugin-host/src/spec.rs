@@ -101,8 +101,8 @@ impl Default for Limits {
     }
 }
 
-/// One `[[plugins]]` entry.
-#[derive(Clone, Debug)]
+/// One `[[plugins]]` entry. Its `Debug` output names the secrets' key ids, never their bytes.
+#[derive(Clone)]
 pub struct PluginSpec {
     pub name: String,
     pub kind: PluginKind,
@@ -117,6 +117,22 @@ pub struct PluginSpec {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// Whether the broker may cache this plugin's ACL decisions per connection (until the next reload).
     pub cache_decisions: bool,
+}
+
+impl fmt::Debug for PluginSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PluginSpec")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("path", &self.path)
+            .field("hooks", &self.hooks)
+            .field("limits", &self.limits)
+            .field("on_failure", &self.on_failure)
+            .field("config", &self.config)
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .field("cache_decisions", &self.cache_decisions)
+            .finish()
+    }
 }
 
 impl PluginSpec {
@@ -224,6 +240,14 @@ mod tests {
         std::fs::write(&path, b"s3cret\n").expect("write");
         assert_eq!(resolve_secret(&format!("file:{}", path.display())), Ok(b"s3cret".to_vec()));
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn debug_output_hides_secret_bytes() {
+        let mut spec = PluginSpec::new("p", PluginKind::Wasm, "p.wasm");
+        spec.secrets.insert("k1".into(), b"hunter2".to_vec());
+        let shown = format!("{spec:?}");
+        assert!(shown.contains("k1") && !shown.contains("104, 117") && !shown.contains("hunter2"), "{shown}");
     }
 
     #[test]
