@@ -47,6 +47,36 @@ pub use bindings::tollgate::plugin::types::{
     PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty,
 };
 
+impl Message {
+    /// A QoS 0 message without properties, for tests.
+    pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {
+        Message {
+            topic: topic.into(),
+            payload: payload.into(),
+            qos: Qos::AtMostOnce,
+            retain: false,
+            user_properties: Vec::new(),
+            content_type: None,
+            payload_is_utf8: false,
+            response_topic: None,
+            correlation_data: None,
+            message_expiry_secs: None,
+        }
+    }
+}
+
+impl Client {
+    /// An MQTT 5 client on listener `tcp`, for tests.
+    pub fn new(client_id: impl Into<String>, username: Option<&str>) -> Self {
+        Client {
+            client_id: client_id.into(),
+            username: username.map(str::to_owned),
+            protocol: ProtocolVersion::V5,
+            listener: "tcp".into(),
+        }
+    }
+}
+
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{

@@ -345,88 +345,49 @@ async fn environment_overrides_the_configuration() {
     assert!(child.wait(Duration::from_secs(10)).await.success());
 }
 
+/// Runs `check-config` on `config`, which must be refused, and asserts each expected fragment is reported.
+async fn assert_refused_with(config: &Path, expected: &[&str]) {
+    let output = run(tollgate().arg("check-config").arg(config), LIMIT).await;
+    assert!(!output.status.success(), "a bad file is refused: {}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let missing: Vec<&&str> = expected.iter().filter(|key| !stderr.contains(*key)).collect();
+    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+}
+
 #[tokio::test]
 async fn check_config_names_each_bad_plugin_key_and_load_error() {
     let dir = tempfile::tempdir().unwrap();
     let script = write(dir.path(), "policy.lua", "function authorize_publish(c, r) return nil end\n");
     let refusing =
         write(dir.path(), "refuses.lua", "function init(config) error('needs a tenant') end\nfunction route() end\n");
-    let config = write(
-        dir.path(),
-        "plugins.toml",
-        &format!(
-            r#"
-[[plugins]]
-name = "a"
-kind = "python"
-path = "{dir}/missing.py"
-hooks = ["authorize", "teleport"]
-on_failure = {{ authorize = "shrug" }}
-colour = "blue"
-secrets = {{ k1 = "plain-text" }}
-
-[plugins.limits]
-cpu_ms = 0
-memory_gb = 1
-
-[[plugins]]
-name = "a"
-kind = "lua"
-path = "{script}"
-"#,
+    let plugins = |first_entry_extra: &str| {
+        format!(
+            "[[plugins]]\nname = \"a\"\nkind = \"python\"\npath = \"{dir}/missing.py\"\nhooks = [\"authorize\", \"teleport\"]\n\
+             on_failure = {{ authorize = \"shrug\" }}\nsecrets = {{ k1 = \"plain-text\" }}\n{first_entry_extra}\n\
+             [[plugins]]\nname = \"a\"\nkind = \"lua\"\npath = \"{script}\"\n",
             dir = dir.path().display(),
             script = script.display()
-        ),
-    );
-    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
-    assert!(!output.status.success(), "a bad file is refused: {}", describe(&output));
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let missing: Vec<&str> = ["plugins[0].colour: unknown key", "plugins[0].limits.memory_gb: unknown key"]
-        .into_iter()
-        .filter(|key| !stderr.contains(key))
-        .collect();
-    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
-
-    // The same file without the unknown keys: every remaining problem, each with its key.
-    let config = write(
-        dir.path(),
-        "plugins2.toml",
-        &format!(
-            r#"
-[[plugins]]
-name = "a"
-kind = "python"
-path = "{dir}/missing.py"
-hooks = ["authorize", "teleport"]
-on_failure = {{ authorize = "shrug" }}
-secrets = {{ k1 = "plain-text" }}
-limits = {{ cpu_ms = 0 }}
-
-[[plugins]]
-name = "a"
-kind = "lua"
-path = "{script}"
-"#,
-            dir = dir.path().display(),
-            script = script.display()
-        ),
-    );
-    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    let missing: Vec<&str> = [
-        "plugins[0].kind: unknown plugin kind \"python\"",
-        "plugins[0].path: cannot read",
-        "plugins[0].hooks: unknown hook \"teleport\"",
-        "plugins[0].on_failure.authorize",
-        "plugins[0].secrets.k1",
-        "plugins[0].limits.cpu_ms",
-        "plugins[1].name: \"a\" is used twice",
-    ]
-    .into_iter()
-    .filter(|key| !stderr.contains(key))
-    .collect();
-    assert!(missing.is_empty(), "problems not reported: {missing:?}\n{}", describe(&output));
+        )
+    };
+    // Unknown keys, at the top of an entry and inside its limits, are named first.
+    let config =
+        write(dir.path(), "plugins.toml", &plugins("colour = \"blue\"\nlimits = { cpu_ms = 0, memory_gb = 1 }"));
+    assert_refused_with(&config, &["plugins[0].colour: unknown key", "plugins[0].limits.memory_gb: unknown key"]).await;
+    // Without them, every remaining problem, each with its key.
+    let config = write(dir.path(), "plugins2.toml", &plugins("limits = { cpu_ms = 0 }"));
+    assert_refused_with(
+        &config,
+        &[
+            "plugins[0].kind: unknown plugin kind \"python\"",
+            "plugins[0].path: cannot read",
+            "plugins[0].hooks: unknown hook \"teleport\"",
+            "plugins[0].on_failure.authorize",
+            "plugins[0].secrets.k1",
+            "plugins[0].limits.cpu_ms",
+            "plugins[1].name: \"a\" is used twice",
+        ],
+    )
+    .await;
 
     // A well-formed entry whose plugin refuses to start: named, with the plugin's own reason.
     let config = write(
@@ -434,13 +395,7 @@ path = "{script}"
         "refusing.toml",
         &format!("[[plugins]]\nname = \"tenants\"\nkind = \"lua\"\npath = \"{}\"\n", refusing.display()),
     );
-    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("plugins[0]") && stderr.contains("\"tenants\"") && stderr.contains("needs a tenant"),
-        "{stderr}"
-    );
+    assert_refused_with(&config, &["plugins[0]", "plugin \"tenants\"", "needs a tenant"]).await;
     // `run` refuses to start with it, saying the same.
     let output = run(tollgate().args(["run", "--config"]).arg(&config), LIMIT).await;
     assert!(!output.status.success(), "run started with a plugin that does not load: {}", describe(&output));

@@ -9,6 +9,16 @@ use crate::metrics::Metrics;
 
 /// Publishes the `$SYS` tree until shutdown. Does nothing if the interval is zero.
 pub async fn run(broker: Broker) {
+    if broker.config().sys_interval.is_zero() {
+        return;
+    }
+    publish_static(&broker);
+    every_interval(&broker, publish_stats).await;
+}
+
+/// Calls `tick` every `$SYS` interval (the first time at once) until shutdown, for anything else that publishes
+/// under `$SYS`; returns at once if the interval is zero.
+pub async fn every_interval(broker: &Broker, mut tick: impl FnMut(&Broker)) {
     let interval = broker.config().sys_interval;
     if interval.is_zero() {
         return;
@@ -16,10 +26,9 @@ pub async fn run(broker: Broker) {
     let shutdown = broker.shutdown_token();
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    publish_static(&broker);
     loop {
         tokio::select! {
-            _ = ticker.tick() => publish_stats(&broker),
+            _ = ticker.tick() => tick(broker),
             _ = shutdown.cancelled() => return,
         }
     }

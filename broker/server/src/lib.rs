@@ -284,18 +284,7 @@ impl Drop for Server {
 /// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts and its own counters, on the `$SYS`
 /// interval.
 async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
-    let interval = broker.config().sys_interval;
-    if interval.is_zero() {
-        return;
-    }
-    let shutdown = broker.shutdown_token();
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = ticker.tick() => {}
-            _ = shutdown.cancelled() => return,
-        }
+    tollgate_core::sys::every_interval(&broker, |broker| {
         for plugin in plugins.plugins() {
             let prefix = format!("$SYS/broker/plugins/{}", plugin.name());
             let shared = plugin.shared();
@@ -304,16 +293,13 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
             }
             for (counter, value) in shared.counters() {
                 if tollgate_protocol::topic::validate_topic_name(&counter).is_ok() {
-                    broker.publish_local(
-                        &format!("{prefix}/counters/{counter}"),
-                        value.to_string(),
-                        QoS::AtMostOnce,
-                        true,
-                    );
+                    let topic = format!("{prefix}/counters/{counter}");
+                    broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
                 }
             }
         }
-    }
+    })
+    .await;
 }
 
 /// Starts one current-thread runtime per worker thread, each accepting and serving its own connections.

@@ -154,7 +154,7 @@ mod tests {
     use super::*;
 
     fn client() -> Client {
-        Client { client_id: "c".into(), username: None, protocol: ProtocolVersion::V5, listener: "tcp".into() }
+        Client::new("c", None)
     }
 
     #[test]
@@ -164,18 +164,7 @@ mod tests {
         assert!(matches!(decide("deny/x"), AclDecision::Deny(DenyReason::NotAuthorized)));
         assert!(matches!(decide("ok/x"), AclDecision::Ignore));
         tollgate_sdk::testing::set_secret("k1", b"secret");
-        let message = Message {
-            topic: "sign/a".into(),
-            payload: b"hello".to_vec(),
-            qos: Qos::AtMostOnce,
-            retain: false,
-            user_properties: vec![],
-            content_type: None,
-            payload_is_utf8: false,
-            response_topic: None,
-            correlation_data: None,
-            message_expiry_secs: None,
-        };
+        let message = Message::new("sign/a", b"hello".to_vec());
         match plugin.on_publish(&client(), message) {
             TransformResult::Modified(signed) => assert_eq!(signed.user_properties[0].value.len(), 64),
             _ => panic!("sign/ must be signed"),

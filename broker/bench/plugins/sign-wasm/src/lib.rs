@@ -42,20 +42,8 @@ mod tests {
     #[test]
     fn signs_with_the_host_key() {
         tollgate_sdk::testing::set_secret("k1", b"key");
-        let message = Message {
-            topic: "t".into(),
-            payload: b"The quick brown fox jumps over the lazy dog".to_vec(),
-            qos: Qos::AtMostOnce,
-            retain: false,
-            user_properties: vec![],
-            content_type: None,
-            payload_is_utf8: false,
-            response_topic: None,
-            correlation_data: None,
-            message_expiry_secs: None,
-        };
-        let client =
-            Client { client_id: "c".into(), username: None, protocol: ProtocolVersion::V311, listener: "l".into() };
+        let message = Message::new("t", b"The quick brown fox jumps over the lazy dog".to_vec());
+        let client = Client::new("c", None);
         let TransformResult::Modified(signed) = SignAll.on_publish(&client, message) else { panic!("not signed") };
         assert_eq!(signed.user_properties[0].value, "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8");
     }
