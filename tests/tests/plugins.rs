@@ -371,3 +371,37 @@ async fn plugin_metrics_are_published_in_sys() {
     assert_eq!(seen["counters/refused"], "1", "{seen:?}");
     assert!(broker.stop().await);
 }
+
+/// Eclipse Paho for Python against both runtimes: CONNECT refused (not authorized), a subscription
+/// capped at QoS 0, a denied publish acknowledged with 0x87 (3.1.1: plain acknowledgement, message dropped) and a
+/// payload transformed on the way.
+#[tokio::test]
+async fn paho_clients_meet_the_plugin_decisions() {
+    let Some(python) = external::require_paho() else { return };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join("paho_client.py");
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        // paho-mqtt reports 3.1.1's CONNACK return code 5 as reason 0x87 too (rumqttc sees the raw 5 above).
+        for (version, refused, denied) in [("5", 0x87, 0x87), ("311", 0x87, 0)] {
+            let output = run(
+                tokio::process::Command::new(&python).arg(&script).args([
+                    "plugin",
+                    "--port",
+                    &broker.port().to_string(),
+                    "--version",
+                    version,
+                ]),
+                Duration::from_secs(30),
+            )
+            .await;
+            assert!(output.status.success(), "{kind:?} {version}: {}", describe(&output));
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let result: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            assert_eq!(result["blocked_reason"], refused, "{kind:?} {version}: {result}");
+            assert_eq!(result["capped_granted"], serde_json::json!([0]), "{kind:?} {version}: {result}");
+            assert_eq!(result["deny_reason"], denied, "{kind:?} {version}: {result}");
+            assert_eq!((&result["topic"], &result["payload"]), (&"upper/paho".into(), &"SHOUT".into()), "{result}");
+        }
+        assert!(broker.stop().await);
+    }
+}
