@@ -484,3 +484,70 @@ async fn a_tls_socket_that_never_says_hello_is_closed_at_the_connect_deadline() 
     client.disconnect().await;
     assert!(broker.stop().await);
 }
+
+/// Writes `crl.pem`, signed by the development CA, revoking the certificates of `revoked` (file stems in `certs`).
+fn write_crl(certs: &Path, revoked: &[&str], number: u64) -> PathBuf {
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
+    let issuer =
+        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key).expect("ca");
+    let now = time::OffsetDateTime::now_utc();
+    let revoked_certs = revoked
+        .iter()
+        .map(|name| {
+            let der = CertificateDer::from_pem_file(certs.join(format!("{name}.pem"))).expect("certificate");
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der).expect("parse");
+            rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(parsed.tbs_certificate.raw_serial()),
+                revocation_time: now,
+                reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }
+        })
+        .collect();
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: now - time::Duration::minutes(1),
+        next_update: now + time::Duration::days(7),
+        crl_number: rcgen::SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .expect("crl");
+    let path = certs.join("crl.pem");
+    std::fs::write(&path, crl.pem().expect("pem")).expect("write");
+    path
+}
+
+/// A revoked client certificate does not get past TLS; a reload with a longer revocation list refuses the newly
+/// revoked car's next handshake while its established connection keeps working (reloads never cut connections).
+#[tokio::test]
+async fn revoked_certificates_are_refused_and_a_reload_spares_live_connections() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = make_certs(dir.path());
+    let crl = write_crl(&certs, &[OTHER_VIN], 1);
+    let broker = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            let mut listener = tls_listener("tls", &certs);
+            listener.require_client_cert = true;
+            listener.crl = vec![crl.clone()];
+            config.listeners = vec![listener];
+        })
+        .start()
+        .await;
+    let addr = broker.server.addresses[0];
+    let (mut car, _) = v5::connect(tls_options(addr, "car-a", &certs, Some(VIN))).await;
+    let refused = v5::try_connect(tls_options(addr, "car-b", &certs, Some(OTHER_VIN))).await;
+    assert!(refused.is_err(), "a revoked certificate was accepted");
+
+    write_crl(&certs, &[OTHER_VIN, VIN], 2);
+    broker.server.reload(&broker.config).await.expect("reload");
+    let again = v5::try_connect(tls_options(addr, "car-a-again", &certs, Some(VIN))).await;
+    assert!(again.is_err(), "a certificate revoked by the reloaded list was accepted");
+    // The connection made before the reload is untouched.
+    car.subscribe_ok(&format!("vehicle/{VIN}/#"), QoS::AtLeastOnce).await;
+    car.publish(&format!("vehicle/{VIN}/status"), QoS::AtLeastOnce, false, b"still here").await;
+    assert_eq!(&car.next_publish().await.payload[..], b"still here");
+    car.disconnect().await;
+    assert!(broker.stop().await);
+}
