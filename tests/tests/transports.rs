@@ -487,9 +487,10 @@ async fn a_tls_socket_that_never_says_hello_is_closed_at_the_connect_deadline() 
 
 /// Writes `crl.pem`, signed by the development CA, revoking the certificates of `revoked` (file stems in `certs`).
 fn write_crl(certs: &Path, revoked: &[&str], number: u64) -> PathBuf {
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
-    let issuer =
-        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key).expect("ca");
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key)
+        .expect("ca");
     let now = time::OffsetDateTime::now_utc();
     let revoked_certs = revoked
         .iter()
@@ -549,5 +550,36 @@ async fn revoked_certificates_are_refused_and_a_reload_spares_live_connections()
     car.publish(&format!("vehicle/{VIN}/status"), QoS::AtLeastOnce, false, b"still here").await;
     assert_eq!(&car.next_publish().await.payload[..], b"still here");
     car.disconnect().await;
+    assert!(broker.stop().await);
+}
+
+/// An Ed25519 server key (PKCS#8 PEM, as rcgen and OpenSSL write it) serves TLS like an ECDSA one.
+#[tokio::test]
+async fn an_ed25519_server_key_serves_tls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = make_certs(dir.path());
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key)
+        .expect("ca");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
+    let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
+    let certificate = params.signed_by(&key, &issuer).expect("signed");
+    std::fs::write(certs.join("ed25519.pem"), certificate.pem()).expect("write");
+    std::fs::write(certs.join("ed25519.key"), key.serialize_pem()).expect("write");
+    let broker = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            let mut listener = tls_listener("tls", &certs);
+            listener.cert = Some(certs.join("ed25519.pem"));
+            listener.key = Some(certs.join("ed25519.key"));
+            config.listeners = vec![listener];
+        })
+        .start()
+        .await;
+    let (mut client, _) = v5::connect(tls_options(broker.server.addresses[0], "ed", &certs, None)).await;
+    client.subscribe_ok("ed/#", QoS::AtLeastOnce).await;
+    client.publish("ed/t", QoS::AtLeastOnce, false, b"signed with ed25519").await;
+    assert_eq!(&client.next_publish().await.payload[..], b"signed with ed25519");
+    client.disconnect().await;
     assert!(broker.stop().await);
 }
