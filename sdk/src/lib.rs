@@ -39,6 +39,8 @@ pub mod bindings {
         pub_export_macro: true,
         export_macro_name: "__export_bindings",
         default_bindings_module: "tollgate_sdk::bindings",
+        // Decisions compare in plugin tests: `assert_eq!(plugin.on_connect(&info), ConnectDecision::Ignore)`.
+        additional_derives: [PartialEq],
     });
 }
 
@@ -80,8 +82,9 @@ impl Client {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, Plugin, ProtocolVersion,
-        PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty, crypto, export_plugin, host,
+        AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, Plugin,
+        ProtocolVersion, PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty, crypto,
+        export_plugin, host,
     };
 }
 

@@ -9,6 +9,7 @@
 
 pub mod external;
 pub mod raw;
+pub mod tls;
 pub mod v4;
 pub mod v5;
 

@@ -3,19 +3,18 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
-use rumqttc::{TlsConfiguration, Transport};
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::Command;
 use tollgate::config::{Config, ListenerConfig};
 use tollgate_integration_tests::external::{self, clean_env, describe, run, tollgate_bin};
+use tollgate_integration_tests::tls::tls_options;
 use tollgate_integration_tests::{TestBroker, raw, v5, within};
 use tollgate_protocol::{ProtocolVersion, ReasonCode};
 
@@ -50,38 +49,6 @@ fn plain_listener(protocol: &str) -> ListenerConfig {
     let mut listener = ListenerConfig::tcp("127.0.0.1:0");
     listener.protocol = protocol.into();
     listener
-}
-
-fn client_config(certs: &Path, client: Option<&str>) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in CertificateDer::pem_file_iter(certs.join("ca.pem")).expect("ca") {
-        roots.add(certificate.expect("ca certificate")).expect("root");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let config = match client {
-        Some(name) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_file_iter(certs.join(format!("{name}.pem")))
-                    .expect("client chain")
-                    .collect::<Result<Vec<_>, _>>()
-                    .expect("client chain"),
-                PrivateKeyDer::from_pem_file(certs.join(format!("{name}.key"))).expect("client key"),
-            )
-            .expect("client auth"),
-        None => builder.with_no_client_auth(),
-    };
-    Arc::new(config)
-}
-
-fn tls_options(addr: SocketAddr, client_id: &str, certs: &Path, client: Option<&str>) -> rumqttc::v5::MqttOptions {
-    // The server certificate names `localhost`; connect to the loopback address under that name.
-    let mut options = rumqttc::v5::MqttOptions::new(client_id, "localhost", addr.port());
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(client_config(certs, client))));
-    options
 }
 
 const PAHO_WS_PUBLISH: &str = r#"

@@ -461,6 +461,7 @@ fn deny_reason(name: &str) -> Result<ReasonCode, String> {
         "quota_exceeded" => ReasonCode::QUOTA_EXCEEDED,
         "payload_format_invalid" => ReasonCode::PAYLOAD_FORMAT_INVALID,
         "topic_name_invalid" => ReasonCode::TOPIC_NAME_INVALID,
+        "client_id_invalid" => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
         other => return Err(format!("unknown deny reason {other:?}")),
     })
 }

@@ -424,6 +424,7 @@ fn reason(deny: wit::DenyReason) -> ReasonCode {
         wit::DenyReason::QuotaExceeded => ReasonCode::QUOTA_EXCEEDED,
         wit::DenyReason::PayloadFormatInvalid => ReasonCode::PAYLOAD_FORMAT_INVALID,
         wit::DenyReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
+        wit::DenyReason::ClientIdentifierNotValid => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
     }
 }
 

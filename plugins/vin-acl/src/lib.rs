@@ -1,0 +1,549 @@
+//! `vin-acl`: a car reaches only its own VIN's topics. The identity comes from the car's verified client
+//! certificate (never from a user name), is validated as a VIN (syntax, regional check digit, model year), bound
+//! to the client id, and substituted as a literal into `${vin}` rule templates. Backends and tools get roles by
+//! certificate OU or user name. See README.md for the configuration and what is not done yet.
+
+pub mod rules;
+pub mod vin;
+
+use tollgate_sdk::prelude::*;
+
+use crate::rules::{Operation, Template};
+use crate::vin::{CheckDigitMode, VinPolicy};
+
+/// Where the identity is read from, first match wins.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Source {
+    /// A SAN URI with this prefix; the rest is the VIN (`urn:vin:`).
+    SanUri(String),
+    SubjectSerialNumber,
+    CommonName,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClientIdPolicy {
+    /// The client id is the VIN.
+    Equal,
+    /// The client id is `<VIN>-<suffix>` with a suffix of 1–16 `[A-Za-z0-9_-]`.
+    Prefix,
+    Any,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Principal {
+    Vehicle,
+    Role(String),
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    id: String,
+    who: Principal,
+    publish: bool,
+    subscribe: bool,
+    topics: Vec<Template>,
+    max_qos: Option<Qos>,
+}
+
+#[derive(Clone, Debug)]
+enum RoleMatch {
+    CertificateOu(String),
+    Username(String),
+}
+
+#[derive(Clone, Debug)]
+struct Role {
+    name: String,
+    matcher: RoleMatch,
+}
+
+pub struct VinAcl {
+    sources: Vec<Source>,
+    client_id_policy: ClientIdPolicy,
+    policy: VinPolicy,
+    rules: Vec<Rule>,
+    roles: Vec<Role>,
+}
+
+/// Attribute names this plugin attaches at CONNECT.
+const VIN_ATTRIBUTE: &str = "vin";
+const ROLE_ATTRIBUTE: &str = "vin-acl.role";
+
+/// The values of an indexed list in the flattened configuration: `key.0`, `key.1`, … in order.
+fn list<'a>(config: &'a Config, key: &str) -> Vec<&'a str> {
+    let mut items: Vec<(usize, &str)> =
+        config.table(key).filter_map(|(index, value)| Some((index.parse().ok()?, value))).collect();
+    items.sort();
+    items.into_iter().map(|(_, value)| value).collect()
+}
+
+/// The indices of a list of tables (`rules.0.id`, `rules.1.id`, …).
+fn table_indices(config: &Config, key: &str) -> Vec<usize> {
+    let mut indices: Vec<usize> =
+        config.table(key).filter_map(|(rest, _)| rest.split('.').next()?.parse().ok()).collect();
+    indices.sort();
+    indices.dedup();
+    indices
+}
+
+fn parse_qos(value: &str) -> Result<Qos, String> {
+    match value {
+        "0" => Ok(Qos::AtMostOnce),
+        "1" => Ok(Qos::AtLeastOnce),
+        "2" => Ok(Qos::ExactlyOnce),
+        other => Err(format!("max_qos {other:?} is not 0, 1 or 2")),
+    }
+}
+
+fn qos_level(qos: Qos) -> u8 {
+    match qos {
+        Qos::AtMostOnce => 0,
+        Qos::AtLeastOnce => 1,
+        Qos::ExactlyOnce => 2,
+    }
+}
+
+impl VinAcl {
+    fn parse_rules(config: &Config) -> Result<Vec<Rule>, String> {
+        let mut rules = Vec::new();
+        for index in table_indices(config, "rules") {
+            let key = |name: &str| format!("rules.{index}.{name}");
+            let id = config.get(&key("id")).unwrap_or("").to_owned();
+            let name = if id.is_empty() { format!("rules[{index}]") } else { id.clone() };
+            let who = match config.get(&key("who")).unwrap_or("vehicle") {
+                "vehicle" => Principal::Vehicle,
+                other => match other.strip_prefix("role:") {
+                    Some(role) if !role.is_empty() => Principal::Role(role.to_owned()),
+                    _ => return Err(format!("{name}: who {other:?} is not \"vehicle\" or \"role:<name>\"")),
+                },
+            };
+            let mut publish = false;
+            let mut subscribe = false;
+            for operation in list(config, &key("allow")) {
+                match operation {
+                    "publish" => publish = true,
+                    "subscribe" => subscribe = true,
+                    other => return Err(format!("{name}: allow {other:?} is not publish or subscribe")),
+                }
+            }
+            if !publish && !subscribe {
+                return Err(format!("{name}: allow lists nothing (publish, subscribe)"));
+            }
+            let topics = list(config, &key("topics"))
+                .into_iter()
+                .map(|topic| Template::parse(topic).map_err(|error| format!("{name}: {error}")))
+                .collect::<Result<Vec<_>, _>>()?;
+            if topics.is_empty() {
+                return Err(format!("{name}: no topics"));
+            }
+            if who == Principal::Vehicle && topics.iter().any(|topic| !topic.uses_vin()) {
+                return Err(format!("{name}: every vehicle topic must contain ${{vin}}, or cars would share it"));
+            }
+            let max_qos = config.get(&key("max_qos")).map(parse_qos).transpose().map_err(|e| format!("{name}: {e}"))?;
+            rules.push(Rule { id: name, who, publish, subscribe, topics, max_qos });
+        }
+        Ok(rules)
+    }
+
+    fn parse_roles(config: &Config) -> Result<Vec<Role>, String> {
+        let mut roles = Vec::new();
+        for index in table_indices(config, "roles") {
+            let name = config.require(&format!("roles.{index}.name"))?.to_owned();
+            let spec = config.require(&format!("roles.{index}.match"))?;
+            let matcher = if let Some(ou) = spec.strip_prefix("cert.ou=") {
+                RoleMatch::CertificateOu(ou.to_owned())
+            } else if let Some(user) = spec.strip_prefix("username=") {
+                RoleMatch::Username(user.to_owned())
+            } else {
+                return Err(format!("roles.{index}.match {spec:?}: expected cert.ou=<OU> or username=<name>"));
+            };
+            roles.push(Role { name, matcher });
+        }
+        Ok(roles)
+    }
+
+    /// The VIN claimed by the certificate, from the first source that has one.
+    fn identity(&self, peer: &PeerCertificate) -> Option<String> {
+        self.sources.iter().find_map(|source| match source {
+            Source::SanUri(prefix) => {
+                peer.san_uris.iter().find_map(|uri| uri.strip_prefix(prefix.as_str()).map(str::to_owned))
+            }
+            Source::SubjectSerialNumber => peer.subject_serial_number.clone(),
+            Source::CommonName => peer.common_name.clone(),
+        })
+    }
+
+    fn client_id_ok(&self, client_id: &str, vin: &str) -> bool {
+        match self.client_id_policy {
+            ClientIdPolicy::Any => true,
+            ClientIdPolicy::Equal => client_id == vin,
+            ClientIdPolicy::Prefix => {
+                client_id == vin
+                    || client_id.strip_prefix(vin).and_then(|rest| rest.strip_prefix('-')).is_some_and(|suffix| {
+                        (1..=16).contains(&suffix.len())
+                            && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                    })
+            }
+        }
+    }
+
+    /// Who the client is for authorization: its VIN (set at CONNECT) or a role.
+    fn principal(&self, client: &Client) -> Option<(Principal, Option<String>)> {
+        if let Some(vin) = host::client_attribute(VIN_ATTRIBUTE) {
+            return Some((Principal::Vehicle, Some(vin)));
+        }
+        if let Some(role) = host::client_attribute(ROLE_ATTRIBUTE) {
+            return Some((Principal::Role(role), None));
+        }
+        let username = client.username.as_deref()?;
+        self.roles.iter().find_map(|role| match &role.matcher {
+            RoleMatch::Username(name) if name == username => Some((Principal::Role(role.name.clone()), None)),
+            _ => None,
+        })
+    }
+
+    fn decide(&self, client: &Client, operation: Operation, topic: &str, qos: Qos) -> AclDecision {
+        let Some((principal, vin)) = self.principal(client) else {
+            host::counter_add("denied_no_identity", 1);
+            return AclDecision::Deny(DenyReason::NotAuthorized);
+        };
+        for rule in self.rules.iter().filter(|rule| rule.who == principal) {
+            let allowed = match operation {
+                Operation::Publish => rule.publish,
+                Operation::Subscribe => rule.subscribe,
+            };
+            if !allowed {
+                continue;
+            }
+            let hit = rule.topics.iter().any(|template| match operation {
+                Operation::Publish => template.matches_topic(topic, vin.as_deref()),
+                Operation::Subscribe => template.contains_filter(topic, vin.as_deref()),
+            });
+            if hit {
+                return match rule.max_qos {
+                    Some(max) if qos_level(qos) > qos_level(max) => AclDecision::AllowMaxQos(max),
+                    _ => AclDecision::Allow,
+                };
+            }
+        }
+        host::counter_add("denied", 1);
+        host::log(
+            host::LogLevel::Info,
+            &format!(
+                "{{\"event\":\"{}_denied\",\"client_id\":{:?},\"identity\":{:?},\"topic\":{:?}}}",
+                if operation == Operation::Publish { "publish" } else { "subscribe" },
+                client.client_id,
+                vin.unwrap_or_else(|| format!("{principal:?}")),
+                topic
+            ),
+        );
+        AclDecision::Deny(DenyReason::NotAuthorized)
+    }
+}
+
+impl Plugin for VinAcl {
+    const NAME: &'static str = "vin-acl";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize];
+
+    fn init(config: Config) -> Result<Self, String> {
+        let mut sources = Vec::new();
+        let configured = list(&config, "identity_sources");
+        let spelled = if configured.is_empty() {
+            vec!["cert.san-uri:urn:vin:", "cert.subject-serial-number", "cert.common-name"]
+        } else {
+            configured
+        };
+        for source in spelled {
+            sources.push(match source {
+                "cert.subject-serial-number" => Source::SubjectSerialNumber,
+                "cert.common-name" => Source::CommonName,
+                other => match other.strip_prefix("cert.san-uri:") {
+                    Some(prefix) if !prefix.is_empty() => Source::SanUri(prefix.to_owned()),
+                    _ => {
+                        return Err(format!(
+                            "identity_sources: {other:?} is not cert.san-uri:<prefix>, cert.subject-serial-number or cert.common-name"
+                        ));
+                    }
+                },
+            });
+        }
+        let client_id_policy = match config.get("client_id_policy").unwrap_or("equal") {
+            "equal" => ClientIdPolicy::Equal,
+            "prefix" => ClientIdPolicy::Prefix,
+            "any" => ClientIdPolicy::Any,
+            other => return Err(format!("client_id_policy {other:?}: expected equal, prefix or any")),
+        };
+        let mut policy = VinPolicy {
+            check_digit: CheckDigitMode::parse(config.get("check_digit").unwrap_or("regional"))?,
+            ..VinPolicy::default()
+        };
+        let wmi = list(&config, "check_digit_wmi");
+        if !wmi.is_empty() {
+            policy.check_digit_wmi = wmi.iter().filter_map(|text| text.chars().next()).collect();
+        }
+        match config.get("model_year_check").unwrap_or("warn") {
+            "strict" => policy.model_year_strict = true,
+            "warn" => {}
+            "off" => policy.model_year_check = false,
+            other => return Err(format!("model_year_check {other:?}: expected strict, warn or off")),
+        }
+        let rules = Self::parse_rules(&config)?;
+        if rules.is_empty() {
+            return Err("no rules: an empty rule set would deny every client everything".to_owned());
+        }
+        let roles = Self::parse_roles(&config)?;
+        for rule in &rules {
+            if let Principal::Role(name) = &rule.who
+                && !roles.iter().any(|role| &role.name == name)
+            {
+                return Err(format!("{}: role {name:?} is not defined under roles", rule.id));
+            }
+        }
+        Ok(VinAcl { sources, client_id_policy, policy, rules, roles })
+    }
+
+    fn on_connect(&self, info: &ConnectInfo) -> ConnectDecision {
+        let Some(peer) = &info.peer else {
+            // No certificate: not a car. A role by user name is decided by the authenticators after this one.
+            return ConnectDecision::Ignore;
+        };
+        for role in &self.roles {
+            if let RoleMatch::CertificateOu(ou) = &role.matcher
+                && peer.organizational_units.iter().any(|unit| unit == ou)
+            {
+                return ConnectDecision::Allow(vec![(ROLE_ATTRIBUTE.to_owned(), role.name.clone())]);
+            }
+        }
+        let Some(vin) = self.identity(peer) else {
+            host::counter_add("identity_missing", 1);
+            host::log(
+                host::LogLevel::Warn,
+                &format!(
+                    "{{\"event\":\"identity_invalid\",\"client_id\":{:?},\"reason\":\"no identity in the certificate\"}}",
+                    info.client_id
+                ),
+            );
+            return ConnectDecision::Deny(DenyReason::NotAuthorized);
+        };
+        match self.policy.validate(&vin) {
+            Err(error) => {
+                host::counter_add("identity_invalid", 1);
+                host::log(
+                    host::LogLevel::Warn,
+                    &format!(
+                        "{{\"event\":\"identity_invalid\",\"client_id\":{:?},\"identity\":{vin:?},\"reason\":{:?}}}",
+                        info.client_id,
+                        error.to_string()
+                    ),
+                );
+                return ConnectDecision::Deny(DenyReason::NotAuthorized);
+            }
+            Ok(warnings) => {
+                for warning in warnings.0 {
+                    host::log(
+                        host::LogLevel::Warn,
+                        &format!(
+                            "{{\"event\":\"identity_warning\",\"identity\":{vin:?},\"reason\":{:?}}}",
+                            warning.to_string()
+                        ),
+                    );
+                }
+            }
+        }
+        if !self.client_id_ok(&info.client_id, &vin) {
+            host::counter_add("clientid_mismatch", 1);
+            host::log(
+                host::LogLevel::Warn,
+                &format!("{{\"event\":\"clientid_mismatch\",\"client_id\":{:?},\"identity\":{vin:?}}}", info.client_id),
+            );
+            return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
+        }
+        host::counter_add("vehicles_connected", 1);
+        ConnectDecision::Allow(vec![(VIN_ATTRIBUTE.to_owned(), vin)])
+    }
+
+    fn authorize_publish(
+        &self,
+        client: &Client,
+        topic: &str,
+        qos: Qos,
+        _retain: bool,
+        _kind: PublishKind,
+    ) -> AclDecision {
+        self.decide(client, Operation::Publish, topic, qos)
+    }
+
+    fn authorize_subscribe(&self, client: &Client, filter: &str, qos: Qos, _share_group: Option<&str>) -> AclDecision {
+        self.decide(client, Operation::Subscribe, filter, qos)
+    }
+}
+
+export_plugin!(VinAcl);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VIN: &str = "1J9RP1A36A1644345";
+    const OTHER: &str = "1G1BN53E6NW128495";
+
+    fn config() -> Config {
+        [
+            ("rules.0.id", "vehicle-uplink"),
+            ("rules.0.allow.0", "publish"),
+            ("rules.0.topics.0", "vehicle/${vin}/status"),
+            ("rules.0.topics.1", "vehicle/updates/${vin}/progress"),
+            ("rules.0.max_qos", "1"),
+            ("rules.1.id", "vehicle-downlink"),
+            ("rules.1.allow.0", "subscribe"),
+            ("rules.1.topics.0", "vehicle/updates/${vin}"),
+            ("rules.2.id", "backend"),
+            ("rules.2.who", "role:backend"),
+            ("rules.2.allow.0", "publish"),
+            ("rules.2.allow.1", "subscribe"),
+            ("rules.2.topics.0", "vehicle/#"),
+            ("roles.0.name", "backend"),
+            ("roles.0.match", "username=ota-backend"),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    fn peer(cn: &str, uri: Option<&str>) -> PeerCertificate {
+        PeerCertificate {
+            subject: format!("CN={cn}"),
+            common_name: Some(cn.to_owned()),
+            subject_serial_number: None,
+            organizational_units: vec![],
+            san_uris: uri.map(|uri| vec![uri.to_owned()]).unwrap_or_default(),
+            san_dns: vec![],
+            serial: "01".into(),
+            fingerprint_sha256: "00".into(),
+        }
+    }
+
+    fn connect(client_id: &str, peer: Option<PeerCertificate>) -> ConnectInfo {
+        ConnectInfo {
+            client_id: client_id.into(),
+            username: None,
+            username_from_certificate: false,
+            password: None,
+            protocol: ProtocolVersion::V5,
+            remote_addr: None,
+            listener: "tls".into(),
+            peer,
+            auth_method: None,
+            auth_data: None,
+        }
+    }
+
+    #[test]
+    fn a_valid_certificate_binds_the_vin() {
+        let acl = VinAcl::init(config()).expect("init");
+        let decision = acl.on_connect(&connect(VIN, Some(peer("ignored", Some(&format!("urn:vin:{VIN}"))))));
+        assert_eq!(decision, ConnectDecision::Allow(vec![("vin".into(), VIN.into())]));
+        // CN is the fallback source.
+        assert!(matches!(acl.on_connect(&connect(VIN, Some(peer(VIN, None)))), ConnectDecision::Allow(_)));
+    }
+
+    #[test]
+    fn bad_identities_and_client_ids_are_refused() {
+        let acl = VinAcl::init(config()).expect("init");
+        for bad in ["1J9RP1A36A1644346", "1j9rp1a36a1644345", "1J9RP1A36A164434", "1J9RP1A36A164434+", "+", "#", "a/b"]
+        {
+            assert_eq!(
+                acl.on_connect(&connect(bad, Some(peer(bad, None)))),
+                ConnectDecision::Deny(DenyReason::NotAuthorized),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            acl.on_connect(&connect("someone-else", Some(peer(VIN, None)))),
+            ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid)
+        );
+        assert_eq!(acl.on_connect(&connect(VIN, None)), ConnectDecision::Ignore, "no certificate: not a car");
+    }
+
+    #[test]
+    fn a_car_reaches_only_its_own_topics() {
+        let acl = VinAcl::init(config()).expect("init");
+        tollgate_sdk::testing::set_attribute("vin", VIN);
+        let car = Client::new(VIN, None);
+        let publish = |topic: &str, qos| acl.authorize_publish(&car, topic, qos, false, PublishKind::Publish);
+        assert_eq!(publish(&format!("vehicle/{VIN}/status"), Qos::AtMostOnce), AclDecision::Allow);
+        assert_eq!(
+            publish(&format!("vehicle/{VIN}/status"), Qos::ExactlyOnce),
+            AclDecision::AllowMaxQos(Qos::AtLeastOnce)
+        );
+        assert_eq!(
+            publish(&format!("vehicle/{OTHER}/status"), Qos::AtMostOnce),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        let subscribe = |filter: &str| acl.authorize_subscribe(&car, filter, Qos::AtLeastOnce, None);
+        assert_eq!(subscribe(&format!("vehicle/updates/{VIN}")), AclDecision::Allow);
+        for filter in ["vehicle/updates/+", "vehicle/updates/#", "#", &format!("vehicle/updates/{OTHER}")] {
+            assert_eq!(subscribe(filter), AclDecision::Deny(DenyReason::NotAuthorized), "{filter}");
+        }
+    }
+
+    #[test]
+    fn a_backend_role_by_user_name_sees_the_fleet() {
+        let acl = VinAcl::init(config()).expect("init");
+        let backend = Client::new("backend-1", Some("ota-backend"));
+        assert_eq!(acl.authorize_subscribe(&backend, "vehicle/#", Qos::AtLeastOnce, None), AclDecision::Allow);
+        let stranger = Client::new("x", Some("someone"));
+        assert_eq!(
+            acl.authorize_subscribe(&stranger, "vehicle/#", Qos::AtLeastOnce, None),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+    }
+
+    #[test]
+    fn a_role_by_certificate_ou_is_attached_at_connect() {
+        let config: Config = [
+            ("rules.0.who", "role:diag"),
+            ("rules.0.allow.0", "subscribe"),
+            ("rules.0.topics.0", "vehicle/${vin}/state"),
+            ("roles.0.name", "diag"),
+            ("roles.0.match", "cert.ou=DealerDiag"),
+        ]
+        .into_iter()
+        .collect();
+        let acl = VinAcl::init(config).expect("init");
+        let mut tool = peer("dealer-tool-7", None);
+        tool.organizational_units = vec!["DealerDiag".into()];
+        assert_eq!(
+            acl.on_connect(&connect("tool-7", Some(tool))),
+            ConnectDecision::Allow(vec![("vin-acl.role".into(), "diag".into())])
+        );
+        tollgate_sdk::testing::set_attribute("vin-acl.role", "diag");
+        let client = Client::new("tool-7", None);
+        assert_eq!(acl.authorize_subscribe(&client, "vehicle/+/state", Qos::AtMostOnce, None), AclDecision::Allow);
+        assert_eq!(
+            acl.authorize_subscribe(&client, "vehicle/#", Qos::AtMostOnce, None),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+    }
+
+    #[test]
+    fn configuration_errors_are_named() {
+        let mut bad = config();
+        bad = bad
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .chain([
+                ("rules.3.allow.0".to_owned(), "publish".to_owned()),
+                ("rules.3.topics.0".to_owned(), "vehicle/shared".to_owned()),
+            ])
+            .collect();
+        assert!(VinAcl::init(bad).err().is_some_and(|error| error.contains("${vin}")));
+        let no_rules: Config = [("client_id_policy", "equal")].into_iter().collect();
+        assert!(VinAcl::init(no_rules).err().is_some_and(|error| error.contains("no rules")));
+        let unknown_role: Config =
+            [("rules.0.who", "role:ghost"), ("rules.0.allow.0", "publish"), ("rules.0.topics.0", "x/#")]
+                .into_iter()
+                .collect();
+        assert!(VinAcl::init(unknown_role).err().is_some_and(|error| error.contains("ghost")));
+    }
+}
