@@ -43,18 +43,19 @@ function on_connect(info)
   return nil
 end
 
-function authorize_publish(client, request)
+-- A topic (publish) or filter (subscribe) must lie inside the client's tenant.
+local function decide(client, topic)
   local tenant = tenant_of(client.username)
-  if tenant ~= nil and inside(request.topic, tenant) then
+  if tenant ~= nil and inside(topic, tenant) then
     return "allow"
   end
   return "deny"
 end
 
+function authorize_publish(client, request)
+  return decide(client, request.topic)
+end
+
 function authorize_subscribe(client, request)
-  local tenant = tenant_of(client.username)
-  if tenant ~= nil and inside(request.filter, tenant) then
-    return "allow"
-  end
-  return "deny"
+  return decide(client, request.filter)
 end

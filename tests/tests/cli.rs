@@ -479,3 +479,33 @@ async fn sighup_reloads_a_changed_plugin() {
     child.signal("TERM");
     assert!(child.wait(Duration::from_secs(10)).await.success());
 }
+
+/// Every example's recorded events replay cleanly against its plugin as its own broker.toml configures it, so the
+/// examples' READMEs keep working.
+#[tokio::test]
+async fn the_examples_replay_their_recorded_events() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    // The auth-wasm example's configuration points at the release build of its component.
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "auth-wasm"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building examples/auth-wasm failed");
+    for (example, plugin) in [("acl-lua", "tenants"), ("transform-lua", "transform"), ("auth-wasm", "api-keys")] {
+        let dir = root.join("examples").join(example);
+        let output = run(
+            tollgate()
+                .current_dir(&root)
+                .args(["plugin", "test", plugin, "--config"])
+                .arg(dir.join("broker.toml"))
+                .arg("--events")
+                .arg(dir.join("events.jsonl")),
+            LIMIT,
+        )
+        .await;
+        assert!(output.status.success(), "{example}: {}", describe(&output));
+        let decisions = String::from_utf8_lossy(&output.stdout).lines().count();
+        assert!(decisions >= 3, "{example}: only {decisions} decisions: {}", describe(&output));
+    }
+}
