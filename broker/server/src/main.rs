@@ -197,18 +197,8 @@ fn plugin_test_spec(
             continue;
         };
         // Dotted keys become nested tables, as in the configuration file.
-        let mut parts: Vec<&str> = key.split('.').collect();
-        let last = parts.pop().unwrap_or_default();
-        let mut table = &mut spec.config;
-        for part in parts {
-            let entry = table.entry(part.to_owned()).or_insert_with(|| serde_json::Value::Object(Default::default()));
-            if !entry.is_object() {
-                *entry = serde_json::Value::Object(Default::default());
-            }
-            let serde_json::Value::Object(inner) = entry else { unreachable!("just made an object") };
-            table = inner;
-        }
-        table.insert(last.to_owned(), serde_json::Value::String(value.to_owned()));
+        let parts: Vec<&str> = key.split('.').collect();
+        insert_dotted(&mut spec.config, &parts, value);
     }
     for secret in secrets {
         match secret.split_once('=') {
@@ -222,6 +212,26 @@ fn plugin_test_spec(
         }
     }
     if problems.is_empty() { Ok(spec) } else { Err(problems) }
+}
+
+/// `a.b.c = v` into nested tables; a scalar in the way is replaced by a table, as a later TOML key would.
+fn insert_dotted(table: &mut serde_json::Map<String, serde_json::Value>, parts: &[&str], value: &str) {
+    match parts {
+        [] => {}
+        [last] => {
+            table.insert((*last).to_owned(), serde_json::Value::String(value.to_owned()));
+        }
+        [first, rest @ ..] => {
+            let entry =
+                table.entry((*first).to_owned()).or_insert_with(|| serde_json::Value::Object(Default::default()));
+            if !entry.is_object() {
+                *entry = serde_json::Value::Object(Default::default());
+            }
+            if let serde_json::Value::Object(inner) = entry {
+                insert_dotted(inner, rest, value);
+            }
+        }
+    }
 }
 
 fn plugin_test(
