@@ -304,19 +304,19 @@ pub async fn replay(hook: &PluginHook, input: &str, out: &mut dyn std::io::Write
             continue;
         }
         let number = index + 1;
-        let result = match serde_json::from_str::<Event>(line) {
-            Ok(event) => {
-                let hook_name = serde_json::from_str::<Value>(line)
-                    .ok()
-                    .and_then(|value| value.get("hook").and_then(Value::as_str).map(str::to_owned));
-                run(hook, event).await.map(|mut decision| {
-                    if let Value::Object(map) = &mut decision {
-                        map.insert("line".into(), number.into());
-                        map.insert("hook".into(), hook_name.into());
-                    }
-                    decision
-                })
-            }
+        // Parsed once as JSON: the hook's name is echoed in the output, the rest becomes the event.
+        let parsed = serde_json::from_str::<Value>(line).and_then(|value| {
+            let hook_name = value.get("hook").and_then(Value::as_str).map(str::to_owned);
+            serde_json::from_value::<Event>(value).map(|event| (hook_name, event))
+        });
+        let result = match parsed {
+            Ok((hook_name, event)) => run(hook, event).await.map(|mut decision| {
+                if let Value::Object(map) = &mut decision {
+                    map.insert("line".into(), number.into());
+                    map.insert("hook".into(), hook_name.into());
+                }
+                decision
+            }),
             Err(error) => Err(error.to_string()),
         };
         let output = match result {

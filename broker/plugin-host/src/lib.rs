@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tollgate_hooks::{
     AclDecision, Action, AuthDecision, AuthStep, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest,
-    HookError, HookSlot, Message, RouteDecision, RouteDirection, TransformDecision, Transformer,
+    HookError, HookSlot, Message, QoS, RouteDecision, RouteDirection, TransformDecision, Transformer,
 };
 
 pub use shared::{Failure, PluginMetrics, PluginShared};
@@ -34,13 +34,42 @@ pub struct LoadError {
     pub reason: String,
 }
 
+/// What a plugin's authorization hook is asked. Delivery checks (`Action::Receive*`) never reach plugins: a
+/// plugin decides at SUBSCRIBE.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AclRequest<'a> {
+    /// A PUBLISH, or the will of a CONNECT.
+    Publish {
+        topic: &'a str,
+        qos: QoS,
+        retain: bool,
+        will: bool,
+    },
+    Subscribe {
+        filter: &'a str,
+        qos: QoS,
+        share_group: Option<&'a str>,
+    },
+}
+
+impl<'a> AclRequest<'a> {
+    fn from_action(action: &Action<'a>) -> Option<Self> {
+        match *action {
+            Action::Publish { topic, qos, retain } => Some(AclRequest::Publish { topic, qos, retain, will: false }),
+            Action::Will { topic, qos, retain } => Some(AclRequest::Publish { topic, qos, retain, will: true }),
+            Action::Subscribe { filter, qos, share_group } => Some(AclRequest::Subscribe { filter, qos, share_group }),
+            Action::Receive { .. } | Action::ReceiveRetained { .. } => None,
+        }
+    }
+}
+
 /// What both runtimes offer the adapters below.
 #[async_trait]
 pub(crate) trait Runtime: Send + Sync {
     fn shared(&self) -> &Arc<PluginShared>;
     fn provided_hooks(&self) -> Vec<HookKind>;
     async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure>;
-    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure>;
+    async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure>;
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
     async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message)
     -> Result<RouteDecision, Failure>;
@@ -128,12 +157,7 @@ impl LoadedPlugin {
     /// One adapter per attached hook. The adapters enforce the wall-clock timeout themselves (so a timeout counts
     /// towards crash-loop protection), hence no chain-level timer.
     pub fn slots(&self) -> PluginSlots {
-        let adapter = Arc::new(PluginHook {
-            name: self.spec.name.clone(),
-            runtime: self.runtime.clone(),
-            timeout: self.spec.limits.call_timeout,
-            cacheable: self.spec.cache_decisions,
-        });
+        let adapter = self.adapter(self.spec.cache_decisions);
         let mut slots = PluginSlots::default();
         for hook in &self.hooks {
             let policy = self.spec.failure_policy(*hook);
@@ -149,11 +173,15 @@ impl LoadedPlugin {
 
     /// Calls straight into the plugin, bypassing chain and policy: for `tollgate plugin test`.
     pub fn hook(&self) -> Arc<PluginHook> {
+        self.adapter(false)
+    }
+
+    fn adapter(&self, cacheable: bool) -> Arc<PluginHook> {
         Arc::new(PluginHook {
             name: self.spec.name.clone(),
             runtime: self.runtime.clone(),
             timeout: self.spec.limits.call_timeout,
-            cacheable: false,
+            cacheable,
         })
     }
 }
@@ -209,10 +237,8 @@ impl Authorizer for PluginHook {
     }
 
     async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError> {
-        if matches!(action, Action::Receive { .. } | Action::ReceiveRetained { .. }) {
-            return Ok(AclDecision::Abstain);
-        }
-        self.guarded(HookKind::Authorize, self.runtime.authorize(client, action)).await
+        let Some(request) = AclRequest::from_action(action) else { return Ok(AclDecision::Abstain) };
+        self.guarded(HookKind::Authorize, self.runtime.authorize(client, request)).await
     }
 
     fn cacheable(&self) -> bool {

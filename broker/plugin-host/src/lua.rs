@@ -8,14 +8,13 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Value, VmState};
 use tollgate_hooks::{
-    AclDecision, Action, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection,
-    TransformDecision,
+    AclDecision, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection, TransformDecision,
 };
 use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 
-use crate::shared::{CallClient, Failure, PluginShared};
+use crate::shared::{CallClient, Failure, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec};
-use crate::{LoadError, Runtime};
+use crate::{AclRequest, LoadError, Runtime};
 
 const CPU_LIMIT_MESSAGE: &str = "tollgate: CPU time budget exhausted";
 /// How long a script runs before it yields to the worker's other tasks.
@@ -81,8 +80,7 @@ pub struct LuaPlugin {
     chunk_name: String,
     config: serde_json::Value,
     limits: Limits,
-    pool: Mutex<Vec<Instance>>,
-    permits: Arc<tokio::sync::Semaphore>,
+    pool: Pool<Instance>,
     hooks: Vec<HookKind>,
 }
 
@@ -97,8 +95,7 @@ impl LuaPlugin {
             chunk_name: format!("@{}", spec.path.display()),
             config: serde_json::Value::Object(spec.config.clone()),
             limits: spec.limits,
-            pool: Mutex::new(Vec::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_instances.max(1))),
+            pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
         };
         let instance = plugin.instantiate().await.map_err(|failure| fail(failure.to_string()))?;
@@ -118,17 +115,12 @@ impl LuaPlugin {
             ));
         }
         tracing::info!(plugin = %spec.name, hooks = ?plugin.hooks, "Lua plugin loaded");
-        plugin.pool_mut().push(instance);
+        plugin.pool.put(instance);
         Ok(plugin)
     }
 
-    fn pool_mut(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
-        lock(&self.pool)
-    }
-
-    fn classify(&self, instance: Option<&Instance>, error: mlua::Error) -> Failure {
-        let exhausted = instance.is_some_and(|instance| lock(&instance.budget).exhausted);
-        if exhausted || error.to_string().contains(CPU_LIMIT_MESSAGE) {
+    fn classify(&self, budget: &Mutex<Budget>, error: mlua::Error) -> Failure {
+        if lock(budget).exhausted || error.to_string().contains(CPU_LIMIT_MESSAGE) {
             return Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX));
         }
         if is_memory_error(&error) {
@@ -146,7 +138,7 @@ impl LuaPlugin {
             exhausted: false,
         }));
         let client = Arc::new(Mutex::new(CallClient::default()));
-        let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(None, error))?;
+        let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(&budget, error))?;
         let run = async {
             lua.load(&*self.source).set_name(self.chunk_name.clone()).exec_async().await?;
             let globals = lua.globals();
@@ -164,22 +156,11 @@ impl LuaPlugin {
                 let config = lua.to_value(&self.config)?;
                 init.call_async::<()>(config).await?;
             }
-            Ok::<_, mlua::Error>(hooks)
+            let thread = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
+            Ok::<_, mlua::Error>((hooks, thread, lua.create_string("publish")?, lua.create_string("will")?))
         };
         reset_budget(&budget);
-        let hooks = run.await.map_err(|error| {
-            let failure = self.classify(None, error);
-            if lock(&budget).exhausted {
-                Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX))
-            } else {
-                failure
-            }
-        })?;
-        let thread =
-            lua.create_thread(lua.create_function(|_, ()| Ok(())).map_err(|error| self.classify(None, error))?);
-        let thread = thread.map_err(|error| self.classify(None, error))?;
-        let kind_publish = lua.create_string("publish").map_err(|error| self.classify(None, error))?;
-        let kind_will = lua.create_string("will").map_err(|error| self.classify(None, error))?;
+        let (hooks, thread, kind_publish, kind_will) = run.await.map_err(|error| self.classify(&budget, error))?;
         Ok(Instance {
             lua,
             thread,
@@ -308,9 +289,8 @@ impl LuaPlugin {
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, mlua::Result<R>)>,
     {
-        let _permit = self.permits.clone().acquire_owned().await.map_err(|_| Failure::Disabled(0))?;
-        let pooled = self.pool_mut().pop();
-        let instance = match pooled {
+        let (_permit, idle) = self.pool.checkout().await?;
+        let instance = match idle {
             Some(instance) => instance,
             None => self.instantiate().await?,
         };
@@ -320,10 +300,10 @@ impl LuaPlugin {
         match result {
             Ok(value) => {
                 *lock(&instance.client) = CallClient::default();
-                self.pool_mut().push(instance);
+                self.pool.put(instance);
                 Ok(value)
             }
-            Err(error) => Err(self.classify(Some(&instance), error)),
+            Err(error) => Err(self.classify(&instance.budget, error)),
         }
     }
 }
@@ -589,23 +569,7 @@ impl Runtime for LuaPlugin {
         decision.map_err(Failure::BadAnswer)
     }
 
-    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure> {
-        enum Request {
-            Publish { topic: String, qos: QoS, retain: bool, kind: &'static str },
-            Subscribe { filter: String, qos: QoS, group: Option<String> },
-        }
-        let request = match *action {
-            Action::Publish { topic, qos, retain } => {
-                Request::Publish { topic: topic.to_owned(), qos, retain, kind: "publish" }
-            }
-            Action::Will { topic, qos, retain } => {
-                Request::Publish { topic: topic.to_owned(), qos, retain, kind: "will" }
-            }
-            Action::Subscribe { filter, qos, share_group } => {
-                Request::Subscribe { filter: filter.to_owned(), qos, group: share_group.map(str::to_owned) }
-            }
-            Action::Receive { .. } | Action::ReceiveRetained { .. } => return Ok(AclDecision::Abstain),
-        };
+    async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
         let client_info = client.clone();
         let decision = self
             .with_instance(
@@ -614,19 +578,19 @@ impl Runtime for LuaPlugin {
                     let result = async {
                         let client = instance.client_table(&client_info)?;
                         let (name, value): (&str, Value) = match request {
-                            Request::Publish { topic, qos, retain, kind } => {
+                            AclRequest::Publish { topic, qos, retain, will } => {
                                 let Some(function) = &instance.hooks.authorize_publish else {
                                     return Ok(Ok(AclDecision::Abstain));
                                 };
-                                let kind = if kind == "will" { &instance.kind_will } else { &instance.kind_publish };
+                                let kind = if will { &instance.kind_will } else { &instance.kind_publish };
                                 let args = (client, topic, qos as u8, retain, kind);
                                 ("authorize_publish", instance.call(function, args).await?)
                             }
-                            Request::Subscribe { filter, qos, group } => {
+                            AclRequest::Subscribe { filter, qos, share_group } => {
                                 let Some(function) = &instance.hooks.authorize_subscribe else {
                                     return Ok(Ok(AclDecision::Abstain));
                                 };
-                                let args = (client, filter, qos as u8, group);
+                                let args = (client, filter, qos as u8, share_group);
                                 ("authorize_subscribe", instance.call(function, args).await?)
                             }
                         };

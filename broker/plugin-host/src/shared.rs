@@ -64,6 +64,30 @@ impl PluginMetrics {
     }
 }
 
+/// The idle instances of one plugin and the bound on how many exist at once. Both runtimes borrow from it: a call
+/// takes a permit and an idle instance (or builds one), and gives the instance back only if the call succeeded.
+pub(crate) struct Pool<I> {
+    idle: Mutex<Vec<I>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+impl<I> Pool<I> {
+    pub fn new(max_instances: usize) -> Self {
+        Self { idle: Mutex::new(Vec::new()), permits: Arc::new(tokio::sync::Semaphore::new(max_instances.max(1))) }
+    }
+
+    /// Waits for a permit (held for the whole call) and takes an idle instance if there is one.
+    pub async fn checkout(&self) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<I>), Failure> {
+        // The semaphore is never closed; a closed one would mean the plugin is going away.
+        let permit = self.permits.clone().acquire_owned().await.map_err(|_| Failure::Disabled(0))?;
+        Ok((permit, lock(&self.idle).pop()))
+    }
+
+    pub fn put(&self, instance: I) {
+        lock(&self.idle).push(instance);
+    }
+}
+
 /// Crash-loop protection: a plugin failing [`CRASH_LOOP_FAILURES`] times within [`CRASH_LOOP_WINDOW`] is disabled
 /// (its hooks answer with their failure policy) for a backoff that doubles on each relapse up to
 /// [`MAX_BACKOFF`], and resets after a quiet [`MAX_BACKOFF`].
@@ -168,7 +192,11 @@ impl PluginShared {
         lock(&self.kv).remove(key);
     }
 
+    /// Names become `$SYS` topic levels, so a name that is not a valid topic (empty, wildcards, NUL) is ignored.
     pub fn counter_add(&self, name: &str, delta: u64) {
+        if tollgate_protocol::topic::validate_topic_name(name).is_err() {
+            return;
+        }
         let mut counters = lock(&self.counters);
         if let Some(value) = counters.get_mut(name) {
             *value = value.saturating_add(delta);
@@ -288,6 +316,15 @@ mod tests {
         assert_eq!(shared.kv_get("k"), Some(b"v".to_vec()));
         shared.kv_delete("k");
         assert_eq!(shared.kv_get("k"), None);
+    }
+
+    #[test]
+    fn counters_need_topic_safe_names() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.counter_add("denied", 2);
+        shared.counter_add("a+b", 1);
+        shared.counter_add("", 1);
+        assert_eq!(shared.counters(), BTreeMap::from([("denied".to_owned(), 2)]));
     }
 
     #[test]

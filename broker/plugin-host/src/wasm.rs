@@ -4,21 +4,20 @@
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tollgate_hooks::{
-    AclDecision, Action, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection,
-    TransformDecision,
+    AclDecision, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection, TransformDecision,
 };
 use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::shared::{CallClient, Failure, PluginShared};
+use crate::shared::{CallClient, Failure, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec, flatten_config};
-use crate::{LoadError, Runtime};
+use crate::{AclRequest, LoadError, Runtime};
 
 wasmtime::component::bindgen!({
     path: "../../sdk/wit",
@@ -173,8 +172,7 @@ pub struct WasmPlugin {
     exports: Exports,
     limits: Limits,
     config: Vec<(String, String)>,
-    pool: Mutex<Vec<Instance>>,
-    permits: Arc<tokio::sync::Semaphore>,
+    pool: Pool<Instance>,
     hooks: Vec<HookKind>,
 }
 
@@ -258,8 +256,7 @@ impl WasmPlugin {
             exports,
             limits: spec.limits,
             config: flatten_config(&spec.config),
-            pool: Mutex::new(Vec::new()),
-            permits: Arc::new(tokio::sync::Semaphore::new(spec.limits.max_instances.max(1))),
+            pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
         };
         // The first instance proves the plugin starts, and tells which hooks it implements.
@@ -285,12 +282,8 @@ impl WasmPlugin {
         }
         plugin.hooks = provided;
         tracing::info!(plugin = %spec.name, name = %info.name, version = %info.version, "WebAssembly plugin loaded");
-        plugin.pool_mut().push(instance);
+        plugin.pool.put(instance);
         Ok(plugin)
-    }
-
-    fn pool_mut(&self) -> std::sync::MutexGuard<'_, Vec<Instance>> {
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     async fn instantiate(&self) -> Result<(Instance, wit::PluginInfo), Failure> {
@@ -318,23 +311,18 @@ impl WasmPlugin {
         });
         store.set_epoch_deadline(1);
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|error| self.classify(error))?;
-        let lifecycle = self.exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
-        let authn = match &self.exports.authn {
-            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
-            None => None,
-        };
-        let authz = match &self.exports.authz {
-            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
-            None => None,
-        };
-        let transform = match &self.exports.transform {
-            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
-            None => None,
-        };
-        let bridge = match &self.exports.bridge {
-            Some(indices) => Some(indices.load(&mut store, &instance).map_err(|error| self.classify(error))?),
-            None => None,
-        };
+        let exports = &self.exports;
+        let lifecycle = exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
+        // The hook interfaces the component exports, found once at load.
+        let (authn, authz, transform, bridge) = (|| {
+            Ok::<_, wasmtime::Error>((
+                exports.authn.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.authz.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.transform.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.bridge.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+            ))
+        })()
+        .map_err(|error| self.classify(error))?;
         let info = lifecycle
             .call_init(&mut store, &self.config)
             .await
@@ -361,9 +349,8 @@ impl WasmPlugin {
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, wasmtime::Result<R>)>,
     {
-        let _permit = self.permits.clone().acquire_owned().await.map_err(|_| Failure::Disabled(0))?;
-        let pooled = self.pool_mut().pop();
-        let mut instance = match pooled {
+        let (_permit, idle) = self.pool.checkout().await?;
+        let mut instance = match idle {
             Some(instance) => instance,
             None => self.instantiate().await?.0,
         };
@@ -377,7 +364,7 @@ impl WasmPlugin {
         match result {
             Ok(value) => {
                 instance.store.data_mut().client = CallClient::default();
-                self.pool_mut().push(instance);
+                self.pool.put(instance);
                 Ok(value)
             }
             Err(error) => Err(self.classify(error)),
@@ -529,37 +516,19 @@ impl Runtime for WasmPlugin {
         })
     }
 
-    async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, Failure> {
-        enum Request {
-            Publish { topic: String, qos: wit::Qos, retain: bool, kind: wit::PublishKind },
-            Subscribe { filter: String, qos: wit::Qos, group: Option<String> },
-        }
-        let request = match *action {
-            Action::Publish { topic, qos, retain } => {
-                Request::Publish { topic: topic.to_owned(), qos: wit_qos(qos), retain, kind: wit::PublishKind::Publish }
-            }
-            Action::Will { topic, qos, retain } => {
-                Request::Publish { topic: topic.to_owned(), qos: wit_qos(qos), retain, kind: wit::PublishKind::Will }
-            }
-            Action::Subscribe { filter, qos, share_group } => Request::Subscribe {
-                filter: filter.to_owned(),
-                qos: wit_qos(qos),
-                group: share_group.map(str::to_owned),
-            },
-            // Delivery checks are the subscription's business: a plugin decides at SUBSCRIBE.
-            Action::Receive { .. } | Action::ReceiveRetained { .. } => return Ok(AclDecision::Abstain),
-        };
+    async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
         let wit_client = wit_client(client);
         let decision = self
             .with_instance(call_client(client), |mut instance| async move {
                 let result = match (&instance.authz, request) {
-                    (Some(guest), Request::Publish { topic, qos, retain, kind }) => {
-                        guest.call_authorize_publish(&mut instance.store, &wit_client, &topic, qos, retain, kind).await
+                    (Some(guest), AclRequest::Publish { topic, qos, retain, will }) => {
+                        let kind = if will { wit::PublishKind::Will } else { wit::PublishKind::Publish };
+                        let (store, qos) = (&mut instance.store, wit_qos(qos));
+                        guest.call_authorize_publish(store, &wit_client, topic, qos, retain, kind).await
                     }
-                    (Some(guest), Request::Subscribe { filter, qos, group }) => {
-                        guest
-                            .call_authorize_subscribe(&mut instance.store, &wit_client, &filter, qos, group.as_deref())
-                            .await
+                    (Some(guest), AclRequest::Subscribe { filter, qos, share_group }) => {
+                        let (store, qos) = (&mut instance.store, wit_qos(qos));
+                        guest.call_authorize_subscribe(store, &wit_client, filter, qos, share_group).await
                     }
                     (None, _) => Ok(wit::AclDecision::Ignore),
                 };
