@@ -18,7 +18,7 @@ use tollgate_builtins::password_file::PasswordFile;
 use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, CertificateIdentityAuth, PasswordFileAuth};
 use tollgate_core::Broker;
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
-use tollgate_plugin_host::{LoadedPlugin, PluginHost};
+use tollgate_plugin_host::{LoadReport, LoadedPlugin, PluginHost};
 use tollgate_protocol::QoS;
 use tollgate_transport::{ConnectionLimits, ListenerSpec, ReloadableTls, Transport};
 use tracing::{error, info};
@@ -50,14 +50,35 @@ fn load_policy_file<T, E: ToString>(
     })
 }
 
+fn joined(items: &[impl ToString]) -> String {
+    items.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
 /// Loads (or, on reload, refreshes) the configured plugins. Errors name each plugin and why.
-async fn load_plugins(host: &PluginHost, config: &Config) -> anyhow::Result<Vec<Arc<LoadedPlugin>>> {
-    let specs = config.plugin_specs().map_err(|problems| {
-        anyhow::anyhow!("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-    })?;
-    match host.load(&specs).await {
-        Ok(report) => Ok(report.plugins),
-        Err(errors) => anyhow::bail!("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")),
+async fn load_plugins(host: &PluginHost, config: &Config) -> anyhow::Result<LoadReport> {
+    let specs = config.plugin_specs().map_err(|problems| anyhow::anyhow!("{}", joined(&problems)))?;
+    host.load(&specs).await.map_err(|errors| anyhow::anyhow!("{}", joined(&errors)))
+}
+
+/// For `check-config`: loads every plugin of a valid configuration (compile, instantiate, init) and reports each
+/// one that does not load under its `plugins[<index>]` key.
+pub async fn check_plugins(config: &Config) -> Vec<config::ConfigProblem> {
+    let specs = match config.plugin_specs() {
+        Ok(specs) => specs,
+        Err(problems) => return problems,
+    };
+    match PluginHost::new(config.plugin_cache_dir()).load(&specs).await {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors
+            .into_iter()
+            .map(|error| config::ConfigProblem {
+                key: specs
+                    .iter()
+                    .position(|spec| spec.name == error.plugin)
+                    .map_or_else(|| "plugins".to_owned(), |index| format!("plugins[{index}]")),
+                message: error.to_string(),
+            })
+            .collect(),
     }
 }
 
@@ -113,7 +134,7 @@ impl Server {
     /// Binds every listener and starts serving. Must run inside a tokio runtime.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
         let plugin_host = Arc::new(PluginHost::new(config.plugin_cache_dir()));
-        let plugins = load_plugins(&plugin_host, config).await?;
+        let plugins = load_plugins(&plugin_host, config).await?.plugins;
         for plugin in &plugins {
             let hooks: Vec<&str> = plugin.hooks.iter().map(|hook| hook.as_str()).collect();
             info!(plugin = plugin.name(), kind = ?plugin.spec.kind, hooks = %hooks.join(","), "plugin attached");
@@ -229,12 +250,7 @@ impl Server {
     /// it was. A changed plugin that fails to load keeps its previous version (and the reload says so).
     pub async fn reload(&self, config: &Config) -> anyhow::Result<()> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let specs = config.plugin_specs().map_err(|problems| {
-            anyhow::anyhow!("{}", problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-        })?;
-        let report = self.plugins.load(&specs).await.map_err(|errors| {
-            anyhow::anyhow!("{}", errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
-        })?;
+        let report = load_plugins(&self.plugins, config).await?;
         let hooks = build_hooks(config, generation, &report.plugins)?;
         self.broker.replace_hooks(hooks);
         info!(generation, "hooks reloaded");
@@ -292,10 +308,8 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
                 broker.publish_local(&format!("{prefix}/{metric}"), value.to_string(), QoS::AtMostOnce, true);
             }
             for (counter, value) in shared.counters() {
-                if tollgate_protocol::topic::validate_topic_name(&counter).is_ok() {
-                    let topic = format!("{prefix}/counters/{counter}");
-                    broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
-                }
+                let topic = format!("{prefix}/counters/{counter}");
+                broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
             }
         }
     })

@@ -381,30 +381,11 @@ fn check_config(file: &Path) -> ExitCode {
         Ok(config) => {
             // The file is valid; the plugins must also load (compile, start, accept their config).
             if !config.plugins.is_empty() {
-                let specs = config.plugin_specs().unwrap_or_default();
-                let loaded = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|error| vec![error.to_string()])
-                    .and_then(|runtime| {
-                        runtime.block_on(async {
-                            tollgate_plugin_host::PluginHost::new(config.plugin_cache_dir())
-                                .load(&specs)
-                                .await
-                                .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())
-                        })
-                    });
-                if let Err(errors) = loaded {
-                    let problems: Vec<config::ConfigProblem> = errors
-                        .into_iter()
-                        .map(|message| {
-                            let index = specs.iter().position(|spec| message.contains(&format!("{:?}", spec.name)));
-                            config::ConfigProblem {
-                                key: index.map_or_else(|| "plugins".to_owned(), |index| format!("plugins[{index}]")),
-                                message,
-                            }
-                        })
-                        .collect();
+                let problems = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime.block_on(tollgate::check_plugins(&config)),
+                    Err(error) => vec![config::ConfigProblem { key: "plugins".into(), message: error.to_string() }],
+                };
+                if !problems.is_empty() {
                     print_problems(&problems);
                     return ExitCode::FAILURE;
                 }
