@@ -65,6 +65,33 @@ pub struct VinAcl {
     roles: Vec<Role>,
 }
 
+/// A security event as one JSON line (never a payload), logged through the host.
+fn security_event(level: host::LogLevel, event: &str, fields: &[(&str, &str)]) {
+    let mut line = format!("{{\"event\":{}", json_string(event));
+    for (key, value) in fields {
+        line.push_str(&format!(",{}:{}", json_string(key), json_string(value)));
+    }
+    line.push('}');
+    host::log(level, &line);
+}
+
+/// A JSON string literal. Client ids are arbitrary UTF-8, so quotes, backslashes and control characters are
+/// escaped the JSON way (Rust's `{:?}` would write `\u{1b}`, which is not JSON).
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// Attribute names this plugin attaches at CONNECT.
 const VIN_ATTRIBUTE: &str = "vin";
 const ROLE_ATTRIBUTE: &str = "vin-acl.role";
@@ -227,15 +254,12 @@ impl VinAcl {
             }
         }
         host::counter_add("denied", 1);
-        host::log(
+        let identity = vin.unwrap_or_else(|| format!("{principal:?}"));
+        let event = if operation == Operation::Publish { "publish_denied" } else { "subscribe_denied" };
+        security_event(
             host::LogLevel::Info,
-            &format!(
-                "{{\"event\":\"{}_denied\",\"client_id\":{:?},\"identity\":{:?},\"topic\":{:?}}}",
-                if operation == Operation::Publish { "publish" } else { "subscribe" },
-                client.client_id,
-                vin.unwrap_or_else(|| format!("{principal:?}")),
-                topic
-            ),
+            event,
+            &[("client_id", &client.client_id), ("identity", &identity), ("topic", topic)],
         );
         AclDecision::Deny(DenyReason::NotAuthorized)
     }
@@ -317,45 +341,39 @@ impl Plugin for VinAcl {
         }
         let Some(vin) = self.identity(peer) else {
             host::counter_add("identity_missing", 1);
-            host::log(
+            security_event(
                 host::LogLevel::Warn,
-                &format!(
-                    "{{\"event\":\"identity_invalid\",\"client_id\":{:?},\"reason\":\"no identity in the certificate\"}}",
-                    info.client_id
-                ),
+                "identity_invalid",
+                &[("client_id", &info.client_id), ("reason", "no identity in the certificate")],
             );
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         };
         match self.policy.validate(&vin) {
             Err(error) => {
                 host::counter_add("identity_invalid", 1);
-                host::log(
+                security_event(
                     host::LogLevel::Warn,
-                    &format!(
-                        "{{\"event\":\"identity_invalid\",\"client_id\":{:?},\"identity\":{vin:?},\"reason\":{:?}}}",
-                        info.client_id,
-                        error.to_string()
-                    ),
+                    "identity_invalid",
+                    &[("client_id", &info.client_id), ("identity", &vin), ("reason", &error.to_string())],
                 );
                 return ConnectDecision::Deny(DenyReason::NotAuthorized);
             }
             Ok(warnings) => {
                 for warning in warnings.0 {
-                    host::log(
+                    security_event(
                         host::LogLevel::Warn,
-                        &format!(
-                            "{{\"event\":\"identity_warning\",\"identity\":{vin:?},\"reason\":{:?}}}",
-                            warning.to_string()
-                        ),
+                        "identity_warning",
+                        &[("identity", &vin), ("reason", &warning.to_string())],
                     );
                 }
             }
         }
         if !self.client_id_ok(&info.client_id, &vin) {
             host::counter_add("clientid_mismatch", 1);
-            host::log(
+            security_event(
                 host::LogLevel::Warn,
-                &format!("{{\"event\":\"clientid_mismatch\",\"client_id\":{:?},\"identity\":{vin:?}}}", info.client_id),
+                "clientid_mismatch",
+                &[("client_id", &info.client_id), ("identity", &vin)],
             );
             return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
         }
@@ -523,6 +541,17 @@ mod tests {
         assert_eq!(
             acl.authorize_subscribe(&client, "vehicle/#", Qos::AtMostOnce, None),
             AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+    }
+
+    #[test]
+    fn security_events_are_json_whatever_the_client_id() {
+        assert_eq!(json_string("plain"), "\"plain\"");
+        assert_eq!(json_string("a\"b\\c\u{1b}\n"), "\"a\\\"b\\\\c\\u001b\\u000a\"");
+        security_event(host::LogLevel::Info, "publish_denied", &[("client_id", "x\"y")]);
+        assert_eq!(
+            tollgate_sdk::testing::logs().last().map(String::as_str),
+            Some("{\"event\":\"publish_denied\",\"client_id\":\"x\\\"y\"}")
         );
     }
 
