@@ -319,12 +319,18 @@ async fn reload_under_traffic_keeps_connections_and_applies_new_decisions() {
     assert!(broker.stop().await);
 }
 
+/// The auth-wasm example with one key: sensor-1 / "123456".
+fn api_keys_entry() -> PluginConfig {
+    let mut entry = plugin_entry("api-keys", Kind::Wasm, wasm_build::wasm_plugin("auth-wasm"));
+    entry.config = serde_json::json!({ "keys": { "sensor-1": SENSOR_KEY_SHA256 } }).as_object().unwrap().clone();
+    entry
+}
+
 const SENSOR_KEY_SHA256: &str = "8d969eef6ecad3c29a3a629280e686cf0c3f5d5a86aff3ca12020c923adc6c92"; // "123456"
 
 #[tokio::test]
 async fn the_auth_wasm_example_checks_api_keys() {
-    let mut entry = plugin_entry("api-keys", Kind::Wasm, wasm_build::wasm_plugin("auth-wasm"));
-    entry.config = serde_json::json!({ "keys": { "sensor-1": SENSOR_KEY_SHA256 } }).as_object().unwrap().clone();
+    let entry = api_keys_entry();
     let broker = broker_with(vec![entry]).await;
     let mut good = options(&broker, "s1");
     good.set_credentials("sensor-1", "123456");
@@ -341,8 +347,7 @@ async fn the_auth_wasm_example_checks_api_keys() {
 /// Plugin calls, failures and the plugin's own counters appear under `$SYS/broker/plugins/<name>/`.
 #[tokio::test]
 async fn plugin_metrics_are_published_in_sys() {
-    let mut entry = plugin_entry("api-keys", Kind::Wasm, wasm_build::wasm_plugin("auth-wasm"));
-    entry.config = serde_json::json!({ "keys": { "sensor-1": SENSOR_KEY_SHA256 } }).as_object().unwrap().clone();
+    let entry = api_keys_entry();
     let broker = TestBroker::builder()
         .configure(|config| {
             config.plugins = vec![entry];

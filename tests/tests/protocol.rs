@@ -382,12 +382,12 @@ async fn invalid_filter_is_refused_per_version() {
     }
 }
 
-#[tokio::test]
-async fn offline_queue_is_bounded_dropping_the_newest() {
+/// Five QoS 1 messages for an offline session whose queue holds three; `kept` are the payloads it gets on return.
+async fn offline_queue_keeps(policy: &str, kept: std::ops::RangeInclusive<u8>) {
     let broker = TestBroker::builder()
         .configure(|config| {
             config.limits.max_queued_messages = 3;
-            config.limits.overflow_policy = "drop_newest".into();
+            config.limits.overflow_policy = policy.into();
         })
         .start()
         .await;
@@ -405,39 +405,20 @@ async fn offline_queue_is_bounded_dropping_the_newest() {
     }
     let mut subscriber = raw::tcp(broker.addr, V5).await;
     assert!(subscriber.connect(connect).await.session_present);
-    for index in 1..=3u8 {
+    for index in kept {
         assert_eq!(&subscriber.expect_publish().await.payload[..], &[index]);
     }
     expect_silence(&mut subscriber).await;
 }
 
 #[tokio::test]
-async fn offline_queue_can_drop_the_oldest() {
-    let broker = TestBroker::builder()
-        .configure(|config| {
-            config.limits.max_queued_messages = 3;
-            config.limits.overflow_policy = "drop_oldest".into();
-        })
-        .start()
-        .await;
-    let mut connect = connect_packet(V5, "offline");
-    connect.clean_start = false;
-    connect.properties.session_expiry_interval = Some(60);
-    let mut subscriber = raw::tcp(broker.addr, V5).await;
-    subscriber.connect(connect.clone()).await;
-    subscriber.subscribe(1, "q/#", QoS::AtLeastOnce).await;
-    subscriber.disconnect().await;
+async fn offline_queue_is_bounded_dropping_the_newest() {
+    offline_queue_keeps("drop_newest", 1..=3).await;
+}
 
-    let mut publisher = client(broker.addr, V5, "pub").await;
-    for index in 1..=5u16 {
-        publisher.publish_qos1(publish_packet("q/t", QoS::AtLeastOnce, Some(index), &[index as u8])).await;
-    }
-    let mut subscriber = raw::tcp(broker.addr, V5).await;
-    assert!(subscriber.connect(connect).await.session_present);
-    for index in 3..=5u8 {
-        assert_eq!(&subscriber.expect_publish().await.payload[..], &[index]);
-    }
-    expect_silence(&mut subscriber).await;
+#[tokio::test]
+async fn offline_queue_can_drop_the_oldest() {
+    offline_queue_keeps("drop_oldest", 3..=5).await;
 }
 
 /// An incoming QoS 2 exchange survives a reconnect: the PUBREL on the new connection completes it, and the message

@@ -204,6 +204,12 @@ async fn a_car_certificate_reaches_only_its_own_vin_topics() {
     assert!(broker.stop().await);
 }
 
+/// The development CA of `tollgate certs init` in `certs`, as an rcgen issuer.
+fn dev_ca(certs: &Path) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
+    rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), key).expect("ca")
+}
+
 /// A certificate for `cn` issued by `issuer` (or self-signed by a throwaway CA), valid in the given window.
 fn rogue_certificate(dir: &Path, name: &str, issuer: Option<&Path>, expired: bool) {
     let key = rcgen::KeyPair::generate().expect("key");
@@ -215,12 +221,7 @@ fn rogue_certificate(dir: &Path, name: &str, issuer: Option<&Path>, expired: boo
         params.not_after = now - time::Duration::days(1);
     }
     let issuer = match issuer {
-        Some(certs) => {
-            let ca_key =
-                rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
-            let ca_pem = std::fs::read_to_string(certs.join("ca.pem")).expect("ca");
-            rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).expect("issuer")
-        }
+        Some(certs) => dev_ca(certs),
         None => {
             let ca_key = rcgen::KeyPair::generate().expect("key");
             let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -454,10 +455,7 @@ async fn a_tls_socket_that_never_says_hello_is_closed_at_the_connect_deadline() 
 
 /// Writes `crl.pem`, signed by the development CA, revoking the certificates of `revoked` (file stems in `certs`).
 fn write_crl(certs: &Path, revoked: &[&str], number: u64) -> PathBuf {
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key)
-        .expect("ca");
+    let issuer = dev_ca(certs);
     let now = time::OffsetDateTime::now_utc();
     let revoked_certs = revoked
         .iter()
@@ -525,10 +523,7 @@ async fn revoked_certificates_are_refused_and_a_reload_spares_live_connections()
 async fn an_ed25519_server_key_serves_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let certs = make_certs(dir.path());
-    let ca_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(certs.join("ca.key")).expect("ca key")).expect("key");
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(certs.join("ca.pem")).expect("ca"), ca_key)
-        .expect("ca");
+    let issuer = dev_ca(&certs);
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).expect("ed25519 key");
     let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).expect("params");
     let certificate = params.signed_by(&key, &issuer).expect("signed");

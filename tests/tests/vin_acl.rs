@@ -140,26 +140,21 @@ async fn bad_identities_client_ids_and_foreign_wills_are_refused_at_connect() {
         v5::refused_code(tls_options(tls, OTHER_VIN, &certs, Some(VIN))).await,
         ConnectReturnCode::ClientIdentifierNotValid
     );
-    // A will on another car's topic.
-    let mut willing = tls_options(tls, VIN, &certs, Some(VIN));
-    willing.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-        format!("vehicle/updates/{OTHER_VIN}/status"),
-        "offline",
-        QoS::AtLeastOnce,
-        false,
-        None,
-    ));
-    assert_eq!(v5::refused_code(willing).await, ConnectReturnCode::NotAuthorized);
-    // A will on its own status topic is fine.
-    let mut own_will = tls_options(tls, VIN, &certs, Some(VIN));
-    own_will.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
-        format!("vehicle/updates/{VIN}/status"),
-        "offline",
-        QoS::AtLeastOnce,
-        false,
-        None,
-    ));
-    v5::connect(own_will).await.0.disconnect().await;
+    let with_will_on = |vin: &str| {
+        let mut options = tls_options(tls, VIN, &certs, Some(VIN));
+        let topic = format!("vehicle/updates/{vin}/status");
+        options.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+            topic,
+            "offline",
+            QoS::AtLeastOnce,
+            false,
+            None,
+        ));
+        options
+    };
+    // A will on another car's topic is refused; one on its own status topic is fine.
+    assert_eq!(v5::refused_code(with_will_on(OTHER_VIN)).await, ConnectReturnCode::NotAuthorized);
+    v5::connect(with_will_on(VIN)).await.0.disconnect().await;
     // No certificate, no user name: no identity, no access.
     let mut anonymous = rumqttc::v5::MqttOptions::new("anon", "127.0.0.1", broker.server.addresses[1].port());
     anonymous.set_keep_alive(std::time::Duration::from_secs(30));
