@@ -63,6 +63,23 @@ impl BrokerKind {
     pub fn is_plugin_variant(self) -> bool {
         matches!(self, Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached)
     }
+
+    /// The program this kind runs: every plugin variant is the Tollgate binary with another configuration.
+    pub fn program(self) -> Program {
+        match self {
+            Self::Mosquitto => Program::Mosquitto,
+            Self::Rumqttd => Program::Rumqttd,
+            Self::Tollgate | Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached => Program::Tollgate,
+        }
+    }
+}
+
+/// The broker programs the benchmark knows how to find, configure and start.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Program {
+    Tollgate,
+    Mosquitto,
+    Rumqttd,
 }
 
 impl fmt::Display for BrokerKind {
@@ -118,12 +135,9 @@ fn plugin_for(kind: BrokerKind, workspace: &Path) -> Result<Option<PathBuf>> {
 
 /// Finds the binary and its version, or says why the broker cannot be benchmarked.
 pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Result<BrokerSpec> {
-    let candidates: Vec<PathBuf> = match (explicit, kind) {
+    let candidates: Vec<PathBuf> = match (explicit, kind.program()) {
         (Some(path), _) => vec![path.to_path_buf()],
-        (
-            None,
-            BrokerKind::Tollgate | BrokerKind::TollgateWasm | BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached,
-        ) => {
+        (None, Program::Tollgate) => {
             let mut list = Vec::new();
             if let Ok(exe) = std::env::current_exe()
                 && let Some(dir) = exe.parent()
@@ -133,12 +147,12 @@ pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Re
             list.push(workspace.join("target/release/tollgate"));
             list
         }
-        (None, BrokerKind::Mosquitto) => {
+        (None, Program::Mosquitto) => {
             let mut list = vec![PathBuf::from("/usr/sbin/mosquitto")];
             list.extend(on_path("mosquitto"));
             list
         }
-        (None, BrokerKind::Rumqttd) => {
+        (None, Program::Rumqttd) => {
             let mut list = Vec::new();
             if let Some(home) = std::env::var_os("CARGO_HOME") {
                 list.push(PathBuf::from(home).join("bin/rumqttd"));
@@ -153,25 +167,20 @@ pub fn locate(kind: BrokerKind, explicit: Option<&Path>, workspace: &Path) -> Re
     let Some(binary) = candidates.into_iter().find(|path| path.is_file()) else {
         bail!(
             "{kind} binary not found ({})",
-            match kind {
-                BrokerKind::Tollgate
-                | BrokerKind::TollgateWasm
-                | BrokerKind::TollgateLua
-                | BrokerKind::TollgateLuaCached => {
-                    "build it with `cargo build --release -p tollgate` or pass --tollgate-bin"
-                }
-                BrokerKind::Mosquitto => "install the Debian package `mosquitto` or pass --mosquitto-bin",
-                BrokerKind::Rumqttd => "`cargo install rumqttd --locked` or pass --rumqttd-bin",
+            match kind.program() {
+                Program::Tollgate => "build it with `cargo build --release -p tollgate` or pass --tollgate-bin",
+                Program::Mosquitto => "install the Debian package `mosquitto` or pass --mosquitto-bin",
+                Program::Rumqttd => "`cargo install rumqttd --locked` or pass --rumqttd-bin",
             }
         );
     };
-    let version = match kind {
-        BrokerKind::Tollgate | BrokerKind::TollgateWasm | BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached => {
+    let version = match kind.program() {
+        Program::Tollgate => {
             let version = first_line(&binary, &["--version"]);
             format!("{version} (git {})", git_rev(workspace))
         }
-        BrokerKind::Mosquitto => first_line(&binary, &["-h"]),
-        BrokerKind::Rumqttd => first_line(&binary, &["--version"]),
+        Program::Mosquitto => first_line(&binary, &["-h"]),
+        Program::Rumqttd => first_line(&binary, &["--version"]),
     };
     let plugin = plugin_for(kind, workspace)?;
     Ok(BrokerSpec { kind, binary, version, plugin })
@@ -239,11 +248,8 @@ impl RunningBroker {
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
         let mut command = Command::new(&spec.binary);
-        match spec.kind {
-            BrokerKind::Tollgate
-            | BrokerKind::TollgateWasm
-            | BrokerKind::TollgateLua
-            | BrokerKind::TollgateLuaCached => {
+        match spec.kind.program() {
+            Program::Tollgate => {
                 let config = dir.join("tollgate.toml");
                 let mut text = tollgate_config(port, limits);
                 if let Some(plugin) = &spec.plugin {
@@ -252,12 +258,12 @@ impl RunningBroker {
                 fs::write(&config, text)?;
                 command.arg("run").arg("--config").arg(config);
             }
-            BrokerKind::Mosquitto => {
+            Program::Mosquitto => {
                 let config = dir.join("mosquitto.conf");
                 fs::write(&config, mosquitto_config(port, limits))?;
                 command.arg("-c").arg(config);
             }
-            BrokerKind::Rumqttd => {
+            Program::Rumqttd => {
                 let config = dir.join("rumqttd.toml");
                 fs::write(&config, rumqttd_config(port, free_port()?, limits))?;
                 command.arg("--quiet").arg("--config").arg(config);

@@ -13,7 +13,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
-use crate::brokers::{BrokerKind, BrokerSpec, Limits, RunningBroker};
+use crate::brokers::{BrokerKind, BrokerSpec, Limits, Program, RunningBroker};
 use crate::report::{Entry, Machine, Meta};
 use crate::scenarios::{Outcome, Settings};
 
@@ -156,13 +156,10 @@ async fn run(cli: Cli) -> Result<()> {
     let mut specs: Vec<BrokerSpec> = Vec::new();
     let mut missing = Vec::new();
     for kind in kinds {
-        let explicit = match kind {
-            BrokerKind::Tollgate
-            | BrokerKind::TollgateWasm
-            | BrokerKind::TollgateLua
-            | BrokerKind::TollgateLuaCached => cli.tollgate_bin.as_deref(),
-            BrokerKind::Mosquitto => cli.mosquitto_bin.as_deref(),
-            BrokerKind::Rumqttd => cli.rumqttd_bin.as_deref(),
+        let explicit = match kind.program() {
+            Program::Tollgate => cli.tollgate_bin.as_deref(),
+            Program::Mosquitto => cli.mosquitto_bin.as_deref(),
+            Program::Rumqttd => cli.rumqttd_bin.as_deref(),
         };
         match brokers::locate(kind, explicit, &workspace) {
             Ok(spec) => specs.push(spec),
