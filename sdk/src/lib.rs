@@ -46,8 +46,16 @@ pub mod bindings {
 
 pub use bindings::tollgate::plugin::types::{
     AclDecision, Client, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, ProtocolVersion,
-    PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty,
+    PublishKind, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
 };
+
+impl TransformResult {
+    /// Refuses the message: a v5 publisher sees `reason` and `message` in its PUBACK; `disconnect` also closes the
+    /// connection (what a 3.1.1 client needs to notice anything).
+    pub fn reject(reason: DenyReason, message: impl Into<String>, disconnect: bool) -> Self {
+        TransformResult::Reject(Rejection { reason, message: message.into(), disconnect })
+    }
+}
 
 impl Message {
     /// A QoS 0 message without properties, for tests.
@@ -83,8 +91,8 @@ impl Client {
 pub mod prelude {
     pub use crate::{
         AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, Plugin,
-        ProtocolVersion, PublishKind, Qos, RouteDecision, RouteDirection, TransformResult, UserProperty, crypto,
-        export_plugin, host,
+        ProtocolVersion, PublishKind, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
+        crypto, export_plugin, host,
     };
 }
 
@@ -114,6 +122,29 @@ impl Config {
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
         self.0.iter().map(|(key, value)| (key.as_str(), value.as_str()))
     }
+
+    /// The values of an array (`key.0`, `key.1`, …) in order.
+    pub fn list(&self, key: &str) -> Vec<&str> {
+        let mut items: Vec<(usize, &str)> =
+            self.table(key).filter_map(|(index, value)| Some((index.parse().ok()?, value))).collect();
+        items.sort();
+        items.into_iter().map(|(_, value)| value).collect()
+    }
+
+    /// The indices of an array of tables (`rules.0.id`, `rules.1.id`, … gives 0, 1, …).
+    pub fn table_indices(&self, key: &str) -> Vec<usize> {
+        let mut indices: Vec<usize> =
+            self.table(key).filter_map(|(rest, _)| rest.split('.').next()?.parse().ok()).collect();
+        indices.sort();
+        indices.dedup();
+        indices
+    }
+}
+
+/// MQTT topic matching, the broker's own: `matches(filter, topic)` (`+` one level, `#` the rest including the
+/// parent level; a filter starting with a wildcard does not match `$` topics).
+pub mod topic {
+    pub use tollgate_protocol::topic::matches;
 }
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Config {
@@ -161,6 +192,13 @@ pub trait Plugin: Sized + 'static {
         AclDecision::Ignore
     }
 
+    /// May this client keep its connection and session? Asked for every session after a reload and at the
+    /// broker's recheck interval; [`AclDecision::Deny`] disconnects the client and ends its session. Its
+    /// subscriptions are then re-checked with [`Plugin::authorize_subscribe`].
+    fn authorize_session(&self, _client: &Client) -> AclDecision {
+        AclDecision::Ignore
+    }
+
     /// An inbound PUBLISH after authorization. Return [`TransformResult::Modified`] with the changed message.
     fn on_publish(&self, _client: &Client, _message: Message) -> TransformResult {
         TransformResult::Unchanged
@@ -192,6 +230,34 @@ pub mod host {
 
     pub fn warn(message: &str) {
         log(LogLevel::Warn, message)
+    }
+
+    /// Logs a security event as one JSON object line, `{"event":"…","key":"value",…}`, for log shippers. Never
+    /// pass payloads, keys or full tags.
+    pub fn security_event(level: LogLevel, event: &str, fields: &[(&str, &str)]) {
+        let mut line = format!("{{\"event\":{}", json_string(event));
+        for (key, value) in fields {
+            line.push_str(&format!(",{}:{}", json_string(key), json_string(value)));
+        }
+        line.push('}');
+        log(level, &line);
+    }
+
+    /// A JSON string literal. Client ids are arbitrary UTF-8, so quotes, backslashes and control characters are
+    /// escaped the JSON way (Rust's `{:?}` would write `\u{1b}`, which is not JSON).
+    pub fn json_string(text: &str) -> String {
+        let mut out = String::with_capacity(text.len() + 2);
+        out.push('"');
+        for c in text.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+        out
     }
 
     /// Wall-clock milliseconds since the Unix epoch.
@@ -234,6 +300,23 @@ pub mod host {
         crate::testing::kv_delete(key);
     }
 
+    /// Like [`kv_set`], and written to the plugin's state file so it survives a broker restart.
+    pub fn kv_set_durable(key: &str, value: &[u8]) -> Result<(), String> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_set_durable(key, value);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_set_durable(key, value);
+    }
+
+    /// Atomically adds to an 8-byte counter in the table and returns the new value (shared by all instances).
+    /// With `durable` the new value reaches the state file in the same step: a counter that never repeats.
+    pub fn kv_add(key: &str, delta: u64, durable: bool) -> Result<u64, String> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_add(key, delta, durable);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_add(key, delta, durable);
+    }
+
     pub fn counter_add(name: &str, delta: u64) {
         #[cfg(target_arch = "wasm32")]
         imports::counter_add(name, delta);
@@ -258,6 +341,27 @@ pub mod crypto {
         #[cfg(not(target_arch = "wasm32"))]
         return crate::testing::sha256(data);
     }
+
+    /// HMAC-SHA256 under a key the host derives from the secret `key_id` with HKDF-SHA256 and `info`.
+    pub fn hmac_sha256_derived(key_id: &str, info: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::hmac_sha256_derived(key_id, info, data);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::hmac(key_id, Some(info), data);
+    }
+
+    /// Constant-time check of a 16 to 32-byte tag, under the secret or its derivation with `derive_info`.
+    pub fn verify_hmac_sha256(
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::verify_hmac_sha256(key_id, derive_info, data, tag);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::verify(key_id, derive_info, data, tag);
+    }
 }
 
 /// The host double used when a plugin's logic runs natively (`cargo test`). State is per thread, so tests do not
@@ -277,6 +381,7 @@ pub mod testing {
         secrets: BTreeMap<String, Vec<u8>>,
         attributes: BTreeMap<String, String>,
         kv: BTreeMap<String, Vec<u8>>,
+        durable: BTreeMap<String, Vec<u8>>,
         counters: BTreeMap<String, u64>,
         logs: Vec<(LogLevel, String)>,
         now_ms: Option<u64>,
@@ -339,19 +444,77 @@ pub mod testing {
     }
 
     pub(crate) fn kv_delete(key: &str) {
-        with(|host| host.kv.remove(key));
+        with(|host| {
+            host.kv.remove(key);
+            host.durable.remove(key);
+        });
+    }
+
+    pub(crate) fn kv_set_durable(key: &str, value: &[u8]) -> Result<(), String> {
+        with(|host| {
+            host.kv.insert(key.to_owned(), value.to_vec());
+            host.durable.insert(key.to_owned(), value.to_vec());
+        });
+        Ok(())
+    }
+
+    pub(crate) fn kv_add(key: &str, delta: u64, durable: bool) -> Result<u64, String> {
+        with(|host| {
+            let current = match host.kv.get(key) {
+                None => 0,
+                Some(value) => u64::from_be_bytes(
+                    <[u8; 8]>::try_from(value.as_slice()).map_err(|_| format!("{key:?} is not an 8-byte counter"))?,
+                ),
+            };
+            let next = current.wrapping_add(delta);
+            host.kv.insert(key.to_owned(), next.to_be_bytes().to_vec());
+            if durable {
+                host.durable.insert(key.to_owned(), next.to_be_bytes().to_vec());
+            }
+            Ok(next)
+        })
+    }
+
+    /// A broker restart as the plugin sees it: the key-value table keeps only what was written durably.
+    pub fn restart() {
+        with(|host| host.kv = host.durable.clone());
     }
 
     pub(crate) fn counter_add(name: &str, delta: u64) {
         with(|host| *host.counters.entry(name.to_owned()).or_default() += delta);
     }
 
-    pub(crate) fn hmac_sha256(key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    fn mac(key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Hmac<Sha256>, String> {
         let secret =
             with(|host| host.secrets.get(key_id).cloned()).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&secret).map_err(|error| error.to_string())?;
+        let key = match derive_info {
+            None => secret,
+            Some(info) => {
+                let mut derived = vec![0; 32];
+                hkdf::Hkdf::<Sha256>::new(None, &secret)
+                    .expand(info, &mut derived)
+                    .map_err(|error| error.to_string())?;
+                derived
+            }
+        };
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|error| error.to_string())?;
         mac.update(data);
-        Ok(mac.finalize().into_bytes().to_vec())
+        Ok(mac)
+    }
+
+    pub(crate) fn hmac_sha256(key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+        hmac(key_id, None, data)
+    }
+
+    pub(crate) fn hmac(key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String> {
+        Ok(mac(key_id, derive_info, data)?.finalize().into_bytes().to_vec())
+    }
+
+    pub(crate) fn verify(key_id: &str, derive_info: Option<&[u8]>, data: &[u8], tag: &[u8]) -> Result<bool, String> {
+        if !(16..=32).contains(&tag.len()) {
+            return Err(format!("a tag is 16 to 32 bytes, not {}", tag.len()));
+        }
+        Ok(mac(key_id, derive_info, data)?.verify_truncated_left(tag).is_ok())
     }
 
     pub(crate) fn sha256(data: &[u8]) -> Vec<u8> {
@@ -430,6 +593,10 @@ macro_rules! export_plugin {
                         __types::AclDecision::Ignore,
                     )
                 }
+
+                fn authorize_session(client: __types::Client) -> __types::AclDecision {
+                    __with(|plugin| $crate::Plugin::authorize_session(plugin, &client), __types::AclDecision::Ignore)
+                }
             }
 
             impl __exports::transform::Guest for __TollgateExport {
@@ -474,6 +641,32 @@ mod tests {
     }
 
     #[test]
+    fn topics_match_like_the_broker() {
+        use topic::matches;
+        assert!(matches("a/+/c", "a/b/c") && matches("a/#", "a") && matches("#", "a/b") && matches("a/b", "a/b"));
+        assert!(!matches("a/+", "a/b/c") && !matches("a/b", "a") && !matches("+/x", "$SYS/x") && !matches("#", "$SYS"));
+        assert!(matches("$SYS/#", "$SYS/a"));
+    }
+
+    #[test]
+    fn config_lists_come_in_order() {
+        let config: Config =
+            [("l.10", "c"), ("l.2", "b"), ("l.0", "a"), ("t.1.x", "1"), ("t.0.y", "2")].into_iter().collect();
+        assert_eq!(config.list("l"), vec!["a", "b", "c"]);
+        assert_eq!(config.table_indices("t"), vec![0, 1]);
+    }
+
+    #[test]
+    fn security_events_are_json_whatever_the_text() {
+        assert_eq!(host::json_string("a\"b\\c\u{1b}\n"), "\"a\\\"b\\\\c\\u001b\\u000a\"");
+        host::security_event(host::LogLevel::Info, "publish_denied", &[("client_id", "x\"y")]);
+        assert_eq!(
+            testing::logs().last().map(String::as_str),
+            Some("{\"event\":\"publish_denied\",\"client_id\":\"x\\\"y\"}")
+        );
+    }
+
+    #[test]
     fn host_double_answers_natively() {
         testing::set_secret("k1", b"key");
         let tag = crypto::hmac_sha256("k1", b"The quick brown fox jumps over the lazy dog").expect("hmac");
@@ -485,5 +678,12 @@ mod tests {
         assert_eq!(testing::counter("n"), 2);
         testing::set_now_ms(Some(42));
         assert_eq!(host::now_ms(), 42);
+        host::kv_set_durable("d", b"2").expect("durable");
+        assert_eq!(host::kv_add("c", 5, false), Ok(5));
+        testing::restart();
+        assert_eq!((host::kv_get("a"), host::kv_get("d"), host::kv_get("c")), (None, Some(b"2".to_vec()), None));
+        let tag = crypto::hmac_sha256_derived("k1", b"vin", b"m").expect("derived");
+        assert_eq!(crypto::verify_hmac_sha256("k1", Some(b"vin"), b"m", &tag), Ok(true));
+        assert_eq!(crypto::verify_hmac_sha256("k1", None, b"m", &tag), Ok(false));
     }
 }

@@ -82,7 +82,10 @@ impl BrokerBuilder {
         config.listeners[0].bind = "127.0.0.1:0".into();
         config.sys.interval = 0;
         config.session.shutdown_grace = 2;
-        Self { config, dir: tempfile::tempdir().unwrap() }
+        let dir = tempfile::tempdir().unwrap();
+        // Plugin state stays with the test, never in the user's home.
+        config.runtime.state_dir = Some(dir.path().join("state"));
+        Self { config, dir }
     }
 
     /// The broker's private temporary directory (removed when the broker is dropped).

@@ -25,7 +25,7 @@ pub fn wasm_plugin(package: &str) -> PathBuf {
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
             let output = Command::new(cargo)
                 .current_dir(&root)
-                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "testkit-wasm", "-p", "auth-wasm", "-p", "vin-acl"])
+                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "testkit-wasm", "-p", "auth-wasm", "-p", "vin-acl", "-p", "msg-auth"])
                 .output()
                 .map_err(|error| format!("cannot run cargo: {error}"))?;
             if !output.status.success() {

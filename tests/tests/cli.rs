@@ -509,3 +509,31 @@ async fn the_examples_replay_their_recorded_events() {
         assert!(decisions >= 3, "{example}: only {decisions} decisions: {}", describe(&output));
     }
 }
+
+/// The OTA fleet example runs end to end as its README says (`examples/ota-fleet/run.sh`), against this build of
+/// the broker, on free loopback ports: paho-mqtt cars on mutual TLS, vin-acl and msg-auth in the broker.
+#[tokio::test]
+async fn the_ota_fleet_example_runs() {
+    let Some(_python) = external::require_paho() else { return };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf();
+    let status = std::process::Command::new(env!("CARGO"))
+        .current_dir(&root)
+        .args(["build", "--quiet", "--release", "--target", "wasm32-wasip2", "-p", "vin-acl", "-p", "msg-auth"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "building the plugins failed");
+    // Two ports nobody holds right now; the script's broker binds them a moment later.
+    let free_port = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (tls_port, tcp_port) = (free_port(), free_port());
+    let mut command = Command::new(root.join("examples/ota-fleet/run.sh"));
+    command
+        .current_dir(&root)
+        .env("OTA_SKIP_BUILD", "1")
+        .env("TOLLGATE_BIN", tollgate_bin())
+        .env("OTA_TLS_PORT", tls_port.to_string())
+        .env("OTA_TCP_PORT", tcp_port.to_string());
+    let output = run(&mut command, Duration::from_secs(120)).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success() && stdout.contains("all steps as expected"), "{}", describe(&output));
+    assert!(!stdout.contains("FAIL"), "{stdout}");
+}

@@ -48,6 +48,7 @@ fn plugin_entry(name: &str, kind: Kind, path: PathBuf) -> PluginConfig {
         cache_decisions: false,
         secrets: [("k1".to_owned(), "hex:736563726574".to_owned())].into(), // "secret"
         config: Default::default(),
+        files: Default::default(),
     }
 }
 

@@ -10,7 +10,7 @@ mod wasm_build;
 use std::path::{Path, PathBuf};
 
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode, PubAckReason, SubscribeReasonCode};
 use tollgate::config::{Config, ListenerConfig, PluginConfig};
 use tollgate_integration_tests::tls::tls_options;
 use tollgate_integration_tests::v5::{self, Acked, topic};
@@ -57,10 +57,15 @@ fn vin_acl() -> PluginConfig {
         cache_decisions: true,
         secrets: Default::default(),
         config: config.as_object().unwrap().clone(),
+        files: Default::default(),
     }
 }
 
 async fn broker(certs: &Path) -> TestBroker {
+    broker_with(certs, vin_acl()).await
+}
+
+async fn broker_with(certs: &Path, plugin: PluginConfig) -> TestBroker {
     TestBroker::builder()
         .configure(|config: &mut Config| {
             let mut tls = ListenerConfig::tcp("127.0.0.1:0");
@@ -70,7 +75,7 @@ async fn broker(certs: &Path) -> TestBroker {
             tls.client_ca = Some(certs.join("ca.pem"));
             tls.require_client_cert = true;
             config.listeners = vec![tls, ListenerConfig::tcp("127.0.0.1:0")];
-            config.plugins = vec![vin_acl()];
+            config.plugins = vec![plugin];
             config.runtime.plugin_cache_dir = Some(PathBuf::new());
         })
         .start()
@@ -161,5 +166,33 @@ async fn bad_identities_client_ids_and_foreign_wills_are_refused_at_connect() {
     let (mut nobody, _) = v5::connect(anonymous).await;
     assert_eq!(nobody.subscribe("vehicle/#", QoS::AtLeastOnce).await, SubscribeReasonCode::NotAuthorized);
     nobody.disconnect().await;
+    assert!(broker.stop().await);
+}
+
+#[tokio::test]
+async fn revocation_ends_a_live_cars_session_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let revoked = dir.path().join("revoked.txt");
+    std::fs::write(&revoked, "# VINs and serial:<hex>, one per line\n").unwrap();
+    let mut plugin = vin_acl();
+    plugin.files.insert("revoked".into(), revoked.clone());
+    let broker = broker_with(&certs, plugin).await;
+    let tls = broker.server.addresses[0];
+    let (mut car, _) = v5::connect(tls_options(tls, VIN, &certs, Some(VIN))).await;
+    car.subscribe_ok(&format!("vehicle/updates/{VIN}"), QoS::AtLeastOnce).await;
+    let (mut other, _) = v5::connect(tls_options(tls, OTHER_VIN, &certs, Some(OTHER_VIN))).await;
+    other.subscribe_ok(&format!("vehicle/updates/{OTHER_VIN}"), QoS::AtLeastOnce).await;
+    assert_eq!(broker.subscription_count(), 2);
+
+    std::fs::write(&revoked, format!("# stolen\n{VIN}\n")).unwrap();
+    let started = std::time::Instant::now();
+    broker.server.reload(&broker.config).await.unwrap();
+    assert_eq!(car.expect_server_disconnect().await, DisconnectReasonCode::NotAuthorized);
+    assert!(started.elapsed() < std::time::Duration::from_secs(1), "took {:?}", started.elapsed());
+    assert_eq!(broker.subscription_count(), 1, "the revoked car's subscription is gone; the other car's stays");
+    assert_eq!(v5::refused_code(tls_options(tls, VIN, &certs, Some(VIN))).await, ConnectReturnCode::NotAuthorized);
+    other.expect_no_publish(QUIET).await;
+    other.disconnect().await;
     assert!(broker.stop().await);
 }

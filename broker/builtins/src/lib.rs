@@ -120,6 +120,8 @@ impl Authorizer for AclFileAuthorizer {
             // The group prefix is already stripped: rules are written against the inner filter.
             Action::Subscribe { filter, .. } => (filter, Access::Subscribe),
             Action::ReceiveRetained { topic } | Action::Receive { topic } => (topic, Access::Read),
+            // The file has no notion of revoking a client; its rules apply to each action.
+            Action::Session => return Ok(AclDecision::Abstain),
         };
         let verdict = self.file.check(&client.client_id, client.username.as_deref(), topic, access);
         // A refused subscription is answered 0x80 rather than 0x87: both are legal in a v5 SUBACK, 0x80 is the

@@ -64,6 +64,15 @@ enum Exit {
     },
     KeepAliveTimeout,
     TakenOver,
+    /// A policy hook refused something and asked for the client to go (a transform's reject with disconnect).
+    Refused {
+        reason: ReasonCode,
+        detail: String,
+    },
+    /// A recheck after a policy change found the client no longer allowed; its session is gone.
+    Revoked {
+        reason: ReasonCode,
+    },
     Shutdown,
 }
 
@@ -383,7 +392,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
         }
         let session = opened.session;
         let kick = CancellationToken::new();
-        let generation = session.attach(kick.clone());
+        let generation = session.attach(kick.clone(), client.clone());
         session.lock().expiry_interval = expiry;
 
         let will = connect.will.as_ref().map(|will| {
@@ -454,6 +463,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             // Only an enhanced-authentication client can re-authenticate; other connections need not keep their
             // CONNECT (password included) for their whole life.
             reauth_request: request.authentication_method.is_some().then(|| Box::new(request)),
+            problem_information: connect.properties.request_problem_information != Some(0),
             expiry_was_zero: expiry == 0,
             fill_pending: false,
             publish_window: PublishWindow::default(),
@@ -489,6 +499,9 @@ struct Connection<S> {
     kick: CancellationToken,
     shutdown: CancellationToken,
     reauth_request: Option<Box<ConnectRequest>>,
+    /// The client's Request Problem Information: when false, no reason strings outside CONNACK/DISCONNECT
+    /// [MQTT-3.1.2-29].
+    problem_information: bool,
     expiry_was_zero: bool,
     /// The last fill stopped at the write high-water mark with deliveries left in the queue.
     fill_pending: bool,
@@ -553,7 +566,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Exit::Shutdown,
-                _ = self.kick.cancelled() => return Exit::TakenOver,
+                _ = self.kick.cancelled() => {
+                    return match self.session.revocation() {
+                        Some(reason) => Exit::Revoked { reason },
+                        None => Exit::TakenOver,
+                    };
+                }
                 result = self.writer.write_buf(&mut self.write_buf), if !self.write_buf.is_empty() => {
                     match result {
                         Ok(0) | Err(_) => return Exit::Closed,
@@ -673,12 +691,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             return AclOutcome::Allow { max_qos: QoS::ExactlyOnce };
         }
         let cacheable = hooks.acl_cacheable();
-        if cacheable && let Some(outcome) = self.acl_cache.get(hooks.generation, &action) {
+        // Both only grow, so their sum changes whenever either does: a reload or a recheck empties the cache.
+        let generation = hooks.generation + self.broker.acl_epoch();
+        if cacheable && let Some(outcome) = self.acl_cache.get(generation, &action) {
             return outcome;
         }
         let outcome = hooks.authorize(&self.client, &action).await;
         if cacheable {
-            self.acl_cache.insert(hooks.generation, &action, outcome);
+            self.acl_cache.insert(generation, &action, outcome);
         }
         if let AclOutcome::Deny(reason) = outcome {
             Metrics::add(&self.broker.metrics().acl_denials, 1);
@@ -698,6 +718,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 }
                 self.send(&Packet::PubRec(Ack::new(packet_id, reason)));
             }
+        }
+    }
+
+    /// A v5 negative PUBACK/PUBREC with a reason string, when the client accepts reason strings.
+    fn refuse_publish(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode, message: &str) {
+        let Some(packet_id) = packet_id else { return };
+        let mut ack = Ack::new(packet_id, reason);
+        if self.problem_information && !message.is_empty() {
+            ack.properties.reason_string = Some(message.to_owned());
+        }
+        match qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
+            QoS::ExactlyOnce => self.send(&Packet::PubRec(ack)),
         }
     }
 
@@ -807,6 +841,20 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 TransformOutcome::Drop { hook, reason } => {
                     debug!(client_id = %self.client.client_id, %hook, %reason, "message dropped by transform");
                     self.ack_publish(qos, packet_id, ReasonCode::SUCCESS);
+                    return Ok(());
+                }
+                TransformOutcome::Reject { hook, reason, message, disconnect } => {
+                    info!(client_id = %self.client.client_id, %hook, %reason, %message, disconnect, topic = %topic_for_acl, "message refused by transform");
+                    Metrics::add(&self.broker.metrics().publish_dropped, 1);
+                    if self.version.is_v5() {
+                        self.refuse_publish(qos, packet_id, reason, &message);
+                    } else if !disconnect {
+                        // 3.1.1 has no negative acknowledgement: acknowledged and dropped.
+                        self.ack_publish(qos, packet_id, ReasonCode::SUCCESS);
+                    }
+                    if disconnect {
+                        return Err(Exit::Refused { reason, detail: message });
+                    }
                     return Ok(());
                 }
             }
@@ -1026,7 +1074,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 apply_hook_message(&mut message, draft, now);
                 Some(Delivery { message: Arc::new(message), ..delivery })
             }
-            TransformOutcome::Drop { hook, reason } => {
+            TransformOutcome::Drop { hook, reason } | TransformOutcome::Reject { hook, message: reason, .. } => {
                 debug!(client_id = %self.client.client_id, %hook, %reason, "outbound copy dropped by transform");
                 None
             }
@@ -1100,6 +1148,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             Exit::TakenOver => {
                 debug!(client_id = %client_id, "session taken over by a new connection");
                 (Some((ReasonCode::SESSION_TAKEN_OVER, None)), true)
+            }
+            Exit::Refused { reason, detail } => {
+                info!(client_id = %client_id, %reason, %detail, "disconnecting client at a policy hook's request");
+                (Some((*reason, Some(detail.clone()))), true)
+            }
+            // A revoked identity's will is not published: it would speak for a client no longer trusted.
+            Exit::Revoked { reason } => {
+                info!(client_id = %client_id, %reason, "disconnecting client: access revoked");
+                (Some((*reason, None)), false)
             }
             // A broker going away publishes no wills: the subscribers are going away too.
             Exit::Shutdown => (Some((ReasonCode::SERVER_SHUTTING_DOWN, None)), false),

@@ -56,6 +56,18 @@ struct BrokerInner {
     started: Instant,
     /// Distinguishes assigned client identifiers of different broker runs.
     instance_tag: u64,
+    /// Bumped by every recheck, so connections drop ACL decisions cached before it.
+    acl_epoch: AtomicU64,
+}
+
+/// What a recheck of every session did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecheckReport {
+    pub sessions: usize,
+    /// Sessions whose client was refused: disconnected and ended.
+    pub revoked: usize,
+    pub subscriptions_removed: usize,
+    pub queued_dropped: usize,
 }
 
 impl Broker {
@@ -92,6 +104,7 @@ impl Broker {
                 tasks: TaskTracker::new(),
                 started: Instant::now(),
                 instance_tag,
+                acl_epoch: AtomicU64::new(0),
             }),
         }
     }
@@ -108,6 +121,76 @@ impl Broker {
     /// decisions when its generation differs.
     pub fn replace_hooks(&self, hooks: HookChain) {
         *self.inner.hooks.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
+    }
+
+    pub fn acl_epoch(&self) -> u64 {
+        self.inner.acl_epoch.load(Ordering::Relaxed)
+    }
+
+    /// Asks policy again about every session, live or persisted, as its client was last authenticated: a client
+    /// now refused (`Action::Session`) is disconnected with the reason and its session ended; each subscription
+    /// now refused is removed, with the queued messages only it matched. Runs after a reload, and periodically
+    /// when configured, so a revocation reaches access already granted.
+    pub async fn recheck_sessions(&self) -> RecheckReport {
+        self.inner.acl_epoch.fetch_add(1, Ordering::Relaxed);
+        let hooks = self.hooks();
+        let mut report = RecheckReport::default();
+        if hooks.authorizers.is_empty() {
+            return report;
+        }
+        for session in self.inner.sessions.all() {
+            let Some(client) = session.lock().client.clone() else { continue };
+            report.sessions += 1;
+            if let tollgate_hooks::AclOutcome::Deny(reason) =
+                hooks.authorize(&client, &tollgate_hooks::Action::Session).await
+            {
+                info!(client_id = %session.client_id, %reason, "recheck: client no longer allowed; session ended");
+                session.revoke(reason);
+                self.end_session(&session);
+                report.revoked += 1;
+                continue;
+            }
+            let subscriptions: Vec<(String, QoS)> = session
+                .lock()
+                .subscriptions
+                .iter()
+                .map(|(filter, subscription)| (filter.clone(), subscription.options.qos))
+                .collect();
+            let mut removed = Vec::new();
+            for (filter, qos) in subscriptions {
+                let Ok(parsed) = tollgate_protocol::topic::parse_subscription_filter(&filter) else { continue };
+                let action =
+                    tollgate_hooks::Action::Subscribe { filter: parsed.filter, qos, share_group: parsed.share_group };
+                if let tollgate_hooks::AclOutcome::Deny(reason) = hooks.authorize(&client, &action).await {
+                    info!(client_id = %session.client_id, %filter, %reason, "recheck: subscription no longer allowed; removed");
+                    self.inner.router.unsubscribe(parsed.filter, parsed.share_group, session.id);
+                    removed.push(filter);
+                }
+            }
+            if removed.is_empty() {
+                continue;
+            }
+            report.subscriptions_removed += removed.len();
+            let mut state = session.lock();
+            for filter in &removed {
+                state.subscriptions.remove(filter);
+            }
+            let remaining: Vec<String> = state
+                .subscriptions
+                .keys()
+                .filter_map(|filter| {
+                    tollgate_protocol::topic::parse_subscription_filter(filter)
+                        .ok()
+                        .map(|parsed| parsed.filter.to_owned())
+                })
+                .collect();
+            let before = state.queue.len();
+            state.queue.retain(|delivery| {
+                remaining.iter().any(|filter| tollgate_protocol::topic::matches(filter, &delivery.message.topic))
+            });
+            report.queued_dropped += before - state.queue.len();
+        }
+        report
     }
 
     pub fn metrics(&self) -> &Metrics {

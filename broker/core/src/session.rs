@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tollgate_protocol::{PacketId, QoS, SubscriptionOptions};
+use tollgate_hooks::ClientInfo;
+use tollgate_protocol::{PacketId, QoS, ReasonCode, SubscriptionOptions};
 
 use crate::config::OverflowPolicy;
 use crate::message::{ClientId, Delivery, SessionId};
@@ -68,6 +69,10 @@ pub struct SessionState {
     pub dropped_messages: u64,
     /// Set while the session waits for expiry, for diagnostics.
     pub detached_at: Option<Instant>,
+    /// Who the session belongs to, as the latest connection authenticated it: what a recheck asks policy about.
+    pub client: Option<Arc<ClientInfo>>,
+    /// Set when a recheck revoked the client, so the kicked connection says why.
+    revoked: Option<ReasonCode>,
 }
 
 #[derive(Debug)]
@@ -100,11 +105,13 @@ impl Session {
     }
 
     /// Attaches a new connection, kicking any previous one, and returns the new generation.
-    pub fn attach(&self, kick: CancellationToken) -> u64 {
+    pub fn attach(&self, kick: CancellationToken, client: Arc<ClientInfo>) -> u64 {
         let mut state = self.lock();
         if let Some(previous) = state.attachment.take() {
             previous.kick.cancel();
         }
+        state.client = Some(client);
+        state.revoked = None;
         state.generation += 1;
         let generation = state.generation;
         state.attachment = Some(Attachment { generation, kick });
@@ -131,6 +138,20 @@ impl Session {
 
     pub fn generation(&self) -> u64 {
         self.lock().generation
+    }
+
+    /// Kicks the attached connection with a reason (a recheck found the client no longer allowed).
+    pub fn revoke(&self, reason: ReasonCode) {
+        let mut state = self.lock();
+        state.revoked = Some(reason);
+        if let Some(attachment) = &state.attachment {
+            attachment.kick.cancel();
+        }
+    }
+
+    /// Why the connection was kicked, if it was a revocation.
+    pub fn revocation(&self) -> Option<ReasonCode> {
+        self.lock().revoked
     }
 
     /// Kicks the attached connection, if any (session takeover, administrative action).

@@ -27,6 +27,7 @@ impl AclCache {
             Action::Will { topic, qos, retain } => (2, topic.to_owned(), qos, retain),
             Action::ReceiveRetained { topic } => (3, topic.to_owned(), QoS::AtMostOnce, false),
             Action::Receive { topic } => (4, topic.to_owned(), QoS::AtMostOnce, false),
+            Action::Session => (5, String::new(), QoS::AtMostOnce, false),
         }
     }
 

@@ -250,6 +250,10 @@ impl HookChain {
                 Attempt::Done(TransformDecision::Drop { reason }) => {
                     return TransformOutcome::Drop { hook: name.to_owned(), reason };
                 }
+                Attempt::Done(TransformDecision::Reject { reason, message: text, disconnect }) => {
+                    *message = before;
+                    return TransformOutcome::Reject { hook: name.to_owned(), reason, message: text, disconnect };
+                }
                 Attempt::Failed(error) => {
                     *message = before;
                     if slot.on_failure == FailurePolicy::FailClosed {

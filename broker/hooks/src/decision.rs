@@ -57,6 +57,9 @@ pub enum TransformDecision {
     Modified,
     /// Stop here: the message is acknowledged but not delivered.
     Drop { reason: String },
+    /// Stop here and refuse the message: a v5 publisher gets `reason` in its PUBACK/PUBREC (with `message` as the
+    /// reason string); with `disconnect` the client is also disconnected, which is the only refusal 3.1.1 has.
+    Reject { reason: ReasonCode, message: String, disconnect: bool },
 }
 
 /// What the chain concluded for a transform.
@@ -64,6 +67,7 @@ pub enum TransformDecision {
 pub enum TransformOutcome {
     Deliver,
     Drop { hook: String, reason: String },
+    Reject { hook: String, reason: ReasonCode, message: String, disconnect: bool },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

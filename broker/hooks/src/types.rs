@@ -79,14 +79,17 @@ pub enum Action<'a> {
         qos: QoS,
         retain: bool,
     },
-    /// A retained message about to be replayed to a new subscription.
     /// A live message about to be delivered to a subscriber (Mosquitto's per-message read check).
     Receive {
         topic: &'a str,
     },
+    /// A retained message about to be replayed to a new subscription.
     ReceiveRetained {
         topic: &'a str,
     },
+    /// May this client keep its connection and session? Asked of every live and persisted session when policy
+    /// changes (a reload, a periodic recheck), so a revoked identity loses access it already had.
+    Session,
 }
 
 impl Action<'_> {
@@ -97,6 +100,7 @@ impl Action<'_> {
             | Action::ReceiveRetained { topic }
             | Action::Receive { topic } => topic,
             Action::Subscribe { filter, .. } => filter,
+            Action::Session => "",
         }
     }
 }

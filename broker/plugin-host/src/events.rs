@@ -111,6 +111,10 @@ enum Event {
         qos: u8,
         share_group: Option<String>,
     },
+    AuthorizeSession {
+        #[serde(flatten)]
+        client: ClientFields,
+    },
     Transform {
         #[serde(flatten)]
         client: ClientFields,
@@ -247,6 +251,9 @@ async fn run(hook: &PluginHook, event: Event) -> Result<Value, String> {
             let action = Action::Subscribe { filter: &filter, qos: qos(level)?, share_group: share_group.as_deref() };
             describe_acl(hook.authorize(&client_info(client), &action).await)
         }
+        Event::AuthorizeSession { client } => {
+            describe_acl(hook.authorize(&client_info(client), &Action::Session).await)
+        }
         Event::Transform { client, message: fields } => {
             let mut message = message(fields)?;
             match hook.transform_inbound(&client_info(client), &mut message).await {
@@ -255,6 +262,9 @@ async fn run(hook: &PluginHook, event: Event) -> Result<Value, String> {
                     json!({ "decision": "modified", "message": describe_message(&message) })
                 }
                 Ok(TransformDecision::Drop { reason }) => json!({ "decision": "drop", "reason": reason }),
+                Ok(TransformDecision::Reject { reason, message, disconnect }) => json!({
+                    "decision": "reject", "reason_code": reason.0, "reason": message, "disconnect": disconnect
+                }),
                 Err(error) => failed(error),
             }
         }

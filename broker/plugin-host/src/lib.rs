@@ -50,6 +50,8 @@ pub(crate) enum AclRequest<'a> {
         qos: QoS,
         share_group: Option<&'a str>,
     },
+    /// Whether the client keeps its session (a recheck after a policy change).
+    Session,
 }
 
 impl<'a> AclRequest<'a> {
@@ -58,6 +60,7 @@ impl<'a> AclRequest<'a> {
             Action::Publish { topic, qos, retain } => Some(AclRequest::Publish { topic, qos, retain, will: false }),
             Action::Will { topic, qos, retain } => Some(AclRequest::Publish { topic, qos, retain, will: true }),
             Action::Subscribe { filter, qos, share_group } => Some(AclRequest::Subscribe { filter, qos, share_group }),
+            Action::Session => Some(AclRequest::Session),
             Action::Receive { .. } | Action::ReceiveRetained { .. } => None,
         }
     }
@@ -282,6 +285,8 @@ impl BridgeRouter for PluginHook {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
     spec: String,
+    /// Size and modification time of each file the plugin reads through the broker.
+    files: Vec<(Option<SystemTime>, Option<u64>)>,
     /// Secrets are not in the spec's `Debug` output; a changed secret must still count as a change.
     secrets: Vec<u8>,
     modified: Option<SystemTime>,
@@ -298,8 +303,20 @@ impl Fingerprint {
             secrets.extend_from_slice(secret);
             secrets.push(0);
         }
+        let files = spec
+            .files
+            .values()
+            .map(|path| {
+                let metadata = std::fs::metadata(path).ok();
+                (
+                    metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
+                    metadata.map(|metadata| metadata.len()),
+                )
+            })
+            .collect();
         Fingerprint {
             spec: format!("{spec:?}"),
+            files,
             secrets: PluginShared::sha256(&secrets),
             modified: metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
             length: metadata.map(|metadata| metadata.len()),

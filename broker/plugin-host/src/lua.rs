@@ -38,6 +38,7 @@ struct Hooks {
     /// through the API, where every step is a protected call once a memory limit is set.
     authorize_publish: Option<Function>,
     authorize_subscribe: Option<Function>,
+    authorize_session: Option<Function>,
     on_publish: Option<Function>,
     route: Option<Function>,
 }
@@ -89,11 +90,15 @@ impl LuaPlugin {
         let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
         let source = std::fs::read_to_string(&spec.path)
             .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
+        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()));
+        if let Some(state_file) = &spec.state_file {
+            shared.open_state(state_file.clone()).map_err(fail)?;
+        }
         let mut plugin = LuaPlugin {
-            shared: Arc::new(PluginShared::new(&spec.name, spec.secrets.clone())),
+            shared,
             source: source.into(),
             chunk_name: format!("@{}", spec.path.display()),
-            config: serde_json::Value::Object(spec.config.clone()),
+            config: serde_json::Value::Object(spec.config_with_files().map_err(fail)?),
             limits: spec.limits,
             pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
@@ -102,7 +107,12 @@ impl LuaPlugin {
         let hooks = &instance.hooks;
         plugin.hooks = [
             (HookKind::Authenticate, hooks.on_connect.is_some()),
-            (HookKind::Authorize, hooks.authorize_publish.is_some() || hooks.authorize_subscribe.is_some()),
+            (
+                HookKind::Authorize,
+                hooks.authorize_publish.is_some()
+                    || hooks.authorize_subscribe.is_some()
+                    || hooks.authorize_session.is_some(),
+            ),
             (HookKind::Transform, hooks.on_publish.is_some()),
             (HookKind::Route, hooks.route.is_some()),
         ]
@@ -111,7 +121,8 @@ impl LuaPlugin {
         .collect();
         if plugin.hooks.is_empty() {
             return Err(fail(
-                "defines none of on_connect, authorize_publish, authorize_subscribe, on_publish, route".to_owned(),
+                "defines none of on_connect, authorize_publish, authorize_subscribe, authorize_session, on_publish, route"
+                    .to_owned(),
             ));
         }
         tracing::info!(plugin = %spec.name, hooks = ?plugin.hooks, "Lua plugin loaded");
@@ -149,6 +160,7 @@ impl LuaPlugin {
                 on_connect: globals.get("on_connect")?,
                 authorize_publish: wrap(PUBLISH_ENTRY, globals.get("authorize_publish")?)?,
                 authorize_subscribe: wrap(SUBSCRIBE_ENTRY, globals.get("authorize_subscribe")?)?,
+                authorize_session: globals.get("authorize_session")?,
                 on_publish: globals.get("on_publish")?,
                 route: globals.get("route")?,
             };
@@ -241,6 +253,20 @@ impl LuaPlugin {
         )?;
         let shared = self.shared.clone();
         host.raw_set(
+            "kv_set_durable",
+            lua.create_function(move |_, (key, value): (String, LuaString)| {
+                shared.kv_set_durable(key, value.as_bytes().to_vec()).map_err(mlua::Error::runtime)
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "kv_add",
+            lua.create_function(move |_, (key, delta, durable): (String, Option<u64>, Option<bool>)| {
+                shared.kv_add(&key, delta.unwrap_or(1), durable.unwrap_or(false)).map_err(mlua::Error::runtime)
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
             "counter_add",
             lua.create_function(move |_, (name, delta): (String, Option<u64>)| {
                 shared.counter_add(&name, delta.unwrap_or(1));
@@ -254,6 +280,28 @@ impl LuaPlugin {
                 let tag = shared.hmac_sha256(&key_id, &data.as_bytes()).map_err(mlua::Error::runtime)?;
                 lua.create_string(tag)
             })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "hmac_sha256_derived",
+            lua.create_function(move |lua, (key_id, info, data): (String, LuaString, LuaString)| {
+                let tag = shared
+                    .hmac_sha256_derived(&key_id, &info.as_bytes(), &data.as_bytes())
+                    .map_err(mlua::Error::runtime)?;
+                lua.create_string(tag)
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "verify_hmac_sha256",
+            lua.create_function(
+                move |_, (key_id, derive_info, data, tag): (String, Option<LuaString>, LuaString, LuaString)| {
+                    let info = derive_info.map(|info| info.as_bytes().to_vec());
+                    shared
+                        .verify_hmac_sha256(&key_id, info.as_deref(), &data.as_bytes(), &tag.as_bytes())
+                        .map_err(mlua::Error::runtime)
+                },
+            )?,
         )?;
         host.raw_set(
             "sha256",
@@ -593,6 +641,12 @@ impl Runtime for LuaPlugin {
                                 let args = (client, filter, qos as u8, share_group);
                                 ("authorize_subscribe", instance.call(function, args).await?)
                             }
+                            AclRequest::Session => {
+                                let Some(function) = &instance.hooks.authorize_session else {
+                                    return Ok(Ok(AclDecision::Abstain));
+                                };
+                                ("authorize_session", instance.call(function, client).await?)
+                            }
                         };
                         Ok(acl_decision(name, value))
                     }
@@ -632,6 +686,11 @@ impl Runtime for LuaPlugin {
                             Value::Table(table) => {
                                 if let Some(reason) = table.get::<Option<String>>("drop")? {
                                     Ok((TransformDecision::Drop { reason }, None))
+                                } else if let Some(reason) = table.get::<Option<String>>("reject")? {
+                                    let message = table.get::<Option<String>>("reason")?.unwrap_or_default();
+                                    let disconnect = table.get::<Option<bool>>("disconnect")?.unwrap_or(false);
+                                    deny_reason(&reason)
+                                        .map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
                                 } else {
                                     let mut modified = draft.clone();
                                     match read_message(&table, &mut modified) {

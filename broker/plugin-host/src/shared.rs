@@ -1,6 +1,8 @@
 //! State one plugin's instances share, whatever the runtime: the key-value table, counters, secrets, health.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -136,12 +138,121 @@ impl CallClient {
     }
 }
 
+/// The append-only file behind `kv-set-durable`: one record per write, `u32` big-endian key length, key, `u32`
+/// value length (`u32::MAX` for a deletion), value. Loading replays it and rewrites it compacted; a torn record at
+/// the end (a crash mid-write) is ignored.
+struct DurableKv {
+    path: PathBuf,
+    file: std::fs::File,
+    keys: HashSet<String>,
+    records: usize,
+}
+
+const TOMBSTONE: u32 = u32::MAX;
+
+fn kv_record(key: &str, value: Option<&[u8]>) -> Vec<u8> {
+    let mut record = Vec::with_capacity(8 + key.len() + value.map_or(0, <[u8]>::len));
+    record.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    record.extend_from_slice(key.as_bytes());
+    match value {
+        Some(value) => {
+            record.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            record.extend_from_slice(value);
+        }
+        None => record.extend_from_slice(&TOMBSTONE.to_be_bytes()),
+    }
+    record
+}
+
+fn parse_kv_log(bytes: &[u8]) -> HashMap<String, Vec<u8>> {
+    let mut entries = HashMap::new();
+    let mut rest = bytes;
+    let take_u32 = |rest: &mut &[u8]| -> Option<u32> {
+        let (head, tail) = rest.split_first_chunk::<4>()?;
+        *rest = tail;
+        Some(u32::from_be_bytes(*head))
+    };
+    while let Some(key_len) = take_u32(&mut rest) {
+        let Some((key, tail)) = rest.split_at_checked(key_len as usize) else { break };
+        rest = tail;
+        let Ok(key) = std::str::from_utf8(key) else { break };
+        let Some(value_len) = take_u32(&mut rest) else { break };
+        if value_len == TOMBSTONE {
+            entries.remove(key);
+            continue;
+        }
+        let Some((value, tail)) = rest.split_at_checked(value_len as usize) else { break };
+        rest = tail;
+        entries.insert(key.to_owned(), value.to_vec());
+    }
+    entries
+}
+
+impl DurableKv {
+    /// Reads the plugin's state file (creating the directory owner-only) and rewrites it compacted.
+    fn open(path: PathBuf) -> std::io::Result<(Self, HashMap<String, Vec<u8>>)> {
+        if let Some(dir) = path.parent() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir)?;
+        }
+        let entries = match std::fs::read(&path) {
+            Ok(bytes) => parse_kv_log(&bytes),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(error) => return Err(error),
+        };
+        let mut durable = DurableKv {
+            file: Self::rewrite(&path, entries.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?,
+            path,
+            keys: entries.keys().cloned().collect(),
+            records: entries.len(),
+        };
+        durable.records = durable.keys.len();
+        Ok((durable, entries))
+    }
+
+    fn rewrite<'a>(path: &Path, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> std::io::Result<std::fs::File> {
+        let partial = path.with_extension("kv.partial");
+        let mut bytes = Vec::new();
+        for (key, value) in entries {
+            bytes.extend_from_slice(&kv_record(key, Some(value)));
+        }
+        std::fs::write(&partial, &bytes)?;
+        std::fs::File::open(&partial)?.sync_all()?;
+        std::fs::rename(&partial, path)?;
+        std::fs::OpenOptions::new().append(true).open(path)
+    }
+
+    fn append(&mut self, key: &str, value: Option<&[u8]>, table: &HashMap<String, Vec<u8>>) -> std::io::Result<()> {
+        // One write(2) per record: it reaches the page cache before the plugin's call returns, so it survives the
+        // broker process dying; compaction is the only place that fsyncs.
+        self.file.write_all(&kv_record(key, value))?;
+        match value {
+            Some(_) => self.keys.insert(key.to_owned()),
+            None => self.keys.remove(key),
+        };
+        self.records += 1;
+        if self.records > 4 * self.keys.len() + 4096 {
+            let live = self.keys.iter().filter_map(|key| table.get(key).map(|value| (key.as_str(), value.as_slice())));
+            self.file = Self::rewrite(&self.path, live)?;
+            self.records = self.keys.len();
+        }
+        Ok(())
+    }
+}
+
 /// Shared by every instance of one plugin.
 pub struct PluginShared {
     pub name: Arc<str>,
     pub metrics: PluginMetrics,
     secrets: BTreeMap<String, Vec<u8>>,
     kv: Mutex<HashMap<String, Vec<u8>>>,
+    durable: Mutex<Option<DurableKv>>,
     counters: Mutex<BTreeMap<String, u64>>,
     health: Mutex<Health>,
 }
@@ -159,6 +270,7 @@ impl PluginShared {
             metrics: PluginMetrics::default(),
             secrets,
             kv: Mutex::new(HashMap::new()),
+            durable: Mutex::new(None),
             counters: Mutex::new(BTreeMap::new()),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
@@ -189,7 +301,65 @@ impl PluginShared {
     }
 
     pub fn kv_delete(&self, key: &str) {
-        lock(&self.kv).remove(key);
+        let mut kv = lock(&self.kv);
+        kv.remove(key);
+        let mut durable = lock(&self.durable);
+        if let Some(durable) = durable.as_mut().filter(|durable| durable.keys.contains(key))
+            && let Err(error) = durable.append(key, None, &kv)
+        {
+            warn!(plugin = %self.name, %error, "could not record a deletion in the plugin's state file");
+        }
+    }
+
+    /// Attaches the plugin's state file: its entries join the table, and `kv_set_durable` appends to it.
+    pub fn open_state(&self, path: PathBuf) -> Result<(), String> {
+        let (durable, entries) =
+            DurableKv::open(path.clone()).map_err(|error| format!("state file {}: {error}", path.display()))?;
+        lock(&self.kv).extend(entries);
+        *lock(&self.durable) = Some(durable);
+        Ok(())
+    }
+
+    pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
+        if value.len() > KV_MAX_VALUE_BYTES {
+            return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
+        }
+        let mut kv = lock(&self.kv);
+        if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(&key) {
+            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
+        }
+        let mut durable = lock(&self.durable);
+        let Some(durable) = durable.as_mut() else {
+            return Err("the broker has no state directory (runtime.state_dir), so nothing is durable".to_owned());
+        };
+        durable.append(&key, Some(&value), &kv).map_err(|error| format!("state file: {error}"))?;
+        kv.insert(key, value);
+        Ok(())
+    }
+
+    pub fn kv_add(&self, key: &str, delta: u64, durable: bool) -> Result<u64, String> {
+        let mut kv = lock(&self.kv);
+        let current = match kv.get(key) {
+            None => 0,
+            Some(value) => u64::from_be_bytes(
+                <[u8; 8]>::try_from(value.as_slice())
+                    .map_err(|_| format!("{key:?} holds {} bytes, not an 8-byte counter", value.len()))?,
+            ),
+        };
+        if !kv.contains_key(key) && kv.len() >= KV_MAX_ENTRIES {
+            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
+        }
+        let next = current.wrapping_add(delta);
+        if durable {
+            // Appended while the table is locked, so the file's last record for the key is the highest value.
+            let mut file = lock(&self.durable);
+            let Some(file) = file.as_mut() else {
+                return Err("the broker has no state directory (runtime.state_dir), so nothing is durable".to_owned());
+            };
+            file.append(key, Some(&next.to_be_bytes()), &kv).map_err(|error| format!("state file: {error}"))?;
+        }
+        kv.insert(key.to_owned(), next.to_be_bytes().to_vec());
+        Ok(next)
     }
 
     /// Names become `$SYS` topic levels, so a name that is not a valid topic (empty, wildcards, NUL) is ignored.
@@ -214,6 +384,42 @@ impl PluginShared {
         let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string())?;
         mac.update(data);
         Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    fn mac(&self, key_id: &str, derive_info: Option<&[u8]>) -> Result<Hmac<Sha256>, String> {
+        let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+        match derive_info {
+            None => Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string()),
+            Some(info) => {
+                let mut derived = [0u8; 32];
+                hkdf::Hkdf::<Sha256>::new(None, secret)
+                    .expand(info, &mut derived)
+                    .map_err(|error| error.to_string())?;
+                Hmac::<Sha256>::new_from_slice(&derived).map_err(|error| error.to_string())
+            }
+        }
+    }
+
+    pub fn hmac_sha256_derived(&self, key_id: &str, info: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut mac = self.mac(key_id, Some(info))?;
+        mac.update(data);
+        Ok(mac.finalize().into_bytes().to_vec())
+    }
+
+    /// Constant-time comparison of a (possibly truncated, at least 16-byte) tag.
+    pub fn verify_hmac_sha256(
+        &self,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, String> {
+        if !(16..=32).contains(&tag.len()) {
+            return Err(format!("a tag is 16 to 32 bytes, not {}", tag.len()));
+        }
+        let mut mac = self.mac(key_id, derive_info)?;
+        mac.update(data);
+        Ok(mac.verify_truncated_left(tag).is_ok())
     }
 
     pub fn sha256(data: &[u8]) -> Vec<u8> {
@@ -316,6 +522,76 @@ mod tests {
         assert_eq!(shared.kv_get("k"), Some(b"v".to_vec()));
         shared.kv_delete("k");
         assert_eq!(shared.kv_get("k"), None);
+    }
+
+    #[test]
+    fn durable_kv_survives_a_restart_and_a_torn_tail() {
+        let dir = std::env::temp_dir().join(format!("tollgate-kv-{}-{:?}", std::process::id(), Instant::now()));
+        let path = dir.join("p.kv");
+        let shared = PluginShared::new("p", BTreeMap::new());
+        assert!(shared.kv_set_durable("k".into(), b"v".to_vec()).is_err(), "no state file attached yet");
+        shared.open_state(path.clone()).expect("open");
+        shared.kv_set_durable("keep".into(), b"1".to_vec()).expect("set");
+        shared.kv_set_durable("gone".into(), b"2".to_vec()).expect("set");
+        shared.kv_set_durable("keep".into(), b"3".to_vec()).expect("overwrite");
+        shared.kv_delete("gone");
+        shared.kv_set("volatile".into(), b"4".to_vec()).expect("set");
+        assert_eq!(shared.kv_add("ctr", 7, true), Ok(7));
+        assert_eq!(shared.kv_add("ctr", 1, false), Ok(8));
+        drop(shared);
+        // A crash mid-write leaves half a record behind.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .expect("open")
+            .write_all(&[0, 0, 0, 9, b'x'])
+            .expect("tear");
+        let restarted = PluginShared::new("p", BTreeMap::new());
+        restarted.open_state(path.clone()).expect("reopen");
+        assert_eq!(restarted.kv_get("keep"), Some(b"3".to_vec()));
+        assert_eq!(restarted.kv_get("gone"), None);
+        assert_eq!(restarted.kv_get("volatile"), None);
+        assert_eq!(restarted.kv_get("ctr"), Some(7u64.to_be_bytes().to_vec()), "only the durable add persisted");
+        // Compaction keeps live values only.
+        for round in 0..6000u32 {
+            restarted.kv_set_durable("hot".into(), round.to_be_bytes().to_vec()).expect("set");
+        }
+        assert!(std::fs::metadata(&path).expect("stat").len() < 4096 * 20, "the log was compacted");
+        drop(restarted);
+        let again = PluginShared::new("p", BTreeMap::new());
+        again.open_state(path).expect("reopen");
+        assert_eq!(again.kv_get("hot"), Some(5999u32.to_be_bytes().to_vec()));
+        assert_eq!(again.kv_get("keep"), Some(b"3".to_vec()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn kv_add_is_a_counter() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        assert_eq!(shared.kv_add("c", 1, false), Ok(1));
+        assert_eq!(shared.kv_add("c", 41, false), Ok(42));
+        shared.kv_set("text".into(), b"abc".to_vec()).expect("set");
+        assert!(shared.kv_add("text", 1, false).is_err());
+        assert!(shared.kv_add("c", 1, true).is_err(), "durable needs a state file");
+        assert_eq!(shared.kv_add("c", 0, false), Ok(42), "a refused durable add changes nothing");
+    }
+
+    #[test]
+    fn derived_keys_follow_rfc5869_and_verification_is_truncation_aware() {
+        // RFC 5869 test case 3 (no salt, no info): the derived key is the HMAC key used here.
+        let ikm = vec![0x0b; 22];
+        let shared = PluginShared::new("p", BTreeMap::from([("master".to_owned(), ikm)]));
+        let okm = hex::decode("8da4e775a563c18f715f802a063c5a31b8a11f5c5ee1879ec3454e5f3c738d2d").expect("hex");
+        let mut expected = Hmac::<Sha256>::new_from_slice(&okm).expect("key");
+        expected.update(b"data");
+        let expected = expected.finalize().into_bytes().to_vec();
+        assert_eq!(shared.hmac_sha256_derived("master", b"", b"data"), Ok(expected.clone()));
+        assert_eq!(shared.verify_hmac_sha256("master", Some(b""), b"data", &expected), Ok(true));
+        assert_eq!(shared.verify_hmac_sha256("master", Some(b""), b"data", &expected[..16]), Ok(true));
+        assert_eq!(shared.verify_hmac_sha256("master", Some(b"other"), b"data", &expected), Ok(false));
+        assert_eq!(shared.verify_hmac_sha256("master", None, b"data", &expected), Ok(false));
+        assert!(shared.verify_hmac_sha256("master", None, b"data", &expected[..8]).is_err());
+        assert!(shared.hmac_sha256_derived("absent", b"", b"data").is_err());
     }
 
     #[test]

@@ -117,7 +117,16 @@ pub struct PluginSpec {
     pub secrets: BTreeMap<String, Vec<u8>>,
     /// Whether the broker may cache this plugin's ACL decisions per connection (until the next reload).
     pub cache_decisions: bool,
+    /// Files the broker reads for the plugin (which cannot open files itself): name → path. Each file's text
+    /// reaches `init` as the configuration key `files.<name>`, and a changed file counts as a changed plugin on
+    /// reload (revocation lists, rule files).
+    pub files: BTreeMap<String, PathBuf>,
+    /// Where the plugin's durable key-value entries live (`kv-set-durable`); `None` means nothing is durable.
+    pub state_file: Option<PathBuf>,
 }
+
+/// The largest file a plugin may have the broker read for it.
+pub const MAX_PLUGIN_FILE_BYTES: u64 = 4 << 20;
 
 impl fmt::Debug for PluginSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,6 +140,8 @@ impl fmt::Debug for PluginSpec {
             .field("config", &self.config)
             .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
             .field("cache_decisions", &self.cache_decisions)
+            .field("files", &self.files)
+            .field("state_file", &self.state_file)
             .finish()
     }
 }
@@ -147,7 +158,33 @@ impl PluginSpec {
             config: serde_json::Map::new(),
             secrets: BTreeMap::new(),
             cache_decisions: false,
+            files: BTreeMap::new(),
+            state_file: None,
         }
+    }
+
+    /// The plugin's configuration with the files it asked for read in under `files.<name>`.
+    pub fn config_with_files(&self) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let mut config = self.config.clone();
+        if self.files.is_empty() {
+            return Ok(config);
+        }
+        let mut files = serde_json::Map::new();
+        for (name, path) in &self.files {
+            let size =
+                std::fs::metadata(path).map_err(|error| format!("files.{name}: {}: {error}", path.display()))?.len();
+            if size > MAX_PLUGIN_FILE_BYTES {
+                return Err(format!(
+                    "files.{name}: {} is {size} bytes, over the {MAX_PLUGIN_FILE_BYTES}-byte limit",
+                    path.display()
+                ));
+            }
+            let text =
+                std::fs::read_to_string(path).map_err(|error| format!("files.{name}: {}: {error}", path.display()))?;
+            files.insert(name.clone(), serde_json::Value::String(text));
+        }
+        config.insert("files".to_owned(), serde_json::Value::Object(files));
+        Ok(config)
     }
 
     pub fn failure_policy(&self, hook: HookKind) -> FailurePolicy {

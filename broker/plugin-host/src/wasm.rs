@@ -134,6 +134,14 @@ impl tollgate::plugin::host::Host for HostState {
         self.shared.kv_delete(&key)
     }
 
+    fn kv_set_durable(&mut self, key: String, value: Vec<u8>) -> Result<(), String> {
+        self.shared.kv_set_durable(key, value)
+    }
+
+    fn kv_add(&mut self, key: String, delta: u64, durable: bool) -> Result<u64, String> {
+        self.shared.kv_add(&key, delta, durable)
+    }
+
     fn counter_add(&mut self, name: String, delta: u64) {
         self.shared.counter_add(&name, delta)
     }
@@ -146,6 +154,20 @@ impl tollgate::plugin::crypto::Host for HostState {
 
     fn sha256(&mut self, data: Vec<u8>) -> Vec<u8> {
         PluginShared::sha256(&data)
+    }
+
+    fn hmac_sha256_derived(&mut self, key_id: String, info: Vec<u8>, data: Vec<u8>) -> Result<Vec<u8>, String> {
+        self.shared.hmac_sha256_derived(&key_id, &info, &data)
+    }
+
+    fn verify_hmac_sha256(
+        &mut self,
+        key_id: String,
+        derive_info: Option<Vec<u8>>,
+        data: Vec<u8>,
+        tag: Vec<u8>,
+    ) -> Result<bool, String> {
+        self.shared.verify_hmac_sha256(&key_id, derive_info.as_deref(), &data, &tag)
     }
 }
 
@@ -241,21 +263,22 @@ impl WasmPlugin {
             fail(format!("imports something Tollgate does not offer (only tollgate:plugin host and crypto, and WASI with no capabilities): {error:#}"))
         })?;
         let exports = Exports {
-            lifecycle: lifecycle::GuestIndices::new(&pre).map_err(|error| {
-                fail(format!("does not export tollgate:plugin/lifecycle@0.1.0 (built against another WIT?): {error:#}"))
-            })?,
+            lifecycle: lifecycle::GuestIndices::new(&pre).map_err(|error| fail(wrong_contract(&component, error)))?,
             authn: authn::GuestIndices::new(&pre).ok(),
             authz: authz::GuestIndices::new(&pre).ok(),
             transform: transform::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
         let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()));
+        if let Some(state_file) = &spec.state_file {
+            shared.open_state(state_file.clone()).map_err(fail)?;
+        }
         let mut plugin = WasmPlugin {
             shared,
             pre,
             exports,
             limits: spec.limits,
-            config: flatten_config(&spec.config),
+            config: flatten_config(&spec.config_with_files().map_err(fail)?),
             pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
         };
@@ -369,6 +392,30 @@ impl WasmPlugin {
             }
             Err(error) => Err(self.classify(error)),
         }
+    }
+}
+
+/// The package version this broker speaks, as the WIT names it.
+const CONTRACT: &str = "tollgate:plugin@0.2.0";
+
+/// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
+fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
+    let engine = component.engine();
+    let built_against: Vec<String> = component
+        .component_type()
+        .exports(engine)
+        .filter_map(|(name, _)| name.strip_prefix("tollgate:plugin/").map(str::to_owned))
+        .filter_map(|name| name.split_once('@').map(|(_, version)| format!("tollgate:plugin@{version}")))
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if built_against.is_empty() {
+        format!("does not export {CONTRACT} lifecycle (not a Tollgate plugin?): {error:#}")
+    } else {
+        format!(
+            "was built against {}, this broker speaks {CONTRACT}: rebuild it with the matching tollgate-sdk",
+            built_against.join(", ")
+        )
     }
 }
 
@@ -530,6 +577,9 @@ impl Runtime for WasmPlugin {
                         let (store, qos) = (&mut instance.store, wit_qos(qos));
                         guest.call_authorize_subscribe(store, &wit_client, filter, qos, share_group).await
                     }
+                    (Some(guest), AclRequest::Session) => {
+                        guest.call_authorize_session(&mut instance.store, &wit_client).await
+                    }
                     (None, _) => Ok(wit::AclDecision::Ignore),
                 };
                 (instance, result)
@@ -563,6 +613,11 @@ impl Runtime for WasmPlugin {
                 TransformDecision::Modified
             }
             wit::TransformResult::Drop(reason) => TransformDecision::Drop { reason },
+            wit::TransformResult::Reject(rejection) => TransformDecision::Reject {
+                reason: reason(rejection.reason),
+                message: rejection.message,
+                disconnect: rejection.disconnect,
+            },
         })
     }
 

@@ -349,3 +349,85 @@ async fn reload_keeps_unchanged_plugins_and_the_previous_version_of_a_broken_one
     assert_eq!(errors[0].plugin, "ghost");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Contract 0.2.0 from Lua: refusing a message with a reason code, ending a session, durable and atomic kv
+/// (back after a restart), derived-key HMAC and constant-time verification, and files read by the broker.
+#[tokio::test]
+async fn lua_rejects_rechecks_and_keeps_durable_state() {
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-durable-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("contract.lua");
+    std::fs::write(
+        &script,
+        r#"
+local banned = {}
+function init(config)
+  for name in string.gmatch(config.files.banned, "%S+") do banned[name] = true end
+end
+function authorize_session(client)
+  if banned[client.username] then return {deny = "banned"} end
+  return nil
+end
+function on_publish(client, msg)
+  if msg.topic == "forged" then
+    return {reject = "payload_format_invalid", reason = "bad header", disconnect = true}
+  end
+  local info = "vin:" .. client.client_id
+  local tag = tollgate.hmac_sha256_derived("k1", info, msg.payload)
+  if not tollgate.verify_hmac_sha256("k1", info, msg.payload, string.sub(tag, 1, 16))
+     or tollgate.verify_hmac_sha256("k1", nil, msg.payload, tag) then
+    return {reject = "not_authorized", reason = "crypto mismatch"}
+  end
+  local n = tollgate.kv_add("seen", 1, true)
+  tollgate.kv_set_durable("last", msg.payload)
+  msg.topic = "signed/" .. n .. "/" .. (tollgate.kv_get("last") or "")
+  return msg
+end
+"#,
+    )
+    .expect("write");
+    let banned = dir.join("banned.txt");
+    std::fs::write(&banned, "mallory\n").expect("write");
+    let spec = || {
+        let mut spec = PluginSpec::new("contract", PluginKind::Lua, &script);
+        spec.secrets.insert("k1".into(), b"secret".to_vec());
+        spec.files.insert("banned".into(), banned.clone());
+        spec.state_file = Some(dir.join("state").join("contract.kv"));
+        spec
+    };
+    let (_plugin, hook) = load(spec()).await;
+    let mut signed = message("in", "p1");
+    assert_eq!(hook.transform_inbound(&client(), &mut signed).await, Ok(TransformDecision::Modified));
+    assert_eq!(&*signed.topic, "signed/1/p1");
+    let mut forged = message("forged", "x");
+    assert_eq!(
+        hook.transform_inbound(&client(), &mut forged).await,
+        Ok(TransformDecision::Reject {
+            reason: ReasonCode::PAYLOAD_FORMAT_INVALID,
+            message: "bad header".into(),
+            disconnect: true
+        })
+    );
+    assert_eq!(hook.authorize(&client(), &Action::Session).await, Ok(AclDecision::Abstain));
+    let mallory = ClientInfo { username: Some("mallory".into()), ..client() };
+    assert_eq!(hook.authorize(&mallory, &Action::Session).await, Ok(AclDecision::Deny(ReasonCode::BANNED)));
+
+    // A restart: the durable counter and value come back.
+    let (_plugin, restarted) = load(spec()).await;
+    let mut again = message("in", "p2");
+    assert_eq!(restarted.transform_inbound(&client(), &mut again).await, Ok(TransformDecision::Modified));
+    assert_eq!(&*again.topic, "signed/2/p2");
+
+    // Without a state directory, durable writes fail: the call fails and its failure policy applies.
+    let mut volatile = spec();
+    volatile.state_file = None;
+    let (_plugin, volatile) = load(volatile).await;
+    let error = volatile.transform_inbound(&client(), &mut message("in", "p3")).await.expect_err("no state dir");
+    assert!(error.to_string().contains("state_dir"), "{error}");
+    // A file the plugin asked for that is missing refuses the load, naming it.
+    let mut missing = spec();
+    missing.files.insert("gone".into(), dir.join("gone.txt"));
+    let error = LoadedPlugin::load(missing, None).await.expect_err("missing file");
+    assert!(error.to_string().contains("files.gone"), "{error}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -35,6 +35,11 @@ pub struct RuntimeConfig {
     /// `$XDG_CACHE_HOME/tollgate/plugins` or `~/.cache/tollgate/plugins`; an empty string turns caching off.
     #[serde(default)]
     pub plugin_cache_dir: Option<PathBuf>,
+    /// Where plugins keep what must survive a restart (`kv-set-durable`: replay counters, for instance), one
+    /// file per plugin. Unset: `$XDG_STATE_HOME/tollgate` or `~/.local/state/tollgate`; an empty string keeps
+    /// nothing (durable writes then fail).
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// One `[[plugins]]` entry.
@@ -63,6 +68,10 @@ pub struct PluginConfig {
     /// Handed to the plugin's `init`.
     #[serde(default)]
     pub config: serde_json::Map<String, serde_json::Value>,
+    /// Name → path of a text file the broker reads for the plugin and hands to `init` as `files.<name>`; a
+    /// changed file reloads the plugin on SIGHUP (revocation lists, for instance).
+    #[serde(default)]
+    pub files: std::collections::BTreeMap<String, PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -177,6 +186,18 @@ impl PluginConfig {
         };
         spec.cache_decisions = self.cache_decisions;
         spec.config = self.config.clone();
+        for (name, path) in &self.files {
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')) {
+                problems.push(problem(key(&format!("files.{name}")), "a file's name is letters, digits, '-' or '_'"));
+            } else if let Err(error) = std::fs::File::open(path) {
+                problems
+                    .push(problem(key(&format!("files.{name}")), format!("cannot read {}: {error}", path.display())));
+            }
+        }
+        if self.config.contains_key("files") && !self.files.is_empty() {
+            problems.push(problem(key("config.files"), "is reserved for the contents of `files`"));
+        }
+        spec.files = self.files.clone();
         if problems.is_empty() { Ok(spec) } else { Err(problems) }
     }
 }
@@ -316,6 +337,10 @@ pub struct SessionConfig {
     pub persistent_expiry: u32,
     /// Seconds shutdown waits for connections to close.
     pub shutdown_grace: u32,
+    /// Milliseconds between rechecks of every session against the authorization hooks (revocations, expiring
+    /// grants); 0 rechecks only after a reload.
+    #[serde(default)]
+    pub recheck_interval_ms: u32,
 }
 
 impl Default for Config {
@@ -340,8 +365,8 @@ impl Default for Config {
             },
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
-            session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5 },
-            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None },
+            session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5, recheck_interval_ms: 0 },
+            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None, state_dir: None },
             plugins: Vec::new(),
         }
     }
@@ -386,11 +411,11 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ),
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
-    ("session", &["persistent_expiry", "shutdown_grace"]),
-    ("runtime", &["worker_threads", "plugin_cache_dir"]),
+    ("session", &["persistent_expiry", "shutdown_grace", "recheck_interval_ms"]),
+    ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir"]),
 ];
 const PLUGIN_KEYS: &[&str] =
-    &["name", "kind", "path", "hooks", "limits", "on_failure", "cache_decisions", "secrets", "config"];
+    &["name", "kind", "path", "hooks", "limits", "on_failure", "cache_decisions", "secrets", "config", "files"];
 const PLUGIN_LIMIT_KEYS: &[&str] = &["cpu_ms", "memory_mb", "timeout_ms", "max_instances"];
 const LISTENER_KEYS: &[&str] = &[
     "bind",
@@ -515,7 +540,9 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
     let path = format!("{section}.{key}");
     let result = match (section, key) {
         ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
-        ("auth", _) | ("runtime", "plugin_cache_dir") => figment.extract_inner::<Option<PathBuf>>(&path).map(drop),
+        ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir") => {
+            figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
+        }
         ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") | ("runtime", _) => {
             figment.extract_inner::<u16>(&path).map(drop)
         }
@@ -792,11 +819,27 @@ impl Config {
                 problems.push(problem(format!("plugins[{index}].name"), format!("{:?} is used twice", plugin.name)));
             }
             match plugin.spec(index) {
-                Ok(spec) => specs.push(spec),
+                Ok(mut spec) => {
+                    spec.state_file = self.state_dir().map(|dir| dir.join("plugins").join(format!("{}.kv", spec.name)));
+                    specs.push(spec)
+                }
                 Err(more) => problems.extend(more),
             }
         }
         if problems.is_empty() { Ok(specs) } else { Err(problems) }
+    }
+
+    /// The directory for state that outlives the process, if any.
+    pub fn state_dir(&self) -> Option<PathBuf> {
+        match &self.runtime.state_dir {
+            Some(dir) if dir.as_os_str().is_empty() => None,
+            Some(dir) => Some(dir.clone()),
+            None => std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .filter(|dir| dir.is_absolute())
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("state")))
+                .map(|dir| dir.join("tollgate")),
+        }
     }
 
     /// The compiled-plugin cache directory, if caching is on.

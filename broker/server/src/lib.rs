@@ -3,6 +3,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod sig;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -235,6 +236,12 @@ impl Server {
         }
         broker.spawn(tollgate_core::sys::run(broker.clone()));
         broker.spawn(publish_plugin_metrics(broker.clone(), plugin_host.clone()));
+        if config.session.recheck_interval_ms > 0 {
+            broker.spawn(recheck_periodically(
+                broker.clone(),
+                Duration::from_millis(u64::from(config.session.recheck_interval_ms)),
+            ));
+        }
         Ok(Server {
             broker,
             addresses,
@@ -254,6 +261,14 @@ impl Server {
         let hooks = build_hooks(config, generation, &report.plugins)?;
         self.broker.replace_hooks(hooks);
         info!(generation, "hooks reloaded");
+        // What the new policy refuses goes now, not at the client's next reconnect.
+        let recheck = self.broker.recheck_sessions().await;
+        info!(
+            sessions = recheck.sessions,
+            revoked = recheck.revoked,
+            subscriptions_removed = recheck.subscriptions_removed,
+            "sessions rechecked against the reloaded policy"
+        );
         // Certificates: each listener keeps its old ones if the new files do not load; established connections
         // are never touched.
         let mut failed = Vec::new();
@@ -288,6 +303,28 @@ impl Server {
         })
         .await;
         drained
+    }
+}
+
+/// Rechecks every session at a fixed interval, for policy that changes with time (grants that expire).
+async fn recheck_periodically(broker: Broker, interval: Duration) {
+    let shutdown = broker.shutdown_token();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let report = broker.recheck_sessions().await;
+        if report.revoked > 0 || report.subscriptions_removed > 0 {
+            info!(
+                revoked = report.revoked,
+                subscriptions_removed = report.subscriptions_removed,
+                "periodic session recheck"
+            );
+        }
     }
 }
 

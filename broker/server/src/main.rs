@@ -61,6 +61,74 @@ enum Command {
         #[command(subcommand)]
         action: PluginAction,
     },
+    /// Sign or verify a message in msg-auth's format, with the key in hand (for backends and scripts).
+    Sig {
+        #[command(subcommand)]
+        action: SigAction,
+    },
+}
+
+#[derive(clap::Args)]
+struct SigMessage {
+    /// The topic the message is published on.
+    #[arg(long)]
+    topic: String,
+    /// The payload as text.
+    #[arg(long, conflicts_with = "payload_file")]
+    payload: Option<String>,
+    /// The payload from a file (`-` for standard input).
+    #[arg(long)]
+    payload_file: Option<PathBuf>,
+    /// The message was published with retain set.
+    #[arg(long)]
+    retain: bool,
+    #[arg(long)]
+    content_type: Option<String>,
+    #[arg(long)]
+    response_topic: Option<String>,
+    /// Correlation data as hex.
+    #[arg(long)]
+    correlation_hex: Option<String>,
+    /// The key: `hex:…`, `env:VAR` or `file:path`.
+    #[arg(long)]
+    secret: String,
+    /// HKDF info template for per-identity keys, e.g. `vin-mac-v1:${sub}`.
+    #[arg(long)]
+    derive: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum SigAction {
+    /// Check a signature; prints one JSON line and exits 0 when valid, 1 when not, 2 when unreadable.
+    Verify {
+        #[command(flatten)]
+        message: SigMessage,
+        /// The `x-sig` user property; without it the payload must be an envelope (`x-sig:<header>\n<payload>`).
+        #[arg(long)]
+        header: Option<String>,
+    },
+    /// Sign a message and print the `x-sig` header (or, with --envelope, the enveloped payload).
+    Sign {
+        #[command(flatten)]
+        message: SigMessage,
+        #[arg(long)]
+        kid: String,
+        /// The identity the message speaks for (a VIN).
+        #[arg(long, default_value = "")]
+        sub: String,
+        /// The signer: a site or service id.
+        #[arg(long, default_value = "")]
+        iss: String,
+        /// The counter; it must grow with every message from this signer.
+        #[arg(long)]
+        ctr: u64,
+        /// Expiry in seconds from now (0: none).
+        #[arg(long, default_value_t = 0)]
+        expires_in: u64,
+        /// Print the payload wrapped in an envelope, for MQTT 3.1.1 links.
+        #[arg(long)]
+        envelope: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -152,6 +220,89 @@ fn main() -> ExitCode {
         Command::Certs { action } => certs(action),
         Command::Plugin { action: PluginAction::Test { plugin, events, config, settings, secrets } } => {
             plugin_test(&plugin, &events, config.as_deref(), &settings, &secrets)
+        }
+        Command::Sig { action } => sig(action),
+    }
+}
+
+fn sig_inputs(message: &SigMessage) -> Result<(tollgate::sig::MessageArgs, tollgate::sig::KeyArgs), String> {
+    let payload = match (&message.payload, &message.payload_file) {
+        (Some(text), _) => text.clone().into_bytes(),
+        (None, Some(path)) if path.as_os_str() == "-" => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut bytes).map_err(|error| format!("stdin: {error}"))?;
+            bytes
+        }
+        (None, Some(path)) => std::fs::read(path).map_err(|error| format!("{}: {error}", path.display()))?,
+        (None, None) => Vec::new(),
+    };
+    let correlation_data = message
+        .correlation_hex
+        .as_deref()
+        .map(|digits| {
+            (0..digits.len())
+                .step_by(2)
+                .map(|at| digits.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
+                .collect::<Option<Vec<u8>>>()
+                .ok_or_else(|| "--correlation-hex is not hexadecimal".to_owned())
+        })
+        .transpose()?;
+    let secret =
+        tollgate_plugin_host::spec::resolve_secret(&message.secret).map_err(|error| format!("--secret: {error}"))?;
+    Ok((
+        tollgate::sig::MessageArgs {
+            topic: message.topic.clone(),
+            payload,
+            retain: message.retain,
+            content_type: message.content_type.clone(),
+            correlation_data,
+            response_topic: message.response_topic.clone(),
+        },
+        tollgate::sig::KeyArgs { secret, derive: message.derive.clone() },
+    ))
+}
+
+fn sig(action: SigAction) -> ExitCode {
+    let (message, header, signing) = match action {
+        SigAction::Verify { message, header } => (message, header, None),
+        SigAction::Sign { message, kid, sub, iss, ctr, expires_in, envelope } => {
+            (message, None, Some((kid, sub, iss, ctr, expires_in, envelope)))
+        }
+    };
+    let (message, key) = match sig_inputs(&message) {
+        Ok(inputs) => inputs,
+        Err(error) => {
+            eprintln!("tollgate sig: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some((kid, sub, iss, ctr, expires_in, envelope)) = signing else {
+        let verdict = tollgate::sig::verify(&message, header.as_deref(), &key);
+        println!("{}", tollgate::sig::describe(&verdict));
+        return match verdict {
+            tollgate::sig::Verdict::Valid(_) => ExitCode::SUCCESS,
+            tollgate::sig::Verdict::Invalid(_) => ExitCode::from(1),
+            tollgate::sig::Verdict::Malformed(_) => ExitCode::from(2),
+        };
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
+    let exp = if expires_in == 0 { 0 } else { now.saturating_add(expires_in.saturating_mul(1000)) };
+    let draft = tollgate_sig::Signature { kid, sub, iss, ts: now, ctr, exp, ..Default::default() };
+    match tollgate::sig::sign(&message, draft, &key) {
+        Ok(signature) if envelope => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&tollgate_sig::envelope(&signature, &message.payload));
+            ExitCode::SUCCESS
+        }
+        Ok(signature) => {
+            println!("{}", signature.header());
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("tollgate sig: {error}");
+            ExitCode::from(2)
         }
     }
 }

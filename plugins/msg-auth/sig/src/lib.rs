@@ -1,0 +1,380 @@
+//! The msg-auth signed-message format, version 1.
+//!
+//! A signature covers an unambiguous byte string (every field length-prefixed, see [`canonical`]) and travels as
+//! one header, `v1;alg=hs256;kid=…;sub=…;iss=…;ts=…;ctr=…;exp=…;mac=…` ([`Signature`]): in the MQTT 5 user
+//! property [`PROPERTY`], or, where user properties cannot travel (MQTT 3.1.1), in front of the payload as
+//! `x-sig:<header>\n<payload>` ([`split_envelope`]). QoS, DUP, packet ids, the message expiry interval and topic
+//! aliases are not covered: brokers legitimately change them. `exp` is an absolute time inside the signature.
+//!
+//! This crate holds no keys unless built with the `keys` feature ([`keys`]), which backends use to sign and
+//! verify with the key in hand; the broker plugin leaves keys to the broker's host-side HMAC.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+
+/// The MQTT 5 user property that carries the header.
+pub const PROPERTY: &str = "x-sig";
+/// Set by the plugin's `tag` failure mode, and stripped from what clients send.
+pub const STATUS_PROPERTY: &str = "x-sig-status";
+/// Starts a MQTT 3.1.1 envelope.
+pub const ENVELOPE_PREFIX: &[u8] = b"x-sig:";
+/// The domain separator at the start of the signed input.
+pub const DOMAIN: &[u8] = b"MQTT-SIG-v1";
+pub const ALGORITHM: &str = "hs256";
+/// Tags shorter than this are refused (128 bits).
+pub const MIN_MAC_BYTES: usize = 16;
+
+/// The fields of a message a signature covers, besides those in the header.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Covered<'a> {
+    pub topic: &'a str,
+    pub retain: bool,
+    pub content_type: Option<&'a str>,
+    pub correlation_data: Option<&'a [u8]>,
+    pub response_topic: Option<&'a str>,
+    pub payload: &'a [u8],
+}
+
+/// A parsed `x-sig` header. Absent numbers are 0, absent names empty: they are signed that way too.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Signature {
+    pub kid: String,
+    /// The identity the message speaks for (a VIN).
+    pub sub: String,
+    /// Who signed: a site or broker id.
+    pub iss: String,
+    /// Milliseconds since the Unix epoch when signed.
+    pub ts: u64,
+    /// The signer's counter, strictly increasing per (kid, sub).
+    pub ctr: u64,
+    /// Milliseconds since the Unix epoch after which the message is void; 0 for never.
+    pub exp: u64,
+    pub mac: Vec<u8>,
+    /// Which optional fields the header carried, for `require` checks.
+    pub present: Present,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Present {
+    pub sub: bool,
+    pub iss: bool,
+    pub ts: bool,
+    pub ctr: bool,
+    pub exp: bool,
+}
+
+/// Why a header or envelope could not be read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Malformed(pub String);
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Malformed {}
+
+fn push_field(out: &mut Vec<u8>, field: &[u8]) {
+    out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+    out.extend_from_slice(field);
+}
+
+/// The bytes the MAC is computed over:
+/// `DOMAIN | alg | kid | topic | sub | iss | ts | ctr | exp | retain | content_type | correlation_data |
+/// response_topic | payload`, each as a u32 big-endian length and its bytes (numbers as 8 bytes big-endian,
+/// retain as one byte, an absent option as an empty field).
+pub fn canonical(signature: &Signature, message: &Covered<'_>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + message.topic.len() + message.payload.len());
+    push_field(&mut out, DOMAIN);
+    push_field(&mut out, ALGORITHM.as_bytes());
+    push_field(&mut out, signature.kid.as_bytes());
+    push_field(&mut out, message.topic.as_bytes());
+    push_field(&mut out, signature.sub.as_bytes());
+    push_field(&mut out, signature.iss.as_bytes());
+    push_field(&mut out, &signature.ts.to_be_bytes());
+    push_field(&mut out, &signature.ctr.to_be_bytes());
+    push_field(&mut out, &signature.exp.to_be_bytes());
+    push_field(&mut out, &[u8::from(message.retain)]);
+    push_field(&mut out, message.content_type.unwrap_or("").as_bytes());
+    push_field(&mut out, message.correlation_data.unwrap_or(&[]));
+    push_field(&mut out, message.response_topic.unwrap_or("").as_bytes());
+    push_field(&mut out, message.payload);
+    out
+}
+
+/// Names in a header (kid, sub, iss) are restricted so the header needs no escaping.
+pub fn valid_name(name: &str) -> bool {
+    name.len() <= 128 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+impl Signature {
+    /// The header, `mac` included.
+    pub fn header(&self) -> String {
+        let mut header = format!("v1;alg={ALGORITHM};kid={}", self.kid);
+        if !self.sub.is_empty() {
+            header.push_str(&format!(";sub={}", self.sub));
+        }
+        if !self.iss.is_empty() {
+            header.push_str(&format!(";iss={}", self.iss));
+        }
+        header.push_str(&format!(";ts={};ctr={}", self.ts, self.ctr));
+        if self.exp != 0 {
+            header.push_str(&format!(";exp={}", self.exp));
+        }
+        header.push_str(";mac=");
+        header.push_str(&URL_SAFE_NO_PAD.encode(&self.mac));
+        header
+    }
+
+    /// Reads a header strictly: version 1, algorithm hs256, known keys once each, `kid` and `mac` present.
+    pub fn parse(header: &str) -> Result<Signature, Malformed> {
+        let bad = |why: String| Malformed(why);
+        let mut parts = header.split(';');
+        if parts.next() != Some("v1") {
+            return Err(bad("not a version 1 signature".into()));
+        }
+        let mut signature = Signature::default();
+        let (mut kid, mut mac, mut alg) = (false, false, false);
+        let mut seen = Vec::new();
+        for part in parts {
+            let (key, value) = part.split_once('=').ok_or_else(|| bad(format!("{part:?} is not key=value")))?;
+            if seen.contains(&key) {
+                return Err(bad(format!("{key} appears twice")));
+            }
+            seen.push(key);
+            let number = |value: &str| {
+                if value.is_empty() || value.len() > 20 || !value.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad(format!("{key} is not a number")));
+                }
+                value.parse::<u64>().map_err(|_| bad(format!("{key} is out of range")))
+            };
+            let name = |value: &str| {
+                if valid_name(value) && !value.is_empty() {
+                    Ok(value.to_owned())
+                } else {
+                    Err(bad(format!("{key} has characters outside [A-Za-z0-9._:-]")))
+                }
+            };
+            match key {
+                "alg" if value == ALGORITHM => alg = true,
+                "alg" => return Err(bad(format!("algorithm {value:?} is not supported"))),
+                "kid" => {
+                    signature.kid = name(value)?;
+                    kid = true;
+                }
+                "sub" => {
+                    signature.sub = name(value)?;
+                    signature.present.sub = true;
+                }
+                "iss" => {
+                    signature.iss = name(value)?;
+                    signature.present.iss = true;
+                }
+                "ts" => {
+                    signature.ts = number(value)?;
+                    signature.present.ts = true;
+                }
+                "ctr" => {
+                    signature.ctr = number(value)?;
+                    signature.present.ctr = true;
+                }
+                "exp" => {
+                    signature.exp = number(value)?;
+                    signature.present.exp = true;
+                }
+                "mac" => {
+                    signature.mac = URL_SAFE_NO_PAD.decode(value).map_err(|_| bad("mac is not base64url".into()))?;
+                    if !(MIN_MAC_BYTES..=32).contains(&signature.mac.len()) {
+                        return Err(bad(format!("mac is {} bytes; 16 to 32 are accepted", signature.mac.len())));
+                    }
+                    mac = true;
+                }
+                other => return Err(bad(format!("unknown field {other:?}"))),
+            }
+        }
+        if !alg || !kid || !mac {
+            return Err(bad("alg, kid and mac are required".into()));
+        }
+        Ok(signature)
+    }
+}
+
+/// Splits an MQTT 3.1.1 envelope into its header and the original payload; `None` if the payload is not one.
+pub fn split_envelope(payload: &[u8]) -> Option<Result<(Signature, &[u8]), Malformed>> {
+    let rest = payload.strip_prefix(ENVELOPE_PREFIX)?;
+    let Some(end) = rest.iter().position(|&b| b == b'\n') else {
+        return Some(Err(Malformed("the envelope header has no end of line".into())));
+    };
+    let parsed = std::str::from_utf8(&rest[..end])
+        .map_err(|_| Malformed("the envelope header is not UTF-8".into()))
+        .and_then(Signature::parse)
+        .map(|signature| (signature, &rest[end + 1..]));
+    Some(parsed)
+}
+
+/// Wraps a payload in an envelope carrying `signature`.
+pub fn envelope(signature: &Signature, payload: &[u8]) -> Vec<u8> {
+    let header = signature.header();
+    let mut out = Vec::with_capacity(ENVELOPE_PREFIX.len() + header.len() + 1 + payload.len());
+    out.extend_from_slice(ENVELOPE_PREFIX);
+    out.extend_from_slice(header.as_bytes());
+    out.push(b'\n');
+    out.extend_from_slice(payload);
+    out
+}
+
+/// Fills `${sub}` in a key-derivation template (`vin-mac-v1:${sub}`).
+pub fn derive_info(template: &str, sub: &str) -> Vec<u8> {
+    template.replace("${sub}", sub).into_bytes()
+}
+
+/// Signing and verification with the key in hand, for backends and the `tollgate sig` command.
+#[cfg(feature = "keys")]
+pub mod keys {
+    use hmac::{Hmac, Mac};
+    use sha2::Sha256;
+
+    use super::{Covered, Signature, canonical};
+
+    /// The HMAC key: the secret itself, or its HKDF-SHA256 derivation (no salt) with `info`.
+    pub fn mac_key(secret: &[u8], derive_info: Option<&[u8]>) -> Vec<u8> {
+        match derive_info {
+            None => secret.to_vec(),
+            Some(info) => {
+                let mut key = vec![0; 32];
+                // 32 bytes is always a valid HKDF-SHA256 output length.
+                let _ = hkdf::Hkdf::<Sha256>::new(None, secret).expand(info, &mut key);
+                key
+            }
+        }
+    }
+
+    fn mac(key: &[u8], signature: &Signature, message: &Covered<'_>) -> Hmac<Sha256> {
+        // HMAC accepts keys of any length.
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        mac.update(&canonical(signature, message));
+        mac
+    }
+
+    /// Sets `signature.mac` (full 32 bytes, or `mac_len` leftmost bytes).
+    pub fn sign(key: &[u8], signature: &mut Signature, message: &Covered<'_>, mac_len: usize) {
+        let tag = mac(key, signature, message).finalize().into_bytes();
+        signature.mac = tag[..mac_len.clamp(super::MIN_MAC_BYTES, 32)].to_vec();
+    }
+
+    /// Constant-time check of `signature.mac`.
+    pub fn verify(key: &[u8], signature: &Signature, message: &Covered<'_>) -> bool {
+        signature.mac.len() >= super::MIN_MAC_BYTES
+            && mac(key, signature, message).verify_truncated_left(&signature.mac).is_ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Signature {
+        Signature {
+            kid: "site-2025-06".into(),
+            sub: "1M8GDM9AXKP042788".into(),
+            iss: "site-0042".into(),
+            ts: 1_767_225_600_000,
+            ctr: 7,
+            exp: 0,
+            mac: vec![0xAB; 32],
+            present: Present { sub: true, iss: true, ts: true, ctr: true, exp: false },
+        }
+    }
+
+    #[test]
+    fn header_round_trips() {
+        let signature = sample();
+        let header = signature.header();
+        assert!(header.starts_with("v1;alg=hs256;kid=site-2025-06;sub=1M8GDM9AXKP042788;iss=site-0042;ts="));
+        assert_eq!(Signature::parse(&header), Ok(signature));
+    }
+
+    #[test]
+    fn headers_are_read_strictly() {
+        let good = sample().header();
+        for bad in [
+            "v2;alg=hs256;kid=a;mac=q6urq6urq6urq6urq6urqw".to_owned(),
+            good.replace("alg=hs256", "alg=none"),
+            good.replace(";kid=site-2025-06", ""),
+            good.replace(";ctr=7", ";ctr=7;ctr=8"),
+            good.replace(";ctr=7", ";ctr=-1"),
+            good.replace(";ctr=7", ";ctr=99999999999999999999"),
+            good.replace(";ctr=7", ";nonce=1"),
+            good.replace("sub=1M8GDM9AXKP042788", "sub=a/b"),
+            format!("{good}x"),
+            good.split(";mac=").next().unwrap_or_default().to_owned() + ";mac=AAAA",
+        ] {
+            assert!(Signature::parse(&bad).is_err(), "accepted {bad:?}");
+        }
+    }
+
+    #[test]
+    fn canonical_form_is_unambiguous() {
+        let signature = sample();
+        let message = Covered { topic: "a/b", payload: b"c", ..Covered::default() };
+        // Moving a byte between two adjacent fields changes the input.
+        let shifted = Covered { topic: "a/bc", payload: b"", ..Covered::default() };
+        assert_ne!(canonical(&signature, &message), canonical(&signature, &shifted));
+        // An absent option and an empty one sign the same (both are empty on the wire in MQTT 5).
+        let with_empty = Covered { content_type: Some(""), ..message };
+        assert_eq!(canonical(&signature, &message), canonical(&signature, &with_empty));
+        let retained = Covered { retain: true, ..message };
+        assert_ne!(canonical(&signature, &message), canonical(&signature, &retained));
+    }
+
+    #[test]
+    fn canonical_vector() {
+        // Published test vector (README): these exact bytes are what version 1 signs.
+        let signature = Signature { kid: "k1".into(), sub: "S".into(), ts: 1, ctr: 2, ..Signature::default() };
+        let message = Covered { topic: "t", payload: b"p", ..Covered::default() };
+        let expected = concat!(
+            "0000000b4d5154542d5349472d7631", // "MQTT-SIG-v1"
+            "000000056873323536",             // "hs256"
+            "000000026b31",                   // kid "k1"
+            "0000000174",                     // topic "t"
+            "0000000153",                     // sub "S"
+            "00000000",                       // iss ""
+            "000000080000000000000001",       // ts 1
+            "000000080000000000000002",       // ctr 2
+            "000000080000000000000000",       // exp 0
+            "0000000100",                     // retain 0
+            "00000000",                       // content type
+            "00000000",                       // correlation data
+            "00000000",                       // response topic
+            "0000000170",                     // payload "p"
+        );
+        let hex: String = canonical(&signature, &message).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(hex, expected);
+    }
+
+    #[test]
+    fn envelopes_wrap_and_unwrap() {
+        let signature = sample();
+        let wrapped = envelope(&signature, b"{\"a\":1}\nline two");
+        let (parsed, payload) = split_envelope(&wrapped).expect("an envelope").expect("well formed");
+        assert_eq!((parsed, payload), (signature, &b"{\"a\":1}\nline two"[..]));
+        assert!(split_envelope(b"plain").is_none());
+        assert!(matches!(split_envelope(b"x-sig:v1;alg=hs256"), Some(Err(_))));
+    }
+
+    #[cfg(feature = "keys")]
+    #[test]
+    fn sign_then_verify_and_tamper() {
+        let key = keys::mac_key(b"master", Some(&derive_info("vin-mac-v1:${sub}", "1M8GDM9AXKP042788")));
+        let mut signature = sample();
+        let message =
+            Covered { topic: "v1/vehicles/1M8GDM9AXKP042788/cmd/x/req", payload: b"unlock", ..Covered::default() };
+        keys::sign(&key, &mut signature, &message, 32);
+        assert!(keys::verify(&key, &signature, &message));
+        let tampered = Covered { payload: b"unlocK", ..message };
+        assert!(!keys::verify(&key, &signature, &tampered));
+        let other = keys::mac_key(b"master", Some(&derive_info("vin-mac-v1:${sub}", "1J9RP1A36A1644345")));
+        assert!(!keys::verify(&other, &signature, &message));
+    }
+}

@@ -1,0 +1,580 @@
+//! msg-auth: verifies signed messages (`verify` rules), signs on behalf of authenticated clients that cannot sign
+//! (`attest` rules), and refuses replays, with freshness state kept durably by the broker. The signed form lives in
+//! `tollgate-sig`; the keys live in the broker (`[plugins.secrets]`) and never enter this plugin.
+
+use tollgate_sdk::prelude::*;
+use tollgate_sig::{Covered, Malformed, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
+
+/// How many counters behind the highest seen are still accepted (once each), for senders whose messages arrive
+/// slightly out of order.
+const REPLAY_WINDOW: u64 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum KeyState {
+    /// Signs and verifies.
+    Active,
+    /// Verifies only: the grace period after a rotation.
+    VerifyOnly,
+    /// Refused.
+    Retired,
+}
+
+#[derive(Clone, Debug)]
+struct Key {
+    kid: String,
+    state: KeyState,
+    /// The secret's id in the broker's `[plugins.secrets]`.
+    secret: String,
+    /// HKDF info template (`vin-mac-v1:${sub}`): a key per identity, derived by the host.
+    derive: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Verify,
+    Attest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnFail {
+    Reject,
+    /// Deliver with `x-sig-status: invalid:<reason>` (rollouts).
+    Tag,
+    /// Count and log only.
+    Log,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Carrier {
+    Property,
+    Envelope,
+}
+
+#[derive(Clone, Debug)]
+struct Rule {
+    id: String,
+    topics: Vec<String>,
+    mode: Mode,
+    /// The signing key of an attest rule.
+    key: Option<String>,
+    /// Key ids a verify rule accepts (`cloud-*` matches a prefix); empty: any key in the ring.
+    accept_kids: Vec<String>,
+    require: Vec<String>,
+    /// The topic level (0-based) that must equal `sub`.
+    sub_level: Option<usize>,
+    /// `sub` must equal the publisher's identity attribute.
+    bind_publisher: bool,
+    on_fail: OnFail,
+    deny_retained: bool,
+    carrier: Carrier,
+}
+
+pub struct MsgAuth {
+    site_id: String,
+    enforce: bool,
+    clock_skew_ms: u64,
+    max_age_ms: u64,
+    check_time: bool,
+    mac_len: usize,
+    identity_attribute: String,
+    disconnect_v3: bool,
+    keys: Vec<Key>,
+    rules: Vec<Rule>,
+}
+
+/// Why a message failed, as metrics and events name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    Missing,
+    Malformed,
+    UnknownKid,
+    BadMac,
+    MissingField,
+    Stale,
+    Future,
+    Expired,
+    Replay,
+    SubMismatch,
+    Retained,
+    NoIdentity,
+    SignFailed,
+}
+
+impl Failure {
+    fn name(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Malformed => "malformed",
+            Failure::UnknownKid => "unknown_kid",
+            Failure::BadMac => "bad_mac",
+            Failure::MissingField => "missing_field",
+            Failure::Stale => "stale",
+            Failure::Future => "future",
+            Failure::Expired => "expired",
+            Failure::Replay => "replay",
+            Failure::SubMismatch => "sub_mismatch",
+            Failure::Retained => "retained",
+            Failure::NoIdentity => "no_identity",
+            Failure::SignFailed => "sign_failed",
+        }
+    }
+
+    fn reason(self) -> DenyReason {
+        match self {
+            Failure::Malformed => DenyReason::PayloadFormatInvalid,
+            _ => DenyReason::NotAuthorized,
+        }
+    }
+}
+
+fn parse_bool(key: &str, value: Option<&str>, default: bool) -> Result<bool, String> {
+    match value {
+        None => Ok(default),
+        Some("true") => Ok(true),
+        Some("false") => Ok(false),
+        Some(other) => Err(format!("{key} = {other:?} is not true or false")),
+    }
+}
+
+/// One of a fixed set of spellings, with an error naming the key and the choices.
+fn pick<T: Copy>(config: &Config, key: &str, default: &str, choices: &[(&str, T)]) -> Result<T, String> {
+    let value = config.get(key).unwrap_or(default);
+    choices.iter().find(|(name, _)| *name == value).map(|(_, choice)| *choice).ok_or_else(|| {
+        let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
+        format!("{key} = {value:?} is not {}", names.join(" or "))
+    })
+}
+
+fn parse_u64(key: &str, value: Option<&str>, default: u64) -> Result<u64, String> {
+    value.map_or(Ok(default), |value| value.parse().map_err(|_| format!("{key} = {value:?} is not a whole number")))
+}
+
+fn kid_accepted(patterns: &[String], kid: &str) -> bool {
+    patterns.is_empty()
+        || patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
+            Some(prefix) => kid.starts_with(prefix),
+            None => pattern == kid,
+        })
+}
+
+/// The receive-side replay state of one (key, sender): the highest counter seen and a bitmap of the
+/// [`REPLAY_WINDOW`] counters below it.
+fn replay_key(kid: &str, sub: &str) -> String {
+    format!("rx/{kid}/{sub}")
+}
+
+fn read_window(bytes: Option<Vec<u8>>) -> (u64, u64) {
+    match bytes.as_deref().and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()) {
+        Some(state) => {
+            let (high, bits) = state.split_at(8);
+            (
+                u64::from_be_bytes(high.try_into().unwrap_or_default()),
+                u64::from_be_bytes(bits.try_into().unwrap_or_default()),
+            )
+        }
+        None => (0, 0),
+    }
+}
+
+/// Accepts `counter` against (highest, bitmap) and returns the new state, or `None` for a replay. Bit `i` of the
+/// bitmap stands for `highest - 1 - i`.
+fn advance_window(highest: u64, bits: u64, counter: u64) -> Option<(u64, u64)> {
+    if counter == 0 {
+        return None;
+    }
+    if counter > highest {
+        let shift = counter - highest;
+        let moved = if shift >= REPLAY_WINDOW { 0 } else { bits << shift };
+        // The old highest becomes bit `shift - 1`, if it is still inside the window.
+        let marked = if highest > 0 && shift <= REPLAY_WINDOW { moved | 1 << (shift - 1) } else { moved };
+        return Some((counter, marked));
+    }
+    let behind = highest - counter;
+    if behind == 0 || behind > REPLAY_WINDOW {
+        return None;
+    }
+    let bit = 1u64 << (behind - 1);
+    if bits & bit != 0 { None } else { Some((highest, bits | bit)) }
+}
+
+impl Plugin for MsgAuth {
+    const NAME: &'static str = "msg-auth";
+    const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+    const HOOKS: &'static [Hook] = &[Hook::Transform];
+
+    fn init(config: Config) -> Result<Self, String> {
+        let mut keys = Vec::new();
+        for index in config.table_indices("keys") {
+            let key = |name: &str| format!("keys.{index}.{name}");
+            let kid = config.require(&key("kid"))?.to_owned();
+            if !tollgate_sig::valid_name(&kid) || kid.is_empty() {
+                return Err(format!("{} = {kid:?}: a key id is letters, digits, '.', '_', ':' or '-'", key("kid")));
+            }
+            let state = pick(
+                &config,
+                &key("state"),
+                "active",
+                &[("active", KeyState::Active), ("verify-only", KeyState::VerifyOnly), ("retired", KeyState::Retired)],
+            )?;
+            if keys.iter().any(|existing: &Key| existing.kid == kid) {
+                return Err(format!("key {kid:?} is configured twice"));
+            }
+            let secret = config.get(&key("secret")).unwrap_or(&kid).to_owned();
+            // The host refuses unknown secret ids; finding out now beats failing on the first message.
+            if state != KeyState::Retired {
+                crypto::hmac_sha256(&secret, b"probe").map_err(|error| format!("{}: {error}", key("secret")))?;
+            }
+            let derive = config.get(&key("derive")).map(str::to_owned);
+            keys.push(Key { kid, state, secret, derive });
+        }
+        if keys.is_empty() {
+            return Err("no keys configured ([[plugins.config.keys]])".to_owned());
+        }
+        let mut rules = Vec::new();
+        for index in config.table_indices("rules") {
+            let key = |name: &str| format!("rules.{index}.{name}");
+            let id = config.get(&key("id")).map_or_else(|| format!("rule-{index}"), str::to_owned);
+            let topics: Vec<String> = config.list(&key("topics")).into_iter().map(str::to_owned).collect();
+            if topics.is_empty() {
+                return Err(format!("{}: at least one topic filter is required", key("topics")));
+            }
+            config.require(&key("mode"))?;
+            let mode = pick(&config, &key("mode"), "", &[("verify", Mode::Verify), ("attest", Mode::Attest)])?;
+            let signing_key = config.get(&key("key")).map(str::to_owned);
+            if mode == Mode::Attest {
+                let Some(kid) = &signing_key else {
+                    return Err(format!("{}: an attest rule names the key it signs with", key("key")));
+                };
+                match keys.iter().find(|candidate| &candidate.kid == kid) {
+                    Some(found) if found.state == KeyState::Active => {}
+                    Some(_) => return Err(format!("{} = {kid:?} is not an active key", key("key"))),
+                    None => return Err(format!("{} = {kid:?} is not in keys", key("key"))),
+                }
+            }
+            let require: Vec<String> = config.list(&key("require")).into_iter().map(str::to_owned).collect();
+            if let Some(unknown) =
+                require.iter().find(|field| !["ts", "ctr", "exp", "sub", "iss"].contains(&field.as_str()))
+            {
+                return Err(format!("{}: {unknown:?} is not ts, ctr, exp, sub or iss", key("require")));
+            }
+            let on_fail = pick(
+                &config,
+                &key("on_fail"),
+                "reject",
+                &[("reject", OnFail::Reject), ("tag", OnFail::Tag), ("log", OnFail::Log)],
+            )?;
+            let carrier = pick(
+                &config,
+                &key("carrier"),
+                "property",
+                &[("property", Carrier::Property), ("envelope", Carrier::Envelope)],
+            )?;
+            let sub_level = match config.get(&key("sub_level")) {
+                None => None,
+                Some(level) => {
+                    Some(level.parse().map_err(|_| format!("{} = {level:?} is not a level index", key("sub_level")))?)
+                }
+            };
+            rules.push(Rule {
+                id,
+                topics,
+                mode,
+                key: signing_key,
+                accept_kids: config.list(&key("accept_kids")).into_iter().map(str::to_owned).collect(),
+                require: if config.get(&key("require.0")).is_some() {
+                    require
+                } else {
+                    vec!["ts".into(), "ctr".into()]
+                },
+                sub_level,
+                bind_publisher: parse_bool(&key("bind_publisher"), config.get(&key("bind_publisher")), false)?,
+                on_fail,
+                deny_retained: parse_bool(&key("deny_retained"), config.get(&key("deny_retained")), false)?,
+                carrier,
+            });
+        }
+        if rules.is_empty() {
+            return Err("no rules configured ([[plugins.config.rules]])".to_owned());
+        }
+        let allow_volatile = parse_bool("allow_volatile_state", config.get("allow_volatile_state"), false)?;
+        // Replay state and signing counters must survive a restart, or a restart reopens the replay window.
+        if let Err(error) = host::kv_set_durable("msg-auth/state-probe", b"1")
+            && !allow_volatile
+        {
+            return Err(format!(
+                "replay protection needs durable state ({error}); set the broker's runtime.state_dir, or \
+                 allow_volatile_state = true to accept replays across restarts"
+            ));
+        }
+        let mac_len = parse_u64("mac_len", config.get("mac_len"), 32)?;
+        if !(16..=32).contains(&mac_len) {
+            return Err(format!("mac_len = {mac_len}: between 16 and 32 bytes"));
+        }
+        let site_id = config.get("site_id").unwrap_or("").to_owned();
+        if !tollgate_sig::valid_name(&site_id) {
+            return Err(format!("site_id = {site_id:?}: letters, digits, '.', '_', ':' or '-'"));
+        }
+        Ok(MsgAuth {
+            site_id,
+            enforce: parse_bool("enforce", config.get("enforce"), true)?,
+            clock_skew_ms: parse_u64("clock_skew_ms", config.get("clock_skew_ms"), 30_000)?,
+            max_age_ms: parse_u64("max_age_ms", config.get("max_age_ms"), 120_000)?,
+            check_time: pick(&config, "clock_trust", "always", &[("always", true), ("never", false)])?,
+            mac_len: mac_len as usize,
+            identity_attribute: config.get("identity_attribute").unwrap_or("vin").to_owned(),
+            disconnect_v3: pick(&config, "on_fail_v3", "drop", &[("drop", false), ("disconnect", true)])?,
+            keys,
+            rules,
+        })
+    }
+
+    fn on_publish(&self, client: &Client, mut message: Message) -> TransformResult {
+        let Some(rule) = self
+            .rules
+            .iter()
+            .find(|rule| rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic)))
+        else {
+            return TransformResult::Unchanged;
+        };
+        // What a client claims about signatures is never passed on as if the broker had said it.
+        let before = message.user_properties.len();
+        message.user_properties.retain(|property| property.key != STATUS_PROPERTY);
+        let stripped = message.user_properties.len() != before;
+        let outcome = match rule.mode {
+            Mode::Verify => self.verify(rule, client, &message),
+            Mode::Attest => self.attest(rule, client, &mut message).map(|()| true),
+        };
+        match outcome {
+            Ok(modified) => {
+                host::counter_add(&format!("{}/{}", rule_mode(rule), "ok"), 1);
+                if modified || stripped { TransformResult::Modified(message) } else { TransformResult::Unchanged }
+            }
+            Err((failure, detail)) => self.fail(rule, client, message, failure, &detail, stripped),
+        }
+    }
+}
+
+fn rule_mode(rule: &Rule) -> &'static str {
+    match rule.mode {
+        Mode::Verify => "verify",
+        Mode::Attest => "attest",
+    }
+}
+
+/// A failure and the signature it concerns (for the security event), boxed: failures are the rare path.
+type Outcome<T> = Result<T, (Failure, Box<Signature>)>;
+
+impl MsgAuth {
+    fn key(&self, kid: &str) -> Option<&Key> {
+        self.keys.iter().find(|key| key.kid == kid)
+    }
+
+    fn derive(key: &Key, sub: &str) -> Option<Vec<u8>> {
+        key.derive.as_deref().map(|template| derive_info(template, sub))
+    }
+
+    /// Reads the signature: the user property, else an envelope in the payload. Returns the signature and the
+    /// payload it covers.
+    fn carried(message: &Message) -> Result<Option<(Signature, &[u8])>, Malformed> {
+        let mut headers = message.user_properties.iter().filter(|property| property.key == PROPERTY);
+        if let Some(header) = headers.next() {
+            if headers.next().is_some() {
+                return Err(Malformed("more than one x-sig property".into()));
+            }
+            return Signature::parse(&header.value).map(|signature| Some((signature, message.payload.as_slice())));
+        }
+        tollgate_sig::split_envelope(&message.payload).transpose()
+    }
+
+    fn verify(&self, rule: &Rule, client: &Client, message: &Message) -> Outcome<bool> {
+        let no_signature = Box::<Signature>::default;
+        if rule.deny_retained && message.retain {
+            return Err((Failure::Retained, no_signature()));
+        }
+        let (signature, payload) = match Self::carried(message) {
+            Ok(Some(found)) => found,
+            Ok(None) => return Err((Failure::Missing, no_signature())),
+            Err(_) => return Err((Failure::Malformed, no_signature())),
+        };
+        let covered = Covered {
+            topic: &message.topic,
+            retain: message.retain,
+            content_type: message.content_type.as_deref(),
+            correlation_data: message.correlation_data.as_deref(),
+            response_topic: message.response_topic.as_deref(),
+            payload,
+        };
+        let input = tollgate_sig::canonical(&signature, &covered);
+        let usable = self
+            .key(&signature.kid)
+            .filter(|key| key.state != KeyState::Retired && kid_accepted(&rule.accept_kids, &key.kid));
+        // An unknown key id costs the same as a known one: no timing oracle for which ids exist.
+        let key = usable.unwrap_or(&self.keys[0]);
+        let valid = crypto::verify_hmac_sha256(
+            &key.secret,
+            Self::derive(key, &signature.sub).as_deref(),
+            &input,
+            &signature.mac,
+        )
+        .unwrap_or(false);
+        if usable.is_none() {
+            return Err((Failure::UnknownKid, Box::new(signature)));
+        }
+        if !valid {
+            return Err((Failure::BadMac, Box::new(signature)));
+        }
+        let present = signature.present;
+        for field in &rule.require {
+            let there = match field.as_str() {
+                "ts" => present.ts,
+                "ctr" => present.ctr,
+                "exp" => present.exp,
+                "sub" => present.sub,
+                _ => present.iss,
+            };
+            if !there {
+                return Err((Failure::MissingField, Box::new(signature)));
+            }
+        }
+        if let Some(level) = rule.sub_level
+            && message.topic.split('/').nth(level) != Some(signature.sub.as_str())
+        {
+            return Err((Failure::SubMismatch, Box::new(signature)));
+        }
+        if rule.bind_publisher
+            && host::client_attribute(&self.identity_attribute).as_deref() != Some(signature.sub.as_str())
+        {
+            return Err((Failure::SubMismatch, Box::new(signature)));
+        }
+        let _ = client;
+        let now = host::now_ms();
+        if present.exp && signature.exp != 0 && signature.exp < now {
+            return Err((Failure::Expired, Box::new(signature)));
+        }
+        if self.check_time && present.ts {
+            if signature.ts > now.saturating_add(self.clock_skew_ms) {
+                return Err((Failure::Future, Box::new(signature)));
+            }
+            if now.saturating_sub(signature.ts) > self.max_age_ms + self.clock_skew_ms {
+                return Err((Failure::Stale, Box::new(signature)));
+            }
+        }
+        if present.ctr {
+            // Checked only now, after the tag: a forged message must not move the window.
+            let state_key = replay_key(&signature.kid, &signature.sub);
+            let (highest, bits) = read_window(host::kv_get(&state_key));
+            let Some((highest, bits)) = advance_window(highest, bits, signature.ctr) else {
+                return Err((Failure::Replay, Box::new(signature)));
+            };
+            let mut state = highest.to_be_bytes().to_vec();
+            state.extend_from_slice(&bits.to_be_bytes());
+            if host::kv_set_durable(&state_key, &state).is_err() {
+                let _ = host::kv_set(&state_key, &state);
+            }
+        }
+        Ok(false)
+    }
+
+    fn attest(&self, rule: &Rule, _client: &Client, message: &mut Message) -> Outcome<()> {
+        // A client's own signature claims are replaced by the broker's.
+        message.user_properties.retain(|property| property.key != PROPERTY);
+        let Some(sub) = host::client_attribute(&self.identity_attribute) else {
+            return Err((Failure::NoIdentity, Box::default()));
+        };
+        if !tollgate_sig::valid_name(&sub) {
+            return Err((Failure::NoIdentity, Box::default()));
+        }
+        let Some(key) = rule.key.as_deref().and_then(|kid| self.key(kid)) else {
+            return Err((Failure::SignFailed, Box::default()));
+        };
+        let now = host::now_ms();
+        let ctr = host::kv_add(&format!("tx/{}", key.kid), 1, true)
+            .or_else(|_| host::kv_add(&format!("tx/{}", key.kid), 1, false))
+            .map_err(|_| (Failure::SignFailed, Box::default()))?;
+        let mut signature = Signature {
+            kid: key.kid.clone(),
+            sub: sub.clone(),
+            iss: self.site_id.clone(),
+            ts: now,
+            ctr,
+            exp: message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000),
+            ..Signature::default()
+        };
+        let covered = Covered {
+            topic: &message.topic,
+            retain: message.retain,
+            content_type: message.content_type.as_deref(),
+            correlation_data: message.correlation_data.as_deref(),
+            response_topic: message.response_topic.as_deref(),
+            payload: &message.payload,
+        };
+        let input = tollgate_sig::canonical(&signature, &covered);
+        let tag = match Self::derive(key, &sub) {
+            Some(info) => crypto::hmac_sha256_derived(&key.secret, &info, &input),
+            None => crypto::hmac_sha256(&key.secret, &input),
+        }
+        .map_err(|_| (Failure::SignFailed, Box::default()))?;
+        signature.mac = tag[..self.mac_len.min(tag.len())].to_vec();
+        match rule.carrier {
+            Carrier::Property => {
+                message.user_properties.push(UserProperty { key: PROPERTY.to_owned(), value: signature.header() });
+            }
+            Carrier::Envelope => message.payload = tollgate_sig::envelope(&signature, &message.payload),
+        }
+        Ok(())
+    }
+
+    fn fail(
+        &self,
+        rule: &Rule,
+        client: &Client,
+        mut message: Message,
+        failure: Failure,
+        signature: &Signature,
+        stripped: bool,
+    ) -> TransformResult {
+        host::counter_add(&format!("{}/{}", rule_mode(rule), failure.name()), 1);
+        // Tags are logged as a 4-byte prefix at most.
+        let mac_prefix: String = signature.mac.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        let action = match (self.enforce, rule.on_fail) {
+            (false, _) | (_, OnFail::Log) => "logged",
+            (true, OnFail::Tag) => "tagged",
+            (true, OnFail::Reject) => "rejected",
+        };
+        host::security_event(
+            host::LogLevel::Warn,
+            "msg_auth_failed",
+            &[
+                ("rule", &rule.id),
+                ("mode", rule_mode(rule)),
+                ("result", failure.name()),
+                ("action", action),
+                ("client_id", &client.client_id),
+                ("topic", &message.topic),
+                ("kid", &signature.kid),
+                ("sub", &signature.sub),
+                ("mac_prefix", &mac_prefix),
+            ],
+        );
+        match action {
+            "rejected" => {
+                let disconnect = self.disconnect_v3 && client.protocol != ProtocolVersion::V5;
+                TransformResult::reject(failure.reason(), format!("msg-auth: {}", failure.name()), disconnect)
+            }
+            "tagged" => {
+                message.user_properties.push(UserProperty {
+                    key: STATUS_PROPERTY.to_owned(),
+                    value: format!("invalid:{}", failure.name()),
+                });
+                TransformResult::Modified(message)
+            }
+            _ if stripped => TransformResult::Modified(message),
+            _ => TransformResult::Unchanged,
+        }
+    }
+}
+
+export_plugin!(MsgAuth);
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,294 @@
+use tollgate_sdk::testing;
+use tollgate_sig::keys;
+
+use super::*;
+
+const VIN: &str = "1M8GDM9AXKP042788";
+const CLOUD: &[u8] = b"cloud-secret-0123456789abcdef0123";
+const CLOUD_NEXT: &[u8] = b"cloud-secret-next-0123456789abcdef";
+const SITE: &[u8] = b"site-secret-0123456789abcdef012345";
+const NOW: u64 = 1_800_000_000_000;
+
+fn config(extra: &[(&str, &str)]) -> Config {
+    let base = [
+        ("site_id", "site-0042"),
+        ("keys.0.kid", "cloud-2026-01"),
+        ("keys.0.secret", "cloud-old"),
+        ("keys.0.state", "verify-only"),
+        ("keys.1.kid", "cloud-2026-07"),
+        ("keys.1.secret", "cloud-new"),
+        ("keys.2.kid", "site-1"),
+        ("keys.2.secret", "site"),
+        ("keys.2.derive", "vin-mac-v1:${sub}"),
+        ("rules.0.id", "commands"),
+        ("rules.0.mode", "verify"),
+        ("rules.0.topics.0", "v1/vehicles/+/cmd/#"),
+        ("rules.0.accept_kids.0", "cloud-*"),
+        ("rules.0.require.0", "ts"),
+        ("rules.0.require.1", "ctr"),
+        ("rules.0.require.2", "sub"),
+        ("rules.0.sub_level", "2"),
+        ("rules.0.deny_retained", "true"),
+        ("rules.1.id", "uplink"),
+        ("rules.1.mode", "attest"),
+        ("rules.1.key", "site-1"),
+        ("rules.1.topics.0", "v1/vehicles/+/telemetry/#"),
+    ];
+    base.iter().chain(extra).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn setup() -> MsgAuth {
+    testing::set_secret("cloud-old", CLOUD);
+    testing::set_secret("cloud-new", CLOUD_NEXT);
+    testing::set_secret("site", SITE);
+    testing::set_now_ms(Some(NOW));
+    MsgAuth::init(config(&[])).expect("init")
+}
+
+fn command_topic() -> String {
+    format!("v1/vehicles/{VIN}/cmd/unlock/req")
+}
+
+fn signed(kid: &str, secret: &[u8], topic: &str, payload: &[u8], ctr: u64) -> Message {
+    let mut signature = Signature {
+        kid: kid.into(),
+        sub: VIN.into(),
+        iss: "cloud".into(),
+        ts: NOW - 1000,
+        ctr,
+        ..Signature::default()
+    };
+    signature.present = tollgate_sig::Present { sub: true, iss: true, ts: true, ctr: true, exp: false };
+    let covered = Covered { topic, payload, ..Covered::default() };
+    keys::sign(secret, &mut signature, &covered, 32);
+    let mut message = Message::new(topic, payload.to_vec());
+    message.user_properties.push(UserProperty { key: PROPERTY.into(), value: signature.header() });
+    message
+}
+
+fn backend() -> Client {
+    Client::new("backend", Some("backend"))
+}
+
+fn rejected(result: &TransformResult) -> Option<(DenyReason, String)> {
+    match result {
+        TransformResult::Reject(rejection) => Some((rejection.reason, rejection.message.clone())),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_signed_command_passes_and_its_replay_fails() {
+    let plugin = setup();
+    let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1);
+    assert_eq!(plugin.on_publish(&backend(), message.clone()), TransformResult::Unchanged);
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), message.clone())),
+        Some((DenyReason::NotAuthorized, "msg-auth: replay".into()))
+    );
+    // One second or an hour later, and after a broker restart: still a replay.
+    testing::set_now_ms(Some(NOW + 1000));
+    assert!(rejected(&plugin.on_publish(&backend(), message.clone())).is_some());
+    testing::restart();
+    let restarted = MsgAuth::init(config(&[])).expect("init again");
+    assert!(rejected(&restarted.on_publish(&backend(), message)).is_some(), "a restart reopened the window");
+    assert_eq!(testing::counter("verify/replay"), 3);
+}
+
+#[test]
+fn tampering_with_any_covered_field_fails() {
+    let plugin = setup();
+    let good = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 10);
+    let mut topic = good.clone();
+    topic.topic = format!("v1/vehicles/{VIN}/cmd/lock/req");
+    let mut payload = good.clone();
+    payload.payload = b"GO".to_vec();
+    let header = &good.user_properties[0].value;
+    let retimed = header.replace(&format!("ts={}", NOW - 1000), &format!("ts={}", NOW - 999));
+    let rekeyed = header.replace("kid=cloud-2026-07", "kid=cloud-2026-01");
+    let mut retained = good.clone();
+    retained.retain = true;
+    for (name, message) in [
+        ("topic", topic),
+        ("payload", payload),
+        ("timestamp", with_header(&good, &retimed)),
+        ("key id", with_header(&good, &rekeyed)),
+    ] {
+        assert_eq!(
+            rejected(&plugin.on_publish(&backend(), message)).map(|(reason, _)| reason),
+            Some(DenyReason::NotAuthorized),
+            "{name} tampering passed"
+        );
+    }
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), retained)).map(|(_, why)| why),
+        Some("msg-auth: retained".into())
+    );
+    // Nothing above moved the replay window: the untouched message still passes once.
+    assert_eq!(plugin.on_publish(&backend(), good), TransformResult::Unchanged);
+}
+
+fn with_header(message: &Message, header: &str) -> Message {
+    let mut message = message.clone();
+    message.user_properties[0].value = header.to_owned();
+    message
+}
+
+#[test]
+fn missing_malformed_and_unknown_signatures_fail_with_their_reason() {
+    let plugin = setup();
+    let unsigned = Message::new(command_topic(), b"go".to_vec());
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), unsigned)).map(|(_, why)| why),
+        Some("msg-auth: missing".into())
+    );
+    let malformed = with_header(&signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1), "v1;alg=hs256");
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), malformed)).map(|(reason, _)| reason),
+        Some(DenyReason::PayloadFormatInvalid)
+    );
+    // The site key is in the ring but not accepted for commands; a stranger's key is not in the ring.
+    for (kid, secret) in [("site-1", SITE), ("cloud-9999", CLOUD)] {
+        let message = signed(kid, secret, &command_topic(), b"go", 1);
+        assert_eq!(
+            rejected(&plugin.on_publish(&backend(), message)).map(|(_, why)| why),
+            Some("msg-auth: unknown_kid".into())
+        );
+    }
+    // Signed for another car than the topic names.
+    let other = signed("cloud-2026-07", CLOUD_NEXT, "v1/vehicles/1J9RP1A36A1644345/cmd/x/req", b"go", 1);
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), other)).map(|(_, why)| why),
+        Some("msg-auth: sub_mismatch".into())
+    );
+    // Topics without a rule pass untouched.
+    assert_eq!(plugin.on_publish(&backend(), Message::new("other/topic", b"x".to_vec())), TransformResult::Unchanged);
+}
+
+#[test]
+fn stale_and_future_messages_fail() {
+    let plugin = setup();
+    let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1);
+    testing::set_now_ms(Some(NOW + 3_600_000));
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), message.clone())).map(|(_, why)| why),
+        Some("msg-auth: stale".into())
+    );
+    testing::set_now_ms(Some(NOW - 120_000));
+    assert_eq!(rejected(&plugin.on_publish(&backend(), message)).map(|(_, why)| why), Some("msg-auth: future".into()));
+}
+
+#[test]
+fn rotation_with_overlap_loses_nothing_and_retiring_stops_a_key() {
+    let plugin = setup();
+    let old = signed("cloud-2026-01", CLOUD, &command_topic(), b"a", 1);
+    let new = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"b", 1);
+    assert_eq!(plugin.on_publish(&backend(), old.clone()), TransformResult::Unchanged, "verify-only keys still verify");
+    assert_eq!(plugin.on_publish(&backend(), new), TransformResult::Unchanged);
+    let retired = MsgAuth::init(config(&[("keys.0.state", "retired")])).expect("init");
+    let old_again = signed("cloud-2026-01", CLOUD, &command_topic(), b"a", 2);
+    assert!(rejected(&retired.on_publish(&backend(), old_again)).is_some());
+    drop(old);
+}
+
+#[test]
+fn counters_slightly_out_of_order_pass_once() {
+    let plugin = setup();
+    for ctr in [5, 3, 4, 9] {
+        let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"x", ctr);
+        assert_eq!(plugin.on_publish(&backend(), message), TransformResult::Unchanged, "ctr {ctr}");
+    }
+    for ctr in [3, 5, 9] {
+        let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"x", ctr);
+        assert!(rejected(&plugin.on_publish(&backend(), message)).is_some(), "ctr {ctr} replayed");
+    }
+    assert_eq!(advance_window(100, 0, 30), None, "far behind the window");
+    assert_eq!(advance_window(1, 0, 200), Some((200, 0)));
+    assert_eq!(advance_window(0, 0, 0), None);
+}
+
+#[test]
+fn attestation_signs_with_the_brokers_view_of_the_identity() {
+    let plugin = setup();
+    testing::set_attribute("vin", VIN);
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    let mut sent = Message::new(topic.clone(), b"88".to_vec());
+    // A forged signature and status from the car are replaced.
+    sent.user_properties.push(UserProperty { key: PROPERTY.into(), value: "v1;forged".into() });
+    sent.user_properties.push(UserProperty { key: STATUS_PROPERTY.into(), value: "ok".into() });
+    let TransformResult::Modified(out) = plugin.on_publish(&Client::new(VIN, None), sent) else {
+        panic!("attest must modify the message")
+    };
+    assert_eq!(out.user_properties.len(), 1);
+    let signature = Signature::parse(&out.user_properties[0].value).expect("header");
+    assert_eq!((signature.sub.as_str(), signature.iss.as_str(), signature.ts), (VIN, "site-0042", NOW));
+    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: b"88", ..Covered::default() }));
+    // Counters never repeat, across a restart too.
+    let TransformResult::Modified(second) =
+        plugin.on_publish(&Client::new(VIN, None), Message::new(topic.clone(), b"89".to_vec()))
+    else {
+        panic!("modified")
+    };
+    let second = Signature::parse(&second.user_properties[0].value).expect("header");
+    testing::restart();
+    testing::set_attribute("vin", VIN);
+    let restarted = MsgAuth::init(config(&[])).expect("init");
+    let TransformResult::Modified(third) =
+        restarted.on_publish(&Client::new(VIN, None), Message::new(topic, b"90".to_vec()))
+    else {
+        panic!("modified")
+    };
+    let third = Signature::parse(&third.user_properties[0].value).expect("header");
+    assert!(signature.ctr < second.ctr && second.ctr < third.ctr, "{} {} {}", signature.ctr, second.ctr, third.ctr);
+}
+
+#[test]
+fn attestation_needs_an_identity_and_envelopes_work_for_old_clients() {
+    setup();
+    let plugin = MsgAuth::init(config(&[("rules.1.carrier", "envelope")])).expect("init");
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    let anonymous = plugin.on_publish(&Client::new("x", None), Message::new(topic.clone(), b"1".to_vec()));
+    assert_eq!(rejected(&anonymous).map(|(_, why)| why), Some("msg-auth: no_identity".into()));
+    testing::set_attribute("vin", VIN);
+    let TransformResult::Modified(out) =
+        plugin.on_publish(&Client::new(VIN, None), Message::new(topic.clone(), b"1".to_vec()))
+    else {
+        panic!("modified")
+    };
+    let (signature, payload) = tollgate_sig::split_envelope(&out.payload).expect("envelope").expect("valid");
+    assert_eq!(payload, b"1");
+    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload, ..Covered::default() }));
+}
+
+#[test]
+fn shadow_and_tag_modes_deliver() {
+    setup();
+    let shadow = MsgAuth::init(config(&[("enforce", "false")])).expect("init");
+    let unsigned = Message::new(command_topic(), b"go".to_vec());
+    assert_eq!(shadow.on_publish(&backend(), unsigned.clone()), TransformResult::Unchanged);
+    let tagging = MsgAuth::init(config(&[("rules.0.on_fail", "tag")])).expect("init");
+    let TransformResult::Modified(out) = tagging.on_publish(&backend(), unsigned) else { panic!("tagged") };
+    assert_eq!(
+        out.user_properties,
+        vec![UserProperty { key: STATUS_PROPERTY.into(), value: "invalid:missing".into() }]
+    );
+}
+
+#[test]
+fn configuration_errors_are_named() {
+    setup();
+    let cases: [(&[(&str, &str)], &str); 5] = [
+        (&[("rules.1.key", "cloud-2026-01")], "not an active key"),
+        (&[("rules.1.key", "nope")], "not in keys"),
+        (&[("rules.0.require.3", "nonce")], "require"),
+        (&[("keys.3.kid", "x"), ("keys.3.secret", "absent")], "keys.3.secret"),
+        (&[("mac_len", "8")], "mac_len"),
+    ];
+    for (extra, expected) in cases {
+        let error = MsgAuth::init(config(extra)).err().unwrap_or_default();
+        assert!(error.contains(expected), "{extra:?}: {error}");
+    }
+    assert!(MsgAuth::init(Config::default()).err().is_some_and(|error| error.contains("no keys")));
+}

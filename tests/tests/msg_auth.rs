@@ -1,0 +1,157 @@
+//! The shipped `msg-auth` plugin end to end: a backend's signed commands reach subscribers with their signature;
+//! unsigned, tampered and replayed ones are refused with PUBACK 0x87 (0x99 when malformed), across a broker
+//! restart too; an MQTT 3.1.1 publisher of a bad command is disconnected when configured so.
+
+#![allow(clippy::unwrap_used)]
+
+#[path = "../support/wasm_build.rs"]
+mod wasm_build;
+
+use std::path::Path;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
+use tollgate::config::{Config, PluginConfig};
+use tollgate_integration_tests::v5::{self, Acked};
+use tollgate_integration_tests::{QUIET, TestBroker, v4};
+use tollgate_sig::{Covered, PROPERTY, Present, Signature, keys};
+
+const VIN: &str = "1M8GDM9AXKP042788";
+const CLOUD_KEY: &[u8] = b"cloud key of at least 32 bytes!!";
+
+fn msg_auth() -> PluginConfig {
+    let config = serde_json::json!({
+        "site_id": "site-0042",
+        "on_fail_v3": "disconnect",
+        "keys": [ { "kid": "cloud-2026", "secret": "cloud" } ],
+        "rules": [ {
+            "id": "commands", "mode": "verify", "topics": ["v1/vehicles/+/cmd/#"],
+            "accept_kids": ["cloud-*"], "require": ["ts", "ctr", "sub"], "sub_level": 2
+        } ]
+    });
+    PluginConfig {
+        name: "msg-auth".into(),
+        kind: "wasm".into(),
+        path: wasm_build::wasm_plugin("msg-auth"),
+        hooks: None,
+        limits: Default::default(),
+        on_failure: Default::default(),
+        cache_decisions: false,
+        secrets: [("cloud".to_owned(), format!("hex:{}", hex(CLOUD_KEY)))].into(),
+        config: config.as_object().unwrap().clone(),
+        files: Default::default(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn broker(state: &Path) -> TestBroker {
+    let state = state.to_path_buf();
+    TestBroker::builder()
+        .configure(move |config: &mut Config| {
+            config.plugins = vec![msg_auth()];
+            config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
+            config.runtime.state_dir = Some(state);
+        })
+        .start()
+        .await
+}
+
+fn command_topic() -> String {
+    format!("v1/vehicles/{VIN}/cmd/unlock/req")
+}
+
+/// What a backend does: sign with the key it shares with the broker, send the header as a user property.
+fn signed(topic: &str, payload: &[u8], ctr: u64) -> PublishProperties {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut signature = Signature {
+        kid: "cloud-2026".into(),
+        sub: VIN.into(),
+        iss: "cloud".into(),
+        ts: now,
+        ctr,
+        present: Present { sub: true, iss: true, ts: true, ctr: true, exp: false },
+        ..Signature::default()
+    };
+    keys::sign(CLOUD_KEY, &mut signature, &Covered { topic, payload, ..Covered::default() }, 32);
+    PublishProperties { user_properties: vec![(PROPERTY.into(), signature.header())], ..Default::default() }
+}
+
+#[tokio::test]
+async fn signed_commands_pass_and_forged_or_replayed_ones_are_refused_across_a_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let broker = broker(state.path()).await;
+    let mut car = v5::connect_to(&broker, "car").await;
+    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
+    let mut backend = v5::connect_to(&broker, "backend").await;
+    let topic = command_topic();
+
+    let good = signed(&topic, b"unlock", 1);
+    let acked = backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good.clone())).await;
+    assert_eq!(acked, Acked::PubAck(PubAckReason::Success));
+    let delivered = car.next_publish().await;
+    let header = delivered.properties.as_ref().map(|p| p.user_properties.clone()).unwrap_or_default();
+    assert_eq!(header, good.user_properties, "the signature travels on to the subscriber");
+
+    let refused = Acked::PubAck(PubAckReason::NotAuthorized);
+    // Replayed, tampered payload, unsigned, and signed for another topic.
+    assert_eq!(backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good.clone())).await, refused);
+    let fresh = signed(&topic, b"unlock", 2);
+    assert_eq!(backend.publish_with(&topic, QoS::AtLeastOnce, false, b"UNLOCK", Some(fresh.clone())).await, refused);
+    assert_eq!(backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", None).await, refused);
+    let lock_topic = format!("v1/vehicles/{VIN}/cmd/lock/req");
+    assert_eq!(
+        backend.publish_with(&lock_topic, QoS::AtLeastOnce, false, b"unlock", Some(fresh.clone())).await,
+        refused
+    );
+    let garbled =
+        PublishProperties { user_properties: vec![(PROPERTY.into(), "v1;alg=hs256".into())], ..Default::default() };
+    assert_eq!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"x", Some(garbled)).await,
+        Acked::PubAck(PubAckReason::PayloadFormatInvalid)
+    );
+    car.expect_no_publish(QUIET).await;
+    // The untouched message with counter 2 still passes: refusals never moved the replay window.
+    assert_eq!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(fresh.clone())).await,
+        Acked::PubAck(PubAckReason::Success)
+    );
+    car.next_publish().await;
+    backend.disconnect().await;
+    car.disconnect().await;
+    assert!(broker.stop().await);
+
+    // After a restart with the same state directory the replay window is where it was.
+    let broker = self::broker(state.path()).await;
+    let mut backend = v5::connect_to(&broker, "backend").await;
+    assert_eq!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(fresh)).await,
+        Acked::PubAck(PubAckReason::NotAuthorized)
+    );
+    let next = signed(&topic, b"unlock", 3);
+    assert!(matches!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(next)).await,
+        Acked::PubAck(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)
+    ));
+    backend.disconnect().await;
+
+    // MQTT 3.1.1 has no negative PUBACK: an unsigned command disconnects its publisher (on_fail_v3).
+    let mut old = v4::connect_to(&broker, "legacy").await;
+    old.client.publish(command_topic(), rumqttc::QoS::AtLeastOnce, false, b"unlock".to_vec()).await.unwrap();
+    old.expect_disconnected().await;
+    assert!(broker.stop().await);
+}
+
+#[tokio::test]
+async fn the_broker_refuses_to_start_msg_auth_without_durable_state() {
+    let mut config = Config::default();
+    config.listeners[0].bind = "127.0.0.1:0".into();
+    config.runtime.state_dir = Some(std::path::PathBuf::new());
+    config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
+    config.plugins = vec![msg_auth()];
+    let error = tollgate::Server::start(&config).await.err().expect("refused");
+    let text = format!("{error:#}");
+    assert!(text.contains("msg-auth") && text.contains("state_dir"), "{text}");
+}
