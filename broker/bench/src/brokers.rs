@@ -25,16 +25,26 @@ pub enum BrokerKind {
     /// The same Lua ACL with `cache_decisions = true`: called once per connection and topic.
     #[serde(rename = "tollgate+lua-cached")]
     TollgateLuaCached,
+    /// Tollgate with the shipped vin-acl plugin deciding every publish and subscribe (uncached). The benchmark
+    /// clients have no certificates, so they get a role by user name and a rule on `bench/#`: the same template
+    /// engine a car's `${vin}` rules go through.
+    #[serde(rename = "tollgate+vin-acl")]
+    TollgateVinAcl,
+    /// vin-acl as its README configures it, with `cache_decisions = true`.
+    #[serde(rename = "tollgate+vin-acl-cached")]
+    TollgateVinAclCached,
 }
 
 impl BrokerKind {
-    pub const ALL: [BrokerKind; 6] = [
+    pub const ALL: [BrokerKind; 8] = [
         Self::Tollgate,
         Self::Mosquitto,
         Self::Rumqttd,
         Self::TollgateWasm,
         Self::TollgateLua,
         Self::TollgateLuaCached,
+        Self::TollgateVinAcl,
+        Self::TollgateVinAclCached,
     ];
 
     pub fn name(self) -> &'static str {
@@ -45,6 +55,8 @@ impl BrokerKind {
             Self::TollgateWasm => "tollgate+wasm",
             Self::TollgateLua => "tollgate+lua",
             Self::TollgateLuaCached => "tollgate+lua-cached",
+            Self::TollgateVinAcl => "tollgate+vin-acl",
+            Self::TollgateVinAclCached => "tollgate+vin-acl-cached",
         }
     }
 
@@ -56,12 +68,21 @@ impl BrokerKind {
             Self::TollgateWasm => "Tollgate + WASM HMAC transform",
             Self::TollgateLua => "Tollgate + Lua ACL",
             Self::TollgateLuaCached => "Tollgate + Lua ACL (cached)",
+            Self::TollgateVinAcl => "Tollgate + vin-acl (uncached)",
+            Self::TollgateVinAclCached => "Tollgate + vin-acl (cached)",
         }
     }
 
     /// A Tollgate run with a plugin, compared with plain Tollgate rather than with the other brokers.
     pub fn is_plugin_variant(self) -> bool {
-        matches!(self, Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached)
+        matches!(
+            self,
+            Self::TollgateWasm
+                | Self::TollgateLua
+                | Self::TollgateLuaCached
+                | Self::TollgateVinAcl
+                | Self::TollgateVinAclCached
+        )
     }
 
     /// The program this kind runs: every plugin variant is the Tollgate binary with another configuration.
@@ -69,7 +90,12 @@ impl BrokerKind {
         match self {
             Self::Mosquitto => Program::Mosquitto,
             Self::Rumqttd => Program::Rumqttd,
-            Self::Tollgate | Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached => Program::Tollgate,
+            Self::Tollgate
+            | Self::TollgateWasm
+            | Self::TollgateLua
+            | Self::TollgateLuaCached
+            | Self::TollgateVinAcl
+            | Self::TollgateVinAclCached => Program::Tollgate,
         }
     }
 }
@@ -114,11 +140,16 @@ fn plugin_for(kind: BrokerKind, workspace: &Path) -> Result<Option<PathBuf>> {
         BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached => {
             Ok(Some(workspace.join("broker/bench/plugins/acl.lua")))
         }
-        BrokerKind::TollgateWasm => {
+        BrokerKind::TollgateWasm | BrokerKind::TollgateVinAcl | BrokerKind::TollgateVinAclCached => {
+            let (package, file) = if kind == BrokerKind::TollgateWasm {
+                ("bench-sign-wasm", "bench_sign_wasm.wasm")
+            } else {
+                ("vin-acl", "vin_acl.wasm")
+            };
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let output = Command::new(cargo)
                 .current_dir(workspace)
-                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", "bench-sign-wasm"])
+                .args(["build", "--release", "--target", "wasm32-wasip2", "-p", package])
                 .output()
                 .context("running cargo to build the benchmark plugin")?;
             if !output.status.success() {
@@ -127,7 +158,7 @@ fn plugin_for(kind: BrokerKind, workspace: &Path) -> Result<Option<PathBuf>> {
                     String::from_utf8_lossy(&output.stderr).lines().last().unwrap_or_default()
                 );
             }
-            Ok(Some(workspace.join("target/wasm32-wasip2/release/bench_sign_wasm.wasm")))
+            Ok(Some(workspace.join("target/wasm32-wasip2/release").join(file)))
         }
         _ => Ok(None),
     }
@@ -395,6 +426,32 @@ level = "warn"
 }
 
 fn plugin_config(kind: BrokerKind, plugin: &Path) -> String {
+    if matches!(kind, BrokerKind::TollgateVinAcl | BrokerKind::TollgateVinAclCached) {
+        return format!(
+            r#"
+[runtime]
+plugin_cache_dir = ""
+
+[[plugins]]
+name = "vin-acl"
+kind = "wasm"
+path = "{path}"
+cache_decisions = {cache}
+
+[[plugins.config.rules]]
+id = "bench"
+who = "role:bench"
+allow = ["publish", "subscribe"]
+topics = ["bench/#", "fanin/#", "fanout/#"]
+
+[[plugins.config.roles]]
+name = "bench"
+match = "username=bench"
+"#,
+            path = plugin.display(),
+            cache = kind == BrokerKind::TollgateVinAclCached,
+        );
+    }
     let kind_name = if kind == BrokerKind::TollgateWasm { "wasm" } else { "lua" };
     let cache = kind == BrokerKind::TollgateLuaCached;
     format!(

@@ -42,8 +42,9 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// TCP connect, CONNECT (clean session) and wait for a successful CONNACK. `buffer` is the initial
-    /// capacity of each of the two buffers (small for connections that will stay idle).
+    /// TCP connect, CONNECT (clean session, user name `bench` without a password: anonymous access on every
+    /// broker, and the role the vin-acl variant grants) and wait for a successful CONNACK. `buffer` is the
+    /// initial capacity of each of the two buffers (small for connections that will stay idle).
     pub async fn connect(addr: SocketAddr, client_id: &str, buffer: usize) -> Result<Conn> {
         let stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
         stream.set_nodelay(true)?;
@@ -53,7 +54,7 @@ impl Conn {
             clean_start: true,
             keep_alive: KEEP_ALIVE,
             client_id: client_id.into(),
-            username: None,
+            username: Some("bench".into()),
             password: None,
             will: None,
             properties: Default::default(),

@@ -28,6 +28,7 @@ enum BrokerChoice {
     Plugins,
     TollgateWasm,
     TollgateLua,
+    TollgateVinAcl,
 }
 
 #[derive(Parser, Debug)]
@@ -143,9 +144,12 @@ async fn run(cli: Cli) -> Result<()> {
                 BrokerKind::TollgateWasm,
                 BrokerKind::TollgateLua,
                 BrokerKind::TollgateLuaCached,
+                BrokerKind::TollgateVinAcl,
+                BrokerKind::TollgateVinAclCached,
             ],
             BrokerChoice::TollgateWasm => &[BrokerKind::TollgateWasm],
             BrokerChoice::TollgateLua => &[BrokerKind::TollgateLua],
+            BrokerChoice::TollgateVinAcl => &[BrokerKind::TollgateVinAcl, BrokerKind::TollgateVinAclCached],
         };
         for kind in add {
             if !kinds.contains(kind) {

@@ -246,7 +246,9 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
             out,
             "\nA share of 100% means the plugin costs nothing measurable; on rows where lower is better, above 100% \
              is the plugin's cost. The WASM transform computes HMAC-SHA256 of every payload through the host and adds \
-             it as a user property; the Lua ACL decides every publish (no decision cache), and once per connection and topic with `cache_decisions = true` (cached)."
+             it as a user property; the Lua ACL decides every publish (no decision cache), and once per connection and topic with `cache_decisions = true` (cached); \
+             vin-acl (the shipped plugin, uncached) decides every publish and subscribe through its rule templates, for a role by user name \
+             (the benchmark clients have no certificates)."
         );
     }
 
