@@ -142,7 +142,7 @@ impl Broker {
             let Some(client) = session.lock().client.clone() else { continue };
             report.sessions += 1;
             if let tollgate_hooks::AclOutcome::Deny(reason) =
-                hooks.authorize(&client, &tollgate_hooks::Action::Session).await
+                hooks.recheck(&client, &tollgate_hooks::Action::Session).await
             {
                 info!(client_id = %session.client_id, %reason, "recheck: client no longer allowed; session ended");
                 session.revoke(reason);
@@ -161,7 +161,7 @@ impl Broker {
                 let Ok(parsed) = tollgate_protocol::topic::parse_subscription_filter(&filter) else { continue };
                 let action =
                     tollgate_hooks::Action::Subscribe { filter: parsed.filter, qos, share_group: parsed.share_group };
-                if let tollgate_hooks::AclOutcome::Deny(reason) = hooks.authorize(&client, &action).await {
+                if let tollgate_hooks::AclOutcome::Deny(reason) = hooks.recheck(&client, &action).await {
                     info!(client_id = %session.client_id, %filter, %reason, "recheck: subscription no longer allowed; removed");
                     self.inner.router.unsubscribe(parsed.filter, parsed.share_group, session.id);
                     removed.push(filter);

@@ -204,14 +204,25 @@ impl HookChain {
     /// Every authorizer is asked; the first denial wins, QoS caps combine to the lowest, and a request nobody
     /// decides is allowed.
     pub async fn authorize(&self, client: &ClientInfo, action: &Action<'_>) -> AclOutcome {
+        self.run_authorize(client, action, true).await
+    }
+
+    /// The same question asked again of access already granted (a recheck after a reload): only an explicit
+    /// denial takes it away. A hook that fails here keeps what it granted, whatever its failure policy, so a
+    /// broken or disabled plugin cannot disconnect every client at once.
+    pub async fn recheck(&self, client: &ClientInfo, action: &Action<'_>) -> AclOutcome {
+        self.run_authorize(client, action, false).await
+    }
+
+    async fn run_authorize(&self, client: &ClientInfo, action: &Action<'_>, failures_apply: bool) -> AclOutcome {
         let mut max_qos = QoS::ExactlyOnce;
         for slot in &self.authorizers {
             let attempt = self.attempt(slot.hook.name(), slot.timeout, slot.hook.authorize(client, action)).await;
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
                 Attempt::Failed(_) => match slot.on_failure {
-                    FailurePolicy::FailClosed => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
-                    FailurePolicy::PassThrough => AclDecision::Abstain,
+                    FailurePolicy::FailClosed if failures_apply => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+                    FailurePolicy::FailClosed | FailurePolicy::PassThrough => AclDecision::Abstain,
                 },
             };
             match decision {
@@ -282,5 +293,84 @@ impl HookChain {
             }
         }
         RouteDecision::Forward
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::task::{Context, Waker};
+
+    use tollgate_protocol::ProtocolVersion;
+
+    use super::*;
+
+    /// Native hooks answer without awaiting anything: one poll finishes the chain.
+    fn now<F: Future>(future: F) -> F::Output {
+        match pin!(future).as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(value) => value,
+            Poll::Pending => panic!("a native hook chain should not wait"),
+        }
+    }
+
+    struct Broken;
+
+    #[async_trait::async_trait]
+    impl Authorizer for Broken {
+        fn name(&self) -> &str {
+            "broken"
+        }
+
+        async fn authorize(&self, _client: &ClientInfo, _action: &Action<'_>) -> Result<AclDecision, HookError> {
+            Err(HookError::Failed { hook: "broken".into(), reason: "trapped".into() })
+        }
+    }
+
+    struct Revoker;
+
+    #[async_trait::async_trait]
+    impl Authorizer for Revoker {
+        fn name(&self) -> &str {
+            "revoker"
+        }
+
+        async fn authorize(&self, _client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError> {
+            Ok(match action {
+                Action::Session => AclDecision::Deny(ReasonCode::BANNED),
+                _ => AclDecision::Allow,
+            })
+        }
+    }
+
+    fn client() -> ClientInfo {
+        ClientInfo {
+            client_id: "c".into(),
+            username: None,
+            protocol: ProtocolVersion::V5,
+            remote_addr: None,
+            listener: "tcp".into(),
+            peer: None,
+            attributes: Arc::new(BTreeMap::new()),
+        }
+    }
+
+    fn chain(hook: Arc<dyn Authorizer>) -> HookChain {
+        let mut chain = HookChain::default();
+        chain.authorizers.push(HookSlot::new(hook, None, FailurePolicy::FailClosed));
+        chain
+    }
+
+    #[test]
+    fn a_failing_hook_denies_new_access_but_never_revokes_granted_access() {
+        let broken = chain(Arc::new(Broken));
+        let publish = Action::Publish { topic: "t", qos: QoS::AtMostOnce, retain: false };
+        assert_eq!(now(broken.authorize(&client(), &publish)), AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED));
+        assert!(now(broken.recheck(&client(), &Action::Session)).is_allowed());
+        let subscribe = Action::Subscribe { filter: "t", qos: QoS::AtMostOnce, share_group: None };
+        assert!(now(broken.recheck(&client(), &subscribe)).is_allowed());
+        // An explicit denial does revoke.
+        let revoker = chain(Arc::new(Revoker));
+        assert_eq!(now(revoker.recheck(&client(), &Action::Session)), AclOutcome::Deny(ReasonCode::BANNED));
+        assert!(now(revoker.recheck(&client(), &subscribe)).is_allowed());
     }
 }
