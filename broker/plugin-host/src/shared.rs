@@ -257,6 +257,17 @@ pub struct PluginShared {
     health: Mutex<Health>,
 }
 
+/// The key-value table's bounds: [`KV_MAX_VALUE_BYTES`] per value, [`KV_MAX_ENTRIES`] keys.
+fn check_room(kv: &HashMap<String, Vec<u8>>, key: &str, value: &[u8]) -> Result<(), String> {
+    if value.len() > KV_MAX_VALUE_BYTES {
+        return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
+    }
+    if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(key) {
+        return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
+    }
+    Ok(())
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these locks cannot leave the data half-updated in a way that matters (plain
     // inserts and counters), so a poisoned lock is used as it is.
@@ -289,13 +300,8 @@ impl PluginShared {
     }
 
     pub fn kv_set(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        if value.len() > KV_MAX_VALUE_BYTES {
-            return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
-        }
         let mut kv = lock(&self.kv);
-        if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(&key) {
-            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
-        }
+        check_room(&kv, &key, &value)?;
         kv.insert(key, value);
         Ok(())
     }
@@ -321,13 +327,8 @@ impl PluginShared {
     }
 
     pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        if value.len() > KV_MAX_VALUE_BYTES {
-            return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
-        }
         let mut kv = lock(&self.kv);
-        if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(&key) {
-            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
-        }
+        check_room(&kv, &key, &value)?;
         let mut durable = lock(&self.durable);
         let Some(durable) = durable.as_mut() else {
             return Err("the broker has no state directory (runtime.state_dir), so nothing is durable".to_owned());
@@ -346,9 +347,7 @@ impl PluginShared {
                     .map_err(|_| format!("{key:?} holds {} bytes, not an 8-byte counter", value.len()))?,
             ),
         };
-        if !kv.contains_key(key) && kv.len() >= KV_MAX_ENTRIES {
-            return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
-        }
+        check_room(&kv, key, &[0; 8])?;
         let next = current.wrapping_add(delta);
         if durable {
             // Appended while the table is locked, so the file's last record for the key is the highest value.
