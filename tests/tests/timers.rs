@@ -366,3 +366,65 @@ async fn v311_persistent_session_is_kept_without_a_configured_expiry() {
     assert!(connack.session_present, "kept for 30 days");
     client.disconnect().await;
 }
+
+/// Refuses `Action::Session` for clients named in `revoked`: what a revocation list does at a recheck.
+struct Revocations {
+    revoked: std::sync::Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl tollgate_hooks::Authorizer for Revocations {
+    fn name(&self) -> &str {
+        "revocations"
+    }
+
+    async fn authorize(
+        &self,
+        client: &tollgate_hooks::ClientInfo,
+        action: &tollgate_hooks::Action<'_>,
+    ) -> Result<tollgate_hooks::AclDecision, tollgate_hooks::HookError> {
+        let revoked = self.revoked.lock().unwrap().iter().any(|id| **id == *client.client_id);
+        Ok(match action {
+            tollgate_hooks::Action::Session if revoked => tollgate_hooks::AclDecision::Deny(ReasonCode::BANNED),
+            _ => tollgate_hooks::AclDecision::Abstain,
+        })
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recheck_revokes_live_and_offline_sessions_and_their_wills_never_fire() {
+    let revocations = std::sync::Arc::new(Revocations { revoked: std::sync::Mutex::new(Vec::new()) });
+    let mut hooks = HookChain::default();
+    hooks.authorizers.push(tollgate_hooks::HookSlot::new(
+        revocations.clone(),
+        None,
+        tollgate_hooks::FailurePolicy::FailClosed,
+    ));
+    let broker = Broker::new(BrokerConfig { sys_interval: Duration::ZERO, ..BrokerConfig::default() }, hooks);
+    let mut watcher = watcher(&broker, "wills/#").await;
+    // One revoked client is offline with a delayed will pending, one is online with a will.
+    let mut offline = v5_connect("stolen-offline", 0, true, Some(600));
+    offline.will = Some(will("wills/stolen-offline", b"must not appear", Some(60)));
+    let (client, _) = connect(&broker, offline).await;
+    drop(client);
+    let mut online = v5_connect("stolen-online", 0, true, Some(600));
+    online.will = Some(will("wills/stolen-online", b"must not appear", None));
+    let (mut online, _) = connect(&broker, online).await;
+    assert_eq!(online.subscribe(1, "cmd/#", QoS::AtLeastOnce).await, vec![ReasonCode::GRANTED_QOS_1]);
+    let (mut bystander, _) = connect(&broker, v5_connect("bystander", 0, true, None)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    *revocations.revoked.lock().unwrap() = vec!["stolen-offline".into(), "stolen-online".into()];
+    let report = broker.recheck_sessions().await;
+    assert_eq!((report.revoked, report.sessions), (2, 4), "{report:?}");
+    let Some(Received::Packet(Packet::Disconnect(goodbye))) = online.recv_within(Duration::from_secs(1)).await else {
+        panic!("the revoked live client was not disconnected");
+    };
+    assert_eq!(goodbye.reason_code, ReasonCode::BANNED);
+    let offline_id = tollgate_core::ClientId("stolen-offline".into());
+    assert!(broker.sessions().get(&offline_id).is_none(), "the offline session is gone");
+    assert_eq!(broker.router().subscription_count(), 1, "only the watcher's subscription is left");
+    // Neither will fires: not at the offline client's will delay, not for the disconnected one.
+    expect_nothing(&mut watcher, Duration::from_secs(120)).await;
+    expect_nothing(&mut bystander, Duration::from_millis(10)).await;
+}

@@ -343,9 +343,12 @@ impl Broker {
                         broker.publish(will);
                     }
                 }
-                // The session ended first (expiry, or a clean start replaced it): the will goes now.
+                // The session ended first (expiry, or a clean start replaced it): the will goes now, unless the
+                // session ended because its client was revoked: a revoked client's will is not published.
                 _ = session.ended.cancelled() => {
-                    broker.publish(will);
+                    if session.revocation().is_none() {
+                        broker.publish(will);
+                    }
                 }
                 _ = shutdown.cancelled() => {}
             }
