@@ -125,9 +125,20 @@ impl LoadedPlugin {
     /// Loads and starts one plugin: compiles (or reads the cached compilation), instantiates once, calls `init`,
     /// and checks that the configured hooks are ones the plugin provides.
     pub async fn load(spec: PluginSpec, cache_dir: Option<PathBuf>) -> Result<LoadedPlugin, LoadError> {
+        Self::load_after(spec, cache_dir, None).await
+    }
+
+    /// Loads a new version of `previous`, which hands over its key-value table (see
+    /// [`PluginShared::keeping_state_of`]).
+    pub async fn load_after(
+        spec: PluginSpec,
+        cache_dir: Option<PathBuf>,
+        previous: Option<&LoadedPlugin>,
+    ) -> Result<LoadedPlugin, LoadError> {
+        let previous = previous.map(|plugin| &**plugin.shared());
         let runtime: Arc<dyn Runtime> = match spec.kind {
-            PluginKind::Wasm => Arc::new(wasm::WasmPlugin::load(&spec, cache_dir).await?),
-            PluginKind::Lua => Arc::new(lua::LuaPlugin::load(&spec).await?),
+            PluginKind::Wasm => Arc::new(wasm::WasmPlugin::load(&spec, cache_dir, previous).await?),
+            PluginKind::Lua => Arc::new(lua::LuaPlugin::load(&spec, previous).await?),
         };
         let provided = runtime.provided_hooks();
         let hooks = match &spec.hooks {
@@ -281,7 +292,7 @@ impl BridgeRouter for PluginHook {
 }
 
 /// What identifies a plugin version: its configuration and its file. A reload reuses a plugin whose fingerprint
-/// did not change, with its instances and key-value table.
+/// did not change, with its instances; a changed one gets new instances and keeps its key-value table.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
     spec: String,
@@ -369,7 +380,8 @@ impl PluginHost {
                 next.insert(spec.name.clone(), (fingerprint, plugin.clone()));
                 continue;
             }
-            match LoadedPlugin::load(spec.clone(), self.cache_dir.clone()).await {
+            let predecessor = previous.get(&spec.name).map(|(_, plugin)| &**plugin);
+            match LoadedPlugin::load_after(spec.clone(), self.cache_dir.clone(), predecessor).await {
                 Ok(plugin) => {
                     let plugin = Arc::new(plugin);
                     plugins.push(plugin.clone());

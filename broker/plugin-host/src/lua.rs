@@ -86,11 +86,11 @@ pub struct LuaPlugin {
 }
 
 impl LuaPlugin {
-    pub(crate) async fn load(spec: &PluginSpec) -> Result<Self, LoadError> {
+    pub(crate) async fn load(spec: &PluginSpec, previous: Option<&PluginShared>) -> Result<Self, LoadError> {
         let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
         let source = std::fs::read_to_string(&spec.path)
             .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
-        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()));
+        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous));
         if let Some(state_file) = &spec.state_file {
             shared.open_state(state_file.clone()).map_err(fail)?;
         }

@@ -251,8 +251,9 @@ pub struct PluginShared {
     pub name: Arc<str>,
     pub metrics: PluginMetrics,
     secrets: BTreeMap<String, Vec<u8>>,
-    kv: Mutex<HashMap<String, Vec<u8>>>,
-    durable: Mutex<Option<DurableKv>>,
+    /// Shared with the plugin's next version on a reload (see [`PluginShared::keeping_state_of`]).
+    kv: Arc<Mutex<HashMap<String, Vec<u8>>>>,
+    durable: Arc<Mutex<Option<DurableKv>>>,
     counters: Mutex<BTreeMap<String, u64>>,
     health: Mutex<Health>,
 }
@@ -280,8 +281,8 @@ impl PluginShared {
             name: name.into(),
             metrics: PluginMetrics::default(),
             secrets,
-            kv: Mutex::new(HashMap::new()),
-            durable: Mutex::new(None),
+            kv: Arc::default(),
+            durable: Arc::default(),
             counters: Mutex::new(BTreeMap::new()),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
@@ -317,8 +318,23 @@ impl PluginShared {
         }
     }
 
-    /// Attaches the plugin's state file: its entries join the table, and `kv_set_durable` appends to it.
+    /// A reloaded plugin keeps its predecessor's key-value table (and state file) rather than starting from the
+    /// file: the old version may still be answering calls of connections that have not switched yet, and what it
+    /// records (a replay window, a counter) must not be lost to the new one.
+    pub fn keeping_state_of(mut self, previous: Option<&PluginShared>) -> Self {
+        if let Some(previous) = previous {
+            self.kv = previous.kv.clone();
+            self.durable = previous.durable.clone();
+        }
+        self
+    }
+
+    /// Attaches the plugin's state file: its entries join the table, and `kv_set_durable` appends to it. A state
+    /// file already attached (kept across a reload) is left as it is: the table in memory is the newer.
     pub fn open_state(&self, path: PathBuf) -> Result<(), String> {
+        if lock(&self.durable).as_ref().is_some_and(|durable| durable.path == path) {
+            return Ok(());
+        }
         let (durable, entries) =
             DurableKv::open(path.clone()).map_err(|error| format!("state file {}: {error}", path.display()))?;
         lock(&self.kv).extend(entries);

@@ -242,7 +242,11 @@ fn store_compiled(component: &Component, dir: &Path, file: &Path) -> std::io::Re
 }
 
 impl WasmPlugin {
-    pub(crate) async fn load(spec: &PluginSpec, cache_dir: Option<PathBuf>) -> Result<Self, LoadError> {
+    pub(crate) async fn load(
+        spec: &PluginSpec,
+        cache_dir: Option<PathBuf>,
+        previous: Option<&PluginShared>,
+    ) -> Result<Self, LoadError> {
         let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
         let engine = engine().map_err(|error| fail(format!("the WebAssembly engine did not start: {error}")))?;
         let path = spec.path.clone();
@@ -269,7 +273,7 @@ impl WasmPlugin {
             transform: transform::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
-        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()));
+        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous));
         if let Some(state_file) = &spec.state_file {
             shared.open_state(state_file.clone()).map_err(fail)?;
         }

@@ -431,3 +431,36 @@ end
     assert!(error.to_string().contains("files.gone"), "{error}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A changed plugin's new version keeps the key-value table of the old one (connections still on the old
+/// version write to the same table), while an unrelated plugin does not see it.
+#[tokio::test]
+async fn a_reloaded_plugin_keeps_its_key_value_table() {
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-kv-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("counter.lua");
+    let source = |version: u32| {
+        format!(
+            "-- version {version}\nfunction on_publish(c, m)\n  tollgate.kv_set('n', (tollgate.kv_get('n') or '') .. 'x')\n  m.topic = tollgate.kv_get('n')\n  return m\nend\n"
+        )
+    };
+    std::fs::write(&script, source(1)).expect("write");
+    let host = PluginHost::new(None);
+    let specs = vec![PluginSpec::new("counter", PluginKind::Lua, &script)];
+    let first = host.load(&specs).await.expect("load").plugins[0].clone();
+    let count = |plugin: Arc<LoadedPlugin>| async move {
+        let mut message = message("t", "p");
+        plugin.hook().transform_inbound(&client(), &mut message).await.expect("transform");
+        message.topic.len()
+    };
+    assert_eq!(count(first.clone()).await, 1);
+    assert_eq!(count(first.clone()).await, 2);
+    std::fs::write(&script, source(2)).expect("write");
+    let second = host.load(&specs).await.expect("reload").plugins[0].clone();
+    assert!(!Arc::ptr_eq(&first, &second), "the changed plugin was reloaded");
+    assert_eq!(count(second.clone()).await, 3, "the new version continues the old table");
+    assert_eq!(count(first).await, 4, "the old version, still serving, writes to the same table");
+    let other = LoadedPlugin::load(PluginSpec::new("other", PluginKind::Lua, &script), None).await.expect("load");
+    assert_eq!(count(Arc::new(other)).await, 1, "another plugin has its own table");
+    let _ = std::fs::remove_dir_all(dir);
+}
