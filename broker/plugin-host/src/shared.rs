@@ -206,13 +206,13 @@ impl DurableKv {
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(error) => return Err(error),
         };
-        let mut durable = DurableKv {
+        let durable = DurableKv {
             file: Self::rewrite(&path, entries.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?,
             path,
             keys: entries.keys().cloned().collect(),
+            // The rewrite left one record per live key.
             records: entries.len(),
         };
-        durable.records = durable.keys.len();
         Ok((durable, entries))
     }
 

@@ -831,27 +831,28 @@ impl Config {
 
     /// The directory for state that outlives the process, if any.
     pub fn state_dir(&self) -> Option<PathBuf> {
-        match &self.runtime.state_dir {
-            Some(dir) if dir.as_os_str().is_empty() => None,
-            Some(dir) => Some(dir.clone()),
-            None => std::env::var_os("XDG_STATE_HOME")
-                .map(PathBuf::from)
-                .filter(|dir| dir.is_absolute())
-                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local").join("state")))
-                .map(|dir| dir.join("tollgate")),
-        }
+        user_dir(&self.runtime.state_dir, "XDG_STATE_HOME", &[".local", "state"], &["tollgate"])
     }
 
     /// The compiled-plugin cache directory, if caching is on.
     pub fn plugin_cache_dir(&self) -> Option<PathBuf> {
-        match &self.runtime.plugin_cache_dir {
-            Some(dir) if dir.as_os_str().is_empty() => None,
-            Some(dir) => Some(dir.clone()),
-            None => std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .filter(|dir| dir.is_absolute())
-                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-                .map(|dir| dir.join("tollgate").join("plugins")),
-        }
+        user_dir(&self.runtime.plugin_cache_dir, "XDG_CACHE_HOME", &[".cache"], &["tollgate", "plugins"])
+    }
+}
+
+/// A directory setting: the configured path, `None` for an empty string (off), and when unset the XDG base
+/// directory `xdg_variable` (if absolute) or `$HOME/<home_default>`, followed by `below`.
+fn user_dir(setting: &Option<PathBuf>, xdg_variable: &str, home_default: &[&str], below: &[&str]) -> Option<PathBuf> {
+    match setting {
+        Some(dir) if dir.as_os_str().is_empty() => None,
+        Some(dir) => Some(dir.clone()),
+        None => std::env::var_os(xdg_variable)
+            .map(PathBuf::from)
+            .filter(|dir| dir.is_absolute())
+            .or_else(|| {
+                std::env::var_os("HOME")
+                    .map(|home| home_default.iter().fold(PathBuf::from(home), |dir, part| dir.join(part)))
+            })
+            .map(|dir| below.iter().fold(dir, |dir, part| dir.join(part))),
     }
 }

@@ -239,13 +239,7 @@ fn sig_inputs(message: &SigMessage) -> Result<(tollgate::sig::MessageArgs, tollg
     let correlation_data = message
         .correlation_hex
         .as_deref()
-        .map(|digits| {
-            (0..digits.len())
-                .step_by(2)
-                .map(|at| digits.get(at..at + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok()))
-                .collect::<Option<Vec<u8>>>()
-                .ok_or_else(|| "--correlation-hex is not hexadecimal".to_owned())
-        })
+        .map(|digits| hex::decode(digits).map_err(|error| format!("--correlation-hex: {error}")))
         .transpose()?;
     let secret =
         tollgate_plugin_host::spec::resolve_secret(&message.secret).map_err(|error| format!("--secret: {error}"))?;

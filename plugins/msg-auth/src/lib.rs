@@ -341,8 +341,8 @@ impl Plugin for MsgAuth {
         message.user_properties.retain(|property| property.key != STATUS_PROPERTY);
         let stripped = message.user_properties.len() != before;
         let outcome = match rule.mode {
-            Mode::Verify => self.verify(rule, client, &message),
-            Mode::Attest => self.attest(rule, client, &mut message).map(|()| true),
+            Mode::Verify => self.verify(rule, &message),
+            Mode::Attest => self.attest(rule, &mut message).map(|()| true),
         };
         match outcome {
             Ok(modified) => {
@@ -386,7 +386,7 @@ impl MsgAuth {
         tollgate_sig::split_envelope(&message.payload).transpose()
     }
 
-    fn verify(&self, rule: &Rule, client: &Client, message: &Message) -> Outcome<bool> {
+    fn verify(&self, rule: &Rule, message: &Message) -> Outcome<bool> {
         let no_signature = Box::<Signature>::default;
         if rule.deny_retained && message.retain {
             return Err((Failure::Retained, no_signature()));
@@ -446,7 +446,6 @@ impl MsgAuth {
         {
             return Err((Failure::SubMismatch, Box::new(signature)));
         }
-        let _ = client;
         let now = host::now_ms();
         if present.exp && signature.exp != 0 && signature.exp < now {
             return Err((Failure::Expired, Box::new(signature)));
@@ -475,7 +474,7 @@ impl MsgAuth {
         Ok(false)
     }
 
-    fn attest(&self, rule: &Rule, _client: &Client, message: &mut Message) -> Outcome<()> {
+    fn attest(&self, rule: &Rule, message: &mut Message) -> Outcome<()> {
         // A client's own signature claims are replaced by the broker's.
         message.user_properties.retain(|property| property.key != PROPERTY);
         let Some(sub) = host::client_attribute(&self.identity_attribute) else {
@@ -536,10 +535,12 @@ impl MsgAuth {
         host::counter_add(&format!("{}/{}", rule_mode(rule), failure.name()), 1);
         // Tags are logged as a 4-byte prefix at most.
         let mac_prefix: String = signature.mac.iter().take(4).map(|b| format!("{b:02x}")).collect();
-        let action = match (self.enforce, rule.on_fail) {
-            (false, _) | (_, OnFail::Log) => "logged",
-            (true, OnFail::Tag) => "tagged",
-            (true, OnFail::Reject) => "rejected",
+        // Shadow mode only logs, whatever the rule says.
+        let on_fail = if self.enforce { rule.on_fail } else { OnFail::Log };
+        let action = match on_fail {
+            OnFail::Log => "logged",
+            OnFail::Tag => "tagged",
+            OnFail::Reject => "rejected",
         };
         host::security_event(
             host::LogLevel::Warn,
@@ -556,20 +557,20 @@ impl MsgAuth {
                 ("mac_prefix", &mac_prefix),
             ],
         );
-        match action {
-            "rejected" => {
+        match on_fail {
+            OnFail::Reject => {
                 let disconnect = self.disconnect_v3 && client.protocol != ProtocolVersion::V5;
                 TransformResult::reject(failure.reason(), format!("msg-auth: {}", failure.name()), disconnect)
             }
-            "tagged" => {
+            OnFail::Tag => {
                 message.user_properties.push(UserProperty {
                     key: STATUS_PROPERTY.to_owned(),
                     value: format!("invalid:{}", failure.name()),
                 });
                 TransformResult::Modified(message)
             }
-            _ if stripped => TransformResult::Modified(message),
-            _ => TransformResult::Unchanged,
+            OnFail::Log if stripped => TransformResult::Modified(message),
+            OnFail::Log => TransformResult::Unchanged,
         }
     }
 }
