@@ -345,7 +345,8 @@ async fn the_auth_wasm_example_checks_api_keys() {
     assert!(broker.stop().await);
 }
 
-/// Plugin calls, failures and the plugin's own counters appear under `$SYS/broker/plugins/<name>/`.
+/// Plugin calls, failures, the plugin's own counters and its call latency appear under
+/// `$SYS/broker/plugins/<name>/`.
 #[tokio::test]
 async fn plugin_metrics_are_published_in_sys() {
     let entry = api_keys_entry();
@@ -364,7 +365,15 @@ async fn plugin_metrics_are_published_in_sys() {
     watcher.subscribe_ok("$SYS/broker/plugins/api-keys/#", QoS::AtMostOnce).await;
     let mut seen = std::collections::BTreeMap::new();
     within("plugin metrics in $SYS", async {
-        while !["calls", "failures", "counters/refused"].iter().all(|name| seen.contains_key(*name)) {
+        let wanted = [
+            "calls",
+            "failures",
+            "counters/refused",
+            "latency/authenticate/count",
+            "latency/authenticate/p99_us",
+            "latency/authenticate/max_us",
+        ];
+        while !wanted.iter().all(|name| seen.contains_key(*name)) {
             let publish = watcher.next_publish().await;
             let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/api-keys/").to_owned();
             seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
@@ -375,6 +384,13 @@ async fn plugin_metrics_are_published_in_sys() {
     assert!(seen["calls"].parse::<u64>().unwrap() >= 1, "{seen:?}");
     assert_eq!(seen["failures"], "0", "{seen:?}");
     assert_eq!(seen["counters/refused"], "1", "{seen:?}");
+    let timed: u64 = seen["latency/authenticate/count"].parse().unwrap();
+    assert!(timed >= 1 && timed <= seen["calls"].parse::<u64>().unwrap(), "{seen:?}");
+    let p99: f64 = seen["latency/authenticate/p99_us"].parse().unwrap();
+    let max: f64 = seen["latency/authenticate/max_us"].parse().unwrap();
+    // A plugin call takes more than nothing and less than its timeout.
+    assert!(p99 > 0.0 && p99 <= max && max < 1_000_000.0, "{seen:?}");
+    assert!(!seen.contains_key("latency/transform/count"), "a hook never called has no latency: {seen:?}");
     assert!(broker.stop().await);
 }
 

@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
+use crate::pki::Pki;
+use crate::scenarios::Transport;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BrokerKind {
@@ -33,10 +36,15 @@ pub enum BrokerKind {
     /// vin-acl as its README configures it, with `cache_decisions = true`.
     #[serde(rename = "tollgate+vin-acl-cached")]
     TollgateVinAclCached,
+    /// Tollgate with the shipped msg-auth plugin verifying every publish (HMAC tag on the host, then the replay
+    /// window, written to the plugin's state file before the message is routed). The benchmark's publishers sign
+    /// every message.
+    #[serde(rename = "tollgate+msg-auth")]
+    TollgateMsgAuth,
 }
 
 impl BrokerKind {
-    pub const ALL: [BrokerKind; 8] = [
+    pub const ALL: [BrokerKind; 9] = [
         Self::Tollgate,
         Self::Mosquitto,
         Self::Rumqttd,
@@ -45,6 +53,7 @@ impl BrokerKind {
         Self::TollgateLuaCached,
         Self::TollgateVinAcl,
         Self::TollgateVinAclCached,
+        Self::TollgateMsgAuth,
     ];
 
     pub fn name(self) -> &'static str {
@@ -57,6 +66,7 @@ impl BrokerKind {
             Self::TollgateLuaCached => "tollgate+lua-cached",
             Self::TollgateVinAcl => "tollgate+vin-acl",
             Self::TollgateVinAclCached => "tollgate+vin-acl-cached",
+            Self::TollgateMsgAuth => "tollgate+msg-auth",
         }
     }
 
@@ -70,6 +80,7 @@ impl BrokerKind {
             Self::TollgateLuaCached => "Tollgate + Lua ACL (cached)",
             Self::TollgateVinAcl => "Tollgate + vin-acl (uncached)",
             Self::TollgateVinAclCached => "Tollgate + vin-acl (cached)",
+            Self::TollgateMsgAuth => "Tollgate + msg-auth verify",
         }
     }
 
@@ -82,7 +93,29 @@ impl BrokerKind {
                 | Self::TollgateLuaCached
                 | Self::TollgateVinAcl
                 | Self::TollgateVinAclCached
+                | Self::TollgateMsgAuth
         )
+    }
+
+    /// The load generator signs every message for this broker.
+    pub fn signs_messages(self) -> bool {
+        self == Self::TollgateMsgAuth
+    }
+
+    /// The name of the plugin a plugin variant loads (its `$SYS/broker/plugins/<name>/…` prefix).
+    pub fn plugin_name(self) -> Option<&'static str> {
+        match self {
+            Self::TollgateVinAcl | Self::TollgateVinAclCached => Some("vin-acl"),
+            Self::TollgateMsgAuth => Some("msg-auth"),
+            Self::TollgateWasm | Self::TollgateLua | Self::TollgateLuaCached => Some("bench"),
+            Self::Tollgate | Self::Mosquitto | Self::Rumqttd => None,
+        }
+    }
+
+    /// Whether the benchmark can run this broker over `transport`. rumqttd's TLS needs a build with its TLS
+    /// features and has no counterpart in the issue's comparison (Mosquitto with TLS), so it runs plain TCP only.
+    pub fn supports(self, transport: Transport) -> bool {
+        transport == Transport::Tcp || self.program() != Program::Rumqttd
     }
 
     /// The program this kind runs: every plugin variant is the Tollgate binary with another configuration.
@@ -95,7 +128,8 @@ impl BrokerKind {
             | Self::TollgateLua
             | Self::TollgateLuaCached
             | Self::TollgateVinAcl
-            | Self::TollgateVinAclCached => Program::Tollgate,
+            | Self::TollgateVinAclCached
+            | Self::TollgateMsgAuth => Program::Tollgate,
         }
     }
 }
@@ -140,11 +174,14 @@ fn plugin_for(kind: BrokerKind, workspace: &Path) -> Result<Option<PathBuf>> {
         BrokerKind::TollgateLua | BrokerKind::TollgateLuaCached => {
             Ok(Some(workspace.join("broker/bench/plugins/acl.lua")))
         }
-        BrokerKind::TollgateWasm | BrokerKind::TollgateVinAcl | BrokerKind::TollgateVinAclCached => {
-            let (package, file) = if kind == BrokerKind::TollgateWasm {
-                ("bench-sign-wasm", "bench_sign_wasm.wasm")
-            } else {
-                ("vin-acl", "vin_acl.wasm")
+        BrokerKind::TollgateWasm
+        | BrokerKind::TollgateVinAcl
+        | BrokerKind::TollgateVinAclCached
+        | BrokerKind::TollgateMsgAuth => {
+            let (package, file) = match kind {
+                BrokerKind::TollgateWasm => ("bench-sign-wasm", "bench_sign_wasm.wasm"),
+                BrokerKind::TollgateMsgAuth => ("msg-auth", "msg_auth.wasm"),
+                _ => ("vin-acl", "vin_acl.wasm"),
             };
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
             let output = Command::new(cargo)
@@ -263,38 +300,74 @@ fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// What a scenario needs from the broker's configuration beyond the common limits.
+#[derive(Clone, Copy)]
+pub struct Setup<'a> {
+    pub transport: Transport,
+    /// Certificates for a TLS transport.
+    pub pki: Option<&'a Pki>,
+    /// `$SYS` interval in seconds (0 = off), for scenarios that read the broker's own metrics.
+    pub sys_interval: u32,
+}
+
 pub struct RunningBroker {
     pub kind: BrokerKind,
+    /// The listener under test.
     pub addr: SocketAddr,
+    /// A plain-TCP loopback listener next to a TLS one (Tollgate only), for reading `$SYS` without a certificate.
+    pub observer: Option<SocketAddr>,
     pub pid: u32,
     child: Child,
     dir: PathBuf,
 }
 
 impl RunningBroker {
-    pub fn start(spec: &BrokerSpec, limits: Limits, tag: &str) -> Result<RunningBroker> {
+    pub fn start(spec: &BrokerSpec, limits: Limits, setup: Setup<'_>, tag: &str) -> Result<RunningBroker> {
         let dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{}-{tag}", std::process::id(), spec.kind));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir)?;
         let port = free_port()?;
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let tls = match (setup.transport, setup.pki) {
+            (Transport::Tcp, _) => None,
+            (transport, Some(pki)) => Some((pki, transport == Transport::MutualTls)),
+            (_, None) => bail!("a TLS scenario without certificates"),
+        };
+        let mut observer = None;
         let mut command = Command::new(&spec.binary);
         match spec.kind.program() {
             Program::Tollgate => {
                 let config = dir.join("tollgate.toml");
-                let mut text = tollgate_config(port, limits);
+                let mut text = tollgate_config(port, limits, setup.sys_interval);
+                if let Some((pki, mutual)) = tls {
+                    text = text.replacen(
+                        &format!("bind = \"{addr}\"\n"),
+                        &format!("bind = \"{addr}\"\n{}", tollgate_tls(pki, mutual)),
+                        1,
+                    );
+                    let side = free_port()?;
+                    text.push_str(&format!("\n[[listeners]]\nbind = \"127.0.0.1:{side}\"\n"));
+                    observer = Some(format!("127.0.0.1:{side}").parse()?);
+                }
                 if let Some(plugin) = &spec.plugin {
-                    text.push_str(&plugin_config(spec.kind, plugin));
+                    text.push_str(&plugin_config(spec.kind, plugin, &dir.join("state")));
                 }
                 fs::write(&config, text)?;
                 command.arg("run").arg("--config").arg(config);
             }
             Program::Mosquitto => {
                 let config = dir.join("mosquitto.conf");
-                fs::write(&config, mosquitto_config(port, limits))?;
+                let mut text = mosquitto_config(port, limits);
+                if let Some((pki, mutual)) = tls {
+                    text.push_str(&mosquitto_tls(pki, mutual));
+                }
+                fs::write(&config, text)?;
                 command.arg("-c").arg(config);
             }
             Program::Rumqttd => {
+                if tls.is_some() {
+                    bail!("rumqttd runs plain TCP only here");
+                }
                 let config = dir.join("rumqttd.toml");
                 fs::write(&config, rumqttd_config(port, free_port()?, limits))?;
                 command.arg("--quiet").arg("--config").arg(config);
@@ -308,7 +381,7 @@ impl RunningBroker {
             .stderr(log)
             .spawn()
             .with_context(|| format!("spawn {}", spec.binary.display()))?;
-        let mut broker = RunningBroker { kind: spec.kind, addr, pid: child.id(), child, dir };
+        let mut broker = RunningBroker { kind: spec.kind, addr, observer, pid: child.id(), child, dir };
         broker.wait_ready()?;
         Ok(broker)
     }
@@ -402,7 +475,7 @@ pub fn cpu_ticks(path: &str) -> Result<u64> {
     Ok(utime + stime)
 }
 
-pub fn tollgate_config(port: u16, limits: Limits) -> String {
+pub fn tollgate_config(port: u16, limits: Limits, sys_interval: u32) -> String {
     format!(
         r#"[[listeners]]
 bind = "127.0.0.1:{port}"
@@ -411,7 +484,7 @@ bind = "127.0.0.1:{port}"
 allow_anonymous = true
 
 [sys]
-interval = 0
+interval = {sys_interval}
 
 [limits]
 max_inflight = {inflight}
@@ -425,7 +498,60 @@ level = "warn"
     )
 }
 
-fn plugin_config(kind: BrokerKind, plugin: &Path) -> String {
+/// Listener keys that turn the listener under test into TLS (and mutual TLS) with the run's certificates.
+fn tollgate_tls(pki: &Pki, mutual: bool) -> String {
+    let mut text = format!(
+        "protocol = \"tls\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    );
+    if mutual {
+        text.push_str(&format!("client_ca = \"{}\"\nrequire_client_cert = true\n", pki.ca.display()));
+    }
+    text
+}
+
+fn mosquitto_tls(pki: &Pki, mutual: bool) -> String {
+    format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate {mutual}\n",
+        pki.ca.display(),
+        pki.server_cert.display(),
+        pki.server_key.display()
+    )
+}
+
+fn plugin_config(kind: BrokerKind, plugin: &Path, state_dir: &Path) -> String {
+    if kind == BrokerKind::TollgateMsgAuth {
+        let key: String = crate::client::SIGNING_KEY.iter().map(|b| format!("{b:02x}")).collect();
+        return format!(
+            r#"
+[runtime]
+plugin_cache_dir = ""
+state_dir = "{state}"
+
+[[plugins]]
+name = "msg-auth"
+kind = "wasm"
+path = "{path}"
+
+[plugins.secrets]
+{kid} = "hex:{key}"
+
+[[plugins.config.keys]]
+kid = "{kid}"
+state = "active"
+
+[[plugins.config.rules]]
+id = "verify-bench"
+mode = "verify"
+topics = ["bench/#", "fanin/#", "fanout/#"]
+require = ["ts", "ctr", "sub"]
+"#,
+            state = state_dir.display(),
+            path = plugin.display(),
+            kid = crate::client::SIGNING_KID,
+        );
+    }
     if matches!(kind, BrokerKind::TollgateVinAcl | BrokerKind::TollgateVinAclCached) {
         return format!(
             r#"
@@ -443,6 +569,18 @@ id = "bench"
 who = "role:bench"
 allow = ["publish", "subscribe"]
 topics = ["bench/#", "fanin/#", "fanout/#"]
+
+[[plugins.config.rules]]
+id = "bench-observer"
+who = "role:bench"
+allow = ["subscribe"]
+topics = ["$SYS/broker/plugins/#"]
+
+[[plugins.config.rules]]
+id = "car"
+who = "vehicle"
+allow = ["publish", "subscribe"]
+topics = ["vehicle/${{vin}}/#"]
 
 [[plugins.config.roles]]
 name = "bench"

@@ -6,15 +6,20 @@
 //! generated in place, no per-message allocation) and incoming PUBLISH/PUBACK frames are looked at in place
 //! in the read buffer, so the load generator stays cheap next to the broker under test. The unit tests check
 //! the fast path against the codec byte for byte.
+//!
+//! The same client speaks TLS (rustls) for the TLS scenarios; a [`Dialer`] knows which.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use bytes::{Buf, BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 use tollgate_protocol::decode::parse_fixed_header;
 use tollgate_protocol::{
     Connect, Disconnect, Packet, ProtocolVersion, QoS, Subscribe, Subscription, SubscriptionOptions, decode_packet,
@@ -35,26 +40,102 @@ pub fn now_ns() -> u64 {
     ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
+/// A plain TCP connection or a TLS session over one.
+pub type Stream = Either<TcpStream, TlsStream<TcpStream>>;
+pub type ReadHalf = Either<tokio::net::tcp::OwnedReadHalf, tokio::io::ReadHalf<TlsStream<TcpStream>>>;
+pub type WriteHalf = Either<tokio::net::tcp::OwnedWriteHalf, tokio::io::WriteHalf<TlsStream<TcpStream>>>;
+
+/// Reader and writer that can live in different tasks. Plain TCP keeps its lock-free owned halves; a TLS session
+/// has one state machine for both directions, so its halves share it behind tokio's lock.
+pub fn split(stream: Stream) -> (ReadHalf, WriteHalf) {
+    match stream {
+        Either::Left(tcp) => {
+            let (read, write) = tcp.into_split();
+            (Either::Left(read), Either::Left(write))
+        }
+        Either::Right(tls) => {
+            let (read, write) = tokio::io::split(tls);
+            (Either::Right(read), Either::Right(write))
+        }
+    }
+}
+
+/// Reads what has already arrived without waiting: `Ok(0)` means closed, `WouldBlock` means nothing yet.
+pub async fn try_read_now(read: &mut ReadHalf, buf: &mut BytesMut) -> std::io::Result<usize> {
+    match read {
+        Either::Left(tcp) => tcp.try_read_buf(buf),
+        // A TLS half has no try_read: poll it once, and take "pending" as "nothing yet".
+        Either::Right(tls) => {
+            std::future::poll_fn(|cx| match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *tls), cx, buf) {
+                std::task::Poll::Pending => std::task::Poll::Ready(Err(std::io::ErrorKind::WouldBlock.into())),
+                ready => ready,
+            })
+            .await
+        }
+    }
+}
+
+/// Where and how to connect: the broker's address and, for TLS, one client configuration per client identity
+/// (the `index` given to [`Dialer::open`] picks one, round robin).
+#[derive(Clone)]
+pub struct Dialer {
+    pub addr: SocketAddr,
+    tls: Option<Arc<[TlsConnector]>>,
+}
+
+impl Dialer {
+    pub fn tcp(addr: SocketAddr) -> Dialer {
+        Dialer { addr, tls: None }
+    }
+
+    pub fn tls(addr: SocketAddr, configs: Vec<Arc<rustls::ClientConfig>>) -> Dialer {
+        Dialer { addr, tls: Some(configs.into_iter().map(TlsConnector::from).collect()) }
+    }
+
+    pub async fn open(&self, index: usize) -> Result<Stream> {
+        let tcp = TcpStream::connect(self.addr).await.with_context(|| format!("connect to {}", self.addr))?;
+        tcp.set_nodelay(true)?;
+        let Some(connectors) = self.tls.as_ref().filter(|list| !list.is_empty()) else {
+            return Ok(Either::Left(tcp));
+        };
+        let connector = &connectors[index % connectors.len()];
+        let name = rustls_pki_types::ServerName::IpAddress(self.addr.ip().into());
+        let tls = connector.connect(name, tcp).await.context("TLS handshake")?;
+        Ok(Either::Right(tls))
+    }
+}
+
 pub struct Conn {
-    pub stream: TcpStream,
+    pub stream: Stream,
     pub rbuf: BytesMut,
     pub wbuf: BytesMut,
 }
 
 impl Conn {
-    /// TCP connect, CONNECT (clean session, user name `bench` without a password: anonymous access on every
-    /// broker, and the role the vin-acl variant grants) and wait for a successful CONNACK. `buffer` is the
-    /// initial capacity of each of the two buffers (small for connections that will stay idle).
-    pub async fn connect(addr: SocketAddr, client_id: &str, buffer: usize) -> Result<Conn> {
-        let stream = TcpStream::connect(addr).await.with_context(|| format!("connect to {addr}"))?;
-        stream.set_nodelay(true)?;
+    /// Connect (TCP or TLS, identity `index` of the dialer), CONNECT (clean session, user name `bench` without a
+    /// password: anonymous access on every broker, and the role the vin-acl variant grants) and wait for a
+    /// successful CONNACK. `buffer` is the initial capacity of each of the two buffers (small for connections
+    /// that will stay idle).
+    pub async fn connect(dialer: &Dialer, index: usize, client_id: &str, buffer: usize) -> Result<Conn> {
+        Self::connect_as(dialer, index, client_id, Some("bench"), buffer).await
+    }
+
+    /// [`Conn::connect`] with another user name, or none (a car whose identity is its certificate).
+    pub async fn connect_as(
+        dialer: &Dialer,
+        index: usize,
+        client_id: &str,
+        username: Option<&str>,
+        buffer: usize,
+    ) -> Result<Conn> {
+        let stream = dialer.open(index).await?;
         let mut conn = Conn { stream, rbuf: BytesMut::with_capacity(buffer), wbuf: BytesMut::with_capacity(buffer) };
         let connect = Packet::Connect(Box::new(Connect {
             protocol: VERSION,
             clean_start: true,
             keep_alive: KEEP_ALIVE,
             client_id: client_id.into(),
-            username: Some("bench".into()),
+            username: username.map(Into::into),
             password: None,
             will: None,
             properties: Default::default(),
@@ -227,6 +308,89 @@ pub fn put_publish(
     out.put_bytes(fill_byte(publisher, seq), payload_len - PAYLOAD_HEADER);
 }
 
+/// Signs PUBLISHes the way a msg-auth `verify` rule checks them: the payload travels in the MQTT 3.1.1 envelope
+/// (`x-sig:<header>\n<payload>`), signed with HMAC-SHA256 for this publisher's identity (`sub`) with its
+/// sequence number + 1 as the counter, so every message is fresh and none is a replay.
+pub struct Signer {
+    key: Vec<u8>,
+    kid: String,
+    sub: String,
+    scratch: Vec<u8>,
+}
+
+/// The key the msg-auth variant is configured with (`[plugins.secrets]`), and its id.
+pub const SIGNING_KEY: [u8; 16] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
+pub const SIGNING_KID: &str = "bench-k1";
+
+impl Signer {
+    pub fn new(sub: String) -> Signer {
+        Signer { key: SIGNING_KEY.to_vec(), kid: SIGNING_KID.into(), sub, scratch: Vec::new() }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// [`put_publish`] with the payload signed and wrapped in an envelope.
+#[allow(clippy::too_many_arguments)]
+pub fn put_signed_publish(
+    out: &mut BytesMut,
+    topic: &[u8],
+    qos: u8,
+    packet_id: u16,
+    publisher: u32,
+    seq: u64,
+    payload_len: usize,
+    signer: &mut Signer,
+) {
+    let payload_len = payload_len.max(PAYLOAD_HEADER);
+    let payload = &mut signer.scratch;
+    payload.clear();
+    payload.extend_from_slice(&publisher.to_le_bytes());
+    payload.extend_from_slice(&seq.to_le_bytes());
+    payload.extend_from_slice(&now_ns().to_le_bytes());
+    payload.resize(payload_len, fill_byte(publisher, seq));
+    let mut signature = tollgate_sig::Signature {
+        kid: signer.kid.clone(),
+        sub: signer.sub.clone(),
+        ts: unix_ms(),
+        ctr: seq + 1,
+        present: tollgate_sig::Present { sub: true, ts: true, ctr: true, ..Default::default() },
+        ..Default::default()
+    };
+    let covered = tollgate_sig::Covered {
+        topic: std::str::from_utf8(topic).unwrap_or_default(),
+        payload: &signer.scratch,
+        ..Default::default()
+    };
+    tollgate_sig::keys::sign(&signer.key, &mut signature, &covered, 32);
+    let header = signature.header();
+    let body = tollgate_sig::ENVELOPE_PREFIX.len() + header.len() + 1 + payload_len;
+    let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + body;
+    out.reserve(5 + remaining);
+    out.put_u8(0x30 | (qos << 1));
+    tollgate_protocol::encode::put_varint(out, remaining);
+    out.put_u16(topic.len() as u16);
+    out.put_slice(topic);
+    if qos > 0 {
+        out.put_u16(packet_id);
+    }
+    out.put_slice(tollgate_sig::ENVELOPE_PREFIX);
+    out.put_slice(header.as_bytes());
+    out.put_u8(b'\n');
+    out.put_slice(&signer.scratch);
+}
+
+/// The payload inside a signature envelope, or `None` if `payload` is not one.
+pub fn strip_envelope(payload: &[u8]) -> Option<&[u8]> {
+    let rest = payload.strip_prefix(tollgate_sig::ENVELOPE_PREFIX)?;
+    let end = rest.iter().position(|&b| b == b'\n')?;
+    rest.get(end + 1..)
+}
+
 pub fn put_puback(out: &mut BytesMut, packet_id: u16) {
     out.put_slice(&[0x40, 2]);
     out.put_u16(packet_id);
@@ -265,6 +429,25 @@ mod tests {
         let mut out = BytesMut::new();
         encode_packet(&publish, VERSION, &mut out).expect("encode");
         out
+    }
+
+    #[test]
+    fn signed_publish_verifies_with_the_plugins_format() {
+        let mut signer = Signer::new("bench-pub-3".into());
+        let mut out = BytesMut::new();
+        put_signed_publish(&mut out, b"bench/pair/3", 1, 5, 3, 41, 64, &mut signer);
+        let Some(Packet::Publish(publish)) = decode_packet(&mut out, VERSION, MAX_PACKET).expect("decode") else {
+            panic!("not a PUBLISH");
+        };
+        let Some(Ok((signature, inner))) = tollgate_sig::split_envelope(&publish.payload) else {
+            panic!("no envelope");
+        };
+        assert_eq!((signature.kid.as_str(), signature.sub.as_str(), signature.ctr), (SIGNING_KID, "bench-pub-3", 42));
+        let covered = tollgate_sig::Covered { topic: "bench/pair/3", payload: inner, ..Default::default() };
+        assert!(tollgate_sig::keys::verify(&SIGNING_KEY, &signature, &covered));
+        assert_eq!(strip_envelope(&publish.payload), Some(inner));
+        assert_eq!(parse_payload(inner, 64).map(|(publisher, seq, _)| (publisher, seq)), Some((3, 41)));
+        assert_eq!(strip_envelope(inner), None);
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod brokers;
 mod client;
+mod pki;
 mod report;
 mod scenarios;
 
@@ -13,9 +14,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
 
-use crate::brokers::{BrokerKind, BrokerSpec, Limits, Program, RunningBroker};
+use crate::brokers::{BrokerKind, BrokerSpec, Limits, Program, RunningBroker, Setup};
 use crate::report::{Entry, Machine, Meta};
-use crate::scenarios::{Outcome, Settings};
+use crate::scenarios::{Outcome, Settings, Transport, Workload};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, ValueEnum)]
 enum BrokerChoice {
@@ -29,6 +30,7 @@ enum BrokerChoice {
     TollgateWasm,
     TollgateLua,
     TollgateVinAcl,
+    TollgateMsgAuth,
 }
 
 #[derive(Parser, Debug)]
@@ -65,7 +67,10 @@ struct Cli {
     /// Connections opened by the idle-memory scenario (default 10000, 1000 with --quick).
     #[arg(long)]
     idle_connections: Option<usize>,
-    /// Concurrent connect loops in the connection-rate scenario (the idle scenario uses 8× as many).
+    /// Cars (each with its own client certificate) in the mutual-TLS connect scenario.
+    #[arg(long, default_value_t = 1000)]
+    car_connects: usize,
+    /// Concurrent connect loops in the connection-rate scenarios (the idle scenario uses 8× as many).
     #[arg(long, default_value_t = 16)]
     connect_workers: usize,
     /// Repeat a scenario when other processes used more than this much CPU (percent of one core) during it.
@@ -99,7 +104,7 @@ fn main() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let all_scenarios = scenarios::all(cli.pairs.max(1));
+    let all_scenarios = scenarios::all(cli.pairs.max(1), cli.car_connects.max(1));
     if cli.list {
         for scenario in &all_scenarios {
             println!("{:<12} {}", scenario.name, scenario.title);
@@ -122,11 +127,19 @@ async fn run(cli: Cli) -> Result<()> {
         eprintln!("fd limit {nofile}: idle connections reduced from {idle_connections} to {room}");
         idle_connections = room;
     }
+    let pki = if selected.iter().any(|s| s.transport != Transport::Tcp) {
+        let dir = std::env::temp_dir().join(format!("tollgate-bench-{}-pki", std::process::id()));
+        eprintln!("generating a CA, a server certificate and {} car certificates", cli.car_connects);
+        Some(std::sync::Arc::new(pki::Pki::generate(&dir, cli.car_connects.max(1))?))
+    } else {
+        None
+    };
     let settings = Settings {
         duration: Duration::from_secs_f64(cli.duration.unwrap_or(if cli.quick { 1.0 } else { 5.0 })),
         warmup: Duration::from_secs_f64(cli.warmup.unwrap_or(if cli.quick { 0.2 } else { 0.5 })),
         idle_connections,
         connect_workers: cli.connect_workers.max(1),
+        pki,
     };
     let limits =
         Limits { max_inflight: cli.max_inflight, max_queued: cli.max_queued, max_connections: idle_connections + 1000 };
@@ -146,10 +159,12 @@ async fn run(cli: Cli) -> Result<()> {
                 BrokerKind::TollgateLuaCached,
                 BrokerKind::TollgateVinAcl,
                 BrokerKind::TollgateVinAclCached,
+                BrokerKind::TollgateMsgAuth,
             ],
             BrokerChoice::TollgateWasm => &[BrokerKind::TollgateWasm],
             BrokerChoice::TollgateLua => &[BrokerKind::TollgateLua],
             BrokerChoice::TollgateVinAcl => &[BrokerKind::TollgateVinAcl, BrokerKind::TollgateVinAclCached],
+            BrokerChoice::TollgateMsgAuth => &[BrokerKind::TollgateMsgAuth],
         };
         for kind in add {
             if !kinds.contains(kind) {
@@ -197,6 +212,9 @@ async fn run(cli: Cli) -> Result<()> {
     for spec in &specs {
         eprintln!("== {} ({})", spec.kind.title(), spec.version);
         for (n, scenario) in selected.iter().enumerate() {
+            if !spec.kind.supports(scenario.transport) {
+                continue;
+            }
             eprint!("   {:<12} ", scenario.name);
             // Other processes on the machine distort the numbers; measure again when they were busy and keep
             // the attempt that was disturbed least.
@@ -249,7 +267,11 @@ async fn run_one(
     limits: Limits,
     n: usize,
 ) -> Result<Outcome> {
-    let mut broker = RunningBroker::start(spec, limits, &format!("{n}-{}", scenario.name))?;
+    // The car-connect scenario reads a plugin's latency from $SYS; everywhere else $SYS stays off.
+    let reads_sys = matches!(scenario.workload, Workload::CarConnects { .. }) && spec.kind.plugin_name().is_some();
+    let setup =
+        Setup { transport: scenario.transport, pki: settings.pki.as_deref(), sys_interval: u32::from(reads_sys) };
+    let mut broker = RunningBroker::start(spec, limits, setup, &format!("{n}-{}", scenario.name))?;
     let outcome = scenarios::run(scenario, &mut broker, settings).await;
     let tail = broker.log_tail();
     broker.stop()?;
@@ -262,6 +284,9 @@ async fn run_one(
 
 fn summary(o: &Outcome) -> String {
     let mut text = match (o.value, &o.latency) {
+        (Some(v), Some(l)) if o.unit == "conn/s" => {
+            format!("{} {}, connect p50 {:.0} µs, p99 {:.0} µs", report::format_number(v), o.unit, l.p50_us, l.p99_us)
+        }
         (_, Some(l)) => format!("p50 {:.0} µs, p99 {:.0} µs", l.p50_us, l.p99_us),
         (Some(v), None) => format!("{} {}", report::format_number(v), o.unit),
         (None, None) => "failed".into(),
@@ -274,6 +299,12 @@ fn summary(o: &Outcome) -> String {
     }
     if let Some(cpu) = o.broker_cpu_pct {
         text.push_str(&format!(" (broker CPU {cpu:.0}%)"));
+    }
+    if let Some(p) = &o.plugin_latency {
+        text.push_str(&format!(
+            " [plugin {} {}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs over {} calls]",
+            p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count
+        ));
     }
     for detail in &o.loss_detail {
         text.push_str(&format!("\n      {detail}"));

@@ -16,7 +16,11 @@ use tokio::time::{sleep, sleep_until, timeout};
 use tollgate_protocol::{Packet, QoS};
 
 use crate::brokers::{RunningBroker, cpu_ticks};
-use crate::client::{Conn, Frame, drain_frames, now_ns, parse_payload, put_puback, put_publish};
+use crate::client::{
+    Conn, Dialer, Frame, Signer, drain_frames, now_ns, parse_payload, put_puback, put_publish, put_signed_publish,
+    split, strip_envelope, try_read_now,
+};
+use crate::pki::Pki;
 
 /// A publisher that has waited this long for subscribers to catch up sends a small batch anyway, so that a
 /// broker which dropped the messages it was waiting for shows up as loss rather than as a hang.
@@ -28,12 +32,14 @@ const DRAIN_MAX: Duration = Duration::from_secs(15);
 /// Bytes per publisher write, at most.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Settings {
     pub duration: Duration,
     pub warmup: Duration,
     pub idle_connections: usize,
     pub connect_workers: usize,
+    /// Certificates for the TLS scenarios (generated only when one is selected).
+    pub pki: Option<Arc<Pki>>,
 }
 
 #[derive(Clone, Debug)]
@@ -41,13 +47,36 @@ pub enum Workload {
     Flow(FlowSpec),
     IdleMemory,
     ConnectionRate,
+    /// A fixed number of connections, each a different car with its own client certificate, each timed from TCP
+    /// connect to CONNACK, then closed.
+    CarConnects {
+        count: usize,
+    },
+}
+
+/// How the clients reach the broker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    Tcp,
+    /// TLS with a server certificate only.
+    Tls,
+    /// TLS with a client certificate per car, required and verified by the broker.
+    MutualTls,
 }
 
 #[derive(Clone, Debug)]
 pub struct Scenario {
     pub name: &'static str,
     pub title: String,
+    pub transport: Transport,
     pub workload: Workload,
+}
+
+impl Scenario {
+    fn tcp(name: &'static str, title: String, workload: Workload) -> Scenario {
+        Scenario { name, title, transport: Transport::Tcp, workload }
+    }
 }
 
 /// Publishers, subscribers and who hears whom.
@@ -70,7 +99,7 @@ pub struct FlowSpec {
     pub latency: bool,
 }
 
-pub fn all(pairs: usize) -> Vec<Scenario> {
+pub fn all(pairs: usize, car_connects: usize) -> Vec<Scenario> {
     let mut list = Vec::new();
     for (payload, size) in [(64usize, "64"), (1024, "1k")] {
         for qos in [0u8, 1] {
@@ -81,18 +110,18 @@ pub fn all(pairs: usize) -> Vec<Scenario> {
                 _ => "pairs-q1-1k",
             };
             let size_title = if payload == 1024 { "1 KiB" } else { "64 B" };
-            list.push(Scenario {
+            list.push(Scenario::tcp(
                 name,
-                title: format!("pairs {pairs}x, QoS {qos}, {size_title}"),
-                workload: Workload::Flow(pairs_spec(pairs, qos, payload)),
-            });
+                format!("pairs {pairs}x, QoS {qos}, {size_title}"),
+                Workload::Flow(pairs_spec(pairs, qos, payload)),
+            ));
         }
     }
     for qos in [0u8, 1] {
-        list.push(Scenario {
-            name: if qos == 0 { "fanin-q0" } else { "fanin-q1" },
-            title: format!("fan-in 16→1, QoS {qos}, 64 B"),
-            workload: Workload::Flow(FlowSpec {
+        list.push(Scenario::tcp(
+            if qos == 0 { "fanin-q0" } else { "fanin-q1" },
+            format!("fan-in 16→1, QoS {qos}, 64 B"),
+            Workload::Flow(FlowSpec {
                 topics: (0..16).map(|i| format!("fanin/{i}")).collect(),
                 filters: vec!["fanin/#".into()],
                 sources: vec![(0..16).collect()],
@@ -103,13 +132,13 @@ pub fn all(pairs: usize) -> Vec<Scenario> {
                 rate: None,
                 latency: false,
             }),
-        });
+        ));
     }
     for qos in [0u8, 1] {
-        list.push(Scenario {
-            name: if qos == 0 { "fanout-q0" } else { "fanout-q1" },
-            title: format!("fan-out 1→100, QoS {qos}, 64 B"),
-            workload: Workload::Flow(FlowSpec {
+        list.push(Scenario::tcp(
+            if qos == 0 { "fanout-q0" } else { "fanout-q1" },
+            format!("fan-out 1→100, QoS {qos}, 64 B"),
+            Workload::Flow(FlowSpec {
                 topics: vec!["fanout/t".into()],
                 filters: vec!["fanout/t".into(); 100],
                 sources: vec![vec![0]; 100],
@@ -120,22 +149,39 @@ pub fn all(pairs: usize) -> Vec<Scenario> {
                 rate: None,
                 latency: false,
             }),
+        ));
+    }
+    list.push(Scenario::tcp(
+        "latency",
+        "latency, 1 pair, 1000 msg/s, QoS 1, 64 B".into(),
+        Workload::Flow(FlowSpec { rate: Some(1000), latency: true, ..pairs_spec(1, 1, 64) }),
+    ));
+    list.push(Scenario::tcp("idle-mem", "memory per idle connection".into(), Workload::IdleMemory));
+    list.push(Scenario::tcp(
+        "conn-rate",
+        "connection rate (CONNECT→CONNACK→DISCONNECT)".into(),
+        Workload::ConnectionRate,
+    ));
+    for (payload, name) in [(64usize, "tls-pairs-q1-64"), (1024, "tls-pairs-q1-1k")] {
+        let size_title = if payload == 1024 { "1 KiB" } else { "64 B" };
+        list.push(Scenario {
+            name,
+            title: format!("TLS: pairs {pairs}x, QoS 1, {size_title}"),
+            transport: Transport::Tls,
+            workload: Workload::Flow(pairs_spec(pairs, 1, payload)),
         });
     }
     list.push(Scenario {
-        name: "latency",
-        title: "latency, 1 pair, 1000 msg/s, QoS 1, 64 B".into(),
-        workload: Workload::Flow(FlowSpec { rate: Some(1000), latency: true, ..pairs_spec(1, 1, 64) }),
-    });
-    list.push(Scenario {
-        name: "idle-mem",
-        title: "memory per idle connection".into(),
-        workload: Workload::IdleMemory,
-    });
-    list.push(Scenario {
-        name: "conn-rate",
-        title: "connection rate (CONNECT→CONNACK→DISCONNECT)".into(),
+        name: "tls-conn-rate",
+        title: "TLS: connection rate (full handshake, CONNECT→CONNACK→DISCONNECT)".into(),
+        transport: Transport::Tls,
         workload: Workload::ConnectionRate,
+    });
+    list.push(Scenario {
+        name: "mtls-car-connects",
+        title: format!("mutual TLS: {car_connects} car connects, a certificate each"),
+        transport: Transport::MutualTls,
+        workload: Workload::CarConnects { count: car_connects },
     });
     list
 }
@@ -202,6 +248,19 @@ pub struct Outcome {
     pub errors: Vec<String>,
     /// Runs made of this scenario (more than one when other processes disturbed it).
     pub attempts: u32,
+    /// The plugin's own call latency as the broker measured it (`$SYS/broker/plugins/<name>/latency/<hook>/…`).
+    pub plugin_latency: Option<PluginLatency>,
+}
+
+/// One hook's call latency read from the broker's `$SYS` tree.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PluginLatency {
+    pub plugin: String,
+    pub hook: String,
+    pub count: u64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
 }
 
 impl Outcome {
@@ -210,11 +269,31 @@ impl Outcome {
     }
 }
 
+/// The dialer for a scenario's transport against a started broker.
+pub fn dialer(transport: Transport, broker: &RunningBroker, pki: Option<&Pki>) -> Result<Dialer> {
+    let pki = || pki.ok_or_else(|| anyhow!("no certificates generated for a TLS scenario"));
+    Ok(match transport {
+        Transport::Tcp => Dialer::tcp(broker.addr),
+        Transport::Tls => Dialer::tls(broker.addr, vec![pki()?.client_config(None)?]),
+        Transport::MutualTls => {
+            let pki = pki()?;
+            let configs = (0..pki.cars.len()).map(|car| pki.client_config(Some(car))).collect::<Result<_>>()?;
+            Dialer::tls(broker.addr, configs)
+        }
+    })
+}
+
 pub async fn run(scenario: &Scenario, broker: &mut RunningBroker, settings: &Settings) -> Result<Outcome> {
+    let dialer = dialer(scenario.transport, broker, settings.pki.as_deref())?;
     let mut outcome = match &scenario.workload {
-        Workload::Flow(spec) => run_flow(broker, spec, settings).await?,
-        Workload::IdleMemory => run_idle(broker, settings).await?,
-        Workload::ConnectionRate => run_connection_rate(broker, settings).await?,
+        Workload::Flow(spec) => run_flow(broker, &dialer, spec, settings).await?,
+        Workload::IdleMemory => run_idle(broker, &dialer, settings).await?,
+        Workload::ConnectionRate => run_connection_rate(broker, &dialer, settings).await?,
+        Workload::CarConnects { count } => {
+            let pki = settings.pki.as_deref().ok_or_else(|| anyhow!("no certificates for the car connects"))?;
+            let vins: Vec<String> = pki.cars.iter().take(*count).map(|car| car.vin.clone()).collect();
+            run_car_connects(broker, &dialer, &vins, settings).await?
+        }
     };
     if let Err(error) = broker.check_alive() {
         outcome.errors.push(error.to_string());
@@ -376,11 +455,13 @@ struct SubCtx {
     latency_from: Option<u64>,
     /// Set when the publishers stop; delivery gaps after that are not gaps.
     publishing_stopped: Arc<AtomicBool>,
+    /// Payloads arrive in a signature envelope (the msg-auth variant); a bare payload is invalid then.
+    signed: bool,
 }
 
 async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) -> SubResult {
     let Conn { stream, mut rbuf, mut wbuf } = conn;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = split(stream);
     let mut trackers = vec![Tracker::default(); ctx.sources.len()];
     let mut invalid = 0u64;
     let mut latencies_ns = Vec::new();
@@ -407,6 +488,7 @@ async fn subscriber(conn: Conn, ctx: SubCtx, mut stop: watch::Receiver<bool>) ->
                         if qos == 1 {
                             put_puback(&mut wbuf, packet_id);
                         }
+                        let payload = if ctx.signed { strip_envelope(payload).unwrap_or_default() } else { payload };
                         let checked = parse_payload(payload, ctx.payload).and_then(|(p, seq, sent)| {
                             let local = *ctx.local_of.get(p as usize)?;
                             let expected_topic = ctx.topics.get(p as usize)?;
@@ -496,11 +578,13 @@ struct PubCtx {
     pubs: Arc<Vec<PubShared>>,
     stop: Arc<AtomicBool>,
     start: Instant,
+    /// Sign every message (the msg-auth variant verifies them).
+    signer: Option<Signer>,
 }
 
-async fn publisher(conn: Conn, ctx: PubCtx) -> PubResult {
+async fn publisher(conn: Conn, mut ctx: PubCtx) -> PubResult {
     let Conn { stream, mut rbuf, mut wbuf } = conn;
-    let (mut rd, mut wr) = stream.into_split();
+    let (mut rd, mut wr) = split(stream);
     let mut res = PubResult::default();
     let mut in_flight = vec![false; 65536];
     let mut inflight = 0usize;
@@ -528,7 +612,7 @@ async fn publisher(conn: Conn, ctx: PubCtx) -> PubResult {
             // Collect whatever acknowledgements have already arrived without waiting.
             if qos1 && inflight > 0 {
                 loop {
-                    match rd.try_read_buf(&mut rbuf) {
+                    match try_read_now(&mut rd, &mut rbuf).await {
                         Ok(0) => bail!("publisher {}: connection closed by broker", ctx.index),
                         Ok(_) => continue,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -577,7 +661,20 @@ async fn publisher(conn: Conn, ctx: PubCtx) -> PubResult {
                         inflight += 1;
                         next_id = next_id.checked_add(1).unwrap_or(1);
                     }
-                    put_publish(&mut wbuf, &ctx.topic, ctx.qos, packet_id, ctx.index as u32, res.sent, ctx.payload);
+                    let (topic, publisher) = (&ctx.topic, ctx.index as u32);
+                    match ctx.signer.as_mut() {
+                        None => put_publish(&mut wbuf, topic, ctx.qos, packet_id, publisher, res.sent, ctx.payload),
+                        Some(signer) => put_signed_publish(
+                            &mut wbuf,
+                            topic,
+                            ctx.qos,
+                            packet_id,
+                            publisher,
+                            res.sent,
+                            ctx.payload,
+                            signer,
+                        ),
+                    }
                     res.sent += 1;
                 }
                 wr.write_all(&wbuf).await?;
@@ -636,16 +733,13 @@ fn sum_unique(shared: &[SubShared]) -> u64 {
     shared.iter().map(|s| s.unique.load(Relaxed)).sum()
 }
 
-async fn connect_all(
-    addr: std::net::SocketAddr,
-    ids: Vec<String>,
-    filters: Option<(Vec<String>, QoS)>,
-) -> Result<Vec<Conn>> {
+async fn connect_all(dialer: &Dialer, ids: Vec<String>, filters: Option<(Vec<String>, QoS)>) -> Result<Vec<Conn>> {
     let mut handles: Vec<JoinHandle<Result<Conn>>> = Vec::new();
     for (i, id) in ids.into_iter().enumerate() {
         let filter = filters.as_ref().and_then(|(filters, qos)| Some((filters.get(i)?.clone(), *qos)));
+        let dialer = dialer.clone();
         handles.push(tokio::spawn(async move {
-            let mut conn = Conn::connect(addr, &id, 64 * 1024).await?;
+            let mut conn = Conn::connect(&dialer, i, &id, 64 * 1024).await?;
             if let Some((filter, qos)) = filter {
                 conn.subscribe(&filter, qos).await?;
             }
@@ -659,8 +753,12 @@ async fn connect_all(
     Ok(conns)
 }
 
-async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settings) -> Result<Outcome> {
-    let addr = broker.addr;
+async fn run_flow(
+    broker: &mut RunningBroker,
+    dialer: &Dialer,
+    spec: &FlowSpec,
+    settings: &Settings,
+) -> Result<Outcome> {
     let publishers = spec.topics.len();
     let subscribers = spec.filters.len();
     let qos = QoS::from_u8(spec.qos).ok_or_else(|| anyhow!("bad qos"))?;
@@ -687,14 +785,15 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
             .collect(),
     );
     let topics = Arc::new(spec.topics.clone());
+    let signed = broker.kind.signs_messages();
 
     let sub_conns = connect_all(
-        addr,
+        dialer,
         (0..subscribers).map(|i| format!("bench-sub-{i}")).collect(),
         Some((spec.filters.clone(), qos)),
     )
     .await?;
-    let pub_conns = connect_all(addr, (0..publishers).map(|i| format!("bench-pub-{i}")).collect(), None).await?;
+    let pub_conns = connect_all(dialer, (0..publishers).map(|i| format!("bench-pub-{i}")).collect(), None).await?;
     // Give every broker time to make the subscriptions effective before the first message.
     sleep(Duration::from_millis(200)).await;
 
@@ -721,6 +820,7 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
             pubs: pubs_shared.clone(),
             latency_from: spec.latency.then_some(warmup_end_ns),
             publishing_stopped: stop_pubs.clone(),
+            signed,
         };
         sub_handles.push(tokio::spawn(subscriber(conn, ctx, stop_rx.clone())));
     }
@@ -739,6 +839,7 @@ async fn run_flow(broker: &mut RunningBroker, spec: &FlowSpec, settings: &Settin
             pubs: pubs_shared.clone(),
             stop: stop_pubs.clone(),
             start,
+            signer: signed.then(|| Signer::new(format!("bench-pub-{index}"))),
         };
         pub_handles.push(tokio::spawn(publisher(conn, ctx)));
     }
@@ -845,8 +946,7 @@ fn percentiles(samples_ns: &mut [u64]) -> Percentiles {
     }
 }
 
-async fn run_idle(broker: &mut RunningBroker, settings: &Settings) -> Result<Outcome> {
-    let addr = broker.addr;
+async fn run_idle(broker: &mut RunningBroker, dialer: &Dialer, settings: &Settings) -> Result<Outcome> {
     let total = settings.idle_connections;
     sleep(Duration::from_millis(300)).await;
     let before = broker.rss_kib()?;
@@ -855,6 +955,7 @@ async fn run_idle(broker: &mut RunningBroker, settings: &Settings) -> Result<Out
     let mut workers = Vec::new();
     for _ in 0..settings.connect_workers.max(1) * 8 {
         let next = next.clone();
+        let dialer = dialer.clone();
         workers.push(tokio::spawn(async move {
             let mut streams = Vec::new();
             let mut failures = 0u64;
@@ -864,7 +965,7 @@ async fn run_idle(broker: &mut RunningBroker, settings: &Settings) -> Result<Out
                 if i >= total {
                     break;
                 }
-                match Conn::connect(addr, &format!("idle-{i}"), 256).await {
+                match Conn::connect(&dialer, i, &format!("idle-{i}"), 256).await {
                     Ok(conn) => streams.push(conn.stream),
                     Err(error) => {
                         failures += 1;
@@ -896,9 +997,13 @@ async fn run_idle(broker: &mut RunningBroker, settings: &Settings) -> Result<Out
     let mut probe = [0u8; 64];
     let closed = streams
         .iter()
-        .filter(|stream| match stream.try_read(&mut probe) {
-            Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
-            Ok(_) => true,
+        .filter(|stream| match stream {
+            tokio_util::either::Either::Left(tcp) => match tcp.try_read(&mut probe) {
+                Err(error) => error.kind() != std::io::ErrorKind::WouldBlock,
+                Ok(_) => true,
+            },
+            // Idle TLS connections are not a scenario; nothing to probe without a read.
+            tokio_util::either::Either::Right(_) => false,
         })
         .count();
     if closed > 0 {
@@ -917,14 +1022,14 @@ async fn run_idle(broker: &mut RunningBroker, settings: &Settings) -> Result<Out
     Ok(outcome)
 }
 
-async fn run_connection_rate(broker: &mut RunningBroker, settings: &Settings) -> Result<Outcome> {
-    let addr = broker.addr;
+async fn run_connection_rate(broker: &mut RunningBroker, dialer: &Dialer, settings: &Settings) -> Result<Outcome> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..settings.connect_workers.max(1) {
         let done = done.clone();
         let stop = stop.clone();
+        let dialer = dialer.clone();
         workers.push(tokio::spawn(async move {
             let mut failures = 0u64;
             let mut first_error = None;
@@ -932,7 +1037,7 @@ async fn run_connection_rate(broker: &mut RunningBroker, settings: &Settings) ->
             while !stop.load(Relaxed) {
                 n += 1;
                 let attempt = async {
-                    let conn = Conn::connect(addr, &format!("cr-{w}-{n}"), 256).await?;
+                    let conn = Conn::connect(&dialer, w, &format!("cr-{w}-{n}"), 256).await?;
                     conn.disconnect(Duration::from_secs(1)).await
                 };
                 match timeout(Duration::from_secs(5), attempt).await {
@@ -980,6 +1085,116 @@ async fn run_connection_rate(broker: &mut RunningBroker, settings: &Settings) ->
     Ok(outcome)
 }
 
+/// Each car connects once, `connect_workers` at a time: TLS handshake with the car's own certificate, CONNECT with
+/// its VIN as client id and no user name, CONNACK (the time from TCP connect to here is the sample), DISCONNECT.
+/// For a plugin variant the plugin's own `authenticate` latency is read from `$SYS` afterwards.
+async fn run_car_connects(
+    broker: &mut RunningBroker,
+    dialer: &Dialer,
+    vins: &[String],
+    settings: &Settings,
+) -> Result<Outcome> {
+    let vins: Arc<Vec<String>> = Arc::new(vins.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let cpu_start = CpuSnapshot::take(broker);
+    let mut workers = Vec::new();
+    for _ in 0..settings.connect_workers.max(1) {
+        let (next, vins, dialer) = (next.clone(), vins.clone(), dialer.clone());
+        workers.push(tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let mut failures = 0u64;
+            let mut first_error = None;
+            loop {
+                let car = next.fetch_add(1, Relaxed);
+                let Some(vin) = vins.get(car) else { break };
+                let started = Instant::now();
+                let attempt = async {
+                    let conn = Conn::connect_as(&dialer, car, vin, None, 256).await?;
+                    let took = started.elapsed();
+                    conn.disconnect(Duration::from_secs(1)).await?;
+                    anyhow::Ok(took)
+                };
+                match timeout(Duration::from_secs(10), attempt).await {
+                    Ok(Ok(took)) => samples.push(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX)),
+                    Ok(Err(error)) => {
+                        failures += 1;
+                        first_error.get_or_insert_with(|| format!("{vin}: {error:#}"));
+                    }
+                    Err(_) => {
+                        failures += 1;
+                        first_error.get_or_insert_with(|| format!("{vin}: connect timed out"));
+                    }
+                }
+            }
+            (samples, failures, first_error)
+        }));
+    }
+    let mut samples = Vec::new();
+    let mut outcome = Outcome { unit: "conn/s", ..Default::default() };
+    for worker in workers {
+        let (mut list, failures, first_error) = worker.await?;
+        samples.append(&mut list);
+        outcome.failures += failures;
+        if let Some(error) = first_error {
+            outcome.errors.push(error);
+        }
+    }
+    outcome.errors.truncate(3);
+    let cpu_end = CpuSnapshot::take(broker);
+    let measured = cpu_end.at.duration_since(cpu_start.at).as_secs_f64();
+    let (broker_cpu, client_cpu) = cpu_end.percent_since(&cpu_start);
+    outcome.measured_s = measured;
+    outcome.broker_cpu_pct = broker_cpu;
+    outcome.client_cpu_pct = client_cpu;
+    outcome.other_cpu_pct = cpu_end.others_since(&cpu_start);
+    outcome.connections = Some(samples.len() as u64);
+    outcome.value = Some(samples.len() as f64 / measured.max(1e-9));
+    outcome.latency = Some(percentiles(&mut samples));
+    if let Some(plugin) = broker.kind.plugin_name() {
+        match read_plugin_latency(broker, plugin, "authenticate").await {
+            Ok(latency) => outcome.plugin_latency = Some(latency),
+            Err(error) => outcome.errors.push(format!("plugin latency: {error:#}")),
+        }
+    }
+    Ok(outcome)
+}
+
+/// A hook's latency from `$SYS/broker/plugins/<plugin>/latency/<hook>/…`, read over the broker's plain listener
+/// with the benchmark's user name. The broker publishes `$SYS` every second in this scenario; waiting a little
+/// longer than that makes the retained readings cover every connect made before.
+async fn read_plugin_latency(broker: &RunningBroker, plugin: &str, hook: &str) -> Result<PluginLatency> {
+    let addr = broker.observer.ok_or_else(|| anyhow!("the broker has no plain listener to read $SYS from"))?;
+    sleep(Duration::from_millis(1500)).await;
+    let mut conn = Conn::connect(&Dialer::tcp(addr), 0, "bench-observer", 4096).await?;
+    let prefix = format!("$SYS/broker/plugins/{plugin}/latency/{hook}/");
+    conn.subscribe(&format!("{prefix}#"), QoS::AtMostOnce).await?;
+    let mut readings = std::collections::BTreeMap::new();
+    timeout(Duration::from_secs(3), async {
+        while readings.len() < 4 {
+            if let Packet::Publish(publish) = conn.next_packet().await?
+                && let Some(name) = publish.topic.strip_prefix(prefix.as_str())
+            {
+                readings.insert(name.to_string(), String::from_utf8_lossy(&publish.payload).into_owned());
+            }
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .map_err(|_| anyhow!("{prefix}… incomplete after 3 s: {readings:?}"))??;
+    let number = |name: &str| -> Result<f64> {
+        let text = readings.get(name).ok_or_else(|| anyhow!("no {prefix}{name}"))?;
+        text.parse().map_err(|_| anyhow!("{prefix}{name} = {text:?}"))
+    };
+    Ok(PluginLatency {
+        plugin: plugin.into(),
+        hook: hook.into(),
+        count: number("count")? as u64,
+        p50_us: number("p50_us")?,
+        p99_us: number("p99_us")?,
+        max_us: number("max_us")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1008,7 +1223,7 @@ mod tests {
 
     #[test]
     fn scenario_names_are_unique() {
-        let list = all(8);
+        let list = all(8, 1000);
         let mut names: Vec<_> = list.iter().map(|s| s.name).collect();
         names.sort_unstable();
         names.dedup();

@@ -7,6 +7,7 @@
 //! keeps failing is disabled with backoff ([`shared::CRASH_LOOP_FAILURES`]).
 
 pub mod events;
+pub mod latency;
 mod lua;
 pub mod shared;
 pub mod spec;
@@ -15,7 +16,7 @@ mod wasm;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use tollgate_hooks::{
@@ -214,10 +215,15 @@ impl PluginHook {
         shared.metrics.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let result = match shared.check_enabled() {
             Err(failure) => Err(failure),
-            Ok(()) => match tokio::time::timeout(self.timeout, call).await {
-                Ok(result) => result,
-                Err(_) => Err(Failure::Timeout(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX))),
-            },
+            Ok(()) => {
+                let started = Instant::now();
+                let result = match tokio::time::timeout(self.timeout, call).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Failure::Timeout(u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX))),
+                };
+                shared.metrics.latency_of(hook).record(started.elapsed());
+                result
+            }
         };
         result.map_err(|failure| {
             shared.record_failure(hook.as_str(), &failure);

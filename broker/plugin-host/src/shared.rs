@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 use tollgate_hooks::PeerIdentity;
 use tracing::warn;
 
+use crate::latency::{LatencyHistogram, LatencySummary};
+use crate::spec::HookKind;
+
 /// Bounds on the shared key-value table, so a plugin cannot grow the broker's memory without limit.
 pub const KV_MAX_ENTRIES: usize = 65_536;
 pub const KV_MAX_VALUE_BYTES: usize = 64 << 10;
@@ -48,6 +51,8 @@ pub struct PluginMetrics {
     pub timeouts: AtomicU64,
     pub disabled: AtomicU64,
     pub instances_created: AtomicU64,
+    /// Wall time of each call as the broker saw it (waiting for an instance included), per hook kind.
+    pub latency: [LatencyHistogram; 4],
 }
 
 impl PluginMetrics {
@@ -63,6 +68,19 @@ impl PluginMetrics {
             ("disabled", read(&self.disabled)),
             ("instances_created", read(&self.instances_created)),
         ])
+    }
+
+    pub fn latency_of(&self, hook: HookKind) -> &LatencyHistogram {
+        &self.latency[hook as usize]
+    }
+
+    /// The hooks that were called at least once, with their latency.
+    pub fn latency_summaries(&self) -> Vec<(HookKind, LatencySummary)> {
+        HookKind::ALL
+            .into_iter()
+            .map(|hook| (hook, self.latency_of(hook).summary()))
+            .filter(|(_, summary)| summary.count > 0)
+            .collect()
     }
 }
 

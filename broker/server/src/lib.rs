@@ -334,7 +334,8 @@ impl Drop for Server {
     }
 }
 
-/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts and its own counters, on the `$SYS`
+/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts, its own counters and the latency of
+/// its calls per hook (`latency/<hook>/p50_us|p99_us|max_us|count`, since the plugin was loaded), on the `$SYS`
 /// interval.
 async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
     tollgate_core::sys::every_interval(&broker, |broker| {
@@ -347,6 +348,16 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
             for (counter, value) in shared.counters() {
                 let topic = format!("{prefix}/counters/{counter}");
                 broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
+            }
+            for (hook, latency) in shared.metrics.latency_summaries() {
+                let readings = [("p50_us", latency.p50), ("p99_us", latency.p99), ("max_us", latency.max)];
+                for (reading, value) in readings {
+                    let Some(value) = value else { continue };
+                    let topic = format!("{prefix}/latency/{hook}/{reading}");
+                    broker.publish_local(&topic, format!("{:.1}", value.as_secs_f64() * 1e6), QoS::AtMostOnce, true);
+                }
+                let topic = format!("{prefix}/latency/{hook}/count");
+                broker.publish_local(&topic, latency.count.to_string(), QoS::AtMostOnce, true);
             }
         }
     })
