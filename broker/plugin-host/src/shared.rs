@@ -15,6 +15,8 @@ use tracing::warn;
 use crate::latency::{LatencyHistogram, LatencySummary};
 use crate::spec::HookKind;
 
+const NOT_DURABLE: &str = "the broker has no state directory (runtime.state_dir), so nothing is durable";
+
 /// Bounds on the shared key-value table, so a plugin cannot grow the broker's memory without limit.
 pub const KV_MAX_ENTRIES: usize = 65_536;
 pub const KV_MAX_VALUE_BYTES: usize = 64 << 10;
@@ -246,7 +248,7 @@ impl DurableKv {
         std::fs::OpenOptions::new().append(true).open(path)
     }
 
-    fn append(&mut self, key: &str, value: Option<&[u8]>, table: &HashMap<String, Vec<u8>>) -> std::io::Result<()> {
+    fn append(&mut self, key: &str, value: Option<&[u8]>) -> std::io::Result<()> {
         // One write(2) per record: it reaches the page cache before the plugin's call returns, so it survives the
         // broker process dying; compaction is the only place that fsyncs.
         self.file.write_all(&kv_record(key, value))?;
@@ -255,12 +257,24 @@ impl DurableKv {
             None => self.keys.remove(key),
         };
         self.records += 1;
-        if self.records > 4 * self.keys.len() + 4096 {
-            let live = self.keys.iter().filter_map(|key| table.get(key).map(|value| (key.as_str(), value.as_slice())));
-            self.file = Self::rewrite(&self.path, live)?;
-            self.records = self.keys.len();
-        }
         Ok(())
+    }
+
+    /// Rewrites the file from `table` once it holds mostly superseded records. `table` must already hold every
+    /// value appended so far: the rewrite replaces the file, so a value only in the file would be lost.
+    fn compact_if_due(&mut self, table: &HashMap<String, Vec<u8>>, plugin: &str) {
+        if self.records <= 4 * self.keys.len() + 4096 {
+            return;
+        }
+        let live = self.keys.iter().filter_map(|key| table.get(key).map(|value| (key.as_str(), value.as_slice())));
+        match Self::rewrite(&self.path, live) {
+            Ok(file) => {
+                self.file = file;
+                self.records = self.keys.len();
+            }
+            // The uncompacted file is still whole and appended to; compaction is tried again on the next write.
+            Err(error) => warn!(plugin, %error, "could not compact the plugin's state file"),
+        }
     }
 }
 
@@ -325,12 +339,17 @@ impl PluginShared {
         Ok(())
     }
 
+    // Lock order wherever both are taken: the state file, then the table. Durable writers hold the file lock for
+    // their write(2) and the table lock only to read and update it, so table readers (every kv_get) do not wait
+    // for the disk.
+
     pub fn kv_delete(&self, key: &str) {
+        let mut durable = lock(&self.durable);
         let mut kv = lock(&self.kv);
         kv.remove(key);
-        let mut durable = lock(&self.durable);
+        drop(kv);
         if let Some(durable) = durable.as_mut().filter(|durable| durable.keys.contains(key))
-            && let Err(error) = durable.append(key, None, &kv)
+            && let Err(error) = durable.append(key, None)
         {
             warn!(plugin = %self.name, %error, "could not record a deletion in the plugin's state file");
         }
@@ -361,18 +380,22 @@ impl PluginShared {
     }
 
     pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let mut kv = lock(&self.kv);
-        check_room(&kv, &key, &value)?;
         let mut durable = lock(&self.durable);
         let Some(durable) = durable.as_mut() else {
-            return Err("the broker has no state directory (runtime.state_dir), so nothing is durable".to_owned());
+            return Err(NOT_DURABLE.to_owned());
         };
-        durable.append(&key, Some(&value), &kv).map_err(|error| format!("state file: {error}"))?;
+        check_room(&lock(&self.kv), &key, &value)?;
+        // Durable writers are serialized by the file lock, so the file's last record for a key is the table's.
+        durable.append(&key, Some(&value)).map_err(|error| format!("state file: {error}"))?;
+        let mut kv = lock(&self.kv);
         kv.insert(key, value);
+        durable.compact_if_due(&kv, &self.name);
         Ok(())
     }
 
     pub fn kv_add(&self, key: &str, delta: u64, durable: bool) -> Result<u64, String> {
+        let mut file = if durable { Some(lock(&self.durable)) } else { None };
+        // The table stays locked from read to update: the counter is atomic even against non-durable adds.
         let mut kv = lock(&self.kv);
         let current = match kv.get(key) {
             None => 0,
@@ -383,15 +406,18 @@ impl PluginShared {
         };
         check_room(&kv, key, &[0; 8])?;
         let next = current.wrapping_add(delta);
-        if durable {
-            // Appended while the table is locked, so the file's last record for the key is the highest value.
-            let mut file = lock(&self.durable);
-            let Some(file) = file.as_mut() else {
-                return Err("the broker has no state directory (runtime.state_dir), so nothing is durable".to_owned());
-            };
-            file.append(key, Some(&next.to_be_bytes()), &kv).map_err(|error| format!("state file: {error}"))?;
-        }
+        let file = match file.as_mut() {
+            None => None,
+            Some(guard) => {
+                let file = guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?;
+                file.append(key, Some(&next.to_be_bytes())).map_err(|error| format!("state file: {error}"))?;
+                Some(file)
+            }
+        };
         kv.insert(key.to_owned(), next.to_be_bytes().to_vec());
+        if let Some(file) = file {
+            file.compact_if_due(&kv, &self.name);
+        }
         Ok(next)
     }
 
@@ -585,11 +611,20 @@ mod tests {
         assert_eq!(restarted.kv_get("gone"), None);
         assert_eq!(restarted.kv_get("volatile"), None);
         assert_eq!(restarted.kv_get("ctr"), Some(7u64.to_be_bytes().to_vec()), "only the durable add persisted");
-        // Compaction keeps live values only.
+        // Compaction keeps live values only, including the one whose write triggered it.
+        let size = || std::fs::metadata(&path).expect("stat").len();
+        let mut compacted_at = None;
         for round in 0..6000u32 {
+            let before = size();
             restarted.kv_set_durable("hot".into(), round.to_be_bytes().to_vec()).expect("set");
+            if size() < before && compacted_at.is_none() {
+                compacted_at = Some(round);
+                // Read without opening (opening rewrites the file under the live writer).
+                let on_disk = parse_kv_log(&std::fs::read(&path).expect("read"));
+                assert_eq!(on_disk.get("hot"), Some(&round.to_be_bytes().to_vec()), "lost in compaction");
+            }
         }
-        assert!(std::fs::metadata(&path).expect("stat").len() < 4096 * 20, "the log was compacted");
+        assert!(compacted_at.is_some() && size() < 4096 * 20, "the log was compacted");
         drop(restarted);
         let again = PluginShared::new("p", BTreeMap::new());
         again.open_state(path).expect("reopen");
