@@ -332,9 +332,11 @@ async fn connection_caps_and_per_address_rate_limit_spare_other_clients() {
         .await;
     let addr = broker.addr;
 
-    // A flood from one address: the first five within the second get in (burst), the rest are closed at accept.
+    // A flood from one address: five connections within the second pass the rate limit (burst), three of them
+    // fit under max_connections. The refused are told why: 0x97 Quota exceeded for the cap, 0x9F Connection rate
+    // exceeded for the rate.
     let mut flood = Vec::new();
-    let mut refused = 0;
+    let mut refused = Vec::new();
     for index in 0..8 {
         let mut client = connect_from("127.0.0.2", addr).await;
         client
@@ -348,12 +350,31 @@ async fn connection_caps_and_per_address_rate_limit_spare_other_clients() {
             {
                 flood.push(client)
             }
-            _ => refused += 1,
+            Some(raw::Received::Packet(tollgate_protocol::Packet::ConnAck(ack))) => {
+                refused.push(ack.reason_code);
+                let after = client.recv_within(Duration::from_secs(2)).await;
+                assert!(matches!(after, Some(raw::Received::Closed)), "closed after the CONNACK: {after:?}");
+            }
+            other => panic!("attempt {index}: {other:?}"),
         }
     }
     // At most three are open at once (max_connections), and the rate limit refused the rest.
     assert_eq!(flood.len(), 3, "max_connections = 3");
-    assert_eq!(refused, 5);
+    assert_eq!(refused.len(), 5, "{refused:?}");
+    let quota = refused.iter().filter(|&&code| code == ReasonCode::QUOTA_EXCEEDED).count();
+    let rate = refused.iter().filter(|&&code| code == ReasonCode::CONNECTION_RATE_EXCEEDED).count();
+    // The fourth and fifth had rate tokens; the last had none unless a token was refilled (one per 200 ms).
+    assert!(quota >= 2 && rate >= 1 && quota + rate == 5, "{refused:?}");
+    // An MQTT 3.1.1 client has no such codes: it gets 0x03 Server unavailable.
+    let stream = connect_from("127.0.0.2", addr).await.into_inner();
+    let mut old = raw::RawClient::new(stream, ProtocolVersion::V311, "old");
+    old.send(&tollgate_protocol::Packet::Connect(raw::connect_packet(ProtocolVersion::V311, "old").into())).await;
+    match old.recv_within(Duration::from_secs(2)).await {
+        Some(raw::Received::Packet(tollgate_protocol::Packet::ConnAck(ack))) => {
+            assert_eq!(ack.reason_code.to_v3_connack(), 0x03, "{ack:?}")
+        }
+        other => panic!("3.1.1 refusal: {other:?}"),
+    }
     // Room again once one leaves, and another address is not rate limited.
     flood.pop().expect("one").disconnect().await;
     tokio::time::sleep(Duration::from_millis(100)).await;

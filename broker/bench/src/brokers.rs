@@ -112,6 +112,14 @@ impl BrokerKind {
         }
     }
 
+    /// The plugin whose `authenticate` hook a connect runs through, for the car-connect scenario's latency reading.
+    pub fn connect_plugin(self) -> Option<&'static str> {
+        match self {
+            Self::TollgateVinAcl | Self::TollgateVinAclCached => self.plugin_name(),
+            _ => None,
+        }
+    }
+
     /// Whether the benchmark can run this broker over `transport`. rumqttd's TLS needs a build with its TLS
     /// features and has no counterpart in the comparison (Mosquitto with TLS), so it runs plain TCP only.
     pub fn supports(self, transport: Transport) -> bool {

@@ -268,7 +268,7 @@ async fn run_one(
     n: usize,
 ) -> Result<Outcome> {
     // The car-connect scenario reads a plugin's latency from $SYS; everywhere else $SYS stays off.
-    let reads_sys = matches!(scenario.workload, Workload::CarConnects { .. }) && spec.kind.plugin_name().is_some();
+    let reads_sys = matches!(scenario.workload, Workload::CarConnects { .. }) && spec.kind.connect_plugin().is_some();
     let setup =
         Setup { transport: scenario.transport, pki: settings.pki.as_deref(), sys_interval: u32::from(reads_sys) };
     let mut broker = RunningBroker::start(spec, limits, setup, &format!("{n}-{}", scenario.name))?;

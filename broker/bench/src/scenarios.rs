@@ -1150,7 +1150,7 @@ async fn run_car_connects(
     outcome.connections = Some(samples.len() as u64);
     outcome.value = Some(samples.len() as f64 / measured.max(1e-9));
     outcome.latency = Some(percentiles(&mut samples));
-    if let Some(plugin) = broker.kind.plugin_name() {
+    if let Some(plugin) = broker.kind.connect_plugin() {
         match read_plugin_latency(broker, plugin, "authenticate").await {
             Ok(latency) => outcome.plugin_latency = Some(latency),
             Err(error) => outcome.errors.push(format!("plugin latency: {error:#}")),

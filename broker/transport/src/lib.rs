@@ -15,10 +15,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_core::Broker;
 use tollgate_core::connection::{ConnectionContext, serve};
+use tollgate_protocol::{ConnAck, Packet, ProtocolVersion, ReasonCode};
 use tracing::{debug, info, warn};
 
 pub use identity::{IdentitySource, peer_identity};
@@ -95,9 +97,15 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
                     match spec.limits.admit(remote_addr.ip(), &spec.open_connections, spec.max_connections, serving) {
                         Ok(admission) => admission,
                         Err(refusal) => {
-                            // Closed before any handshake work: a flood costs an accept and a close.
                             debug!(listener = %spec.name, remote = %remote_addr, %refusal, "connection refused");
-                            drop(stream);
+                            // A plain TCP client is told why (CONNACK 0x97 or 0x9F, 3.1.1: 0x03) while few are
+                            // being told; otherwise, and on TLS and WebSocket listeners where an answer would
+                            // need a handshake first, the socket is closed before any work.
+                            if matches!(spec.transport, Transport::Tcp)
+                                && let Some(slot) = spec.limits.answer_refusal()
+                            {
+                                broker.spawn(answer_refusal(stream, refusal.reason_code(), slot));
+                            }
                             continue;
                         }
                     };
@@ -128,6 +136,49 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
             }
         }
     }
+}
+
+/// How long a refused client has to send its CONNECT before it is closed unanswered.
+const REFUSAL_CONNECT_WAIT: Duration = Duration::from_millis(500);
+/// The largest CONNECT a refused client may send to get its answer.
+const REFUSAL_MAX_CONNECT: usize = 4096;
+
+/// Reads the refused client's CONNECT (to learn its protocol version) and answers with a CONNACK carrying
+/// `reason` (MQTT 5) or 0x03 Server unavailable (3.1.1), then closes.
+async fn answer_refusal(mut stream: TcpStream, reason: ReasonCode, _slot: limits::RefusalSlot) {
+    let mut buffer = BytesMut::with_capacity(512);
+    let read_connect = async {
+        loop {
+            match tollgate_protocol::decode_packet(&mut buffer, ProtocolVersion::V311, REFUSAL_MAX_CONNECT) {
+                Ok(Some(Packet::Connect(connect))) => return Some(connect.protocol),
+                Ok(Some(_)) | Err(_) => return None,
+                Ok(None) => {}
+            }
+            match stream.read_buf(&mut buffer).await {
+                Ok(read) if read > 0 => {}
+                _ => return None,
+            }
+        }
+    };
+    let Ok(Some(version)) = tokio::time::timeout(REFUSAL_CONNECT_WAIT, read_connect).await else {
+        return;
+    };
+    let reason_code = if version.is_v5() { reason } else { ReasonCode::SERVER_UNAVAILABLE };
+    let connack = Packet::ConnAck(ConnAck { session_present: false, reason_code, properties: Default::default() });
+    let mut out = BytesMut::new();
+    if tollgate_protocol::encode_packet(&connack, version, &mut out).is_err() {
+        return;
+    }
+    // Closing with unread input would reset the connection and could discard the CONNACK before the client reads
+    // it: send it, end our side, and drain what the client still sends until it closes too (briefly).
+    let _ = tokio::time::timeout(REFUSAL_CONNECT_WAIT, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        let mut sink = [0u8; 512];
+        while stream.read(&mut sink).await? > 0 {}
+        std::io::Result::Ok(())
+    })
+    .await;
 }
 
 async fn serve_connection(

@@ -16,6 +16,16 @@ pub enum Refusal {
     RateFromAddress,
 }
 
+impl Refusal {
+    /// The MQTT 5 CONNACK reason code for this refusal.
+    pub fn reason_code(&self) -> tollgate_protocol::ReasonCode {
+        match self {
+            Self::TotalConnections(_) | Self::ListenerConnections(_) => tollgate_protocol::ReasonCode::QUOTA_EXCEEDED,
+            Self::RateFromAddress => tollgate_protocol::ReasonCode::CONNECTION_RATE_EXCEEDED,
+        }
+    }
+}
+
 impl fmt::Display for Refusal {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -40,6 +50,21 @@ pub struct ConnectionLimits {
     /// Open connections per worker runtime, to spread connections over the workers (see `rebalance_target`).
     per_worker: Arc<[AtomicUsize]>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
+    /// Refused connections currently being answered with a CONNACK (see [`ConnectionLimits::answer_refusal`]).
+    answering: Arc<AtomicUsize>,
+}
+
+/// Refused connections answered at once, at most; further refusals are closed unanswered, so a flood costs no
+/// more than an accept and a close each.
+pub const MAX_ANSWERED_REFUSALS: usize = 32;
+
+/// A slot for answering one refused connection; released when dropped.
+pub struct RefusalSlot(Arc<AtomicUsize>);
+
+impl Drop for RefusalSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 struct Bucket {
@@ -73,7 +98,15 @@ impl ConnectionLimits {
             open: Arc::default(),
             per_worker: (0..workers.max(1)).map(|_| AtomicUsize::new(0)).collect(),
             buckets: Mutex::default(),
+            answering: Arc::default(),
         }
+    }
+
+    /// A slot to answer a refused connection with a CONNACK, unless [`MAX_ANSWERED_REFUSALS`] are being answered.
+    pub fn answer_refusal(&self) -> Option<RefusalSlot> {
+        let taken = self.answering.fetch_add(1, Ordering::AcqRel);
+        let slot = RefusalSlot(self.answering.clone());
+        (taken < MAX_ANSWERED_REFUSALS).then_some(slot)
     }
 
     /// Every worker accepts from the same sockets and the one awake first wins, so without care one worker ends up
