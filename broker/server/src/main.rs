@@ -9,6 +9,11 @@ use tollgate::{Config, Server, config};
 use tollgate_builtins::password_file::{HashScheme, MOSQUITTO_PBKDF2_ITERATIONS, PasswordFile};
 use tracing::{error, info, warn};
 
+/// See the `mimalloc` feature in Cargo.toml for why the broker does not use the system allocator.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tollgate",
