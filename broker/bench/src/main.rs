@@ -302,8 +302,8 @@ fn summary(o: &Outcome) -> String {
     }
     if let Some(p) = &o.plugin_latency {
         text.push_str(&format!(
-            " [plugin {} {}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs over {} calls]",
-            p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count
+            " [plugin {} {}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs over {} calls, {} instances]",
+            p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count, p.instances
         ));
     }
     for detail in &o.loss_detail {

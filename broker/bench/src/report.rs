@@ -262,20 +262,21 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
         let timed: Vec<&Entry> = entries.iter().filter(|e| e.outcome.plugin_latency.is_some()).collect();
         if !timed.is_empty() {
             let _ = writeln!(out, "\n### Plugin call latency, measured inside the broker\n");
-            let _ = writeln!(out, "| Scenario | Broker | Hook | Calls | p50 µs | p99 µs | max µs |");
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(out, "| Scenario | Broker | Hook | Calls | p50 µs | p99 µs | max µs | Instances |");
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
             for entry in timed {
                 if let Some(p) = &entry.outcome.plugin_latency {
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} |",
+                        "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
                         entry.scenario,
                         entry.broker.title(),
                         p.hook,
                         p.count,
                         p.p50_us,
                         p.p99_us,
-                        p.max_us
+                        p.max_us,
+                        p.instances
                     );
                 }
             }
@@ -316,8 +317,8 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
             }
             if let Some(p) = &o.plugin_latency {
                 notes.push(format!(
-                    "plugin {} {} µs: p50 {:.1}, p99 {:.1}, max {:.1} ({} calls)",
-                    p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count
+                    "plugin {} {} µs: p50 {:.1}, p99 {:.1}, max {:.1} ({} calls, {} instances)",
+                    p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count, p.instances
                 ));
             }
             if let (Some(before), Some(after), Some(n)) = (o.rss_before_kib, o.broker_rss_kib, o.connections)

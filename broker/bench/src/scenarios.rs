@@ -261,6 +261,8 @@ pub struct PluginLatency {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// Plugin instances the broker had created by then (each a fresh WebAssembly store or Lua state).
+    pub instances: u64,
 }
 
 impl Outcome {
@@ -1166,13 +1168,16 @@ async fn read_plugin_latency(broker: &RunningBroker, plugin: &str, hook: &str) -
     let addr = broker.observer.ok_or_else(|| anyhow!("the broker has no plain listener to read $SYS from"))?;
     sleep(Duration::from_millis(1500)).await;
     let mut conn = Conn::connect(&Dialer::tcp(addr), 0, "bench-observer", 4096).await?;
-    let prefix = format!("$SYS/broker/plugins/{plugin}/latency/{hook}/");
-    conn.subscribe(&format!("{prefix}#"), QoS::AtMostOnce).await?;
+    let plugin_prefix = format!("$SYS/broker/plugins/{plugin}/");
+    let prefix = format!("{plugin_prefix}latency/{hook}/");
+    conn.subscribe(&format!("{plugin_prefix}#"), QoS::AtMostOnce).await?;
     let mut readings = std::collections::BTreeMap::new();
+    let wanted = ["latency/{hook}/count", "latency/{hook}/p50_us", "latency/{hook}/p99_us", "latency/{hook}/max_us"]
+        .map(|name| name.replace("{hook}", hook));
     timeout(Duration::from_secs(3), async {
-        while readings.len() < 4 {
+        while !wanted.iter().chain(["instances_created".to_string()].iter()).all(|name| readings.contains_key(name)) {
             if let Packet::Publish(publish) = conn.next_packet().await?
-                && let Some(name) = publish.topic.strip_prefix(prefix.as_str())
+                && let Some(name) = publish.topic.strip_prefix(plugin_prefix.as_str())
             {
                 readings.insert(name.to_string(), String::from_utf8_lossy(&publish.payload).into_owned());
             }
@@ -1182,16 +1187,18 @@ async fn read_plugin_latency(broker: &RunningBroker, plugin: &str, hook: &str) -
     .await
     .map_err(|_| anyhow!("{prefix}… incomplete after 3 s: {readings:?}"))??;
     let number = |name: &str| -> Result<f64> {
-        let text = readings.get(name).ok_or_else(|| anyhow!("no {prefix}{name}"))?;
-        text.parse().map_err(|_| anyhow!("{prefix}{name} = {text:?}"))
+        let text = readings.get(name).ok_or_else(|| anyhow!("no {plugin_prefix}{name}"))?;
+        text.parse().map_err(|_| anyhow!("{plugin_prefix}{name} = {text:?}"))
     };
+    let latency = |reading: &str| number(&format!("latency/{hook}/{reading}"));
     Ok(PluginLatency {
         plugin: plugin.into(),
         hook: hook.into(),
-        count: number("count")? as u64,
-        p50_us: number("p50_us")?,
-        p99_us: number("p99_us")?,
-        max_us: number("max_us")?,
+        count: latency("count")? as u64,
+        p50_us: latency("p50_us")?,
+        p99_us: latency("p99_us")?,
+        max_us: latency("max_us")?,
+        instances: number("instances_created")? as u64,
     })
 }
 
