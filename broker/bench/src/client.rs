@@ -293,6 +293,15 @@ pub fn put_publish(
     payload_len: usize,
 ) {
     let payload_len = payload_len.max(PAYLOAD_HEADER);
+    put_publish_header(out, topic, qos, packet_id, payload_len);
+    out.put_u32_le(publisher);
+    out.put_u64_le(seq);
+    out.put_u64_le(now_ns());
+    out.put_bytes(fill_byte(publisher, seq), payload_len - PAYLOAD_HEADER);
+}
+
+/// A 3.1.1 PUBLISH up to its payload, which the caller writes next (`payload_len` bytes); room for it is reserved.
+fn put_publish_header(out: &mut BytesMut, topic: &[u8], qos: u8, packet_id: u16, payload_len: usize) {
     let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + payload_len;
     out.reserve(5 + remaining);
     out.put_u8(0x30 | (qos << 1));
@@ -302,10 +311,6 @@ pub fn put_publish(
     if qos > 0 {
         out.put_u16(packet_id);
     }
-    out.put_u32_le(publisher);
-    out.put_u64_le(seq);
-    out.put_u64_le(now_ns());
-    out.put_bytes(fill_byte(publisher, seq), payload_len - PAYLOAD_HEADER);
 }
 
 /// Signs PUBLISHes the way a msg-auth `verify` rule checks them: the payload travels in the MQTT 3.1.1 envelope
@@ -369,15 +374,7 @@ pub fn put_signed_publish(
     tollgate_sig::keys::sign(&signer.key, &mut signature, &covered, 32);
     let header = signature.header();
     let body = tollgate_sig::ENVELOPE_PREFIX.len() + header.len() + 1 + payload_len;
-    let remaining = 2 + topic.len() + if qos > 0 { 2 } else { 0 } + body;
-    out.reserve(5 + remaining);
-    out.put_u8(0x30 | (qos << 1));
-    tollgate_protocol::encode::put_varint(out, remaining);
-    out.put_u16(topic.len() as u16);
-    out.put_slice(topic);
-    if qos > 0 {
-        out.put_u16(packet_id);
-    }
+    put_publish_header(out, topic, qos, packet_id, body);
     out.put_slice(tollgate_sig::ENVELOPE_PREFIX);
     out.put_slice(header.as_bytes());
     out.put_u8(b'\n');

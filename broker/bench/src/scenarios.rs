@@ -266,6 +266,17 @@ pub struct PluginLatency {
 }
 
 impl Outcome {
+    /// Fills in the measured time and CPU shares between two snapshots, and returns the seconds measured.
+    fn record_cpu(&mut self, start: &CpuSnapshot, end: &CpuSnapshot) -> f64 {
+        let measured = end.at.duration_since(start.at).as_secs_f64();
+        let (broker_cpu, client_cpu) = end.percent_since(start);
+        self.measured_s = measured;
+        self.broker_cpu_pct = broker_cpu;
+        self.client_cpu_pct = client_cpu;
+        self.other_cpu_pct = end.others_since(start);
+        measured
+    }
+
     pub fn integrity_ok(&self) -> bool {
         self.lost == 0 && self.duplicates == 0 && self.reordered == 0 && self.invalid == 0 && self.errors.is_empty()
     }
@@ -914,12 +925,7 @@ async fn run_flow(
     }
     outcome.expected = expected;
     outcome.lost = expected.saturating_sub(outcome.delivered);
-    let measured = cpu_end.at.duration_since(cpu_start.at).as_secs_f64();
-    outcome.measured_s = measured;
-    let (broker_cpu, client_cpu) = cpu_end.percent_since(&cpu_start);
-    outcome.broker_cpu_pct = broker_cpu;
-    outcome.client_cpu_pct = client_cpu;
-    outcome.other_cpu_pct = cpu_end.others_since(&cpu_start);
+    let measured = outcome.record_cpu(&cpu_start, &cpu_end);
     outcome.value = Some((delivered_end - delivered_start) as f64 / measured.max(1e-9));
     if spec.latency {
         outcome.latency = Some(percentiles(&mut latencies));
@@ -978,17 +984,8 @@ async fn run_idle(broker: &mut RunningBroker, dialer: &Dialer, settings: &Settin
             (streams, failures, first_error)
         }));
     }
-    let mut streams = Vec::new();
     let mut outcome = Outcome { unit: "KiB/conn", rss_before_kib: Some(before), ..Default::default() };
-    for worker in workers {
-        let (mut list, failures, first_error) = worker.await?;
-        streams.append(&mut list);
-        outcome.failures += failures;
-        if let Some(error) = first_error {
-            outcome.errors.push(error);
-        }
-    }
-    outcome.errors.truncate(3);
+    let streams = gather(workers, &mut outcome).await?;
     let open_time = started.elapsed();
     sleep(Duration::from_secs(1)).await;
     let cpu = CpuSnapshot::take(broker);
@@ -1057,7 +1054,7 @@ async fn run_connection_rate(broker: &mut RunningBroker, dialer: &Dialer, settin
                     }
                 }
             }
-            (failures, first_error)
+            (Vec::<()>::new(), failures, first_error)
         }));
     }
     sleep(settings.warmup).await;
@@ -1068,23 +1065,28 @@ async fn run_connection_rate(broker: &mut RunningBroker, dialer: &Dialer, settin
     let cpu_end = CpuSnapshot::take(broker);
     stop.store(true, Relaxed);
     let mut outcome = Outcome { unit: "conn/s", ..Default::default() };
-    for worker in workers {
-        let (failures, first_error) = worker.await?;
-        outcome.failures += failures;
-        if let Some(error) = first_error {
-            outcome.errors.push(error);
-        }
-    }
-    outcome.errors.truncate(3);
-    let measured = cpu_end.at.duration_since(cpu_start.at).as_secs_f64();
-    let (broker_cpu, client_cpu) = cpu_end.percent_since(&cpu_start);
-    outcome.measured_s = measured;
-    outcome.broker_cpu_pct = broker_cpu;
-    outcome.client_cpu_pct = client_cpu;
-    outcome.other_cpu_pct = cpu_end.others_since(&cpu_start);
+    gather(workers, &mut outcome).await?;
+    let measured = outcome.record_cpu(&cpu_start, &cpu_end);
     outcome.connections = Some(done.load(Relaxed));
     outcome.value = Some((count_end - count_start) as f64 / measured.max(1e-9));
     Ok(outcome)
+}
+
+/// What a connect worker gathered, how many of its attempts failed, and its first error.
+type WorkerResult<T> = (Vec<T>, u64, Option<String>);
+
+/// Joins connect workers that each return what they gathered, a failure count and their first error; the errors
+/// (the first three) and failures go into `outcome`.
+async fn gather<T>(workers: Vec<JoinHandle<WorkerResult<T>>>, outcome: &mut Outcome) -> Result<Vec<T>> {
+    let mut all = Vec::new();
+    for worker in workers {
+        let (mut list, failures, first_error) = worker.await?;
+        all.append(&mut list);
+        outcome.failures += failures;
+        outcome.errors.extend(first_error);
+    }
+    outcome.errors.truncate(3);
+    Ok(all)
 }
 
 /// Each car connects once, `connect_workers` at a time: TLS handshake with the car's own certificate, CONNECT with
@@ -1131,24 +1133,9 @@ async fn run_car_connects(
             (samples, failures, first_error)
         }));
     }
-    let mut samples = Vec::new();
     let mut outcome = Outcome { unit: "conn/s", ..Default::default() };
-    for worker in workers {
-        let (mut list, failures, first_error) = worker.await?;
-        samples.append(&mut list);
-        outcome.failures += failures;
-        if let Some(error) = first_error {
-            outcome.errors.push(error);
-        }
-    }
-    outcome.errors.truncate(3);
-    let cpu_end = CpuSnapshot::take(broker);
-    let measured = cpu_end.at.duration_since(cpu_start.at).as_secs_f64();
-    let (broker_cpu, client_cpu) = cpu_end.percent_since(&cpu_start);
-    outcome.measured_s = measured;
-    outcome.broker_cpu_pct = broker_cpu;
-    outcome.client_cpu_pct = client_cpu;
-    outcome.other_cpu_pct = cpu_end.others_since(&cpu_start);
+    let mut samples = gather(workers, &mut outcome).await?;
+    let measured = outcome.record_cpu(&cpu_start, &CpuSnapshot::take(broker));
     outcome.connections = Some(samples.len() as u64);
     outcome.value = Some(samples.len() as f64 / measured.max(1e-9));
     outcome.latency = Some(percentiles(&mut samples));
