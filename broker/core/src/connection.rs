@@ -1083,17 +1083,32 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     fn send_publish(&mut self, delivery: Delivery, packet_id: Option<u16>, dup: bool) {
         let message = &delivery.message;
-        let properties = if self.version.is_v5() {
-            let mut properties = message.properties.clone();
-            properties.subscription_identifiers = delivery.subscription_ids.clone();
-            // Read the clock only for a message that expires: this runs once per copy delivered, and a fan-out to
-            // a hundred subscribers spent 4.5% of the broker's time in clock_gettime here.
-            properties.message_expiry_interval =
-                if message.expires_at.is_some() { message.remaining_expiry(Instant::now()) } else { None };
-            properties
-        } else {
-            Properties::default()
-        };
+        if !self.version.is_v5() {
+            // 3.1.1 has no properties, topic aliases or client packet-size limit: each copy is encoded straight
+            // from the shared message, without cloning its topic and payload into a packet first (a tenth of the
+            // broker's time in the 1->100 fan-out profile went to building, encoding and dropping those packets).
+            let flags = encode::PublishFlags { dup, qos: delivery.qos, retain: delivery.retain };
+            match encode::encode_publish_v311(&mut self.write_buf, flags, &message.topic, packet_id, &message.payload) {
+                Ok(_) => {
+                    let metrics = self.broker.metrics();
+                    Metrics::add(&metrics.publish_sent, 1);
+                    Metrics::add(&metrics.messages_sent, 1);
+                }
+                Err(error) => {
+                    warn!(client_id = %self.client.client_id, %error, "could not encode a PUBLISH; dropped");
+                    if let Some(packet_id) = packet_id {
+                        self.session.lock().complete(packet_id);
+                    }
+                }
+            }
+            return;
+        }
+        let mut properties = message.properties.clone();
+        properties.subscription_identifiers = delivery.subscription_ids.clone();
+        // Read the clock only for a message that expires: this runs once per copy delivered, and a fan-out to a
+        // hundred subscribers spent 4.5% of the broker's time in clock_gettime here.
+        properties.message_expiry_interval =
+            if message.expires_at.is_some() { message.remaining_expiry(Instant::now()) } else { None };
         let mut publish = Publish {
             dup,
             qos: delivery.qos,

@@ -206,6 +206,41 @@ fn first_byte(packet: &Packet) -> u8 {
 }
 
 /// Appends `packet` to `out` and returns the number of bytes written.
+/// A PUBLISH without properties (every MQTT 3.1.1 PUBLISH) from borrowed parts: the same bytes as
+/// [`encode_packet`] gives for the equivalent [`Publish`], without building one. The broker's delivery path uses it
+/// for each copy it sends, where cloning the shared topic and payload into a packet only to encode it cost more
+/// than the encoding. Returns the bytes written.
+pub fn encode_publish_v311(
+    out: &mut BytesMut,
+    flags: PublishFlags,
+    topic: &str,
+    packet_id: Option<PacketId>,
+    payload: &[u8],
+) -> Result<usize, EncodeError> {
+    let remaining = field_len(topic.as_bytes())? + if flags.qos == QoS::AtMostOnce { 0 } else { 2 } + payload.len();
+    if remaining > MAX_REMAINING_LENGTH {
+        return Err(EncodeError::PacketTooLarge(remaining));
+    }
+    let total = 1 + varint_len(remaining) + remaining;
+    out.reserve(total);
+    out.put_u8(0x30 | (u8::from(flags.dup) << 3) | ((flags.qos as u8) << 1) | u8::from(flags.retain));
+    put_varint(out, remaining);
+    put_string(out, topic);
+    if flags.qos != QoS::AtMostOnce {
+        out.put_u16(packet_id.unwrap_or(0));
+    }
+    out.put_slice(payload);
+    Ok(total)
+}
+
+/// The fixed-header flags of a PUBLISH.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishFlags {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+}
+
 pub fn encode_packet(packet: &Packet, version: ProtocolVersion, out: &mut BytesMut) -> Result<usize, EncodeError> {
     let version = match packet {
         Packet::Connect(connect) => connect.protocol,

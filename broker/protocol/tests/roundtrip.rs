@@ -13,7 +13,7 @@ use proptest::collection::vec;
 use proptest::option::weighted;
 use proptest::prelude::*;
 use tollgate_protocol::decode::parse_fixed_header;
-use tollgate_protocol::encode::encoded_len;
+use tollgate_protocol::encode::{PublishFlags, encode_publish_v311, encoded_len};
 use tollgate_protocol::{
     Ack, Auth, ConnAck, Connect, DecodeError, Disconnect, LastWill, Packet, PacketId, Properties, ProtocolVersion,
     Publish, QoS, ReasonCode, SubAck, Subscribe, Subscription, SubscriptionOptions, UnsubAck, Unsubscribe,
@@ -470,6 +470,17 @@ proptest! {
 
         // Re-encoding what was decoded gives the same bytes: the encoder's output is canonical.
         prop_assert_eq!(encode(&want, version), out);
+    }
+
+    #[test]
+    fn borrowed_publish_encoding_matches_the_packet_encoder((_, packet) in versioned_packet()) {
+        if let Packet::Publish(publish) = &packet {
+            let flags = PublishFlags { dup: publish.dup, qos: publish.qos, retain: publish.retain };
+            let mut borrowed = BytesMut::new();
+            let written = encode_publish_v311(&mut borrowed, flags, &publish.topic, publish.packet_id, &publish.payload);
+            prop_assert_eq!(written, Ok(borrowed.len()));
+            prop_assert_eq!(borrowed, encode(&packet, ProtocolVersion::V311));
+        }
     }
 
     #[test]
