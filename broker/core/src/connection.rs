@@ -447,7 +447,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             version,
             reader: self.reader,
             writer: self.writer,
-            read_buf: self.read_buf,
+            // The handshake's 256-byte buffer, kept only if the client already sent more than its CONNECT: an
+            // idle client then holds no read buffer (heaptrack found it in every idle connection).
+            read_buf: if self.read_buf.is_empty() { BytesMut::new() } else { self.read_buf },
             write_buf: self.write_buf,
             keep_alive,
             last_seen: Instant::now(),
