@@ -304,7 +304,7 @@ impl Broker {
             }
         }
         self.inner.sessions.remove_if_current(&session.client_id, session.id);
-        session.ended.cancel();
+        session.ended.end();
         debug!(client_id = %session.client_id, "session ended");
     }
 
@@ -329,12 +329,13 @@ impl Broker {
 
     /// Publishes a will now, or after its delay unless the session reconnects first [MQTT-3.1.3-9].
     pub(crate) fn schedule_will(&self, session: SessionRef, generation: u64, will: Arc<Message>, delay: Duration) {
-        if delay.is_zero() || session.ended.is_cancelled() {
+        if delay.is_zero() || session.ended.has_ended() {
             self.publish(will);
             return;
         }
         let broker = self.clone();
         let shutdown = self.shutdown_token();
+        let ended = session.ended.waiter();
         self.inner.tasks.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {
@@ -345,7 +346,7 @@ impl Broker {
                 }
                 // The session ended first (expiry, or a clean start replaced it): the will goes now, unless the
                 // session ended because its client was revoked: a revoked client's will is not published.
-                _ = session.ended.cancelled() => {
+                _ = ended.cancelled() => {
                     if session.revocation().is_none() {
                         broker.publish(will);
                     }

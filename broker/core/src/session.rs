@@ -82,9 +82,45 @@ pub struct Session {
     state: Mutex<SessionState>,
     /// Woken when deliveries are queued or in-flight slots open.
     pub wakeup: Notify,
-    /// Cancelled when the session ends (expiry, clean start, or disconnect with expiry 0): a delayed will waits
-    /// for the delay or for this, whichever comes first [MQTT-3.1.3-9].
-    pub ended: CancellationToken,
+    /// Set when the session ends (expiry, clean start, or disconnect with expiry 0): a delayed will waits for the
+    /// delay or for this, whichever comes first [MQTT-3.1.3-9].
+    pub ended: SessionEnd,
+}
+
+/// Whether a session has ended, and a way to wait for it. The token to wait on is made only when something
+/// waits (a delayed will): most sessions never need one, and each `CancellationToken` is a 112-byte allocation
+/// that every idle connection's session used to carry.
+#[derive(Debug, Default)]
+pub struct SessionEnd {
+    state: Mutex<(bool, Option<CancellationToken>)>,
+}
+
+impl SessionEnd {
+    fn state(&self) -> MutexGuard<'_, (bool, Option<CancellationToken>)> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn end(&self) {
+        let mut state = self.state();
+        state.0 = true;
+        if let Some(token) = &state.1 {
+            token.cancel();
+        }
+    }
+
+    pub fn has_ended(&self) -> bool {
+        self.state().0
+    }
+
+    /// A token cancelled when the session ends (already cancelled if it has).
+    pub fn waiter(&self) -> CancellationToken {
+        let mut state = self.state();
+        let token = state.1.get_or_insert_with(CancellationToken::new).clone();
+        if state.0 {
+            token.cancel();
+        }
+        token
+    }
 }
 
 impl Session {
@@ -94,7 +130,7 @@ impl Session {
             client_id,
             state: Mutex::new(SessionState { expiry_interval, next_packet_id: 1, ..SessionState::default() }),
             wakeup: Notify::new(),
-            ended: CancellationToken::new(),
+            ended: SessionEnd::default(),
         }
     }
 
@@ -278,3 +314,18 @@ impl SessionState {
 
 /// Shared handle used by the router and the registry.
 pub type SessionRef = Arc<Session>;
+
+#[cfg(test)]
+mod tests {
+    use super::SessionEnd;
+
+    #[test]
+    fn a_session_end_reaches_waiters_made_before_and_after_it() {
+        let end = SessionEnd::default();
+        let early = end.waiter();
+        assert!(!end.has_ended() && !early.is_cancelled());
+        end.end();
+        assert!(end.has_ended() && early.is_cancelled());
+        assert!(end.waiter().is_cancelled(), "a waiter made after the end must not wait forever");
+    }
+}
