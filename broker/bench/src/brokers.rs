@@ -346,13 +346,9 @@ impl RunningBroker {
         match spec.kind.program() {
             Program::Tollgate => {
                 let config = dir.join("tollgate.toml");
-                let mut text = tollgate_config(port, limits, setup.sys_interval);
-                if let Some((pki, mutual)) = tls {
-                    text = text.replacen(
-                        &format!("bind = \"{addr}\"\n"),
-                        &format!("bind = \"{addr}\"\n{}", tollgate_tls(pki, mutual)),
-                        1,
-                    );
+                let listener = tls.map(|(pki, mutual)| tollgate_tls(pki, mutual)).unwrap_or_default();
+                let mut text = tollgate_config(port, &listener, limits, setup.sys_interval);
+                if tls.is_some() {
                     let side = free_port()?;
                     text.push_str(&format!("\n[[listeners]]\nbind = \"127.0.0.1:{side}\"\n"));
                     observer = Some(format!("127.0.0.1:{side}").parse()?);
@@ -483,11 +479,12 @@ pub fn cpu_ticks(path: &str) -> Result<u64> {
     Ok(utime + stime)
 }
 
-pub fn tollgate_config(port: u16, limits: Limits, sys_interval: u32) -> String {
+/// `listener` holds further keys of the listener under test (its TLS settings).
+pub fn tollgate_config(port: u16, listener: &str, limits: Limits, sys_interval: u32) -> String {
     format!(
         r#"[[listeners]]
 bind = "127.0.0.1:{port}"
-
+{listener}
 [auth]
 allow_anonymous = true
 

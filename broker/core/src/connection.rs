@@ -710,21 +710,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     fn ack_publish(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode) {
-        let Some(packet_id) = packet_id else { return };
-        match qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.send(&Packet::PubAck(Ack::new(packet_id, reason))),
-            QoS::ExactlyOnce => {
-                if !reason.is_error() {
-                    self.session.lock().incoming_qos2.insert(packet_id);
-                }
-                self.send(&Packet::PubRec(Ack::new(packet_id, reason)));
-            }
-        }
+        self.ack_publish_saying(qos, packet_id, reason, "");
     }
 
-    /// A v5 negative PUBACK/PUBREC with a reason string, when the client accepts reason strings.
-    fn refuse_publish(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode, message: &str) {
+    /// [`Connection::ack_publish`] with a reason string, sent when the client accepts reason strings (the
+    /// encoder leaves it out for 3.1.1).
+    fn ack_publish_saying(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode, message: &str) {
         let Some(packet_id) = packet_id else { return };
         let mut ack = Ack::new(packet_id, reason);
         if self.problem_information && !message.is_empty() {
@@ -733,7 +724,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => self.send(&Packet::PubAck(ack)),
-            QoS::ExactlyOnce => self.send(&Packet::PubRec(ack)),
+            QoS::ExactlyOnce => {
+                if !reason.is_error() {
+                    self.session.lock().incoming_qos2.insert(packet_id);
+                }
+                self.send(&Packet::PubRec(ack));
+            }
         }
     }
 
@@ -849,7 +845,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     info!(client_id = %self.client.client_id, %hook, %reason, %message, disconnect, topic = %topic_for_acl, "message refused by transform");
                     Metrics::add(&self.broker.metrics().publish_dropped, 1);
                     if self.version.is_v5() {
-                        self.refuse_publish(qos, packet_id, reason, &message);
+                        self.ack_publish_saying(qos, packet_id, reason, &message);
                     } else if !disconnect {
                         // 3.1.1 has no negative acknowledgement: acknowledged and dropped.
                         self.ack_publish(qos, packet_id, ReasonCode::SUCCESS);

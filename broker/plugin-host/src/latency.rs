@@ -2,8 +2,8 @@
 //! `$SYS` instead of guessing it from throughput.
 //!
 //! Buckets are log-linear over nanoseconds: eight per power of two, so a reported quantile is the upper bound of
-//! its bucket and at most 12.5% above the true value. Recording is two relaxed atomic adds; reading walks 512
-//! counters, which happens once per `$SYS` interval.
+//! its bucket and at most 12.5% above the true value. Recording is a relaxed atomic add and a max; reading walks
+//! 512 counters, which happens once per `$SYS` interval.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -16,7 +16,6 @@ const BUCKETS: usize = 64 * SUBS;
 pub struct LatencyHistogram {
     counts: Box<[AtomicU64]>,
     max_ns: AtomicU64,
-    sum_ns: AtomicU64,
 }
 
 /// A reading of one histogram. Quantiles are `None` until something was recorded.
@@ -26,16 +25,11 @@ pub struct LatencySummary {
     pub p50: Option<Duration>,
     pub p99: Option<Duration>,
     pub max: Option<Duration>,
-    pub mean: Option<Duration>,
 }
 
 impl Default for LatencyHistogram {
     fn default() -> Self {
-        LatencyHistogram {
-            counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(),
-            max_ns: AtomicU64::new(0),
-            sum_ns: AtomicU64::new(0),
-        }
+        LatencyHistogram { counts: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect(), max_ns: AtomicU64::new(0) }
     }
 }
 
@@ -69,7 +63,6 @@ impl LatencyHistogram {
     pub fn record(&self, elapsed: Duration) {
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         self.counts[bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
-        self.sum_ns.fetch_add(ns, Ordering::Relaxed);
         self.max_ns.fetch_max(ns, Ordering::Relaxed);
     }
 
@@ -92,13 +85,7 @@ impl LatencyHistogram {
             }
             Some(Duration::from_nanos(max_ns))
         };
-        LatencySummary {
-            count,
-            p50: quantile(0.50),
-            p99: quantile(0.99),
-            max: Some(Duration::from_nanos(max_ns)),
-            mean: Some(Duration::from_nanos(self.sum_ns.load(Ordering::Relaxed) / count)),
-        }
+        LatencySummary { count, p50: quantile(0.50), p99: quantile(0.99), max: Some(Duration::from_nanos(max_ns)) }
     }
 }
 
@@ -135,7 +122,6 @@ mod tests {
         assert!((500_000.0..=500_000.0 * 1.125).contains(&p50), "p50 {p50}");
         assert!((990_000.0..=990_000.0 * 1.125).contains(&p99), "p99 {p99}");
         assert_eq!(summary.max, Some(Duration::from_micros(1000)));
-        assert_eq!(summary.mean.map(|m| m.as_nanos()), Some(500_500));
     }
 
     #[test]

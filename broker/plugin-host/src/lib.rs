@@ -302,17 +302,24 @@ impl BridgeRouter for PluginHook {
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Fingerprint {
     spec: String,
-    /// Size and modification time of each file the plugin reads through the broker.
-    files: Vec<(Option<SystemTime>, Option<u64>)>,
+    /// The plugin file's stamp.
+    file: FileStamp,
+    /// The stamp of each file the plugin reads through the broker.
+    files: Vec<FileStamp>,
     /// Secrets are not in the spec's `Debug` output; a changed secret must still count as a change.
     secrets: Vec<u8>,
-    modified: Option<SystemTime>,
-    length: Option<u64>,
+}
+
+/// A file's modification time and size, `None` where unreadable.
+type FileStamp = (Option<SystemTime>, Option<u64>);
+
+fn stamp(path: &std::path::Path) -> FileStamp {
+    let metadata = std::fs::metadata(path).ok();
+    (metadata.as_ref().and_then(|metadata| metadata.modified().ok()), metadata.map(|metadata| metadata.len()))
 }
 
 impl Fingerprint {
     fn of(spec: &PluginSpec) -> Self {
-        let metadata = std::fs::metadata(&spec.path).ok();
         let mut secrets = Vec::new();
         for (id, secret) in &spec.secrets {
             secrets.extend_from_slice(id.as_bytes());
@@ -320,23 +327,11 @@ impl Fingerprint {
             secrets.extend_from_slice(secret);
             secrets.push(0);
         }
-        let files = spec
-            .files
-            .values()
-            .map(|path| {
-                let metadata = std::fs::metadata(path).ok();
-                (
-                    metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
-                    metadata.map(|metadata| metadata.len()),
-                )
-            })
-            .collect();
         Fingerprint {
             spec: format!("{spec:?}"),
-            files,
+            file: stamp(&spec.path),
+            files: spec.files.values().map(|path| stamp(path)).collect(),
             secrets: PluginShared::sha256(&secrets),
-            modified: metadata.as_ref().and_then(|metadata| metadata.modified().ok()),
-            length: metadata.map(|metadata| metadata.len()),
         }
     }
 }

@@ -90,10 +90,7 @@ impl LuaPlugin {
         let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
         let source = std::fs::read_to_string(&spec.path)
             .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
-        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous));
-        if let Some(state_file) = &spec.state_file {
-            shared.open_state(state_file.clone()).map_err(fail)?;
-        }
+        let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
         let mut plugin = LuaPlugin {
             shared,
             source: source.into(),

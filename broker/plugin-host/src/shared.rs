@@ -13,7 +13,7 @@ use tollgate_hooks::PeerIdentity;
 use tracing::warn;
 
 use crate::latency::{LatencyHistogram, LatencySummary};
-use crate::spec::HookKind;
+use crate::spec::{HookKind, PluginSpec};
 
 const NOT_DURABLE: &str = "the broker has no state directory (runtime.state_dir), so nothing is durable";
 
@@ -366,6 +366,16 @@ impl PluginShared {
         self
     }
 
+    /// The shared state of a plugin being loaded from `spec`: a new version of `previous` takes over its table
+    /// (see [`PluginShared::keeping_state_of`]), and the spec's state file is attached.
+    pub fn for_spec(spec: &PluginSpec, previous: Option<&PluginShared>) -> Result<Self, String> {
+        let shared = Self::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous);
+        if let Some(state_file) = &spec.state_file {
+            shared.open_state(state_file.clone())?;
+        }
+        Ok(shared)
+    }
+
     /// Attaches the plugin's state file: its entries join the table, and `kv_set_durable` appends to it. A state
     /// file already attached (kept across a reload) is left as it is: the table in memory is the newer.
     pub fn open_state(&self, path: PathBuf) -> Result<(), String> {
@@ -439,12 +449,20 @@ impl PluginShared {
     }
 
     pub fn hmac_sha256(&self, key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
-        let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string())?;
+        self.hmac(key_id, None, data)
+    }
+
+    pub fn hmac_sha256_derived(&self, key_id: &str, info: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+        self.hmac(key_id, Some(info), data)
+    }
+
+    fn hmac(&self, key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String> {
+        let mut mac = self.mac(key_id, derive_info)?;
         mac.update(data);
         Ok(mac.finalize().into_bytes().to_vec())
     }
 
+    /// The HMAC keyed with the secret `key_id`, or with its HKDF-SHA256 derivation (no salt) by `derive_info`.
     fn mac(&self, key_id: &str, derive_info: Option<&[u8]>) -> Result<Hmac<Sha256>, String> {
         let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
         match derive_info {
@@ -457,12 +475,6 @@ impl PluginShared {
                 Hmac::<Sha256>::new_from_slice(&derived).map_err(|error| error.to_string())
             }
         }
-    }
-
-    pub fn hmac_sha256_derived(&self, key_id: &str, info: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
-        let mut mac = self.mac(key_id, Some(info))?;
-        mac.update(data);
-        Ok(mac.finalize().into_bytes().to_vec())
     }
 
     /// Constant-time comparison of a (possibly truncated, at least 16-byte) tag.

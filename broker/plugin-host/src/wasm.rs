@@ -273,10 +273,7 @@ impl WasmPlugin {
             transform: transform::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
-        let shared = Arc::new(PluginShared::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous));
-        if let Some(state_file) = &spec.state_file {
-            shared.open_state(state_file.clone()).map_err(fail)?;
-        }
+        let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
         let mut plugin = WasmPlugin {
             shared,
             pre,

@@ -52,16 +52,10 @@ pub enum Verdict {
 
 /// Verifies `header` (the `x-sig` property), or without one the envelope at the start of the payload.
 pub fn verify(message: &MessageArgs, header: Option<&str>, key: &KeyArgs) -> Verdict {
-    let (signature, payload) = match header {
-        Some(header) => match Signature::parse(header) {
-            Ok(signature) => (signature, message.payload.as_slice()),
-            Err(error) => return Verdict::Malformed(error.to_string()),
-        },
-        None => match tollgate_sig::split_envelope(&message.payload) {
-            Some(Ok(found)) => found,
-            Some(Err(error)) => return Verdict::Malformed(error.to_string()),
-            None => return Verdict::Malformed("no --header and the payload is not an envelope".to_owned()),
-        },
+    let (signature, payload) = match tollgate_sig::carried(header, &message.payload) {
+        Ok(Some(found)) => found,
+        Ok(None) => return Verdict::Malformed("no --header and the payload is not an envelope".to_owned()),
+        Err(error) => return Verdict::Malformed(error.to_string()),
     };
     if keys::verify(&key.key_for(&signature.sub), &signature, &message.covered(payload)) {
         Verdict::Valid(signature)

@@ -377,13 +377,11 @@ impl MsgAuth {
     /// payload it covers.
     fn carried(message: &Message) -> Result<Option<(Signature, &[u8])>, Malformed> {
         let mut headers = message.user_properties.iter().filter(|property| property.key == PROPERTY);
-        if let Some(header) = headers.next() {
-            if headers.next().is_some() {
-                return Err(Malformed("more than one x-sig property".into()));
-            }
-            return Signature::parse(&header.value).map(|signature| Some((signature, message.payload.as_slice())));
+        let header = headers.next();
+        if headers.next().is_some() {
+            return Err(Malformed("more than one x-sig property".into()));
         }
-        tollgate_sig::split_envelope(&message.payload).transpose()
+        tollgate_sig::carried(header.map(|property| property.value.as_str()), &message.payload)
     }
 
     fn verify(&self, rule: &Rule, message: &Message) -> Outcome<bool> {

@@ -213,6 +213,15 @@ pub fn split_envelope(payload: &[u8]) -> Option<Result<(Signature, &[u8]), Malfo
     Some(parsed)
 }
 
+/// The signature a message carries and the payload it covers: the `x-sig` header when the message has one
+/// (an MQTT 5 user property), otherwise an envelope at the start of the payload. `Ok(None)`: unsigned.
+pub fn carried<'a>(header: Option<&str>, payload: &'a [u8]) -> Result<Option<(Signature, &'a [u8])>, Malformed> {
+    match header {
+        Some(header) => Signature::parse(header).map(|signature| Some((signature, payload))),
+        None => split_envelope(payload).transpose(),
+    }
+}
+
 /// Wraps a payload in an envelope carrying `signature`.
 pub fn envelope(signature: &Signature, payload: &[u8]) -> Vec<u8> {
     let header = signature.header();
@@ -361,6 +370,17 @@ mod tests {
         assert_eq!((parsed, payload), (signature, &b"{\"a\":1}\nline two"[..]));
         assert!(split_envelope(b"plain").is_none());
         assert!(matches!(split_envelope(b"x-sig:v1;alg=hs256"), Some(Err(_))));
+    }
+
+    #[test]
+    fn a_header_wins_over_the_payload_and_unsigned_is_none() {
+        let signature = sample();
+        let wrapped = envelope(&signature, b"inner");
+        // With a header the whole payload is covered, even one that looks like an envelope.
+        assert_eq!(carried(Some(&signature.header()), &wrapped), Ok(Some((signature.clone(), &wrapped[..]))));
+        assert_eq!(carried(None, &wrapped), Ok(Some((signature, &b"inner"[..]))));
+        assert_eq!(carried(None, b"plain"), Ok(None));
+        assert!(carried(Some("v1;alg=none"), b"plain").is_err());
     }
 
     #[cfg(feature = "keys")]
