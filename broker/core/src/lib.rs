@@ -17,7 +17,7 @@ pub mod store;
 pub mod sys;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -52,6 +52,9 @@ struct BrokerInner {
     next_session_id: AtomicU64,
     next_assigned_id: AtomicU64,
     shutdown: CancellationToken,
+    /// The connections' view of `shutdown`: a plain flag they read on every wake-up (a token's `is_cancelled`
+    /// takes a lock that every connection would share).
+    shutting_down: AtomicBool,
     tasks: TaskTracker,
     started: Instant,
     /// Distinguishes assigned client identifiers of different broker runs.
@@ -101,6 +104,7 @@ impl Broker {
                 next_session_id: AtomicU64::new(1),
                 next_assigned_id: AtomicU64::new(1),
                 shutdown: CancellationToken::new(),
+                shutting_down: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
                 started: Instant::now(),
                 instance_tag,
@@ -359,7 +363,18 @@ impl Broker {
     /// Begins shutdown: listeners stop accepting and connections say goodbye (v5 DISCONNECT 0x8B).
     pub fn shutdown(&self) {
         info!("broker shutting down");
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
         self.inner.shutdown.cancel();
+        // Connections wait on their session's signal only. One attached after this listing sees the flag when it
+        // first waits; see `Session::kick_through` for why none is missed.
+        for session in self.inner.sessions.all() {
+            session.wakeup.notify_waiters();
+        }
+    }
+
+    /// Whether [`Broker::shutdown`] has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Waits for every connection and background task to finish, up to the configured grace period. Returns

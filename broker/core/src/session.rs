@@ -5,6 +5,8 @@
 //! owning connection drains them. No lock is ever held across an `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::BuildHasherDefault;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
@@ -48,18 +50,22 @@ pub enum EnqueueResult {
 #[derive(Debug)]
 struct Attachment {
     generation: u64,
-    kick: CancellationToken,
 }
+
+/// Hashes packet ids without per-map random keys: the ids are at most 65,535 and the broker assigns the outgoing
+/// ones, so there is nothing to flood, and each map is 16 bytes smaller than with `RandomState` (every session
+/// carries two of them).
+pub type PacketIdHasher = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 
 #[derive(Debug, Default)]
 pub struct SessionState {
     pub queue: VecDeque<Delivery>,
     /// Keyed by packet id; the `u64` orders redelivery as originally sent.
-    pub inflight: HashMap<PacketId, (u64, Inflight)>,
+    pub inflight: HashMap<PacketId, (u64, Inflight), PacketIdHasher>,
     inflight_sequence: u64,
     next_packet_id: PacketId,
     /// QoS 2 packet ids received and acknowledged with PUBREC, waiting for PUBREL [MQTT-4.3.3].
-    pub incoming_qos2: HashSet<PacketId>,
+    pub incoming_qos2: HashSet<PacketId, PacketIdHasher>,
     pub subscriptions: HashMap<String, SessionSubscription>,
     /// Seconds; `u32::MAX` means never. Updated by CONNECT and DISCONNECT.
     pub expiry_interval: u32,
@@ -67,8 +73,6 @@ pub struct SessionState {
     /// Incremented on every attach, so late work from an old connection can tell it is stale.
     generation: u64,
     pub dropped_messages: u64,
-    /// Set while the session waits for expiry, for diagnostics.
-    pub detached_at: Option<Instant>,
     /// Who the session belongs to, as the latest connection authenticated it: what a recheck asks policy about.
     pub client: Option<Arc<ClientInfo>>,
     /// Set when a recheck revoked the client, so the kicked connection says why.
@@ -80,8 +84,12 @@ pub struct Session {
     pub id: SessionId,
     pub client_id: ClientId,
     state: Mutex<SessionState>,
-    /// Woken when deliveries are queued or in-flight slots open.
+    /// Woken when deliveries are queued or in-flight slots open, and when the connection must leave (kick,
+    /// shutdown): the connection waits on this one signal and then looks at what changed.
     pub wakeup: Notify,
+    /// Connections of this generation or older must leave: a newer one took over, or the client was revoked
+    /// or kicked. Read by the connection on every wake-up, so it lives outside the state's mutex.
+    kicked_through: AtomicU64,
     /// Set when the session ends (expiry, clean start, or disconnect with expiry 0): a delayed will waits for the
     /// delay or for this, whichever comes first [MQTT-3.1.3-9].
     pub ended: SessionEnd,
@@ -130,6 +138,7 @@ impl Session {
             client_id,
             state: Mutex::new(SessionState { expiry_interval, next_packet_id: 1, ..SessionState::default() }),
             wakeup: Notify::new(),
+            kicked_through: AtomicU64::new(0),
             ended: SessionEnd::default(),
         }
     }
@@ -141,18 +150,30 @@ impl Session {
     }
 
     /// Attaches a new connection, kicking any previous one, and returns the new generation.
-    pub fn attach(&self, kick: CancellationToken, client: Arc<ClientInfo>) -> u64 {
+    pub fn attach(&self, client: Arc<ClientInfo>) -> u64 {
         let mut state = self.lock();
         if let Some(previous) = state.attachment.take() {
-            previous.kick.cancel();
+            self.kick_through(previous.generation);
         }
         state.client = Some(client);
         state.revoked = None;
         state.generation += 1;
         let generation = state.generation;
-        state.attachment = Some(Attachment { generation, kick });
-        state.detached_at = None;
+        state.attachment = Some(Attachment { generation });
         generation
+    }
+
+    /// Tells the connections of `generation` and older to leave. `notify_waiters` reaches a connection that
+    /// made its `notified()` future before this call even if it has not polled it yet, and one that makes it
+    /// later sees the raised mark first (see `Connection::next_signal`): a kick is never lost.
+    fn kick_through(&self, generation: u64) {
+        self.kicked_through.fetch_max(generation, Ordering::SeqCst);
+        self.wakeup.notify_waiters();
+    }
+
+    /// Whether the connection of `generation` has been told to leave.
+    pub fn is_kicked(&self, generation: u64) -> bool {
+        self.kicked_through.load(Ordering::SeqCst) >= generation
     }
 
     /// Detaches if `generation` is still the current connection; false means another connection has taken over.
@@ -161,7 +182,6 @@ impl Session {
         match &state.attachment {
             Some(attachment) if attachment.generation == generation => {
                 state.attachment = None;
-                state.detached_at = Some(Instant::now());
                 true
             }
             _ => false,
@@ -181,7 +201,7 @@ impl Session {
         let mut state = self.lock();
         state.revoked = Some(reason);
         if let Some(attachment) = &state.attachment {
-            attachment.kick.cancel();
+            self.kick_through(attachment.generation);
         }
     }
 
@@ -193,7 +213,7 @@ impl Session {
     /// Kicks the attached connection, if any (session takeover, administrative action).
     pub fn kick(&self) {
         if let Some(attachment) = &self.lock().attachment {
-            attachment.kick.cancel();
+            self.kick_through(attachment.generation);
         }
     }
 

@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tollgate_core::Broker;
@@ -112,14 +114,17 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
                 let _ = stream.set_nodelay(true);
                 match target {
                     Some(target) => {
+                        let runtime = &spec.workers[target];
                         let Ok(std_stream) = stream.into_std() else { continue };
-                        let (connection_broker, spec_for_task) = (broker.clone(), spec.clone());
-                        broker.spawn_on(&spec.workers[target], async move {
-                            if let Ok(stream) = TcpStream::from_std(std_stream) {
-                                serve_connection(connection_broker, stream, remote_addr, spec_for_task, admission)
-                                    .await;
-                            }
-                        });
+                        // Registered with the target's reactor from here, so the task spawned there is the same
+                        // (small) one as for a connection served where it was accepted.
+                        let registered = {
+                            let _target_context = runtime.enter();
+                            TcpStream::from_std(std_stream)
+                        };
+                        let Ok(stream) = registered else { continue };
+                        let connection = serve_connection(broker.clone(), stream, remote_addr, spec.clone(), admission);
+                        broker.spawn_on(runtime, connection);
                     }
                     None => {
                         broker.spawn(serve_connection(broker.clone(), stream, remote_addr, spec.clone(), admission));
@@ -181,49 +186,49 @@ async fn answer_refusal(mut stream: TcpStream, reason: ReasonCode, _slot: limits
     .await;
 }
 
-async fn serve_connection(
+/// The task of one accepted connection. Not an `async fn`, whose future would keep its arguments for the
+/// connection's whole life: a plain TCP connection's task is `serve`'s future plus the admission, nothing else.
+/// The other transports are boxed: inline, every connection's task would be as large as the largest of them (TLS
+/// session plus WebSocket state), which would triple the memory of an idle plain TCP client.
+fn serve_connection(
     broker: Broker,
     stream: TcpStream,
     remote_addr: SocketAddr,
     spec: Arc<ListenerSpec>,
     admission: Admission,
-) {
-    // Held until the connection ends: it is what the connection caps count.
-    let _admission = admission;
+) -> impl Future<Output = ()> + Send + 'static {
     let context = ConnectionContext {
         listener: spec.name.clone(),
         remote_addr: Some(remote_addr),
         peer: None,
         identity_username: None,
     };
+    // The admission is held until the connection ends: it is what the connection caps count.
+    let transport = match spec.transport.clone() {
+        Transport::Tcp => return Either::Left(serve(broker, stream, context).map(move |()| drop(admission))),
+        other => other,
+    };
     // The TLS and WebSocket handshakes count against the CONNECT deadline: a client that stalls in them is a
     // slowloris like any other.
     let deadline = tokio::time::Instant::now() + broker.config().connect_timeout;
     let max_packet = broker.config().max_packet_size as usize;
-    match spec.transport.clone() {
-        // Each arm is boxed: inline, every connection's task would be as large as the largest arm (TLS session
-        // plus WebSocket state), which would triple the memory of an idle plain TCP client.
-        Transport::Tcp => Box::pin(serve(broker, stream, context)).await,
-        Transport::Ws { path } => {
-            Box::pin(async move {
+    Either::Right(Box::pin(async move {
+        let _admission = admission;
+        match transport {
+            Transport::Tcp => serve(broker, stream, context).await,
+            Transport::Ws { path } => {
                 let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
                     return;
                 };
                 serve(broker, stream, context).await;
-            })
-            .await
-        }
-        Transport::Tls(tls) => {
-            Box::pin(async move {
+            }
+            Transport::Tls(tls) => {
                 let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
                     return;
                 };
                 serve(broker, stream, context).await;
-            })
-            .await
-        }
-        Transport::Wss { tls, path } => {
-            Box::pin(async move {
+            }
+            Transport::Wss { tls, path } => {
                 let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
                     return;
                 };
@@ -231,10 +236,9 @@ async fn serve_connection(
                     return;
                 };
                 serve(broker, stream, context).await;
-            })
-            .await
+            }
         }
-    }
+    }))
 }
 
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
