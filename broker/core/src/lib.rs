@@ -37,6 +37,21 @@ use session::{EnqueueResult, Session, SessionRef};
 use store::{MemorySessionStore, SessionStore};
 
 /// A cheap, cloneable handle to one running broker.
+static NEXT_BROKER_ID: AtomicU64 = AtomicU64::new(0);
+
+/// Brokers per thread whose hook chain is kept (one in the server; tests make many).
+const LOCAL_HOOKS_BROKERS: usize = 4;
+
+struct LocalHooks {
+    broker: u64,
+    version: u64,
+    chain: Arc<HookChain>,
+}
+
+thread_local! {
+    static LOCAL_HOOKS: std::cell::RefCell<Vec<LocalHooks>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 #[derive(Clone)]
 pub struct Broker {
     inner: Arc<BrokerInner>,
@@ -44,7 +59,11 @@ pub struct Broker {
 
 struct BrokerInner {
     config: BrokerConfig,
+    /// Unique per broker in the process, for the per-thread copies of the hook chain.
+    id: u64,
     hooks: RwLock<Arc<HookChain>>,
+    /// Bumped after every `replace_hooks`.
+    hooks_version: AtomicU64,
     router: Router,
     retained: Arc<dyn RetainedStore>,
     sessions: Arc<dyn SessionStore>,
@@ -96,7 +115,9 @@ impl Broker {
         Self {
             inner: Arc::new(BrokerInner {
                 config,
+                id: NEXT_BROKER_ID.fetch_add(1, Ordering::Relaxed),
                 hooks: RwLock::new(Arc::new(hooks)),
+                hooks_version: AtomicU64::new(0),
                 router: Router::default(),
                 retained,
                 sessions,
@@ -117,14 +138,33 @@ impl Broker {
         &self.inner.config
     }
 
+    /// The current hook chain. Each thread keeps its own copy (its own `Arc`), refreshed when a reload bumps the
+    /// version: a shared lock and reference count, touched three times per message by every worker, made the
+    /// workers fight over their cache lines.
     pub fn hooks(&self) -> Arc<HookChain> {
-        self.inner.hooks.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        let inner = &*self.inner;
+        let version = inner.hooks_version.load(Ordering::Acquire);
+        LOCAL_HOOKS.with_borrow_mut(|local| {
+            if let Some(entry) = local.iter().find(|entry| entry.broker == inner.id && entry.version == version) {
+                return entry.chain.clone();
+            }
+            let current = inner.hooks.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let chain = Arc::new(HookChain::clone(&current));
+            drop(current);
+            local.retain(|entry| entry.broker != inner.id);
+            if local.len() >= LOCAL_HOOKS_BROKERS {
+                local.remove(0);
+            }
+            local.push(LocalHooks { broker: inner.id, version, chain: chain.clone() });
+            chain
+        })
     }
 
     /// Installs a new hook chain (reload). Connections pick it up at their next hook call and drop cached ACL
-    /// decisions when its generation differs.
+    /// decisions (the generation changes).
     pub fn replace_hooks(&self, hooks: HookChain) {
         *self.inner.hooks.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(hooks);
+        self.inner.hooks_version.fetch_add(1, Ordering::Release);
     }
 
     pub fn acl_epoch(&self) -> u64 {

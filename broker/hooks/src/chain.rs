@@ -59,7 +59,9 @@ pub enum AuthOutcome {
 }
 
 /// All hooks of a broker, in configuration order. Immutable once built: a reload builds a new chain with a
-/// higher generation, which also invalidates every connection's ACL cache.
+/// higher generation, which also invalidates every connection's ACL cache. Cloning copies the slot lists (the
+/// hooks themselves are shared).
+#[derive(Clone)]
 pub struct HookChain {
     pub authenticators: Vec<HookSlot<dyn Authenticator>>,
     pub authorizers: Vec<HookSlot<dyn Authorizer>>,

@@ -57,7 +57,10 @@ struct CachedClient {
     table: Table,
 }
 
-struct Instance {
+/// Boxed: it is moved into and out of every call.
+type Instance = Box<InstanceState>;
+
+struct InstanceState {
     lua: Lua,
     /// The coroutine every hook call runs in, reset before each call. Driving it by hand costs a fraction of
     /// mlua's `call_async` (which builds a new thread and closures per call) and still lets the interrupt yield.
@@ -170,7 +173,7 @@ impl LuaPlugin {
         };
         reset_budget(&budget);
         let (hooks, thread, kind_publish, kind_will) = run.await.map_err(|error| self.classify(&budget, error))?;
-        Ok(Instance {
+        Ok(Box::new(InstanceState {
             lua,
             thread,
             hooks,
@@ -179,7 +182,7 @@ impl LuaPlugin {
             clients: std::collections::HashMap::new(),
             kind_publish,
             kind_will,
-        })
+        }))
     }
 
     fn new_state(&self, budget: Arc<Mutex<Budget>>, client: Arc<Mutex<CallClient>>) -> mlua::Result<Lua> {
@@ -334,10 +337,12 @@ impl LuaPlugin {
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, mlua::Result<R>)>,
     {
-        let (_permit, idle) = self.pool.checkout().await?;
-        let instance = match idle {
+        let mut lease = self.pool.lease().await;
+        let instance = match lease.take_idle() {
             Some(instance) => instance,
-            None => self.instantiate().await?,
+            // Boxed: building an instance is rare and its future is large, which every call's future would
+            // otherwise carry (and copy) inline.
+            None => Box::pin(self.instantiate()).await?,
         };
         *lock(&instance.client) = client;
         reset_budget(&instance.budget);
@@ -345,7 +350,7 @@ impl LuaPlugin {
         match result {
             Ok(value) => {
                 *lock(&instance.client) = CallClient::default();
-                self.pool.put(instance);
+                lease.put_back(instance);
                 Ok(value)
             }
             Err(error) => Err(self.classify(&instance.budget, error)),
@@ -353,7 +358,7 @@ impl LuaPlugin {
     }
 }
 
-impl Instance {
+impl InstanceState {
     fn client_table(&mut self, client: &ClientInfo) -> mlua::Result<Table> {
         let key = (
             Arc::as_ptr(&client.client_id).cast::<u8>() as usize,
@@ -557,7 +562,6 @@ fn acl_decision(function: &str, value: Value) -> Result<AclDecision, String> {
     }
 }
 
-#[async_trait::async_trait]
 impl Runtime for LuaPlugin {
     fn shared(&self) -> &Arc<PluginShared> {
         &self.shared

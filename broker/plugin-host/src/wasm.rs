@@ -179,7 +179,10 @@ struct Exports {
     bridge: Option<bridge::GuestIndices>,
 }
 
-struct Instance {
+/// Boxed: the bindings of four interfaces make it a few hundred bytes, moved into and out of every call.
+type Instance = Box<InstanceState>;
+
+struct InstanceState {
     store: Store<HostState>,
     authn: Option<authn::Guest>,
     authz: Option<authz::Guest>,
@@ -353,7 +356,7 @@ impl WasmPlugin {
             .map_err(|error| self.classify(error))?
             .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
         store.data_mut().ticks = 0;
-        Ok((Instance { store, authn, authz, transform, bridge }, info))
+        Ok((Box::new(InstanceState { store, authn, authz, transform, bridge }), info))
     }
 
     fn classify(&self, error: wasmtime::Error) -> Failure {
@@ -373,10 +376,12 @@ impl WasmPlugin {
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, wasmtime::Result<R>)>,
     {
-        let (_permit, idle) = self.pool.checkout().await?;
-        let mut instance = match idle {
+        let mut lease = self.pool.lease().await;
+        let mut instance = match lease.take_idle() {
             Some(instance) => instance,
-            None => self.instantiate().await?.0,
+            // Boxed: building an instance is rare and its future is kilobytes, which every call's future would
+            // otherwise carry (and copy) inline.
+            None => Box::pin(self.instantiate()).await?.0,
         };
         {
             let state = instance.store.data_mut();
@@ -388,7 +393,7 @@ impl WasmPlugin {
         match result {
             Ok(value) => {
                 instance.store.data_mut().client = CallClient::default();
-                self.pool.put(instance);
+                lease.put_back(instance);
                 Ok(value)
             }
             Err(error) => Err(self.classify(error)),
@@ -512,7 +517,6 @@ fn apply_message(target: &mut Message, modified: wit::Message) {
     target.message_expiry_interval = modified.message_expiry_secs;
 }
 
-#[async_trait::async_trait]
 impl Runtime for WasmPlugin {
     fn shared(&self) -> &Arc<PluginShared> {
         &self.shared
