@@ -405,6 +405,11 @@ pub mod testing {
         with(|host| host.attributes.insert(key.to_owned(), value.to_owned()));
     }
 
+    /// Forgets every client attribute set so far (the next call is another client's).
+    pub fn clear_attributes() {
+        with(|host| host.attributes.clear());
+    }
+
     /// Fixes the clock; `None` goes back to the real one.
     pub fn set_now_ms(now: Option<u64>) {
         with(|host| host.now_ms = now);

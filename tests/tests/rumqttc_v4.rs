@@ -227,6 +227,28 @@ async fn denied_publish_is_silently_dropped_and_publisher_stays_connected() {
 }
 
 #[tokio::test]
+async fn a_denied_publish_disconnects_when_configured_and_the_will_speaks() {
+    let broker = TestBroker::builder()
+        .acl("pattern write allowed/#\npattern read #\n")
+        .configure(|config| config.auth.on_publish_denied = Some("disconnect".into()))
+        .start()
+        .await;
+    let mut subscriber = connect_to(&broker, "sub").await;
+    subscriber.subscribe_ok("#", QoS::AtLeastOnce).await;
+    let (mut publisher, _) =
+        connect(options_with_will(&broker, "pub", "allowed/will", "publisher gone", QoS::AtLeastOnce)).await;
+
+    publisher.publish("allowed/x", QoS::AtLeastOnce, false, b"yes").await;
+    assert_eq!(subscriber.next_publish().await.topic, "allowed/x");
+    publisher.client.publish("forbidden/x", QoS::AtLeastOnce, false, b"nope".to_vec()).await.unwrap();
+    publisher.expect_disconnected().await;
+    // The refused message is not delivered; the will is, since the client did not say goodbye.
+    let will = subscriber.next_publish().await;
+    assert_eq!((will.topic.as_str(), &will.payload[..]), ("allowed/will", b"publisher gone".as_slice()));
+    subscriber.expect_no_publish(QUIET).await;
+}
+
+#[tokio::test]
 async fn denied_subscribe_gets_failure_0x80() {
     let broker = TestBroker::builder().acl("topic read public/#\ntopic write #\n").start().await;
     let mut client = connect_to(&broker, "sub").await;

@@ -196,3 +196,43 @@ async fn revocation_ends_a_live_cars_session_within_a_second() {
     other.disconnect().await;
     assert!(broker.stop().await);
 }
+
+#[tokio::test]
+async fn an_end_of_line_station_reaches_its_namespace_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    for station in ["EOL-ABC123", "EOL-XYZ789"] {
+        let subject =
+            tollgate::certs::ClientSubject { common_name: station.into(), san_uris: vec![], subject_serial: None };
+        tollgate::certs::client(&certs, &subject, station, 30, false).unwrap();
+    }
+    let mut plugin = vin_acl();
+    plugin.config.insert(
+        "non_vin_identities".into(),
+        serde_json::json!([{ "pattern": "EOL-[0-9A-Z]{6,12}", "namespace": "preprod" }]),
+    );
+    let rules = plugin.config.get_mut("rules").and_then(|rules| rules.as_array_mut()).unwrap();
+    rules.push(serde_json::json!({ "id": "eol", "who": "preprod", "allow": ["publish", "subscribe"],
+                                   "topics": ["eol/${id}/#"] }));
+    let broker = broker_with(&certs, plugin).await;
+    let tls = broker.server.addresses[0];
+
+    let (mut station, _) = v5::connect(tls_options(tls, "EOL-ABC123", &certs, Some("EOL-ABC123"))).await;
+    station.subscribe_ok("eol/EOL-ABC123/config", QoS::AtLeastOnce).await;
+    for filter in ["eol/+/config", "eol/EOL-XYZ789/#", &format!("vehicle/updates/{VIN}")] {
+        assert_eq!(station.subscribe(filter, QoS::AtLeastOnce).await, SubscribeReasonCode::NotAuthorized, "{filter}");
+    }
+    station.publish("eol/EOL-ABC123/config", QoS::AtLeastOnce, false, b"flash profile 7").await;
+    let own = station.next_publish().await;
+    assert_eq!((topic(&own), &own.payload[..]), ("eol/EOL-ABC123/config".to_owned(), &b"flash profile 7"[..]));
+    let forged = station.publish_with("eol/EOL-XYZ789/result", QoS::AtLeastOnce, false, b"pass", None).await;
+    assert_eq!(forged, Acked::PubAck(PubAckReason::NotAuthorized));
+
+    // A station's certificate cannot pose as another client id, and a car's topics stay closed to it.
+    assert_eq!(
+        v5::refused_code(tls_options(tls, "EOL-XYZ789", &certs, Some("EOL-ABC123"))).await,
+        ConnectReturnCode::ClientIdentifierNotValid
+    );
+    station.disconnect().await;
+    assert!(broker.stop().await);
+}

@@ -12,6 +12,17 @@ pub enum OverflowPolicy {
     DropOldest,
 }
 
+/// What an MQTT 3.1.1 client whose PUBLISH authorization refused gets. 3.1.1 has no negative acknowledgement;
+/// MQTT 5 clients always get PUBACK/PUBREC 0x87.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeniedPublish {
+    /// Acknowledge and drop the message (Mosquitto's behaviour): the client cannot tell.
+    #[default]
+    Drop,
+    /// Close the connection, so a device publishing where it may not notices (and its will is published).
+    Disconnect,
+}
+
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     /// Upper bound on the keepalive a client may use; sent as v5 Server Keep Alive. Zero disables the cap.
@@ -44,6 +55,7 @@ pub struct BrokerConfig {
     /// refused with 0x97 Quota exceeded and QoS 0 ones dropped; a 3.1.1 client, which cannot be told, is
     /// disconnected.
     pub max_publish_bytes_rate: u32,
+    pub publish_denied_v311: DeniedPublish,
 }
 
 impl Default for BrokerConfig {
@@ -63,6 +75,7 @@ impl Default for BrokerConfig {
             sys_interval: Duration::from_secs(10),
             retain_available: true,
             persistent_session_expiry: None,
+            publish_denied_v311: DeniedPublish::Drop,
         }
     }
 }

@@ -23,6 +23,7 @@ use tollgate_protocol::{
 use tracing::{debug, info, warn};
 
 use crate::Broker;
+use crate::config::DeniedPublish;
 use crate::message::{ClientId, Delivery, Message};
 use crate::metrics::Metrics;
 use crate::router::Subscriber;
@@ -851,7 +852,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let outcome = self.authorize(Action::Publish { topic: &topic_for_acl, qos, retain: publish.retain }).await;
         let max_qos = match outcome {
             AclOutcome::Deny(reason) => {
-                // 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped, as Mosquitto does.
+                // 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped, as Mosquitto does,
+                // or the client is disconnected if so configured.
+                if !self.version.is_v5() && self.broker.config().publish_denied_v311 == DeniedPublish::Disconnect {
+                    return Err(Exit::Refused { reason, detail: format!("publish to {topic_for_acl} not authorized") });
+                }
                 let reason = if self.version.is_v5() { reason } else { ReasonCode::SUCCESS };
                 self.ack_publish(qos, packet_id, reason);
                 return Ok(());

@@ -28,7 +28,7 @@ use tollgate_hooks::HookChain;
 use tollgate_protocol::QoS;
 use tracing::{debug, info, warn};
 
-pub use config::{BrokerConfig, OverflowPolicy};
+pub use config::{BrokerConfig, DeniedPublish, OverflowPolicy};
 pub use message::{ClientId, Delivery, Message, SessionId};
 use metrics::Metrics;
 use retained::{MemoryRetainedStore, RetainedStore};

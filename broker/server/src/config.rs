@@ -9,7 +9,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Value};
 use figment::{Figment, Provider};
 use serde::{Deserialize, Serialize};
-use tollgate_core::{BrokerConfig, OverflowPolicy};
+use tollgate_core::{BrokerConfig, DeniedPublish, OverflowPolicy};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -291,6 +291,9 @@ pub struct AuthConfig {
     pub allow_anonymous: Option<bool>,
     pub password_file: Option<PathBuf>,
     pub acl_file: Option<PathBuf>,
+    /// What an MQTT 3.1.1 client gets for a refused PUBLISH: "drop" (acknowledged and dropped, Mosquitto's
+    /// behaviour) or "disconnect". MQTT 5 clients always get PUBACK/PUBREC 0x87.
+    pub on_publish_denied: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -391,7 +394,7 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem 
 
 /// Every key the file may contain, for the unknown-key check. `listeners.*` are per array element.
 const SECTION_KEYS: &[(&str, &[&str])] = &[
-    ("auth", &["allow_anonymous", "password_file", "acl_file"]),
+    ("auth", &["allow_anonymous", "password_file", "acl_file", "on_publish_denied"]),
     (
         "limits",
         &[
@@ -540,6 +543,7 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
     let path = format!("{section}.{key}");
     let result = match (section, key) {
         ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
+        ("auth", "on_publish_denied") => figment.extract_inner::<Option<String>>(&path).map(drop),
         ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir") => {
             figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
         }
@@ -762,6 +766,9 @@ fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
     if limits.max_queued_messages == 0 {
         problems.push(problem("limits.max_queued_messages", "must be at least 1"));
     }
+    if parse_denied_publish(config.auth.on_publish_denied.as_deref()).is_none() {
+        problems.push(problem("auth.on_publish_denied", "must be \"drop\" or \"disconnect\""));
+    }
     if parse_overflow(&limits.overflow_policy).is_none() {
         problems.push(problem("limits.overflow_policy", "must be \"drop_newest\" or \"drop_oldest\""));
     }
@@ -773,6 +780,14 @@ fn validate_rest(config: &Config, problems: &mut Vec<ConfigProblem>) {
     }
     if tracing_subscriber::EnvFilter::try_new(&config.log.level).is_err() {
         problems.push(problem("log.level", format!("{:?} is not a valid log filter", config.log.level)));
+    }
+}
+
+fn parse_denied_publish(value: Option<&str>) -> Option<DeniedPublish> {
+    match value {
+        None | Some("drop") => Some(DeniedPublish::Drop),
+        Some("disconnect") => Some(DeniedPublish::Disconnect),
+        Some(_) => None,
     }
 }
 
@@ -793,6 +808,7 @@ impl Config {
             max_inflight: limits.max_inflight,
             max_queued_messages: limits.max_queued_messages as usize,
             overflow_policy: parse_overflow(&limits.overflow_policy).unwrap_or_default(),
+            publish_denied_v311: parse_denied_publish(self.auth.on_publish_denied.as_deref()).unwrap_or_default(),
             queue_qos0_offline: limits.queue_qos0_offline,
             topic_alias_maximum: limits.topic_alias_maximum,
             connect_timeout: Duration::from_secs(u64::from(limits.connect_timeout)),

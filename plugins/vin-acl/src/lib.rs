@@ -33,6 +33,15 @@ enum ClientIdPolicy {
 enum Principal {
     Vehicle,
     Role(String),
+    /// A non-VIN identity (end-of-line station, test rig) of this namespace; `${id}` binds its identity.
+    Namespace(String),
+}
+
+/// Certificates whose identity is not a VIN but matches `pattern` (anchored at both ends) belong to `name`.
+#[derive(Clone, Debug)]
+struct Namespace {
+    name: String,
+    pattern: regex_lite::Regex,
 }
 
 #[derive(Clone, Debug)]
@@ -113,6 +122,10 @@ struct Role {
 
 pub struct VinAcl {
     sources: Vec<Source>,
+    namespaces: Vec<Namespace>,
+    /// `allow_token_identity`: the client attribute (set by an authentication plugin that verified a token)
+    /// that may carry a car's VIN when its certificate does not.
+    token_claim: Option<String>,
     client_id_policy: ClientIdPolicy,
     policy: VinPolicy,
     rules: Vec<Rule>,
@@ -122,10 +135,17 @@ pub struct VinAcl {
     grants: Vec<Grant>,
 }
 
-/// A security event as one JSON line (never a payload), logged through the host.
-/// Attribute names this plugin attaches at CONNECT.
+/// Attribute names this plugin attaches at CONNECT. `vin` is for other plugins (msg-auth binds it); this plugin
+/// itself trusts only its own `vin-acl.vin`, so a `vin` attribute another authenticator attached is never taken
+/// for a verified identity unless `allow_token_identity` says so.
 const VIN_ATTRIBUTE: &str = "vin";
+const VERIFIED_VIN_ATTRIBUTE: &str = "vin-acl.vin";
 const ROLE_ATTRIBUTE: &str = "vin-acl.role";
+const NAMESPACE_ATTRIBUTE: &str = "vin-acl.namespace";
+const ID_ATTRIBUTE: &str = "vin-acl.id";
+
+/// Longest non-VIN identity accepted; it becomes a topic level.
+const MAX_ID_LEN: usize = 64;
 
 fn parse_qos(value: &str) -> Result<Qos, String> {
     match value {
@@ -145,7 +165,7 @@ fn qos_level(qos: Qos) -> u8 {
 }
 
 impl VinAcl {
-    fn parse_rules(config: &Config) -> Result<Vec<Rule>, String> {
+    fn parse_rules(config: &Config, namespaces: &[Namespace]) -> Result<Vec<Rule>, String> {
         let mut rules = Vec::new();
         for index in config.table_indices("rules") {
             let key = |name: &str| format!("rules.{index}.{name}");
@@ -155,7 +175,14 @@ impl VinAcl {
                 "vehicle" => Principal::Vehicle,
                 other => match other.strip_prefix("role:") {
                     Some(role) if !role.is_empty() => Principal::Role(role.to_owned()),
-                    _ => return Err(format!("{name}: who {other:?} is not \"vehicle\" or \"role:<name>\"")),
+                    _ if namespaces.iter().any(|namespace| namespace.name == other) => {
+                        Principal::Namespace(other.to_owned())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{name}: who {other:?} is not \"vehicle\", \"role:<name>\" or a non_vin_identities namespace"
+                        ));
+                    }
                 },
             };
             let mut publish = false;
@@ -184,7 +211,7 @@ impl VinAcl {
             let max_qos = config.get(&key("max_qos")).map(parse_qos).transpose().map_err(|e| format!("{name}: {e}"))?;
             let granted = match config.get(&key("scope")).unwrap_or("any") {
                 "any" => false,
-                "granted" if who != Principal::Vehicle && topics.iter().all(Template::uses_vin) => true,
+                "granted" if matches!(who, Principal::Role(_)) && topics.iter().all(Template::uses_vin) => true,
                 "granted" => {
                     return Err(format!("{name}: scope \"granted\" is for role rules whose every topic has ${{vin}}"));
                 }
@@ -193,6 +220,66 @@ impl VinAcl {
             rules.push(Rule { id: name, who, publish, subscribe, topics, max_qos, granted });
         }
         Ok(rules)
+    }
+
+    /// `non_vin_identities.N.{pattern,namespace}`.
+    fn parse_namespaces(config: &Config) -> Result<Vec<Namespace>, String> {
+        let mut namespaces = Vec::new();
+        for index in config.table_indices("non_vin_identities") {
+            let key = |name: &str| format!("non_vin_identities.{index}.{name}");
+            let name = config.require(&key("namespace"))?.to_owned();
+            if name == "vehicle" || name.starts_with("role:") || name.is_empty() {
+                return Err(format!("{}: {name:?} cannot name a namespace", key("namespace")));
+            }
+            let text = config.require(&key("pattern"))?;
+            let pattern = regex_lite::Regex::new(&format!("^(?:{text})$"))
+                .map_err(|error| format!("{}: {text:?} is not a regular expression: {error}", key("pattern")))?;
+            namespaces.push(Namespace { name, pattern });
+        }
+        Ok(namespaces)
+    }
+
+    /// The namespace of a certificate identity that is not a VIN, if one claims it. The identity becomes a
+    /// topic level, so it must be one: no `/`, wildcards or NUL, whatever the pattern allows.
+    fn namespace_of(&self, identity: &str) -> Option<&Namespace> {
+        if identity.is_empty() || identity.len() > MAX_ID_LEN || identity.contains(['/', '+', '#', '\0']) {
+            return None;
+        }
+        self.namespaces.iter().find(|namespace| namespace.pattern.is_match(identity))
+    }
+
+    /// A VIN carried by a verified token (`allow_token_identity`): validated like a certificate's on every use,
+    /// since this plugin did not see the CONNECT that brought it.
+    fn token_vin(&self, client: &Client, vin: &str) -> Result<(), String> {
+        self.policy.validate(vin).map_err(|error| error.to_string())?;
+        if self.revoked_vins.contains(vin) {
+            return Err("revoked".to_owned());
+        }
+        if !self.client_id_ok(&client.client_id, vin) {
+            return Err("client id does not match".to_owned());
+        }
+        Ok(())
+    }
+
+    /// CONNECT of a certificate whose identity is in a non-VIN namespace (its serial was checked already).
+    fn admit_non_vin(&self, info: &ConnectInfo, identity: String) -> ConnectDecision {
+        let Some(namespace) = self.namespace_of(&identity) else {
+            return ConnectDecision::Deny(DenyReason::NotAuthorized);
+        };
+        if !self.client_id_ok(&info.client_id, &identity) {
+            host::counter_add("clientid_mismatch", 1);
+            host::security_event(
+                host::LogLevel::Warn,
+                "clientid_mismatch",
+                &[("client_id", &info.client_id), ("identity", &identity), ("namespace", &namespace.name)],
+            );
+            return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
+        }
+        host::counter_add("non_vin_connected", 1);
+        ConnectDecision::Allow(vec![
+            (NAMESPACE_ATTRIBUTE.to_owned(), namespace.name.clone()),
+            (ID_ATTRIBUTE.to_owned(), identity),
+        ])
     }
 
     fn parse_roles(config: &Config) -> Result<Vec<Role>, String> {
@@ -301,13 +388,37 @@ impl VinAcl {
         }
     }
 
-    /// Who the client is for authorization: its VIN (set at CONNECT) or a role.
+    /// Who the client is for authorization: its VIN or non-VIN identity (set at CONNECT by this plugin), a VIN
+    /// from a verified token (if allowed), or a role.
     fn principal(&self, client: &Client) -> Option<(Principal, Option<String>)> {
-        if let Some(vin) = host::client_attribute(VIN_ATTRIBUTE) {
+        if let Some(vin) = host::client_attribute(VERIFIED_VIN_ATTRIBUTE) {
             return Some((Principal::Vehicle, Some(vin)));
+        }
+        if let Some(namespace) = host::client_attribute(NAMESPACE_ATTRIBUTE) {
+            return Some((Principal::Namespace(namespace), Some(host::client_attribute(ID_ATTRIBUTE)?)));
         }
         if let Some(role) = host::client_attribute(ROLE_ATTRIBUTE) {
             return Some((Principal::Role(role), None));
+        }
+        if let Some(claim) = &self.token_claim
+            && let Some(vin) = host::client_attribute(claim)
+        {
+            return match self.token_vin(client, &vin) {
+                Ok(()) => Some((Principal::Vehicle, Some(vin))),
+                Err(reason) => {
+                    host::security_event(
+                        host::LogLevel::Warn,
+                        "identity_invalid",
+                        &[
+                            ("client_id", &client.client_id),
+                            ("identity", &vin),
+                            ("source", "token"),
+                            ("reason", &reason),
+                        ],
+                    );
+                    None
+                }
+            };
         }
         let username = client.username.as_deref()?;
         self.roles.iter().find_map(|role| match &role.matcher {
@@ -409,7 +520,8 @@ impl Plugin for VinAcl {
             "off" => policy.model_year_check = false,
             other => return Err(format!("model_year_check {other:?}: expected strict, warn or off")),
         }
-        let rules = Self::parse_rules(&config)?;
+        let namespaces = Self::parse_namespaces(&config)?;
+        let rules = Self::parse_rules(&config, &namespaces)?;
         if rules.is_empty() {
             return Err("no rules: an empty rule set would deny every client everything".to_owned());
         }
@@ -423,7 +535,23 @@ impl Plugin for VinAcl {
         }
         let (revoked_vins, revoked_serials) = Self::parse_revocations(&config)?;
         let grants = Self::parse_grants(&config)?;
-        Ok(VinAcl { sources, client_id_policy, policy, rules, roles, revoked_vins, revoked_serials, grants })
+        let token_claim = match config.get("allow_token_identity").unwrap_or("false") {
+            "true" => Some(config.get("token_claim").unwrap_or(VIN_ATTRIBUTE).to_owned()),
+            "false" => None,
+            other => return Err(format!("allow_token_identity {other:?}: expected true or false")),
+        };
+        Ok(VinAcl {
+            sources,
+            namespaces,
+            token_claim,
+            client_id_policy,
+            policy,
+            rules,
+            roles,
+            revoked_vins,
+            revoked_serials,
+            grants,
+        })
     }
 
     fn on_connect(&self, info: &ConnectInfo) -> ConnectDecision {
@@ -457,6 +585,7 @@ impl Plugin for VinAcl {
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         };
         match self.policy.validate(&vin) {
+            Err(_) if self.namespace_of(&vin).is_some() => return self.admit_non_vin(info, vin),
             Err(error) => {
                 host::counter_add("identity_invalid", 1);
                 host::security_event(
@@ -495,13 +624,18 @@ impl Plugin for VinAcl {
             return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
         }
         host::counter_add("vehicles_connected", 1);
-        ConnectDecision::Allow(vec![(VIN_ATTRIBUTE.to_owned(), vin)])
+        ConnectDecision::Allow(vec![(VIN_ATTRIBUTE.to_owned(), vin.clone()), (VERIFIED_VIN_ATTRIBUTE.to_owned(), vin)])
     }
 
     /// A reload with a new revocation list, or a periodic recheck, ends the sessions of revoked cars and
     /// certificates; their subscriptions go with them, and expired grants lose theirs through the subscribe recheck.
     fn authorize_session(&self, client: &Client) -> AclDecision {
-        let vin = host::client_attribute(VIN_ATTRIBUTE);
+        let vin = host::client_attribute(VERIFIED_VIN_ATTRIBUTE).or_else(|| {
+            self.token_claim.as_deref().and_then(host::client_attribute).filter(|_| {
+                host::client_attribute(NAMESPACE_ATTRIBUTE).is_none()
+                    && host::client_attribute(ROLE_ATTRIBUTE).is_none()
+            })
+        });
         if self.revoked(vin.as_deref()) {
             host::counter_add("sessions_revoked", 1);
             host::security_event(
@@ -603,9 +737,9 @@ mod tests {
         by_serial.serial = "0aff".into();
         assert_eq!(acl.on_connect(&connect(OTHER, Some(by_serial))), ConnectDecision::Deny(DenyReason::NotAuthorized));
         // A live session of a car revoked after it connected.
-        tollgate_sdk::testing::set_attribute("vin", VIN);
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", VIN);
         assert_eq!(acl.authorize_session(&Client::new(VIN, None)), AclDecision::Deny(DenyReason::NotAuthorized));
-        tollgate_sdk::testing::set_attribute("vin", OTHER);
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", OTHER);
         assert_eq!(acl.authorize_session(&Client::new(OTHER, None)), AclDecision::Ignore);
         assert!(
             VinAcl::init(with(&[("files.revoked", "not-a-vin")]))
@@ -660,7 +794,10 @@ mod tests {
     fn a_valid_certificate_binds_the_vin() {
         let acl = VinAcl::init(config()).expect("init");
         let decision = acl.on_connect(&connect(VIN, Some(peer("ignored", Some(&format!("urn:vin:{VIN}"))))));
-        assert_eq!(decision, ConnectDecision::Allow(vec![("vin".into(), VIN.into())]));
+        assert_eq!(
+            decision,
+            ConnectDecision::Allow(vec![("vin".into(), VIN.into()), ("vin-acl.vin".into(), VIN.into())])
+        );
         // CN is the fallback source.
         assert!(matches!(acl.on_connect(&connect(VIN, Some(peer(VIN, None)))), ConnectDecision::Allow(_)));
     }
@@ -686,7 +823,7 @@ mod tests {
     #[test]
     fn a_car_reaches_only_its_own_topics() {
         let acl = VinAcl::init(config()).expect("init");
-        tollgate_sdk::testing::set_attribute("vin", VIN);
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", VIN);
         let car = Client::new(VIN, None);
         let publish = |topic: &str, qos| acl.authorize_publish(&car, topic, qos, false, PublishKind::Publish);
         assert_eq!(publish(&format!("vehicle/{VIN}/status"), Qos::AtMostOnce), AclDecision::Allow);
@@ -763,5 +900,127 @@ mod tests {
                 .into_iter()
                 .collect();
         assert!(VinAcl::init(unknown_role).err().is_some_and(|error| error.contains("ghost")));
+    }
+
+    #[test]
+    fn end_of_line_stations_get_their_own_namespace() {
+        let acl = VinAcl::init(with(&[
+            ("non_vin_identities.0.pattern", "EOL-[0-9A-Z]{6,12}"),
+            ("non_vin_identities.0.namespace", "preprod"),
+            ("rules.3.id", "eol"),
+            ("rules.3.who", "preprod"),
+            ("rules.3.allow.0", "publish"),
+            ("rules.3.allow.1", "subscribe"),
+            ("rules.3.topics.0", "eol/${id}/#"),
+            ("rules.3.topics.1", "eol/config"),
+        ]))
+        .expect("init");
+        let station = "EOL-ABC123";
+        let decision = acl.on_connect(&connect(station, Some(peer(station, None))));
+        assert_eq!(
+            decision,
+            ConnectDecision::Allow(vec![
+                ("vin-acl.namespace".into(), "preprod".into()),
+                ("vin-acl.id".into(), station.into())
+            ])
+        );
+        // Not a VIN and not the pattern (anchored at both ends), or not usable as a topic level: refused.
+        for bad in ["EOL-abc123", "XEOL-ABC123", "EOL-ABC123X/", "EOL-ABC", "EOL-ABC123+"] {
+            assert_eq!(
+                acl.on_connect(&connect(bad, Some(peer(bad, None)))),
+                ConnectDecision::Deny(DenyReason::NotAuthorized),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            acl.on_connect(&connect("other-id", Some(peer(station, None)))),
+            ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid)
+        );
+
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin-acl.namespace", "preprod");
+        tollgate_sdk::testing::set_attribute("vin-acl.id", station);
+        let client = Client::new(station, None);
+        let publish = |topic: &str| acl.authorize_publish(&client, topic, Qos::AtMostOnce, false, PublishKind::Publish);
+        assert_eq!(publish("eol/EOL-ABC123/result"), AclDecision::Allow);
+        assert_eq!(publish("eol/EOL-XYZ789/result"), AclDecision::Deny(DenyReason::NotAuthorized));
+        assert_eq!(publish("eol/config"), AclDecision::Allow);
+        assert_eq!(publish(&format!("vehicle/{VIN}/status")), AclDecision::Deny(DenyReason::NotAuthorized));
+        assert_eq!(
+            acl.authorize_subscribe(&client, "eol/+/result", Qos::AtMostOnce, None),
+            AclDecision::Deny(DenyReason::NotAuthorized),
+            "a station cannot watch the others"
+        );
+        tollgate_sdk::testing::clear_attributes();
+
+        assert!(
+            VinAcl::init(with(&[
+                ("rules.3.id", "x"),
+                ("rules.3.who", "nowhere"),
+                ("rules.3.allow.0", "publish"),
+                ("rules.3.topics.0", "a")
+            ]))
+            .err()
+            .is_some_and(|error| error.contains("non_vin_identities namespace"))
+        );
+        assert!(
+            VinAcl::init(with(&[("non_vin_identities.0.pattern", "EOL-("), ("non_vin_identities.0.namespace", "p")]))
+                .err()
+                .is_some_and(|error| error.contains("non_vin_identities.0.pattern"))
+        );
+    }
+
+    #[test]
+    fn a_token_vin_counts_only_when_allowed_and_valid() {
+        let status = format!("vehicle/{VIN}/status");
+        // Another authenticator attached `vin` (a token claim): not an identity unless the operator says so.
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin", VIN);
+        let car = Client::new(VIN, None);
+        let strict = VinAcl::init(config()).expect("init");
+        assert_eq!(
+            strict.authorize_publish(&car, &status, Qos::AtMostOnce, false, PublishKind::Publish),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        let tokens = VinAcl::init(with(&[("allow_token_identity", "true")])).expect("init");
+        assert_eq!(
+            tokens.authorize_publish(&car, &status, Qos::AtMostOnce, false, PublishKind::Publish),
+            AclDecision::Allow
+        );
+        let other = format!("vehicle/{OTHER}/status");
+        assert_eq!(
+            tokens.authorize_publish(&car, &other, Qos::AtMostOnce, false, PublishKind::Publish),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        // The claim is validated like a certificate's: check digit, client id, revocation.
+        assert_eq!(
+            tokens.authorize_publish(
+                &Client::new("someone", None),
+                &status,
+                Qos::AtMostOnce,
+                false,
+                PublishKind::Publish
+            ),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        tollgate_sdk::testing::set_attribute("vin", "1J9RP1A36A1644346");
+        let bad = Client::new("1J9RP1A36A1644346", None);
+        let bad_status = "vehicle/1J9RP1A36A1644346/status";
+        assert_eq!(
+            tokens.authorize_publish(&bad, bad_status, Qos::AtMostOnce, false, PublishKind::Publish),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        tollgate_sdk::testing::set_attribute("vin", VIN);
+        let revoking = VinAcl::init(with(&[("allow_token_identity", "true"), ("revoked.0", VIN)])).expect("init");
+        assert_eq!(revoking.authorize_session(&car), AclDecision::Deny(DenyReason::NotAuthorized));
+        // A custom claim name.
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("jwt.vin", VIN);
+        let custom = VinAcl::init(with(&[("allow_token_identity", "true"), ("token_claim", "jwt.vin")])).expect("init");
+        assert_eq!(
+            custom.authorize_publish(&car, &status, Qos::AtMostOnce, false, PublishKind::Publish),
+            AclDecision::Allow
+        );
+        tollgate_sdk::testing::clear_attributes();
     }
 }

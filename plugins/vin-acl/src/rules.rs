@@ -34,12 +34,15 @@ impl Template {
         let mut levels = Vec::with_capacity(parts.len());
         for (index, part) in parts.iter().enumerate() {
             let level = match *part {
-                "${vin}" => Level::Vin,
+                // `${id}` reads better in the rules of a non-VIN namespace; both bind the principal's identity.
+                "${vin}" | "${id}" => Level::Vin,
                 "+" => Level::SingleWildcard,
                 "#" if index + 1 == parts.len() => Level::MultiWildcard,
                 "#" => return Err(format!("{text:?}: '#' must be the last level")),
                 literal if literal.contains("${") => {
-                    return Err(format!("{text:?}: a template must fill a whole level (\"${{vin}}\" alone)"));
+                    return Err(format!(
+                        "{text:?}: a template must fill a whole level (\"${{vin}}\" or \"${{id}}\" alone)"
+                    ));
                 }
                 literal if literal.contains(['+', '#', '\0']) => {
                     return Err(format!("{text:?}: wildcards must fill a whole level"));
