@@ -286,7 +286,7 @@ impl PluginHook {
     /// Calls the plugin through [`Guarded`], or answers at once if crash-loop protection has disabled it.
     fn guarded<T, F: Future<Output = Result<T, Failure>>>(&self, hook: HookKind, call: F) -> Guarded<'_, F> {
         let shared = self.runtime.shared();
-        shared.metrics.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        shared.metrics.calls.add(1);
         Guarded {
             call,
             hook,

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tollgate_hooks::PeerIdentity;
 use tracing::warn;
 
-use crate::latency::{LatencyHistogram, LatencySummary};
+use crate::latency::{LatencyHistogram, LatencySummary, StripedCounter};
 use crate::spec::{HookKind, PluginSpec};
 
 const NOT_DURABLE: &str = "the broker has no state directory (runtime.state_dir), so nothing is durable";
@@ -45,7 +45,7 @@ pub enum Failure {
 /// Counters for one plugin, readable by the broker (`$SYS`, logs) and tests.
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
-    pub calls: AtomicU64,
+    pub calls: StripedCounter,
     pub failures: AtomicU64,
     pub cpu_limit: AtomicU64,
     pub out_of_memory: AtomicU64,
@@ -61,7 +61,7 @@ impl PluginMetrics {
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         BTreeMap::from([
-            ("calls", read(&self.calls)),
+            ("calls", self.calls.load()),
             ("failures", read(&self.failures)),
             ("cpu_limit", read(&self.cpu_limit)),
             ("out_of_memory", read(&self.out_of_memory)),

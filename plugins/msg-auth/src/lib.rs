@@ -163,6 +163,11 @@ fn replay_key(kid: &str, sub: &str) -> String {
     format!("rx/{kid}/{sub}")
 }
 
+/// Held (non-durably) while one instance checks and moves the window for this counter.
+fn claim_key(kid: &str, sub: &str, counter: u64) -> String {
+    format!("rx-claim/{kid}/{sub}/{counter}")
+}
+
 fn read_window(bytes: Option<Vec<u8>>) -> (u64, u64) {
     match bytes.as_deref().and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()) {
         Some(state) => {
@@ -458,15 +463,29 @@ impl MsgAuth {
         }
         if present.ctr {
             // Checked only now, after the tag: a forged message must not move the window.
+            //
+            // The broker runs one instance per worker, so two copies of one message (a replay on another
+            // connection) can be verified at the same instant, each reading the window before the other writes
+            // it. The counter is therefore claimed first with the host's atomic add: only the first claimer goes
+            // on; a second one is a copy in flight, refused as a replay. The claim is dropped once the window is
+            // written, so a later copy meets the window.
+            let claim = claim_key(&signature.kid, &signature.sub, signature.ctr);
+            if host::kv_add(&claim, 1, false) != Ok(1) {
+                return Err((Failure::Replay, Box::new(signature)));
+            }
             let state_key = replay_key(&signature.kid, &signature.sub);
             let (highest, bits) = read_window(host::kv_get(&state_key));
-            let Some((highest, bits)) = advance_window(highest, bits, signature.ctr) else {
+            let advanced = advance_window(highest, bits, signature.ctr);
+            if let Some((highest, bits)) = advanced {
+                let mut state = highest.to_be_bytes().to_vec();
+                state.extend_from_slice(&bits.to_be_bytes());
+                if host::kv_set_durable(&state_key, &state).is_err() {
+                    let _ = host::kv_set(&state_key, &state);
+                }
+            }
+            host::kv_delete(&claim);
+            if advanced.is_none() {
                 return Err((Failure::Replay, Box::new(signature)));
-            };
-            let mut state = highest.to_be_bytes().to_vec();
-            state.extend_from_slice(&bits.to_be_bytes());
-            if host::kv_set_durable(&state_key, &state).is_err() {
-                let _ = host::kv_set(&state_key, &state);
             }
         }
         Ok(false)

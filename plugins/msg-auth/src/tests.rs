@@ -96,6 +96,26 @@ fn a_signed_command_passes_and_its_replay_fails() {
 }
 
 #[test]
+fn a_copy_verified_while_the_original_is_in_flight_is_a_replay() {
+    let plugin = setup();
+    let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 7);
+    // Another instance (the other worker) holds the claim on counter 7 of this sender: it is verifying a copy
+    // of this very message and has not written the window yet.
+    let claim = format!("rx-claim/cloud-2026-07/{VIN}/7");
+    assert_eq!(host::kv_add(&claim, 1, false), Ok(1));
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), message.clone())),
+        Some((DenyReason::NotAuthorized, "msg-auth: replay".into()))
+    );
+    // Once it is done (window written, claim dropped), a copy meets the window. Here the other instance is
+    // pretended to have failed before writing, so the message passes once, and its claim is gone afterwards.
+    host::kv_delete(&claim);
+    assert_eq!(plugin.on_publish(&backend(), message.clone()), TransformResult::Unchanged);
+    assert_eq!(host::kv_get(&claim), None, "the claim outlived the verification");
+    assert!(rejected(&plugin.on_publish(&backend(), message)).is_some());
+}
+
+#[test]
 fn tampering_with_any_covered_field_fails() {
     let plugin = setup();
     let good = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 10);
