@@ -310,35 +310,22 @@ fn parse_kv_log(bytes: &[u8]) -> HashMap<String, Vec<u8>> {
 }
 
 impl DurableKv {
-    /// Reads the plugin's state file (creating the directory owner-only) and rewrites it compacted.
-    fn open(path: PathBuf) -> std::io::Result<(Self, HashMap<String, Vec<u8>>)> {
-        if let Some(dir) = path.parent() {
-            let mut builder = std::fs::DirBuilder::new();
-            builder.recursive(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                builder.mode(0o700);
-            }
-            builder.create(dir)?;
-        }
-        let entries = match std::fs::read(&path) {
-            Ok(bytes) => parse_kv_log(&bytes),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
-            Err(error) => return Err(error),
-        };
-        let durable = DurableKv {
-            file: Self::rewrite(&path, entries.iter().map(|(key, value)| (key.as_str(), value.as_slice())))?,
+    /// Writes `entries` as a fresh, compacted file at `path` and keeps it open for appending.
+    fn create<'a>(path: PathBuf, entries: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> std::io::Result<Self> {
+        let keys: HashSet<String> = entries.clone().map(|(key, _)| key.to_owned()).collect();
+        Ok(DurableKv {
+            file: Self::rewrite(&path, entries)?,
             path,
-            keys: entries.keys().cloned().collect(),
             // The rewrite left one record per live key.
-            records: entries.len(),
-        };
-        Ok((durable, entries))
+            records: keys.len(),
+            keys,
+        })
     }
 
     fn rewrite<'a>(path: &Path, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> std::io::Result<std::fs::File> {
-        let partial = path.with_extension("kv.partial");
+        let mut partial = path.as_os_str().to_owned();
+        partial.push(".partial");
+        let partial = PathBuf::from(partial);
         let mut bytes = Vec::new();
         for (key, value) in entries {
             bytes.extend_from_slice(&kv_record(key, Some(value)));
@@ -385,21 +372,135 @@ pub struct PluginShared {
     pub metrics: PluginMetrics,
     secrets: BTreeMap<String, Vec<u8>>,
     /// Shared with the plugin's next version on a reload (see [`PluginShared::keeping_state_of`]).
-    kv: Arc<Mutex<HashMap<String, Vec<u8>>>>,
-    durable: Arc<Mutex<Option<DurableKv>>>,
+    kv: Arc<KvStore>,
     counters: Mutex<BTreeMap<String, u64>>,
     health: Mutex<Health>,
 }
 
-/// The key-value table's bounds: [`KV_MAX_VALUE_BYTES`] per value, [`KV_MAX_ENTRIES`] keys.
-fn check_room(kv: &HashMap<String, Vec<u8>>, key: &str, value: &[u8]) -> Result<(), String> {
-    if value.len() > KV_MAX_VALUE_BYTES {
-        return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
+/// Shards of the key-value table and of its state file. msg-auth claims, reads and writes a sender's replay
+/// window on every message from both workers; behind one lock, held across the durable `write(2)`, they queued
+/// for each other (the broker then used 1.4 of its 2 cores). Keys of different senders now mostly meet different
+/// locks and files.
+const KV_SHARDS: usize = 16;
+
+/// One shard. Lock order: `file`, then `table`; a durable write holds both, so the file's last record for a key
+/// is always the table's value.
+#[derive(Default)]
+struct KvShard {
+    file: Mutex<Option<DurableKv>>,
+    table: Mutex<HashMap<String, Vec<u8>>>,
+}
+
+/// The key-value table of one plugin (all its instances and versions), optionally backed by state files.
+struct KvStore {
+    shards: Box<[KvShard]>,
+    /// Keys over all shards, against [`KV_MAX_ENTRIES`].
+    entries: AtomicUsize,
+    /// The state file the shards were attached to (their files are `<path>.<shard>`).
+    path: Mutex<Option<PathBuf>>,
+}
+
+impl Default for KvStore {
+    fn default() -> Self {
+        Self {
+            shards: (0..KV_SHARDS).map(|_| KvShard::default()).collect(),
+            entries: AtomicUsize::new(0),
+            path: Mutex::new(None),
+        }
     }
-    if kv.len() >= KV_MAX_ENTRIES && !kv.contains_key(key) {
-        return Err(format!("the table is full ({KV_MAX_ENTRIES} keys)"));
+}
+
+/// The shard of a key: FNV-1a, not `std`'s hasher, because state files keep their keys across broker upgrades.
+fn shard_of(key: &str) -> usize {
+    let hash = key
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3));
+    (hash % KV_SHARDS as u64) as usize
+}
+
+fn shard_path(base: &Path, shard: usize) -> PathBuf {
+    let mut name = base.as_os_str().to_owned();
+    name.push(format!(".{shard:02}"));
+    PathBuf::from(name)
+}
+
+impl KvStore {
+    fn shard(&self, key: &str) -> &KvShard {
+        &self.shards[shard_of(key)]
     }
-    Ok(())
+
+    /// Checks the bounds ([`KV_MAX_VALUE_BYTES`] per value, [`KV_MAX_ENTRIES`] keys) and counts a new key.
+    /// A caller that then fails to insert must [`KvStore::release`] it.
+    fn reserve(&self, table: &HashMap<String, Vec<u8>>, key: &str, value_len: usize) -> Result<bool, String> {
+        if value_len > KV_MAX_VALUE_BYTES {
+            return Err(format!("value larger than {KV_MAX_VALUE_BYTES} bytes"));
+        }
+        if table.contains_key(key) {
+            return Ok(false);
+        }
+        self.entries
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |entries| {
+                (entries < KV_MAX_ENTRIES).then_some(entries + 1)
+            })
+            .map(|_| true)
+            .map_err(|_| format!("the table is full ({KV_MAX_ENTRIES} keys)"))
+    }
+
+    fn release(&self, new_key: bool) {
+        if new_key {
+            self.entries.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Attaches the state files at `base` (creating the directory owner-only): their entries join the table and
+    /// are rewritten compacted, one file per shard. A state file of the single-file layout (before sharding) at
+    /// `base` itself is read first and removed once its entries are in the shard files.
+    fn attach(&self, base: &Path) -> std::io::Result<()> {
+        if let Some(dir) = base.parent() {
+            let mut builder = std::fs::DirBuilder::new();
+            builder.recursive(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                builder.mode(0o700);
+            }
+            builder.create(dir)?;
+        }
+        let read = |path: &Path| match std::fs::read(path) {
+            Ok(bytes) => Ok(Some(parse_kv_log(&bytes))),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        };
+        let legacy = read(base)?;
+        let mut per_shard: Vec<HashMap<String, Vec<u8>>> = vec![HashMap::new(); KV_SHARDS];
+        for (key, value) in legacy.iter().flatten() {
+            per_shard[shard_of(key)].insert(key.clone(), value.clone());
+        }
+        for (shard, entries) in per_shard.iter_mut().enumerate() {
+            if let Some(on_disk) = read(&shard_path(base, shard))? {
+                entries.extend(on_disk);
+            }
+        }
+        for (shard, entries) in per_shard.into_iter().enumerate() {
+            let durable = DurableKv::create(
+                shard_path(base, shard),
+                entries.iter().map(|(key, value)| (key.as_str(), value.as_slice())),
+            )?;
+            let target = &self.shards[shard];
+            let mut file = lock(&target.file);
+            let mut table = lock(&target.table);
+            for (key, value) in entries {
+                if self.reserve(&table, &key, value.len()).is_ok() {
+                    table.insert(key, value);
+                }
+            }
+            *file = Some(durable);
+        }
+        if legacy.is_some() {
+            std::fs::remove_file(base)?;
+        }
+        Ok(())
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -415,7 +516,6 @@ impl PluginShared {
             metrics: PluginMetrics::default(),
             secrets,
             kv: Arc::default(),
-            durable: Arc::default(),
             counters: Mutex::new(BTreeMap::new()),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
@@ -430,39 +530,36 @@ impl PluginShared {
     }
 
     pub fn kv_get(&self, key: &str) -> Option<Vec<u8>> {
-        lock(&self.kv).get(key).cloned()
+        lock(&self.kv.shard(key).table).get(key).cloned()
     }
 
     pub fn kv_set(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let mut kv = lock(&self.kv);
-        check_room(&kv, &key, &value)?;
-        kv.insert(key, value);
+        let mut table = lock(&self.kv.shard(&key).table);
+        self.kv.reserve(&table, &key, value.len())?;
+        table.insert(key, value);
         Ok(())
     }
 
-    // Lock order wherever both are taken: the state file, then the table. Durable writers hold the file lock for
-    // their write(2) and the table lock only to read and update it, so table readers (every kv_get) do not wait
-    // for the disk.
-
     pub fn kv_delete(&self, key: &str) {
-        let mut durable = lock(&self.durable);
-        let mut kv = lock(&self.kv);
-        kv.remove(key);
-        drop(kv);
-        if let Some(durable) = durable.as_mut().filter(|durable| durable.keys.contains(key))
-            && let Err(error) = durable.append(key, None)
+        let shard = self.kv.shard(key);
+        let mut file = lock(&shard.file);
+        let mut table = lock(&shard.table);
+        if table.remove(key).is_some() {
+            self.kv.release(true);
+        }
+        if let Some(file) = file.as_mut().filter(|file| file.keys.contains(key))
+            && let Err(error) = file.append(key, None)
         {
             warn!(plugin = %self.name, %error, "could not record a deletion in the plugin's state file");
         }
     }
 
-    /// A reloaded plugin keeps its predecessor's key-value table (and state file) rather than starting from the
-    /// file: the old version may still be answering calls of connections that have not switched yet, and what it
+    /// A reloaded plugin keeps its predecessor's key-value table (and state files) rather than starting from the
+    /// files: the old version may still be answering calls of connections that have not switched yet, and what it
     /// records (a replay window, a counter) must not be lost to the new one.
     pub fn keeping_state_of(mut self, previous: Option<&PluginShared>) -> Self {
         if let Some(previous) = previous {
             self.kv = previous.kv.clone();
-            self.durable = previous.durable.clone();
         }
         self
     }
@@ -477,57 +574,62 @@ impl PluginShared {
         Ok(shared)
     }
 
-    /// Attaches the plugin's state file: its entries join the table, and `kv_set_durable` appends to it. A state
-    /// file already attached (kept across a reload) is left as it is: the table in memory is the newer.
+    /// Attaches the plugin's state files: their entries join the table, and `kv_set_durable` appends to them. State
+    /// already attached (kept across a reload) is left as it is: the table in memory is the newer.
     pub fn open_state(&self, path: PathBuf) -> Result<(), String> {
-        if lock(&self.durable).as_ref().is_some_and(|durable| durable.path == path) {
+        let mut attached = lock(&self.kv.path);
+        if attached.as_ref() == Some(&path) {
             return Ok(());
         }
-        let (durable, entries) =
-            DurableKv::open(path.clone()).map_err(|error| format!("state file {}: {error}", path.display()))?;
-        lock(&self.kv).extend(entries);
-        *lock(&self.durable) = Some(durable);
+        self.kv.attach(&path).map_err(|error| format!("state file {}: {error}", path.display()))?;
+        *attached = Some(path);
         Ok(())
     }
 
     pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let mut durable = lock(&self.durable);
-        let Some(durable) = durable.as_mut() else {
+        let shard = self.kv.shard(&key);
+        let mut file = lock(&shard.file);
+        let Some(file) = file.as_mut() else {
             return Err(NOT_DURABLE.to_owned());
         };
-        check_room(&lock(&self.kv), &key, &value)?;
-        // Durable writers are serialized by the file lock, so the file's last record for a key is the table's.
-        durable.append(&key, Some(&value)).map_err(|error| format!("state file: {error}"))?;
-        let mut kv = lock(&self.kv);
-        kv.insert(key, value);
-        durable.compact_if_due(&kv, &self.name);
+        let mut table = lock(&shard.table);
+        let new_key = self.kv.reserve(&table, &key, value.len())?;
+        if let Err(error) = file.append(&key, Some(&value)) {
+            self.kv.release(new_key);
+            return Err(format!("state file: {error}"));
+        }
+        table.insert(key, value);
+        file.compact_if_due(&table, &self.name);
         Ok(())
     }
 
     pub fn kv_add(&self, key: &str, delta: u64, durable: bool) -> Result<u64, String> {
-        let mut file = if durable { Some(lock(&self.durable)) } else { None };
+        let shard = self.kv.shard(key);
+        let mut file = if durable { Some(lock(&shard.file)) } else { None };
         // The table stays locked from read to update: the counter is atomic even against non-durable adds.
-        let mut kv = lock(&self.kv);
-        let current = match kv.get(key) {
+        let mut table = lock(&shard.table);
+        let current = match table.get(key) {
             None => 0,
             Some(value) => u64::from_be_bytes(
                 <[u8; 8]>::try_from(value.as_slice())
                     .map_err(|_| format!("{key:?} holds {} bytes, not an 8-byte counter", value.len()))?,
             ),
         };
-        check_room(&kv, key, &[0; 8])?;
         let next = current.wrapping_add(delta);
-        let file = match file.as_mut() {
+        let mut file = match file.as_mut() {
             None => None,
-            Some(guard) => {
-                let file = guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?;
-                file.append(key, Some(&next.to_be_bytes())).map_err(|error| format!("state file: {error}"))?;
-                Some(file)
-            }
+            Some(guard) => Some(guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?),
         };
-        kv.insert(key.to_owned(), next.to_be_bytes().to_vec());
+        let new_key = self.kv.reserve(&table, key, 8)?;
+        if let Some(file) = file.as_deref_mut()
+            && let Err(error) = file.append(key, Some(&next.to_be_bytes()))
+        {
+            self.kv.release(new_key);
+            return Err(format!("state file: {error}"));
+        }
+        table.insert(key.to_owned(), next.to_be_bytes().to_vec());
         if let Some(file) = file {
-            file.compact_if_due(&kv, &self.name);
+            file.compact_if_due(&table, &self.name);
         }
         Ok(next)
     }
@@ -751,7 +853,7 @@ mod tests {
         // A crash mid-write leaves half a record behind.
         std::fs::OpenOptions::new()
             .append(true)
-            .open(&path)
+            .open(shard_path(&path, shard_of("keep")))
             .expect("open")
             .write_all(&[0, 0, 0, 9, b'x'])
             .expect("tear");
@@ -762,7 +864,8 @@ mod tests {
         assert_eq!(restarted.kv_get("volatile"), None);
         assert_eq!(restarted.kv_get("ctr"), Some(7u64.to_be_bytes().to_vec()), "only the durable add persisted");
         // Compaction keeps live values only, including the one whose write triggered it.
-        let size = || std::fs::metadata(&path).expect("stat").len();
+        let hot_file = shard_path(&path, shard_of("hot"));
+        let size = || std::fs::metadata(&hot_file).expect("stat").len();
         let mut compacted_at = None;
         for round in 0..6000u32 {
             let before = size();
@@ -770,7 +873,7 @@ mod tests {
             if size() < before && compacted_at.is_none() {
                 compacted_at = Some(round);
                 // Read without opening (opening rewrites the file under the live writer).
-                let on_disk = parse_kv_log(&std::fs::read(&path).expect("read"));
+                let on_disk = parse_kv_log(&std::fs::read(&hot_file).expect("read"));
                 assert_eq!(on_disk.get("hot"), Some(&round.to_be_bytes().to_vec()), "lost in compaction");
             }
         }
@@ -781,6 +884,42 @@ mod tests {
         assert_eq!(again.kv_get("hot"), Some(5999u32.to_be_bytes().to_vec()));
         assert_eq!(again.kv_get("keep"), Some(b"3".to_vec()));
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_single_file_state_moves_into_the_shard_files() {
+        let dir = std::env::temp_dir().join(format!("tollgate-kv-legacy-{}-{:?}", std::process::id(), Instant::now()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("p.kv");
+        let mut legacy = Vec::new();
+        for (key, value) in [("rx/k/a", b"old".as_slice()), ("rx/k/b", b"1"), ("rx/k/a", b"new")] {
+            legacy.extend_from_slice(&kv_record(key, Some(value)));
+        }
+        legacy.extend_from_slice(&kv_record("rx/k/b", None));
+        std::fs::write(&path, legacy).expect("write");
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.open_state(path.clone()).expect("open");
+        assert_eq!(shared.kv_get("rx/k/a"), Some(b"new".to_vec()));
+        assert_eq!(shared.kv_get("rx/k/b"), None);
+        assert!(!path.exists(), "the single file is gone once its entries are in the shards");
+        drop(shared);
+        let again = PluginShared::new("p", BTreeMap::new());
+        again.open_state(path).expect("reopen");
+        assert_eq!(again.kv_get("rx/k/a"), Some(b"new".to_vec()));
+        assert_eq!(again.kv.entries.load(Ordering::Relaxed), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn the_key_bound_spans_all_shards() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.kv.entries.store(KV_MAX_ENTRIES - 1, Ordering::Relaxed);
+        shared.kv_set("last".into(), b"1".to_vec()).expect("room for one more key");
+        assert!(shared.kv_set("one-too-many".into(), b"1".to_vec()).is_err());
+        assert!(shared.kv_add("counter", 1, false).is_err());
+        shared.kv_set("last".into(), b"2".to_vec()).expect("replacing a value needs no room");
+        shared.kv_delete("last");
+        shared.kv_set("one-too-many".into(), b"1".to_vec()).expect("a deletion frees a key");
     }
 
     #[test]
