@@ -261,19 +261,28 @@ impl VinAcl {
         Ok(())
     }
 
+    /// The refusal (0x85, counted and logged) of a client id that `client_id_policy` does not allow for
+    /// `identity`, which also keeps one certificate from taking over another client's session.
+    fn check_client_id(&self, info: &ConnectInfo, identity: &str) -> Option<ConnectDecision> {
+        if self.client_id_ok(&info.client_id, identity) {
+            return None;
+        }
+        host::counter_add("clientid_mismatch", 1);
+        host::security_event(
+            host::LogLevel::Warn,
+            "clientid_mismatch",
+            &[("client_id", &info.client_id), ("identity", identity)],
+        );
+        Some(ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid))
+    }
+
     /// CONNECT of a certificate whose identity is in a non-VIN namespace (its serial was checked already).
     fn admit_non_vin(&self, info: &ConnectInfo, identity: String) -> ConnectDecision {
         let Some(namespace) = self.namespace_of(&identity) else {
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         };
-        if !self.client_id_ok(&info.client_id, &identity) {
-            host::counter_add("clientid_mismatch", 1);
-            host::security_event(
-                host::LogLevel::Warn,
-                "clientid_mismatch",
-                &[("client_id", &info.client_id), ("identity", &identity), ("namespace", &namespace.name)],
-            );
-            return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
+        if let Some(refusal) = self.check_client_id(info, &identity) {
+            return refusal;
         }
         host::counter_add("non_vin_connected", 1);
         ConnectDecision::Allow(vec![
@@ -614,14 +623,8 @@ impl Plugin for VinAcl {
             );
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         }
-        if !self.client_id_ok(&info.client_id, &vin) {
-            host::counter_add("clientid_mismatch", 1);
-            host::security_event(
-                host::LogLevel::Warn,
-                "clientid_mismatch",
-                &[("client_id", &info.client_id), ("identity", &vin)],
-            );
-            return ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid);
+        if let Some(refusal) = self.check_client_id(info, &vin) {
+            return refusal;
         }
         host::counter_add("vehicles_connected", 1);
         ConnectDecision::Allow(vec![(VIN_ATTRIBUTE.to_owned(), vin.clone()), (VERIFIED_VIN_ATTRIBUTE.to_owned(), vin)])
@@ -723,6 +726,24 @@ mod tests {
         }
     }
 
+    /// Each identity, as both client id and certificate CN, is refused as not authorized.
+    fn refuses_identities(acl: &VinAcl, identities: &[&str]) {
+        for bad in identities {
+            assert_eq!(
+                acl.on_connect(&connect(bad, Some(peer(bad, None)))),
+                ConnectDecision::Deny(DenyReason::NotAuthorized),
+                "{bad:?}"
+            );
+        }
+    }
+
+    fn refuses_client_id(acl: &VinAcl, client_id: &str, identity: &str) {
+        assert_eq!(
+            acl.on_connect(&connect(client_id, Some(peer(identity, None)))),
+            ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid)
+        );
+    }
+
     fn with(extra: &[(&str, &str)]) -> Config {
         config().iter().chain(extra.iter().copied()).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
     }
@@ -805,18 +826,11 @@ mod tests {
     #[test]
     fn bad_identities_and_client_ids_are_refused() {
         let acl = VinAcl::init(config()).expect("init");
-        for bad in ["1J9RP1A36A1644346", "1j9rp1a36a1644345", "1J9RP1A36A164434", "1J9RP1A36A164434+", "+", "#", "a/b"]
-        {
-            assert_eq!(
-                acl.on_connect(&connect(bad, Some(peer(bad, None)))),
-                ConnectDecision::Deny(DenyReason::NotAuthorized),
-                "{bad:?}"
-            );
-        }
-        assert_eq!(
-            acl.on_connect(&connect("someone-else", Some(peer(VIN, None)))),
-            ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid)
+        refuses_identities(
+            &acl,
+            &["1J9RP1A36A1644346", "1j9rp1a36a1644345", "1J9RP1A36A164434", "1J9RP1A36A164434+", "+", "#", "a/b"],
         );
+        refuses_client_id(&acl, "someone-else", VIN);
         assert_eq!(acl.on_connect(&connect(VIN, None)), ConnectDecision::Ignore, "no certificate: not a car");
     }
 
@@ -925,17 +939,8 @@ mod tests {
             ])
         );
         // Not a VIN and not the pattern (anchored at both ends), or not usable as a topic level: refused.
-        for bad in ["EOL-abc123", "XEOL-ABC123", "EOL-ABC123X/", "EOL-ABC", "EOL-ABC123+"] {
-            assert_eq!(
-                acl.on_connect(&connect(bad, Some(peer(bad, None)))),
-                ConnectDecision::Deny(DenyReason::NotAuthorized),
-                "{bad:?}"
-            );
-        }
-        assert_eq!(
-            acl.on_connect(&connect("other-id", Some(peer(station, None)))),
-            ConnectDecision::Deny(DenyReason::ClientIdentifierNotValid)
-        );
+        refuses_identities(&acl, &["EOL-abc123", "XEOL-ABC123", "EOL-ABC123X/", "EOL-ABC", "EOL-ABC123+"]);
+        refuses_client_id(&acl, "other-id", station);
 
         tollgate_sdk::testing::clear_attributes();
         tollgate_sdk::testing::set_attribute("vin-acl.namespace", "preprod");
