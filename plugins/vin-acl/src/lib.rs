@@ -126,6 +126,9 @@ pub struct VinAcl {
     /// `allow_token_identity`: the client attribute (set by an authentication plugin that verified a token)
     /// that may carry a car's VIN when its certificate does not.
     token_claim: Option<String>,
+    /// `deny_retained_commands`: a retained message on a topic with a `cmd` level is refused, from anyone. A
+    /// retained command would be replayed to the car at every reconnect and subscription.
+    deny_retained_commands: bool,
     client_id_policy: ClientIdPolicy,
     policy: VinPolicy,
     rules: Vec<Rule>,
@@ -549,10 +552,16 @@ impl Plugin for VinAcl {
             "false" => None,
             other => return Err(format!("allow_token_identity {other:?}: expected true or false")),
         };
+        let deny_retained_commands = match config.get("deny_retained_commands").unwrap_or("false") {
+            "true" => true,
+            "false" => false,
+            other => return Err(format!("deny_retained_commands {other:?}: expected true or false")),
+        };
         Ok(VinAcl {
             sources,
             namespaces,
             token_claim,
+            deny_retained_commands,
             client_id_policy,
             policy,
             rules,
@@ -656,9 +665,18 @@ impl Plugin for VinAcl {
         client: &Client,
         topic: &str,
         qos: Qos,
-        _retain: bool,
+        retain: bool,
         _kind: PublishKind,
     ) -> AclDecision {
+        if retain && self.deny_retained_commands && topic.split('/').any(|level| level == "cmd") {
+            host::counter_add("denied_retained_command", 1);
+            host::security_event(
+                host::LogLevel::Info,
+                "retained_command_denied",
+                &[("client_id", &client.client_id), ("topic", topic)],
+            );
+            return AclDecision::Deny(DenyReason::NotAuthorized);
+        }
         self.decide(client, Operation::Publish, topic, qos)
     }
 
@@ -1027,5 +1045,26 @@ mod tests {
             AclDecision::Allow
         );
         tollgate_sdk::testing::clear_attributes();
+    }
+
+    #[test]
+    fn retained_commands_are_refused_when_configured() {
+        let topic = format!("vehicle/{VIN}/cmd/unlock");
+        let backend = Client::new("ota", Some("ota-backend"));
+        let publish = |acl: &VinAcl, retain: bool| {
+            acl.authorize_publish(&backend, &topic, Qos::AtLeastOnce, retain, PublishKind::Publish)
+        };
+        let lenient = VinAcl::init(config()).expect("init");
+        assert_eq!(publish(&lenient, true), AclDecision::Allow, "off by default");
+        let strict = VinAcl::init(with(&[("deny_retained_commands", "true")])).expect("init");
+        assert_eq!(publish(&strict, true), AclDecision::Deny(DenyReason::NotAuthorized));
+        assert_eq!(publish(&strict, false), AclDecision::Allow, "a live command passes");
+        let status = format!("vehicle/{VIN}/status");
+        assert_eq!(
+            strict.authorize_publish(&backend, &status, Qos::AtLeastOnce, true, PublishKind::Publish),
+            AclDecision::Allow,
+            "retained state is fine"
+        );
+        assert!(VinAcl::init(with(&[("deny_retained_commands", "yes")])).is_err());
     }
 }
