@@ -129,6 +129,8 @@ pub struct VinAcl {
     /// `deny_retained_commands`: a retained message on a topic with a `cmd` level is refused, from anyone. A
     /// retained command would be replayed to the car at every reconnect and subscription.
     deny_retained_commands: bool,
+    /// `case = "upper"`: lower-case VINs are accepted and upper-cased.
+    upper_case: bool,
     client_id_policy: ClientIdPolicy,
     policy: VinPolicy,
     rules: Vec<Rule>,
@@ -387,17 +389,34 @@ impl VinAcl {
     }
 
     fn client_id_ok(&self, client_id: &str, vin: &str) -> bool {
+        // With `case = "upper"` the VIN part of the client id may be in either case, like the certificate's.
+        let is_vin = |text: &str| if self.upper_case { text.eq_ignore_ascii_case(vin) } else { text == vin };
         match self.client_id_policy {
             ClientIdPolicy::Any => true,
-            ClientIdPolicy::Equal => client_id == vin,
+            ClientIdPolicy::Equal => is_vin(client_id),
             ClientIdPolicy::Prefix => {
-                client_id == vin
-                    || client_id.strip_prefix(vin).and_then(|rest| rest.strip_prefix('-')).is_some_and(|suffix| {
-                        (1..=16).contains(&suffix.len())
-                            && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                is_vin(client_id)
+                    || client_id.split_at_checked(vin.len()).is_some_and(|(head, rest)| {
+                        is_vin(head)
+                            && rest.strip_prefix('-').is_some_and(|suffix| {
+                                (1..=16).contains(&suffix.len())
+                                    && suffix.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                            })
                     })
             }
         }
+    }
+
+    /// `case = "upper"`: an identity that is a VIN once upper-cased is taken upper-cased (some certificate
+    /// authorities issue lower-case VINs); anything else stays as it is, for the non-VIN patterns.
+    fn normalized(&self, identity: String) -> String {
+        if self.upper_case && identity.bytes().any(|byte| byte.is_ascii_lowercase()) {
+            let upper = identity.to_ascii_uppercase();
+            if self.policy.validate(&upper).is_ok() {
+                return upper;
+            }
+        }
+        identity
     }
 
     /// Who the client is for authorization: its VIN or non-VIN identity (set at CONNECT by this plugin), a VIN
@@ -413,7 +432,7 @@ impl VinAcl {
             return Some((Principal::Role(role), None));
         }
         if let Some(claim) = &self.token_claim
-            && let Some(vin) = host::client_attribute(claim)
+            && let Some(vin) = host::client_attribute(claim).map(|claimed| self.normalized(claimed))
         {
             return match self.token_vin(client, &vin) {
                 Ok(()) => Some((Principal::Vehicle, Some(vin))),
@@ -557,11 +576,17 @@ impl Plugin for VinAcl {
             "false" => false,
             other => return Err(format!("deny_retained_commands {other:?}: expected true or false")),
         };
+        let upper_case = match config.get("case").unwrap_or("strict") {
+            "strict" => false,
+            "upper" => true,
+            other => return Err(format!("case {other:?}: expected strict or upper")),
+        };
         Ok(VinAcl {
             sources,
             namespaces,
             token_claim,
             deny_retained_commands,
+            upper_case,
             client_id_policy,
             policy,
             rules,
@@ -593,7 +618,7 @@ impl Plugin for VinAcl {
                 return ConnectDecision::Allow(vec![(ROLE_ATTRIBUTE.to_owned(), role.name.clone())]);
             }
         }
-        let Some(vin) = self.identity(peer) else {
+        let Some(vin) = self.identity(peer).map(|identity| self.normalized(identity)) else {
             host::counter_add("identity_missing", 1);
             host::security_event(
                 host::LogLevel::Warn,
@@ -1066,5 +1091,19 @@ mod tests {
             "retained state is fine"
         );
         assert!(VinAcl::init(with(&[("deny_retained_commands", "yes")])).is_err());
+    }
+
+    #[test]
+    fn upper_case_mode_accepts_lower_case_vins_as_upper_case() {
+        let lower = VIN.to_ascii_lowercase();
+        let strict = VinAcl::init(config()).expect("init");
+        refuses_identities(&strict, &[&lower]);
+        let upper = VinAcl::init(with(&[("case", "upper")])).expect("init");
+        let expected = ConnectDecision::Allow(vec![("vin".into(), VIN.into()), ("vin-acl.vin".into(), VIN.into())]);
+        assert_eq!(upper.on_connect(&connect(&lower, Some(peer(&lower, None)))), expected);
+        assert_eq!(upper.on_connect(&connect(VIN, Some(peer(&lower, None)))), expected);
+        // Still a VIN: a lower-case string with a bad check digit stays refused.
+        refuses_identities(&upper, &["1j9rp1a36a1644346"]);
+        assert!(VinAcl::init(with(&[("case", "lower")])).is_err());
     }
 }
