@@ -27,6 +27,14 @@ struct Key {
     secret: String,
     /// HKDF info template (`vin-mac-v1:${sub}`): a key per identity, derived by the host.
     derive: Option<String>,
+    /// `not_after`: from this instant (ms since the epoch) the key neither verifies nor signs (`expired_kid`).
+    not_after_ms: Option<u64>,
+}
+
+impl Key {
+    fn expired(&self, now_ms: u64) -> bool {
+        self.not_after_ms.is_some_and(|not_after| now_ms >= not_after)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,6 +86,8 @@ pub struct MsgAuth {
     mac_len: usize,
     identity_attribute: String,
     disconnect_v3: bool,
+    /// Bad MACs per client and minute after which the client is disconnected (0: never).
+    bad_mac_limit: u64,
     keys: Vec<Key>,
     rules: Vec<Rule>,
 }
@@ -88,6 +98,7 @@ enum Failure {
     Missing,
     Malformed,
     UnknownKid,
+    ExpiredKid,
     BadMac,
     MissingField,
     Stale,
@@ -106,6 +117,7 @@ impl Failure {
             Failure::Missing => "missing",
             Failure::Malformed => "malformed",
             Failure::UnknownKid => "unknown_kid",
+            Failure::ExpiredKid => "expired_kid",
             Failure::BadMac => "bad_mac",
             Failure::MissingField => "missing_field",
             Failure::Stale => "stale",
@@ -230,7 +242,17 @@ impl Plugin for MsgAuth {
                 crypto::hmac_sha256(&secret, b"probe").map_err(|error| format!("{}: {error}", key("secret")))?;
             }
             let derive = config.get(&key("derive")).map(str::to_owned);
-            keys.push(Key { kid, state, secret, derive });
+            let not_after_ms = match config.get(&key("not_after")) {
+                None => None,
+                Some(text) => Some(
+                    humantime::parse_rfc3339(text)
+                        .ok()
+                        .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
+                        .and_then(|since| u64::try_from(since.as_millis()).ok())
+                        .ok_or_else(|| format!("{} = {text:?} is not an RFC 3339 UTC time", key("not_after")))?,
+                ),
+            };
+            keys.push(Key { kid, state, secret, derive, not_after_ms });
         }
         if keys.is_empty() {
             return Err("no keys configured ([[plugins.config.keys]])".to_owned());
@@ -328,6 +350,10 @@ impl Plugin for MsgAuth {
             mac_len: mac_len as usize,
             identity_attribute: config.get("identity_attribute").unwrap_or("vin").to_owned(),
             disconnect_v3: pick(&config, "on_fail_v3", "drop", &[("drop", false), ("disconnect", true)])?,
+            bad_mac_limit: {
+                let text = config.get("bad_mac_disconnect").unwrap_or("5");
+                text.parse().map_err(|_| format!("bad_mac_disconnect = {text:?} is not a count"))?
+            },
             keys,
             rules,
         })
@@ -426,6 +452,10 @@ impl MsgAuth {
         if !valid {
             return Err((Failure::BadMac, Box::new(signature)));
         }
+        let now = host::now_ms();
+        if key.expired(now) {
+            return Err((Failure::ExpiredKid, Box::new(signature)));
+        }
         let present = signature.present;
         for field in &rule.require {
             let there = match field.as_str() {
@@ -449,7 +479,6 @@ impl MsgAuth {
         {
             return Err((Failure::SubMismatch, Box::new(signature)));
         }
-        let now = host::now_ms();
         if present.exp && signature.exp != 0 && signature.exp < now {
             return Err((Failure::Expired, Box::new(signature)));
         }
@@ -504,6 +533,9 @@ impl MsgAuth {
             return Err((Failure::SignFailed, Box::default()));
         };
         let now = host::now_ms();
+        if key.expired(now) {
+            return Err((Failure::ExpiredKid, Box::default()));
+        }
         let ctr = host::kv_add(&format!("tx/{}", key.kid), 1, true)
             .or_else(|_| host::kv_add(&format!("tx/{}", key.kid), 1, false))
             .map_err(|_| (Failure::SignFailed, Box::default()))?;
@@ -538,6 +570,25 @@ impl MsgAuth {
             Carrier::Envelope => message.payload = tollgate_sig::envelope(&signature, &message.payload),
         }
         Ok(())
+    }
+
+    /// Counts a bad MAC against the client in the current minute; true once it reaches `bad_mac_disconnect`. A
+    /// client guessing tags, or replaying tampered messages, is cut off rather than answered forever.
+    fn too_many_bad_macs(&self, client: &Client) -> bool {
+        if self.bad_mac_limit == 0 {
+            return false;
+        }
+        let minute = host::now_ms() / 60_000;
+        let count = host::kv_add(&format!("bad-mac/{}/{minute}", client.client_id), 1, false).unwrap_or(u64::MAX);
+        if count == 1 {
+            // The first of a new minute: the previous minute's count is no longer needed.
+            host::kv_delete(&format!("bad-mac/{}/{}", client.client_id, minute.saturating_sub(1)));
+        }
+        if count >= self.bad_mac_limit {
+            host::counter_add("verify/bad_mac_disconnect", 1);
+            return true;
+        }
+        false
     }
 
     fn fail(
@@ -576,7 +627,8 @@ impl MsgAuth {
         );
         match on_fail {
             OnFail::Reject => {
-                let disconnect = self.disconnect_v3 && client.protocol != ProtocolVersion::V5;
+                let disconnect = (self.disconnect_v3 && client.protocol != ProtocolVersion::V5)
+                    || (failure == Failure::BadMac && self.too_many_bad_macs(client));
                 TransformResult::reject(failure.reason(), format!("msg-auth: {}", failure.name()), disconnect)
             }
             OnFail::Tag => {

@@ -312,3 +312,66 @@ fn configuration_errors_are_named() {
     }
     assert!(MsgAuth::init(Config::default()).err().is_some_and(|error| error.contains("no keys")));
 }
+
+fn disconnects(result: &TransformResult) -> bool {
+    matches!(result, TransformResult::Reject(rejection) if rejection.disconnect)
+}
+
+#[test]
+fn an_expired_key_neither_verifies_nor_signs() {
+    testing::set_secret("cloud-old", CLOUD);
+    testing::set_secret("cloud-new", CLOUD_NEXT);
+    testing::set_secret("site", SITE);
+    testing::set_now_ms(Some(NOW));
+    // NOW is 2027-01-15T08:00:00Z.
+    let plugin = MsgAuth::init(config(&[
+        ("keys.1.not_after", "2027-01-15T08:00:01Z"),
+        ("keys.2.not_after", "2027-01-15T08:00:01Z"),
+    ]))
+    .expect("init");
+    let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1);
+    let mut car = Message::new(format!("v1/vehicles/{VIN}/telemetry/speed"), b"88".to_vec());
+    car.qos = Qos::AtLeastOnce;
+    testing::set_attribute("vin", VIN);
+    assert!(matches!(plugin.on_publish(&Client::new(VIN, None), car.clone()), TransformResult::Modified(_)));
+    assert_eq!(plugin.on_publish(&backend(), message.clone()), TransformResult::Unchanged, "valid until then");
+
+    testing::set_now_ms(Some(NOW + 1000));
+    let late = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 2);
+    assert_eq!(
+        rejected(&plugin.on_publish(&backend(), late)),
+        Some((DenyReason::NotAuthorized, "msg-auth: expired_kid".into()))
+    );
+    assert_eq!(
+        rejected(&plugin.on_publish(&Client::new(VIN, None), car)),
+        Some((DenyReason::NotAuthorized, "msg-auth: expired_kid".into())),
+        "an attest rule stops signing with it too"
+    );
+    assert!(MsgAuth::init(config(&[("keys.1.not_after", "next tuesday")])).is_err());
+    testing::set_now_ms(None);
+}
+
+#[test]
+fn a_client_sending_bad_tags_is_disconnected_at_the_limit() {
+    let plugin = setup();
+    let forged = |ctr: u64| {
+        let mut message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", ctr);
+        message.payload = b"GO".to_vec();
+        message
+    };
+    // The default limit is five bad MACs per client and minute; the first four are only refused.
+    for ctr in 1..=4 {
+        let result = plugin.on_publish(&backend(), forged(ctr));
+        assert!(rejected(&result).is_some() && !disconnects(&result), "bad tag {ctr}");
+    }
+    assert!(disconnects(&plugin.on_publish(&backend(), forged(5))));
+    // Another client is not affected, and a new minute starts over.
+    assert!(!disconnects(&plugin.on_publish(&Client::new("other", Some("backend")), forged(6))));
+    testing::set_now_ms(Some(NOW + 60_000));
+    assert!(!disconnects(&plugin.on_publish(&backend(), forged(7))));
+    assert!(MsgAuth::init(config(&[("bad_mac_disconnect", "many")])).is_err());
+    let patient = MsgAuth::init(config(&[("bad_mac_disconnect", "0")])).expect("init");
+    for ctr in 8..20 {
+        assert!(!disconnects(&patient.on_publish(&backend(), forged(ctr))), "0 turns it off");
+    }
+}
