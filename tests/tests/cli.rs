@@ -217,6 +217,17 @@ async fn run_listens_and_exits_0_on_sigterm_saying_goodbye_to_v5_clients() {
 }
 
 #[tokio::test]
+async fn a_second_broker_on_a_busy_port_is_refused() {
+    // The workers' listening sockets share the port through SO_REUSEPORT; another broker must still not join.
+    let (mut first, address) = start_binary(&["--listen", "127.0.0.1:0"]).await;
+    let output = run(tollgate().arg("run").arg("--listen").arg(address.to_string()), LIMIT).await;
+    assert!(!output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("in use"), "{}", describe(&output));
+    first.signal("TERM");
+    assert!(first.wait(Duration::from_secs(10)).await.success());
+}
+
+#[tokio::test]
 async fn sigint_also_shuts_down_cleanly() {
     let (mut child, address) = start_binary(&["--listen", "127.0.0.1:0"]).await;
     let mut client = raw::tcp(address, ProtocolVersion::V5).await;

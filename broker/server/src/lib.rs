@@ -179,7 +179,7 @@ impl Server {
                 ("ws", _) => Transport::Ws { path: ws_path },
                 _ => Transport::Tcp,
             };
-            let socket = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+            let socket = bind_listener(address).with_context(|| format!("binding {address}"))?;
             let local = socket.local_addr()?;
             let name: Arc<str> =
                 listener.name.clone().unwrap_or_else(|| format!("{}:{}", listener.protocol, local)).into();
@@ -220,11 +220,10 @@ impl Server {
                 workers: workers.clone().into(),
             });
             addresses.push(local);
-            // Every worker accepts from the same socket (see `start_workers`); a tokio socket belongs to the runtime
-            // that registered it, so each worker registers its own handle to it.
-            let socket = socket.into_std()?;
-            for (worker_index, worker) in workers.iter().enumerate() {
-                let socket = socket.try_clone()?;
+            // Every worker accepts from its own socket (see `start_workers`); a tokio socket belongs to the runtime
+            // that registered it, so each worker registers its own.
+            let sockets = worker_listeners(socket, local, workers.len())?;
+            for ((worker_index, worker), socket) in workers.iter().enumerate().zip(sockets) {
                 let (broker, spec) = (broker.clone(), spec.clone());
                 broker.clone().spawn_on(worker, async move {
                     match TcpListener::from_std(socket) {
@@ -421,3 +420,45 @@ pub fn init_logging(level: &str, json: bool) {
 
 /// Grace given to a second signal before exiting hard.
 pub const SHUTDOWN_NOTICE: Duration = Duration::from_secs(1);
+
+/// The listening socket of one listener. On Linux it is opened with `SO_REUSEPORT`, so that each worker can have a
+/// socket of its own on the same address ([`worker_listeners`]). `SO_REUSEPORT` would also let a second broker
+/// started on the same port join the group and silently take half the connections, so the address is first
+/// bound without it: a port already in use is refused as it would be without the option.
+fn bind_listener(address: SocketAddr) -> std::io::Result<TcpListener> {
+    if address.port() != 0 {
+        drop(std::net::TcpListener::bind(address)?);
+    }
+    bind_in_group(address)
+}
+
+fn bind_in_group(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    #[cfg(target_os = "linux")]
+    socket.set_reuseport(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// One listening socket per worker. On Linux each worker gets its own socket in the same `SO_REUSEPORT` group,
+/// and the kernel spreads new connections over them: with one shared socket every connection woke every worker
+/// and all but one found nothing to accept. Elsewhere the workers share clones of the one socket.
+fn worker_listeners(
+    first: TcpListener,
+    local: SocketAddr,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let first = first.into_std()?;
+    let mut sockets = Vec::with_capacity(workers);
+    for _ in 1..workers {
+        #[cfg(target_os = "linux")]
+        sockets.push(bind_in_group(local)?.into_std()?);
+        #[cfg(not(target_os = "linux"))]
+        sockets.push(first.try_clone()?);
+    }
+    sockets.insert(0, first);
+    Ok(sockets)
+}
