@@ -396,6 +396,13 @@ impl VinAcl {
         identity
     }
 
+    /// The VIN a verified token claims (`allow_token_identity`), normalized as a certificate's would be; not yet
+    /// validated. Both authorization and the session recheck read the claim through this.
+    fn claimed_vin(&self) -> Option<String> {
+        let claim = self.token_claim.as_deref()?;
+        host::client_attribute(claim).map(|claimed| self.normalized(claimed))
+    }
+
     /// Who the client is for authorization: its VIN or non-VIN identity (set at CONNECT by this plugin), a VIN
     /// from a verified token (if allowed), or a role.
     fn principal(&self, client: &Client) -> Option<(Principal, Option<String>)> {
@@ -408,9 +415,7 @@ impl VinAcl {
         if let Some(role) = host::client_attribute(ROLE_ATTRIBUTE) {
             return Some((Principal::Role(role), None));
         }
-        if let Some(claim) = &self.token_claim
-            && let Some(vin) = host::client_attribute(claim).map(|claimed| self.normalized(claimed))
-        {
+        if let Some(vin) = self.claimed_vin() {
             return match self.token_vin(client, &vin) {
                 Ok(()) => Some((Principal::Vehicle, Some(vin))),
                 Err(reason) => {
@@ -645,10 +650,9 @@ impl Plugin for VinAcl {
     /// certificates; their subscriptions go with them, and expired grants lose theirs through the subscribe recheck.
     fn authorize_session(&self, client: &Client) -> AclDecision {
         let vin = host::client_attribute(VERIFIED_VIN_ATTRIBUTE).or_else(|| {
-            self.token_claim.as_deref().and_then(host::client_attribute).filter(|_| {
-                host::client_attribute(NAMESPACE_ATTRIBUTE).is_none()
-                    && host::client_attribute(ROLE_ATTRIBUTE).is_none()
-            })
+            let other_principal = host::client_attribute(NAMESPACE_ATTRIBUTE).is_some()
+                || host::client_attribute(ROLE_ATTRIBUTE).is_some();
+            if other_principal { None } else { self.claimed_vin() }
         });
         if self.revoked(vin.as_deref()) {
             host::counter_add("sessions_revoked", 1);
@@ -1082,5 +1086,15 @@ mod tests {
         // Still a VIN: a lower-case string with a bad check digit stays refused.
         refuses_identities(&upper, &["1j9rp1a36a1644346"]);
         assert!(VinAcl::init(with(&[("case", "lower")])).is_err());
+    }
+
+    #[test]
+    fn a_revoked_lower_case_token_vin_ends_its_session_in_upper_case_mode() {
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin", &VIN.to_ascii_lowercase());
+        let acl = VinAcl::init(with(&[("allow_token_identity", "true"), ("case", "upper"), ("revoked.0", VIN)]))
+            .expect("init");
+        assert_eq!(acl.authorize_session(&Client::new(VIN, None)), AclDecision::Deny(DenyReason::NotAuthorized));
+        tollgate_sdk::testing::clear_attributes();
     }
 }
