@@ -12,6 +12,7 @@ pub mod ws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -203,42 +204,39 @@ fn serve_connection(
         peer: None,
         identity_username: None,
     };
-    // The admission is held until the connection ends: it is what the connection caps count.
-    let transport = match spec.transport.clone() {
-        Transport::Tcp => return Either::Left(serve(broker, stream, context).map(move |()| drop(admission))),
-        other => other,
-    };
     // The TLS and WebSocket handshakes count against the CONNECT deadline: a client that stalls in them is a
     // slowloris like any other.
     let deadline = tokio::time::Instant::now() + broker.config().connect_timeout;
     let max_packet = broker.config().max_packet_size as usize;
-    Either::Right(Box::pin(async move {
-        let _admission = admission;
-        match transport {
-            Transport::Tcp => serve(broker, stream, context).await,
-            Transport::Ws { path } => {
-                let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
-                    return;
-                };
-                serve(broker, stream, context).await;
-            }
-            Transport::Tls(tls) => {
-                let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
-                    return;
-                };
-                serve(broker, stream, context).await;
-            }
-            Transport::Wss { tls, path } => {
-                let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
-                    return;
-                };
-                let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
-                    return;
-                };
-                serve(broker, stream, context).await;
-            }
-        }
-    }))
+    // The admission is held until the connection ends: it is what the connection caps count.
+    let boxed: Pin<Box<dyn Future<Output = ()> + Send>> = match spec.transport.clone() {
+        Transport::Tcp => return Either::Left(serve(broker, stream, context).map(move |()| drop(admission))),
+        Transport::Ws { path } => Box::pin(async move {
+            let _admission = admission;
+            let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
+                return;
+            };
+            serve(broker, stream, context).await;
+        }),
+        Transport::Tls(tls) => Box::pin(async move {
+            let _admission = admission;
+            let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
+                return;
+            };
+            serve(broker, stream, context).await;
+        }),
+        Transport::Wss { tls, path } => Box::pin(async move {
+            let _admission = admission;
+            let Some((stream, context)) = tls_handshake(stream, &tls, context, deadline, &spec).await else {
+                return;
+            };
+            let Some(stream) = upgrade(stream, &path, max_packet, deadline, &spec, remote_addr).await else {
+                return;
+            };
+            serve(broker, stream, context).await;
+        }),
+    };
+    Either::Right(boxed)
 }
 
 async fn upgrade<S: AsyncRead + AsyncWrite + Unpin>(
