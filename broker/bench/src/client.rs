@@ -282,7 +282,9 @@ pub fn fill_byte(publisher: u32, seq: u64) -> u8 {
     (seq as u8).wrapping_mul(31).wrapping_add(publisher as u8) ^ 0x5A
 }
 
-/// Appends one PUBLISH (MQTT 3.1.1) whose payload is the benchmark header plus filler, `payload_len` bytes.
+/// Appends one PUBLISH (MQTT 3.1.1) whose payload is the benchmark header plus filler, `payload_len` bytes. With a
+/// signer, that payload is signed and wrapped in the msg-auth envelope.
+#[allow(clippy::too_many_arguments)]
 pub fn put_publish(
     out: &mut BytesMut,
     topic: &[u8],
@@ -291,9 +293,29 @@ pub fn put_publish(
     publisher: u32,
     seq: u64,
     payload_len: usize,
+    signer: Option<&mut Signer>,
 ) {
     let payload_len = payload_len.max(PAYLOAD_HEADER);
-    put_publish_header(out, topic, qos, packet_id, payload_len);
+    match signer {
+        None => {
+            put_publish_header(out, topic, qos, packet_id, payload_len);
+            put_payload(out, publisher, seq, payload_len);
+        }
+        Some(signer) => {
+            let header = signer.sign(topic, publisher, seq, payload_len);
+            let body = tollgate_sig::ENVELOPE_PREFIX.len() + header.len() + 1 + payload_len;
+            put_publish_header(out, topic, qos, packet_id, body);
+            out.put_slice(tollgate_sig::ENVELOPE_PREFIX);
+            out.put_slice(header.as_bytes());
+            out.put_u8(b'\n');
+            out.put_slice(&signer.scratch);
+        }
+    }
+}
+
+/// The benchmark payload, `payload_len` (at least [`PAYLOAD_HEADER`]) bytes: publisher, sequence number, send
+/// time, filler.
+fn put_payload(out: &mut impl BufMut, publisher: u32, seq: u64, payload_len: usize) {
     out.put_u32_le(publisher);
     out.put_u64_le(seq);
     out.put_u64_le(now_ns());
@@ -331,54 +353,33 @@ impl Signer {
     pub fn new(sub: String) -> Signer {
         Signer { key: SIGNING_KEY.to_vec(), kid: SIGNING_KID.into(), sub, scratch: Vec::new() }
     }
+
+    /// Writes the benchmark payload into `scratch` and returns the signature header for it on `topic`.
+    fn sign(&mut self, topic: &[u8], publisher: u32, seq: u64, payload_len: usize) -> String {
+        self.scratch.clear();
+        put_payload(&mut self.scratch, publisher, seq, payload_len);
+        let mut signature = tollgate_sig::Signature {
+            kid: self.kid.clone(),
+            sub: self.sub.clone(),
+            ts: unix_ms(),
+            ctr: seq + 1,
+            present: tollgate_sig::Present { sub: true, ts: true, ctr: true, ..Default::default() },
+            ..Default::default()
+        };
+        let covered = tollgate_sig::Covered {
+            topic: std::str::from_utf8(topic).unwrap_or_default(),
+            payload: &self.scratch,
+            ..Default::default()
+        };
+        tollgate_sig::keys::sign(&self.key, &mut signature, &covered, 32);
+        signature.header()
+    }
 }
 
 fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// [`put_publish`] with the payload signed and wrapped in an envelope.
-#[allow(clippy::too_many_arguments)]
-pub fn put_signed_publish(
-    out: &mut BytesMut,
-    topic: &[u8],
-    qos: u8,
-    packet_id: u16,
-    publisher: u32,
-    seq: u64,
-    payload_len: usize,
-    signer: &mut Signer,
-) {
-    let payload_len = payload_len.max(PAYLOAD_HEADER);
-    let payload = &mut signer.scratch;
-    payload.clear();
-    payload.extend_from_slice(&publisher.to_le_bytes());
-    payload.extend_from_slice(&seq.to_le_bytes());
-    payload.extend_from_slice(&now_ns().to_le_bytes());
-    payload.resize(payload_len, fill_byte(publisher, seq));
-    let mut signature = tollgate_sig::Signature {
-        kid: signer.kid.clone(),
-        sub: signer.sub.clone(),
-        ts: unix_ms(),
-        ctr: seq + 1,
-        present: tollgate_sig::Present { sub: true, ts: true, ctr: true, ..Default::default() },
-        ..Default::default()
-    };
-    let covered = tollgate_sig::Covered {
-        topic: std::str::from_utf8(topic).unwrap_or_default(),
-        payload: &signer.scratch,
-        ..Default::default()
-    };
-    tollgate_sig::keys::sign(&signer.key, &mut signature, &covered, 32);
-    let header = signature.header();
-    let body = tollgate_sig::ENVELOPE_PREFIX.len() + header.len() + 1 + payload_len;
-    put_publish_header(out, topic, qos, packet_id, body);
-    out.put_slice(tollgate_sig::ENVELOPE_PREFIX);
-    out.put_slice(header.as_bytes());
-    out.put_u8(b'\n');
-    out.put_slice(&signer.scratch);
 }
 
 /// The payload inside a signature envelope, or `None` if `payload` is not one.
@@ -432,7 +433,7 @@ mod tests {
     fn signed_publish_verifies_with_the_plugins_format() {
         let mut signer = Signer::new("bench-pub-3".into());
         let mut out = BytesMut::new();
-        put_signed_publish(&mut out, b"bench/pair/3", 1, 5, 3, 41, 64, &mut signer);
+        put_publish(&mut out, b"bench/pair/3", 1, 5, 3, 41, 64, Some(&mut signer));
         let Some(Packet::Publish(publish)) = decode_packet(&mut out, VERSION, MAX_PACKET).expect("decode") else {
             panic!("not a PUBLISH");
         };
@@ -452,7 +453,7 @@ mod tests {
         for (qos, packet_id) in [(0u8, None), (1u8, Some(77u16))] {
             for len in [64usize, 1024, 200_000] {
                 let mut fast = BytesMut::new();
-                put_publish(&mut fast, b"bench/pair/3", qos, packet_id.unwrap_or(0), 3, 9, len);
+                put_publish(&mut fast, b"bench/pair/3", qos, packet_id.unwrap_or(0), 3, 9, len, None);
                 // The timestamp differs between calls; compare with the codec on the same payload bytes.
                 let mut copy = fast.clone();
                 let (_, header_len, _) = parse_fixed_header(&copy).expect("ok").expect("some");
@@ -498,7 +499,7 @@ mod tests {
     #[test]
     fn corrupted_payload_is_rejected() {
         let mut out = BytesMut::new();
-        put_publish(&mut out, b"t", 0, 0, 1, 2, 64);
+        put_publish(&mut out, b"t", 0, 0, 1, 2, 64, None);
         let payload_start = out.len() - 64;
         let mut payload = out.split_off(payload_start);
         assert!(parse_payload(&payload, 64).is_some());

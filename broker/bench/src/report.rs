@@ -56,6 +56,14 @@ struct Row {
     pick: fn(&Outcome) -> Option<f64>,
 }
 
+fn latency_p50(outcome: &Outcome) -> Option<f64> {
+    outcome.latency.as_ref().filter(|latency| latency.samples > 0).map(|latency| latency.p50_us)
+}
+
+fn latency_p99(outcome: &Outcome) -> Option<f64> {
+    outcome.latency.as_ref().filter(|latency| latency.samples > 0).map(|latency| latency.p99_us)
+}
+
 fn rows(entries: &[Entry]) -> Vec<Row> {
     let mut rows: Vec<Row> = Vec::new();
     for entry in entries {
@@ -68,14 +76,14 @@ fn rows(entries: &[Entry]) -> Vec<Row> {
                 label: format!("{} — p50", entry.title),
                 unit: "µs",
                 higher_is_better: false,
-                pick: |o| o.latency.as_ref().filter(|l| l.samples > 0).map(|l| l.p50_us),
+                pick: latency_p50,
             });
             rows.push(Row {
                 scenario: entry.scenario,
                 label: format!("{} — p99", entry.title),
                 unit: "µs",
                 higher_is_better: false,
-                pick: |o| o.latency.as_ref().filter(|l| l.samples > 0).map(|l| l.p99_us),
+                pick: latency_p99,
             });
         } else {
             rows.push(Row {
@@ -91,7 +99,7 @@ fn rows(entries: &[Entry]) -> Vec<Row> {
                     label: format!("{} — connect p99 (TCP connect to CONNACK)", entry.title),
                     unit: "µs",
                     higher_is_better: false,
-                    pick: |o| o.latency.as_ref().filter(|l| l.samples > 0).map(|l| l.p99_us),
+                    pick: latency_p99,
                 });
             }
         }

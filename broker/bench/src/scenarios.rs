@@ -17,8 +17,8 @@ use tollgate_protocol::{Packet, QoS};
 
 use crate::brokers::{RunningBroker, cpu_ticks};
 use crate::client::{
-    Conn, Dialer, Frame, Signer, drain_frames, now_ns, parse_payload, put_puback, put_publish, put_signed_publish,
-    split, strip_envelope, try_read_now,
+    Conn, Dialer, Frame, Signer, drain_frames, now_ns, parse_payload, put_puback, put_publish, split, strip_envelope,
+    try_read_now,
 };
 use crate::pki::Pki;
 
@@ -675,19 +675,8 @@ async fn publisher(conn: Conn, mut ctx: PubCtx) -> PubResult {
                         next_id = next_id.checked_add(1).unwrap_or(1);
                     }
                     let (topic, publisher) = (&ctx.topic, ctx.index as u32);
-                    match ctx.signer.as_mut() {
-                        None => put_publish(&mut wbuf, topic, ctx.qos, packet_id, publisher, res.sent, ctx.payload),
-                        Some(signer) => put_signed_publish(
-                            &mut wbuf,
-                            topic,
-                            ctx.qos,
-                            packet_id,
-                            publisher,
-                            res.sent,
-                            ctx.payload,
-                            signer,
-                        ),
-                    }
+                    let signer = ctx.signer.as_mut();
+                    put_publish(&mut wbuf, topic, ctx.qos, packet_id, publisher, res.sent, ctx.payload, signer);
                     res.sent += 1;
                 }
                 wr.write_all(&wbuf).await?;
