@@ -11,6 +11,7 @@ pub mod latency;
 mod lua;
 pub mod shared;
 pub mod spec;
+pub mod ticker;
 mod wasm;
 
 use std::collections::HashMap;

@@ -2,9 +2,9 @@
 //! loadstring/debug), a heap cap, and a CPU budget enforced by the interrupt callback, which also yields to the
 //! worker's other tasks every millisecond.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Value, VmState};
 use tollgate_hooks::{
@@ -17,18 +17,61 @@ use crate::spec::{HookKind, Limits, PluginSpec};
 use crate::{AclRequest, LoadError, Runtime};
 
 const CPU_LIMIT_MESSAGE: &str = "tollgate: CPU time budget exhausted";
-/// How long a script runs before it yields to the worker's other tasks.
-const TIME_SLICE: Duration = Duration::from_millis(1);
 
 /// Globals a policy script must not reach. Luau has no io or bytecode loading to begin with.
 const REMOVED_GLOBALS: [&str; 8] =
     ["require", "loadstring", "getfenv", "setfenv", "collectgarbage", "gcinfo", "debug", "os"];
 
+/// A call's CPU budget in ticks of [`crate::ticker`]. Atomics rather than a lock: the interrupt reads it at every
+/// function call and loop edge of the script. Only the thread running the instance touches it.
 struct Budget {
-    limit: Duration,
-    used: Duration,
-    slice_start: Option<Instant>,
-    exhausted: bool,
+    limit: u64,
+    used: AtomicU64,
+    /// The tick the running slice began at, or [`NO_SLICE`].
+    slice_start: AtomicU64,
+    exhausted: AtomicBool,
+}
+
+const NO_SLICE: u64 = u64::MAX;
+
+impl Budget {
+    fn new(cpu_time: Duration) -> Self {
+        Self {
+            limit: crate::ticker::budget_ticks(cpu_time),
+            used: AtomicU64::new(0),
+            slice_start: AtomicU64::new(NO_SLICE),
+            exhausted: AtomicBool::new(false),
+        }
+    }
+
+    fn reset(&self) {
+        self.used.store(0, Ordering::Relaxed);
+        self.slice_start.store(NO_SLICE, Ordering::Relaxed);
+        self.exhausted.store(false, Ordering::Relaxed);
+    }
+
+    /// What the interrupt tells the VM: run on, yield (a tick has passed since the slice began: the caller lets
+    /// the worker's other tasks run, and time suspended is not counted) or stop (the budget is spent).
+    fn check(&self) -> Result<VmState, ()> {
+        let now = crate::ticker::now();
+        let mut start = self.slice_start.load(Ordering::Relaxed);
+        if start == NO_SLICE {
+            self.slice_start.store(now, Ordering::Relaxed);
+            start = now;
+        }
+        let slice = now.saturating_sub(start);
+        let used = self.used.load(Ordering::Relaxed);
+        if used.saturating_add(slice) > self.limit {
+            self.exhausted.store(true, Ordering::Relaxed);
+            return Err(());
+        }
+        if slice >= 1 {
+            self.used.store(used + slice, Ordering::Relaxed);
+            self.slice_start.store(NO_SLICE, Ordering::Relaxed);
+            return Ok(VmState::Yield);
+        }
+        Ok(VmState::Continue)
+    }
 }
 
 struct Hooks {
@@ -66,9 +109,9 @@ struct InstanceState {
     /// mlua's `call_async` (which builds a new thread and closures per call) and still lets the interrupt yield.
     thread: mlua::Thread,
     hooks: Hooks,
-    budget: Arc<Mutex<Budget>>,
+    budget: Arc<Budget>,
     client: Arc<Mutex<CallClient>>,
-    clients: std::collections::HashMap<(usize, usize), CachedClient>,
+    clients: std::collections::HashMap<(usize, usize), CachedClient, foldhash::fast::FixedState>,
     kind_publish: LuaString,
     kind_will: LuaString,
 }
@@ -91,6 +134,7 @@ pub struct LuaPlugin {
 impl LuaPlugin {
     pub(crate) async fn load(spec: &PluginSpec, previous: Option<&PluginShared>) -> Result<Self, LoadError> {
         let fail = |reason: String| LoadError { plugin: spec.name.clone(), reason };
+        crate::ticker::start().map_err(fail)?;
         let source = std::fs::read_to_string(&spec.path)
             .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
         let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
@@ -130,8 +174,8 @@ impl LuaPlugin {
         Ok(plugin)
     }
 
-    fn classify(&self, budget: &Mutex<Budget>, error: mlua::Error) -> Failure {
-        if lock(budget).exhausted || error.to_string().contains(CPU_LIMIT_MESSAGE) {
+    fn classify(&self, budget: &Budget, error: mlua::Error) -> Failure {
+        if budget.exhausted.load(Ordering::Relaxed) || error.to_string().contains(CPU_LIMIT_MESSAGE) {
             return Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX));
         }
         if is_memory_error(&error) {
@@ -142,12 +186,7 @@ impl LuaPlugin {
 
     async fn instantiate(&self) -> Result<Instance, Failure> {
         self.shared.metrics.instances_created.fetch_add(1, Ordering::Relaxed);
-        let budget = Arc::new(Mutex::new(Budget {
-            limit: self.limits.cpu_time,
-            used: Duration::ZERO,
-            slice_start: None,
-            exhausted: false,
-        }));
+        let budget = Arc::new(Budget::new(self.limits.cpu_time));
         let client = Arc::new(Mutex::new(CallClient::default()));
         let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(&budget, error))?;
         let run = async {
@@ -171,7 +210,7 @@ impl LuaPlugin {
             let thread = lua.create_thread(lua.create_function(|_, ()| Ok(()))?)?;
             Ok::<_, mlua::Error>((hooks, thread, lua.create_string("publish")?, lua.create_string("will")?))
         };
-        reset_budget(&budget);
+        budget.reset();
         let (hooks, thread, kind_publish, kind_will) = run.await.map_err(|error| self.classify(&budget, error))?;
         Ok(Box::new(InstanceState {
             lua,
@@ -179,13 +218,13 @@ impl LuaPlugin {
             hooks,
             budget,
             client,
-            clients: std::collections::HashMap::new(),
+            clients: std::collections::HashMap::default(),
             kind_publish,
             kind_will,
         }))
     }
 
-    fn new_state(&self, budget: Arc<Mutex<Budget>>, client: Arc<Mutex<CallClient>>) -> mlua::Result<Lua> {
+    fn new_state(&self, budget: Arc<Budget>, client: Arc<Mutex<CallClient>>) -> mlua::Result<Lua> {
         let libraries = StdLib::COROUTINE
             | StdLib::TABLE
             | StdLib::STRING
@@ -310,23 +349,7 @@ impl LuaPlugin {
         host.raw_set("hex", lua.create_function(|_, data: LuaString| Ok(hex::encode(data.as_bytes())))?)?;
         globals.raw_set("tollgate", host)?;
         lua.set_memory_limit(self.limits.memory_bytes)?;
-        lua.set_interrupt(move |_| {
-            let mut budget = lock(&budget);
-            let now = Instant::now();
-            let slice_start = *budget.slice_start.get_or_insert(now);
-            let slice = now.duration_since(slice_start);
-            if budget.used + slice > budget.limit {
-                budget.exhausted = true;
-                return Err(mlua::Error::runtime(CPU_LIMIT_MESSAGE));
-            }
-            if slice >= TIME_SLICE {
-                budget.used += slice;
-                // The next interrupt after resuming starts a new slice, so time spent suspended is not counted.
-                budget.slice_start = None;
-                return Ok(VmState::Yield);
-            }
-            Ok(VmState::Continue)
-        });
+        lua.set_interrupt(move |_| budget.check().map_err(|()| mlua::Error::runtime(CPU_LIMIT_MESSAGE)));
         // Read-only built-ins and a private global table for the script.
         lua.sandbox(true)?;
         Ok(lua)
@@ -345,7 +368,7 @@ impl LuaPlugin {
             None => Box::pin(self.instantiate()).await?,
         };
         *lock(&instance.client) = client;
-        reset_budget(&instance.budget);
+        instance.budget.reset();
         let (instance, result) = call(instance).await;
         match result {
             Ok(value) => {
@@ -392,13 +415,6 @@ impl InstanceState {
         }
         R::from_lua_multi(values, &self.lua)
     }
-}
-
-fn reset_budget(budget: &Mutex<Budget>) {
-    let mut budget = lock(budget);
-    budget.used = Duration::ZERO;
-    budget.slice_start = None;
-    budget.exhausted = false;
 }
 
 fn is_memory_error(error: &mlua::Error) -> bool {

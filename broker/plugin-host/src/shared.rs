@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -370,11 +370,30 @@ impl DurableKv {
 pub struct PluginShared {
     pub name: Arc<str>,
     pub metrics: PluginMetrics,
-    secrets: BTreeMap<String, Vec<u8>>,
+    secrets: BTreeMap<String, KeyedSecret>,
     /// Shared with the plugin's next version on a reload (see [`PluginShared::keeping_state_of`]).
     kv: Arc<KvStore>,
     counters: Mutex<BTreeMap<String, u64>>,
     health: Mutex<Health>,
+    /// Mirrors `health.disabled_until.is_some()`, so that the check every call makes reads one shared flag
+    /// instead of taking a lock the other workers take too.
+    disabled: AtomicBool,
+}
+
+/// A secret kept only in its keyed forms: HMAC with the ipad/opad blocks already hashed, and HKDF with the
+/// extract step done, so that a call pays for its data and not for keying (a third of a 64-byte message's work).
+struct KeyedSecret {
+    mac: Hmac<Sha256>,
+    hkdf: hkdf::Hkdf<Sha256>,
+}
+
+impl KeyedSecret {
+    fn new(secret: &[u8]) -> Result<Self, String> {
+        Ok(Self {
+            mac: Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string())?,
+            hkdf: hkdf::Hkdf::<Sha256>::new(None, secret),
+        })
+    }
 }
 
 /// Shards of the key-value table and of its state file. msg-auth claims, reads and writes a sender's replay
@@ -511,6 +530,17 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl PluginShared {
     pub fn new(name: &str, secrets: BTreeMap<String, Vec<u8>>) -> Self {
+        let secrets = secrets
+            .into_iter()
+            .filter_map(|(id, secret)| match KeyedSecret::new(&secret) {
+                Ok(keyed) => Some((id, keyed)),
+                // HMAC takes a key of any length, so this cannot happen; a secret it refused would be "no secret".
+                Err(error) => {
+                    warn!(plugin = name, secret = %id, %error, "secret unusable");
+                    None
+                }
+            })
+            .collect();
         Self {
             name: name.into(),
             metrics: PluginMetrics::default(),
@@ -526,6 +556,7 @@ impl PluginShared {
                 last_log: None,
                 suppressed_logs: 0,
             }),
+            disabled: AtomicBool::new(false),
         }
     }
 
@@ -669,12 +700,10 @@ impl PluginShared {
     fn mac(&self, key_id: &str, derive_info: Option<&[u8]>) -> Result<Hmac<Sha256>, String> {
         let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
         match derive_info {
-            None => Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string()),
+            None => Ok(secret.mac.clone()),
             Some(info) => {
                 let mut derived = [0u8; 32];
-                hkdf::Hkdf::<Sha256>::new(None, secret)
-                    .expand(info, &mut derived)
-                    .map_err(|error| error.to_string())?;
+                secret.hkdf.expand(info, &mut derived).map_err(|error| error.to_string())?;
                 Hmac::<Sha256>::new_from_slice(&derived).map_err(|error| error.to_string())
             }
         }
@@ -702,6 +731,9 @@ impl PluginShared {
 
     /// `Err` while the plugin is disabled after a crash loop.
     pub fn check_enabled(&self) -> Result<(), Failure> {
+        if !self.disabled.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let mut health = lock(&self.health);
         match health.disabled_until {
             Some(until) if Instant::now() < until => {
@@ -709,6 +741,7 @@ impl PluginShared {
             }
             Some(_) => {
                 health.disabled_until = None;
+                self.disabled.store(false, Ordering::Release);
                 health.failures_in_window = 0;
                 health.window_start = Instant::now();
                 tracing::info!(plugin = %self.name, "plugin enabled again after its backoff");
@@ -745,6 +778,7 @@ impl PluginShared {
                 }
                 let backoff = health.backoff;
                 health.disabled_until = Some(now + backoff);
+                self.disabled.store(true, Ordering::Release);
                 health.last_disabled = Some(now);
                 health.backoff = (backoff * 2).min(MAX_BACKOFF);
                 metrics.disabled.fetch_add(1, Ordering::Relaxed);

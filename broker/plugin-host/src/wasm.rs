@@ -5,7 +5,6 @@ use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use tollgate_hooks::{
     AclDecision, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection, TransformDecision,
@@ -28,13 +27,11 @@ wasmtime::component::bindgen!({
 use exports::tollgate::plugin::{authn, authz, bridge, lifecycle, transform};
 use tollgate::plugin::types as wit;
 
-/// How often the engine's epoch advances. A running guest yields to the worker's other tasks at every tick, and
-/// the CPU budget is counted in ticks.
-pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
 
-/// The one engine of the process, with its epoch ticker thread.
+/// The one engine of the process. Its epoch advances with the plugin ticker: a running guest yields to the
+/// worker's other tasks at every tick, and the CPU budget is counted in ticks.
 pub fn engine() -> Result<&'static Engine, String> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
     ENGINE
         .get_or_init(|| {
             let mut config = wasmtime::Config::new();
@@ -45,20 +42,18 @@ pub fn engine() -> Result<&'static Engine, String> {
             config.max_wasm_stack(1 << 20);
             config.async_stack_size(2 << 20);
             let engine = Engine::new(&config).map_err(|error| error.to_string())?;
-            let ticker = engine.clone();
-            std::thread::Builder::new()
-                .name("tollgate-wasm-epoch".into())
-                .spawn(move || {
-                    loop {
-                        std::thread::sleep(EPOCH_TICK);
-                        ticker.increment_epoch();
-                    }
-                })
-                .map_err(|error| error.to_string())?;
+            crate::ticker::start()?;
             Ok(engine)
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// Called by the ticker thread at every tick.
+pub(crate) fn advance_epoch() {
+    if let Some(Ok(engine)) = ENGINE.get() {
+        engine.increment_epoch();
+    }
 }
 
 /// Marker errors raised from host callbacks, recognised when classifying a failed call.
@@ -426,8 +421,7 @@ fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
 }
 
 fn cpu_ticks(limits: Limits) -> u64 {
-    let tick = EPOCH_TICK.as_micros().max(1);
-    u64::try_from(limits.cpu_time.as_micros().div_ceil(tick)).unwrap_or(u64::MAX).max(1)
+    crate::ticker::budget_ticks(limits.cpu_time)
 }
 
 fn wit_protocol(protocol: ProtocolVersion) -> wit::ProtocolVersion {
