@@ -14,10 +14,11 @@ use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
 use tollgate::config::{Config, PluginConfig};
 use tollgate_integration_tests::v5::{self, Acked};
 use tollgate_integration_tests::{QUIET, TestBroker, v4};
-use tollgate_sig::{Covered, PROPERTY, Present, Signature, keys};
+use tollgate_sig::{Covered, PREVIOUS_PROPERTY, PROPERTY, Present, Signature, derive_info, keys};
 
 const VIN: &str = "1M8GDM9AXKP042788";
 const CLOUD_KEY: &[u8] = b"cloud key of at least 32 bytes!!";
+const SITE_MASTER: &[u8] = b"site master key, 32 bytes long!!";
 
 fn msg_auth() -> PluginConfig {
     let config = serde_json::json!({
@@ -48,10 +49,14 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn broker(state: &Path) -> TestBroker {
+    broker_with(state, msg_auth()).await
+}
+
+async fn broker_with(state: &Path, plugin: PluginConfig) -> TestBroker {
     let state = state.to_path_buf();
     TestBroker::builder()
         .configure(move |config: &mut Config| {
-            config.plugins = vec![msg_auth()];
+            config.plugins = vec![plugin];
             config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
             config.runtime.state_dir = Some(state);
         })
@@ -154,4 +159,49 @@ async fn the_broker_refuses_to_start_msg_auth_without_durable_state() {
     let error = tollgate::Server::start(&config).await.err().expect("refused");
     let text = format!("{error:#}");
     assert!(text.contains("msg-auth") && text.contains("state_dir"), "{text}");
+}
+
+#[tokio::test]
+async fn a_verified_command_reaches_the_car_signed_with_its_own_key() {
+    let mut plugin = msg_auth();
+    plugin.secrets.insert("site-master".into(), format!("hex:{}", hex(SITE_MASTER)));
+    let keys = plugin.config["keys"].as_array_mut().unwrap();
+    keys.push(serde_json::json!({ "kid": "vin-1", "secret": "site-master", "derive": "vin-mac-v1:${sub}" }));
+    let rule = plugin.config["rules"][0].as_object_mut().unwrap();
+    rule.insert("resign".into(), "vin-1".into());
+    rule.insert("resign_chain".into(), true.into());
+    let state = tempfile::tempdir().unwrap();
+    let broker = broker_with(state.path(), plugin).await;
+    let mut car = v5::connect_to(&broker, "car").await;
+    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
+    let mut backend = v5::connect_to(&broker, "backend").await;
+    let topic = command_topic();
+
+    let sent = signed(&topic, b"unlock", 1);
+    let acked = backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(sent.clone())).await;
+    assert_eq!(acked, Acked::PubAck(PubAckReason::Success));
+    let delivered = car.next_publish().await;
+    let properties = delivered.properties.as_ref().map(|p| p.user_properties.clone()).unwrap_or_default();
+    let header = properties.iter().find(|(key, _)| key == PROPERTY).map(|(_, value)| value.clone()).unwrap();
+    let signature = Signature::parse(&header).unwrap();
+    assert_eq!((signature.kid.as_str(), signature.sub.as_str(), signature.iss.as_str()), ("vin-1", VIN, "site-0042"));
+    // What the car holds: the key derived from the site master for its own VIN.
+    let car_key = keys::mac_key(SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(
+        &car_key,
+        &signature,
+        &Covered { topic: &topic, payload: &delivered.payload, ..Covered::default() }
+    ));
+    let previous = properties.iter().find(|(key, _)| key == PREVIOUS_PROPERTY).map(|(_, value)| value.clone());
+    assert_eq!(previous, Some(sent.user_properties[0].1.clone()), "the cloud's signature is kept in the chain");
+
+    // A replay of the cloud's message is still refused before any re-signing.
+    assert_eq!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(sent)).await,
+        Acked::PubAck(PubAckReason::NotAuthorized)
+    );
+    car.expect_no_publish(QUIET).await;
+    backend.disconnect().await;
+    car.disconnect().await;
+    assert!(broker.stop().await);
 }

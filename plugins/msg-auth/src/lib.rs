@@ -3,7 +3,7 @@
 //! `tollgate-sig`; the keys live in the broker (`[plugins.secrets]`) and never enter this plugin.
 
 use tollgate_sdk::prelude::*;
-use tollgate_sig::{Covered, Malformed, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
+use tollgate_sig::{Covered, Malformed, PREVIOUS_PROPERTY, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
 
 /// How many counters behind the highest seen are still accepted (once each), for senders whose messages arrive
 /// slightly out of order.
@@ -75,6 +75,11 @@ struct Rule {
     on_fail: OnFail,
     deny_retained: bool,
     carrier: Carrier,
+    /// A verify rule's re-signing key: what passed verification is signed again by the broker (for the `sub` it
+    /// was signed for), so the receiver checks one key it holds (a per-VIN derived key) instead of the cloud's.
+    resign: Option<String>,
+    /// Keep the verified signature in `x-sig-prev` when re-signing.
+    resign_chain: bool,
 }
 
 pub struct MsgAuth {
@@ -268,21 +273,40 @@ impl Plugin for MsgAuth {
             config.require(&key("mode"))?;
             let mode = pick(&config, &key("mode"), "", &[("verify", Mode::Verify), ("attest", Mode::Attest)])?;
             let signing_key = config.get(&key("key")).map(str::to_owned);
+            let active_key = |name: &str, kid: &str| match keys.iter().find(|candidate| candidate.kid == kid) {
+                Some(found) if found.state == KeyState::Active => Ok(found),
+                Some(_) => Err(format!("{} = {kid:?} is not an active key", key(name))),
+                None => Err(format!("{} = {kid:?} is not in keys", key(name))),
+            };
             if mode == Mode::Attest {
                 let Some(kid) = &signing_key else {
                     return Err(format!("{}: an attest rule names the key it signs with", key("key")));
                 };
-                match keys.iter().find(|candidate| &candidate.kid == kid) {
-                    Some(found) if found.state == KeyState::Active => {}
-                    Some(_) => return Err(format!("{} = {kid:?} is not an active key", key("key"))),
-                    None => return Err(format!("{} = {kid:?} is not in keys", key("key"))),
-                }
+                active_key("key", kid)?;
             }
-            let require: Vec<String> = config.list(&key("require")).into_iter().map(str::to_owned).collect();
+            let require: Vec<String> = if config.get(&key("require.0")).is_some() {
+                config.list(&key("require")).into_iter().map(str::to_owned).collect()
+            } else {
+                vec!["ts".into(), "ctr".into()]
+            };
             if let Some(unknown) =
                 require.iter().find(|field| !["ts", "ctr", "exp", "sub", "iss"].contains(&field.as_str()))
             {
                 return Err(format!("{}: {unknown:?} is not ts, ctr, exp, sub or iss", key("require")));
+            }
+            let resign = config.get(&key("resign")).map(str::to_owned);
+            if let Some(kid) = &resign {
+                if mode != Mode::Verify {
+                    return Err(format!("{}: only a verify rule re-signs", key("resign")));
+                }
+                let found = active_key("resign", kid)?;
+                // A derived key is the key of one `sub`: without a required `sub` there would be none to derive.
+                if found.derive.is_some() && !require.iter().any(|field| field == "sub") {
+                    return Err(format!(
+                        "{}: {kid:?} is derived per sub, so the rule must require \"sub\"",
+                        key("resign")
+                    ));
+                }
             }
             let on_fail = pick(
                 &config,
@@ -308,16 +332,14 @@ impl Plugin for MsgAuth {
                 mode,
                 key: signing_key,
                 accept_kids: config.list(&key("accept_kids")).into_iter().map(str::to_owned).collect(),
-                require: if config.get(&key("require.0")).is_some() {
-                    require
-                } else {
-                    vec!["ts".into(), "ctr".into()]
-                },
+                require,
                 sub_level,
                 bind_publisher: parse_bool(&key("bind_publisher"), config.get(&key("bind_publisher")), false)?,
                 on_fail,
                 deny_retained: parse_bool(&key("deny_retained"), config.get(&key("deny_retained")), false)?,
                 carrier,
+                resign,
+                resign_chain: parse_bool(&key("resign_chain"), config.get(&key("resign_chain")), false)?,
             });
         }
         if rules.is_empty() {
@@ -369,15 +391,21 @@ impl Plugin for MsgAuth {
         };
         // What a client claims about signatures is never passed on as if the broker had said it.
         let before = message.user_properties.len();
-        message.user_properties.retain(|property| property.key != STATUS_PROPERTY);
+        message.user_properties.retain(|property| property.key != STATUS_PROPERTY && property.key != PREVIOUS_PROPERTY);
         let stripped = message.user_properties.len() != before;
         let outcome = match rule.mode {
-            Mode::Verify => self.verify(rule, &message),
+            Mode::Verify => self.verify(rule, &message).and_then(|verified| match &rule.resign {
+                None => Ok(false),
+                Some(kid) => self.resign(rule, kid, *verified, &mut message).map(|()| true),
+            }),
             Mode::Attest => self.attest(rule, &mut message).map(|()| true),
         };
         match outcome {
             Ok(modified) => {
                 host::counter_add(&format!("{}/{}", rule_mode(rule), "ok"), 1);
+                if rule.resign.is_some() {
+                    host::counter_add("verify/resigned", 1);
+                }
                 if modified || stripped { TransformResult::Modified(message) } else { TransformResult::Unchanged }
             }
             Err((failure, detail)) => self.fail(rule, client, message, failure, &detail, stripped),
@@ -415,7 +443,8 @@ impl MsgAuth {
         tollgate_sig::carried(header.map(|property| property.value.as_str()), &message.payload)
     }
 
-    fn verify(&self, rule: &Rule, message: &Message) -> Outcome<bool> {
+    /// Checks the message's signature; returns it once everything passed (and the replay window moved).
+    fn verify(&self, rule: &Rule, message: &Message) -> Outcome<Box<Signature>> {
         let no_signature = Box::<Signature>::default;
         if rule.deny_retained && message.retain {
             return Err((Failure::Retained, no_signature()));
@@ -517,7 +546,27 @@ impl MsgAuth {
                 return Err((Failure::Replay, Box::new(signature)));
             }
         }
-        Ok(false)
+        Ok(Box::new(signature))
+    }
+
+    /// Replaces a verified signature with the broker's, made with the rule's `resign` key for the same `sub` and
+    /// expiry, at this instant and with the broker's own counter. The verified one goes away (or into
+    /// `x-sig-prev`), and so does an envelope it came in: the receiver sees one signature, in the rule's carrier.
+    fn resign(&self, rule: &Rule, kid: &str, verified: Signature, message: &mut Message) -> Outcome<()> {
+        let had_property = message.user_properties.iter().any(|property| property.key == PROPERTY);
+        message.user_properties.retain(|property| property.key != PROPERTY);
+        if !had_property && let Some(Ok((_, inner))) = tollgate_sig::split_envelope(&message.payload) {
+            message.payload = inner.to_vec();
+        }
+        if rule.resign_chain {
+            message.user_properties.push(UserProperty { key: PREVIOUS_PROPERTY.to_owned(), value: verified.header() });
+        }
+        let Some(key) = self.key(kid) else {
+            return Err((Failure::SignFailed, Box::new(verified)));
+        };
+        let exp = if verified.present.exp { verified.exp } else { 0 };
+        self.sign(key, verified.sub.clone(), exp, rule.carrier, message)
+            .map_err(|(failure, _)| (failure, Box::new(verified)))
     }
 
     fn attest(&self, rule: &Rule, message: &mut Message) -> Outcome<()> {
@@ -533,6 +582,15 @@ impl MsgAuth {
             return Err((Failure::SignFailed, Box::default()));
         };
         let now = host::now_ms();
+        let exp = message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000);
+        self.sign(key, sub, exp, rule.carrier, message)
+    }
+
+    /// Signs `message` as this broker (`iss` = site id) with `key` for `sub`, timestamped now and numbered with the
+    /// key's counter, which is incremented and written to the state file in one step so it never repeats across
+    /// restarts; the signature goes in `carrier`.
+    fn sign(&self, key: &Key, sub: String, exp: u64, carrier: Carrier, message: &mut Message) -> Outcome<()> {
+        let now = host::now_ms();
         if key.expired(now) {
             return Err((Failure::ExpiredKid, Box::default()));
         }
@@ -541,11 +599,11 @@ impl MsgAuth {
             .map_err(|_| (Failure::SignFailed, Box::default()))?;
         let mut signature = Signature {
             kid: key.kid.clone(),
-            sub: sub.clone(),
+            sub,
             iss: self.site_id.clone(),
             ts: now,
             ctr,
-            exp: message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000),
+            exp,
             ..Signature::default()
         };
         let covered = Covered {
@@ -557,13 +615,13 @@ impl MsgAuth {
             payload: &message.payload,
         };
         let input = tollgate_sig::canonical(&signature, &covered);
-        let tag = match Self::derive(key, &sub) {
+        let tag = match Self::derive(key, &signature.sub) {
             Some(info) => crypto::hmac_sha256_derived(&key.secret, &info, &input),
             None => crypto::hmac_sha256(&key.secret, &input),
         }
         .map_err(|_| (Failure::SignFailed, Box::default()))?;
         signature.mac = tag[..self.mac_len.min(tag.len())].to_vec();
-        match rule.carrier {
+        match carrier {
             Carrier::Property => {
                 message.user_properties.push(UserProperty { key: PROPERTY.to_owned(), value: signature.header() });
             }

@@ -299,8 +299,15 @@ fn shadow_and_tag_modes_deliver() {
 #[test]
 fn configuration_errors_are_named() {
     setup();
-    let cases: [(&[(&str, &str)], &str); 5] = [
+    let cases: [(&[(&str, &str)], &str); 8] = [
         (&[("rules.1.key", "cloud-2026-01")], "not an active key"),
+        (&[("rules.0.resign", "cloud-2026-01")], "rules.0.resign = \"cloud-2026-01\" is not an active key"),
+        (&[("rules.1.resign", "site-1")], "only a verify rule re-signs"),
+        // The rule of `config` requires sub; one that does not cannot derive a per-sub key.
+        (
+            &[("rules.2.mode", "verify"), ("rules.2.topics.0", "other/#"), ("rules.2.resign", "site-1")],
+            "must require \"sub\"",
+        ),
         (&[("rules.1.key", "nope")], "not in keys"),
         (&[("rules.0.require.3", "nonce")], "require"),
         (&[("keys.3.kid", "x"), ("keys.3.secret", "absent")], "keys.3.secret"),
@@ -374,4 +381,69 @@ fn a_client_sending_bad_tags_is_disconnected_at_the_limit() {
     for ctr in 8..20 {
         assert!(!disconnects(&patient.on_publish(&backend(), forged(ctr))), "0 turns it off");
     }
+}
+
+fn resigned_header(result: TransformResult) -> (Message, Signature) {
+    let TransformResult::Modified(out) = result else { panic!("a re-signed message is modified: {result:?}") };
+    let headers: Vec<_> = out.user_properties.iter().filter(|property| property.key == PROPERTY).collect();
+    assert_eq!(headers.len(), 1, "one signature: {:?}", out.user_properties);
+    let signature = Signature::parse(&headers[0].value).expect("header");
+    (out, signature)
+}
+
+#[test]
+fn a_verified_command_is_resigned_with_the_cars_own_key() {
+    setup();
+    let plugin =
+        MsgAuth::init(config(&[("rules.0.resign", "site-1"), ("rules.0.resign_chain", "true")])).expect("init");
+    let topic = command_topic();
+    let mut sent = signed("cloud-2026-07", CLOUD_NEXT, &topic, b"unlock", 7);
+    // A client cannot plant a chain of its own.
+    sent.user_properties.push(UserProperty { key: PREVIOUS_PROPERTY.into(), value: "v1;forged".into() });
+    let original = sent.user_properties[0].value.clone();
+    let (out, signature) = resigned_header(plugin.on_publish(&backend(), sent.clone()));
+    assert_eq!(out.payload, b"unlock");
+    assert_eq!(
+        (signature.kid.as_str(), signature.sub.as_str(), signature.iss.as_str(), signature.ts),
+        ("site-1", VIN, "site-0042", NOW)
+    );
+    // The car checks it with the key derived for its VIN; the cloud's key does not verify it.
+    let car_key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let covered = Covered { topic: &topic, payload: b"unlock", ..Covered::default() };
+    assert!(keys::verify(&car_key, &signature, &covered));
+    assert!(!keys::verify(&keys::mac_key(CLOUD_NEXT, None), &signature, &covered));
+    let chained: Vec<_> = out.user_properties.iter().filter(|property| property.key == PREVIOUS_PROPERTY).collect();
+    assert_eq!(chained.len(), 1);
+    assert_eq!(
+        Signature::parse(&chained[0].value).expect("previous").header(),
+        Signature::parse(&original).expect("original").header()
+    );
+    // Verification still guards the gate: the same command again is a replay, and the broker's counter moves.
+    assert_eq!(rejected(&plugin.on_publish(&backend(), sent)).map(|(_, why)| why), Some("msg-auth: replay".into()));
+    let (_, next) =
+        resigned_header(plugin.on_publish(&backend(), signed("cloud-2026-07", CLOUD_NEXT, &topic, b"lock", 8)));
+    assert!(next.ctr > signature.ctr);
+}
+
+#[test]
+fn resigning_keeps_the_expiry_and_unwraps_an_envelope() {
+    setup();
+    let plugin = MsgAuth::init(config(&[("rules.0.resign", "site-1")])).expect("init");
+    let topic = command_topic();
+    let mut signature = Signature {
+        kid: "cloud-2026-07".into(),
+        sub: VIN.into(),
+        ts: NOW - 1000,
+        ctr: 3,
+        exp: NOW + 60_000,
+        ..Signature::default()
+    };
+    signature.present = tollgate_sig::Present { sub: true, iss: false, ts: true, ctr: true, exp: true };
+    keys::sign(CLOUD_NEXT, &mut signature, &Covered { topic: &topic, payload: b"go", ..Covered::default() }, 32);
+    let enveloped = Message::new(topic.clone(), tollgate_sig::envelope(&signature, b"go"));
+    let (out, resigned) = resigned_header(plugin.on_publish(&backend(), enveloped));
+    assert_eq!(out.payload, b"go", "the cloud's envelope is replaced by the property carrier");
+    assert_eq!(resigned.exp, NOW + 60_000);
+    let car_key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(&car_key, &resigned, &Covered { topic: &topic, payload: b"go", ..Covered::default() }));
 }

@@ -16,6 +16,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 pub const PROPERTY: &str = "x-sig";
 /// Set by the plugin's `tag` failure mode, and stripped from what clients send.
 pub const STATUS_PROPERTY: &str = "x-sig-status";
+/// The user property a re-signing broker keeps the signature it verified in (`resign_chain`), for the record:
+/// the message is checked against `x-sig` only.
+pub const PREVIOUS_PROPERTY: &str = "x-sig-prev";
 /// Starts a MQTT 3.1.1 envelope.
 pub const ENVELOPE_PREFIX: &[u8] = b"x-sig:";
 /// The domain separator at the start of the signed input.
