@@ -204,6 +204,13 @@ pub trait Plugin: Sized + 'static {
         TransformResult::Unchanged
     }
 
+    /// One subscriber's copy of a message, as the broker sends it (`subscriber` is the receiving client; its
+    /// attributes are what [`host::client_attribute`] reads during the call). [`TransformResult::Reject`] drops the
+    /// copy like [`TransformResult::Drop`]: there is no publisher to answer.
+    fn on_deliver(&self, _subscriber: &Client, _message: Message) -> TransformResult {
+        TransformResult::Unchanged
+    }
+
     /// A message about to cross a bridge.
     fn route(&self, _direction: RouteDirection, _bridge: &str, _message: &Message) -> RouteDecision {
         RouteDecision::Ignore
@@ -608,6 +615,15 @@ macro_rules! export_plugin {
                 fn on_publish(client: __types::Client, message: __types::Message) -> __types::TransformResult {
                     __with(
                         |plugin| $crate::Plugin::on_publish(plugin, &client, message),
+                        __types::TransformResult::Unchanged,
+                    )
+                }
+            }
+
+            impl __exports::deliver::Guest for __TollgateExport {
+                fn on_deliver(subscriber: __types::Client, message: __types::Message) -> __types::TransformResult {
+                    __with(
+                        |plugin| $crate::Plugin::on_deliver(plugin, &subscriber, message),
                         __types::TransformResult::Unchanged,
                     )
                 }

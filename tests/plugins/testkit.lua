@@ -70,6 +70,15 @@ function on_publish(client, msg)
   return nil
 end
 
+-- Each subscriber's copy: on per/ topics a subscriber whose id starts with "blind" gets nothing, the others a
+-- copy addressed to them.
+function on_deliver(subscriber, msg)
+  if not starts(msg.topic, "per/") then return nil end
+  if starts(subscriber.client_id, "blind") then return { drop = "not for this subscriber" } end
+  table.insert(msg.user_properties, { "to", subscriber.client_id })
+  return msg
+end
+
 function route(direction, bridge, msg)
   if starts(msg.topic, "local/") then return "drop" end
   local rest = string.match(msg.topic, "^bridge/(.*)$")

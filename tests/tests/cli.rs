@@ -419,7 +419,10 @@ async fn plugin_test_replays_events_and_prints_decisions() {
     let script = write(
         dir.path(),
         "tenants.lua",
-        "function authorize_publish(client, request)\n  if string.sub(request.topic, 1, 8 + #client.username) == 'tenants/' .. client.username then return 'allow' end\n  return 'deny'\nend\n",
+        concat!(
+            "function authorize_publish(client, request)\n  if string.sub(request.topic, 1, 8 + #client.username) == 'tenants/' .. client.username then return 'allow' end\n  return 'deny'\nend\n",
+            "function on_deliver(subscriber, msg)\n  if subscriber.client_id == 'blind' then return 'drop' end\n  msg.topic = 'to/' .. subscriber.client_id\n  return msg\nend\n",
+        ),
     );
     let events = write(
         dir.path(),
@@ -428,15 +431,23 @@ async fn plugin_test_replays_events_and_prints_decisions() {
             "# a comment\n",
             "{\"hook\":\"authorize_publish\",\"username\":\"acme\",\"topic\":\"tenants/acme/t\"}\n",
             "{\"hook\":\"authorize_publish\",\"username\":\"acme\",\"topic\":\"tenants/other/t\"}\n",
+            "{\"hook\":\"deliver\",\"client_id\":\"seer\",\"topic\":\"news\"}\n",
+            "{\"hook\":\"deliver\",\"client_id\":\"blind\",\"topic\":\"news\"}\n",
         ),
     );
     let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&events), LIMIT).await;
     assert!(output.status.success(), "{}", describe(&output));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    assert_eq!(lines.len(), 2, "{}", describe(&output));
+    assert_eq!(lines.len(), 4, "{}", describe(&output));
     assert_eq!((lines[0]["line"].as_u64(), lines[0]["decision"].as_str()), (Some(2), Some("allow")));
     assert_eq!((lines[1]["decision"].as_str(), lines[1]["reason_code"].as_u64()), (Some("deny"), Some(0x87)));
+    // Each subscriber's copy (the deliver hook).
+    assert_eq!(
+        (lines[2]["decision"].as_str(), lines[2]["message"]["topic"].as_str()),
+        (Some("modified"), Some("to/seer"))
+    );
+    assert_eq!(lines[3]["decision"].as_str(), Some("drop"));
     // A bad event line makes the command fail, after printing what it could.
     let bad = write(dir.path(), "bad.jsonl", "{\"hook\":\"teleport\"}\n");
     let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&bad), LIMIT).await;

@@ -152,6 +152,31 @@ async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
 }
 
 #[tokio::test]
+async fn each_subscriber_gets_its_own_copy_through_the_deliver_hook() {
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut seer = connect_to(&broker, "seer").await;
+        let mut blind = connect_to(&broker, "blind-1").await;
+        for subscriber in [&mut seer, &mut blind] {
+            subscriber.subscribe_ok("per/#", QoS::AtLeastOnce).await;
+            subscriber.subscribe_ok("plain/#", QoS::AtLeastOnce).await;
+        }
+        let mut publisher = connect_to(&broker, "pub").await;
+        publisher.publish("per/a", QoS::AtLeastOnce, false, b"one").await;
+        let copy = seer.next_publish().await;
+        assert_eq!(v5::properties(&copy).user_properties, vec![("to".to_owned(), "seer".to_owned())], "{kind:?}");
+        blind.expect_no_publish(QUIET).await;
+        // The dropped QoS 1 copy was settled: the blind subscriber's session goes on receiving.
+        publisher.publish("plain/b", QoS::AtLeastOnce, false, b"two").await;
+        for subscriber in [&mut seer, &mut blind] {
+            let copy = subscriber.next_publish().await;
+            assert_eq!((topic(&copy), v5::properties(&copy).user_properties), ("plain/b".to_owned(), vec![]));
+        }
+        assert!(broker.stop().await);
+    }
+}
+
+#[tokio::test]
 async fn mosquitto_clients_see_the_transform_in_both_versions() {
     let (Some(publish), Some(subscribe)) = (
         require_tool("mosquitto_pub", "apt-get install mosquitto-clients"),

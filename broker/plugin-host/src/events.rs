@@ -121,6 +121,13 @@ enum Event {
         #[serde(flatten)]
         message: MessageFields,
     },
+    /// A subscriber's copy: the client fields describe the subscriber.
+    Deliver {
+        #[serde(flatten)]
+        client: ClientFields,
+        #[serde(flatten)]
+        message: MessageFields,
+    },
     Route {
         #[serde(default = "default_direction")]
         direction: String,
@@ -256,17 +263,13 @@ async fn run(hook: &PluginHook, event: Event) -> Result<Value, String> {
         }
         Event::Transform { client, message: fields } => {
             let mut message = message(fields)?;
-            match hook.transform_inbound(&client_info(client), &mut message).await {
-                Ok(TransformDecision::Keep) => json!({ "decision": "unchanged" }),
-                Ok(TransformDecision::Modified) => {
-                    json!({ "decision": "modified", "message": describe_message(&message) })
-                }
-                Ok(TransformDecision::Drop { reason }) => json!({ "decision": "drop", "reason": reason }),
-                Ok(TransformDecision::Reject { reason, message, disconnect }) => json!({
-                    "decision": "reject", "reason_code": reason.0, "reason": message, "disconnect": disconnect
-                }),
-                Err(error) => failed(error),
-            }
+            let result = hook.transform_inbound(&client_info(client), &mut message).await;
+            describe_transform(result, &message)
+        }
+        Event::Deliver { client, message: fields } => {
+            let mut message = message(fields)?;
+            let result = hook.transform_outbound(&client_info(client), &mut message).await;
+            describe_transform(result, &message)
         }
         Event::Route { direction, bridge, message: fields } => {
             let direction = match direction.as_str() {
@@ -283,6 +286,18 @@ async fn run(hook: &PluginHook, event: Event) -> Result<Value, String> {
             }
         }
     })
+}
+
+fn describe_transform(result: Result<TransformDecision, HookError>, message: &Message) -> Value {
+    match result {
+        Ok(TransformDecision::Keep) => json!({ "decision": "unchanged" }),
+        Ok(TransformDecision::Modified) => json!({ "decision": "modified", "message": describe_message(message) }),
+        Ok(TransformDecision::Drop { reason }) => json!({ "decision": "drop", "reason": reason }),
+        Ok(TransformDecision::Reject { reason, message, disconnect }) => json!({
+            "decision": "reject", "reason_code": reason.0, "reason": message, "disconnect": disconnect
+        }),
+        Err(error) => failed(error),
+    }
 }
 
 fn describe_acl(result: Result<AclDecision, HookError>) -> Value {

@@ -78,6 +78,7 @@ pub(crate) trait Runtime: Send + Sync {
     async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure>;
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure>;
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
+    async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
     async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message)
     -> Result<RouteDecision, Failure>;
 }
@@ -209,7 +210,14 @@ impl LoadedPlugin {
             match hook {
                 HookKind::Authenticate => slots.authenticator = Some(HookSlot::new(adapter.clone(), None, policy)),
                 HookKind::Authorize => slots.authorizer = Some(HookSlot::new(adapter.clone(), None, policy)),
+                // One transformer slot for both directions; with both hooks attached, `transform`'s failure
+                // policy is the slot's.
                 HookKind::Transform => slots.transformer = Some(HookSlot::new(adapter.clone(), None, policy)),
+                HookKind::Deliver => {
+                    if !self.hooks.contains(&HookKind::Transform) {
+                        slots.transformer = Some(HookSlot::new(adapter.clone(), None, policy));
+                    }
+                }
                 HookKind::Route => slots.router = Some(HookSlot::new(adapter.clone(), None, policy)),
             }
         }
@@ -218,7 +226,12 @@ impl LoadedPlugin {
 
     /// Calls straight into the plugin, bypassing chain and policy: for `tollgate plugin test`.
     pub fn hook(&self) -> Arc<PluginHook> {
-        self.adapter(false)
+        let mut hook = self.adapter(false);
+        if let Some(hook) = Arc::get_mut(&mut hook) {
+            hook.inbound = true;
+            hook.outbound = true;
+        }
+        hook
     }
 
     fn adapter(&self, cacheable: bool) -> Arc<PluginHook> {
@@ -227,6 +240,8 @@ impl LoadedPlugin {
             runtime: self.runtime.clone(),
             timeout: self.spec.limits.call_timeout,
             cacheable,
+            inbound: self.hooks.contains(&HookKind::Transform),
+            outbound: self.hooks.contains(&HookKind::Deliver),
         })
     }
 }
@@ -281,6 +296,9 @@ pub struct PluginHook {
     runtime: AnyRuntime,
     timeout: Duration,
     cacheable: bool,
+    /// The plugin's transformer slot serves `transform` (inbound) and `deliver` (outbound): which are attached.
+    inbound: bool,
+    outbound: bool,
 }
 
 impl PluginHook {
@@ -349,7 +367,22 @@ impl Transformer for PluginHook {
         client: &ClientInfo,
         message: &mut Message,
     ) -> Result<TransformDecision, HookError> {
+        if !self.inbound {
+            return Ok(TransformDecision::Keep);
+        }
         on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Transform, plugin.transform(client, message)).await)
+    }
+
+    async fn transform_outbound(
+        &self,
+        subscriber: &ClientInfo,
+        message: &mut Message,
+    ) -> Result<TransformDecision, HookError> {
+        on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Deliver, plugin.deliver(subscriber, message)).await)
+    }
+
+    fn transforms_outbound(&self) -> bool {
+        self.outbound
     }
 }
 

@@ -83,6 +83,7 @@ struct Hooks {
     authorize_subscribe: Option<Function>,
     authorize_session: Option<Function>,
     on_publish: Option<Function>,
+    on_deliver: Option<Function>,
     route: Option<Function>,
 }
 
@@ -158,6 +159,7 @@ impl LuaPlugin {
                     || hooks.authorize_session.is_some(),
             ),
             (HookKind::Transform, hooks.on_publish.is_some()),
+            (HookKind::Deliver, hooks.on_deliver.is_some()),
             (HookKind::Route, hooks.route.is_some()),
         ]
         .into_iter()
@@ -165,7 +167,8 @@ impl LuaPlugin {
         .collect();
         if plugin.hooks.is_empty() {
             return Err(fail(
-                "defines none of on_connect, authorize_publish, authorize_subscribe, authorize_session, on_publish, route"
+                "defines none of on_connect, authorize_publish, authorize_subscribe, authorize_session, on_publish, \
+                 on_deliver, route"
                     .to_owned(),
             ));
         }
@@ -201,6 +204,7 @@ impl LuaPlugin {
                 authorize_subscribe: wrap(SUBSCRIBE_ENTRY, globals.get("authorize_subscribe")?)?,
                 authorize_session: globals.get("authorize_session")?,
                 on_publish: globals.get("on_publish")?,
+                on_deliver: globals.get("on_deliver")?,
                 route: globals.get("route")?,
             };
             if let Some(init) = globals.get::<Option<Function>>("init")? {
@@ -353,6 +357,71 @@ impl LuaPlugin {
         // Read-only built-ins and a private global table for the script.
         lua.sandbox(true)?;
         Ok(lua)
+    }
+
+    /// `on_publish` (inbound) or `on_deliver` (a subscriber's copy): the same tables in and out.
+    async fn transform_with(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+        outbound: bool,
+    ) -> Result<TransformDecision, Failure> {
+        let client_info = client.clone();
+        let draft = message.clone();
+        let outcome = self
+            .with_instance(
+                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                |instance| async move {
+                    let result = async {
+                        let (name, function) = if outbound {
+                            ("on_deliver", &instance.hooks.on_deliver)
+                        } else {
+                            ("on_publish", &instance.hooks.on_publish)
+                        };
+                        let Some(function) = function else {
+                            return Ok(Ok((TransformDecision::Keep, None)));
+                        };
+                        let lua = &instance.lua;
+                        let table = message_table(lua, &draft)?;
+                        let value: Value = instance.call(function, (client_table(lua, &client_info)?, table)).await?;
+                        Ok(match value {
+                            Value::Nil => Ok((TransformDecision::Keep, None)),
+                            Value::String(_) => match string_of(&value).as_deref() {
+                                Some("unchanged") => Ok((TransformDecision::Keep, None)),
+                                Some("drop") => {
+                                    Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None))
+                                }
+                                other => Err(format!("{name} returned {other:?}; expected nil, \"drop\" or a message")),
+                            },
+                            Value::Table(table) => {
+                                if let Some(reason) = table.get::<Option<String>>("drop")? {
+                                    Ok((TransformDecision::Drop { reason }, None))
+                                } else if let Some(reason) = table.get::<Option<String>>("reject")? {
+                                    let message = table.get::<Option<String>>("reason")?.unwrap_or_default();
+                                    let disconnect = table.get::<Option<bool>>("disconnect")?.unwrap_or(false);
+                                    deny_reason(&reason)
+                                        .map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
+                                } else {
+                                    let mut modified = draft.clone();
+                                    match read_message(&table, &mut modified) {
+                                        Ok(()) => Ok((TransformDecision::Modified, Some(modified))),
+                                        Err(error) => Err(error),
+                                    }
+                                }
+                            }
+                            other => Err(format!("{name} returned a {}", other.type_name())),
+                        })
+                    }
+                    .await;
+                    (instance, result)
+                },
+            )
+            .await?;
+        let (decision, modified) = outcome.map_err(Failure::BadAnswer)?;
+        if let Some(modified) = modified {
+            *message = modified;
+        }
+        Ok(decision)
     }
 
     async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
@@ -676,59 +745,11 @@ impl Runtime for LuaPlugin {
     }
 
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
-        let client_info = client.clone();
-        let draft = message.clone();
-        let outcome = self
-            .with_instance(
-                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
-                |instance| async move {
-                    let result = async {
-                        let Some(function) = &instance.hooks.on_publish else {
-                            return Ok(Ok((TransformDecision::Keep, None)));
-                        };
-                        let lua = &instance.lua;
-                        let table = message_table(lua, &draft)?;
-                        let value: Value = instance.call(function, (client_table(lua, &client_info)?, table)).await?;
-                        Ok(match value {
-                            Value::Nil => Ok((TransformDecision::Keep, None)),
-                            Value::String(_) => match string_of(&value).as_deref() {
-                                Some("unchanged") => Ok((TransformDecision::Keep, None)),
-                                Some("drop") => {
-                                    Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None))
-                                }
-                                other => {
-                                    Err(format!("on_publish returned {other:?}; expected nil, \"drop\" or a message"))
-                                }
-                            },
-                            Value::Table(table) => {
-                                if let Some(reason) = table.get::<Option<String>>("drop")? {
-                                    Ok((TransformDecision::Drop { reason }, None))
-                                } else if let Some(reason) = table.get::<Option<String>>("reject")? {
-                                    let message = table.get::<Option<String>>("reason")?.unwrap_or_default();
-                                    let disconnect = table.get::<Option<bool>>("disconnect")?.unwrap_or(false);
-                                    deny_reason(&reason)
-                                        .map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
-                                } else {
-                                    let mut modified = draft.clone();
-                                    match read_message(&table, &mut modified) {
-                                        Ok(()) => Ok((TransformDecision::Modified, Some(modified))),
-                                        Err(error) => Err(error),
-                                    }
-                                }
-                            }
-                            other => Err(format!("on_publish returned a {}", other.type_name())),
-                        })
-                    }
-                    .await;
-                    (instance, result)
-                },
-            )
-            .await?;
-        let (decision, modified) = outcome.map_err(Failure::BadAnswer)?;
-        if let Some(modified) = modified {
-            *message = modified;
-        }
-        Ok(decision)
+        self.transform_with(client, message, false).await
+    }
+
+    async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
+        self.transform_with(subscriber, message, true).await
     }
 
     async fn route(

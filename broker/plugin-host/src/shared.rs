@@ -54,7 +54,7 @@ pub struct PluginMetrics {
     pub disabled: AtomicU64,
     pub instances_created: AtomicU64,
     /// Wall time of each call as the broker saw it (waiting for an instance included), per hook kind.
-    pub latency: [LatencyHistogram; 4],
+    pub latency: [LatencyHistogram; HookKind::ALL.len()],
 }
 
 impl PluginMetrics {

@@ -34,10 +34,13 @@ pub enum HookKind {
     Authorize,
     Transform,
     Route,
+    /// Each subscriber's copy of a message (the outbound transform).
+    Deliver,
 }
 
 impl HookKind {
-    pub const ALL: [HookKind; 4] = [HookKind::Authenticate, HookKind::Authorize, HookKind::Transform, HookKind::Route];
+    pub const ALL: [HookKind; 5] =
+        [HookKind::Authenticate, HookKind::Authorize, HookKind::Transform, HookKind::Route, HookKind::Deliver];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +48,7 @@ impl HookKind {
             HookKind::Authorize => "authorize",
             HookKind::Transform => "transform",
             HookKind::Route => "route",
+            HookKind::Deliver => "deliver",
         }
     }
 
@@ -53,7 +57,7 @@ impl HookKind {
     pub fn default_failure_policy(self) -> FailurePolicy {
         match self {
             HookKind::Authenticate | HookKind::Authorize => FailurePolicy::FailClosed,
-            HookKind::Transform | HookKind::Route => FailurePolicy::PassThrough,
+            HookKind::Transform | HookKind::Route | HookKind::Deliver => FailurePolicy::PassThrough,
         }
     }
 }

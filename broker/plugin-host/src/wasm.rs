@@ -24,7 +24,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use exports::tollgate::plugin::{authn, authz, bridge, lifecycle, transform};
+use exports::tollgate::plugin::{authn, authz, bridge, deliver, lifecycle, transform};
 use tollgate::plugin::types as wit;
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
@@ -171,6 +171,7 @@ struct Exports {
     authn: Option<authn::GuestIndices>,
     authz: Option<authz::GuestIndices>,
     transform: Option<transform::GuestIndices>,
+    deliver: Option<deliver::GuestIndices>,
     bridge: Option<bridge::GuestIndices>,
 }
 
@@ -182,6 +183,7 @@ struct InstanceState {
     authn: Option<authn::Guest>,
     authz: Option<authz::Guest>,
     transform: Option<transform::Guest>,
+    deliver: Option<deliver::Guest>,
     bridge: Option<bridge::Guest>,
 }
 
@@ -269,6 +271,7 @@ impl WasmPlugin {
             authn: authn::GuestIndices::new(&pre).ok(),
             authz: authz::GuestIndices::new(&pre).ok(),
             transform: transform::GuestIndices::new(&pre).ok(),
+            deliver: deliver::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
         let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
@@ -287,6 +290,7 @@ impl WasmPlugin {
             HookKind::Authenticate => plugin.exports.authn.is_some(),
             HookKind::Authorize => plugin.exports.authz.is_some(),
             HookKind::Transform => plugin.exports.transform.is_some(),
+            HookKind::Deliver => plugin.exports.deliver.is_some(),
             HookKind::Route => plugin.exports.bridge.is_some(),
         };
         let mut provided = Vec::new();
@@ -296,6 +300,7 @@ impl WasmPlugin {
                 wit::Hook::Authorize => HookKind::Authorize,
                 wit::Hook::Transform => HookKind::Transform,
                 wit::Hook::Route => HookKind::Route,
+                wit::Hook::Deliver => HookKind::Deliver,
             };
             if !exported(hook) {
                 return Err(fail(format!("declares the {hook} hook but does not export its interface")));
@@ -336,11 +341,12 @@ impl WasmPlugin {
         let exports = &self.exports;
         let lifecycle = exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
         // The hook interfaces the component exports, found once at load.
-        let (authn, authz, transform, bridge) = (|| {
+        let (authn, authz, transform, deliver, bridge) = (|| {
             Ok::<_, wasmtime::Error>((
                 exports.authn.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.authz.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.transform.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.deliver.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.bridge.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
             ))
         })()
@@ -351,7 +357,7 @@ impl WasmPlugin {
             .map_err(|error| self.classify(error))?
             .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
         store.data_mut().ticks = 0;
-        Ok((Box::new(InstanceState { store, authn, authz, transform, bridge }), info))
+        Ok((Box::new(InstanceState { store, authn, authz, transform, deliver, bridge }), info))
     }
 
     fn classify(&self, error: wasmtime::Error) -> Failure {
@@ -397,7 +403,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.2.0";
+const CONTRACT: &str = "tollgate:plugin@0.3.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
@@ -460,6 +466,23 @@ fn reason(deny: wit::DenyReason) -> ReasonCode {
         wit::DenyReason::TopicNameInvalid => ReasonCode::TOPIC_NAME_INVALID,
         wit::DenyReason::ClientIdentifierNotValid => ReasonCode::CLIENT_IDENTIFIER_NOT_VALID,
     }
+}
+
+fn transform_decision(message: &mut Message, result: wit::TransformResult) -> Result<TransformDecision, Failure> {
+    Ok(match result {
+        wit::TransformResult::Unchanged => TransformDecision::Keep,
+        wit::TransformResult::Modified(modified) => {
+            crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
+            apply_message(message, modified);
+            TransformDecision::Modified
+        }
+        wit::TransformResult::Drop(reason) => TransformDecision::Drop { reason },
+        wit::TransformResult::Reject(rejection) => TransformDecision::Reject {
+            reason: reason(rejection.reason),
+            message: rejection.message,
+            disconnect: rejection.disconnect,
+        },
+    })
 }
 
 fn wit_client(client: &ClientInfo) -> wit::Client {
@@ -604,20 +627,22 @@ impl Runtime for WasmPlugin {
                 (instance, result)
             })
             .await?;
-        Ok(match result {
-            wit::TransformResult::Unchanged => TransformDecision::Keep,
-            wit::TransformResult::Modified(modified) => {
-                crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
-                apply_message(message, modified);
-                TransformDecision::Modified
-            }
-            wit::TransformResult::Drop(reason) => TransformDecision::Drop { reason },
-            wit::TransformResult::Reject(rejection) => TransformDecision::Reject {
-                reason: reason(rejection.reason),
-                message: rejection.message,
-                disconnect: rejection.disconnect,
-            },
-        })
+        transform_decision(message, result)
+    }
+
+    async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
+        let wit_client = wit_client(subscriber);
+        let draft = wit_message(message);
+        let result = self
+            .with_instance(call_client(subscriber), |mut instance| async move {
+                let result = match &instance.deliver {
+                    Some(guest) => guest.call_on_deliver(&mut instance.store, &wit_client, &draft).await,
+                    None => Ok(wit::TransformResult::Unchanged),
+                };
+                (instance, result)
+            })
+            .await?;
+        transform_decision(message, result)
     }
 
     async fn route(

@@ -56,7 +56,7 @@ fn hex(bytes: &[u8]) -> String {
 impl Plugin for Testkit {
     const NAME: &'static str = "testkit";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize, Hook::Transform, Hook::Route];
+    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize, Hook::Transform, Hook::Deliver, Hook::Route];
 
     fn init(config: Config) -> Result<Self, String> {
         if config.get("fail_init") == Some("true") {
@@ -134,6 +134,19 @@ impl Plugin for Testkit {
         } else {
             TransformResult::Unchanged
         }
+    }
+
+    /// Each subscriber's copy: on `per/` topics a subscriber whose id starts with "blind" gets nothing, the others
+    /// a copy addressed to them.
+    fn on_deliver(&self, subscriber: &Client, mut message: Message) -> TransformResult {
+        if !message.topic.starts_with("per/") {
+            return TransformResult::Unchanged;
+        }
+        if subscriber.client_id.starts_with("blind") {
+            return TransformResult::Drop("not for this subscriber".to_owned());
+        }
+        message.user_properties.push(UserProperty { key: "to".into(), value: subscriber.client_id.clone() });
+        TransformResult::Modified(message)
     }
 
     fn route(&self, _direction: RouteDirection, _bridge: &str, message: &Message) -> RouteDecision {
