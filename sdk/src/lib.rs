@@ -164,6 +164,13 @@ pub trait Plugin: Sized + 'static {
     /// Runs once per instance (the broker runs one instance per worker thread) before any hook.
     fn init(config: Config) -> Result<Self, String>;
 
+    /// The hooks to attach, once configured: [`Plugin::HOOKS`] unless overridden. A plugin whose configuration
+    /// needs fewer hooks returns fewer, so the broker does not call it for nothing (a `deliver` hook costs a call
+    /// per subscriber copy).
+    fn hooks(&self) -> Vec<Hook> {
+        Self::HOOKS.to_vec()
+    }
+
     /// CONNECT, and each MQTT 5 AUTH step (`info.auth_data` then holds the client's latest data).
     fn on_connect(&self, _info: &ConnectInfo) -> ConnectDecision {
         ConnectDecision::Ignore
@@ -563,11 +570,12 @@ macro_rules! export_plugin {
                     config: ::std::vec::Vec<(::std::string::String, ::std::string::String)>,
                 ) -> ::core::result::Result<__types::PluginInfo, ::std::string::String> {
                     let plugin = <$plugin as $crate::Plugin>::init(config.into_iter().collect())?;
+                    let hooks = $crate::Plugin::hooks(&plugin);
                     __STATE.with(|state| *state.borrow_mut() = ::core::option::Option::Some(plugin));
                     ::core::result::Result::Ok(__types::PluginInfo {
                         name: <$plugin as $crate::Plugin>::NAME.into(),
                         version: <$plugin as $crate::Plugin>::VERSION.into(),
-                        hooks: <$plugin as $crate::Plugin>::HOOKS.to_vec(),
+                        hooks,
                     })
                 }
             }

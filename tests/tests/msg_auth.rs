@@ -205,3 +205,54 @@ async fn a_verified_command_reaches_the_car_signed_with_its_own_key() {
     car.disconnect().await;
     assert!(broker.stop().await);
 }
+
+/// A cloud bridge that was offline gets what queued meanwhile signed when it is sent, so the cloud's freshness
+/// check passes after an uplink outage; a local dashboard's copy is not signed.
+#[tokio::test]
+async fn copies_queued_for_an_offline_cloud_bridge_are_signed_when_sent() {
+    let mut plugin = msg_auth();
+    plugin.secrets.insert("site-master".into(), format!("hex:{}", hex(SITE_MASTER)));
+    let keys = plugin.config["keys"].as_array_mut().unwrap();
+    keys.push(serde_json::json!({ "kid": "vin-1", "secret": "site-master", "derive": "vin-mac-v1:${sub}" }));
+    plugin.config["rules"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": "to-cloud", "mode": "sign", "topics": ["v1/vehicles/+/telemetry/#"], "key": "vin-1",
+        "sub_level": 2, "subscribers": ["cloud-*"]
+    }));
+    let state = tempfile::tempdir().unwrap();
+    let broker = broker_with(state.path(), plugin).await;
+    let mut bridge_options = v5::options(&broker, "cloud-bridge");
+    bridge_options.set_clean_start(false);
+    bridge_options.set_session_expiry_interval(Some(300));
+    let (mut bridge, _) = v5::connect(bridge_options.clone()).await;
+    bridge.subscribe_ok("v1/vehicles/+/telemetry/#", QoS::AtLeastOnce).await;
+    bridge.disconnect().await;
+    let mut dashboard = v5::connect_to(&broker, "dashboard").await;
+    dashboard.subscribe_ok("v1/vehicles/+/telemetry/#", QoS::AtLeastOnce).await;
+
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    let mut car = v5::connect_to(&broker, "car").await;
+    car.publish(&topic, QoS::AtLeastOnce, false, b"88").await;
+    let local = dashboard.next_publish().await;
+    assert!(v5::properties(&local).user_properties.is_empty(), "a local subscriber's copy is not signed");
+
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let reconnected_at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let (mut bridge, connack) = v5::connect(bridge_options).await;
+    assert!(connack.session_present);
+    let queued = bridge.next_publish().await;
+    let properties = v5::properties(&queued).user_properties;
+    assert_eq!(properties.len(), 1, "{properties:?}");
+    let signature = Signature::parse(&properties[0].1).unwrap();
+    assert_eq!((signature.kid.as_str(), signature.sub.as_str()), ("vin-1", VIN));
+    assert!(
+        signature.ts >= reconnected_at,
+        "signed when sent ({}), not when queued (before {reconnected_at})",
+        signature.ts
+    );
+    let key = keys::mac_key(SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: &queued.payload, ..Covered::default() }));
+    bridge.disconnect().await;
+    dashboard.disconnect().await;
+    car.disconnect().await;
+    assert!(broker.stop().await);
+}

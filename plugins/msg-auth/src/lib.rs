@@ -41,6 +41,8 @@ impl Key {
 enum Mode {
     Verify,
     Attest,
+    /// Signs each copy sent to the rule's subscribers (a bridge toward the cloud), at send time.
+    Sign,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +65,12 @@ struct Rule {
     id: String,
     topics: Vec<String>,
     mode: Mode,
-    /// The signing key of an attest rule.
+    /// The signing key of an attest or sign rule.
     key: Option<String>,
+    /// The subscribers (client ids; a trailing `*` matches a prefix) whose copies a sign rule signs; empty: all.
+    subscribers: Vec<String>,
+    /// Keep the signature a copy already carries in `x-sig-prev` when signing it (sign rules).
+    chain: bool,
     /// Key ids a verify rule accepts (`cloud-*` matches a prefix); empty: any key in the ring.
     accept_kids: Vec<String>,
     require: Vec<String>,
@@ -222,7 +228,7 @@ fn advance_window(highest: u64, bits: u64, counter: u64) -> Option<(u64, u64)> {
 impl Plugin for MsgAuth {
     const NAME: &'static str = "msg-auth";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const HOOKS: &'static [Hook] = &[Hook::Transform];
+    const HOOKS: &'static [Hook] = &[Hook::Transform, Hook::Deliver];
 
     fn init(config: Config) -> Result<Self, String> {
         let mut keys = Vec::new();
@@ -271,18 +277,27 @@ impl Plugin for MsgAuth {
                 return Err(format!("{}: at least one topic filter is required", key("topics")));
             }
             config.require(&key("mode"))?;
-            let mode = pick(&config, &key("mode"), "", &[("verify", Mode::Verify), ("attest", Mode::Attest)])?;
+            let mode = pick(
+                &config,
+                &key("mode"),
+                "",
+                &[("verify", Mode::Verify), ("attest", Mode::Attest), ("sign", Mode::Sign)],
+            )?;
             let signing_key = config.get(&key("key")).map(str::to_owned);
             let active_key = |name: &str, kid: &str| match keys.iter().find(|candidate| candidate.kid == kid) {
                 Some(found) if found.state == KeyState::Active => Ok(found),
                 Some(_) => Err(format!("{} = {kid:?} is not an active key", key(name))),
                 None => Err(format!("{} = {kid:?} is not in keys", key(name))),
             };
-            if mode == Mode::Attest {
+            if mode == Mode::Attest || mode == Mode::Sign {
                 let Some(kid) = &signing_key else {
-                    return Err(format!("{}: an attest rule names the key it signs with", key("key")));
+                    return Err(format!("{}: an {} rule names the key it signs with", key("key"), mode_name(mode)));
                 };
-                active_key("key", kid)?;
+                let found = active_key("key", kid)?;
+                // A sign rule's sub comes from the topic: a key derived per sub needs that level.
+                if mode == Mode::Sign && found.derive.is_some() && config.get(&key("sub_level")).is_none() {
+                    return Err(format!("{}: {kid:?} is derived per sub, so the rule needs sub_level", key("key")));
+                }
             }
             let require: Vec<String> = if config.get(&key("require.0")).is_some() {
                 config.list(&key("require")).into_iter().map(str::to_owned).collect()
@@ -331,6 +346,8 @@ impl Plugin for MsgAuth {
                 topics,
                 mode,
                 key: signing_key,
+                subscribers: config.list(&key("subscribers")).into_iter().map(str::to_owned).collect(),
+                chain: parse_bool(&key("chain"), config.get(&key("chain")), false)?,
                 accept_kids: config.list(&key("accept_kids")).into_iter().map(str::to_owned).collect(),
                 require,
                 sub_level,
@@ -381,12 +398,23 @@ impl Plugin for MsgAuth {
         })
     }
 
+    /// `deliver` only when a sign rule needs it: it is a call per subscriber copy.
+    fn hooks(&self) -> Vec<Hook> {
+        let mut hooks = Vec::new();
+        if self.rules.iter().any(|rule| rule.mode != Mode::Sign) {
+            hooks.push(Hook::Transform);
+        }
+        if self.rules.iter().any(|rule| rule.mode == Mode::Sign) {
+            hooks.push(Hook::Deliver);
+        }
+        hooks
+    }
+
     fn on_publish(&self, client: &Client, mut message: Message) -> TransformResult {
-        let Some(rule) = self
-            .rules
-            .iter()
-            .find(|rule| rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic)))
-        else {
+        let Some(rule) = self.rules.iter().find(|rule| {
+            rule.mode != Mode::Sign
+                && rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic))
+        }) else {
             return TransformResult::Unchanged;
         };
         // What a client claims about signatures is never passed on as if the broker had said it.
@@ -399,6 +427,7 @@ impl Plugin for MsgAuth {
                 Some(kid) => self.resign(rule, kid, *verified, &mut message).map(|()| true),
             }),
             Mode::Attest => self.attest(rule, &mut message).map(|()| true),
+            Mode::Sign => Ok(false),
         };
         match outcome {
             Ok(modified) => {
@@ -411,13 +440,36 @@ impl Plugin for MsgAuth {
             Err((failure, detail)) => self.fail(rule, client, message, failure, &detail, stripped),
         }
     }
+
+    /// Sign rules: the copy for a matching subscriber leaves signed by this broker, now.
+    fn on_deliver(&self, subscriber: &Client, mut message: Message) -> TransformResult {
+        let Some(rule) = self.rules.iter().find(|rule| {
+            rule.mode == Mode::Sign
+                && rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic))
+                && (rule.subscribers.is_empty() || kid_accepted(&rule.subscribers, &subscriber.client_id))
+        }) else {
+            return TransformResult::Unchanged;
+        };
+        match self.sign_copy(rule, &mut message) {
+            Ok(()) => {
+                host::counter_add("sign/ok", 1);
+                TransformResult::Modified(message)
+            }
+            Err((failure, detail)) => self.fail(rule, subscriber, message, failure, &detail, false),
+        }
+    }
+}
+
+fn mode_name(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Verify => "verify",
+        Mode::Attest => "attest",
+        Mode::Sign => "sign",
+    }
 }
 
 fn rule_mode(rule: &Rule) -> &'static str {
-    match rule.mode {
-        Mode::Verify => "verify",
-        Mode::Attest => "attest",
-    }
+    mode_name(rule.mode)
 }
 
 /// A failure and the signature it concerns (for the security event), boxed: failures are the rare path.
@@ -583,6 +635,42 @@ impl MsgAuth {
         };
         let now = host::now_ms();
         let exp = message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000);
+        self.sign(key, sub, exp, rule.carrier, message)
+    }
+
+    /// A sign rule's work on one copy: what it carries as a signature goes (or into `x-sig-prev` with `chain`), an
+    /// envelope is unwrapped, and the copy is signed for the `sub` at the rule's topic level.
+    fn sign_copy(&self, rule: &Rule, message: &mut Message) -> Outcome<()> {
+        let previous: Vec<String> = message
+            .user_properties
+            .iter()
+            .filter(|property| property.key == PROPERTY)
+            .map(|property| property.value.clone())
+            .collect();
+        message.user_properties.retain(|property| {
+            property.key != PROPERTY && property.key != PREVIOUS_PROPERTY && property.key != STATUS_PROPERTY
+        });
+        let mut previous = previous;
+        if let Some(Ok((signature, inner))) = tollgate_sig::split_envelope(&message.payload) {
+            previous.push(signature.header());
+            message.payload = inner.to_vec();
+        }
+        if rule.chain {
+            for header in previous {
+                message.user_properties.push(UserProperty { key: PREVIOUS_PROPERTY.to_owned(), value: header });
+            }
+        }
+        let sub = match rule.sub_level {
+            None => String::new(),
+            Some(level) => match message.topic.split('/').nth(level) {
+                Some(sub) if tollgate_sig::valid_name(sub) && !sub.is_empty() => sub.to_owned(),
+                _ => return Err((Failure::NoIdentity, Box::default())),
+            },
+        };
+        let Some(key) = rule.key.as_deref().and_then(|kid| self.key(kid)) else {
+            return Err((Failure::SignFailed, Box::default()));
+        };
+        let exp = message.message_expiry_secs.map_or(0, |seconds| host::now_ms() + u64::from(seconds) * 1000);
         self.sign(key, sub, exp, rule.carrier, message)
     }
 

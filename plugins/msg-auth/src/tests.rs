@@ -299,10 +299,15 @@ fn shadow_and_tag_modes_deliver() {
 #[test]
 fn configuration_errors_are_named() {
     setup();
-    let cases: [(&[(&str, &str)], &str); 8] = [
+    let cases: [(&[(&str, &str)], &str); 10] = [
         (&[("rules.1.key", "cloud-2026-01")], "not an active key"),
         (&[("rules.0.resign", "cloud-2026-01")], "rules.0.resign = \"cloud-2026-01\" is not an active key"),
         (&[("rules.1.resign", "site-1")], "only a verify rule re-signs"),
+        (&[("rules.2.mode", "sign"), ("rules.2.topics.0", "up/#")], "rules.2.key: an sign rule names the key"),
+        (
+            &[("rules.2.mode", "sign"), ("rules.2.topics.0", "up/#"), ("rules.2.key", "site-1")],
+            "derived per sub, so the rule needs sub_level",
+        ),
         // The rule of `config` requires sub; one that does not cannot derive a per-sub key.
         (
             &[("rules.2.mode", "verify"), ("rules.2.topics.0", "other/#"), ("rules.2.resign", "site-1")],
@@ -446,4 +451,80 @@ fn resigning_keeps_the_expiry_and_unwraps_an_envelope() {
     assert_eq!(resigned.exp, NOW + 60_000);
     let car_key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&car_key, &resigned, &Covered { topic: &topic, payload: b"go", ..Covered::default() }));
+}
+
+const SIGN_RULE: [(&str, &str); 7] = [
+    ("rules.2.id", "to-cloud"),
+    ("rules.2.mode", "sign"),
+    ("rules.2.topics.0", "v1/vehicles/+/telemetry/#"),
+    ("rules.2.key", "site-1"),
+    ("rules.2.sub_level", "2"),
+    ("rules.2.subscribers.0", "cloud-*"),
+    ("rules.2.chain", "true"),
+];
+
+#[test]
+fn copies_for_the_cloud_leave_signed_at_send_time_and_others_untouched() {
+    setup();
+    let plugin = MsgAuth::init(config(&SIGN_RULE)).expect("init");
+    assert_eq!(plugin.hooks(), vec![Hook::Transform, Hook::Deliver]);
+    testing::set_attribute("vin", VIN);
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    // What the car's publish became at ingress: attested by the broker.
+    let TransformResult::Modified(attested) =
+        plugin.on_publish(&Client::new(VIN, None), Message::new(topic.clone(), b"88".to_vec()))
+    else {
+        panic!("attested")
+    };
+    testing::clear_attributes();
+    let ingress_header = attested.user_properties[0].value.clone();
+    // An hour later (an uplink outage), the bridge's copy is sent.
+    testing::set_now_ms(Some(NOW + 3_600_000));
+    assert_eq!(plugin.on_deliver(&Client::new("dashboard", None), attested.clone()), TransformResult::Unchanged);
+    let TransformResult::Modified(sent) = plugin.on_deliver(&Client::new("cloud-bridge", None), attested) else {
+        panic!("the cloud's copy is signed")
+    };
+    let header = |key: &str| -> Vec<String> {
+        sent.user_properties
+            .iter()
+            .filter(|property| property.key == key)
+            .map(|property| property.value.clone())
+            .collect()
+    };
+    assert_eq!(header(PREVIOUS_PROPERTY), vec![ingress_header]);
+    let signature = Signature::parse(&header(PROPERTY)[0]).expect("header");
+    assert_eq!((signature.sub.as_str(), signature.iss.as_str(), signature.ts), (VIN, "site-0042", NOW + 3_600_000));
+    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: b"88", ..Covered::default() }));
+    assert_eq!(testing::counter("sign/ok"), 1);
+}
+
+#[test]
+fn a_copy_that_cannot_be_signed_is_not_sent_and_deliver_is_attached_only_when_needed() {
+    setup();
+    let only_sign: Config = [
+        ("site_id", "site-0042"),
+        ("keys.0.kid", "site-1"),
+        ("keys.0.secret", "site"),
+        ("keys.0.derive", "vin-mac-v1:${sub}"),
+        ("rules.0.mode", "sign"),
+        ("rules.0.topics.0", "v1/vehicles/+/telemetry/#"),
+        ("rules.0.key", "site-1"),
+        ("rules.0.sub_level", "2"),
+    ]
+    .into_iter()
+    .collect();
+    let plugin = MsgAuth::init(only_sign).expect("init");
+    assert_eq!(plugin.hooks(), vec![Hook::Deliver]);
+    assert_eq!(setup().hooks(), vec![Hook::Transform]);
+    let cloud = Client::new("cloud-1", None);
+    let copy = |topic: &str| Message::new(topic, b"x".to_vec());
+    assert!(matches!(
+        plugin.on_deliver(&cloud, copy(&format!("v1/vehicles/{VIN}/telemetry/x"))),
+        TransformResult::Modified(_)
+    ));
+    // No VIN at the sub level to sign for: the copy is refused, which for a subscriber means not sent.
+    let refused = plugin.on_deliver(&cloud, copy("v1/vehicles/a b/telemetry/x"));
+    assert_eq!(rejected(&refused).map(|(_, why)| why), Some("msg-auth: no_identity".into()));
+    assert_eq!(plugin.on_deliver(&cloud, copy("v1/other")), TransformResult::Unchanged);
 }
