@@ -502,6 +502,59 @@ async fn sighup_reloads_a_changed_plugin() {
     assert!(child.wait(Duration::from_secs(10)).await.success());
 }
 
+/// `tollgate reload` asks the running broker through its admin socket and prints what happened: success, or the
+/// plugin that kept its previous version, with a non-zero exit.
+#[tokio::test]
+async fn tollgate_reload_answers_through_the_admin_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write(dir.path(), "gate.lua", "function on_connect(info) return nil end\n");
+    let socket = dir.path().join("admin.sock");
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            "[[listeners]]\nbind = \"127.0.0.1:0\"\n\n[runtime]\nadmin_socket = \"{}\"\n\n[[plugins]]\nname = \"gate\"\nkind = \"lua\"\npath = \"{}\"\n",
+            socket.display(),
+            script.display()
+        ),
+    );
+    let (mut child, address) = start_binary(&["--config", config.to_str().unwrap()]).await;
+    let options = |id: &str| rumqttc::MqttOptions::new(id, "127.0.0.1", address.port());
+    let reload = || {
+        let mut command = tollgate();
+        command.arg("reload").arg("--config").arg(&config);
+        command
+    };
+
+    let output = run(&mut reload(), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    assert!(String::from_utf8_lossy(&output.stdout).contains("reloaded (generation"), "{}", describe(&output));
+
+    // A broken edit: the command fails and names the plugin; the previous version keeps deciding.
+    std::fs::write(&script, "function on_connect(info) return 'deny'\n").unwrap();
+    let output = run(&mut reload(), LIMIT).await;
+    assert!(!output.status.success(), "{}", describe(&output));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("\"gate\"") && stderr.contains("previous version kept"), "{}", describe(&output));
+    v4::connect(options("still-open")).await.0.disconnect().await;
+
+    // A good edit applies to the next CONNECT as soon as the command returns.
+    std::fs::write(&script, "function on_connect(info)\n  return 'deny'\nend\n").unwrap();
+    let output = run(tollgate().arg("reload").arg("--socket").arg(&socket), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    assert_eq!(v4::refused_code(options("newcomer")).await, ConnectReturnCode::NotAuthorized);
+
+    child.signal("TERM");
+    assert!(child.wait(Duration::from_secs(10)).await.success());
+    assert!(!socket.exists(), "the socket file is removed at exit");
+    let output = run(tollgate().arg("reload").arg("--socket").arg(&socket), LIMIT).await;
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("cannot reach"));
+    // Without an admin socket in the configuration the command says what to do instead.
+    let plain = write(dir.path(), "plain.toml", "[[listeners]]\nbind = \"127.0.0.1:0\"\n");
+    let output = run(tollgate().arg("reload").arg("--config").arg(&plain), LIMIT).await;
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("SIGHUP"));
+}
+
 /// Every example's recorded events replay cleanly against its plugin as its own broker.toml configures it, so the
 /// examples' READMEs keep working.
 #[tokio::test]

@@ -40,6 +40,10 @@ pub struct RuntimeConfig {
     /// nothing (durable writes then fail).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// A Unix-domain socket (created owner-only) where `tollgate reload` asks the running broker to reload and
+    /// hears back what happened. Unset: no admin socket (SIGHUP still reloads).
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// One `[[plugins]]` entry.
@@ -369,7 +373,7 @@ impl Default for Config {
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
             session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5, recheck_interval_ms: 0 },
-            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None, state_dir: None },
+            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None, state_dir: None, admin_socket: None },
             plugins: Vec::new(),
         }
     }
@@ -415,7 +419,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
     ("session", &["persistent_expiry", "shutdown_grace", "recheck_interval_ms"]),
-    ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir"]),
+    ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir", "admin_socket"]),
 ];
 const PLUGIN_KEYS: &[&str] =
     &["name", "kind", "path", "hooks", "limits", "on_failure", "cache_decisions", "secrets", "config", "files"];
@@ -544,7 +548,7 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
     let result = match (section, key) {
         ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
         ("auth", "on_publish_denied") => figment.extract_inner::<Option<String>>(&path).map(drop),
-        ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir") => {
+        ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir" | "admin_socket") => {
             figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
         }
         ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") | ("runtime", _) => {
@@ -610,6 +614,13 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
 fn validate(config: &Config, problems: &mut Vec<ConfigProblem>) {
     validate_listeners(config, problems);
     validate_rest(config, problems);
+    if let Some(socket) = &config.runtime.admin_socket {
+        if socket.as_os_str().is_empty() {
+            problems.push(problem("runtime.admin_socket", "an empty path; leave the key out for no admin socket"));
+        } else if !cfg!(unix) {
+            problems.push(problem("runtime.admin_socket", "admin sockets are Unix-domain sockets: not on this system"));
+        }
+    }
     if let Err(more) = config.plugin_specs() {
         problems.extend(more);
     }

@@ -1,6 +1,8 @@
 //! Wiring only: configuration → hook chain → broker → listeners, plus signals and logging for the binary. This is
 //! the one crate that reads files, environment variables and signals.
 
+#[cfg(unix)]
+pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod sig;
@@ -25,6 +27,28 @@ use tollgate_transport::{ConnectionLimits, ListenerSpec, ReloadableTls, Transpor
 use tracing::{error, info};
 
 pub use config::Config;
+
+/// What a complete reload did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// The hook chain's generation now in force.
+    pub generation: u64,
+    pub plugins: usize,
+    /// Sessions asked again, and of those ended by the new policy.
+    pub sessions: usize,
+    pub revoked: usize,
+    pub subscriptions_removed: usize,
+}
+
+impl std::fmt::Display for ReloadSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "reloaded (generation {}, {} plugins); {} sessions rechecked, {} ended, {} subscriptions removed",
+            self.generation, self.plugins, self.sessions, self.revoked, self.subscriptions_removed
+        )
+    }
+}
 
 /// A running broker with its bound listener addresses.
 pub struct Server {
@@ -254,7 +278,7 @@ impl Server {
 
     /// Re-reads the password and ACL files and reloads changed plugins; on any error the running chain stays as
     /// it was. A changed plugin that fails to load keeps its previous version (and the reload says so).
-    pub async fn reload(&self, config: &Config) -> anyhow::Result<()> {
+    pub async fn reload(&self, config: &Config) -> anyhow::Result<ReloadSummary> {
         let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
         let report = load_plugins(&self.plugins, config).await?;
         let hooks = build_hooks(config, generation, &report.plugins)?;
@@ -284,7 +308,13 @@ impl Server {
         if !failed.is_empty() {
             anyhow::bail!("reload incomplete: {}", failed.join("; "));
         }
-        Ok(())
+        Ok(ReloadSummary {
+            generation,
+            plugins: report.plugins.len(),
+            sessions: recheck.sessions,
+            revoked: recheck.revoked,
+            subscriptions_removed: recheck.subscriptions_removed,
+        })
     }
 
     /// Stops accepting, says goodbye to every client and waits for them up to the grace period, then stops the

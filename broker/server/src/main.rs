@@ -71,6 +71,16 @@ enum Command {
         #[command(subcommand)]
         action: SigAction,
     },
+    /// Ask the running broker to reload (like SIGHUP) through its admin socket, and print what happened: exits
+    /// non-zero when something did not reload (it keeps its previous version).
+    Reload {
+        /// The broker's configuration file, to find `runtime.admin_socket` in.
+        #[arg(long, short, required_unless_present = "socket")]
+        config: Option<PathBuf>,
+        /// The admin socket itself.
+        #[arg(long, conflicts_with = "config")]
+        socket: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -227,7 +237,52 @@ fn main() -> ExitCode {
             plugin_test(&plugin, &events, config.as_deref(), &settings, &secrets)
         }
         Command::Sig { action } => sig(action),
+        Command::Reload { config, socket } => reload(config.as_deref(), socket),
     }
+}
+
+#[cfg(unix)]
+fn reload(config_path: Option<&Path>, socket: Option<PathBuf>) -> ExitCode {
+    let socket = match (socket, config_path) {
+        (Some(socket), _) => socket,
+        (None, Some(path)) => match config::load(Some(path)) {
+            Ok(config) => match config.runtime.admin_socket {
+                Some(socket) => socket,
+                None => {
+                    eprintln!(
+                        "{}: no runtime.admin_socket configured; set one (and restart), or send the broker SIGHUP",
+                        path.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            },
+            Err(problems) => {
+                print_problems(&problems);
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => unreachable!("clap requires --config or --socket"),
+    };
+    let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(tollgate::admin::request(&socket, tollgate::admin::Command::Reload)),
+        Err(error) => Err(error.to_string()),
+    };
+    match answer {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn reload(_config_path: Option<&Path>, _socket: Option<PathBuf>) -> ExitCode {
+    eprintln!("no admin socket on this system; send the broker SIGHUP");
+    ExitCode::FAILURE
 }
 
 fn sig_inputs(message: &SigMessage) -> Result<(tollgate::sig::MessageArgs, tollgate::sig::KeyArgs), String> {
@@ -584,6 +639,16 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
         // Installed before the listeners open, so a signal that arrives as soon as clients can connect is not
         // met by the default action (immediate exit, no goodbye).
         let signals = install_signals();
+        #[cfg(unix)]
+        let admin = match config.runtime.admin_socket.as_deref().map(tollgate::admin::AdminSocket::bind).transpose() {
+            Ok(admin) => admin,
+            Err(error) => {
+                error!(%error, "admin socket not opened; broker not started");
+                return ExitCode::FAILURE;
+            }
+        };
+        #[cfg(not(unix))]
+        let admin = ();
         let server = match Server::start(&config).await {
             Ok(server) => server,
             Err(error) => {
@@ -592,7 +657,7 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
             }
         };
         info!(version = env!("CARGO_PKG_VERSION"), "tollgate running");
-        wait_for_signals(signals, &server, config_path, &config).await;
+        wait_for_signals(signals, admin, &server, config_path, &config).await;
         if server.shutdown().await { ExitCode::SUCCESS } else { ExitCode::FAILURE }
     })
 }
@@ -610,32 +675,73 @@ fn install_signals() -> Signals {
 }
 
 #[cfg(unix)]
-async fn wait_for_signals(signals: Signals, server: &Server, config_path: Option<&Path>, running: &Config) {
+async fn wait_for_signals(
+    signals: Signals,
+    admin: Option<tollgate::admin::AdminSocket>,
+    server: &Server,
+    config_path: Option<&Path>,
+    running: &Config,
+) {
     let Some((mut terminate, mut interrupt, mut hangup)) = signals else {
         warn!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;
     };
+    let admin_request = async |admin: &Option<tollgate::admin::AdminSocket>| match admin {
+        Some(admin) => admin.accept().await,
+        None => std::future::pending().await,
+    };
+    // Signals and admin requests are served one at a time: two reloads never overlap.
     loop {
         tokio::select! {
             _ = terminate.recv() => return,
             _ = interrupt.recv() => return,
             _ = hangup.recv() => {
-                // Listeners and limits need a restart; the policy files are what SIGHUP refreshes.
-                match config::load(config_path) {
-                    Ok(mut fresh) => {
-                        fresh.listeners = running.listeners.clone();
-                        if let Err(error) = server.reload(&fresh).await {
-                            error!(error = format!("{error:#}"), "reload incomplete: what failed keeps its previous version");
-                        }
+                let _ = reload_from_file(server, config_path, running).await;
+            }
+            accepted = admin_request(&admin) => {
+                let mut stream = match accepted {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        warn!(%error, "admin socket: accept failed");
+                        continue;
                     }
-                    Err(problems) => {
-                        for problem in problems {
-                            error!(%problem, "reload refused; keeping the previous policy");
-                        }
+                };
+                let result = match tollgate::admin::read_command(&mut stream).await {
+                    Ok(tollgate::admin::Command::Reload) => {
+                        info!("reload requested on the admin socket");
+                        reload_from_file(server, config_path, running).await
                     }
+                    Err(error) => Err(error),
+                };
+                tollgate::admin::reply(&mut stream, &result).await;
+            }
+        }
+    }
+}
+
+/// Re-reads the configuration file and reloads what SIGHUP reloads: listeners and limits need a restart, the
+/// policy files and plugins do not. Logs the outcome and returns it for the admin socket.
+#[cfg(unix)]
+async fn reload_from_file(server: &Server, config_path: Option<&Path>, running: &Config) -> Result<String, String> {
+    match config::load(config_path) {
+        Ok(mut fresh) => {
+            fresh.listeners = running.listeners.clone();
+            match server.reload(&fresh).await {
+                Ok(summary) => Ok(summary.to_string()),
+                Err(error) => {
+                    let error = format!("{error:#}");
+                    error!(error, "reload incomplete: what failed keeps its previous version");
+                    Err(error)
                 }
             }
+        }
+        Err(problems) => {
+            for problem in &problems {
+                error!(%problem, "reload refused; keeping the previous policy");
+            }
+            let listed: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            Err(format!("reload refused, the previous policy stays: {}", listed.join("; ")))
         }
     }
 }
@@ -647,7 +753,13 @@ type Signals = ();
 fn install_signals() -> Signals {}
 
 #[cfg(not(unix))]
-async fn wait_for_signals(_signals: Signals, _server: &Server, _config_path: Option<&Path>, _running: &Config) {
+async fn wait_for_signals(
+    _signals: Signals,
+    _admin: (),
+    _server: &Server,
+    _config_path: Option<&Path>,
+    _running: &Config,
+) {
     let _ = tokio::signal::ctrl_c().await;
 }
 
