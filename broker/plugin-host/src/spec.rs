@@ -33,14 +33,14 @@ pub enum HookKind {
     Authenticate,
     Authorize,
     Transform,
-    Route,
     /// Each subscriber's copy of a message (the outbound transform).
     Deliver,
+    Route,
 }
 
 impl HookKind {
     pub const ALL: [HookKind; 5] =
-        [HookKind::Authenticate, HookKind::Authorize, HookKind::Transform, HookKind::Route, HookKind::Deliver];
+        [HookKind::Authenticate, HookKind::Authorize, HookKind::Transform, HookKind::Deliver, HookKind::Route];
 
     pub fn as_str(self) -> &'static str {
         match self {

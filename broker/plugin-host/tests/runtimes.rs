@@ -114,6 +114,20 @@ async fn every_hook_answers_in_both_runtimes() {
         };
         assert_eq!(signed.user_properties.len(), 1, "{kind:?}");
         assert_eq!((signed.user_properties[0].key.as_str(), &signed.user_properties[0].value), ("sig", &expected));
+        // Deliver: each subscriber's copy.
+        let mut copy = message("per/a", "x");
+        assert_eq!(hook.transform_outbound(&client(), &mut copy).await, Ok(TransformDecision::Modified));
+        assert_eq!(
+            copy.user_properties,
+            vec![tollgate_protocol::UserProperty { key: "to".into(), value: "car-1".into() }],
+            "{kind:?}"
+        );
+        let blind = ClientInfo { client_id: "blind-2".into(), ..client() };
+        assert!(matches!(
+            hook.transform_outbound(&blind, &mut message("per/a", "x")).await,
+            Ok(TransformDecision::Drop { .. })
+        ));
+        assert_eq!(hook.transform_outbound(&blind, &mut message("upper/a", "x")).await, Ok(TransformDecision::Keep));
         // Route.
         let route = |topic: &'static str| {
             let hook = hook.clone();
