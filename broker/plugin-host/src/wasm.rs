@@ -370,6 +370,28 @@ impl WasmPlugin {
         }
     }
 
+    /// `on-publish` (inbound) or `on-deliver` (a subscriber's copy): the same message in, the same result out.
+    async fn run_transform(
+        &self,
+        client: &ClientInfo,
+        message: &mut Message,
+        outbound: bool,
+    ) -> Result<TransformDecision, Failure> {
+        let wit_client = wit_client(client);
+        let draft = wit_message(message);
+        let result = self
+            .with_instance(call_client(client), |mut instance| async move {
+                let result = match (outbound, &instance.transform, &instance.deliver) {
+                    (false, Some(guest), _) => guest.call_on_publish(&mut instance.store, &wit_client, &draft).await,
+                    (true, _, Some(guest)) => guest.call_on_deliver(&mut instance.store, &wit_client, &draft).await,
+                    _ => Ok(wit::TransformResult::Unchanged),
+                };
+                (instance, result)
+            })
+            .await?;
+        transform_decision(message, result)
+    }
+
     /// Borrows an instance, runs `call` on it and returns it to the pool. An instance whose call failed is
     /// dropped, since a trapped store may be left inconsistent; the next call builds a fresh one.
     async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
@@ -616,33 +638,11 @@ impl Runtime for WasmPlugin {
     }
 
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
-        let wit_client = wit_client(client);
-        let draft = wit_message(message);
-        let result = self
-            .with_instance(call_client(client), |mut instance| async move {
-                let result = match &instance.transform {
-                    Some(guest) => guest.call_on_publish(&mut instance.store, &wit_client, &draft).await,
-                    None => Ok(wit::TransformResult::Unchanged),
-                };
-                (instance, result)
-            })
-            .await?;
-        transform_decision(message, result)
+        self.run_transform(client, message, false).await
     }
 
     async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
-        let wit_client = wit_client(subscriber);
-        let draft = wit_message(message);
-        let result = self
-            .with_instance(call_client(subscriber), |mut instance| async move {
-                let result = match &instance.deliver {
-                    Some(guest) => guest.call_on_deliver(&mut instance.store, &wit_client, &draft).await,
-                    None => Ok(wit::TransformResult::Unchanged),
-                };
-                (instance, result)
-            })
-            .await?;
-        transform_decision(message, result)
+        self.run_transform(subscriber, message, true).await
     }
 
     async fn route(
