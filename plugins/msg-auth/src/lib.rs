@@ -398,12 +398,10 @@ impl Plugin for MsgAuth {
         })
     }
 
-    /// `deliver` only when a sign rule needs it: it is a call per subscriber copy.
+    /// `deliver` only when a sign rule needs it: it is a call per subscriber copy. `transform` always, since it
+    /// also strips client-supplied broker properties on every rule's topics.
     fn hooks(&self) -> Vec<Hook> {
-        let mut hooks = Vec::new();
-        if self.rules.iter().any(|rule| rule.mode != Mode::Sign) {
-            hooks.push(Hook::Transform);
-        }
+        let mut hooks = vec![Hook::Transform];
         if self.rules.iter().any(|rule| rule.mode == Mode::Sign) {
             hooks.push(Hook::Deliver);
         }
@@ -411,16 +409,19 @@ impl Plugin for MsgAuth {
     }
 
     fn on_publish(&self, client: &Client, mut message: Message) -> TransformResult {
-        let Some(rule) = self.rules.iter().find(|rule| {
-            rule.mode != Mode::Sign
-                && rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic))
-        }) else {
+        let on_topic =
+            |rule: &&Rule| rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic));
+        if !self.rules.iter().any(|rule| on_topic(&rule)) {
             return TransformResult::Unchanged;
-        };
+        }
         // What a client claims about signatures is never passed on as if the broker had said it.
         let before = message.user_properties.len();
         message.user_properties.retain(|property| property.key != STATUS_PROPERTY && property.key != PREVIOUS_PROPERTY);
         let stripped = message.user_properties.len() != before;
+        // Sign rules act at delivery; at ingress the first verify or attest rule applies.
+        let Some(rule) = self.rules.iter().filter(|rule| rule.mode != Mode::Sign).find(on_topic) else {
+            return if stripped { TransformResult::Modified(message) } else { TransformResult::Unchanged };
+        };
         let outcome = match rule.mode {
             Mode::Verify => self.verify(rule, &message).and_then(|verified| match &rule.resign {
                 None => Ok(false),
@@ -647,9 +648,8 @@ impl MsgAuth {
             .filter(|property| property.key == PROPERTY)
             .map(|property| property.value.clone())
             .collect();
-        message.user_properties.retain(|property| {
-            property.key != PROPERTY && property.key != PREVIOUS_PROPERTY && property.key != STATUS_PROPERTY
-        });
+        // x-sig-status stays: what this broker found at ingress (tag mode) must not be laundered by signing.
+        message.user_properties.retain(|property| property.key != PROPERTY && property.key != PREVIOUS_PROPERTY);
         let mut previous = previous;
         if let Some(Ok((signature, inner))) = tollgate_sig::split_envelope(&message.payload) {
             previous.push(signature.header());

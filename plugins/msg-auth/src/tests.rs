@@ -478,6 +478,9 @@ fn copies_for_the_cloud_leave_signed_at_send_time_and_others_untouched() {
     };
     testing::clear_attributes();
     let ingress_header = attested.user_properties[0].value.clone();
+    // What this broker found at ingress travels on: signing must not launder it.
+    let mut attested = attested;
+    attested.user_properties.push(UserProperty { key: STATUS_PROPERTY.into(), value: "invalid:stale".into() });
     // An hour later (an uplink outage), the bridge's copy is sent.
     testing::set_now_ms(Some(NOW + 3_600_000));
     assert_eq!(plugin.on_deliver(&Client::new("dashboard", None), attested.clone()), TransformResult::Unchanged);
@@ -492,6 +495,7 @@ fn copies_for_the_cloud_leave_signed_at_send_time_and_others_untouched() {
             .collect()
     };
     assert_eq!(header(PREVIOUS_PROPERTY), vec![ingress_header]);
+    assert_eq!(header(STATUS_PROPERTY), vec!["invalid:stale".to_owned()]);
     let signature = Signature::parse(&header(PROPERTY)[0]).expect("header");
     assert_eq!((signature.sub.as_str(), signature.iss.as_str(), signature.ts), (VIN, "site-0042", NOW + 3_600_000));
     let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
@@ -515,8 +519,16 @@ fn a_copy_that_cannot_be_signed_is_not_sent_and_deliver_is_attached_only_when_ne
     .into_iter()
     .collect();
     let plugin = MsgAuth::init(only_sign).expect("init");
-    assert_eq!(plugin.hooks(), vec![Hook::Deliver]);
+    assert_eq!(plugin.hooks(), vec![Hook::Transform, Hook::Deliver]);
     assert_eq!(setup().hooks(), vec![Hook::Transform]);
+    // At ingress on a sign rule's topic, a client's own signature statuses are stripped, nothing else happens.
+    let topic = format!("v1/vehicles/{VIN}/telemetry/x");
+    let mut claimed = Message::new(topic.clone(), b"x".to_vec());
+    claimed.user_properties.push(UserProperty { key: STATUS_PROPERTY.into(), value: "ok".into() });
+    assert_eq!(
+        plugin.on_publish(&Client::new("car", None), claimed),
+        TransformResult::Modified(Message::new(topic, b"x".to_vec()))
+    );
     let cloud = Client::new("cloud-1", None);
     let copy = |topic: &str| Message::new(topic, b"x".to_vec());
     assert!(matches!(
