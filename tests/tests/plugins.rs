@@ -315,6 +315,40 @@ fn write_script(dir: &Path, body: &str) -> PathBuf {
     path
 }
 
+/// With `purge_retained_on_revoke`, a client a reload revokes loses the retained messages it set, so they do not
+/// outlive its access; what others retained stays.
+#[tokio::test]
+async fn a_revoked_clients_retained_messages_are_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = write_script(dir.path(), "function authorize_session(client) return nil end\n");
+    let entry = plugin_entry("policy", Kind::Lua, script.clone());
+    let broker = TestBroker::builder()
+        .configure(|config| {
+            config.plugins = vec![entry];
+            config.auth.purge_retained_on_revoke = true;
+        })
+        .start()
+        .await;
+    let mut car = connect_to(&broker, "car").await;
+    car.publish("cars/car/status", QoS::AtLeastOnce, true, b"online").await;
+    car.publish("cars/car/position", QoS::AtLeastOnce, true, b"here").await;
+    let mut other = connect_to(&broker, "other").await;
+    other.publish("cars/other/status", QoS::AtLeastOnce, true, b"online").await;
+
+    write_script(
+        dir.path(),
+        "function authorize_session(client)\n  if client.client_id == 'car' then return 'deny' end\n  return nil\nend\n",
+    );
+    let summary = broker.server.reload(&broker.config).await.unwrap();
+    assert_eq!((summary.revoked, summary.retained_purged), (1, 2), "{summary}");
+    car.expect_disconnected().await;
+    let mut watcher = connect_to(&broker, "watcher").await;
+    watcher.subscribe_ok("cars/#", QoS::AtLeastOnce).await;
+    assert_eq!(topic(&watcher.next_publish().await), "cars/other/status");
+    watcher.expect_no_publish(QUIET).await;
+    assert!(broker.stop().await);
+}
+
 /// SIGHUP's reload path under traffic: connections stay up and the new decisions apply right after.
 #[tokio::test]
 async fn reload_under_traffic_keeps_connections_and_applies_new_decisions() {

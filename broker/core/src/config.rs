@@ -56,6 +56,8 @@ pub struct BrokerConfig {
     /// disconnected.
     pub max_publish_bytes_rate: u32,
     pub publish_denied_v311: DeniedPublish,
+    /// When a recheck ends a client's session (its access was revoked), also remove the retained messages it set.
+    pub purge_retained_on_revoke: bool,
 }
 
 impl Default for BrokerConfig {
@@ -76,6 +78,7 @@ impl Default for BrokerConfig {
             retain_available: true,
             persistent_session_expiry: None,
             publish_denied_v311: DeniedPublish::Drop,
+            purge_retained_on_revoke: false,
         }
     }
 }

@@ -907,7 +907,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 }
             }
         }
-        let matched = self.broker.publish(Arc::new(message));
+        let matched = self.broker.publish_from(Arc::new(message), Some(&self.session.client_id));
         tracing::trace!(client_id = %self.client.client_id, topic = %topic_for_acl, matched, "published");
         let reason = if matched == 0 && self.version.is_v5() {
             ReasonCode::NO_MATCHING_SUBSCRIBERS

@@ -90,6 +90,8 @@ pub struct RecheckReport {
     pub revoked: usize,
     pub subscriptions_removed: usize,
     pub queued_dropped: usize,
+    /// Retained messages the revoked clients had set, removed (`purge_retained_on_revoke`).
+    pub retained_purged: usize,
 }
 
 impl Broker {
@@ -192,6 +194,13 @@ impl Broker {
                 session.revoke(reason);
                 self.end_session(&session);
                 report.revoked += 1;
+                if self.inner.config.purge_retained_on_revoke {
+                    let purged = self.inner.retained.purge_publisher(&session.client_id);
+                    if purged > 0 {
+                        info!(client_id = %session.client_id, purged, "recheck: the revoked client's retained messages removed");
+                    }
+                    report.retained_purged += purged;
+                }
                 continue;
             }
             let subscriptions: Vec<(String, QoS)> = session
@@ -288,12 +297,18 @@ impl Broker {
         ClientId(format!("tollgate-{:x}-{serial}", self.inner.instance_tag & 0xFFFF_FFFF).into())
     }
 
-    /// Routes an accepted message: updates the retained store, then queues one delivery per subscribed session
-    /// (merging overlapping subscriptions). Returns how many sessions it was queued for.
+    /// Routes a message the broker itself publishes (`$SYS`, tests); see [`Broker::publish_from`].
     pub fn publish(&self, message: Arc<Message>) -> usize {
+        self.publish_from(message, None)
+    }
+
+    /// Routes an accepted message: updates the retained store (remembering `publisher`, the client it came from),
+    /// then queues one delivery per subscribed session (merging overlapping subscriptions). Returns how many
+    /// sessions it was queued for.
+    pub fn publish_from(&self, message: Arc<Message>, publisher: Option<&ClientId>) -> usize {
         let inner = &*self.inner;
         if message.retain && inner.config.retain_available {
-            inner.retained.store(message.clone());
+            inner.retained.store(message.clone(), publisher);
         }
         let subscribers = inner.router.matches(&message.topic);
         if subscribers.is_empty() {
@@ -374,7 +389,7 @@ impl Broker {
     /// Publishes a will now, or after its delay unless the session reconnects first [MQTT-3.1.3-9].
     pub(crate) fn schedule_will(&self, session: SessionRef, generation: u64, will: Arc<Message>, delay: Duration) {
         if delay.is_zero() || session.ended.has_ended() {
-            self.publish(will);
+            self.publish_from(will, Some(&session.client_id));
             return;
         }
         let broker = self.clone();
@@ -385,14 +400,14 @@ impl Broker {
                 _ = tokio::time::sleep(delay) => {
                     // A reconnect to the same session within the delay cancels the will.
                     if session.generation() == generation && !session.is_connected() {
-                        broker.publish(will);
+                        broker.publish_from(will, Some(&session.client_id));
                     }
                 }
                 // The session ended first (expiry, or a clean start replaced it): the will goes now, unless the
                 // session ended because its client was revoked: a revoked client's will is not published.
                 _ = ended.cancelled() => {
                     if session.revocation().is_none() {
-                        broker.publish(will);
+                        broker.publish_from(will, Some(&session.client_id));
                     }
                 }
                 _ = shutdown.cancelled() => {}

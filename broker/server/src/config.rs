@@ -298,6 +298,10 @@ pub struct AuthConfig {
     /// What an MQTT 3.1.1 client gets for a refused PUBLISH: "drop" (acknowledged and dropped, Mosquitto's
     /// behaviour) or "disconnect". MQTT 5 clients always get PUBACK/PUBREC 0x87.
     pub on_publish_denied: Option<String>,
+    /// When a reload or recheck revokes a client (a policy now denies its session), also remove the retained
+    /// messages it set, so they do not outlive its access (CVE-2018-12546). Off by default: it deletes data.
+    #[serde(default)]
+    pub purge_retained_on_revoke: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -398,7 +402,7 @@ fn problem(key: impl Into<String>, message: impl Into<String>) -> ConfigProblem 
 
 /// Every key the file may contain, for the unknown-key check. `listeners.*` are per array element.
 const SECTION_KEYS: &[(&str, &[&str])] = &[
-    ("auth", &["allow_anonymous", "password_file", "acl_file", "on_publish_denied"]),
+    ("auth", &["allow_anonymous", "password_file", "acl_file", "on_publish_denied", "purge_retained_on_revoke"]),
     (
         "limits",
         &[
@@ -546,7 +550,9 @@ fn error_key(error: &figment::Error) -> String {
 fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> {
     let path = format!("{section}.{key}");
     let result = match (section, key) {
-        ("auth", "allow_anonymous") => figment.extract_inner::<Option<bool>>(&path).map(drop),
+        ("auth", "allow_anonymous" | "purge_retained_on_revoke") => {
+            figment.extract_inner::<Option<bool>>(&path).map(drop)
+        }
         ("auth", "on_publish_denied") => figment.extract_inner::<Option<String>>(&path).map(drop),
         ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir" | "admin_socket") => {
             figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
@@ -820,6 +826,7 @@ impl Config {
             max_queued_messages: limits.max_queued_messages as usize,
             overflow_policy: parse_overflow(&limits.overflow_policy).unwrap_or_default(),
             publish_denied_v311: parse_denied_publish(self.auth.on_publish_denied.as_deref()).unwrap_or_default(),
+            purge_retained_on_revoke: self.auth.purge_retained_on_revoke,
             queue_qos0_offline: limits.queue_qos0_offline,
             topic_alias_maximum: limits.topic_alias_maximum,
             connect_timeout: Duration::from_secs(u64::from(limits.connect_timeout)),

@@ -38,14 +38,21 @@ pub struct ReloadSummary {
     pub sessions: usize,
     pub revoked: usize,
     pub subscriptions_removed: usize,
+    pub retained_purged: usize,
 }
 
 impl std::fmt::Display for ReloadSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "reloaded (generation {}, {} plugins); {} sessions rechecked, {} ended, {} subscriptions removed",
-            self.generation, self.plugins, self.sessions, self.revoked, self.subscriptions_removed
+            "reloaded (generation {}, {} plugins); {} sessions rechecked, {} ended, {} subscriptions removed, {} \
+             retained messages purged",
+            self.generation,
+            self.plugins,
+            self.sessions,
+            self.revoked,
+            self.subscriptions_removed,
+            self.retained_purged
         )
     }
 }
@@ -290,6 +297,7 @@ impl Server {
             sessions = recheck.sessions,
             revoked = recheck.revoked,
             subscriptions_removed = recheck.subscriptions_removed,
+            retained_purged = recheck.retained_purged,
             "sessions rechecked against the reloaded policy"
         );
         // Certificates: each listener keeps its old ones if the new files do not load; established connections
@@ -314,6 +322,7 @@ impl Server {
             sessions: recheck.sessions,
             revoked: recheck.revoked,
             subscriptions_removed: recheck.subscriptions_removed,
+            retained_purged: recheck.retained_purged,
         })
     }
 
@@ -351,6 +360,7 @@ async fn recheck_periodically(broker: Broker, interval: Duration) {
             info!(
                 revoked = report.revoked,
                 subscriptions_removed = report.subscriptions_removed,
+                retained_purged = report.retained_purged,
                 "periodic session recheck"
             );
         }
