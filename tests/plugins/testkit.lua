@@ -71,9 +71,10 @@ function on_publish(client, msg)
 end
 
 -- Each subscriber's copy: on per/ topics a subscriber whose id starts with "blind" gets nothing, the others a
--- copy addressed to them.
+-- copy addressed to them; per/trap/..., per/loop/... misbehave like the other hooks.
 function on_deliver(subscriber, msg)
   if not starts(msg.topic, "per/") then return nil end
+  misbehave(string.sub(msg.topic, 5))
   if starts(subscriber.client_id, "blind") then return { drop = "not for this subscriber" } end
   table.insert(msg.user_properties, { "to", subscriber.client_id })
   return msg

@@ -166,6 +166,12 @@ async fn each_subscriber_gets_its_own_copy_through_the_deliver_hook() {
         let copy = seer.next_publish().await;
         assert_eq!(v5::properties(&copy).user_properties, vec![("to".to_owned(), "seer".to_owned())], "{kind:?}");
         blind.expect_no_publish(QUIET).await;
+        // A deliver hook that fails passes the copy through as it was (transform's default policy).
+        publisher.publish("per/trap/x", QoS::AtLeastOnce, false, b"as is").await;
+        let copy = seer.next_publish().await;
+        assert_eq!((topic(&copy), v5::properties(&copy).user_properties), ("per/trap/x".to_owned(), vec![]));
+        let copy = blind.next_publish().await;
+        assert_eq!(topic(&copy), "per/trap/x", "{kind:?}");
         // The dropped QoS 1 copy was settled: the blind subscriber's session goes on receiving.
         publisher.publish("plain/b", QoS::AtLeastOnce, false, b"two").await;
         for subscriber in [&mut seer, &mut blind] {

@@ -192,6 +192,12 @@ async fn traps_and_script_errors_are_contained() {
         assert!(reason.contains("trap") || reason.contains("script error"), "{kind:?}: {reason}");
         assert_eq!(publish(&hook, "deny/x").await, Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED)));
         assert_eq!(plugin.shared().metrics.traps.load(Ordering::Relaxed), 1, "{kind:?}");
+        // The deliver hook is contained the same way, and the instance it broke is replaced.
+        let outcome = hook.transform_outbound(&client(), &mut message("per/trap/x", "x")).await;
+        assert!(matches!(outcome, Err(HookError::Failed { .. })), "{kind:?}: {outcome:?}");
+        assert_eq!(plugin.shared().metrics.traps.load(Ordering::Relaxed), 2, "{kind:?}");
+        let mut copy = message("per/a", "x");
+        assert_eq!(hook.transform_outbound(&client(), &mut copy).await, Ok(TransformDecision::Modified));
     }
 }
 

@@ -137,11 +137,12 @@ impl Plugin for Testkit {
     }
 
     /// Each subscriber's copy: on `per/` topics a subscriber whose id starts with "blind" gets nothing, the others
-    /// a copy addressed to them.
+    /// a copy addressed to them; `per/trap/…`, `per/loop/…` misbehave like the other hooks.
     fn on_deliver(&self, subscriber: &Client, mut message: Message) -> TransformResult {
-        if !message.topic.starts_with("per/") {
+        let Some(rest) = message.topic.strip_prefix("per/") else {
             return TransformResult::Unchanged;
-        }
+        };
+        misbehave(rest);
         if subscriber.client_id.starts_with("blind") {
             return TransformResult::Drop("not for this subscriber".to_owned());
         }
