@@ -544,6 +544,17 @@ async fn tollgate_reload_answers_through_the_admin_socket() {
     assert!(output.status.success(), "{}", describe(&output));
     assert_eq!(v4::refused_code(options("newcomer")).await, ConnectReturnCode::NotAuthorized);
 
+    // `tollgate status` over the same socket: one JSON object.
+    let output = run(tollgate().arg("status").arg("--socket").arg(&socket), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["plugins"][0]["name"], "gate", "{status}");
+    assert_eq!(status["plugins"][0]["hooks"], serde_json::json!(["authenticate"]), "{status}");
+    // The newcomer's CONNECT, answered by the reloaded version (a new version counts afresh).
+    assert_eq!(status["plugins"][0]["metrics"]["calls"], 1, "{status}");
+    assert!(status["policy_generation"].as_u64() >= Some(2), "{status}");
+    assert_eq!(status["clients_connected"], 0, "{status}");
+
     child.signal("TERM");
     assert!(child.wait(Duration::from_secs(10)).await.success());
     assert!(!socket.exists(), "the socket file is removed at exit");

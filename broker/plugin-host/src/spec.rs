@@ -15,6 +15,16 @@ pub enum PluginKind {
     Lua,
 }
 
+impl PluginKind {
+    /// As the configuration names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PluginKind::Wasm => "wasm",
+            PluginKind::Lua => "lua",
+        }
+    }
+}
+
 impl FromStr for PluginKind {
     type Err = String;
 
@@ -27,7 +37,7 @@ impl FromStr for PluginKind {
     }
 }
 
-/// The four hook points of the hook contract, as plugins and configuration name them.
+/// The hook points of the hook contract, as plugins and configuration name them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum HookKind {
     Authenticate,

@@ -2,8 +2,8 @@
 //! only, where `tollgate reload` asks the running broker to reload and hears back what happened. SIGHUP does the
 //! same reload but answers nobody; a script or an operator wants to know that a plugin refused to load.
 //!
-//! One request per connection, one line each way: the command (`reload`), then a JSON object with `ok` and either
-//! `message` or `error`.
+//! One request per connection, one line each way: the command (`reload` or `status`), then a JSON object with `ok`
+//! and either `message` (for `status`, itself a JSON object as text) or `error`.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,19 +22,23 @@ const MAX_REQUEST: u64 = 256;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
     Reload,
+    /// What the broker is doing: clients, sessions, messages, plugins and their health, as one JSON object.
+    Status,
 }
 
 impl Command {
     fn parse(line: &str) -> Result<Self, String> {
         match line.trim() {
             "reload" => Ok(Command::Reload),
-            other => Err(format!("unknown command {other:?} (known: reload)")),
+            "status" => Ok(Command::Status),
+            other => Err(format!("unknown command {other:?} (known: reload, status)")),
         }
     }
 
     fn as_str(self) -> &'static str {
         match self {
             Command::Reload => "reload",
+            Command::Status => "status",
         }
     }
 }
@@ -160,7 +164,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_unknown_command_is_refused() {
+    async fn commands_are_parsed_and_unknown_ones_refused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("admin.sock");
         let socket = AdminSocket::bind(&path).expect("bind");
@@ -168,5 +172,9 @@ mod tests {
         client.write_all(b"shutdown\n").await.expect("send");
         let mut stream = socket.accept().await.expect("accept");
         assert!(read_command(&mut stream).await.is_err_and(|error| error.contains("unknown command")));
+        let mut client = UnixStream::connect(&path).await.expect("connect");
+        client.write_all(b"status\n").await.expect("send");
+        let mut stream = socket.accept().await.expect("accept");
+        assert_eq!(read_command(&mut stream).await, Ok(Command::Status));
     }
 }

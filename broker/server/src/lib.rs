@@ -326,6 +326,42 @@ impl Server {
         })
     }
 
+    /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks and health.
+    pub fn status(&self) -> serde_json::Value {
+        use tollgate_core::metrics::Metrics;
+        let broker = &self.broker;
+        let metrics = broker.metrics();
+        let plugins: Vec<serde_json::Value> = self
+            .plugins
+            .plugins()
+            .iter()
+            .map(|plugin| {
+                let shared = plugin.shared();
+                serde_json::json!({
+                    "name": plugin.name(),
+                    "kind": plugin.spec.kind.as_str(),
+                    "hooks": plugin.hooks.iter().map(|hook| hook.as_str()).collect::<Vec<_>>(),
+                    "metrics": shared.metrics.snapshot(),
+                    "enabled": shared.check_enabled().is_ok(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": broker.uptime().as_secs(),
+            "listeners": self.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "clients_connected": Metrics::get(&metrics.clients_connected),
+            "sessions": broker.sessions().len(),
+            "subscriptions": broker.router().subscription_count(),
+            "retained": broker.retained().len(),
+            "messages_received": Metrics::get(&metrics.publish_received),
+            "messages_sent": Metrics::get(&metrics.publish_sent),
+            "messages_dropped": Metrics::get(&metrics.publish_dropped),
+            "policy_generation": self.generation.load(Ordering::Relaxed),
+            "plugins": plugins,
+        })
+    }
+
     /// Stops accepting, says goodbye to every client and waits for them up to the grace period, then stops the
     /// connection runtimes.
     pub async fn shutdown(&self) -> bool {

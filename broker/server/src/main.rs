@@ -74,13 +74,25 @@ enum Command {
     /// Ask the running broker to reload (like SIGHUP) through its admin socket, and print what happened: exits
     /// non-zero when something did not reload (it keeps its previous version).
     Reload {
-        /// The broker's configuration file, to find `runtime.admin_socket` in.
-        #[arg(long, short, required_unless_present = "socket")]
-        config: Option<PathBuf>,
-        /// The admin socket itself.
-        #[arg(long, conflicts_with = "config")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
+    /// Print the running broker's status (clients, sessions, messages, plugins and their health) as JSON, through
+    /// its admin socket.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The broker's configuration file, to find `runtime.admin_socket` in.
+    #[arg(long, short, required_unless_present = "socket")]
+    config: Option<PathBuf>,
+    /// The admin socket itself.
+    #[arg(long, conflicts_with = "config")]
+    socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -237,12 +249,25 @@ fn main() -> ExitCode {
             plugin_test(&plugin, &events, config.as_deref(), &settings, &secrets)
         }
         Command::Sig { action } => sig(action),
-        Command::Reload { config, socket } => reload(config.as_deref(), socket),
+        Command::Reload { admin } => admin_request(admin, AdminCommand::Reload),
+        Command::Status { admin } => admin_request(admin, AdminCommand::Status),
     }
 }
 
 #[cfg(unix)]
-fn reload(config_path: Option<&Path>, socket: Option<PathBuf>) -> ExitCode {
+use tollgate::admin::Command as AdminCommand;
+
+#[cfg(not(unix))]
+#[derive(Clone, Copy)]
+enum AdminCommand {
+    Reload,
+    Status,
+}
+
+#[cfg(unix)]
+fn admin_request(args: AdminArgs, command: AdminCommand) -> ExitCode {
+    let AdminArgs { config: config_path, socket } = args;
+    let config_path = config_path.as_deref();
     let socket = match (socket, config_path) {
         (Some(socket), _) => socket,
         (None, Some(path)) => match config::load(Some(path)) {
@@ -264,7 +289,7 @@ fn reload(config_path: Option<&Path>, socket: Option<PathBuf>) -> ExitCode {
         (None, None) => unreachable!("clap requires --config or --socket"),
     };
     let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime.block_on(tollgate::admin::request(&socket, tollgate::admin::Command::Reload)),
+        Ok(runtime) => runtime.block_on(tollgate::admin::request(&socket, command)),
         Err(error) => Err(error.to_string()),
     };
     match answer {
@@ -280,8 +305,8 @@ fn reload(config_path: Option<&Path>, socket: Option<PathBuf>) -> ExitCode {
 }
 
 #[cfg(not(unix))]
-fn reload(_config_path: Option<&Path>, _socket: Option<PathBuf>) -> ExitCode {
-    eprintln!("no admin socket on this system; send the broker SIGHUP");
+fn admin_request(_args: AdminArgs, _command: AdminCommand) -> ExitCode {
+    eprintln!("no admin socket on this system (SIGHUP reloads on Unix; $SYS carries the status)");
     ExitCode::FAILURE
 }
 
@@ -712,6 +737,7 @@ async fn wait_for_signals(
                         info!("reload requested on the admin socket");
                         reload_from_file(server, config_path, running).await
                     }
+                    Ok(tollgate::admin::Command::Status) => Ok(server.status().to_string()),
                     Err(error) => Err(error),
                 };
                 tollgate::admin::reply(&mut stream, &result).await;
