@@ -44,6 +44,22 @@ fn msg_auth() -> PluginConfig {
     }
 }
 
+/// msg-auth with the site's per-car key `vin-1` as well: HKDF of the site master for each VIN, the key a car holds.
+fn msg_auth_with_car_keys() -> PluginConfig {
+    let mut plugin = msg_auth();
+    plugin.secrets.insert("site-master".into(), format!("hex:{}", hex(SITE_MASTER)));
+    let keys = plugin.config["keys"].as_array_mut().unwrap();
+    keys.push(serde_json::json!({ "kid": "vin-1", "secret": "site-master", "derive": "vin-mac-v1:${sub}" }));
+    plugin
+}
+
+/// A car subscribed to its commands, and a backend.
+async fn car_and_backend(broker: &TestBroker) -> (v5::Client, v5::Client) {
+    let mut car = v5::connect_to(broker, "car").await;
+    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
+    (car, v5::connect_to(broker, "backend").await)
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -88,9 +104,7 @@ fn signed(topic: &str, payload: &[u8], ctr: u64) -> PublishProperties {
 async fn signed_commands_pass_and_forged_or_replayed_ones_are_refused_across_a_restart() {
     let state = tempfile::tempdir().unwrap();
     let broker = broker(state.path()).await;
-    let mut car = v5::connect_to(&broker, "car").await;
-    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
-    let mut backend = v5::connect_to(&broker, "backend").await;
+    let (mut car, mut backend) = car_and_backend(&broker).await;
     let topic = command_topic();
 
     let good = signed(&topic, b"unlock", 1);
@@ -163,18 +177,13 @@ async fn the_broker_refuses_to_start_msg_auth_without_durable_state() {
 
 #[tokio::test]
 async fn a_verified_command_reaches_the_car_signed_with_its_own_key() {
-    let mut plugin = msg_auth();
-    plugin.secrets.insert("site-master".into(), format!("hex:{}", hex(SITE_MASTER)));
-    let keys = plugin.config["keys"].as_array_mut().unwrap();
-    keys.push(serde_json::json!({ "kid": "vin-1", "secret": "site-master", "derive": "vin-mac-v1:${sub}" }));
+    let mut plugin = msg_auth_with_car_keys();
     let rule = plugin.config["rules"][0].as_object_mut().unwrap();
     rule.insert("resign".into(), "vin-1".into());
     rule.insert("resign_chain".into(), true.into());
     let state = tempfile::tempdir().unwrap();
     let broker = broker_with(state.path(), plugin).await;
-    let mut car = v5::connect_to(&broker, "car").await;
-    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
-    let mut backend = v5::connect_to(&broker, "backend").await;
+    let (mut car, mut backend) = car_and_backend(&broker).await;
     let topic = command_topic();
 
     let sent = signed(&topic, b"unlock", 1);
@@ -210,10 +219,7 @@ async fn a_verified_command_reaches_the_car_signed_with_its_own_key() {
 /// check passes after an uplink outage; a local dashboard's copy is not signed.
 #[tokio::test]
 async fn copies_queued_for_an_offline_cloud_bridge_are_signed_when_sent() {
-    let mut plugin = msg_auth();
-    plugin.secrets.insert("site-master".into(), format!("hex:{}", hex(SITE_MASTER)));
-    let keys = plugin.config["keys"].as_array_mut().unwrap();
-    keys.push(serde_json::json!({ "kid": "vin-1", "secret": "site-master", "derive": "vin-mac-v1:${sub}" }));
+    let mut plugin = msg_auth_with_car_keys();
     plugin.config["rules"].as_array_mut().unwrap().push(serde_json::json!({
         "id": "to-cloud", "mode": "sign", "topics": ["v1/vehicles/+/telemetry/#"], "key": "vin-1",
         "sub_level": 2, "subscribers": ["cloud-*"]
