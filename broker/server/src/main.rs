@@ -286,7 +286,10 @@ fn admin_request(args: AdminArgs, command: AdminCommand) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         },
-        (None, None) => unreachable!("clap requires --config or --socket"),
+        (None, None) => {
+            eprintln!("say where the broker is: --config FILE or --socket PATH");
+            return ExitCode::FAILURE;
+        }
     };
     let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime.block_on(tollgate::admin::request(&socket, command)),
