@@ -4,8 +4,9 @@
 A backend (MQTT 5, loopback TCP) signs an update for each car and publishes it to vehicle/updates/<VIN> (QoS 1).
 Simulated cars (MQTT 5 over mutual TLS, each with its own certificate from `tollgate certs`) subscribe to their
 own topic, report progress on vehicle/updates/<VIN>/progress and completion on .../status; the broker signs those
-reports with the car's certificate identity (msg-auth attest) and the backend checks that signature. Along the
-way a car fails to read another car's updates and a tampered update is refused.
+reports with the car's certificate identity (msg-auth attest) and the backend checks that signature. Each car
+checks its update with its own key: the broker verified the backend's signature and re-signed the update for the
+car (msg-auth resign). Along the way a car fails to read another car's updates and a tampered update is refused.
 
 The signing code below follows plugins/msg-auth/README.md ("The signed form") and nothing else: it doubles as a
 check that the format can be implemented from its documentation.
@@ -77,6 +78,8 @@ def hkdf_sha256(master, info):
 
 
 def verify_attestation(topic, payload, header):
+    """Checks a signature the broker made with a per-VIN key: an attested report, or an update re-signed for a car
+    (which holds only its own key; the demo derives it from the site master like the broker does)."""
     fields = parse(header)
     key = hkdf_sha256(SITE_MASTER, b"vin-mac-v1:" + fields["sub"].encode())
     exp = int(fields.get("exp", "0"))
@@ -177,9 +180,9 @@ class Client:
         self.mqtt.loop_stop()
 
 
-def x_sig(message):
+def x_sig(message, name="x-sig"):
     for key, value in getattr(message.properties, "UserProperty", []) or []:
-        if key == "x-sig":
+        if key == name:
             return value
     return None
 
@@ -222,7 +225,13 @@ def main():
     print("cars install and report; the broker signs their reports, the backend checks the signatures")
     for vin, car in cars.items():
         update = car.take(lambda m, vin=vin: m.topic == f"vehicle/updates/{vin}", f"{vin}'s update")
-        check(x_sig(update) is not None, f"car {vin} got its update with the backend's signature")
+        # The broker verified the backend's signature and re-signed the update with this car's own key.
+        valid, fields = verify_attestation(update.topic, update.payload, x_sig(update) or "v1;mac=")
+        chained = x_sig(update, "x-sig-prev")
+        check(valid and fields["sub"] == vin and fields["kid"] == "vin-1" and fields["iss"] == "dealer-0042"
+              and chained is not None and parse(chained)["kid"] == "ota-2026",
+              f"car {vin} verified its update with its own key (re-signed by {fields.get('iss')}; "
+              f"the backend's signature kept in x-sig-prev)")
         for step in ("25", "50", "100"):
             car.publish(f"vehicle/updates/{vin}/progress", step.encode())
         car.publish(f"vehicle/updates/{vin}/status", b"installed")
