@@ -88,6 +88,12 @@ struct Rule {
     resign_chain: bool,
 }
 
+impl Rule {
+    fn applies_to(&self, topic: &str) -> bool {
+        self.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, topic))
+    }
+}
+
 pub struct MsgAuth {
     site_id: String,
     enforce: bool,
@@ -172,12 +178,39 @@ fn parse_u64(key: &str, value: Option<&str>, default: u64) -> Result<u64, String
     value.map_or(Ok(default), |value| value.parse().map_err(|_| format!("{key} = {value:?} is not a whole number")))
 }
 
-fn kid_accepted(patterns: &[String], kid: &str) -> bool {
+/// Whether `name` (a key id, a client id) is one of `patterns`, where a trailing `*` matches a prefix; an empty
+/// list accepts every name.
+fn pattern_accepts(patterns: &[String], name: &str) -> bool {
     patterns.is_empty()
         || patterns.iter().any(|pattern| match pattern.strip_suffix('*') {
-            Some(prefix) => kid.starts_with(prefix),
-            None => pattern == kid,
+            Some(prefix) => name.starts_with(prefix),
+            None => pattern == name,
         })
+}
+
+/// The absolute expiry (ms) a signature made now carries for a message with MQTT 5 message expiry; 0: none.
+fn expiry_ms(message: &Message, now: u64) -> u64 {
+    message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000)
+}
+
+/// Takes the signatures off a message the way a verifier reads them: its `x-sig` properties, or, when it has
+/// none, an envelope around its payload. Returns their headers.
+fn take_signatures(message: &mut Message) -> Vec<String> {
+    let mut taken = Vec::new();
+    message.user_properties.retain(|property| {
+        let signature = property.key == PROPERTY;
+        if signature {
+            taken.push(property.value.clone());
+        }
+        !signature
+    });
+    if taken.is_empty()
+        && let Some(Ok((signature, inner))) = tollgate_sig::split_envelope(&message.payload)
+    {
+        taken.push(signature.header());
+        message.payload = inner.to_vec();
+    }
+    taken
 }
 
 /// The receive-side replay state of one (key, sender): the highest counter seen and a bitmap of the
@@ -409,9 +442,7 @@ impl Plugin for MsgAuth {
     }
 
     fn on_publish(&self, client: &Client, mut message: Message) -> TransformResult {
-        let on_topic =
-            |rule: &&Rule| rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic));
-        if !self.rules.iter().any(|rule| on_topic(&rule)) {
+        if !self.rules.iter().any(|rule| rule.applies_to(&message.topic)) {
             return TransformResult::Unchanged;
         }
         // What a client claims about signatures is never passed on as if the broker had said it.
@@ -419,7 +450,8 @@ impl Plugin for MsgAuth {
         message.user_properties.retain(|property| property.key != STATUS_PROPERTY && property.key != PREVIOUS_PROPERTY);
         let stripped = message.user_properties.len() != before;
         // Sign rules act at delivery; at ingress the first verify or attest rule applies.
-        let Some(rule) = self.rules.iter().filter(|rule| rule.mode != Mode::Sign).find(on_topic) else {
+        let Some(rule) = self.rules.iter().find(|rule| rule.mode != Mode::Sign && rule.applies_to(&message.topic))
+        else {
             return if stripped { TransformResult::Modified(message) } else { TransformResult::Unchanged };
         };
         let outcome = match rule.mode {
@@ -446,8 +478,8 @@ impl Plugin for MsgAuth {
     fn on_deliver(&self, subscriber: &Client, mut message: Message) -> TransformResult {
         let Some(rule) = self.rules.iter().find(|rule| {
             rule.mode == Mode::Sign
-                && rule.topics.iter().any(|filter| tollgate_sdk::topic::matches(filter, &message.topic))
-                && (rule.subscribers.is_empty() || kid_accepted(&rule.subscribers, &subscriber.client_id))
+                && rule.applies_to(&message.topic)
+                && pattern_accepts(&rule.subscribers, &subscriber.client_id)
         }) else {
             return TransformResult::Unchanged;
         };
@@ -518,7 +550,7 @@ impl MsgAuth {
         let input = tollgate_sig::canonical(&signature, &covered);
         let usable = self
             .key(&signature.kid)
-            .filter(|key| key.state != KeyState::Retired && kid_accepted(&rule.accept_kids, &key.kid));
+            .filter(|key| key.state != KeyState::Retired && pattern_accepts(&rule.accept_kids, &key.kid));
         // An unknown key id costs the same as a known one: no timing oracle for which ids exist.
         let key = usable.unwrap_or(&self.keys[0]);
         let valid = crypto::verify_hmac_sha256(
@@ -606,11 +638,7 @@ impl MsgAuth {
     /// expiry, at this instant and with the broker's own counter. The verified one goes away (or into
     /// `x-sig-prev`), and so does an envelope it came in: the receiver sees one signature, in the rule's carrier.
     fn resign(&self, rule: &Rule, kid: &str, verified: Signature, message: &mut Message) -> Outcome<()> {
-        let had_property = message.user_properties.iter().any(|property| property.key == PROPERTY);
-        message.user_properties.retain(|property| property.key != PROPERTY);
-        if !had_property && let Some(Ok((_, inner))) = tollgate_sig::split_envelope(&message.payload) {
-            message.payload = inner.to_vec();
-        }
+        take_signatures(message);
         if rule.resign_chain {
             message.user_properties.push(UserProperty { key: PREVIOUS_PROPERTY.to_owned(), value: verified.header() });
         }
@@ -634,27 +662,16 @@ impl MsgAuth {
         let Some(key) = rule.key.as_deref().and_then(|kid| self.key(kid)) else {
             return Err((Failure::SignFailed, Box::default()));
         };
-        let now = host::now_ms();
-        let exp = message.message_expiry_secs.map_or(0, |seconds| now + u64::from(seconds) * 1000);
+        let exp = expiry_ms(message, host::now_ms());
         self.sign(key, sub, exp, rule.carrier, message)
     }
 
     /// A sign rule's work on one copy: what it carries as a signature goes (or into `x-sig-prev` with `chain`), an
     /// envelope is unwrapped, and the copy is signed for the `sub` at the rule's topic level.
     fn sign_copy(&self, rule: &Rule, message: &mut Message) -> Outcome<()> {
-        let previous: Vec<String> = message
-            .user_properties
-            .iter()
-            .filter(|property| property.key == PROPERTY)
-            .map(|property| property.value.clone())
-            .collect();
+        let previous = take_signatures(message);
         // x-sig-status stays: what this broker found at ingress (tag mode) must not be laundered by signing.
-        message.user_properties.retain(|property| property.key != PROPERTY && property.key != PREVIOUS_PROPERTY);
-        let mut previous = previous;
-        if let Some(Ok((signature, inner))) = tollgate_sig::split_envelope(&message.payload) {
-            previous.push(signature.header());
-            message.payload = inner.to_vec();
-        }
+        message.user_properties.retain(|property| property.key != PREVIOUS_PROPERTY);
         if rule.chain {
             for header in previous {
                 message.user_properties.push(UserProperty { key: PREVIOUS_PROPERTY.to_owned(), value: header });
@@ -670,7 +687,7 @@ impl MsgAuth {
         let Some(key) = rule.key.as_deref().and_then(|kid| self.key(kid)) else {
             return Err((Failure::SignFailed, Box::default()));
         };
-        let exp = message.message_expiry_secs.map_or(0, |seconds| host::now_ms() + u64::from(seconds) * 1000);
+        let exp = expiry_ms(message, host::now_ms());
         self.sign(key, sub, exp, rule.carrier, message)
     }
 
