@@ -203,7 +203,7 @@ impl LoadedPlugin {
     /// One adapter per attached hook. The adapters enforce the wall-clock timeout themselves (so a timeout counts
     /// towards crash-loop protection), hence no chain-level timer.
     pub fn slots(&self) -> PluginSlots {
-        let adapter = self.adapter(self.spec.cache_decisions);
+        let adapter = self.adapter(self.spec.cache_decisions, &self.hooks);
         let mut slots = PluginSlots::default();
         for hook in &self.hooks {
             let policy = self.spec.failure_policy(*hook);
@@ -226,22 +226,18 @@ impl LoadedPlugin {
 
     /// Calls straight into the plugin, bypassing chain and policy: for `tollgate plugin test`.
     pub fn hook(&self) -> Arc<PluginHook> {
-        let mut hook = self.adapter(false);
-        if let Some(hook) = Arc::get_mut(&mut hook) {
-            hook.inbound = true;
-            hook.outbound = true;
-        }
-        hook
+        self.adapter(false, &HookKind::ALL)
     }
 
-    fn adapter(&self, cacheable: bool) -> Arc<PluginHook> {
+    /// The adapter for the `attached` hooks (which directions its transformer slot serves).
+    fn adapter(&self, cacheable: bool, attached: &[HookKind]) -> Arc<PluginHook> {
         Arc::new(PluginHook {
             name: self.spec.name.clone(),
             runtime: self.runtime.clone(),
             timeout: self.spec.limits.call_timeout,
             cacheable,
-            inbound: self.hooks.contains(&HookKind::Transform),
-            outbound: self.hooks.contains(&HookKind::Deliver),
+            inbound: attached.contains(&HookKind::Transform),
+            outbound: attached.contains(&HookKind::Deliver),
         })
     }
 }

@@ -324,7 +324,7 @@ impl WasmPlugin {
             client: CallClient::default(),
             memory_cap: self.limits.memory_bytes,
             ticks: 0,
-            cpu_ticks: cpu_ticks(self.limits),
+            cpu_ticks: crate::ticker::budget_ticks(self.limits.cpu_time),
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| state);
@@ -446,10 +446,6 @@ fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
             built_against.join(", ")
         )
     }
-}
-
-fn cpu_ticks(limits: Limits) -> u64 {
-    crate::ticker::budget_ticks(limits.cpu_time)
 }
 
 fn wit_protocol(protocol: ProtocolVersion) -> wit::ProtocolVersion {
