@@ -111,6 +111,16 @@ impl Config {
         self.get(key).ok_or_else(|| format!("config key {key:?} is required"))
     }
 
+    /// A `true`/`false` key (`default` when absent), with an error message naming it for anything else.
+    pub fn bool(&self, key: &str, default: bool) -> Result<bool, String> {
+        match self.get(key) {
+            None => Ok(default),
+            Some("true") => Ok(true),
+            Some("false") => Ok(false),
+            Some(other) => Err(format!("{key} = {other:?} is not true or false")),
+        }
+    }
+
     /// The entries under `prefix.`, with the prefix removed: the children of a table.
     pub fn table<'a>(&'a self, prefix: &str) -> impl Iterator<Item = (&'a str, &'a str)> + 'a {
         let prefix = format!("{prefix}.");
@@ -665,6 +675,12 @@ mod tests {
         let config: Config = [("keys.alice", "k1"), ("keys.bob", "k2"), ("mode", "strict")].into_iter().collect();
         assert_eq!(config.get("mode"), Some("strict"));
         assert!(config.require("missing").expect_err("missing").contains("missing"));
+        let flags: Config = [("on", "true"), ("off", "false"), ("typo", "yes")].into_iter().collect();
+        assert_eq!(
+            (flags.bool("on", false), flags.bool("off", true), flags.bool("absent", true)),
+            (Ok(true), Ok(false), Ok(true))
+        );
+        assert!(flags.bool("typo", false).expect_err("typo").contains("typo"));
         let keys: Vec<_> = config.table("keys").collect();
         assert_eq!(keys, vec![("alice", "k1"), ("bob", "k2")]);
     }

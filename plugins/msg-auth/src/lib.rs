@@ -156,15 +156,6 @@ impl Failure {
     }
 }
 
-fn parse_bool(key: &str, value: Option<&str>, default: bool) -> Result<bool, String> {
-    match value {
-        None => Ok(default),
-        Some("true") => Ok(true),
-        Some("false") => Ok(false),
-        Some(other) => Err(format!("{key} = {other:?} is not true or false")),
-    }
-}
-
 /// One of a fixed set of spellings, with an error naming the key and the choices.
 fn pick<T: Copy>(config: &Config, key: &str, default: &str, choices: &[(&str, T)]) -> Result<T, String> {
     let value = config.get(key).unwrap_or(default);
@@ -380,22 +371,22 @@ impl Plugin for MsgAuth {
                 mode,
                 key: signing_key,
                 subscribers: config.list(&key("subscribers")).into_iter().map(str::to_owned).collect(),
-                chain: parse_bool(&key("chain"), config.get(&key("chain")), false)?,
+                chain: config.bool(&key("chain"), false)?,
                 accept_kids: config.list(&key("accept_kids")).into_iter().map(str::to_owned).collect(),
                 require,
                 sub_level,
-                bind_publisher: parse_bool(&key("bind_publisher"), config.get(&key("bind_publisher")), false)?,
+                bind_publisher: config.bool(&key("bind_publisher"), false)?,
                 on_fail,
-                deny_retained: parse_bool(&key("deny_retained"), config.get(&key("deny_retained")), false)?,
+                deny_retained: config.bool(&key("deny_retained"), false)?,
                 carrier,
                 resign,
-                resign_chain: parse_bool(&key("resign_chain"), config.get(&key("resign_chain")), false)?,
+                resign_chain: config.bool(&key("resign_chain"), false)?,
             });
         }
         if rules.is_empty() {
             return Err("no rules configured ([[plugins.config.rules]])".to_owned());
         }
-        let allow_volatile = parse_bool("allow_volatile_state", config.get("allow_volatile_state"), false)?;
+        let allow_volatile = config.bool("allow_volatile_state", false)?;
         // Replay state and signing counters must survive a restart, or a restart reopens the replay window.
         if let Err(error) = host::kv_set_durable("msg-auth/state-probe", b"1")
             && !allow_volatile
@@ -415,7 +406,7 @@ impl Plugin for MsgAuth {
         }
         Ok(MsgAuth {
             site_id,
-            enforce: parse_bool("enforce", config.get("enforce"), true)?,
+            enforce: config.bool("enforce", true)?,
             clock_skew_ms: parse_u64("clock_skew_ms", config.get("clock_skew_ms"), 30_000)?,
             max_age_ms: parse_u64("max_age_ms", config.get("max_age_ms"), 120_000)?,
             check_time: pick(&config, "clock_trust", "always", &[("always", true), ("never", false)])?,

@@ -548,16 +548,10 @@ impl Plugin for VinAcl {
         }
         let (revoked_vins, revoked_serials) = Self::parse_revocations(&config)?;
         let grants = Self::parse_grants(&config)?;
-        let token_claim = match config.get("allow_token_identity").unwrap_or("false") {
-            "true" => Some(config.get("token_claim").unwrap_or(VIN_ATTRIBUTE).to_owned()),
-            "false" => None,
-            other => return Err(format!("allow_token_identity {other:?}: expected true or false")),
-        };
-        let deny_retained_commands = match config.get("deny_retained_commands").unwrap_or("false") {
-            "true" => true,
-            "false" => false,
-            other => return Err(format!("deny_retained_commands {other:?}: expected true or false")),
-        };
+        let token_claim = config
+            .bool("allow_token_identity", false)?
+            .then(|| config.get("token_claim").unwrap_or(VIN_ATTRIBUTE).to_owned());
+        let deny_retained_commands = config.bool("deny_retained_commands", false)?;
         let upper_case = match config.get("case").unwrap_or("strict") {
             "strict" => false,
             "upper" => true,
