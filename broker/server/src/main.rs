@@ -715,7 +715,7 @@ async fn wait_for_signals(
         std::future::pending::<()>().await;
         return;
     };
-    let admin_request = async |admin: &Option<tollgate::admin::AdminSocket>| match admin {
+    let next_admin_request = async |admin: &Option<tollgate::admin::AdminSocket>| match admin {
         Some(admin) => admin.accept().await,
         None => std::future::pending().await,
     };
@@ -727,7 +727,7 @@ async fn wait_for_signals(
             _ = hangup.recv() => {
                 let _ = reload_from_file(server, config_path, running).await;
             }
-            accepted = admin_request(&admin) => {
+            accepted = next_admin_request(&admin) => {
                 let mut stream = match accepted {
                     Ok(stream) => stream,
                     Err(error) => {
