@@ -735,7 +735,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     async fn authorize(&mut self, action: Action<'_>) -> AclOutcome {
         let hooks = self.broker.hooks();
-        if hooks.authorizers.is_empty() {
+        if hooks.authorizers.is_empty() || (action.is_read() && !hooks.checks_reads()) {
             return AclOutcome::Allow { max_qos: QoS::ExactlyOnce };
         }
         let cacheable = hooks.acl_cacheable();
@@ -1067,7 +1067,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         self.fill_pending = false;
         let hooks = self.broker.hooks();
         let outbound_transform = hooks.has_outbound_transform();
-        let check_read = !hooks.authorizers.is_empty();
+        let check_read = hooks.checks_reads();
         drop(hooks);
         loop {
             if self.write_buf.len() >= WRITE_HIGH_WATER {

@@ -117,6 +117,11 @@ impl HookChain {
         self.authorizers.iter().all(|slot| slot.hook.cacheable())
     }
 
+    /// Whether any authorizer decides reads; when none does, deliveries need no ACL check at all.
+    pub fn checks_reads(&self) -> bool {
+        self.authorizers.iter().any(|slot| slot.hook.checks_reads())
+    }
+
     pub fn has_outbound_transform(&self) -> bool {
         self.transformers.iter().any(|slot| slot.hook.transforms_outbound())
     }
@@ -218,7 +223,11 @@ impl HookChain {
 
     async fn run_authorize(&self, client: &ClientInfo, action: &Action<'_>, failures_apply: bool) -> AclOutcome {
         let mut max_qos = QoS::ExactlyOnce;
+        let read = action.is_read();
         for slot in &self.authorizers {
+            if read && !slot.hook.checks_reads() {
+                continue;
+            }
             let attempt = self.attempt(slot.hook.name(), slot.timeout, slot.hook.authorize(client, action)).await;
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
@@ -374,5 +383,38 @@ mod tests {
         let revoker = chain(Arc::new(Revoker));
         assert_eq!(now(revoker.recheck(&client(), &Action::Session)), AclOutcome::Deny(ReasonCode::BANNED));
         assert!(now(revoker.recheck(&client(), &subscribe)).is_allowed());
+    }
+
+    /// Denies everything it is asked, and says it never decides reads.
+    struct DeniesButNotReads;
+
+    #[async_trait::async_trait]
+    impl Authorizer for DeniesButNotReads {
+        fn name(&self) -> &str {
+            "denies-but-not-reads"
+        }
+
+        async fn authorize(&self, _client: &ClientInfo, _action: &Action<'_>) -> Result<AclDecision, HookError> {
+            Ok(AclDecision::Deny(ReasonCode::NOT_AUTHORIZED))
+        }
+
+        fn checks_reads(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn reads_skip_hooks_that_do_not_check_reads() {
+        let mut chain = chain(Arc::new(DeniesButNotReads));
+        assert!(!chain.checks_reads());
+        let receive = Action::Receive { topic: "t" };
+        assert!(now(chain.authorize(&client(), &receive)).is_allowed());
+        assert!(now(chain.authorize(&client(), &Action::ReceiveRetained { topic: "t" })).is_allowed());
+        let publish = Action::Publish { topic: "t", qos: QoS::AtMostOnce, retain: false };
+        assert!(!now(chain.authorize(&client(), &publish)).is_allowed());
+        // A hook that does check reads still decides them, whatever else is in the chain.
+        chain.authorizers.push(HookSlot::new(Arc::new(Broken), None, FailurePolicy::FailClosed));
+        assert!(chain.checks_reads());
+        assert_eq!(now(chain.authorize(&client(), &receive)), AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED));
     }
 }

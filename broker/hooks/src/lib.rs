@@ -61,6 +61,12 @@ pub trait Authorizer: Send + Sync {
     fn cacheable(&self) -> bool {
         true
     }
+
+    /// Whether the hook ever decides a read ([`Action::is_read`]). One that always abstains on reads returns
+    /// false: the connection then skips the check on every delivered message when no hook in the chain reads.
+    fn checks_reads(&self) -> bool {
+        true
+    }
 }
 
 /// Rewrites or drops messages.

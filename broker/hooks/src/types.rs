@@ -93,6 +93,12 @@ pub enum Action<'a> {
 }
 
 impl Action<'_> {
+    /// A delivery to this client ([`Action::Receive`], [`Action::ReceiveRetained`]) rather than something it asks
+    /// to do. Asked once per delivered message, so the chain skips hooks that never decide it.
+    pub fn is_read(&self) -> bool {
+        matches!(self, Action::Receive { .. } | Action::ReceiveRetained { .. })
+    }
+
     pub fn topic(&self) -> &str {
         match self {
             Action::Publish { topic, .. }

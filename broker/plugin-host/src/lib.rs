@@ -350,6 +350,11 @@ impl Authorizer for PluginHook {
     fn cacheable(&self) -> bool {
         self.cacheable
     }
+
+    /// The plugin contract has no read hook ([`AclRequest::from_action`] abstains on reads).
+    fn checks_reads(&self) -> bool {
+        false
+    }
 }
 
 #[async_trait]
