@@ -91,10 +91,11 @@ pub async fn serve_listener(broker: Broker, listener: TcpListener, spec: Arc<Lis
         match accepted {
             Ok((stream, remote_addr)) => {
                 backoff = Duration::from_millis(5);
-                // Hand the connection to a less loaded worker when this one is clearly ahead (see
-                // `ConnectionLimits::rebalance_target`); a tokio socket belongs to the runtime that registered it,
-                // so it crosses as a std socket.
-                let target = spec.limits.rebalance_target(worker).filter(|&target| target < spec.workers.len());
+                // Hand the connection to its address's home worker or a less loaded one (see
+                // `ConnectionLimits::placement`); a tokio socket belongs to the runtime that registered it, so it
+                // crosses as a std socket.
+                let target =
+                    spec.limits.placement(worker, remote_addr.ip()).filter(|&target| target < spec.workers.len());
                 let serving = target.unwrap_or(worker);
                 let admission =
                     match spec.limits.admit(remote_addr.ip(), &spec.open_connections, spec.max_connections, serving) {

@@ -47,11 +47,25 @@ pub struct ConnectionLimits {
     /// New connections per second per source address (and the burst allowed); 0 = off.
     pub max_connection_rate: u32,
     open: Arc<AtomicUsize>,
-    /// Open connections per worker runtime, to spread connections over the workers (see `rebalance_target`).
+    /// Open connections per worker runtime, to spread connections over the workers (see `placement`).
     per_worker: Arc<[AtomicUsize]>,
     buckets: Mutex<HashMap<IpAddr, Bucket>>,
     /// Refused connections currently being answered with a CONNACK (see [`ConnectionLimits::answer_refusal`]).
     answering: Arc<AtomicUsize>,
+}
+
+/// The worker a source address prefers (see [`ConnectionLimits::placement`]): a multiplicative hash of the
+/// address, stable for the process.
+fn home_worker(address: IpAddr, workers: usize) -> usize {
+    let folded = match address.to_canonical() {
+        IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (bits as u64) ^ ((bits >> 64) as u64)
+        }
+    };
+    let mixed = folded.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32;
+    (mixed % workers.max(1) as u64) as usize
 }
 
 /// Refused connections answered at once, at most; further refusals are closed unanswered, so a flood costs no
@@ -109,19 +123,26 @@ impl ConnectionLimits {
         (taken < MAX_ANSWERED_REFUSALS).then_some(slot)
     }
 
-    /// Every worker accepts from the same sockets and the one awake first wins, so without care one worker ends up
-    /// with every connection. When the accepting worker holds clearly more than the least loaded one, the new
-    /// connection is handed to that one. The slack keeps a few connections (a publisher and its subscriber, say)
-    /// on one thread, where a delivery needs no cross-thread wake-up, and avoids hand-offs under churn.
-    pub fn rebalance_target(&self, worker: usize) -> Option<usize> {
-        let mine = self.per_worker.get(worker)?.load(Ordering::Acquire);
-        let (least_index, least) = self
-            .per_worker
-            .iter()
-            .map(|count| count.load(Ordering::Acquire))
-            .enumerate()
-            .min_by_key(|&(_, count)| count)?;
-        (mine > least + 2 + least / 8).then_some(least_index)
+    /// Which worker should serve a connection from `remote` accepted by `worker`: `None` to keep it, else the
+    /// worker to hand it to.
+    ///
+    /// Each source address has a home worker. Clients on one host (a gateway application and the devices it
+    /// talks to, a bridge, a test harness on loopback) often exchange messages, and on one worker a delivery
+    /// needs no cross-thread wake-up of a parked thread, which costs more than the rest of the delivery. So a
+    /// connection goes home while home is not clearly ahead of the least loaded worker; otherwise it stays where
+    /// it was accepted unless that worker is clearly ahead, in which case it goes to the least loaded one. Every
+    /// worker accepts from the same sockets and the one awake first wins, so without the second rule one worker
+    /// would end up with every connection. "Clearly ahead" is more than 2 + 1/8 over the least loaded worker,
+    /// which bounds the imbalance whatever the addresses.
+    pub fn placement(&self, worker: usize, remote: IpAddr) -> Option<usize> {
+        let loads = || self.per_worker.iter().map(|count| count.load(Ordering::Acquire));
+        let (least_index, least) = loads().enumerate().min_by_key(|&(_, count)| count)?;
+        let ahead = |count: usize| count > least + 2 + least / 8;
+        let home = home_worker(remote, self.per_worker.len());
+        if home != worker && !ahead(self.per_worker[home].load(Ordering::Acquire)) {
+            return Some(home);
+        }
+        ahead(self.per_worker.get(worker)?.load(Ordering::Acquire)).then_some(least_index)
     }
 
     pub fn open_connections(&self) -> usize {
@@ -215,17 +236,37 @@ mod tests {
     }
 
     #[test]
-    fn connections_move_only_when_a_worker_is_clearly_ahead() {
+    fn connections_go_home_until_home_is_clearly_ahead() {
         let limits = ConnectionLimits::new(0, 0, 2);
         let listener = Arc::new(AtomicUsize::new(0));
+        let home = home_worker(A, 2);
+        let away = 1 - home;
         let mut held = Vec::new();
-        for expected in [None, None, None, Some(1)] {
-            assert_eq!(limits.rebalance_target(0), expected, "with {} on worker 0", held.len());
-            held.push(limits.admit(A, &listener, 0, 0).expect("admitted"));
+        // Accepted by either worker, the first three go home (0, 1 and 2 held there: not more than 2 ahead).
+        for accepted_by in [away, home, away] {
+            let expected = (accepted_by != home).then_some(home);
+            assert_eq!(limits.placement(accepted_by, A), expected, "with {} at home", held.len());
+            held.push(limits.admit(A, &listener, 0, home).expect("admitted"));
         }
-        assert_eq!(limits.rebalance_target(1), None, "the least loaded worker keeps its connections");
-        held.truncate(2);
-        assert_eq!(limits.rebalance_target(0), None);
+        // Home is now clearly ahead: a connection accepted away stays there, one accepted at home moves away.
+        assert_eq!(limits.placement(away, A), None);
+        assert_eq!(limits.placement(home, A), Some(away));
+        held.push(limits.admit(A, &listener, 0, away).expect("admitted"));
+        assert_eq!(limits.placement(away, A), Some(home), "one away: home is no longer clearly ahead");
+        held.truncate(1);
+        assert_eq!(limits.placement(home, A), None);
+    }
+
+    #[test]
+    fn addresses_spread_over_the_workers() {
+        let mut per_worker = [0usize; 4];
+        for last in 0..=255u8 {
+            per_worker[home_worker(IpAddr::from([10, 0, 0, last]), 4)] += 1;
+        }
+        assert!(per_worker.iter().all(|&count| count > 32), "{per_worker:?}");
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().expect("address");
+        assert_eq!(home_worker(mapped, 4), home_worker(IpAddr::from([10, 0, 0, 7]), 4), "one host, one home");
+        assert_eq!(home_worker(A, 1), 0);
     }
 
     #[test]
