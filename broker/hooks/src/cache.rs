@@ -14,8 +14,10 @@ use crate::types::Action;
 #[derive(Debug, Default)]
 pub struct AclCache {
     generation: u64,
-    /// Keyed by the action's hash under the map's own (per-connection random) hasher state.
-    entries: HashMap<u64, Entry>,
+    /// Keyed by the action's hash under the map's own (randomly seeded) hasher state. foldhash rather than SipHash:
+    /// a lookup on every publish and delivery was a visible share of a publish with SipHash, and flooding gains
+    /// nothing here (the table holds one entry per hash and is cleared when full).
+    entries: HashMap<u64, Entry, foldhash::fast::RandomState>,
 }
 
 #[derive(Debug)]

@@ -366,7 +366,7 @@ impl LuaPlugin {
         message: &mut Message,
         outbound: bool,
     ) -> Result<TransformDecision, Failure> {
-        let client_info = client.clone();
+        let client_info = client;
         let draft = message.clone();
         let outcome = self
             .with_instance(
@@ -704,7 +704,7 @@ impl Runtime for LuaPlugin {
     }
 
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
-        let client_info = client.clone();
+        let client_info = client;
         let decision = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },

@@ -455,7 +455,12 @@ impl Plugin for MsgAuth {
         };
         match outcome {
             Ok(modified) => {
-                host::counter_add(&format!("{}/{}", rule_mode(rule), "ok"), 1);
+                let ok = match rule.mode {
+                    Mode::Verify => "verify/ok",
+                    Mode::Attest => "attest/ok",
+                    Mode::Sign => "sign/ok",
+                };
+                host::counter_add(ok, 1);
                 if rule.resign.is_some() {
                     host::counter_add("verify/resigned", 1);
                 }
