@@ -5,7 +5,6 @@
 //! owning connection drains them. No lock is ever held across an `.await`.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::hash::BuildHasherDefault;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -52,10 +51,13 @@ struct Attachment {
     generation: u64,
 }
 
-/// Hashes packet ids without per-map random keys: the ids are at most 65,535 and the broker assigns the outgoing
-/// ones, so there is nothing to flood, and each map is 16 bytes smaller than with `RandomState` (every session
-/// carries two of them).
-pub type PacketIdHasher = BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+/// Hashes packet ids with FxHash, not SipHash with random keys: the ids are at most 65,535, the broker assigns the
+/// outgoing ones and a client's own are bounded by its receive maximum, so there is nothing to flood. SipHash on
+/// the in-flight map's insert and remove was 7% of a QoS 1 fan-out's broker samples. The hasher state takes no
+/// room, against 16 bytes for `RandomState` (every session carries two maps): with foldhash's fixed state (8
+/// bytes) two runs measured 2.04 and 2.06 KiB per idle connection against 1.62–1.87 without, likely the session's
+/// allocation moving up an allocator size class.
+pub type PacketIdHasher = std::hash::BuildHasherDefault<rustc_hash::FxHasher>;
 
 #[derive(Debug, Default)]
 pub struct SessionState {

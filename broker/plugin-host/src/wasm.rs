@@ -41,8 +41,8 @@ pub fn engine() -> Result<&'static Engine, String> {
             // Guest stack overflow traps cleanly instead of touching the host stack.
             config.max_wasm_stack(1 << 20);
             config.async_stack_size(2 << 20);
-            // Lets `perf` name guest functions (it reads /tmp/perf-<pid>.map): without it a profile shows the
-            // guest as anonymous JIT code. Compiled modules loaded from the cache carry no names.
+            // Lets `perf` attribute samples to guest functions (it reads /tmp/perf-<pid>.map): without it a
+            // profile shows the guest as anonymous JIT code. A stripped plugin shows function indices.
             if std::env::var_os("TOLLGATE_WASM_PERFMAP").is_some() {
                 config.profiler(wasmtime::ProfilingStrategy::PerfMap);
             }
