@@ -366,7 +366,6 @@ impl LuaPlugin {
         message: &mut Message,
         outbound: bool,
     ) -> Result<TransformDecision, Failure> {
-        let client_info = client;
         let draft = message.clone();
         let outcome = self
             .with_instance(
@@ -383,7 +382,7 @@ impl LuaPlugin {
                         };
                         let lua = &instance.lua;
                         let table = message_table(lua, &draft)?;
-                        let value: Value = instance.call(function, (client_table(lua, &client_info)?, table)).await?;
+                        let value: Value = instance.call(function, (client_table(lua, client)?, table)).await?;
                         Ok(match value {
                             Value::Nil => Ok((TransformDecision::Keep, None)),
                             Value::String(_) => match string_of(&value).as_deref() {
@@ -704,13 +703,12 @@ impl Runtime for LuaPlugin {
     }
 
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
-        let client_info = client;
         let decision = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
                 |mut instance| async move {
                     let result = async {
-                        let client = instance.client_table(&client_info)?;
+                        let client = instance.client_table(client)?;
                         let (name, value): (&str, Value) = match request {
                             AclRequest::Publish { topic, qos, retain, will } => {
                                 let Some(function) = &instance.hooks.authorize_publish else {
