@@ -366,7 +366,7 @@ impl LuaPlugin {
         message: &mut Message,
         outbound: bool,
     ) -> Result<TransformDecision, Failure> {
-        let draft = message.clone();
+        let draft: &Message = message;
         let outcome = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
@@ -381,7 +381,7 @@ impl LuaPlugin {
                             return Ok(Ok((TransformDecision::Keep, None)));
                         };
                         let lua = &instance.lua;
-                        let table = message_table(lua, &draft)?;
+                        let table = message_table(lua, draft)?;
                         let value: Value = instance.call(function, (client_table(lua, client)?, table)).await?;
                         Ok(match value {
                             Value::Nil => Ok((TransformDecision::Keep, None)),
@@ -402,10 +402,8 @@ impl LuaPlugin {
                                         .map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
                                 } else {
                                     let mut modified = draft.clone();
-                                    match read_message(&table, &mut modified) {
-                                        Ok(()) => Ok((TransformDecision::Modified, Some(modified))),
-                                        Err(error) => Err(error),
-                                    }
+                                    read_message(&table, &mut modified)
+                                        .map(|()| (TransformDecision::Modified, Some(modified)))
                                 }
                             }
                             other => Err(format!("{name} returned a {}", other.type_name())),
