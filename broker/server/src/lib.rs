@@ -328,9 +328,7 @@ impl Server {
 
     /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks and health.
     pub fn status(&self) -> serde_json::Value {
-        use tollgate_core::metrics::Metrics;
-        let broker = &self.broker;
-        let metrics = broker.metrics();
+        let stats = tollgate_core::sys::Stats::of(&self.broker);
         let plugins: Vec<serde_json::Value> = self
             .plugins
             .plugins()
@@ -348,15 +346,15 @@ impl Server {
             .collect();
         serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
-            "uptime_secs": broker.uptime().as_secs(),
+            "uptime_secs": stats.uptime_secs,
             "listeners": self.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "clients_connected": Metrics::get(&metrics.clients_connected),
-            "sessions": broker.sessions().len(),
-            "subscriptions": broker.router().subscription_count(),
-            "retained": broker.retained().len(),
-            "messages_received": Metrics::get(&metrics.publish_received),
-            "messages_sent": Metrics::get(&metrics.publish_sent),
-            "messages_dropped": Metrics::get(&metrics.publish_dropped),
+            "clients_connected": stats.clients_connected,
+            "sessions": stats.sessions,
+            "subscriptions": stats.subscriptions,
+            "retained": stats.retained,
+            "messages_received": stats.publish_received,
+            "messages_sent": stats.publish_sent,
+            "messages_dropped": stats.publish_dropped,
             "policy_generation": self.generation.load(Ordering::Relaxed),
             "plugins": plugins,
         })
