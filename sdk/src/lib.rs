@@ -234,6 +234,16 @@ pub trait Plugin: Sized + 'static {
     }
 }
 
+/// Times as configuration writes them, in the unit [`host::now_ms`] reads the clock in.
+pub mod time {
+    /// Milliseconds since the Unix epoch of an RFC 3339 UTC time (`2026-11-22T15:00:00Z`); `None` for anything
+    /// else, or a time before the epoch.
+    pub fn rfc3339_ms(text: &str) -> Option<u64> {
+        let since_epoch = humantime::parse_rfc3339(text).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
+        u64::try_from(since_epoch.as_millis()).ok()
+    }
+}
+
 /// Host functions: logging, clock, per-client attributes, the plugin's shared key-value table, counters.
 pub mod host {
     #[cfg(target_arch = "wasm32")]

@@ -280,10 +280,7 @@ impl Plugin for MsgAuth {
             let not_after_ms = match config.get(&key("not_after")) {
                 None => None,
                 Some(text) => Some(
-                    humantime::parse_rfc3339(text)
-                        .ok()
-                        .and_then(|at| at.duration_since(std::time::UNIX_EPOCH).ok())
-                        .and_then(|since| u64::try_from(since.as_millis()).ok())
+                    tollgate_sdk::time::rfc3339_ms(text)
                         .ok_or_else(|| format!("{} = {text:?} is not an RFC 3339 UTC time", key("not_after")))?,
                 ),
             };

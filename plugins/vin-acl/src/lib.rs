@@ -70,8 +70,7 @@ fn parse_time(text: &str) -> Option<u64> {
     if let Ok(seconds) = text.parse::<u64>() {
         return seconds.checked_mul(1000);
     }
-    let since_epoch = humantime::parse_rfc3339(text).ok()?.duration_since(std::time::UNIX_EPOCH).ok()?;
-    u64::try_from(since_epoch.as_millis()).ok()
+    tollgate_sdk::time::rfc3339_ms(text)
 }
 
 /// A certificate serial as the broker reports it: lower-case hex without separators.
