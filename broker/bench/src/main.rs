@@ -79,6 +79,11 @@ struct Cli {
     /// How often a disturbed scenario is repeated at most; the least disturbed attempt is reported.
     #[arg(long, default_value_t = 2)]
     retries: u32,
+    /// Measure every scenario this many times, the brokers taking turns within each round, and report the median
+    /// round of each broker (all rounds' figures are in the notes). Ratios near 1 need this: on a shared VM one
+    /// broker's figure moves by ±10% between runs minutes apart.
+    #[arg(long, default_value_t = 1)]
+    rounds: u32,
     /// Worker threads of the load generator's runtime.
     #[arg(long, default_value_t = 2)]
     client_threads: usize,
@@ -206,43 +211,32 @@ async fn run(cli: Cli) -> Result<()> {
         nofile_limit: nofile,
         max_interference_pct: cli.max_interference,
         retries: cli.retries,
+        rounds: cli.rounds.max(1),
     };
 
+    // Scenario by scenario, the brokers back to back (and taking turns when there are several rounds): a ratio
+    // compares figures taken seconds apart, not one broker's whole run against another's minutes later.
+    let rounds = cli.rounds.max(1);
     let mut entries = Vec::new();
-    for spec in &specs {
-        eprintln!("== {} ({})", spec.kind.title(), spec.version);
-        for (n, scenario) in selected.iter().enumerate() {
-            if !spec.kind.supports(scenario.transport) {
-                continue;
+    for (n, scenario) in selected.iter().enumerate() {
+        let runnable: Vec<&BrokerSpec> = specs.iter().filter(|spec| spec.kind.supports(scenario.transport)).collect();
+        let mut measured: Vec<Vec<Outcome>> = vec![Vec::new(); runnable.len()];
+        for round in 1..=rounds {
+            for (index, spec) in runnable.iter().enumerate() {
+                let round_label = if rounds > 1 { format!(" round {round}/{rounds}") } else { String::new() };
+                eprint!("   {:<16} {:<32} ", scenario.name, format!("{}{round_label}", spec.kind.title()));
+                let outcome = measure(spec, scenario, &settings, limits, n, &cli).await;
+                eprintln!("{}", summary(&outcome));
+                measured[index].push(outcome);
             }
-            eprint!("   {:<12} ", scenario.name);
-            // Other processes on the machine distort the numbers; measure again when they were busy and keep
-            // the attempt that was disturbed least.
-            let mut best: Option<Outcome> = None;
-            for attempt in 1..=cli.retries + 1 {
-                let mut outcome = match run_one(spec, scenario, &settings, limits, n).await {
-                    Ok(outcome) => outcome,
-                    Err(error) => Outcome { errors: vec![format!("{error:#}")], ..Default::default() },
-                };
-                outcome.attempts = attempt;
-                let interference = outcome.other_cpu_pct.unwrap_or(0.0);
-                let disturbed = interference > cli.max_interference;
-                if disturbed && attempt <= cli.retries {
-                    eprint!("[other CPU {interference:.0}%, again] ");
-                }
-                let better = best.as_ref().is_none_or(|b| interference < b.other_cpu_pct.unwrap_or(0.0));
-                if better {
-                    best = Some(outcome);
-                } else if let Some(b) = best.as_mut() {
-                    b.attempts = attempt;
-                }
-                if !disturbed {
-                    break;
-                }
-            }
-            let outcome = best.unwrap_or_default();
-            eprintln!("{}", summary(&outcome));
-            entries.push(Entry { broker: spec.kind, scenario: scenario.name, title: scenario.title.clone(), outcome });
+        }
+        for (spec, outcomes) in runnable.iter().zip(measured) {
+            entries.push(Entry {
+                broker: spec.kind,
+                scenario: scenario.name,
+                title: scenario.title.clone(),
+                outcome: median_round(scenario.name, outcomes),
+            });
         }
     }
     meta.date = format!("{} (finished)", date());
@@ -258,6 +252,65 @@ async fn run(cli: Cli) -> Result<()> {
             .with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// One measurement of a scenario; when other processes were busy during it, measured again (at most
+/// `--retries` times) and the least disturbed attempt kept.
+async fn measure(
+    spec: &BrokerSpec,
+    scenario: &scenarios::Scenario,
+    settings: &Settings,
+    limits: Limits,
+    n: usize,
+    cli: &Cli,
+) -> Outcome {
+    let mut best: Option<Outcome> = None;
+    for attempt in 1..=cli.retries + 1 {
+        let mut outcome = match run_one(spec, scenario, settings, limits, n).await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome { errors: vec![format!("{error:#}")], ..Default::default() },
+        };
+        outcome.attempts = attempt;
+        let interference = outcome.other_cpu_pct.unwrap_or(0.0);
+        let disturbed = interference > cli.max_interference;
+        if disturbed && attempt <= cli.retries {
+            eprint!("[other CPU {interference:.0}%, again] ");
+        }
+        let better = best.as_ref().is_none_or(|b| interference < b.other_cpu_pct.unwrap_or(0.0));
+        if better {
+            best = Some(outcome);
+        } else if let Some(b) = best.as_mut() {
+            b.attempts = attempt;
+        }
+        if !disturbed {
+            break;
+        }
+    }
+    best.unwrap_or_default()
+}
+
+/// The round whose headline (see [`report::headline`]) is the median of the rounds, carrying every round's
+/// headline. A failed round counts as the worst.
+fn median_round(scenario: &str, mut outcomes: Vec<Outcome>) -> Outcome {
+    if outcomes.len() < 2 {
+        return outcomes.pop().unwrap_or_default();
+    }
+    let headlines: Vec<Option<f64>> = outcomes.iter().map(|outcome| report::headline(scenario, outcome).0).collect();
+    let higher_is_better = outcomes.first().is_none_or(|outcome| report::headline(scenario, outcome).1);
+    let mut order: Vec<usize> = (0..outcomes.len()).collect();
+    order.sort_by(|&a, &b| {
+        // Ascending goodness: the worst first.
+        let goodness = |index: usize| match headlines[index] {
+            Some(value) if higher_is_better => value,
+            Some(value) => -value,
+            None => f64::NEG_INFINITY,
+        };
+        goodness(a).total_cmp(&goodness(b))
+    });
+    let median = order[(order.len() - 1) / 2];
+    let mut chosen = outcomes.swap_remove(median);
+    chosen.rounds = headlines;
+    chosen
 }
 
 async fn run_one(

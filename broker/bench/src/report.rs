@@ -23,6 +23,8 @@ pub struct Meta {
     pub nofile_limit: u64,
     pub max_interference_pct: f64,
     pub retries: u32,
+    /// Rounds per scenario (`--rounds`); each row shows its broker's median round.
+    pub rounds: u32,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -62,6 +64,12 @@ fn latency_p50(outcome: &Outcome) -> Option<f64> {
 
 fn latency_p99(outcome: &Outcome) -> Option<f64> {
     outcome.latency.as_ref().filter(|latency| latency.samples > 0).map(|latency| latency.p99_us)
+}
+
+/// The figure a scenario's first row shows, and whether higher is better: the p50 of the latency scenario, the
+/// headline value elsewhere (lower is better for memory).
+pub fn headline(scenario: &str, outcome: &Outcome) -> (Option<f64>, bool) {
+    if scenario == "latency" { (latency_p50(outcome), false) } else { (outcome.value, outcome.unit != "KiB/conn") }
 }
 
 fn rows(entries: &[Entry]) -> Vec<Row> {
@@ -174,6 +182,14 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
          times) and the least disturbed attempt is reported.",
         meta.max_interference_pct, meta.retries
     );
+    if meta.rounds > 1 {
+        let _ = writeln!(
+            out,
+            "- Every scenario was measured in {} rounds, the brokers taking turns in each; a row shows that \
+             broker's median round, and the notes list every round.",
+            meta.rounds
+        );
+    }
     let _ = writeln!(out, "- Brokers and load generator share the same {} cores over loopback.\n", meta.machine.nproc);
 
     // Headline table.
@@ -342,6 +358,11 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
                     "delivery paused up to {:.0} ms (one publisher's stream) / {:.0} ms (whole subscriber)",
                     o.max_stream_gap_ms, o.max_gap_ms
                 ));
+            }
+            if o.rounds.len() > 1 {
+                let figures: Vec<String> =
+                    o.rounds.iter().map(|round| round.map(format_number).unwrap_or_else(|| "failed".into())).collect();
+                notes.push(format!("rounds: {} (median shown)", figures.join(", ")));
             }
             if o.attempts > 1 {
                 notes.push(format!("{} attempts (others busy), least disturbed shown", o.attempts));

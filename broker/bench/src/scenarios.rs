@@ -250,6 +250,8 @@ pub struct Outcome {
     pub attempts: u32,
     /// The plugin's own call latency as the broker measured it (`$SYS/broker/plugins/<name>/latency/<hook>/…`).
     pub plugin_latency: Option<PluginLatency>,
+    /// With `--rounds`, every round's headline in the order measured (`None`: the round failed).
+    pub rounds: Vec<Option<f64>>,
 }
 
 /// One hook's call latency read from the broker's `$SYS` tree.

@@ -472,6 +472,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             problem_information: connect.properties.request_problem_information != Some(0),
             expiry_was_zero: expiry == 0,
             fill_pending: false,
+            handed_off: false,
             publish_window: PublishWindow::default(),
         });
         connection.resend_inflight();
@@ -510,6 +511,8 @@ struct Connection<S> {
     expiry_was_zero: bool,
     /// The last fill stopped at the write high-water mark with deliveries left in the queue.
     fill_pending: bool,
+    /// The input just handled delivered to other sessions: their tasks run before this one writes its acks.
+    handed_off: bool,
     publish_window: PublishWindow,
 }
 
@@ -651,6 +654,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                                 return exit;
                             }
                             Box::pin(self.fill()).await;
+                            // A subscriber woken on this worker writes its copy before this task writes the
+                            // publisher's PUBACK: the ack's syscall is off the delivery's critical path.
+                            if std::mem::take(&mut self.handed_off) && !self.write_buf.is_empty() {
+                                tokio::task::yield_now().await;
+                            }
                         }
                     }
                 }
@@ -908,6 +916,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
         }
         let matched = self.broker.publish_from(Arc::new(message), Some(&self.session.client_id));
+        self.handed_off |= matched > 0;
         tracing::trace!(client_id = %self.client.client_id, topic = %topic_for_acl, matched, "published");
         let reason = if matched == 0 && self.version.is_v5() {
             ReasonCode::NO_MATCHING_SUBSCRIBERS
