@@ -152,9 +152,10 @@ impl Config {
 }
 
 /// MQTT topic matching, the broker's own: `matches(filter, topic)` (`+` one level, `#` the rest including the
-/// parent level; a filter starting with a wildcard does not match `$` topics).
+/// parent level; a filter starting with a wildcard does not match `$` topics), and `validate_topic_name` (the
+/// check a PUBLISH topic passes: not empty, no wildcard, no NUL, at most 65,535 bytes).
 pub mod topic {
-    pub use tollgate_protocol::topic::matches;
+    pub use tollgate_protocol::topic::{matches, validate_topic_name};
 }
 
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Config {

@@ -262,3 +262,41 @@ async fn copies_queued_for_an_offline_cloud_bridge_are_signed_when_sent() {
     car.disconnect().await;
     assert!(broker.stop().await);
 }
+
+#[tokio::test]
+async fn a_quarantine_rule_moves_refused_commands_aside_where_an_operator_can_read_them() {
+    let state = tempfile::tempdir().unwrap();
+    let mut plugin = msg_auth();
+    plugin.config["rules"][0]["on_fail"] = "quarantine:$quarantine/msg-auth".into();
+    let broker = broker_with(state.path(), plugin).await;
+    let (mut car, mut backend) = car_and_backend(&broker).await;
+    let mut operator = v5::connect_to(&broker, "operator").await;
+    operator.subscribe_ok("$quarantine/msg-auth/#", QoS::AtLeastOnce).await;
+    let topic = command_topic();
+
+    // Tampered and retained: the car sees nothing, nothing is retained on either topic, the operator gets it.
+    let tampered = signed(&topic, b"unlock", 1);
+    let acked = backend.publish_with(&topic, QoS::AtLeastOnce, true, b"UNLOCK", Some(tampered)).await;
+    assert!(matches!(acked, Acked::PubAck(PubAckReason::Success | PubAckReason::NoMatchingSubscribers)));
+    car.expect_no_publish(QUIET).await;
+    let quarantined = operator.next_publish().await;
+    assert_eq!(quarantined.topic, format!("$quarantine/msg-auth/{topic}").as_bytes());
+    assert_eq!(&quarantined.payload[..], b"UNLOCK");
+    assert!(!quarantined.retain);
+    let properties = quarantined.properties.map(|p| p.user_properties).unwrap_or_default();
+    assert!(properties.contains(&("x-sig-status".to_owned(), "invalid:bad_mac".to_owned())), "{properties:?}");
+    let mut late = v5::connect_to(&broker, "late").await;
+    late.subscribe_ok("$quarantine/msg-auth/#", QoS::AtLeastOnce).await;
+    late.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
+    late.expect_no_publish(QUIET).await;
+
+    // A good command still reaches the car, and only the car.
+    let good = signed(&topic, b"unlock", 2);
+    assert_eq!(
+        backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good)).await,
+        Acked::PubAck(PubAckReason::Success)
+    );
+    assert_eq!(car.next_publish().await.payload.as_ref(), b"unlock");
+    operator.expect_no_publish(QUIET).await;
+    assert!(broker.stop().await);
+}

@@ -45,13 +45,40 @@ enum Mode {
     Sign,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum OnFail {
     Reject,
     /// Deliver with `x-sig-status: invalid:<reason>` (rollouts).
     Tag,
     /// Count and log only.
     Log,
+    /// Publish under `<prefix>/<topic>` instead, not retained, with `x-sig-status: invalid:<reason>`: nobody
+    /// subscribed to the real topic gets it, and an operator can read what was refused.
+    Quarantine(String),
+}
+
+impl OnFail {
+    fn parse(key: &str, value: &str) -> Result<Self, String> {
+        match value {
+            "reject" => Ok(Self::Reject),
+            "tag" => Ok(Self::Tag),
+            "log" => Ok(Self::Log),
+            _ => match value.strip_prefix("quarantine:") {
+                Some(prefix) => {
+                    let valid = !prefix.ends_with('/') && tollgate_sdk::topic::validate_topic_name(prefix).is_ok();
+                    if valid {
+                        Ok(Self::Quarantine(prefix.to_owned()))
+                    } else {
+                        Err(format!(
+                            "{key} = {value:?}: the quarantine prefix must be a topic name without wildcards or a \
+                             trailing '/'"
+                        ))
+                    }
+                }
+                None => Err(format!("{key} = {value:?} is not reject, tag, log or quarantine:<topic prefix>")),
+            },
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -344,12 +371,11 @@ impl Plugin for MsgAuth {
                     ));
                 }
             }
-            let on_fail = pick(
-                &config,
-                &key("on_fail"),
-                "reject",
-                &[("reject", OnFail::Reject), ("tag", OnFail::Tag), ("log", OnFail::Log)],
-            )?;
+            let on_fail = OnFail::parse(&key("on_fail"), config.get(&key("on_fail")).unwrap_or("reject"))?;
+            if mode == Mode::Sign && matches!(on_fail, OnFail::Quarantine(_)) {
+                // A sign rule acts on one subscriber's copy, which cannot be sent to another topic.
+                return Err(format!("{}: a sign rule cannot quarantine (reject, tag or log)", key("on_fail")));
+            }
             let carrier = pick(
                 &config,
                 &key("carrier"),
@@ -760,11 +786,12 @@ impl MsgAuth {
         // Tags are logged as a 4-byte prefix at most.
         let mac_prefix: String = signature.mac.iter().take(4).map(|b| format!("{b:02x}")).collect();
         // Shadow mode only logs, whatever the rule says.
-        let on_fail = if self.enforce { rule.on_fail } else { OnFail::Log };
+        let on_fail = if self.enforce { &rule.on_fail } else { &OnFail::Log };
         let action = match on_fail {
             OnFail::Log => "logged",
             OnFail::Tag => "tagged",
             OnFail::Reject => "rejected",
+            OnFail::Quarantine(_) => "quarantined",
         };
         host::security_event(
             host::LogLevel::Warn,
@@ -788,6 +815,21 @@ impl MsgAuth {
                 TransformResult::reject(failure.reason(), format!("msg-auth: {}", failure.name()), disconnect)
             }
             OnFail::Tag => {
+                message.user_properties.push(UserProperty {
+                    key: STATUS_PROPERTY.to_owned(),
+                    value: format!("invalid:{}", failure.name()),
+                });
+                TransformResult::Modified(message)
+            }
+            OnFail::Quarantine(prefix) if prefix.len() + 1 + message.topic.len() > usize::from(u16::MAX) => {
+                // No topic can hold it: refused rather than risk the broker treating a bad answer as a pass.
+                TransformResult::reject(failure.reason(), format!("msg-auth: {}", failure.name()), false)
+            }
+            OnFail::Quarantine(prefix) => {
+                host::counter_add("quarantined", 1);
+                message.topic = format!("{prefix}/{}", message.topic);
+                // A quarantined message must not replace what the real topic retains, nor stay retained itself.
+                message.retain = false;
                 message.user_properties.push(UserProperty {
                     key: STATUS_PROPERTY.to_owned(),
                     value: format!("invalid:{}", failure.name()),

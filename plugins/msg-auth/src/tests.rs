@@ -540,3 +540,43 @@ fn a_copy_that_cannot_be_signed_is_not_sent_and_deliver_is_attached_only_when_ne
     assert_eq!(rejected(&refused).map(|(_, why)| why), Some("msg-auth: no_identity".into()));
     assert_eq!(plugin.on_deliver(&cloud, copy("v1/other")), TransformResult::Unchanged);
 }
+
+#[test]
+fn quarantine_moves_a_refused_message_under_its_prefix() {
+    setup();
+    let quarantine = MsgAuth::init(config(&[("rules.0.on_fail", "quarantine:$quarantine/msg-auth")])).expect("init");
+    let mut unsigned = Message::new(command_topic(), b"go".to_vec());
+    unsigned.retain = true;
+    let TransformResult::Modified(out) = quarantine.on_publish(&backend(), unsigned.clone()) else {
+        panic!("quarantined")
+    };
+    assert_eq!(out.topic, format!("$quarantine/msg-auth/{}", command_topic()));
+    assert!(!out.retain, "a quarantined message is never retained");
+    assert_eq!(out.payload, b"go");
+    // The rule denies retained commands: that is the first failure found.
+    assert_eq!(
+        out.user_properties,
+        vec![UserProperty { key: STATUS_PROPERTY.into(), value: "invalid:retained".into() }]
+    );
+    // Shadow mode only logs, whatever the rule says.
+    let shadow = MsgAuth::init(config(&[("rules.0.on_fail", "quarantine:q"), ("enforce", "false")])).expect("init");
+    assert_eq!(shadow.on_publish(&backend(), unsigned), TransformResult::Unchanged);
+}
+
+#[test]
+fn quarantine_prefixes_are_checked() {
+    setup();
+    for bad in ["quarantine:", "quarantine:q/+", "quarantine:q/#", "quarantine:q/", "quarantine"] {
+        let error = MsgAuth::init(config(&[("rules.0.on_fail", bad)])).err().expect(bad);
+        assert!(error.contains("rules.0.on_fail"), "{bad}: {error}");
+    }
+    let sign = [
+        ("rules.2.id", "up"),
+        ("rules.2.mode", "sign"),
+        ("rules.2.topics.0", "up/#"),
+        ("rules.2.key", "cloud-2026-07"),
+        ("rules.2.on_fail", "quarantine:q"),
+    ];
+    let error = MsgAuth::init(config(&sign)).err().expect("sign rules cannot quarantine");
+    assert!(error.contains("cannot quarantine"), "{error}");
+}
