@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
+#[path = "../support/wasm_build.rs"]
+mod wasm_build;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -622,4 +625,113 @@ async fn the_ota_fleet_example_runs() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success() && stdout.contains("all steps as expected"), "{}", describe(&output));
     assert!(!stdout.contains("FAIL"), "{stdout}");
+}
+
+/// `tollgate grant`: a dealer tool reaches a car's diagnostics only while it holds a grant; add and remove go
+/// through the grants file (kept, audited) and the admin socket (applied at once), and a removed grant takes the
+/// subscription it allowed with it at the next recheck.
+#[tokio::test]
+async fn grants_are_added_and_removed_at_runtime_through_the_admin_socket() {
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::mqttbytes::v5::SubscribeReasonCode;
+    use tollgate_integration_tests::v5;
+
+    const VIN: &str = "1M8GDM9AXKP042788";
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let grants = write(dir.path(), "grants.txt", "# work orders: <who> <VIN> <until>\n");
+    let config = write(
+        dir.path(),
+        "broker.toml",
+        &format!(
+            r#"
+[[listeners]]
+bind = "127.0.0.1:0"
+
+[runtime]
+admin_socket = "{socket}"
+plugin_cache_dir = ""
+
+[session]
+recheck_interval_ms = 200
+
+[[plugins]]
+name = "vin-acl"
+kind = "wasm"
+path = "{plugin}"
+
+[plugins.files]
+grants = "{grants}"
+
+[[plugins.config.rules]]
+id = "dealer-diagnostics"
+who = "role:dealer"
+allow = ["publish", "subscribe"]
+topics = ["vehicle/${{vin}}/diag/#"]
+scope = "granted"
+
+[[plugins.config.roles]]
+name = "dealer"
+match = "username=dealer-7"
+"#,
+            socket = socket.display(),
+            plugin = wasm_build::wasm_plugin("vin-acl").display(),
+            grants = grants.display(),
+        ),
+    );
+    let (mut child, address) = start_binary(&["--config", config.to_str().unwrap()]).await;
+    let mut options = rumqttc::v5::MqttOptions::new("dealer-7", "127.0.0.1", address.port());
+    options.set_credentials("dealer-7", "");
+    let (mut dealer, _) = v5::connect(options).await;
+    let diagnostics = format!("vehicle/{VIN}/diag/#");
+    assert_eq!(dealer.subscribe(&diagnostics, QoS::AtLeastOnce).await, SubscribeReasonCode::NotAuthorized);
+
+    let grant = |words: &[&str]| {
+        let mut command = tollgate();
+        command.arg("grant").args(words).arg("--config").arg(&config);
+        command
+    };
+    let output =
+        run(&mut grant(&["add", "dealer-7", &VIN.to_lowercase(), "--until", "+1h", "--reason", "WO-1"]), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("added: dealer-7 1M8GDM9AXKP042788") && stdout.contains("reloaded"), "{stdout}");
+    assert!(std::fs::read_to_string(&grants).unwrap().contains("dealer-7 1M8GDM9AXKP042788 "));
+    assert_eq!(dealer.subscribe(&diagnostics, QoS::AtLeastOnce).await, SubscribeReasonCode::Success(QoS::AtLeastOnce));
+    dealer.publish(&format!("vehicle/{VIN}/diag/dtc"), QoS::AtLeastOnce, false, b"P0420").await;
+    assert_eq!(dealer.next_publish().await.payload.as_ref(), b"P0420");
+    let output = run(tollgate().arg("status").arg("--socket").arg(&socket), LIMIT).await;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["subscriptions"], 1, "{status}");
+
+    let output = run(&mut grant(&["list"]), LIMIT).await;
+    assert!(String::from_utf8_lossy(&output.stdout).contains("WO-1"), "{}", describe(&output));
+    // Garbage is refused before anything is written.
+    let output = run(&mut grant(&["add", "dealer-7", "NOT-A-VIN", "--until", "+1h"]), LIMIT).await;
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("not a VIN"));
+
+    let output = run(&mut grant(&["remove", "dealer-7", VIN]), LIMIT).await;
+    assert!(output.status.success(), "{}", describe(&output));
+    // The subscription the grant allowed goes at the next recheck (200 ms here).
+    let subscriptions = || async {
+        let output = run(tollgate().arg("status").arg("--socket").arg(&socket), LIMIT).await;
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).unwrap()["subscriptions"].as_u64()
+    };
+    let removed_at = std::time::Instant::now();
+    while subscriptions().await != Some(0) {
+        assert!(removed_at.elapsed() < Duration::from_secs(3), "the granted subscription outlived its grant");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dealer.subscribe(&diagnostics, QoS::AtLeastOnce).await, SubscribeReasonCode::NotAuthorized);
+    let output = run(&mut grant(&["remove", "dealer-7", VIN]), LIMIT).await;
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("no grant"));
+
+    let audit = std::fs::read_to_string(dir.path().join("grants.txt.audit.log")).unwrap();
+    let actions: Vec<String> = audit
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["action"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(actions, ["add", "remove"]);
+    child.signal("TERM");
+    assert!(child.wait(Duration::from_secs(10)).await.success());
 }

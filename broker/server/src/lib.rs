@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod certs;
 pub mod config;
+pub mod grants;
 pub mod sig;
 
 use std::net::SocketAddr;

@@ -83,6 +83,53 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Time-boxed grants for vin-acl (a dealer tool may reach one VIN until a deadline): change the plugin's
+    /// grants file, record the change in `<grants file>.audit.log`, and have the running broker re-read it
+    /// through its admin socket.
+    Grant {
+        #[command(subcommand)]
+        action: GrantAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum GrantAction {
+    /// Let WHO (a user name or client id) reach VIN through the plugin's `scope = "granted"` rules until a
+    /// deadline. Replaces an existing grant for the same pair.
+    Add {
+        #[command(flatten)]
+        target: GrantTarget,
+        who: String,
+        vin: String,
+        /// When it ends: `2026-11-22T15:00:00Z`, or a duration from now (`+2h`, `90m`, `3days`).
+        #[arg(long)]
+        until: String,
+        /// Why (a work order number), kept in the file and in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// End WHO's grant for VIN now: the broker removes the subscriptions it allowed at its next recheck.
+    Remove {
+        #[command(flatten)]
+        target: GrantTarget,
+        who: String,
+        vin: String,
+    },
+    /// Print the live grants (who, VIN, until, reason), one per line.
+    List {
+        #[command(flatten)]
+        target: GrantTarget,
+    },
+}
+
+#[derive(clap::Args)]
+struct GrantTarget {
+    /// The broker's configuration file: it names the plugin's grants file and the admin socket.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The plugin whose `[plugins.files] grants` file holds the grants.
+    #[arg(long, default_value = "vin-acl")]
+    plugin: String,
 }
 
 #[derive(clap::Args)]
@@ -251,7 +298,110 @@ fn main() -> ExitCode {
         Command::Sig { action } => sig(action),
         Command::Reload { admin } => admin_request(admin, AdminCommand::Reload),
         Command::Status { admin } => admin_request(admin, AdminCommand::Status),
+        Command::Grant { action } => grant(action),
     }
+}
+
+fn grant(action: GrantAction) -> ExitCode {
+    match grant_change(action) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn grant_change(action: GrantAction) -> Result<ExitCode, String> {
+    use tollgate::grants;
+    let target = match &action {
+        GrantAction::Add { target, .. } | GrantAction::Remove { target, .. } | GrantAction::List { target } => target,
+    };
+    let config = config::load(Some(&target.config)).map_err(|problems| {
+        print_problems(&problems);
+        format!("{}: not changed", target.config.display())
+    })?;
+    let plugin = config
+        .plugins
+        .iter()
+        .find(|plugin| plugin.name == target.plugin)
+        .ok_or_else(|| format!("{}: no plugin named {:?}", target.config.display(), target.plugin))?;
+    let path = plugin.files.get("grants").ok_or_else(|| {
+        format!(
+            "{}: plugin {:?} has no grants file; add `grants = \"/etc/tollgate/vin-grants.txt\"` to its [plugins.files]",
+            target.config.display(),
+            target.plugin
+        )
+    })?;
+    let mut file = grants::read(path)?;
+    let now = grants::now_seconds();
+    let (audit_action, grant, change) = match action {
+        GrantAction::List { .. } => {
+            for grant in file.grants().filter(|grant| grant.until > now) {
+                let until = humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(grant.until),
+                );
+                println!("{} {} {until} {}", grant.who, grant.vin, grant.reason.as_deref().unwrap_or(""));
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        GrantAction::Add { who, vin, until, reason, .. } => {
+            let until = grants::parse_until(&until, std::time::SystemTime::now())
+                .map_err(|error| format!("--until: {error}"))?;
+            let grant = grants::Grant { who, vin: vin.to_ascii_uppercase(), until, reason };
+            let change = file.add(grant.clone(), now)?;
+            ("add", grant, change)
+        }
+        GrantAction::Remove { who, vin, .. } => {
+            let change = file.remove(&who, &vin, now);
+            let Some(removed) = change.replaced.clone() else {
+                return Err(format!("{}: no grant for {who} {}", path.display(), vin.to_ascii_uppercase()));
+            };
+            ("remove", removed, change)
+        }
+    };
+    grants::write(path, &file)?;
+    grants::audit(path, audit_action, &grant, now)?;
+    let verb = match (audit_action, &change.replaced) {
+        ("add", Some(_)) => "replaced",
+        ("add", None) => "added",
+        _ => "removed",
+    };
+    println!("{verb}: {} {} in {}", grant.who, grant.vin, path.display());
+    if change.expired > 0 {
+        println!("dropped {} expired grant(s)", change.expired);
+    }
+    match config.runtime.admin_socket {
+        Some(socket) => Ok(reload_through(&socket)),
+        None => {
+            println!("no runtime.admin_socket configured: send the broker SIGHUP to apply it");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[cfg(unix)]
+fn reload_through(socket: &Path) -> ExitCode {
+    let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime.block_on(tollgate::admin::request(socket, AdminCommand::Reload)),
+        Err(error) => Err(error.to_string()),
+    };
+    match answer {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("the file is changed, but the broker did not apply it: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(unix))]
+fn reload_through(_socket: &Path) -> ExitCode {
+    println!("no admin socket on this system: send the broker SIGHUP to apply it");
+    ExitCode::SUCCESS
 }
 
 #[cfg(unix)]
