@@ -382,8 +382,14 @@ fn grant_change(action: GrantAction) -> Result<ExitCode, String> {
 
 #[cfg(unix)]
 fn reload_through(socket: &Path) -> ExitCode {
+    ask_broker(socket, AdminCommand::Reload, "the file is changed, but the broker did not apply it: ")
+}
+
+/// Sends `command` through the admin socket and prints the answer (an error after `failure_prefix`).
+#[cfg(unix)]
+fn ask_broker(socket: &Path, command: AdminCommand, failure_prefix: &str) -> ExitCode {
     let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime.block_on(tollgate::admin::request(socket, AdminCommand::Reload)),
+        Ok(runtime) => runtime.block_on(tollgate::admin::request(socket, command)),
         Err(error) => Err(error.to_string()),
     };
     match answer {
@@ -392,7 +398,7 @@ fn reload_through(socket: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(error) => {
-            eprintln!("the file is changed, but the broker did not apply it: {error}");
+            eprintln!("{failure_prefix}{error}");
             ExitCode::FAILURE
         }
     }
@@ -441,20 +447,7 @@ fn admin_request(args: AdminArgs, command: AdminCommand) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let answer = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(runtime) => runtime.block_on(tollgate::admin::request(&socket, command)),
-        Err(error) => Err(error.to_string()),
-    };
-    match answer {
-        Ok(message) => {
-            println!("{message}");
-            ExitCode::SUCCESS
-        }
-        Err(error) => {
-            eprintln!("{error}");
-            ExitCode::FAILURE
-        }
-    }
+    ask_broker(&socket, command, "")
 }
 
 #[cfg(not(unix))]
