@@ -2,6 +2,8 @@
 //! (`attest` rules), and refuses replays, with freshness state kept durably by the broker. The signed form lives in
 //! `tollgate-sig`; the keys live in the broker (`[plugins.secrets]`) and never enter this plugin.
 
+use std::cell::{Cell, RefCell};
+
 use tollgate_sdk::prelude::*;
 use tollgate_sig::{Covered, Malformed, PREVIOUS_PROPERTY, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
 
@@ -29,6 +31,8 @@ struct Key {
     derive: Option<String>,
     /// `not_after`: from this instant (ms since the epoch) the key neither verifies nor signs (`expired_kid`).
     not_after_ms: Option<u64>,
+    /// `not_after` as configured, for the expiry warnings.
+    not_after_text: String,
 }
 
 impl Key {
@@ -134,6 +138,15 @@ pub struct MsgAuth {
     bad_mac_limit: u64,
     keys: Vec<Key>,
     rules: Vec<Rule>,
+    /// Signing counters are made durable this many at a time (`counter_reserve`): a reservation reaches the
+    /// state file before any counter under it is used, and a restart resumes above it, so a counter never repeats
+    /// while the state file is written once per reservation instead of once per signature.
+    counter_reserve: u64,
+    /// Per key (in `keys` order), the highest reservation this instance has seen.
+    reserved: RefCell<Vec<u64>>,
+    /// Warn this long before a key's `not_after` (0: never).
+    expiry_warning_ms: u64,
+    next_expiry_check_ms: Cell<u64>,
 }
 
 /// Why a message failed, as metrics and events name it.
@@ -190,6 +203,16 @@ fn pick<T: Copy>(config: &Config, key: &str, default: &str, choices: &[(&str, T)
         let names: Vec<&str> = choices.iter().map(|(name, _)| *name).collect();
         format!("{key} = {value:?} is not {}", names.join(" or "))
     })
+}
+
+/// The last signing counter issued under `kid` (in memory only).
+fn counter_key(kid: &str) -> String {
+    format!("tx/{kid}")
+}
+
+/// The durable reservation above every signing counter issued under `kid`.
+fn reserve_key(kid: &str) -> String {
+    format!("txr/{kid}")
 }
 
 fn parse_u64(key: &str, value: Option<&str>, default: u64) -> Result<u64, String> {
@@ -311,7 +334,8 @@ impl Plugin for MsgAuth {
                         .ok_or_else(|| format!("{} = {text:?} is not an RFC 3339 UTC time", key("not_after")))?,
                 ),
             };
-            keys.push(Key { kid, state, secret, derive, not_after_ms });
+            let not_after_text = config.get(&key("not_after")).unwrap_or("").to_owned();
+            keys.push(Key { kid, state, secret, derive, not_after_ms, not_after_text });
         }
         if keys.is_empty() {
             return Err("no keys configured ([[plugins.config.keys]])".to_owned());
@@ -427,7 +451,23 @@ impl Plugin for MsgAuth {
         if !tollgate_sig::valid_name(&site_id) {
             return Err(format!("site_id = {site_id:?}: letters, digits, '.', '_', ':' or '-'"));
         }
-        Ok(MsgAuth {
+        let counter_reserve = parse_u64("counter_reserve", config.get("counter_reserve"), 1000)?;
+        if counter_reserve == 0 {
+            return Err("counter_reserve = 0: at least 1".into());
+        }
+        let warning_days = parse_u64("key_expiry_warning_days", config.get("key_expiry_warning_days"), 14)?;
+        // A restart resumes every signing counter at its reservation: counters issued before a crash were all
+        // under it. Several instances starting at once may each move it up; counters only need to increase.
+        let mut reserved = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let reservation = host::kv_add(&reserve_key(&key.kid), 0, false).unwrap_or(0);
+            let issued = host::kv_add(&counter_key(&key.kid), 0, false).unwrap_or(0);
+            if issued < reservation {
+                let _ = host::kv_add(&counter_key(&key.kid), reservation - issued, false);
+            }
+            reserved.push(reservation);
+        }
+        let plugin = MsgAuth {
             site_id,
             enforce: config.bool("enforce", true)?,
             clock_skew_ms: parse_u64("clock_skew_ms", config.get("clock_skew_ms"), 30_000)?,
@@ -442,7 +482,13 @@ impl Plugin for MsgAuth {
             },
             keys,
             rules,
-        })
+            counter_reserve,
+            reserved: RefCell::new(reserved),
+            expiry_warning_ms: warning_days.saturating_mul(86_400_000),
+            next_expiry_check_ms: Cell::new(0),
+        };
+        plugin.check_key_ages(host::now_ms());
+        Ok(plugin)
     }
 
     /// `deliver` only when a sign rule needs it: it is a call per subscriber copy. `transform` always, since it
@@ -586,6 +632,7 @@ impl MsgAuth {
             return Err((Failure::BadMac, Box::new(signature)));
         }
         let now = host::now_ms();
+        self.check_key_ages(now);
         if key.expired(now) {
             return Err((Failure::ExpiredKid, Box::new(signature)));
         }
@@ -715,12 +762,11 @@ impl MsgAuth {
     /// restarts; the signature goes in `carrier`.
     fn sign(&self, key: &Key, sub: String, exp: u64, carrier: Carrier, message: &mut Message) -> Outcome<()> {
         let now = host::now_ms();
+        self.check_key_ages(now);
         if key.expired(now) {
             return Err((Failure::ExpiredKid, Box::default()));
         }
-        let ctr = host::kv_add(&format!("tx/{}", key.kid), 1, true)
-            .or_else(|_| host::kv_add(&format!("tx/{}", key.kid), 1, false))
-            .map_err(|_| (Failure::SignFailed, Box::default()))?;
+        let ctr = self.next_counter(key).ok_or_else(|| (Failure::SignFailed, Box::default()))?;
         let mut signature = Signature {
             kid: key.kid.clone(),
             sub,
@@ -752,6 +798,54 @@ impl MsgAuth {
             Carrier::Envelope => message.payload = tollgate_sig::envelope(&signature, &message.payload),
         }
         Ok(())
+    }
+
+    /// The next signing counter of `key`, under a durable reservation (see `counter_reserve`).
+    fn next_counter(&self, key: &Key) -> Option<u64> {
+        let index = self.keys.iter().position(|candidate| candidate.kid == key.kid)?;
+        let issued = host::kv_add(&counter_key(&key.kid), 1, false).ok()?;
+        let mut reserved = self.reserved.borrow_mut();
+        let seen = reserved.get_mut(index)?;
+        if issued > *seen {
+            // Reserve past this counter in one step, even when another instance already reserved some of the way.
+            let delta = issued - *seen + self.counter_reserve;
+            let reservation = reserve_key(&key.kid);
+            *seen = host::kv_add(&reservation, delta, true)
+                .or_else(|_| host::kv_add(&reservation, delta, false))
+                .ok()?;
+        }
+        Some(issued)
+    }
+
+    /// At most once an hour per instance: a security event (and counter) per key within `key_expiry_warning_days`
+    /// of its `not_after`, or past it; once a day per key for the whole broker, whatever the instances.
+    fn check_key_ages(&self, now: u64) {
+        if self.expiry_warning_ms == 0 || now < self.next_expiry_check_ms.get() {
+            return;
+        }
+        self.next_expiry_check_ms.set(now.saturating_add(3_600_000));
+        for key in self.keys.iter().filter(|key| key.state != KeyState::Retired) {
+            let Some(not_after) = key.not_after_ms else { continue };
+            let event = if now >= not_after {
+                "key_expired"
+            } else if not_after - now <= self.expiry_warning_ms {
+                "key_expiring"
+            } else {
+                continue;
+            };
+            let day = now / 86_400_000;
+            if host::kv_add(&format!("expiry-warned/{}/{day}", key.kid), 1, false) != Ok(1) {
+                continue;
+            }
+            host::kv_delete(&format!("expiry-warned/{}/{}", key.kid, day.saturating_sub(1)));
+            host::counter_add(&format!("keys/{event}"), 1);
+            let hours_left = (not_after.saturating_sub(now) / 3_600_000).to_string();
+            host::security_event(
+                host::LogLevel::Warn,
+                event,
+                &[("kid", &key.kid), ("not_after", &key.not_after_text), ("hours_left", &hours_left)],
+            );
+        }
     }
 
     /// Counts a bad MAC against the client in the current minute; true once it reaches `bad_mac_disconnect`. A

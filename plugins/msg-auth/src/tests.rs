@@ -580,3 +580,63 @@ fn quarantine_prefixes_are_checked() {
     let error = MsgAuth::init(config(&sign)).err().expect("sign rules cannot quarantine");
     assert!(error.contains("cannot quarantine"), "{error}");
 }
+
+#[test]
+fn signing_counters_are_reserved_durably_and_resume_above_the_reservation() {
+    setup();
+    testing::set_attribute("vin", VIN);
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    let attest = |plugin: &MsgAuth| {
+        let TransformResult::Modified(out) =
+            plugin.on_publish(&Client::new(VIN, None), Message::new(topic.clone(), b"1".to_vec()))
+        else {
+            panic!("attested")
+        };
+        Signature::parse(&out.user_properties[0].value).expect("header").ctr
+    };
+    let plugin = MsgAuth::init(config(&[("counter_reserve", "10")])).expect("init");
+    let issued: Vec<u64> = (0..12).map(|_| attest(&plugin)).collect();
+    assert_eq!(issued, (1..=12).collect::<Vec<_>>(), "one after the other while running");
+    // A crash loses what was not durable; the reservation (written before counter 1, then before 12) was.
+    testing::restart();
+    testing::set_attribute("vin", VIN);
+    let restarted = MsgAuth::init(config(&[("counter_reserve", "10")])).expect("init");
+    let resumed = attest(&restarted);
+    assert!(resumed > 12, "a counter never repeats after a restart: {resumed}");
+    assert!(resumed <= 12 + 10 + 1, "and skips at most one reservation: {resumed}");
+    assert!(MsgAuth::init(config(&[("counter_reserve", "0")])).err().expect("refused").contains("counter_reserve"));
+}
+
+#[test]
+fn keys_near_or_past_not_after_are_reported_once_a_day() {
+    setup();
+    let day = 86_400_000;
+    let expiring_soon = [("keys.1.not_after", "2027-01-18T08:00:00Z")]; // NOW + 3 days
+    let warnings = || testing::logs().iter().filter(|line| line.contains("\"key_expiring\"")).count();
+    let before = warnings();
+    let plugin = MsgAuth::init(config(&expiring_soon)).expect("init");
+    assert_eq!(warnings(), before + 1, "{:?}", testing::logs());
+    let line = testing::logs().into_iter().rev().find(|line| line.contains("key_expiring")).expect("event");
+    assert!(line.contains("cloud-2026-07") && line.contains("\"hours_left\":\"72\""), "{line}");
+    // Another instance, and this one an hour later: still once that day.
+    MsgAuth::init(config(&expiring_soon)).expect("init");
+    testing::set_now_ms(Some(NOW + 3_600_000));
+    let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"1", 50);
+    let _ = plugin.on_publish(&backend(), message);
+    assert_eq!(warnings(), before + 1);
+    // The next day it is said again; past the date it is an expiry.
+    testing::set_now_ms(Some(NOW + day + 2 * 3_600_000));
+    let _ = plugin.on_publish(&backend(), signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"1", 51));
+    assert_eq!(warnings(), before + 2);
+    testing::set_now_ms(Some(NOW + 4 * day));
+    MsgAuth::init(config(&expiring_soon)).expect("init");
+    assert!(testing::logs().iter().any(|line| line.contains("\"key_expired\"")));
+    // Off with 0, and far-off dates say nothing (after a restart, so no claim of today's warning is left).
+    testing::restart();
+    testing::set_now_ms(Some(NOW));
+    let quiet_before = testing::logs().len();
+    MsgAuth::init(config(&[("keys.1.not_after", "2027-01-18T08:00:00Z"), ("key_expiry_warning_days", "0")]))
+        .expect("init");
+    MsgAuth::init(config(&[("keys.1.not_after", "2030-01-01T00:00:00Z")])).expect("init");
+    assert_eq!(testing::logs().len(), quiet_before);
+}
