@@ -46,8 +46,13 @@ pub async fn tcp(addr: std::net::SocketAddr, version: ProtocolVersion) -> RawCli
 /// Serves one in-memory connection with the broker core and returns the client end.
 pub fn duplex(broker: &Broker, version: ProtocolVersion, name: &str) -> RawClient<DuplexStream> {
     let (client, server) = tokio::io::duplex(256 * 1024);
-    let context =
-        ConnectionContext { listener: Arc::from("duplex"), remote_addr: None, peer: None, identity_username: None };
+    let context = ConnectionContext {
+        listener: Arc::from("duplex"),
+        remote_addr: None,
+        peer: None,
+        identity_username: None,
+        mount_point: None,
+    };
     broker.spawn(serve(broker.clone(), server, context));
     RawClient::new(client, version, name)
 }

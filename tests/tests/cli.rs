@@ -86,6 +86,7 @@ bind = "127.0.0.1:0"
 protocol = "ws"
 ws_path = "mqtt"
 cert = "{certs}/server.pem"
+mount_point = "site/%x/"
 
 [[listeners]]
 bind = "127.0.0.1:0"
@@ -108,6 +109,7 @@ key = "{certs}/ca.key"
         "listeners[0].require_client_cert: needs client_ca",
         "listeners[0].identity_from",
         "listeners[1].ws_path",
+        "listeners[1].mount_point: \"site/%x/\": only %c",
         "listeners[1].cert: only applies to tls and wss",
         "listeners[2].protocol",
         "listeners[3].key",

@@ -15,7 +15,7 @@ use tokio::process::Command;
 use tollgate::config::{Config, ListenerConfig};
 use tollgate_integration_tests::external::{self, clean_env, describe, run, tollgate_bin};
 use tollgate_integration_tests::tls::tls_options;
-use tollgate_integration_tests::{TestBroker, raw, v5, within};
+use tollgate_integration_tests::{QUIET, TestBroker, raw, v5, within};
 use tollgate_protocol::{ProtocolVersion, ReasonCode};
 
 const VIN: &str = "1HGCM82633A004352";
@@ -564,5 +564,77 @@ async fn an_ed25519_server_key_serves_tls() {
     client.publish("ed/t", QoS::AtLeastOnce, false, b"signed with ed25519").await;
     assert_eq!(&client.next_publish().await.payload[..], b"signed with ed25519");
     client.disconnect().await;
+    assert!(broker.stop().await);
+}
+
+/// A listener's `mount_point` puts each client under its own prefix (`%c`: its client id as one literal level):
+/// what it publishes and subscribes to is mounted, what it receives comes back without the prefix, its will is
+/// mounted too, and a client id that cannot be one level is refused. Clients of an unmounted listener see the
+/// full topics.
+#[tokio::test]
+async fn a_mount_point_keeps_each_client_under_its_own_prefix() {
+    use rumqttc::v5::mqttbytes::v5::LastWill;
+    let broker = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            let mut mounted = ListenerConfig::tcp("127.0.0.1:0");
+            mounted.mount_point = Some("site/%c/".into());
+            config.listeners = vec![mounted, ListenerConfig::tcp("127.0.0.1:0")];
+        })
+        .start()
+        .await;
+    let (mounted, plain) = (broker.server.addresses[0], broker.server.addresses[1]);
+    let options = |address: SocketAddr, id: &str| {
+        let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", address.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    };
+    let (mut backend, _) = v5::connect(options(plain, "backend")).await;
+    let (mut observer, _) = v5::connect(options(plain, "observer")).await;
+    observer.subscribe_ok("site/+/telemetry/#", QoS::AtLeastOnce).await;
+    observer.subscribe_ok("site/+/status", QoS::AtLeastOnce).await;
+    let mut with_will = options(mounted, "car1");
+    with_will.set_last_will(LastWill::new("status", "gone", QoS::AtLeastOnce, false, None));
+    let (mut car1, _) = v5::connect(with_will).await;
+    car1.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
+    let (mut car2, _) = v5::connect(options(mounted, "car2")).await;
+    car2.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
+    // A shared subscription is mounted inside its group.
+    car2.subscribe_ok("$share/workers/jobs/+", QoS::AtLeastOnce).await;
+
+    car1.publish("telemetry/speed", QoS::AtLeastOnce, false, b"88").await;
+    let seen = observer.next_publish().await;
+    assert_eq!(v5::topic(&seen), "site/car1/telemetry/speed");
+    backend.publish("site/car1/cmd/unlock", QoS::AtLeastOnce, false, b"go").await;
+    let command = car1.next_publish().await;
+    assert_eq!(v5::topic(&command), "cmd/unlock", "the prefix is removed on the way out");
+    car2.expect_no_publish(QUIET).await;
+    backend.publish("site/car2/jobs/7", QoS::AtLeastOnce, false, b"job").await;
+    assert_eq!(v5::topic(&car2.next_publish().await), "jobs/7");
+
+    // An MQTT 3.1.1 client on the same listener, with a retained message replayed under its mount.
+    backend.publish("site/old/cmd/config", QoS::AtLeastOnce, true, b"cfg").await;
+    let (mut old, _) = tollgate_integration_tests::v4::connect({
+        let mut options = rumqttc::MqttOptions::new("old", "127.0.0.1", mounted.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    })
+    .await;
+    old.subscribe_ok("cmd/#", rumqttc::QoS::AtLeastOnce).await;
+    let replayed = old.next_publish().await;
+    assert_eq!((replayed.topic.as_str(), replayed.retain), ("cmd/config", true));
+    old.client.unsubscribe("cmd/#").await.expect("unsubscribe");
+    tokio::time::sleep(QUIET).await;
+    backend.publish("site/old/cmd/again", QoS::AtLeastOnce, false, b"x").await;
+    old.expect_no_publish(QUIET).await;
+
+    // The will goes out under the mount.
+    car1.kill().await;
+    let will = observer.next_publish().await;
+    assert_eq!((v5::topic(&will).as_str(), &will.payload[..]), ("site/car1/status", &b"gone"[..]));
+    // A client id that is not one literal level cannot be mounted.
+    assert_eq!(
+        v5::refused_code(options(mounted, "a/b")).await,
+        rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ClientIdentifierNotValid
+    );
     assert!(broker.stop().await);
 }

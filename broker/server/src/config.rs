@@ -241,6 +241,11 @@ pub struct ListenerConfig {
     /// Connections this listener accepts at once; 0 = no cap of its own.
     #[serde(default)]
     pub max_connections: u32,
+    /// A topic prefix every topic of this listener's clients lives under (Mosquitto's `mount_point`): added to
+    /// what they publish and subscribe to, removed from what they receive. `%c` and `%u` fill in the client id
+    /// and user name as one literal level, e.g. `v1/vehicles/%c/`.
+    #[serde(default)]
+    pub mount_point: Option<String>,
 }
 
 impl ListenerConfig {
@@ -258,6 +263,7 @@ impl ListenerConfig {
             identity_from: default_identity_from(),
             use_identity_as_username: false,
             max_connections: 0,
+            mount_point: None,
         }
     }
 
@@ -441,6 +447,7 @@ const LISTENER_KEYS: &[&str] = &[
     "identity_from",
     "use_identity_as_username",
     "max_connections",
+    "mount_point",
 ];
 
 /// Builds the figment: defaults, then the file (if any), then the environment.
@@ -667,6 +674,11 @@ fn validate_transport(index: usize, listener: &ListenerConfig, problems: &mut Ve
     }
     if let Err(message) = listener.identity_from.parse::<tollgate_transport::IdentitySource>() {
         problems.push(problem(key("identity_from"), message));
+    }
+    if let Some(mount) = &listener.mount_point
+        && let Err(message) = tollgate_core::connection::check_mount_point(mount)
+    {
+        problems.push(problem(key("mount_point"), message));
     }
     if matches!(listener.protocol.as_str(), "ws" | "wss") && !listener.ws_path.starts_with('/') {
         problems.push(problem(key("ws_path"), format!("{:?} must start with /", listener.ws_path)));

@@ -246,6 +246,7 @@ impl Server {
                     .parse()
                     .map_err(|message| anyhow::anyhow!("listeners[{index}].identity_from: {message}"))?,
                 use_identity_as_username: listener.use_identity_as_username,
+                mount_point: listener.mount_point.as_deref().map(Arc::from),
                 limits: limits.clone(),
                 max_connections: listener.max_connections as usize,
                 open_connections: Arc::default(),

@@ -67,6 +67,8 @@ pub struct ListenerSpec {
     /// Mosquitto's `use_identity_as_username`: the certificate identity replaces the CONNECT user name and
     /// authenticates the client.
     pub use_identity_as_username: bool,
+    /// `mount_point`: the topic prefix of this listener's clients (`%c`, `%u` filled in per client).
+    pub mount_point: Option<Arc<str>>,
     pub limits: Arc<ConnectionLimits>,
     /// This listener's own connection cap (0 = none); the total cap lives in `limits`.
     pub max_connections: usize,
@@ -204,6 +206,7 @@ fn serve_connection(
         remote_addr: Some(remote_addr),
         peer: None,
         identity_username: None,
+        mount_point: spec.mount_point.clone(),
     };
     // The TLS and WebSocket handshakes count against the CONNECT deadline: a client that stalls in them is a
     // slowloris like any other.

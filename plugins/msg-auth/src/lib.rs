@@ -810,9 +810,8 @@ impl MsgAuth {
             // Reserve past this counter in one step, even when another instance already reserved some of the way.
             let delta = issued - *seen + self.counter_reserve;
             let reservation = reserve_key(&key.kid);
-            *seen = host::kv_add(&reservation, delta, true)
-                .or_else(|_| host::kv_add(&reservation, delta, false))
-                .ok()?;
+            *seen =
+                host::kv_add(&reservation, delta, true).or_else(|_| host::kv_add(&reservation, delta, false)).ok()?;
         }
         Some(issued)
     }
