@@ -113,6 +113,8 @@ pub struct VinAcl {
     roles: Vec<Role>,
     revoked_vins: std::collections::HashSet<String>,
     revoked_serials: std::collections::HashSet<String>,
+    /// Non-VIN identities (`id:<identity>` lines), e.g. an end-of-line station's.
+    revoked_ids: std::collections::HashSet<String>,
     grants: Vec<Grant>,
 }
 
@@ -122,6 +124,13 @@ pub struct VinAcl {
 const VIN_ATTRIBUTE: &str = "vin";
 const VERIFIED_VIN_ATTRIBUTE: &str = "vin-acl.vin";
 const ROLE_ATTRIBUTE: &str = "vin-acl.role";
+/// What `revoked` and `files.revoked` list.
+struct Revocations {
+    vins: std::collections::HashSet<String>,
+    serials: std::collections::HashSet<String>,
+    ids: std::collections::HashSet<String>,
+}
+
 const NAMESPACE_ATTRIBUTE: &str = "vin-acl.namespace";
 const ID_ATTRIBUTE: &str = "vin-acl.id";
 
@@ -262,6 +271,15 @@ impl VinAcl {
         let Some(namespace) = self.namespace_of(&identity) else {
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         };
+        if self.revoked_ids.contains(&identity) {
+            host::counter_add("identity_revoked", 1);
+            host::security_event(
+                host::LogLevel::Warn,
+                "identity_revoked",
+                &[("client_id", &info.client_id), ("identity", &identity)],
+            );
+            return ConnectDecision::Deny(DenyReason::NotAuthorized);
+        }
         if let Some(refusal) = self.check_client_id(info, &identity) {
             return refusal;
         }
@@ -289,18 +307,25 @@ impl VinAcl {
         Ok(roles)
     }
 
-    /// Revoked VINs and certificate serials: `revoked.N` in the configuration, and the lines of the file the
-    /// broker reads as `files.revoked` (a VIN or `serial:<hex>` per line, `#` comments).
-    fn parse_revocations(
-        config: &Config,
-    ) -> Result<(std::collections::HashSet<String>, std::collections::HashSet<String>), String> {
+    /// Revoked VINs, certificate serials and non-VIN identities: `revoked.N` in the configuration, and the lines
+    /// of the file the broker reads as `files.revoked` (a VIN, `serial:<hex>` or `id:<identity>` per line, `#`
+    /// comments).
+    fn parse_revocations(config: &Config) -> Result<Revocations, String> {
         let mut vins = std::collections::HashSet::new();
         let mut serials = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
         let file = config.get("files.revoked").unwrap_or("");
         let lines = config.list("revoked").into_iter().chain(file.lines());
         for line in lines {
             let entry = line.split('#').next().unwrap_or("").trim();
             if entry.is_empty() {
+                continue;
+            }
+            if let Some(id) = entry.strip_prefix("id:") {
+                if id.is_empty() || id.chars().any(char::is_whitespace) {
+                    return Err(format!("revoked: {entry:?} has no identity"));
+                }
+                ids.insert(id.to_owned());
                 continue;
             }
             match entry.strip_prefix("serial:") {
@@ -311,10 +336,14 @@ impl VinAcl {
                 None if entry.len() == 17 && entry.chars().all(|c| c.is_ascii_alphanumeric()) => {
                     vins.insert(entry.to_ascii_uppercase());
                 }
-                None => return Err(format!("revoked: {entry:?} is neither a 17-character VIN nor serial:<hex>")),
+                None => {
+                    return Err(format!(
+                        "revoked: {entry:?} is neither a 17-character VIN, serial:<hex> nor id:<identity>"
+                    ));
+                }
             }
         }
-        Ok((vins, serials))
+        Ok(Revocations { vins, serials, ids })
     }
 
     /// `grants.N.{who,vin,until}` and the lines `<who> <VIN> <until>` of `files.grants`.
@@ -545,7 +574,8 @@ impl Plugin for VinAcl {
                 return Err(format!("{}: role {name:?} is not defined under roles", rule.id));
             }
         }
-        let (revoked_vins, revoked_serials) = Self::parse_revocations(&config)?;
+        let Revocations { vins: revoked_vins, serials: revoked_serials, ids: revoked_ids } =
+            Self::parse_revocations(&config)?;
         let grants = Self::parse_grants(&config)?;
         let token_claim = config
             .bool("allow_token_identity", false)?
@@ -568,6 +598,7 @@ impl Plugin for VinAcl {
             roles,
             revoked_vins,
             revoked_serials,
+            revoked_ids,
             grants,
         })
     }
@@ -647,7 +678,9 @@ impl Plugin for VinAcl {
                 || host::client_attribute(ROLE_ATTRIBUTE).is_some();
             if other_principal { None } else { self.claimed_vin() }
         });
-        if self.revoked(vin.as_deref()) {
+        let revoked_id = host::client_attribute(ID_ATTRIBUTE).filter(|id| self.revoked_ids.contains(id));
+        if self.revoked(vin.as_deref()) || revoked_id.is_some() {
+            let vin = vin.or(revoked_id);
             host::counter_add("sessions_revoked", 1);
             host::security_event(
                 host::LogLevel::Warn,
@@ -957,6 +990,26 @@ mod tests {
         );
         // Not a VIN and not the pattern (anchored at both ends), or not usable as a topic level: refused.
         refuses_identities(&acl, &["EOL-abc123", "XEOL-ABC123", "EOL-ABC123X/", "EOL-ABC", "EOL-ABC123+"]);
+        // Revoked by name (`id:`): refused at CONNECT, and a live session ends at the next recheck.
+        let revoking = VinAcl::init(with(&[
+            ("non_vin_identities.0.pattern", "EOL-[0-9A-Z]{6,12}"),
+            ("non_vin_identities.0.namespace", "preprod"),
+            ("files.revoked", "id:EOL-ABC123  # station retired\n"),
+        ]))
+        .expect("init");
+        assert_eq!(
+            revoking.on_connect(&connect(station, Some(peer(station, None)))),
+            ConnectDecision::Deny(DenyReason::NotAuthorized)
+        );
+        tollgate_sdk::testing::set_attribute("vin-acl.namespace", "preprod");
+        tollgate_sdk::testing::set_attribute("vin-acl.id", station);
+        assert_eq!(
+            revoking.authorize_session(&Client::new(station, None)),
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        );
+        assert_eq!(acl.authorize_session(&Client::new(station, None)), AclDecision::Ignore);
+        tollgate_sdk::testing::clear_attributes();
+        assert!(VinAcl::init(with(&[("files.revoked", "id:")])).err().is_some_and(|error| error.contains("id:")));
         refuses_client_id(&acl, "other-id", station);
 
         tollgate_sdk::testing::clear_attributes();
