@@ -172,6 +172,17 @@ impl GrantsFile {
     }
 }
 
+/// Holds `<grants file>.lock` exclusively until dropped (advisory: other `tollgate grant` commands wait for it).
+pub fn lock(path: &Path) -> Result<std::fs::File, String> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    let lock_path = path.with_file_name(name);
+    let fail = |error: std::io::Error| format!("{}: {error}", lock_path.display());
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(fail)?;
+    file.lock().map_err(fail)?;
+    Ok(file)
+}
+
 /// Reads the grants file (absent: no grants yet).
 pub fn read(path: &Path) -> Result<GrantsFile, String> {
     match std::fs::read_to_string(path) {

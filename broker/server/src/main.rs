@@ -333,6 +333,8 @@ fn grant_change(action: GrantAction) -> Result<ExitCode, String> {
             target.plugin
         )
     })?;
+    // Two operators changing grants at once must not lose one change: read, change and write under a lock.
+    let _lock = grants::lock(path)?;
     let mut file = grants::read(path)?;
     let now = grants::now_seconds();
     let (audit_action, grant, change) = match action {
@@ -341,7 +343,8 @@ fn grant_change(action: GrantAction) -> Result<ExitCode, String> {
                 let until = humantime::format_rfc3339_seconds(
                     std::time::UNIX_EPOCH + std::time::Duration::from_secs(grant.until),
                 );
-                println!("{} {} {until} {}", grant.who, grant.vin, grant.reason.as_deref().unwrap_or(""));
+                let reason = grant.reason.as_deref().map(|reason| format!("  # {reason}")).unwrap_or_default();
+                println!("{} {} {until}{reason}", grant.who, grant.vin);
             }
             return Ok(ExitCode::SUCCESS);
         }
