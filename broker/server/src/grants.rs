@@ -20,6 +20,17 @@ pub struct Grant {
     pub reason: Option<String>,
 }
 
+impl std::fmt::Display for Grant {
+    /// The grant as a line of the file: `<who> <VIN> <until>`, and `  # <reason>` when it has one.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "{} {} {}", self.who, self.vin, format_time(self.until))?;
+        match &self.reason {
+            Some(reason) => write!(formatter, "  # {reason}"),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A line of the file: a grant, or anything else (comments, blank lines), kept as written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Line {
@@ -157,16 +168,10 @@ impl GrantsFile {
     pub fn render(&self) -> String {
         let mut out = String::new();
         for line in &self.lines {
-            match line {
-                Line::Other(text) => out.push_str(text),
-                Line::Grant(grant) => {
-                    let _ = write!(out, "{} {} {}", grant.who, grant.vin, format_time(grant.until));
-                    if let Some(reason) = &grant.reason {
-                        let _ = write!(out, "  # {reason}");
-                    }
-                }
-            }
-            out.push('\n');
+            let _ = match line {
+                Line::Other(text) => writeln!(out, "{text}"),
+                Line::Grant(grant) => writeln!(out, "{grant}"),
+            };
         }
         out
     }
@@ -174,9 +179,7 @@ impl GrantsFile {
 
 /// Holds `<grants file>.lock` exclusively until dropped (advisory: other `tollgate grant` commands wait for it).
 pub fn lock(path: &Path) -> Result<std::fs::File, String> {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".lock");
-    let lock_path = path.with_file_name(name);
+    let lock_path = beside(path, ".lock");
     let fail = |error: std::io::Error| format!("{}: {error}", lock_path.display());
     let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(fail)?;
     file.lock().map_err(fail)?;
@@ -205,8 +208,13 @@ pub fn write(path: &Path, file: &GrantsFile) -> Result<(), String> {
 
 /// The audit log beside the grants file: `<grants file>.audit.log`.
 pub fn audit_path(path: &Path) -> PathBuf {
+    beside(path, ".audit.log")
+}
+
+/// `<path><suffix>`, in the same directory.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".audit.log");
+    name.push(suffix);
     path.with_file_name(name)
 }
 

@@ -340,11 +340,7 @@ fn grant_change(action: GrantAction) -> Result<ExitCode, String> {
     let (audit_action, grant, change) = match action {
         GrantAction::List { .. } => {
             for grant in file.grants().filter(|grant| grant.until > now) {
-                let until = humantime::format_rfc3339_seconds(
-                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(grant.until),
-                );
-                let reason = grant.reason.as_deref().map(|reason| format!("  # {reason}")).unwrap_or_default();
-                println!("{} {} {until}{reason}", grant.who, grant.vin);
+                println!("{grant}");
             }
             return Ok(ExitCode::SUCCESS);
         }

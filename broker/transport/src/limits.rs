@@ -131,8 +131,8 @@ impl ConnectionLimits {
     /// needs no cross-thread wake-up of a parked thread, which costs more than the rest of the delivery. So a
     /// connection goes home while home is not clearly ahead of the least loaded worker; otherwise it stays where
     /// it was accepted unless that worker is clearly ahead, in which case it goes to the least loaded one. Every
-    /// worker accepts from the same sockets and the one awake first wins, so without the second rule one worker
-    /// would end up with every connection. "Clearly ahead" is more than 2 + 1/8 over the least loaded worker,
+    /// worker accepts (on Linux from its own socket of a `SO_REUSEPORT` group, elsewhere racing for a shared one),
+    /// and without the second rule one worker could end up with every connection. "Clearly ahead" is more than 2 + 1/8 over the least loaded worker,
     /// which bounds the imbalance whatever the addresses.
     pub fn placement(&self, worker: usize, remote: IpAddr) -> Option<usize> {
         let loads = || self.per_worker.iter().map(|count| count.load(Ordering::Acquire));

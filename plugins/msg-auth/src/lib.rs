@@ -2,7 +2,7 @@
 //! (`attest` rules), and refuses replays, with freshness state kept durably by the broker. The signed form lives in
 //! `tollgate-sig`; the keys live in the broker (`[plugins.secrets]`) and never enter this plugin.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 
 use tollgate_sdk::prelude::*;
 use tollgate_sig::{Covered, Malformed, PREVIOUS_PROPERTY, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
@@ -33,6 +33,9 @@ struct Key {
     not_after_ms: Option<u64>,
     /// `not_after` as configured, for the expiry warnings.
     not_after_text: String,
+    /// The highest durable reservation of this key's signing counter this instance has seen (see
+    /// `counter_reserve`).
+    reserved: Cell<u64>,
 }
 
 impl Key {
@@ -142,8 +145,6 @@ pub struct MsgAuth {
     /// state file before any counter under it is used, and a restart resumes above it, so a counter never repeats
     /// while the state file is written once per reservation instead of once per signature.
     counter_reserve: u64,
-    /// Per key (in `keys` order), the highest reservation this instance has seen.
-    reserved: RefCell<Vec<u64>>,
     /// Warn this long before a key's `not_after` (0: never).
     expiry_warning_ms: u64,
     next_expiry_check_ms: Cell<u64>,
@@ -335,7 +336,7 @@ impl Plugin for MsgAuth {
                 ),
             };
             let not_after_text = config.get(&key("not_after")).unwrap_or("").to_owned();
-            keys.push(Key { kid, state, secret, derive, not_after_ms, not_after_text });
+            keys.push(Key { kid, state, secret, derive, not_after_ms, not_after_text, reserved: Cell::new(0) });
         }
         if keys.is_empty() {
             return Err("no keys configured ([[plugins.config.keys]])".to_owned());
@@ -458,14 +459,13 @@ impl Plugin for MsgAuth {
         let warning_days = parse_u64("key_expiry_warning_days", config.get("key_expiry_warning_days"), 14)?;
         // A restart resumes every signing counter at its reservation: counters issued before a crash were all
         // under it. Several instances starting at once may each move it up; counters only need to increase.
-        let mut reserved = Vec::with_capacity(keys.len());
         for key in &keys {
             let reservation = host::kv_add(&reserve_key(&key.kid), 0, false).unwrap_or(0);
             let issued = host::kv_add(&counter_key(&key.kid), 0, false).unwrap_or(0);
             if issued < reservation {
                 let _ = host::kv_add(&counter_key(&key.kid), reservation - issued, false);
             }
-            reserved.push(reservation);
+            key.reserved.set(reservation);
         }
         let plugin = MsgAuth {
             site_id,
@@ -483,7 +483,6 @@ impl Plugin for MsgAuth {
             keys,
             rules,
             counter_reserve,
-            reserved: RefCell::new(reserved),
             expiry_warning_ms: warning_days.saturating_mul(86_400_000),
             next_expiry_check_ms: Cell::new(0),
         };
@@ -802,16 +801,15 @@ impl MsgAuth {
 
     /// The next signing counter of `key`, under a durable reservation (see `counter_reserve`).
     fn next_counter(&self, key: &Key) -> Option<u64> {
-        let index = self.keys.iter().position(|candidate| candidate.kid == key.kid)?;
         let issued = host::kv_add(&counter_key(&key.kid), 1, false).ok()?;
-        let mut reserved = self.reserved.borrow_mut();
-        let seen = reserved.get_mut(index)?;
-        if issued > *seen {
+        let seen = key.reserved.get();
+        if issued > seen {
             // Reserve past this counter in one step, even when another instance already reserved some of the way.
-            let delta = issued - *seen + self.counter_reserve;
+            let delta = issued - seen + self.counter_reserve;
             let reservation = reserve_key(&key.kid);
-            *seen =
+            let reserved =
                 host::kv_add(&reservation, delta, true).or_else(|_| host::kv_add(&reservation, delta, false)).ok()?;
+            key.reserved.set(reserved);
         }
         Some(issued)
     }

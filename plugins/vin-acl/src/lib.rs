@@ -73,6 +73,17 @@ fn parse_time(text: &str) -> Option<u64> {
     tollgate_sdk::time::rfc3339_ms(text)
 }
 
+/// The refusal (0x87, counted and logged) of a CONNECT whose identity is on the revocation list.
+fn refuse_revoked(info: &ConnectInfo, identity: &str) -> ConnectDecision {
+    host::counter_add("identity_revoked", 1);
+    host::security_event(
+        host::LogLevel::Warn,
+        "identity_revoked",
+        &[("client_id", &info.client_id), ("identity", identity)],
+    );
+    ConnectDecision::Deny(DenyReason::NotAuthorized)
+}
+
 /// A certificate serial as the broker reports it: lower-case hex without separators.
 fn normalize_serial(serial: &str) -> String {
     serial
@@ -272,13 +283,7 @@ impl VinAcl {
             return ConnectDecision::Deny(DenyReason::NotAuthorized);
         };
         if self.revoked_ids.contains(&identity) {
-            host::counter_add("identity_revoked", 1);
-            host::security_event(
-                host::LogLevel::Warn,
-                "identity_revoked",
-                &[("client_id", &info.client_id), ("identity", &identity)],
-            );
-            return ConnectDecision::Deny(DenyReason::NotAuthorized);
+            return refuse_revoked(info, &identity);
         }
         if let Some(refusal) = self.check_client_id(info, &identity) {
             return refusal;
@@ -655,13 +660,7 @@ impl Plugin for VinAcl {
             }
         }
         if self.revoked_vins.contains(&vin) {
-            host::counter_add("identity_revoked", 1);
-            host::security_event(
-                host::LogLevel::Warn,
-                "identity_revoked",
-                &[("client_id", &info.client_id), ("identity", &vin)],
-            );
-            return ConnectDecision::Deny(DenyReason::NotAuthorized);
+            return refuse_revoked(info, &vin);
         }
         if let Some(refusal) = self.check_client_id(info, &vin) {
             return refusal;
