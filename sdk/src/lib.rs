@@ -352,6 +352,24 @@ pub mod host {
         return crate::testing::kv_add(key, delta, durable);
     }
 
+    /// Records `key` for `ttl_ms` milliseconds across all instances: true when it was not recorded yet (or its
+    /// record expired), false when it was. In memory only, bounded by the broker (the record closest to expiry
+    /// goes first when full): a nonce cache, or a claim that must not outlive its purpose.
+    pub fn kv_claim(key: &str, ttl_ms: u64) -> bool {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_claim(key, ttl_ms);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_claim(key, ttl_ms);
+    }
+
+    /// Whether the system clock is synchronized (NTP); `None` where the broker cannot tell.
+    pub fn clock_synchronized() -> Option<bool> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::clock_synchronized();
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::clock_synchronized();
+    }
+
     pub fn counter_add(name: &str, delta: u64) {
         #[cfg(target_arch = "wasm32")]
         imports::counter_add(name, delta);
@@ -362,6 +380,32 @@ pub mod host {
 
 /// Host-side cryptography: the secrets live in the broker configuration and never enter the plugin.
 pub mod crypto {
+    pub use crate::bindings::tollgate::plugin::crypto::MacAlgorithm;
+
+    /// The tag of `data` with `alg` under the secret `key_id`, or its HKDF-SHA256 derivation with `derive_info`
+    /// (16 bytes for CMAC, 32 for HMAC). AES-128-CMAC needs a 16-byte secret (or a derivation).
+    pub fn mac(alg: MacAlgorithm, key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::mac(alg, key_id, derive_info, data);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::mac_tag(alg, key_id, derive_info, data);
+    }
+
+    /// Constant-time check of a tag with `alg` (16 to 32 bytes for HMAC, 16 for CMAC; truncated tags keep the
+    /// leftmost bytes).
+    pub fn verify_mac(
+        alg: MacAlgorithm,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, String> {
+        #[cfg(target_arch = "wasm32")]
+        return crate::bindings::tollgate::plugin::crypto::verify_mac(alg, key_id, derive_info, data, tag);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::verify_mac(alg, key_id, derive_info, data, tag);
+    }
+
     /// HMAC-SHA256 of `data` with the secret the broker configuration names `key_id`.
     pub fn hmac_sha256(key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
         #[cfg(target_arch = "wasm32")]
@@ -406,9 +450,11 @@ pub mod testing {
     use std::cell::RefCell;
     use std::collections::BTreeMap;
 
+    use cmac::Cmac;
     use hmac::{Hmac, Mac};
     use sha2::{Digest, Sha256};
 
+    use crate::crypto::MacAlgorithm;
     use crate::host::LogLevel;
 
     #[derive(Default)]
@@ -420,6 +466,9 @@ pub mod testing {
         counters: BTreeMap<String, u64>,
         logs: Vec<(LogLevel, String)>,
         now_ms: Option<u64>,
+        /// `kv_claim` records and when they expire, on the test clock ([`set_now_ms`]).
+        claims: BTreeMap<String, u64>,
+        clock_synchronized: Option<bool>,
     }
 
     thread_local! {
@@ -448,6 +497,26 @@ pub mod testing {
     /// Fixes the clock; `None` goes back to the real one.
     pub fn set_now_ms(now: Option<u64>) {
         with(|host| host.now_ms = now);
+    }
+
+    /// What `host::clock_synchronized` answers (default `None`: cannot tell).
+    pub fn set_clock_synchronized(state: Option<bool>) {
+        with(|host| host.clock_synchronized = state);
+    }
+
+    pub(crate) fn clock_synchronized() -> Option<bool> {
+        with(|host| host.clock_synchronized)
+    }
+
+    pub(crate) fn kv_claim(key: &str, ttl_ms: u64) -> bool {
+        let now = now_ms();
+        with(|host| {
+            if host.claims.get(key).is_some_and(|&expiry| expiry > now) {
+                return false;
+            }
+            host.claims.insert(key.to_owned(), now.saturating_add(ttl_ms.max(1)));
+            true
+        })
     }
 
     pub fn counter(name: &str) -> u64 {
@@ -515,9 +584,13 @@ pub mod testing {
         })
     }
 
-    /// A broker restart as the plugin sees it: the key-value table keeps only what was written durably.
+    /// A broker restart as the plugin sees it: the key-value table keeps only what was written durably, and
+    /// claims are gone.
     pub fn restart() {
-        with(|host| host.kv = host.durable.clone());
+        with(|host| {
+            host.kv = host.durable.clone();
+            host.claims.clear();
+        });
     }
 
     pub(crate) fn counter_add(name: &str, delta: u64) {
@@ -559,6 +632,55 @@ pub mod testing {
 
     pub(crate) fn sha256(data: &[u8]) -> Vec<u8> {
         Sha256::digest(data).to_vec()
+    }
+
+    fn cmac_key(key_id: &str, derive_info: Option<&[u8]>) -> Result<Cmac<aes::Aes128>, String> {
+        let secret =
+            with(|host| host.secrets.get(key_id).cloned()).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+        let key = match derive_info {
+            None => secret,
+            Some(info) => {
+                let mut derived = vec![0; 16];
+                hkdf::Hkdf::<Sha256>::new(None, &secret)
+                    .expand(info, &mut derived)
+                    .map_err(|error| error.to_string())?;
+                derived
+            }
+        };
+        <Cmac<aes::Aes128> as Mac>::new_from_slice(&key)
+            .map_err(|_| format!("secret {key_id:?} is not 16 bytes, so it is not an AES-128 key"))
+    }
+
+    pub(crate) fn mac_tag(
+        alg: MacAlgorithm,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        match alg {
+            MacAlgorithm::HmacSha256 => hmac(key_id, derive_info, data),
+            MacAlgorithm::CmacAes128 => {
+                Ok(cmac_key(key_id, derive_info)?.chain_update(data).finalize().into_bytes().to_vec())
+            }
+        }
+    }
+
+    pub(crate) fn verify_mac(
+        alg: MacAlgorithm,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, String> {
+        match alg {
+            MacAlgorithm::HmacSha256 => verify(key_id, derive_info, data, tag),
+            MacAlgorithm::CmacAes128 => {
+                if tag.len() != 16 {
+                    return Err(format!("a CMAC tag is 16 bytes, not {}", tag.len()));
+                }
+                Ok(cmac_key(key_id, derive_info)?.chain_update(data).verify_truncated_left(tag).is_ok())
+            }
+        }
     }
 }
 

@@ -14,7 +14,7 @@ use rumqttc::v5::mqttbytes::v5::{PubAckReason, PublishProperties};
 use tollgate::config::{Config, PluginConfig};
 use tollgate_integration_tests::v5::{self, Acked};
 use tollgate_integration_tests::{QUIET, TestBroker, v4};
-use tollgate_sig::{Covered, PREVIOUS_PROPERTY, PROPERTY, Present, Signature, derive_info, keys};
+use tollgate_sig::{Algorithm, Covered, PREVIOUS_PROPERTY, PROPERTY, Present, Signature, derive_info, keys};
 
 const VIN: &str = "1M8GDM9AXKP042788";
 const CLOUD_KEY: &[u8] = b"cloud key of at least 32 bytes!!";
@@ -93,10 +93,10 @@ fn signed(topic: &str, payload: &[u8], ctr: u64) -> PublishProperties {
         iss: "cloud".into(),
         ts: now,
         ctr,
-        present: Present { sub: true, iss: true, ts: true, ctr: true, exp: false },
+        present: Present { sub: true, iss: true, ts: true, ctr: true, nonce: false, exp: false },
         ..Signature::default()
     };
-    keys::sign(CLOUD_KEY, &mut signature, &Covered { topic, payload, ..Covered::default() }, 32);
+    keys::sign(CLOUD_KEY, &mut signature, &Covered { topic, payload, ..Covered::default() }, 32).expect("signed");
     PublishProperties { user_properties: vec![(PROPERTY.into(), signature.header())], ..Default::default() }
 }
 
@@ -195,7 +195,7 @@ async fn a_verified_command_reaches_the_car_signed_with_its_own_key() {
     let signature = Signature::parse(&header).unwrap();
     assert_eq!((signature.kid.as_str(), signature.sub.as_str(), signature.iss.as_str()), ("vin-1", VIN, "site-0042"));
     // What the car holds: the key derived from the site master for its own VIN.
-    let car_key = keys::mac_key(SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let car_key = keys::mac_key(Algorithm::Hs256, SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(
         &car_key,
         &signature,
@@ -255,7 +255,7 @@ async fn copies_queued_for_an_offline_cloud_bridge_are_signed_when_sent() {
         "signed when sent ({}), not when queued (before {reconnected_at})",
         signature.ts
     );
-    let key = keys::mac_key(SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let key = keys::mac_key(Algorithm::Hs256, SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: &queued.payload, ..Covered::default() }));
     bridge.disconnect().await;
     dashboard.disconnect().await;
@@ -298,5 +298,68 @@ async fn a_quarantine_rule_moves_refused_commands_aside_where_an_operator_can_re
     );
     assert_eq!(car.next_publish().await.payload.as_ref(), b"unlock");
     operator.expect_no_publish(QUIET).await;
+    assert!(broker.stop().await);
+}
+
+/// A command signed by one replica of a backend that keeps no counter: AES-128-CMAC (what a SecOC/SHE key slot
+/// computes) and a random nonce instead.
+fn cmac_signed_with_nonce(topic: &str, payload: &[u8], nonce: &str) -> PublishProperties {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let mut signature = Signature {
+        alg: Algorithm::CmacAes128,
+        kid: "cloud-cmac".into(),
+        sub: VIN.into(),
+        ts: now,
+        nonce: nonce.into(),
+        present: Present { sub: true, ts: true, nonce: true, ..Present::default() },
+        ..Signature::default()
+    };
+    keys::sign(TCU_KEY, &mut signature, &Covered { topic, payload, ..Covered::default() }, 32).expect("signed");
+    PublishProperties { user_properties: vec![(PROPERTY.into(), signature.header())], ..Default::default() }
+}
+
+const TCU_KEY: &[u8] = b"16-byte AES key!";
+
+#[tokio::test]
+async fn cmac_commands_with_nonces_from_two_replicas_pass_once_each() {
+    let mut plugin = msg_auth();
+    plugin.secrets.insert("cmac".into(), format!("hex:{}", hex(TCU_KEY)));
+    plugin.config["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({ "kid": "cloud-cmac", "alg": "cmac-aes128", "secret": "cmac" }));
+    plugin.config["rules"][0]["require"] = serde_json::json!(["ts", "nonce", "sub"]);
+    let state = tempfile::tempdir().unwrap();
+    let broker = broker_with(state.path(), plugin).await;
+    let (mut car, mut replica_a) = car_and_backend(&broker).await;
+    let mut replica_b = v5::connect_to(&broker, "backend-b").await;
+    let topic = command_topic();
+    let ok = Acked::PubAck(PubAckReason::Success);
+    let refused = Acked::PubAck(PubAckReason::NotAuthorized);
+
+    // Broker start set the floor of its nonce records; what the replicas sign from now on is after it.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let from_a = cmac_signed_with_nonce(&topic, b"unlock", "a-7f3e9c01");
+    let from_b = cmac_signed_with_nonce(&topic, b"unlock", "b-0c4d2e88");
+    assert_eq!(replica_a.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(from_a.clone())).await, ok);
+    assert_eq!(replica_b.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(from_b.clone())).await, ok);
+    for _ in 0..2 {
+        let delivered = car.next_publish().await;
+        let header = delivered.properties.as_ref().map(|p| p.user_properties.clone()).unwrap_or_default();
+        let signature = Signature::parse(&header[0].1).unwrap();
+        assert_eq!((signature.alg, signature.mac.len()), (Algorithm::CmacAes128, 16));
+    }
+    // Each replayed, through either connection; a tampered payload; an HMAC tag under the CMAC key id.
+    assert_eq!(replica_b.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(from_a)).await, refused);
+    assert_eq!(replica_a.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(from_b)).await, refused);
+    let fresh = cmac_signed_with_nonce(&topic, b"unlock", "a-11aa22bb");
+    assert_eq!(replica_a.publish_with(&topic, QoS::AtLeastOnce, false, b"UNLOCK", Some(fresh.clone())).await, refused);
+    let hmac_header = fresh.user_properties[0].1.replace("alg=cmac-aes128", "alg=hs256");
+    let relabelled = PublishProperties { user_properties: vec![(PROPERTY.into(), hmac_header)], ..Default::default() };
+    assert_eq!(replica_a.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(relabelled)).await, refused);
+    car.expect_no_publish(QUIET).await;
+    // The untouched message with that nonce was never accepted, so it still passes.
+    assert_eq!(replica_a.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(fresh)).await, ok);
+    car.next_publish().await;
     assert!(broker.stop().await);
 }

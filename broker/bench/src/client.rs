@@ -371,7 +371,7 @@ impl Signer {
             payload: &self.scratch,
             ..Default::default()
         };
-        tollgate_sig::keys::sign(&self.key, &mut signature, &covered, 32);
+        tollgate_sig::keys::sign(&self.key, &mut signature, &covered, 32).expect("an HMAC key of any length");
         signature.header()
     }
 }

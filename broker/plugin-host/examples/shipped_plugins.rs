@@ -134,7 +134,7 @@ async fn main() {
                 iss: "cloud".into(),
                 ts: now,
                 ctr,
-                present: Present { sub: true, iss: true, ts: true, ctr: true, exp: false },
+                present: Present { sub: true, iss: true, ts: true, ctr: true, nonce: false, exp: false },
                 ..Default::default()
             };
             keys::sign(
@@ -142,7 +142,8 @@ async fn main() {
                 &mut signature,
                 &Covered { topic: &update_topic, payload: &payload, ..Default::default() },
                 32,
-            );
+            )
+            .expect("an HMAC key of any length");
             Message {
                 topic: update_topic.as_str().into(),
                 payload: Bytes::from(payload.clone()),

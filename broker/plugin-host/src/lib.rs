@@ -6,6 +6,7 @@
 //! caller only. A failed call drops the instance that ran it, the hook's failure policy decides, and a plugin that
 //! keeps failing is disabled with backoff ([`shared::CRASH_LOOP_FAILURES`]).
 
+pub mod clock;
 pub mod events;
 pub mod latency;
 mod lua;

@@ -12,7 +12,7 @@ use tollgate_hooks::{
 };
 use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 
-use crate::shared::{CallClient, Failure, PluginShared, Pool};
+use crate::shared::{CallClient, Failure, MacAlgorithm, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec};
 use crate::{AclRequest, LoadError, Runtime};
 
@@ -346,6 +346,41 @@ impl LuaPlugin {
                 },
             )?,
         )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "mac",
+            lua.create_function(
+                move |lua, (alg, key_id, data, info): (String, String, LuaString, Option<LuaString>)| {
+                    let alg = MacAlgorithm::from_name(&alg)
+                        .ok_or_else(|| mlua::Error::runtime(format!("unknown MAC algorithm {alg:?}")))?;
+                    let info = info.map(|info| info.as_bytes().to_vec());
+                    let tag = shared
+                        .mac_tag(alg, &key_id, info.as_deref(), &data.as_bytes())
+                        .map_err(mlua::Error::runtime)?;
+                    lua.create_string(tag)
+                },
+            )?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "verify_mac",
+            lua.create_function(
+                move |_, (alg, key_id, data, tag, info): (String, String, LuaString, LuaString, Option<LuaString>)| {
+                    let alg = MacAlgorithm::from_name(&alg)
+                        .ok_or_else(|| mlua::Error::runtime(format!("unknown MAC algorithm {alg:?}")))?;
+                    let info = info.map(|info| info.as_bytes().to_vec());
+                    shared
+                        .verify_mac(alg, &key_id, info.as_deref(), &data.as_bytes(), &tag.as_bytes())
+                        .map_err(mlua::Error::runtime)
+                },
+            )?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "kv_claim",
+            lua.create_function(move |_, (key, ttl_ms): (String, u64)| Ok(shared.kv_claim(&key, ttl_ms)))?,
+        )?;
+        host.raw_set("clock_synchronized", lua.create_function(|_, ()| Ok(crate::clock::synchronized()))?)?;
         host.raw_set(
             "sha256",
             lua.create_function(|lua, data: LuaString| lua.create_string(PluginShared::sha256(&data.as_bytes())))?,

@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use aes::Aes128;
+use cmac::Cmac;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use tollgate_hooks::PeerIdentity;
@@ -385,6 +387,8 @@ pub struct PluginShared {
 struct KeyedSecret {
     mac: Hmac<Sha256>,
     hkdf: hkdf::Hkdf<Sha256>,
+    /// AES-128-CMAC with the key schedule done; only a 16-byte secret can be one.
+    cmac: Option<Cmac<Aes128>>,
 }
 
 impl KeyedSecret {
@@ -392,8 +396,95 @@ impl KeyedSecret {
         Ok(Self {
             mac: Hmac::<Sha256>::new_from_slice(secret).map_err(|error| error.to_string())?,
             hkdf: hkdf::Hkdf::<Sha256>::new(None, secret),
+            cmac: <Cmac<Aes128> as Mac>::new_from_slice(secret).ok(),
         })
     }
+}
+
+/// The MAC algorithms of `crypto.mac`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MacAlgorithm {
+    HmacSha256,
+    CmacAes128,
+}
+
+impl MacAlgorithm {
+    /// The names Lua scripts use.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "hmac-sha256" => Some(Self::HmacSha256),
+            "cmac-aes128" => Some(Self::CmacAes128),
+            _ => None,
+        }
+    }
+}
+
+/// A keyed MAC of either algorithm, ready for data.
+enum Keyed {
+    Hmac(Hmac<Sha256>),
+    Cmac(Box<Cmac<Aes128>>),
+}
+
+impl Keyed {
+    fn tag(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Self::Hmac(mac) => mac.chain_update(data).finalize().into_bytes().to_vec(),
+            Self::Cmac(mac) => mac.chain_update(data).finalize().into_bytes().to_vec(),
+        }
+    }
+
+    fn verify_truncated(self, data: &[u8], tag: &[u8]) -> bool {
+        match self {
+            Self::Hmac(mac) => mac.chain_update(data).verify_truncated_left(tag).is_ok(),
+            Self::Cmac(mac) => mac.chain_update(data).verify_truncated_left(tag).is_ok(),
+        }
+    }
+}
+
+/// Live `kv-claim` records over all shards. A nonce cache at 10,000 messages a second with a 2-minute window
+/// needs 1.2 million; this bound is for a site gateway (see msg-auth's README), and a full shard drops the record
+/// closest to expiry first.
+pub const CLAIM_MAX_ENTRIES: usize = 262_144;
+const CLAIMS_PER_SHARD: usize = CLAIM_MAX_ENTRIES / KV_SHARDS;
+
+/// One shard's `kv-claim` records: the live ones by key, and every record by expiry (an entry whose key was
+/// claimed again after it expired is stale, and skipped when it comes up).
+#[derive(Default)]
+struct Claims {
+    live: HashMap<String, u64>,
+    by_expiry: std::collections::BinaryHeap<std::cmp::Reverse<(u64, String)>>,
+}
+
+impl Claims {
+    /// Drops records expired at `now`, and when still full the one closest to expiry.
+    fn make_room(&mut self, now: u64) {
+        while let Some(std::cmp::Reverse((expiry, _))) = self.by_expiry.peek() {
+            if *expiry > now && self.live.len() < CLAIMS_PER_SHARD {
+                break;
+            }
+            let Some(std::cmp::Reverse((expiry, key))) = self.by_expiry.pop() else { break };
+            if self.live.get(&key) == Some(&expiry) {
+                self.live.remove(&key);
+            }
+        }
+    }
+
+    fn claim(&mut self, key: &str, ttl_ms: u64, now: u64) -> bool {
+        if self.live.get(key).is_some_and(|&expiry| expiry > now) {
+            return false;
+        }
+        self.make_room(now);
+        let expiry = now.saturating_add(ttl_ms.max(1));
+        self.live.insert(key.to_owned(), expiry);
+        self.by_expiry.push(std::cmp::Reverse((expiry, key.to_owned())));
+        true
+    }
+}
+
+/// Milliseconds of a monotonic clock (claims must not expire early or late when the wall clock is set).
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Shards of the key-value table and of its state file. msg-auth claims, reads and writes a sender's replay
@@ -408,6 +499,7 @@ const KV_SHARDS: usize = 16;
 struct KvShard {
     file: Mutex<Option<DurableKv>>,
     table: Mutex<HashMap<String, Vec<u8>>>,
+    claims: Mutex<Claims>,
 }
 
 /// The key-value table of one plugin (all its instances and versions), optionally backed by state files.
@@ -680,6 +772,65 @@ impl PluginShared {
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
         lock(&self.counters).clone()
+    }
+
+    /// `kv-claim`: see the WIT contract.
+    pub fn kv_claim(&self, key: &str, ttl_ms: u64) -> bool {
+        self.kv_claim_at(key, ttl_ms, monotonic_ms())
+    }
+
+    fn kv_claim_at(&self, key: &str, ttl_ms: u64, now: u64) -> bool {
+        lock(&self.kv.shard(key).claims).claim(key, ttl_ms, now)
+    }
+
+    /// `crypto.mac`: the full tag.
+    pub fn mac_tag(
+        &self,
+        alg: MacAlgorithm,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+    ) -> Result<Vec<u8>, String> {
+        Ok(self.keyed(alg, key_id, derive_info)?.tag(data))
+    }
+
+    /// `crypto.verify-mac`: a constant-time check of a (possibly truncated, at least 16-byte) tag.
+    pub fn verify_mac(
+        &self,
+        alg: MacAlgorithm,
+        key_id: &str,
+        derive_info: Option<&[u8]>,
+        data: &[u8],
+        tag: &[u8],
+    ) -> Result<bool, String> {
+        let longest = if alg == MacAlgorithm::CmacAes128 { 16 } else { 32 };
+        if !(16..=longest).contains(&tag.len()) {
+            return Err(format!("a tag is 16 to {longest} bytes, not {}", tag.len()));
+        }
+        Ok(self.keyed(alg, key_id, derive_info)?.verify_truncated(data, tag))
+    }
+
+    fn keyed(&self, alg: MacAlgorithm, key_id: &str, derive_info: Option<&[u8]>) -> Result<Keyed, String> {
+        match alg {
+            MacAlgorithm::HmacSha256 => self.mac(key_id, derive_info).map(Keyed::Hmac),
+            MacAlgorithm::CmacAes128 => {
+                let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+                match derive_info {
+                    None => secret
+                        .cmac
+                        .clone()
+                        .map(|mac| Keyed::Cmac(Box::new(mac)))
+                        .ok_or_else(|| format!("secret {key_id:?} is not 16 bytes, so it is not an AES-128 key")),
+                    Some(info) => {
+                        let mut derived = [0u8; 16];
+                        secret.hkdf.expand(info, &mut derived).map_err(|error| error.to_string())?;
+                        <Cmac<Aes128> as Mac>::new_from_slice(&derived)
+                            .map(|mac| Keyed::Cmac(Box::new(mac)))
+                            .map_err(|error| error.to_string())
+                    }
+                }
+            }
+        }
     }
 
     pub fn hmac_sha256(&self, key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
@@ -983,6 +1134,59 @@ mod tests {
         assert_eq!(shared.verify_hmac_sha256("master", None, b"data", &expected), Ok(false));
         assert!(shared.verify_hmac_sha256("master", None, b"data", &expected[..8]).is_err());
         assert!(shared.hmac_sha256_derived("absent", b"", b"data").is_err());
+    }
+
+    #[test]
+    fn cmac_follows_rfc4493_and_needs_an_aes_key() {
+        let key = hex::decode("2b7e151628aed2a6abf7158809cf4f3c").expect("hex");
+        let shared = PluginShared::new(
+            "p",
+            BTreeMap::from([("tcu".to_owned(), key), ("long".to_owned(), b"not sixteen bytes long".to_vec())]),
+        );
+        let block = hex::decode("6bc1bee22e409f96e93d7e117393172a").expect("hex");
+        let cmac = MacAlgorithm::CmacAes128;
+        // RFC 4493 section 4: the empty message (example 1) and one block (example 2).
+        let empty = hex::decode("bb1d6929e95937287fa37d129b756746").expect("hex");
+        assert_eq!(shared.mac_tag(cmac, "tcu", None, b""), Ok(empty));
+        let one_block = hex::decode("070a16b46b4d4144f79bdd9dd04a287c").expect("hex");
+        assert_eq!(shared.mac_tag(cmac, "tcu", None, &block), Ok(one_block.clone()));
+        assert_eq!(shared.verify_mac(cmac, "tcu", None, &block, &one_block), Ok(true));
+        let mut flipped = one_block.clone();
+        flipped[15] ^= 1;
+        assert_eq!(shared.verify_mac(cmac, "tcu", None, &block, &flipped), Ok(false));
+        assert!(shared.verify_mac(cmac, "tcu", None, &block, &[one_block.as_slice(), &[0]].concat()).is_err());
+        let refused = shared.mac_tag(cmac, "long", None, b"x").expect_err("not an AES key");
+        assert!(refused.contains("not 16 bytes"), "{refused}");
+        // A derived CMAC key is 16 bytes of HKDF, so any master secret works.
+        let derived = shared.mac_tag(cmac, "long", Some(b"vin-mac-v1:1J9RP1A36A1644345"), b"x").expect("derived");
+        assert_eq!(derived.len(), 16);
+        // The HMAC path of `mac` is the HMAC of `hmac-sha256`.
+        assert_eq!(shared.mac_tag(MacAlgorithm::HmacSha256, "long", None, b"x"), shared.hmac_sha256("long", b"x"));
+    }
+
+    #[test]
+    fn claims_expire_and_stay_bounded() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        assert!(shared.kv_claim_at("nonce/a", 100, 1_000));
+        assert!(!shared.kv_claim_at("nonce/a", 100, 1_050), "a live record is claimed once");
+        assert!(!shared.kv_claim_at("nonce/a", 100, 1_099));
+        assert!(shared.kv_claim_at("nonce/a", 100, 1_100), "an expired record can be claimed again");
+        assert!(!shared.kv_claim_at("nonce/a", 100, 1_150));
+        // Claims are not table entries.
+        assert_eq!(shared.kv_get("nonce/a"), None);
+
+        // Fill one shard past its bound: the records closest to expiry go first, the newest stay.
+        let keys: Vec<String> =
+            (0..).map(|n| format!("n{n}")).filter(|key| shard_of(key) == 0).take(CLAIMS_PER_SHARD + 10).collect();
+        for (at, key) in keys.iter().enumerate() {
+            assert!(shared.kv_claim_at(key, 1_000_000 + at as u64, 2_000));
+        }
+        let claims = lock(&shared.kv.shards[0].claims);
+        assert_eq!(claims.live.len(), CLAIMS_PER_SHARD);
+        assert!(!claims.live.contains_key(&keys[0]) && claims.live.contains_key(&keys[CLAIMS_PER_SHARD + 9]));
+        drop(claims);
+        assert!(!shared.kv_claim_at(&keys[CLAIMS_PER_SHARD + 9], 10, 2_001));
+        assert!(shared.kv_claim_at(&keys[0], 10, 2_001), "an evicted record is gone");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::shared::{CallClient, Failure, PluginShared, Pool};
+use crate::shared::{CallClient, Failure, MacAlgorithm, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec, flatten_config};
 use crate::{AclRequest, LoadError, Runtime};
 
@@ -142,8 +142,23 @@ impl tollgate::plugin::host::Host for HostState {
         self.shared.kv_add(&key, delta, durable)
     }
 
+    fn kv_claim(&mut self, key: String, ttl_ms: u64) -> bool {
+        self.shared.kv_claim(&key, ttl_ms)
+    }
+
+    fn clock_synchronized(&mut self) -> Option<bool> {
+        crate::clock::synchronized()
+    }
+
     fn counter_add(&mut self, name: String, delta: u64) {
         self.shared.counter_add(&name, delta)
+    }
+}
+
+fn host_algorithm(alg: tollgate::plugin::crypto::MacAlgorithm) -> MacAlgorithm {
+    match alg {
+        tollgate::plugin::crypto::MacAlgorithm::HmacSha256 => MacAlgorithm::HmacSha256,
+        tollgate::plugin::crypto::MacAlgorithm::CmacAes128 => MacAlgorithm::CmacAes128,
     }
 }
 
@@ -168,6 +183,27 @@ impl tollgate::plugin::crypto::Host for HostState {
         tag: Vec<u8>,
     ) -> Result<bool, String> {
         self.shared.verify_hmac_sha256(&key_id, derive_info.as_deref(), &data, &tag)
+    }
+
+    fn mac(
+        &mut self,
+        alg: tollgate::plugin::crypto::MacAlgorithm,
+        key_id: String,
+        derive_info: Option<Vec<u8>>,
+        data: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        self.shared.mac_tag(host_algorithm(alg), &key_id, derive_info.as_deref(), &data)
+    }
+
+    fn verify_mac(
+        &mut self,
+        alg: tollgate::plugin::crypto::MacAlgorithm,
+        key_id: String,
+        derive_info: Option<Vec<u8>>,
+        data: Vec<u8>,
+        tag: Vec<u8>,
+    ) -> Result<bool, String> {
+        self.shared.verify_mac(host_algorithm(alg), &key_id, derive_info.as_deref(), &data, &tag)
     }
 }
 
@@ -430,7 +466,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.3.0";
+const CONTRACT: &str = "tollgate:plugin@0.4.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {

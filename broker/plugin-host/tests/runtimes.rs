@@ -452,6 +452,52 @@ end
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Contract 0.4.0 from Lua: AES-128-CMAC beside HMAC through one `mac`/`verify_mac` pair, expiring claims shared
+/// by the plugin's instances, and the clock's synchronization state.
+#[tokio::test]
+async fn lua_macs_with_cmac_and_claims_once() {
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-cmac-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("cmac.lua");
+    std::fs::write(
+        &script,
+        r#"
+function on_publish(client, msg)
+  if msg.topic == "bad-alg" then return tollgate.mac("md5", "aes", msg.payload) end
+  local tag = tollgate.mac("cmac-aes128", "aes", msg.payload)
+  local hmac = tollgate.mac("hmac-sha256", "aes", msg.payload)
+  if not tollgate.verify_mac("cmac-aes128", "aes", msg.payload, tag)
+     or tollgate.verify_mac("cmac-aes128", "aes", msg.payload .. "x", tag)
+     or hmac ~= tollgate.hmac_sha256("aes", msg.payload)
+     or #tollgate.mac("cmac-aes128", "aes", msg.payload, "derived:" .. client.client_id) ~= 16 then
+    return {reject = "not_authorized", reason = "mac mismatch"}
+  end
+  if not tollgate.kv_claim("seen/" .. tollgate.hex(msg.payload), 60000) then return "drop" end
+  local synced = tollgate.clock_synchronized()
+  msg.topic = "cmac/" .. tollgate.hex(tag) .. "/" .. (synced == nil and "unknown" or tostring(synced))
+  return msg
+end
+"#,
+    )
+    .expect("write");
+    let mut spec = PluginSpec::new("cmac", PluginKind::Lua, &script);
+    // RFC 4493's example key; the message is its one-block example.
+    spec.secrets.insert("aes".into(), hex::decode("2b7e151628aed2a6abf7158809cf4f3c").expect("hex"));
+    let (_plugin, hook) = load(spec).await;
+    let block = hex::decode("6bc1bee22e409f96e93d7e117393172a").expect("hex");
+    let mut first = Message { payload: block.clone().into(), ..message("in", "") };
+    assert_eq!(hook.transform_inbound(&client(), &mut first).await, Ok(TransformDecision::Modified));
+    let topic = first.topic.to_string();
+    assert!(topic.starts_with("cmac/070a16b46b4d4144f79bdd9dd04a287c/"), "{topic}");
+    assert!(topic.ends_with("/true") || topic.ends_with("/false"), "Linux always answers: {topic}");
+    // The claim is taken: the same payload again is dropped.
+    let mut again = Message { payload: block.into(), ..message("in", "") };
+    assert!(matches!(hook.transform_inbound(&client(), &mut again).await, Ok(TransformDecision::Drop { .. })));
+    let error = hook.transform_inbound(&client(), &mut message("bad-alg", "x")).await.expect_err("unknown alg");
+    assert!(error.to_string().contains("unknown MAC algorithm"), "{error}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// A changed plugin's new version keeps the key-value table of the old one (connections still on the old
 /// version write to the same table), while an unrelated plugin does not see it.
 #[tokio::test]

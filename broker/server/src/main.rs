@@ -68,8 +68,9 @@ enum Command {
     },
     /// Sign or verify a message in msg-auth's format, with the key in hand (for backends and scripts).
     Sig {
+        // Boxed: a signing request is several times the size of every other command.
         #[command(subcommand)]
-        action: SigAction,
+        action: Box<SigAction>,
     },
     /// Ask the running broker to reload (like SIGHUP) through its admin socket, and print what happened: exits
     /// non-zero when something did not reload (it keeps its previous version).
@@ -193,9 +194,16 @@ enum SigAction {
         /// The signer: a site or service id.
         #[arg(long, default_value = "")]
         iss: String,
-        /// The counter; it must grow with every message from this signer.
+        /// The counter; it must grow with every message from this signer (or use --nonce).
         #[arg(long)]
-        ctr: u64,
+        ctr: Option<u64>,
+        /// The MAC: hs256 (HMAC-SHA256) or cmac-aes128 (AES-128-CMAC, a 16-byte secret).
+        #[arg(long, default_value = "hs256")]
+        alg: String,
+        /// A value this signer never repeats (letters, digits, '.', '_', ':' or '-'), for signers without a
+        /// persistent counter; `random` draws 16 random bytes (32 hex digits).
+        #[arg(long)]
+        nonce: Option<String>,
         /// Expiry in seconds from now (0: none).
         #[arg(long, default_value_t = 0)]
         expires_in: u64,
@@ -295,7 +303,7 @@ fn main() -> ExitCode {
         Command::Plugin { action: PluginAction::Test { plugin, events, config, settings, secrets } } => {
             plugin_test(&plugin, &events, config.as_deref(), &settings, &secrets)
         }
-        Command::Sig { action } => sig(action),
+        Command::Sig { action } => sig(*action),
         Command::Reload { admin } => admin_request(admin, AdminCommand::Reload),
         Command::Status { admin } => admin_request(admin, AdminCommand::Status),
         Command::Grant { action } => grant(action),
@@ -489,8 +497,8 @@ fn sig_inputs(message: &SigMessage) -> Result<(tollgate::sig::MessageArgs, tollg
 fn sig(action: SigAction) -> ExitCode {
     let (message, header, signing) = match action {
         SigAction::Verify { message, header } => (message, header, None),
-        SigAction::Sign { message, kid, sub, iss, ctr, expires_in, envelope } => {
-            (message, None, Some((kid, sub, iss, ctr, expires_in, envelope)))
+        SigAction::Sign { message, kid, sub, iss, ctr, alg, nonce, expires_in, envelope } => {
+            (message, None, Some((kid, sub, iss, ctr, alg, nonce, expires_in, envelope)))
         }
     };
     let (message, key) = match sig_inputs(&message) {
@@ -500,7 +508,7 @@ fn sig(action: SigAction) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Some((kid, sub, iss, ctr, expires_in, envelope)) = signing else {
+    let Some((kid, sub, iss, ctr, alg, nonce, expires_in, envelope)) = signing else {
         let verdict = tollgate::sig::verify(&message, header.as_deref(), &key);
         println!("{}", tollgate::sig::describe(&verdict));
         return match verdict {
@@ -513,7 +521,23 @@ fn sig(action: SigAction) -> ExitCode {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX));
     let exp = if expires_in == 0 { 0 } else { now.saturating_add(expires_in.saturating_mul(1000)) };
-    let draft = tollgate_sig::Signature { kid, sub, iss, ts: now, ctr, exp, ..Default::default() };
+    let Some(alg) = tollgate_sig::Algorithm::from_name(&alg) else {
+        eprintln!("tollgate sig: --alg {alg:?} is not hs256 or cmac-aes128");
+        return ExitCode::from(2);
+    };
+    let nonce = match nonce.as_deref() {
+        Some("random") => {
+            let mut bytes = [0u8; 16];
+            if let Err(error) = getrandom::fill(&mut bytes) {
+                eprintln!("tollgate sig: no randomness for --nonce random: {error}");
+                return ExitCode::from(2);
+            }
+            hex::encode(bytes)
+        }
+        other => other.unwrap_or_default().to_owned(),
+    };
+    let ctr = ctr.unwrap_or(0);
+    let draft = tollgate_sig::Signature { alg, kid, sub, iss, ts: now, ctr, nonce, exp, ..Default::default() };
     match tollgate::sig::sign(&message, draft, &key) {
         Ok(signature) if envelope => {
             use std::io::Write;

@@ -34,9 +34,9 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
-    fn key_for(&self, sub: &str) -> Vec<u8> {
+    fn key_for(&self, alg: tollgate_sig::Algorithm, sub: &str) -> Vec<u8> {
         let info = self.derive.as_deref().map(|template| tollgate_sig::derive_info(template, sub));
-        keys::mac_key(&self.secret, info.as_deref())
+        keys::mac_key(alg, &self.secret, info.as_deref())
     }
 }
 
@@ -57,7 +57,7 @@ pub fn verify(message: &MessageArgs, header: Option<&str>, key: &KeyArgs) -> Ver
         Ok(None) => return Verdict::Malformed("no --header and the payload is not an envelope".to_owned()),
         Err(error) => return Verdict::Malformed(error.to_string()),
     };
-    if keys::verify(&key.key_for(&signature.sub), &signature, &message.covered(payload)) {
+    if keys::verify(&key.key_for(signature.alg, &signature.sub), &signature, &message.covered(payload)) {
         Verdict::Valid(signature)
     } else {
         Verdict::Invalid(signature)
@@ -66,7 +66,9 @@ pub fn verify(message: &MessageArgs, header: Option<&str>, key: &KeyArgs) -> Ver
 
 /// Signs and returns the header.
 pub fn sign(message: &MessageArgs, mut signature: Signature, key: &KeyArgs) -> Result<Signature, String> {
-    for (field, value) in [("kid", &signature.kid), ("sub", &signature.sub), ("iss", &signature.iss)] {
+    for (field, value) in
+        [("kid", &signature.kid), ("sub", &signature.sub), ("iss", &signature.iss), ("nonce", &signature.nonce)]
+    {
         if !tollgate_sig::valid_name(value) || (field == "kid" && value.is_empty()) {
             return Err(format!("--{field} {value:?}: letters, digits, '.', '_', ':' or '-'"));
         }
@@ -75,10 +77,13 @@ pub fn sign(message: &MessageArgs, mut signature: Signature, key: &KeyArgs) -> R
         sub: !signature.sub.is_empty(),
         iss: !signature.iss.is_empty(),
         ts: true,
-        ctr: true,
+        ctr: signature.ctr != 0,
+        nonce: !signature.nonce.is_empty(),
         exp: signature.exp != 0,
     };
-    keys::sign(&key.key_for(&signature.sub), &mut signature, &message.covered(&message.payload), 32);
+    let mac_key = key.key_for(signature.alg, &signature.sub);
+    keys::sign(&mac_key, &mut signature, &message.covered(&message.payload), 32)
+        .map_err(|error| format!("--secret: {error}"))?;
     Ok(signature)
 }
 
@@ -86,8 +91,8 @@ pub fn sign(message: &MessageArgs, mut signature: Signature, key: &KeyArgs) -> R
 pub fn describe(verdict: &Verdict) -> serde_json::Value {
     let fields = |signature: &Signature| {
         serde_json::json!({
-            "kid": signature.kid, "sub": signature.sub, "iss": signature.iss,
-            "ts": signature.ts, "ctr": signature.ctr, "exp": signature.exp,
+            "alg": signature.alg.name(), "kid": signature.kid, "sub": signature.sub, "iss": signature.iss,
+            "ts": signature.ts, "ctr": signature.ctr, "nonce": signature.nonce, "exp": signature.exp,
         })
     };
     match verdict {
@@ -120,5 +125,24 @@ mod tests {
         assert!(matches!(verify(&message, None, &key), Verdict::Malformed(_)));
         let bad = Signature { kid: "a/b".into(), ..Default::default() };
         assert!(sign(&message, bad, &key).is_err());
+    }
+
+    #[test]
+    fn cmac_with_a_nonce_signs_and_verifies() {
+        let message =
+            MessageArgs { topic: "v1/vehicles/X/cmd/a/req".into(), payload: b"go".to_vec(), ..Default::default() };
+        let key = KeyArgs { secret: b"0123456789abcdef".to_vec(), derive: None };
+        let draft = Signature {
+            alg: tollgate_sig::Algorithm::CmacAes128,
+            kid: "tcu-1".into(),
+            nonce: "r4nd0m".into(),
+            ..Default::default()
+        };
+        let signed = sign(&message, draft.clone(), &key).expect("sign");
+        assert_eq!(signed.mac.len(), 16);
+        assert!(signed.header().contains(";nonce=r4nd0m;"));
+        assert!(matches!(verify(&message, Some(&signed.header()), &key), Verdict::Valid(_)));
+        let short = KeyArgs { secret: b"too short".to_vec(), derive: None };
+        assert!(sign(&message, draft, &short).expect_err("not an AES key").contains("16-byte"));
     }
 }

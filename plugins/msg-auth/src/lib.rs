@@ -4,8 +4,11 @@
 
 use std::cell::Cell;
 
+use tollgate_sdk::crypto::MacAlgorithm;
 use tollgate_sdk::prelude::*;
-use tollgate_sig::{Covered, Malformed, PREVIOUS_PROPERTY, PROPERTY, STATUS_PROPERTY, Signature, derive_info};
+use tollgate_sig::{
+    Algorithm, Covered, Malformed, PREVIOUS_PROPERTY, PROPERTY, STATUS_PROPERTY, Signature, derive_info,
+};
 
 /// How many counters behind the highest seen are still accepted (once each), for senders whose messages arrive
 /// slightly out of order.
@@ -24,6 +27,8 @@ enum KeyState {
 #[derive(Clone, Debug)]
 struct Key {
     kid: String,
+    /// The MAC this key makes and accepts: a signature naming another algorithm is refused (`unknown_kid`).
+    alg: Algorithm,
     state: KeyState,
     /// The secret's id in the broker's `[plugins.secrets]`.
     secret: String,
@@ -36,6 +41,23 @@ struct Key {
     /// The highest durable reservation of this key's signing counter this instance has seen (see
     /// `counter_reserve`).
     reserved: Cell<u64>,
+}
+
+/// The host's name for a signature algorithm.
+fn host_algorithm(alg: Algorithm) -> MacAlgorithm {
+    match alg {
+        Algorithm::Hs256 => MacAlgorithm::HmacSha256,
+        Algorithm::CmacAes128 => MacAlgorithm::CmacAes128,
+    }
+}
+
+/// When timestamps may refuse a message (`clock_trust`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClockTrust {
+    Always,
+    Never,
+    /// While the broker's clock is synchronized (NTP), or when the broker cannot tell.
+    Synchronized,
 }
 
 impl Key {
@@ -133,7 +155,10 @@ pub struct MsgAuth {
     enforce: bool,
     clock_skew_ms: u64,
     max_age_ms: u64,
-    check_time: bool,
+    clock_trust: ClockTrust,
+    /// When this broker's nonce records began (its first plugin instance since the broker started): a message
+    /// relying on its nonce alone and signed before that may have been seen before the restart.
+    nonce_floor_ms: u64,
     mac_len: usize,
     identity_attribute: String,
     disconnect_v3: bool,
@@ -195,6 +220,18 @@ impl Failure {
             _ => DenyReason::NotAuthorized,
         }
     }
+}
+
+/// The start of this broker's nonce records, shared by its instances (and kept over a reload, which keeps the
+/// claims too); a restart forgets both.
+fn nonce_floor() -> u64 {
+    const FLOOR_KEY: &str = "nonce-floor";
+    if let Some(floor) = host::kv_get(FLOOR_KEY).and_then(|bytes| <[u8; 8]>::try_from(bytes).ok()) {
+        return u64::from_be_bytes(floor);
+    }
+    let now = host::now_ms();
+    let _ = host::kv_set(FLOOR_KEY, &now.to_be_bytes());
+    now
 }
 
 /// One of a fixed set of spellings, with an error naming the key and the choices.
@@ -261,6 +298,11 @@ fn replay_key(kid: &str, sub: &str) -> String {
     format!("rx/{kid}/{sub}")
 }
 
+/// A nonce seen from (key, sender), remembered while its timestamp could still pass.
+fn nonce_key(kid: &str, sub: &str, nonce: &str) -> String {
+    format!("nonce/{kid}/{sub}/{nonce}")
+}
+
 /// Held (non-durably) while one instance checks and moves the window for this counter.
 fn claim_key(kid: &str, sub: &str, counter: u64) -> String {
     format!("rx-claim/{kid}/{sub}/{counter}")
@@ -322,12 +364,18 @@ impl Plugin for MsgAuth {
             if keys.iter().any(|existing: &Key| existing.kid == kid) {
                 return Err(format!("key {kid:?} is configured twice"));
             }
+            let alg = config.get(&key("alg")).unwrap_or("hs256");
+            let alg = Algorithm::from_name(alg)
+                .ok_or_else(|| format!("{} = {alg:?} is not hs256 or cmac-aes128", key("alg")))?;
             let secret = config.get(&key("secret")).unwrap_or(&kid).to_owned();
-            // The host refuses unknown secret ids; finding out now beats failing on the first message.
-            if state != KeyState::Retired {
-                crypto::hmac_sha256(&secret, b"probe").map_err(|error| format!("{}: {error}", key("secret")))?;
-            }
             let derive = config.get(&key("derive")).map(str::to_owned);
+            // The host refuses unknown secret ids, and CMAC secrets that are not 16 bytes; finding out now beats
+            // failing on the first message.
+            if state != KeyState::Retired {
+                let probe_info = derive.as_ref().map(|_| b"probe".as_slice());
+                crypto::mac(host_algorithm(alg), &secret, probe_info, b"probe")
+                    .map_err(|error| format!("{}: {error}", key("secret")))?;
+            }
             let not_after_ms = match config.get(&key("not_after")) {
                 None => None,
                 Some(text) => Some(
@@ -336,7 +384,7 @@ impl Plugin for MsgAuth {
                 ),
             };
             let not_after_text = config.get(&key("not_after")).unwrap_or("").to_owned();
-            keys.push(Key { kid, state, secret, derive, not_after_ms, not_after_text, reserved: Cell::new(0) });
+            keys.push(Key { kid, alg, state, secret, derive, not_after_ms, not_after_text, reserved: Cell::new(0) });
         }
         if keys.is_empty() {
             return Err("no keys configured ([[plugins.config.keys]])".to_owned());
@@ -378,9 +426,9 @@ impl Plugin for MsgAuth {
                 vec!["ts".into(), "ctr".into()]
             };
             if let Some(unknown) =
-                require.iter().find(|field| !["ts", "ctr", "exp", "sub", "iss"].contains(&field.as_str()))
+                require.iter().find(|field| !["ts", "ctr", "nonce", "exp", "sub", "iss"].contains(&field.as_str()))
             {
-                return Err(format!("{}: {unknown:?} is not ts, ctr, exp, sub or iss", key("require")));
+                return Err(format!("{}: {unknown:?} is not ts, ctr, nonce, exp, sub or iss", key("require")));
             }
             let resign = config.get(&key("resign")).map(str::to_owned);
             if let Some(kid) = &resign {
@@ -472,7 +520,18 @@ impl Plugin for MsgAuth {
             enforce: config.bool("enforce", true)?,
             clock_skew_ms: parse_u64("clock_skew_ms", config.get("clock_skew_ms"), 30_000)?,
             max_age_ms: parse_u64("max_age_ms", config.get("max_age_ms"), 120_000)?,
-            check_time: pick(&config, "clock_trust", "always", &[("always", true), ("never", false)])?,
+            clock_trust: pick(
+                &config,
+                "clock_trust",
+                "always",
+                &[
+                    ("always", ClockTrust::Always),
+                    ("never", ClockTrust::Never),
+                    ("synchronized", ClockTrust::Synchronized),
+                    ("ntp-synced", ClockTrust::Synchronized),
+                ],
+            )?,
+            nonce_floor_ms: nonce_floor(),
             mac_len: mac_len as usize,
             identity_attribute: config.get("identity_attribute").unwrap_or("vin").to_owned(),
             disconnect_v3: pick(&config, "on_fail_v3", "drop", &[("drop", false), ("disconnect", true)])?,
@@ -612,12 +671,15 @@ impl MsgAuth {
             payload,
         };
         let input = tollgate_sig::canonical(&signature, &covered);
-        let usable = self
-            .key(&signature.kid)
-            .filter(|key| key.state != KeyState::Retired && pattern_accepts(&rule.accept_kids, &key.kid));
+        let usable = self.key(&signature.kid).filter(|key| {
+            key.state != KeyState::Retired && key.alg == signature.alg && pattern_accepts(&rule.accept_kids, &key.kid)
+        });
         // An unknown key id costs the same as a known one: no timing oracle for which ids exist.
-        let key = usable.unwrap_or(&self.keys[0]);
-        let valid = crypto::verify_hmac_sha256(
+        let key = usable
+            .or_else(|| self.keys.iter().find(|key| key.alg == signature.alg && key.state != KeyState::Retired))
+            .unwrap_or(&self.keys[0]);
+        let valid = crypto::verify_mac(
+            host_algorithm(signature.alg),
             &key.secret,
             Self::derive(key, &signature.sub).as_deref(),
             &input,
@@ -640,6 +702,7 @@ impl MsgAuth {
             let there = match field.as_str() {
                 "ts" => present.ts,
                 "ctr" => present.ctr,
+                "nonce" => present.nonce,
                 "exp" => present.exp,
                 "sub" => present.sub,
                 _ => present.iss,
@@ -661,12 +724,38 @@ impl MsgAuth {
         if present.exp && signature.exp != 0 && signature.exp < now {
             return Err((Failure::Expired, Box::new(signature)));
         }
-        if self.check_time && present.ts {
+        let check_time = match self.clock_trust {
+            ClockTrust::Always => true,
+            ClockTrust::Never => false,
+            ClockTrust::Synchronized => {
+                let synchronized = host::clock_synchronized() != Some(false);
+                if !synchronized {
+                    host::counter_add("verify/clock_untrusted", 1);
+                }
+                synchronized
+            }
+        };
+        if check_time && present.ts {
             if signature.ts > now.saturating_add(self.clock_skew_ms) {
                 return Err((Failure::Future, Box::new(signature)));
             }
             if now.saturating_sub(signature.ts) > self.max_age_ms + self.clock_skew_ms {
                 return Err((Failure::Stale, Box::new(signature)));
+            }
+        }
+        if present.nonce {
+            // A nonce is remembered as long as its timestamp could pass, so it needs one.
+            if !present.ts {
+                return Err((Failure::MissingField, Box::new(signature)));
+            }
+            // Nonce records do not survive a restart: what relies on its nonce alone and was signed before this
+            // broker started could have been accepted already. A counter, which is durable, does not need this.
+            if check_time && !present.ctr && signature.ts < self.nonce_floor_ms {
+                return Err((Failure::Replay, Box::new(signature)));
+            }
+            let remembered = self.max_age_ms.saturating_add(self.clock_skew_ms.saturating_mul(2));
+            if !host::kv_claim(&nonce_key(&signature.kid, &signature.sub, &signature.nonce), remembered) {
+                return Err((Failure::Replay, Box::new(signature)));
             }
         }
         if present.ctr {
@@ -767,6 +856,7 @@ impl MsgAuth {
         }
         let ctr = self.next_counter(key).ok_or_else(|| (Failure::SignFailed, Box::default()))?;
         let mut signature = Signature {
+            alg: key.alg,
             kid: key.kid.clone(),
             sub,
             iss: self.site_id.clone(),
@@ -784,11 +874,9 @@ impl MsgAuth {
             payload: &message.payload,
         };
         let input = tollgate_sig::canonical(&signature, &covered);
-        let tag = match Self::derive(key, &signature.sub) {
-            Some(info) => crypto::hmac_sha256_derived(&key.secret, &info, &input),
-            None => crypto::hmac_sha256(&key.secret, &input),
-        }
-        .map_err(|_| (Failure::SignFailed, Box::default()))?;
+        let tag =
+            crypto::mac(host_algorithm(key.alg), &key.secret, Self::derive(key, &signature.sub).as_deref(), &input)
+                .map_err(|_| (Failure::SignFailed, Box::default()))?;
         signature.mac = tag[..self.mac_len.min(tag.len())].to_vec();
         match carrier {
             Carrier::Property => {

@@ -1,5 +1,5 @@
 use tollgate_sdk::testing;
-use tollgate_sig::keys;
+use tollgate_sig::{Present, keys};
 
 use super::*;
 
@@ -58,9 +58,9 @@ fn signed(kid: &str, secret: &[u8], topic: &str, payload: &[u8], ctr: u64) -> Me
         ctr,
         ..Signature::default()
     };
-    signature.present = tollgate_sig::Present { sub: true, iss: true, ts: true, ctr: true, exp: false };
+    signature.present = tollgate_sig::Present { sub: true, iss: true, ts: true, ctr: true, nonce: false, exp: false };
     let covered = Covered { topic, payload, ..Covered::default() };
-    keys::sign(secret, &mut signature, &covered, 32);
+    keys::sign(secret, &mut signature, &covered, 32).expect("signed");
     let mut message = Message::new(topic, payload.to_vec());
     message.user_properties.push(UserProperty { key: PROPERTY.into(), value: signature.header() });
     message
@@ -242,7 +242,7 @@ fn attestation_signs_with_the_brokers_view_of_the_identity() {
     assert_eq!(out.user_properties.len(), 1);
     let signature = Signature::parse(&out.user_properties[0].value).expect("header");
     assert_eq!((signature.sub.as_str(), signature.iss.as_str(), signature.ts), (VIN, "site-0042", NOW));
-    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let key = keys::mac_key(Algorithm::Hs256, SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: b"88", ..Covered::default() }));
     // Counters never repeat, across a restart too.
     let TransformResult::Modified(second) =
@@ -278,7 +278,7 @@ fn attestation_needs_an_identity_and_envelopes_work_for_old_clients() {
     };
     let (signature, payload) = tollgate_sig::split_envelope(&out.payload).expect("envelope").expect("valid");
     assert_eq!(payload, b"1");
-    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let key = keys::mac_key(Algorithm::Hs256, SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload, ..Covered::default() }));
 }
 
@@ -299,7 +299,7 @@ fn shadow_and_tag_modes_deliver() {
 #[test]
 fn configuration_errors_are_named() {
     setup();
-    let cases: [(&[(&str, &str)], &str); 10] = [
+    let cases: [(&[(&str, &str)], &str); 13] = [
         (&[("rules.1.key", "cloud-2026-01")], "not an active key"),
         (&[("rules.0.resign", "cloud-2026-01")], "rules.0.resign = \"cloud-2026-01\" is not an active key"),
         (&[("rules.1.resign", "site-1")], "only a verify rule re-signs"),
@@ -314,7 +314,11 @@ fn configuration_errors_are_named() {
             "must require \"sub\"",
         ),
         (&[("rules.1.key", "nope")], "not in keys"),
-        (&[("rules.0.require.3", "nonce")], "require"),
+        (&[("rules.0.require.3", "salt")], "require"),
+        (&[("keys.3.kid", "tcu"), ("keys.3.alg", "md5")], "keys.3.alg = \"md5\" is not hs256 or cmac-aes128"),
+        // An AES-128 key is 16 bytes; the cloud secret is longer.
+        (&[("keys.3.kid", "tcu"), ("keys.3.alg", "cmac-aes128"), ("keys.3.secret", "cloud-new")], "not 16 bytes"),
+        (&[("clock_trust", "sometimes")], "clock_trust"),
         (&[("keys.3.kid", "x"), ("keys.3.secret", "absent")], "keys.3.secret"),
         (&[("mac_len", "8")], "mac_len"),
     ];
@@ -413,10 +417,10 @@ fn a_verified_command_is_resigned_with_the_cars_own_key() {
         ("site-1", VIN, "site-0042", NOW)
     );
     // The car checks it with the key derived for its VIN; the cloud's key does not verify it.
-    let car_key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let car_key = keys::mac_key(Algorithm::Hs256, SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     let covered = Covered { topic: &topic, payload: b"unlock", ..Covered::default() };
     assert!(keys::verify(&car_key, &signature, &covered));
-    assert!(!keys::verify(&keys::mac_key(CLOUD_NEXT, None), &signature, &covered));
+    assert!(!keys::verify(&keys::mac_key(Algorithm::Hs256, CLOUD_NEXT, None), &signature, &covered));
     let chained: Vec<_> = out.user_properties.iter().filter(|property| property.key == PREVIOUS_PROPERTY).collect();
     assert_eq!(chained.len(), 1);
     assert_eq!(
@@ -443,13 +447,14 @@ fn resigning_keeps_the_expiry_and_unwraps_an_envelope() {
         exp: NOW + 60_000,
         ..Signature::default()
     };
-    signature.present = tollgate_sig::Present { sub: true, iss: false, ts: true, ctr: true, exp: true };
-    keys::sign(CLOUD_NEXT, &mut signature, &Covered { topic: &topic, payload: b"go", ..Covered::default() }, 32);
+    signature.present = tollgate_sig::Present { sub: true, iss: false, ts: true, ctr: true, nonce: false, exp: true };
+    keys::sign(CLOUD_NEXT, &mut signature, &Covered { topic: &topic, payload: b"go", ..Covered::default() }, 32)
+        .expect("signed");
     let enveloped = Message::new(topic.clone(), tollgate_sig::envelope(&signature, b"go"));
     let (out, resigned) = resigned_header(plugin.on_publish(&backend(), enveloped));
     assert_eq!(out.payload, b"go", "the cloud's envelope is replaced by the property carrier");
     assert_eq!(resigned.exp, NOW + 60_000);
-    let car_key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let car_key = keys::mac_key(Algorithm::Hs256, SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&car_key, &resigned, &Covered { topic: &topic, payload: b"go", ..Covered::default() }));
 }
 
@@ -498,7 +503,7 @@ fn copies_for_the_cloud_leave_signed_at_send_time_and_others_untouched() {
     assert_eq!(header(STATUS_PROPERTY), vec!["invalid:stale".to_owned()]);
     let signature = Signature::parse(&header(PROPERTY)[0]).expect("header");
     assert_eq!((signature.sub.as_str(), signature.iss.as_str(), signature.ts), (VIN, "site-0042", NOW + 3_600_000));
-    let key = keys::mac_key(SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    let key = keys::mac_key(Algorithm::Hs256, SITE, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
     assert!(keys::verify(&key, &signature, &Covered { topic: &topic, payload: b"88", ..Covered::default() }));
     assert_eq!(testing::counter("sign/ok"), 1);
 }
@@ -639,4 +644,143 @@ fn keys_near_or_past_not_after_are_reported_once_a_day() {
         .expect("init");
     MsgAuth::init(config(&[("keys.1.not_after", "2030-01-01T00:00:00Z")])).expect("init");
     assert_eq!(testing::logs().len(), quiet_before);
+}
+
+const TCU_KEY: &[u8] = b"0123456789abcdef";
+
+/// A command signed with `alg`, with a nonce and no counter unless `ctr` is given.
+fn signed_with(alg: Algorithm, kid: &str, key: &[u8], nonce: &str, ctr: Option<u64>, ts: u64) -> Message {
+    let topic = command_topic();
+    let mut signature = Signature {
+        alg,
+        kid: kid.into(),
+        sub: VIN.into(),
+        ts,
+        ctr: ctr.unwrap_or(0),
+        nonce: nonce.into(),
+        present: Present { sub: true, ts: true, ctr: ctr.is_some(), nonce: !nonce.is_empty(), ..Present::default() },
+        ..Signature::default()
+    };
+    keys::sign(key, &mut signature, &Covered { topic: &topic, payload: b"go", ..Covered::default() }, 32)
+        .expect("signed");
+    let mut message = Message::new(topic, b"go".to_vec());
+    message.user_properties.push(UserProperty { key: PROPERTY.into(), value: signature.header() });
+    message
+}
+
+fn why(result: &TransformResult) -> Option<String> {
+    rejected(result).map(|(_, why)| why)
+}
+
+#[test]
+fn cmac_keys_verify_16_byte_tags_and_refuse_other_algorithms() {
+    setup();
+    testing::set_secret("tcu", TCU_KEY);
+    let plugin =
+        MsgAuth::init(config(&[("keys.3.kid", "cloud-tcu"), ("keys.3.alg", "cmac-aes128"), ("keys.3.secret", "tcu")]))
+            .expect("init");
+    let good = signed_with(Algorithm::CmacAes128, "cloud-tcu", TCU_KEY, "", Some(1), NOW - 1000);
+    assert_eq!(plugin.on_publish(&backend(), good.clone()), TransformResult::Unchanged);
+    assert_eq!(why(&plugin.on_publish(&backend(), good)), Some("msg-auth: replay".into()));
+    // The same key id with HMAC: the key makes CMAC only.
+    let relabelled = signed_with(Algorithm::Hs256, "cloud-tcu", TCU_KEY, "", Some(2), NOW - 1000);
+    assert_eq!(why(&plugin.on_publish(&backend(), relabelled)), Some("msg-auth: unknown_kid".into()));
+    // A tampered CMAC tag, and a CMAC tag under another key.
+    let mut tampered = signed_with(Algorithm::CmacAes128, "cloud-tcu", TCU_KEY, "", Some(3), NOW - 1000);
+    tampered.payload = b"GO".to_vec();
+    assert_eq!(why(&plugin.on_publish(&backend(), tampered)), Some("msg-auth: bad_mac".into()));
+    let foreign = signed_with(Algorithm::CmacAes128, "cloud-tcu", b"fedcba9876543210", "", Some(4), NOW - 1000);
+    assert_eq!(why(&plugin.on_publish(&backend(), foreign)), Some("msg-auth: bad_mac".into()));
+}
+
+#[test]
+fn an_attest_rule_with_a_cmac_key_signs_cmac() {
+    setup();
+    testing::set_secret("tcu", TCU_KEY);
+    let plugin = MsgAuth::init(config(&[
+        ("keys.3.kid", "site-cmac"),
+        ("keys.3.alg", "cmac-aes128"),
+        ("keys.3.secret", "tcu"),
+        ("rules.1.key", "site-cmac"),
+    ]))
+    .expect("init");
+    testing::set_attribute("vin", VIN);
+    let topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    let TransformResult::Modified(attested) =
+        plugin.on_publish(&backend(), Message::new(topic.as_str(), b"88".to_vec()))
+    else {
+        panic!("not attested")
+    };
+    let header = attested.user_properties.iter().find(|property| property.key == PROPERTY).expect("x-sig");
+    let signature = Signature::parse(&header.value).expect("readable");
+    assert_eq!((signature.alg, signature.mac.len()), (Algorithm::CmacAes128, 16));
+    assert!(keys::verify(TCU_KEY, &signature, &Covered { topic: &topic, payload: b"88", ..Covered::default() }));
+}
+
+#[test]
+fn nonces_refuse_replays_without_counters_and_across_a_restart() {
+    setup();
+    let nonce_rule = [("rules.0.require.0", "ts"), ("rules.0.require.1", "nonce"), ("rules.0.require.2", "sub")];
+    // The broker started ten seconds ago (its first instance set the floor of its nonce records then).
+    testing::restart();
+    testing::set_now_ms(Some(NOW - 10_000));
+    MsgAuth::init(config(&nonce_rule)).expect("init");
+    testing::set_now_ms(Some(NOW));
+    let plugin = MsgAuth::init(config(&nonce_rule)).expect("init");
+    let first = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "n-1", None, NOW - 1000);
+    assert_eq!(plugin.on_publish(&backend(), first.clone()), TransformResult::Unchanged);
+    assert_eq!(why(&plugin.on_publish(&backend(), first.clone())), Some("msg-auth: replay".into()));
+    // Another nonce from another replica of the signer, at the same instant: no counter to share, both pass.
+    let second = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "n-2", None, NOW - 1000);
+    assert_eq!(plugin.on_publish(&backend(), second), TransformResult::Unchanged);
+    // A minute later the nonce is still remembered; once the timestamp is stale, the window refuses it instead.
+    testing::set_now_ms(Some(NOW + 60_000));
+    assert_eq!(why(&plugin.on_publish(&backend(), first.clone())), Some("msg-auth: replay".into()));
+    testing::set_now_ms(Some(NOW + 200_000));
+    assert_eq!(why(&plugin.on_publish(&backend(), first.clone())), Some("msg-auth: stale".into()));
+
+    // A nonce without a timestamp cannot be bounded; a rule requiring a nonce refuses a message without one.
+    testing::set_now_ms(Some(NOW));
+    let mut untimed = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "n-3", None, NOW - 1000);
+    let mut signature = Signature::parse(&untimed.user_properties[0].value).expect("readable");
+    signature.ts = 0;
+    signature.present.ts = false;
+    let topic = command_topic();
+    keys::sign(CLOUD_NEXT, &mut signature, &Covered { topic: &topic, payload: b"go", ..Covered::default() }, 32)
+        .expect("signed");
+    untimed.user_properties[0].value = signature.header();
+    let lenient = MsgAuth::init(config(&[("rules.0.require.0", "sub")])).expect("init");
+    assert_eq!(why(&lenient.on_publish(&backend(), untimed)), Some("msg-auth: missing_field".into()));
+    let no_nonce = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "", Some(9), NOW - 1000);
+    assert_eq!(why(&plugin.on_publish(&backend(), no_nonce)), Some("msg-auth: missing_field".into()));
+
+    // A restart forgets nonces: what was signed before it and relies on a nonce alone is refused, what is
+    // signed after it passes.
+    let before_restart = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "n-4", None, NOW - 1000);
+    testing::restart();
+    testing::set_now_ms(Some(NOW + 5_000));
+    let restarted = MsgAuth::init(config(&nonce_rule)).expect("init again");
+    assert_eq!(why(&restarted.on_publish(&backend(), first)), Some("msg-auth: replay".into()));
+    assert_eq!(why(&restarted.on_publish(&backend(), before_restart)), Some("msg-auth: replay".into()));
+    let after = signed_with(Algorithm::Hs256, "cloud-2026-07", CLOUD_NEXT, "n-5", None, NOW + 5_000);
+    assert_eq!(restarted.on_publish(&backend(), after), TransformResult::Unchanged);
+}
+
+#[test]
+fn with_clock_trust_synchronized_an_unsynchronized_clock_does_not_refuse_by_time() {
+    setup();
+    let plugin = MsgAuth::init(config(&[("clock_trust", "synchronized")])).expect("init");
+    let old = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1);
+    testing::set_now_ms(Some(NOW + 3_600_000));
+    testing::set_clock_synchronized(Some(true));
+    assert_eq!(why(&plugin.on_publish(&backend(), old.clone())), Some("msg-auth: stale".into()));
+    // Booted offline: the wall clock says nothing, the counter still refuses replays.
+    testing::set_clock_synchronized(Some(false));
+    assert_eq!(plugin.on_publish(&backend(), old.clone()), TransformResult::Unchanged);
+    assert_eq!(why(&plugin.on_publish(&backend(), old)), Some("msg-auth: replay".into()));
+    assert_eq!(testing::counter("verify/clock_untrusted"), 2);
+    // Where the broker cannot tell, the clock is trusted.
+    testing::set_clock_synchronized(None);
+    let older = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 2);
+    assert_eq!(why(&plugin.on_publish(&backend(), older)), Some("msg-auth: stale".into()));
 }

@@ -1,7 +1,7 @@
 //! The msg-auth signed-message format, version 1.
 //!
 //! A signature covers an unambiguous byte string (every field length-prefixed, see [`canonical`]) and travels as
-//! one header, `v1;alg=hs256;kid=…;sub=…;iss=…;ts=…;ctr=…;exp=…;mac=…` ([`Signature`]): in the MQTT 5 user
+//! one header, `v1;alg=hs256;kid=…;sub=…;iss=…;ts=…;ctr=…;nonce=…;exp=…;mac=…` ([`Signature`]): in the MQTT 5 user
 //! property [`PROPERTY`], or, where user properties cannot travel (MQTT 3.1.1), in front of the payload as
 //! `x-sig:<header>\n<payload>` ([`split_envelope`]). QoS, DUP, packet ids, the message expiry interval and topic
 //! aliases are not covered: brokers legitimately change them. `exp` is an absolute time inside the signature.
@@ -23,9 +23,39 @@ pub const PREVIOUS_PROPERTY: &str = "x-sig-prev";
 pub const ENVELOPE_PREFIX: &[u8] = b"x-sig:";
 /// The domain separator at the start of the signed input.
 pub const DOMAIN: &[u8] = b"MQTT-SIG-v1";
-pub const ALGORITHM: &str = "hs256";
 /// Tags shorter than this are refused (128 bits).
 pub const MIN_MAC_BYTES: usize = 16;
+
+/// The MAC algorithm, named in the header and signed as the input's second field.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Algorithm {
+    /// HMAC-SHA256 (RFC 2104), tags of 16 to 32 bytes (leftmost bytes when truncated).
+    #[default]
+    Hs256,
+    /// AES-128-CMAC (RFC 4493), 16-byte tags: what SecOC ECUs and SHE/HSM key slots compute.
+    CmacAes128,
+}
+
+impl Algorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Hs256 => "hs256",
+            Self::CmacAes128 => "cmac-aes128",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::Hs256, Self::CmacAes128].into_iter().find(|alg| alg.name() == name)
+    }
+
+    /// The longest tag the algorithm produces.
+    pub fn max_mac_bytes(self) -> usize {
+        match self {
+            Self::Hs256 => 32,
+            Self::CmacAes128 => 16,
+        }
+    }
+}
 
 /// The fields of a message a signature covers, besides those in the header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -41,6 +71,7 @@ pub struct Covered<'a> {
 /// A parsed `x-sig` header. Absent numbers are 0, absent names empty: they are signed that way too.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Signature {
+    pub alg: Algorithm,
     pub kid: String,
     /// The identity the message speaks for (a VIN).
     pub sub: String,
@@ -50,6 +81,9 @@ pub struct Signature {
     pub ts: u64,
     /// The signer's counter, strictly increasing per (kid, sub).
     pub ctr: u64,
+    /// A value the signer never repeats (for signers without a persistent counter, such as replicated backends);
+    /// empty when absent.
+    pub nonce: String,
     /// Milliseconds since the Unix epoch after which the message is void; 0 for never.
     pub exp: u64,
     pub mac: Vec<u8>,
@@ -63,6 +97,7 @@ pub struct Present {
     pub iss: bool,
     pub ts: bool,
     pub ctr: bool,
+    pub nonce: bool,
     pub exp: bool,
 }
 
@@ -84,19 +119,20 @@ fn push_field(out: &mut Vec<u8>, field: &[u8]) {
 }
 
 /// The bytes the MAC is computed over:
-/// `DOMAIN | alg | kid | topic | sub | iss | ts | ctr | exp | retain | content_type | correlation_data |
+/// `DOMAIN | alg | kid | topic | sub | iss | ts | ctr | nonce | exp | retain | content_type | correlation_data |
 /// response_topic | payload`, each as a u32 big-endian length and its bytes (numbers as 8 bytes big-endian,
 /// retain as one byte, an absent option as an empty field).
 pub fn canonical(signature: &Signature, message: &Covered<'_>) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + message.topic.len() + message.payload.len());
     push_field(&mut out, DOMAIN);
-    push_field(&mut out, ALGORITHM.as_bytes());
+    push_field(&mut out, signature.alg.name().as_bytes());
     push_field(&mut out, signature.kid.as_bytes());
     push_field(&mut out, message.topic.as_bytes());
     push_field(&mut out, signature.sub.as_bytes());
     push_field(&mut out, signature.iss.as_bytes());
     push_field(&mut out, &signature.ts.to_be_bytes());
     push_field(&mut out, &signature.ctr.to_be_bytes());
+    push_field(&mut out, signature.nonce.as_bytes());
     push_field(&mut out, &signature.exp.to_be_bytes());
     push_field(&mut out, &[u8::from(message.retain)]);
     push_field(&mut out, message.content_type.unwrap_or("").as_bytes());
@@ -114,14 +150,23 @@ pub fn valid_name(name: &str) -> bool {
 impl Signature {
     /// The header, `mac` included.
     pub fn header(&self) -> String {
-        let mut header = format!("v1;alg={ALGORITHM};kid={}", self.kid);
+        let mut header = format!("v1;alg={};kid={}", self.alg.name(), self.kid);
         if !self.sub.is_empty() {
             header.push_str(&format!(";sub={}", self.sub));
         }
         if !self.iss.is_empty() {
             header.push_str(&format!(";iss={}", self.iss));
         }
-        header.push_str(&format!(";ts={};ctr={}", self.ts, self.ctr));
+        // A counter of 0 is never valid, so a signer without one (a nonce instead) leaves it out.
+        if self.ts != 0 || self.present.ts {
+            header.push_str(&format!(";ts={}", self.ts));
+        }
+        if self.ctr != 0 || self.present.ctr {
+            header.push_str(&format!(";ctr={}", self.ctr));
+        }
+        if !self.nonce.is_empty() {
+            header.push_str(&format!(";nonce={}", self.nonce));
+        }
         if self.exp != 0 {
             header.push_str(&format!(";exp={}", self.exp));
         }
@@ -130,7 +175,8 @@ impl Signature {
         header
     }
 
-    /// Reads a header strictly: version 1, algorithm hs256, known keys once each, `kid` and `mac` present.
+    /// Reads a header strictly: version 1, a known algorithm, known keys once each, `kid` and `mac` present, a
+    /// tag as long as the algorithm allows.
     pub fn parse(header: &str) -> Result<Signature, Malformed> {
         let bad = |why: String| Malformed(why);
         let mut parts = header.split(';');
@@ -160,8 +206,11 @@ impl Signature {
                 }
             };
             match key {
-                "alg" if value == ALGORITHM => alg = true,
-                "alg" => return Err(bad(format!("algorithm {value:?} is not supported"))),
+                "alg" => {
+                    signature.alg = Algorithm::from_name(value)
+                        .ok_or_else(|| bad(format!("algorithm {value:?} is not supported")))?;
+                    alg = true;
+                }
                 "kid" => {
                     signature.kid = name(value)?;
                     kid = true;
@@ -182,15 +231,16 @@ impl Signature {
                     signature.ctr = number(value)?;
                     signature.present.ctr = true;
                 }
+                "nonce" => {
+                    signature.nonce = name(value)?;
+                    signature.present.nonce = true;
+                }
                 "exp" => {
                     signature.exp = number(value)?;
                     signature.present.exp = true;
                 }
                 "mac" => {
                     signature.mac = URL_SAFE_NO_PAD.decode(value).map_err(|_| bad("mac is not base64url".into()))?;
-                    if !(MIN_MAC_BYTES..=32).contains(&signature.mac.len()) {
-                        return Err(bad(format!("mac is {} bytes; 16 to 32 are accepted", signature.mac.len())));
-                    }
                     mac = true;
                 }
                 other => return Err(bad(format!("unknown field {other:?}"))),
@@ -198,6 +248,14 @@ impl Signature {
         }
         if !alg || !kid || !mac {
             return Err(bad("alg, kid and mac are required".into()));
+        }
+        let longest = signature.alg.max_mac_bytes();
+        if !(MIN_MAC_BYTES..=longest).contains(&signature.mac.len()) {
+            return Err(bad(format!(
+                "mac is {} bytes; {} takes {MIN_MAC_BYTES} to {longest}",
+                signature.mac.len(),
+                signature.alg.name()
+            )));
         }
         Ok(signature)
     }
@@ -244,41 +302,64 @@ pub fn derive_info(template: &str, sub: &str) -> Vec<u8> {
 /// Signing and verification with the key in hand, for backends and the `tollgate sig` command.
 #[cfg(feature = "keys")]
 pub mod keys {
+    use cmac::Cmac;
     use hmac::{Hmac, Mac};
     use sha2::Sha256;
 
-    use super::{Covered, Signature, canonical};
+    use super::{Algorithm, Covered, Signature, canonical};
 
-    /// The HMAC key: the secret itself, or its HKDF-SHA256 derivation (no salt) with `info`.
-    pub fn mac_key(secret: &[u8], derive_info: Option<&[u8]>) -> Vec<u8> {
+    /// The MAC key for `alg`: the secret itself, or its HKDF-SHA256 derivation (no salt) with `info`, 32 bytes for
+    /// HMAC and 16 for AES-128-CMAC.
+    pub fn mac_key(alg: Algorithm, secret: &[u8], derive_info: Option<&[u8]>) -> Vec<u8> {
         match derive_info {
             None => secret.to_vec(),
             Some(info) => {
-                let mut key = vec![0; 32];
-                // 32 bytes is always a valid HKDF-SHA256 output length.
+                let mut key = vec![0; if alg == Algorithm::CmacAes128 { 16 } else { 32 }];
+                // 16 and 32 bytes are valid HKDF-SHA256 output lengths.
                 let _ = hkdf::Hkdf::<Sha256>::new(None, secret).expand(info, &mut key);
                 key
             }
         }
     }
 
-    fn mac(key: &[u8], signature: &Signature, message: &Covered<'_>) -> Hmac<Sha256> {
-        // HMAC accepts keys of any length.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
-        mac.update(&canonical(signature, message));
-        mac
+    /// The full tag over `data`; `Err` when the key does not fit the algorithm (AES-128 needs 16 bytes).
+    pub fn tag(alg: Algorithm, key: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
+        match alg {
+            Algorithm::Hs256 => {
+                let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).map_err(|error| error.to_string())?;
+                mac.update(data);
+                Ok(mac.finalize().into_bytes().to_vec())
+            }
+            Algorithm::CmacAes128 => {
+                let mut mac = <Cmac<aes::Aes128> as Mac>::new_from_slice(key)
+                    .map_err(|_| format!("cmac-aes128 takes a 16-byte key, not {} bytes", key.len()))?;
+                mac.update(data);
+                Ok(mac.finalize().into_bytes().to_vec())
+            }
+        }
     }
 
-    /// Sets `signature.mac` (full 32 bytes, or `mac_len` leftmost bytes).
-    pub fn sign(key: &[u8], signature: &mut Signature, message: &Covered<'_>, mac_len: usize) {
-        let tag = mac(key, signature, message).finalize().into_bytes();
-        signature.mac = tag[..mac_len.clamp(super::MIN_MAC_BYTES, 32)].to_vec();
+    /// Sets `signature.mac` with `signature.alg` (the full tag, or its `mac_len` leftmost bytes).
+    pub fn sign(key: &[u8], signature: &mut Signature, message: &Covered<'_>, mac_len: usize) -> Result<(), String> {
+        let tag = tag(signature.alg, key, &canonical(signature, message))?;
+        signature.mac = tag[..mac_len.clamp(super::MIN_MAC_BYTES, tag.len())].to_vec();
+        Ok(())
     }
 
-    /// Constant-time check of `signature.mac`.
+    /// Constant-time check of `signature.mac` with `signature.alg`.
     pub fn verify(key: &[u8], signature: &Signature, message: &Covered<'_>) -> bool {
-        signature.mac.len() >= super::MIN_MAC_BYTES
-            && mac(key, signature, message).verify_truncated_left(&signature.mac).is_ok()
+        if signature.mac.len() < super::MIN_MAC_BYTES {
+            return false;
+        }
+        let data = canonical(signature, message);
+        match signature.alg {
+            Algorithm::Hs256 => <Hmac<Sha256> as Mac>::new_from_slice(key)
+                .map(|mac| mac.chain_update(&data).verify_truncated_left(&signature.mac).is_ok())
+                .unwrap_or(false),
+            Algorithm::CmacAes128 => <Cmac<aes::Aes128> as Mac>::new_from_slice(key)
+                .map(|mac| mac.chain_update(&data).verify_truncated_left(&signature.mac).is_ok())
+                .unwrap_or(false),
+        }
     }
 }
 
@@ -288,14 +369,16 @@ mod tests {
 
     fn sample() -> Signature {
         Signature {
+            alg: Algorithm::Hs256,
             kid: "site-2025-06".into(),
             sub: "1M8GDM9AXKP042788".into(),
             iss: "site-0042".into(),
             ts: 1_767_225_600_000,
             ctr: 7,
+            nonce: String::new(),
             exp: 0,
             mac: vec![0xAB; 32],
-            present: Present { sub: true, iss: true, ts: true, ctr: true, exp: false },
+            present: Present { sub: true, iss: true, ts: true, ctr: true, nonce: false, exp: false },
         }
     }
 
@@ -305,6 +388,17 @@ mod tests {
         let header = signature.header();
         assert!(header.starts_with("v1;alg=hs256;kid=site-2025-06;sub=1M8GDM9AXKP042788;iss=site-0042;ts="));
         assert_eq!(Signature::parse(&header), Ok(signature));
+        let with_nonce = Signature {
+            alg: Algorithm::CmacAes128,
+            nonce: "Jq0-x7_2".into(),
+            mac: vec![1; 16],
+            present: Present { nonce: true, ..sample().present },
+            ..sample()
+        };
+        let header = with_nonce.header();
+        assert!(header.starts_with("v1;alg=cmac-aes128;kid="), "{header}");
+        assert!(header.contains(";ctr=7;nonce=Jq0-x7_2;mac="), "{header}");
+        assert_eq!(Signature::parse(&header), Ok(with_nonce));
     }
 
     #[test]
@@ -317,7 +411,11 @@ mod tests {
             good.replace(";ctr=7", ";ctr=7;ctr=8"),
             good.replace(";ctr=7", ";ctr=-1"),
             good.replace(";ctr=7", ";ctr=99999999999999999999"),
-            good.replace(";ctr=7", ";nonce=1"),
+            good.replace(";ctr=7", ";ctr=7;nonce="),
+            good.replace(";ctr=7", ";ctr=7;nonce=a/b"),
+            good.replace(";ctr=7", ";ctr=7;salt=1"),
+            // A CMAC tag is 16 bytes; the sample's 32-byte tag is too long for it.
+            good.replace("alg=hs256", "alg=cmac-aes128"),
             good.replace("sub=1M8GDM9AXKP042788", "sub=a/b"),
             format!("{good}x"),
             good.split(";mac=").next().unwrap_or_default().to_owned() + ";mac=AAAA",
@@ -354,6 +452,7 @@ mod tests {
             "00000000",                       // iss ""
             "000000080000000000000001",       // ts 1
             "000000080000000000000002",       // ctr 2
+            "00000000",                       // nonce ""
             "000000080000000000000000",       // exp 0
             "0000000100",                     // retain 0
             "00000000",                       // content type
@@ -389,15 +488,45 @@ mod tests {
     #[cfg(feature = "keys")]
     #[test]
     fn sign_then_verify_and_tamper() {
-        let key = keys::mac_key(b"master", Some(&derive_info("vin-mac-v1:${sub}", "1M8GDM9AXKP042788")));
+        let key =
+            keys::mac_key(Algorithm::Hs256, b"master", Some(&derive_info("vin-mac-v1:${sub}", "1M8GDM9AXKP042788")));
         let mut signature = sample();
         let message =
             Covered { topic: "v1/vehicles/1M8GDM9AXKP042788/cmd/x/req", payload: b"unlock", ..Covered::default() };
-        keys::sign(&key, &mut signature, &message, 32);
+        keys::sign(&key, &mut signature, &message, 32).expect("signed");
         assert!(keys::verify(&key, &signature, &message));
         let tampered = Covered { payload: b"unlocK", ..message };
         assert!(!keys::verify(&key, &signature, &tampered));
-        let other = keys::mac_key(b"master", Some(&derive_info("vin-mac-v1:${sub}", "1J9RP1A36A1644345")));
+        let other =
+            keys::mac_key(Algorithm::Hs256, b"master", Some(&derive_info("vin-mac-v1:${sub}", "1J9RP1A36A1644345")));
         assert!(!keys::verify(&other, &signature, &message));
+        let mut renonced = signature.clone();
+        renonced.nonce = "n2".into();
+        assert!(!keys::verify(&key, &renonced, &message), "the nonce is signed");
+    }
+
+    #[cfg(feature = "keys")]
+    #[test]
+    fn cmac_follows_rfc4493_and_signs_16_bytes() {
+        let hex = |text: &str| -> Vec<u8> {
+            (0..text.len()).step_by(2).map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap_or(0)).collect()
+        };
+        // RFC 4493 section 4, example 2 (one 16-byte block).
+        let key = hex("2b7e151628aed2a6abf7158809cf4f3c");
+        let tag = keys::tag(Algorithm::CmacAes128, &key, &hex("6bc1bee22e409f96e93d7e117393172a"));
+        assert_eq!(tag, Ok(hex("070a16b46b4d4144f79bdd9dd04a287c")));
+        assert!(keys::tag(Algorithm::CmacAes128, b"short", b"x").is_err());
+
+        let mut signature = Signature { alg: Algorithm::CmacAes128, ..sample() };
+        let message =
+            Covered { topic: "v1/vehicles/1M8GDM9AXKP042788/cmd/x/req", payload: b"go", ..Covered::default() };
+        keys::sign(&key, &mut signature, &message, 32).expect("signed");
+        assert_eq!(signature.mac.len(), 16);
+        assert!(keys::verify(&key, &signature, &message));
+        assert_eq!(Signature::parse(&signature.header()).as_ref(), Ok(&signature));
+        // The algorithm is signed: the same tag does not pass as another algorithm's.
+        let relabelled = Signature { alg: Algorithm::Hs256, ..signature.clone() };
+        assert!(!keys::verify(&key, &relabelled, &message));
+        assert_eq!(keys::mac_key(Algorithm::CmacAes128, b"master", Some(b"info")).len(), 16);
     }
 }
