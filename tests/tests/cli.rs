@@ -737,3 +737,65 @@ match = "username=dealer-7"
     child.signal("TERM");
     assert!(child.wait(Duration::from_secs(10)).await.success());
 }
+
+/// `tollgate sig` as a backend replica uses it: AES-128-CMAC with a random nonce and no counter, then checked by
+/// `tollgate sig verify` (exit 0 valid, 1 tampered, 2 a key that cannot be an AES key).
+#[tokio::test]
+async fn sig_signs_cmac_with_a_random_nonce_and_verifies_it() {
+    let secret = "hex:000102030405060708090a0b0c0d0e0f";
+    let common = ["--topic", "v1/vehicles/1J9RP1A36A1644345/cmd/lock/req", "--secret", secret];
+    let signed = tokio::time::timeout(
+        LIMIT,
+        tollgate()
+            .args(["sig", "sign", "--alg", "cmac-aes128", "--nonce", "random", "--kid", "cloud-cmac"])
+            .args(["--sub", "1J9RP1A36A1644345", "--payload", "lock"])
+            .args(common)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(signed.status.success(), "{}", describe(&signed));
+    let header = String::from_utf8(signed.stdout).unwrap().trim().to_owned();
+    assert!(header.starts_with("v1;alg=cmac-aes128;kid=cloud-cmac;sub=1J9RP1A36A1644345;ts="), "{header}");
+    assert!(!header.contains(";ctr="), "no counter was given: {header}");
+    let nonce = header.split(";nonce=").nth(1).and_then(|rest| rest.split(';').next()).unwrap();
+    assert!(nonce.len() == 32 && nonce.bytes().all(|b| b.is_ascii_hexdigit()), "{nonce}");
+
+    let verify = |payload: &'static str, secret: &'static str| {
+        let header = header.clone();
+        async move {
+            tokio::time::timeout(
+                LIMIT,
+                tollgate()
+                    .args(["sig", "verify", "--header", &header, "--payload", payload])
+                    .args(["--topic", "v1/vehicles/1J9RP1A36A1644345/cmd/lock/req", "--secret", secret])
+                    .output(),
+            )
+            .await
+            .unwrap()
+            .unwrap()
+        }
+    };
+    let valid = verify("lock", secret).await;
+    assert_eq!(valid.status.code(), Some(0), "{}", describe(&valid));
+    let report: serde_json::Value = serde_json::from_slice(&valid.stdout).unwrap();
+    assert_eq!(report["signature"]["alg"], "cmac-aes128");
+    assert_eq!(report["signature"]["nonce"], nonce);
+    assert_eq!(verify("unlock", secret).await.status.code(), Some(1));
+    let other_key = verify("lock", "hex:0f0e0d0c0b0a09080706050403020100").await;
+    assert_eq!(other_key.status.code(), Some(1), "{}", describe(&other_key));
+
+    let short_key = tokio::time::timeout(
+        LIMIT,
+        tollgate()
+            .args(["sig", "sign", "--alg", "cmac-aes128", "--kid", "k", "--ctr", "1", "--payload", "x"])
+            .args(["--topic", "t", "--secret", "hex:0001"])
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(short_key.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&short_key.stderr).contains("16-byte"), "{}", describe(&short_key));
+}
