@@ -329,6 +329,8 @@ async fn cmac_commands_with_nonces_from_two_replicas_pass_once_each() {
         .unwrap()
         .push(serde_json::json!({ "kid": "cloud-cmac", "alg": "cmac-aes128", "secret": "cmac" }));
     plugin.config["rules"][0]["require"] = serde_json::json!(["ts", "nonce", "sub"]);
+    // Asks the host on every message whether the clock is synchronized; these messages are fresh either way.
+    plugin.config.insert("clock_trust".into(), "synchronized".into());
     let state = tempfile::tempdir().unwrap();
     let broker = broker_with(state.path(), plugin).await;
     let (mut car, mut replica_a) = car_and_backend(&broker).await;
