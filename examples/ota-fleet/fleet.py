@@ -48,10 +48,10 @@ def field(data):
     return struct.pack(">I", len(data)) + data
 
 
-def canonical(kid, topic, sub, iss, ts, ctr, exp, retain, payload):
+def canonical(kid, topic, sub, iss, ts, ctr, exp, retain, payload, nonce=""):
     parts = [b"MQTT-SIG-v1", b"hs256", kid.encode(), topic.encode(), sub.encode(), iss.encode(),
-             struct.pack(">Q", ts), struct.pack(">Q", ctr), struct.pack(">Q", exp), bytes([1 if retain else 0]),
-             b"", b"", b"", payload]
+             struct.pack(">Q", ts), struct.pack(">Q", ctr), nonce.encode(), struct.pack(">Q", exp),
+             bytes([1 if retain else 0]), b"", b"", b"", payload]
     return b"".join(field(part) for part in parts)
 
 
@@ -83,8 +83,8 @@ def verify_attestation(topic, payload, header):
     fields = parse(header)
     key = hkdf_sha256(SITE_MASTER, b"vin-mac-v1:" + fields["sub"].encode())
     exp = int(fields.get("exp", "0"))
-    data = canonical(fields["kid"], topic, fields["sub"], fields.get("iss", ""), int(fields["ts"]),
-                     int(fields["ctr"]), exp, False, payload)
+    data = canonical(fields["kid"], topic, fields["sub"], fields.get("iss", ""), int(fields.get("ts", "0")),
+                     int(fields.get("ctr", "0")), exp, False, payload, fields.get("nonce", ""))
     mac = base64.urlsafe_b64decode(fields["mac"] + "=" * (-len(fields["mac"]) % 4))
     expected = hmac.new(key, data, hashlib.sha256).digest()[: len(mac)]
     return hmac.compare_digest(mac, expected), fields

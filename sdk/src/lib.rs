@@ -597,19 +597,24 @@ pub mod testing {
         with(|host| *host.counters.entry(name.to_owned()).or_default() += delta);
     }
 
-    fn mac(key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Hmac<Sha256>, String> {
+    /// The secret `key_id`, or its HKDF-SHA256 derivation (no salt) of `derived_len` bytes with `derive_info`.
+    fn key_bytes(key_id: &str, derive_info: Option<&[u8]>, derived_len: usize) -> Result<Vec<u8>, String> {
         let secret =
             with(|host| host.secrets.get(key_id).cloned()).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-        let key = match derive_info {
-            None => secret,
+        match derive_info {
+            None => Ok(secret),
             Some(info) => {
-                let mut derived = vec![0; 32];
+                let mut derived = vec![0; derived_len];
                 hkdf::Hkdf::<Sha256>::new(None, &secret)
                     .expand(info, &mut derived)
                     .map_err(|error| error.to_string())?;
-                derived
+                Ok(derived)
             }
-        };
+        }
+    }
+
+    fn mac(key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Hmac<Sha256>, String> {
+        let key = key_bytes(key_id, derive_info, 32)?;
         let mut mac = Hmac::<Sha256>::new_from_slice(&key).map_err(|error| error.to_string())?;
         mac.update(data);
         Ok(mac)
@@ -635,18 +640,7 @@ pub mod testing {
     }
 
     fn cmac_key(key_id: &str, derive_info: Option<&[u8]>) -> Result<Cmac<aes::Aes128>, String> {
-        let secret =
-            with(|host| host.secrets.get(key_id).cloned()).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-        let key = match derive_info {
-            None => secret,
-            Some(info) => {
-                let mut derived = vec![0; 16];
-                hkdf::Hkdf::<Sha256>::new(None, &secret)
-                    .expand(info, &mut derived)
-                    .map_err(|error| error.to_string())?;
-                derived
-            }
-        };
+        let key = key_bytes(key_id, derive_info, 16)?;
         <Cmac<aes::Aes128> as Mac>::new_from_slice(&key)
             .map_err(|_| format!("secret {key_id:?} is not 16 bytes, so it is not an AES-128 key"))
     }
