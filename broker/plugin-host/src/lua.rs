@@ -117,6 +117,11 @@ struct InstanceState {
     kind_will: LuaString,
 }
 
+/// The algorithm a script names in `tollgate.mac` and `tollgate.verify_mac`.
+fn mac_algorithm(name: &str) -> mlua::Result<MacAlgorithm> {
+    MacAlgorithm::from_name(name).ok_or_else(|| mlua::Error::runtime(format!("unknown MAC algorithm {name:?}")))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -351,8 +356,7 @@ impl LuaPlugin {
             "mac",
             lua.create_function(
                 move |lua, (alg, key_id, data, info): (String, String, LuaString, Option<LuaString>)| {
-                    let alg = MacAlgorithm::from_name(&alg)
-                        .ok_or_else(|| mlua::Error::runtime(format!("unknown MAC algorithm {alg:?}")))?;
+                    let alg = mac_algorithm(&alg)?;
                     let info = info.map(|info| info.as_bytes().to_vec());
                     let tag = shared
                         .mac_tag(alg, &key_id, info.as_deref(), &data.as_bytes())
@@ -366,8 +370,7 @@ impl LuaPlugin {
             "verify_mac",
             lua.create_function(
                 move |_, (alg, key_id, data, tag, info): (String, String, LuaString, LuaString, Option<LuaString>)| {
-                    let alg = MacAlgorithm::from_name(&alg)
-                        .ok_or_else(|| mlua::Error::runtime(format!("unknown MAC algorithm {alg:?}")))?;
+                    let alg = mac_algorithm(&alg)?;
                     let info = info.map(|info| info.as_bytes().to_vec());
                     shared
                         .verify_mac(alg, &key_id, info.as_deref(), &data.as_bytes(), &tag.as_bytes())

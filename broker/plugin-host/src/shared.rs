@@ -399,6 +399,13 @@ impl KeyedSecret {
             cmac: <Cmac<Aes128> as Mac>::new_from_slice(secret).ok(),
         })
     }
+
+    /// An `N`-byte key derived from the secret with HKDF-SHA256 and `info`.
+    fn derive<const N: usize>(&self, info: &[u8]) -> Result<[u8; N], String> {
+        let mut derived = [0u8; N];
+        self.hkdf.expand(info, &mut derived).map_err(|error| error.to_string())?;
+        Ok(derived)
+    }
 }
 
 /// The MAC algorithms of `crypto.mac`.
@@ -810,54 +817,34 @@ impl PluginShared {
         Ok(self.keyed(alg, key_id, derive_info)?.verify_truncated(data, tag))
     }
 
+    /// The MAC of `alg` keyed with the secret `key_id`, or with its HKDF-SHA256 derivation (no salt) by
+    /// `derive_info`: 32 bytes for HMAC, 16 for CMAC.
     fn keyed(&self, alg: MacAlgorithm, key_id: &str, derive_info: Option<&[u8]>) -> Result<Keyed, String> {
-        match alg {
-            MacAlgorithm::HmacSha256 => self.mac(key_id, derive_info).map(Keyed::Hmac),
-            MacAlgorithm::CmacAes128 => {
-                let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-                match derive_info {
-                    None => secret
-                        .cmac
-                        .clone()
-                        .map(|mac| Keyed::Cmac(Box::new(mac)))
-                        .ok_or_else(|| format!("secret {key_id:?} is not 16 bytes, so it is not an AES-128 key")),
-                    Some(info) => {
-                        let mut derived = [0u8; 16];
-                        secret.hkdf.expand(info, &mut derived).map_err(|error| error.to_string())?;
-                        <Cmac<Aes128> as Mac>::new_from_slice(&derived)
-                            .map(|mac| Keyed::Cmac(Box::new(mac)))
-                            .map_err(|error| error.to_string())
-                    }
-                }
+        let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
+        match (alg, derive_info) {
+            (MacAlgorithm::HmacSha256, None) => Ok(Keyed::Hmac(secret.mac.clone())),
+            (MacAlgorithm::HmacSha256, Some(info)) => Hmac::<Sha256>::new_from_slice(&secret.derive::<32>(info)?)
+                .map(Keyed::Hmac)
+                .map_err(|error| error.to_string()),
+            (MacAlgorithm::CmacAes128, None) => secret
+                .cmac
+                .clone()
+                .map(|mac| Keyed::Cmac(Box::new(mac)))
+                .ok_or_else(|| format!("secret {key_id:?} is not 16 bytes, so it is not an AES-128 key")),
+            (MacAlgorithm::CmacAes128, Some(info)) => {
+                <Cmac<Aes128> as Mac>::new_from_slice(&secret.derive::<16>(info)?)
+                    .map(|mac| Keyed::Cmac(Box::new(mac)))
+                    .map_err(|error| error.to_string())
             }
         }
     }
 
     pub fn hmac_sha256(&self, key_id: &str, data: &[u8]) -> Result<Vec<u8>, String> {
-        self.hmac(key_id, None, data)
+        self.mac_tag(MacAlgorithm::HmacSha256, key_id, None, data)
     }
 
     pub fn hmac_sha256_derived(&self, key_id: &str, info: &[u8], data: &[u8]) -> Result<Vec<u8>, String> {
-        self.hmac(key_id, Some(info), data)
-    }
-
-    fn hmac(&self, key_id: &str, derive_info: Option<&[u8]>, data: &[u8]) -> Result<Vec<u8>, String> {
-        let mut mac = self.mac(key_id, derive_info)?;
-        mac.update(data);
-        Ok(mac.finalize().into_bytes().to_vec())
-    }
-
-    /// The HMAC keyed with the secret `key_id`, or with its HKDF-SHA256 derivation (no salt) by `derive_info`.
-    fn mac(&self, key_id: &str, derive_info: Option<&[u8]>) -> Result<Hmac<Sha256>, String> {
-        let secret = self.secrets.get(key_id).ok_or_else(|| format!("no secret named {key_id:?}"))?;
-        match derive_info {
-            None => Ok(secret.mac.clone()),
-            Some(info) => {
-                let mut derived = [0u8; 32];
-                secret.hkdf.expand(info, &mut derived).map_err(|error| error.to_string())?;
-                Hmac::<Sha256>::new_from_slice(&derived).map_err(|error| error.to_string())
-            }
-        }
+        self.mac_tag(MacAlgorithm::HmacSha256, key_id, Some(info), data)
     }
 
     /// Constant-time comparison of a (possibly truncated, at least 16-byte) tag.
@@ -868,12 +855,7 @@ impl PluginShared {
         data: &[u8],
         tag: &[u8],
     ) -> Result<bool, String> {
-        if !(16..=32).contains(&tag.len()) {
-            return Err(format!("a tag is 16 to 32 bytes, not {}", tag.len()));
-        }
-        let mut mac = self.mac(key_id, derive_info)?;
-        mac.update(data);
-        Ok(mac.verify_truncated_left(tag).is_ok())
+        self.verify_mac(MacAlgorithm::HmacSha256, key_id, derive_info, data, tag)
     }
 
     pub fn sha256(data: &[u8]) -> Vec<u8> {
