@@ -222,6 +222,23 @@ pub trait Plugin: Sized + 'static {
         TransformResult::Unchanged
     }
 
+    /// The inbound messages one client sent in a burst, in arrival order (the broker's `transform-batch` call,
+    /// used when this plugin is the only transform in the chain). The default calls [`Plugin::on_publish`] for each
+    /// and stops after a [`TransformResult::Reject`] that disconnects; an override must keep that rule and return
+    /// one result per message otherwise.
+    fn on_publish_batch(&self, client: &Client, messages: Vec<Message>) -> Vec<TransformResult> {
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            let result = self.on_publish(client, message);
+            let disconnects = matches!(&result, TransformResult::Reject(rejection) if rejection.disconnect);
+            results.push(result);
+            if disconnects {
+                break;
+            }
+        }
+        results
+    }
+
     /// One subscriber's copy of a message, as the broker sends it (`subscriber` is the receiving client; its
     /// attributes are what [`host::client_attribute`] reads during the call). [`TransformResult::Reject`] drops the
     /// copy like [`TransformResult::Drop`]: there is no publisher to answer.
@@ -762,6 +779,22 @@ macro_rules! export_plugin {
                         |plugin| $crate::Plugin::on_publish(plugin, &client, message),
                         __types::TransformResult::Unchanged,
                     )
+                }
+            }
+
+            impl __exports::transform_batch::Guest for __TollgateExport {
+                fn on_publish_batch(
+                    client: __types::Client,
+                    messages: ::std::vec::Vec<__types::Message>,
+                ) -> ::std::vec::Vec<__types::TransformResult> {
+                    __STATE.with(|state| match &*state.borrow() {
+                        ::core::option::Option::Some(plugin) => {
+                            $crate::Plugin::on_publish_batch(plugin, &client, messages)
+                        }
+                        ::core::option::Option::None => {
+                            messages.iter().map(|_| __types::TransformResult::Unchanged).collect()
+                        }
+                    })
                 }
             }
 

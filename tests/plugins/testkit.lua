@@ -67,6 +67,13 @@ function on_publish(client, msg)
     msg.topic = "rewritten/" .. rest
     return msg
   end
+  if starts(msg.topic, "refuse/") or starts(msg.topic, "cut/") then
+    return { reject = "not_authorized", reason = "testkit refuses", disconnect = starts(msg.topic, "cut/") }
+  end
+  if starts(msg.topic, "batch/") then
+    table.insert(msg.user_properties, { "batch", "1" })
+    return msg
+  end
   return nil
 end
 

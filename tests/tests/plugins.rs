@@ -151,6 +151,97 @@ async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
     }
 }
 
+/// PUBLISHes that arrive together (one write, so one read on the broker) reach a WebAssembly transform in one
+/// `transform-batch` call; Lua gets them one by one. Either way each message is transformed, delivered and
+/// acknowledged in the order it was sent: a publish the ACL denies and one the transform refuses are answered
+/// 0x87 in their place, and a refusal that disconnects (MQTT 3.1.1) ends the burst there, so the messages after it
+/// are neither delivered nor acknowledged.
+#[tokio::test]
+async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
+    use tollgate_integration_tests::raw::{self, encode, publish_packet};
+    use tollgate_protocol::{Packet, ProtocolVersion, QoS as RawQoS, ReasonCode};
+
+    let burst = |version: ProtocolVersion, messages: &[(&str, RawQoS)]| {
+        let mut bytes = Vec::new();
+        for (index, (topic, qos)) in messages.iter().enumerate() {
+            let packet_id = (*qos != RawQoS::AtMostOnce).then(|| u16::try_from(index + 1).unwrap());
+            bytes.extend(encode(&Packet::Publish(publish_packet(topic, *qos, packet_id, topic.as_bytes())), version));
+        }
+        bytes
+    };
+    for kind in KINDS {
+        let broker = testkit_broker(kind).await;
+        let mut subscriber = connect_to(&broker, "sub").await;
+        subscriber.subscribe_ok("#", QoS::AtLeastOnce).await;
+
+        let mut client = raw::tcp(broker.addr, ProtocolVersion::V5).await;
+        client.connect_ok(ProtocolVersion::V5, "burst").await;
+        let one = RawQoS::AtLeastOnce;
+        let sent = [
+            ("batch/1", one),
+            ("batch/2", one),
+            ("batch/3", one),
+            ("deny/4", one),
+            ("batch/5", one),
+            ("refuse/6", one),
+            ("batch/7", RawQoS::AtMostOnce),
+            ("upper/8", one),
+            ("batch/9", one),
+        ];
+        client.send_bytes(&burst(ProtocolVersion::V5, &sent)).await;
+        let mut acks = Vec::new();
+        for _ in 0..8 {
+            match client.expect_packet().await {
+                Packet::PubAck(ack) => acks.push((ack.packet_id, ack.reason_code)),
+                other => panic!("{kind:?}: expected PUBACK, got {other:?}"),
+            }
+        }
+        let ok = ReasonCode::SUCCESS;
+        let refused = ReasonCode::NOT_AUTHORIZED;
+        assert_eq!(
+            acks,
+            [(1, ok), (2, ok), (3, ok), (4, refused), (5, ok), (6, refused), (8, ok), (9, ok)],
+            "{kind:?}"
+        );
+        let mut sizes = Vec::new();
+        for expected in ["batch/1", "batch/2", "batch/3", "batch/5", "batch/7", "upper/8", "batch/9"] {
+            let received = subscriber.next_publish().await;
+            assert_eq!(topic(&received), expected, "{kind:?}: delivered in order");
+            if expected == "upper/8" {
+                assert_eq!(&received.payload[..], b"UPPER/8", "{kind:?}");
+                continue;
+            }
+            let properties = v5::properties(&received).user_properties;
+            let size = properties.iter().find(|(key, _)| key == "batch").map(|(_, value)| value.clone());
+            sizes.push(size.unwrap_or_else(|| panic!("{kind:?}: {expected} not transformed: {properties:?}")));
+        }
+        subscriber.expect_no_publish(QUIET).await;
+        match kind {
+            // The first three arrive together and go in one call; the denied publish after them ends that batch.
+            Kind::Wasm => assert_eq!(sizes[..3], ["3", "3", "3"], "{kind:?}: {sizes:?}"),
+            Kind::Lua => assert!(sizes.iter().all(|size| size == "1"), "{kind:?}: {sizes:?}"),
+        }
+        client.disconnect().await;
+
+        let mut old = raw::tcp(broker.addr, ProtocolVersion::V311).await;
+        old.connect_ok(ProtocolVersion::V311, "burst-old").await;
+        let sent = [("batch/a", one), ("batch/b", one), ("cut/c", one), ("batch/d", one), ("batch/e", one)];
+        old.send_bytes(&burst(ProtocolVersion::V311, &sent)).await;
+        for packet_id in [1, 2] {
+            match old.expect_packet().await {
+                Packet::PubAck(ack) => assert_eq!(ack.packet_id, packet_id, "{kind:?}"),
+                other => panic!("{kind:?}: expected PUBACK, got {other:?}"),
+            }
+        }
+        old.expect_closed().await;
+        for expected in ["batch/a", "batch/b"] {
+            assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}");
+        }
+        subscriber.expect_no_publish(QUIET).await;
+        assert!(broker.stop().await);
+    }
+}
+
 #[tokio::test]
 async fn each_subscriber_gets_its_own_copy_through_the_deliver_hook() {
     for kind in KINDS {

@@ -250,6 +250,55 @@ impl HookChain {
         self.run_transform(client, message, false).await
     }
 
+    /// Whether [`HookChain::transform_inbound_batch`] saves calls: the chain has one transformer, and it takes
+    /// batches. With several, each message goes through the chain on its own, so that a hook that refuses a message
+    /// stops the later hooks from seeing it (and the messages after it, when the refusal disconnects).
+    pub fn batches_inbound(&self) -> bool {
+        matches!(&self.transformers[..], [slot] if slot.hook.transforms_in_batches())
+    }
+
+    /// [`HookChain::transform_inbound`] for a burst of one client's messages, in arrival order: `outcomes` gets one
+    /// outcome per message, or fewer when the last is a [`TransformOutcome::Reject`] that disconnects. When the
+    /// single batching hook fails, its failure policy applies to every message of the batch.
+    pub async fn transform_inbound_batch(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+        outcomes: &mut Vec<TransformOutcome>,
+    ) {
+        outcomes.clear();
+        if !self.batches_inbound() {
+            for message in messages.iter_mut() {
+                let outcome = self.transform_inbound(client, message).await;
+                let stop = matches!(outcome, TransformOutcome::Reject { disconnect: true, .. });
+                outcomes.push(outcome);
+                if stop {
+                    return;
+                }
+            }
+            return;
+        }
+        let slot = &self.transformers[0];
+        let name = slot.hook.name();
+        let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+        let timeout = slot.timeout.map(|limit| limit.saturating_mul(count));
+        match self.attempt(name, timeout, slot.hook.transform_inbound_batch(client, messages)).await {
+            Attempt::Done(decisions) => outcomes.extend(decisions.into_iter().map(|decision| match decision {
+                TransformDecision::Keep | TransformDecision::Modified => TransformOutcome::Deliver,
+                TransformDecision::Drop { reason } => TransformOutcome::Drop { hook: name.to_owned(), reason },
+                TransformDecision::Reject { reason, message, disconnect } => {
+                    TransformOutcome::Reject { hook: name.to_owned(), reason, message, disconnect }
+                }
+            })),
+            Attempt::Failed(error) => outcomes.extend(messages.iter().map(|_| match slot.on_failure {
+                FailurePolicy::FailClosed => {
+                    TransformOutcome::Drop { hook: name.to_owned(), reason: error.to_string() }
+                }
+                FailurePolicy::PassThrough => TransformOutcome::Deliver,
+            })),
+        }
+    }
+
     pub async fn transform_outbound(&self, subscriber: &ClientInfo, message: &mut Message) -> TransformOutcome {
         self.run_transform(subscriber, message, true).await
     }
@@ -401,6 +450,184 @@ mod tests {
         fn checks_reads(&self) -> bool {
             false
         }
+    }
+
+    /// Upper-cases payloads; refuses `refuse/` topics (disconnecting on `cut/`); fails the whole call on any
+    /// `trap/` topic. With `batches`, it asks for bursts, and counts the calls either way.
+    struct Shouter {
+        batches: bool,
+        calls: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Shouter {
+        fn new(batches: bool) -> Arc<Self> {
+            Arc::new(Shouter { batches, calls: std::sync::atomic::AtomicUsize::new(0) })
+        }
+
+        fn calls(&self) -> usize {
+            self.calls.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
+        fn decide(message: &mut Message) -> TransformDecision {
+            if message.topic.starts_with("refuse/") || message.topic.starts_with("cut/") {
+                return TransformDecision::Reject {
+                    reason: ReasonCode::NOT_AUTHORIZED,
+                    message: "no".into(),
+                    disconnect: message.topic.starts_with("cut/"),
+                };
+            }
+            message.payload = message.payload.to_ascii_uppercase().into();
+            TransformDecision::Modified
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Transformer for Shouter {
+        fn name(&self) -> &str {
+            "shouter"
+        }
+
+        async fn transform_inbound(
+            &self,
+            _client: &ClientInfo,
+            message: &mut Message,
+        ) -> Result<TransformDecision, HookError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if message.topic.starts_with("trap/") {
+                return Err(HookError::Failed { hook: "shouter".into(), reason: "trapped".into() });
+            }
+            Ok(Self::decide(message))
+        }
+
+        fn transforms_in_batches(&self) -> bool {
+            self.batches
+        }
+
+        async fn transform_inbound_batch(
+            &self,
+            _client: &ClientInfo,
+            messages: &mut [Message],
+        ) -> Result<Vec<TransformDecision>, HookError> {
+            self.calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if messages.iter().any(|message| message.topic.starts_with("trap/")) {
+                return Err(HookError::Failed { hook: "shouter".into(), reason: "trapped".into() });
+            }
+            let mut decisions = Vec::new();
+            for message in messages.iter_mut() {
+                let decision = Self::decide(message);
+                let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
+                decisions.push(decision);
+                if stop {
+                    break;
+                }
+            }
+            Ok(decisions)
+        }
+    }
+
+    fn messages(topics: &[&str]) -> Vec<Message> {
+        topics
+            .iter()
+            .map(|topic| Message { topic: (*topic).into(), payload: "x".into(), ..Message::default() })
+            .collect()
+    }
+
+    fn transform_chain(hooks: &[(Arc<Shouter>, FailurePolicy)]) -> HookChain {
+        let mut chain = HookChain::default();
+        for (hook, policy) in hooks {
+            chain.transformers.push(HookSlot::new(hook.clone() as Arc<dyn Transformer>, None, *policy));
+        }
+        chain
+    }
+
+    #[test]
+    fn a_single_batching_transform_gets_the_burst_in_one_call() {
+        let shouter = Shouter::new(true);
+        let chain = transform_chain(&[(shouter.clone(), FailurePolicy::PassThrough)]);
+        assert!(chain.batches_inbound());
+        let mut burst = messages(&["a", "refuse/b", "c", "cut/d", "e"]);
+        let mut outcomes = Vec::new();
+        now(chain.transform_inbound_batch(&client(), &mut burst, &mut outcomes));
+        assert_eq!(shouter.calls(), 1);
+        let refused = |disconnect| TransformOutcome::Reject {
+            hook: "shouter".into(),
+            reason: ReasonCode::NOT_AUTHORIZED,
+            message: "no".into(),
+            disconnect,
+        };
+        // Stopped at the refusal that disconnects: `e` gets no outcome.
+        assert_eq!(outcomes, [TransformOutcome::Deliver, refused(false), TransformOutcome::Deliver, refused(true)]);
+        assert_eq!(
+            (&burst[0].payload[..], &burst[2].payload[..], &burst[4].payload[..]),
+            (&b"X"[..], &b"X"[..], &b"x"[..])
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_applies_the_failure_policy_to_every_message() {
+        for (policy, expected) in [
+            (FailurePolicy::PassThrough, TransformOutcome::Deliver),
+            (
+                FailurePolicy::FailClosed,
+                TransformOutcome::Drop { hook: "shouter".into(), reason: "hook shouter failed: trapped".into() },
+            ),
+        ] {
+            let chain = transform_chain(&[(Shouter::new(true), policy)]);
+            let mut burst = messages(&["a", "trap/b", "c"]);
+            let mut outcomes = Vec::new();
+            now(chain.transform_inbound_batch(&client(), &mut burst, &mut outcomes));
+            assert_eq!(outcomes, vec![expected; 3], "{policy:?}");
+            assert!(burst.iter().all(|message| &message.payload[..] == b"x"), "unchanged after a failure");
+        }
+    }
+
+    #[test]
+    fn several_transforms_take_a_burst_one_message_at_a_time() {
+        let (first, second) = (Shouter::new(true), Shouter::new(true));
+        let chain = transform_chain(&[
+            (first.clone(), FailurePolicy::PassThrough),
+            (second.clone(), FailurePolicy::PassThrough),
+        ]);
+        assert!(!chain.batches_inbound(), "a refusal by one hook must keep the message from the next");
+        let mut burst = messages(&["a", "cut/b", "c"]);
+        let mut outcomes = Vec::new();
+        now(chain.transform_inbound_batch(&client(), &mut burst, &mut outcomes));
+        assert_eq!(outcomes.len(), 2, "stopped at the refusal that disconnects: {outcomes:?}");
+        // `a` through both hooks, `cut/b` refused by the first: the second never saw it, and nobody saw `c`.
+        assert_eq!((first.calls(), second.calls()), (2, 1));
+        assert_eq!(&burst[0].payload[..], b"X");
+        assert!(!transform_chain(&[(Shouter::new(false), FailurePolicy::PassThrough)]).batches_inbound());
+    }
+
+    /// Only `transform_inbound`: the trait's own batch loop.
+    struct OneByOne(Arc<Shouter>);
+
+    #[async_trait::async_trait]
+    impl Transformer for OneByOne {
+        fn name(&self) -> &str {
+            "one-by-one"
+        }
+
+        async fn transform_inbound(
+            &self,
+            client: &ClientInfo,
+            message: &mut Message,
+        ) -> Result<TransformDecision, HookError> {
+            self.0.transform_inbound(client, message).await
+        }
+    }
+
+    #[test]
+    fn the_default_batch_is_one_call_per_message_and_changes_nothing_on_failure() {
+        let hook = OneByOne(Shouter::new(false));
+        let mut burst = messages(&["a", "refuse/b", "cut/c", "d"]);
+        let decisions = now(hook.transform_inbound_batch(&client(), &mut burst)).expect("no failure");
+        assert_eq!(decisions.len(), 3, "stops after the refusal that disconnects");
+        assert_eq!(hook.0.calls(), 3);
+        assert_eq!(&burst[0].payload[..], b"X");
+        let mut burst = messages(&["a", "trap/b"]);
+        assert!(now(hook.transform_inbound_batch(&client(), &mut burst)).is_err());
+        assert!(burst.iter().all(|message| &message.payload[..] == b"x"), "the first message was put back");
     }
 
     #[test]

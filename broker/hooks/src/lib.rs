@@ -81,6 +81,43 @@ pub trait Transformer: Send + Sync {
         message: &mut Message,
     ) -> Result<TransformDecision, HookError>;
 
+    /// Whether [`Transformer::transform_inbound_batch`] costs less than one [`Transformer::transform_inbound`] per
+    /// message (a plugin whose every call crosses a sandbox boundary). The chain batches only such hooks.
+    fn transforms_in_batches(&self) -> bool {
+        false
+    }
+
+    /// A burst of one client's inbound messages, in arrival order: one decision per message, or fewer when the last
+    /// is a [`TransformDecision::Reject`] with `disconnect` (the later messages are then discarded unseen). A message
+    /// is changed only when its decision is [`TransformDecision::Modified`]; on an error, none is.
+    async fn transform_inbound_batch(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+    ) -> Result<Vec<TransformDecision>, HookError> {
+        let originals = messages.to_vec();
+        let mut decisions = Vec::with_capacity(messages.len());
+        for index in 0..messages.len() {
+            match self.transform_inbound(client, &mut messages[index]).await {
+                Ok(decision) => {
+                    if !matches!(decision, TransformDecision::Modified) {
+                        messages[index] = originals[index].clone();
+                    }
+                    let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
+                    decisions.push(decision);
+                    if stop {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    messages.clone_from_slice(&originals);
+                    return Err(error);
+                }
+            }
+        }
+        Ok(decisions)
+    }
+
     /// Runs once per subscriber copy when [`Transformer::transforms_outbound`] is true.
     async fn transform_outbound(
         &self,

@@ -1,5 +1,7 @@
 //! Per-call cost of the plugin adapters, without a broker: `cargo run --release -p tollgate-plugin-host --example
-//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform] [calls] [pause µs between calls]`.
+//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform|transform-batch:<n>] [calls] [pause µs between calls]`.
+//!
+//! `transform-batch:<n>` hands the plugin `n` messages per call (`transform-batch`) and reports the cost per message.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +33,8 @@ async fn main() {
     };
     let message = Message { topic: "bench/pair/1".into(), payload: Bytes::from(vec![b'x'; 64]), ..Default::default() };
     let pause: u64 = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(0);
+    let batch: usize = hook.strip_prefix("transform-batch:").and_then(|n| n.parse().ok()).unwrap_or(1);
+    let calls = if batch > 1 { calls / u32::try_from(batch).expect("batch size") } else { calls };
     for round in 0..3 {
         let mut busy = std::time::Duration::ZERO;
         for _ in 0..calls {
@@ -42,6 +46,11 @@ async fn main() {
                 "transform" => {
                     let mut copy = message.clone();
                     adapter.transform_inbound(&client, &mut copy).await.expect("transform");
+                }
+                _ if batch > 1 => {
+                    let mut copies = vec![message.clone(); batch];
+                    let decisions = adapter.transform_inbound_batch(&client, &mut copies).await.expect("batch");
+                    assert_eq!(decisions.len(), batch);
                 }
                 _ => {
                     adapter
@@ -55,7 +64,7 @@ async fn main() {
             }
             busy += started.elapsed();
         }
-        let per_call = busy.as_nanos() as f64 / f64::from(calls);
-        println!("round {round}: {per_call:.0} ns per {hook} call");
+        let per_message = busy.as_nanos() as f64 / f64::from(calls) / batch as f64;
+        println!("round {round}: {per_message:.0} ns per message ({hook})");
     }
 }

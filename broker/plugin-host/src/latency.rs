@@ -100,8 +100,13 @@ fn upper_bound(bucket: usize) -> u64 {
 
 impl LatencyHistogram {
     pub fn record(&self, elapsed: Duration) {
+        self.record_many(elapsed, 1);
+    }
+
+    /// `count` calls that each took `elapsed` (the messages of one batch).
+    pub fn record_many(&self, elapsed: Duration, count: u64) {
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        self.counts[stripe() * BUCKETS + bucket_of(ns)].fetch_add(1, Ordering::Relaxed);
+        self.counts[stripe() * BUCKETS + bucket_of(ns)].fetch_add(count, Ordering::Relaxed);
         // `fetch_max` writes the line even when the maximum stands; the load keeps it shared.
         if ns > self.max_ns.load(Ordering::Relaxed) {
             self.max_ns.fetch_max(ns, Ordering::Relaxed);

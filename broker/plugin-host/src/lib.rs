@@ -239,6 +239,7 @@ impl LoadedPlugin {
             cacheable,
             inbound: attached.contains(&HookKind::Transform),
             outbound: attached.contains(&HookKind::Deliver),
+            batches: matches!(&self.runtime, AnyRuntime::Wasm(plugin) if plugin.batches_inbound()),
         })
     }
 }
@@ -255,6 +256,8 @@ pin_project_lite::pin_project! {
         call: F,
         hook: HookKind,
         adapter: &'a PluginHook,
+        // How many messages the call carries: a batch gets each one's time, and counts as that many calls.
+        messages: u32,
         started: tokio::time::Instant,
         timer: Option<Pin<Box<tokio::time::Sleep>>>,
         // Set when crash-loop protection has disabled the plugin: the answer, without calling it.
@@ -273,16 +276,19 @@ impl<T, F: Future<Output = Result<T, Failure>>> Future for Guarded<'_, F> {
         let result = match this.call.poll(cx) {
             Poll::Ready(result) => result,
             Poll::Pending => {
-                let deadline = *this.started + this.adapter.timeout;
+                let limit = this.adapter.timeout.saturating_mul(*this.messages);
+                let deadline = *this.started + limit;
                 let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                 if timer.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                Err(Failure::Timeout(u64::try_from(this.adapter.timeout.as_millis()).unwrap_or(u64::MAX)))
+                Err(Failure::Timeout(u64::try_from(limit.as_millis()).unwrap_or(u64::MAX)))
             }
         };
         let shared = this.adapter.runtime.shared();
-        shared.metrics.latency_of(*this.hook).record(this.started.elapsed());
+        // What one message of a batch cost, counted once for each.
+        let messages = (*this.messages).max(1);
+        shared.metrics.latency_of(*this.hook).record_many(this.started.elapsed() / messages, u64::from(messages));
         Poll::Ready(result.map_err(|failure| this.adapter.failed(*this.hook, failure)))
     }
 }
@@ -296,17 +302,29 @@ pub struct PluginHook {
     /// The plugin's transformer slot serves `transform` (inbound) and `deliver` (outbound): which are attached.
     inbound: bool,
     outbound: bool,
+    /// The plugin exports `transform-batch` (WASM only: a Lua call is cheap enough not to need it).
+    batches: bool,
 }
 
 impl PluginHook {
     /// Calls the plugin through [`Guarded`], or answers at once if crash-loop protection has disabled it.
     fn guarded<T, F: Future<Output = Result<T, Failure>>>(&self, hook: HookKind, call: F) -> Guarded<'_, F> {
+        self.guarded_batch(hook, 1, call)
+    }
+
+    fn guarded_batch<T, F: Future<Output = Result<T, Failure>>>(
+        &self,
+        hook: HookKind,
+        messages: u32,
+        call: F,
+    ) -> Guarded<'_, F> {
         let shared = self.runtime.shared();
-        shared.metrics.calls.add(1);
+        shared.metrics.calls.add(u64::from(messages));
         Guarded {
             call,
             hook,
             adapter: self,
+            messages,
             started: tokio::time::Instant::now(),
             timer: None,
             disabled: shared.check_enabled().err(),
@@ -373,6 +391,38 @@ impl Transformer for PluginHook {
             return Ok(TransformDecision::Keep);
         }
         on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Transform, plugin.transform(client, message)).await)
+    }
+
+    fn transforms_in_batches(&self) -> bool {
+        self.inbound && self.batches
+    }
+
+    async fn transform_inbound_batch(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+    ) -> Result<Vec<TransformDecision>, HookError> {
+        if !self.inbound {
+            return Ok(vec![TransformDecision::Keep; messages.len()]);
+        }
+        match &self.runtime {
+            AnyRuntime::Wasm(plugin) if self.batches => {
+                let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+                self.guarded_batch(HookKind::Transform, count, plugin.transform_batch(client, messages)).await
+            }
+            _ => {
+                let mut decisions = Vec::with_capacity(messages.len());
+                for message in messages.iter_mut() {
+                    let decision = self.transform_inbound(client, message).await?;
+                    let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
+                    decisions.push(decision);
+                    if stop {
+                        break;
+                    }
+                }
+                Ok(decisions)
+            }
+        }
     }
 
     async fn transform_outbound(

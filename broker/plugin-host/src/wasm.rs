@@ -24,7 +24,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use exports::tollgate::plugin::{authn, authz, bridge, deliver, lifecycle, transform};
+use exports::tollgate::plugin::{authn, authz, bridge, deliver, lifecycle, transform, transform_batch};
 use tollgate::plugin::types as wit;
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
@@ -212,6 +212,7 @@ struct Exports {
     authn: Option<authn::GuestIndices>,
     authz: Option<authz::GuestIndices>,
     transform: Option<transform::GuestIndices>,
+    transform_batch: Option<transform_batch::GuestIndices>,
     deliver: Option<deliver::GuestIndices>,
     bridge: Option<bridge::GuestIndices>,
 }
@@ -224,6 +225,7 @@ struct InstanceState {
     authn: Option<authn::Guest>,
     authz: Option<authz::Guest>,
     transform: Option<transform::Guest>,
+    transform_batch: Option<transform_batch::Guest>,
     deliver: Option<deliver::Guest>,
     bridge: Option<bridge::Guest>,
 }
@@ -237,6 +239,8 @@ pub struct WasmPlugin {
     config: Vec<(String, String)>,
     pool: Pool<Instance>,
     hooks: Vec<HookKind>,
+    /// The CPU budget of one call (one message), in ticker ticks.
+    cpu_ticks: u64,
 }
 
 fn compile(engine: &Engine, path: &Path, cache_dir: Option<&Path>) -> Result<Component, String> {
@@ -312,6 +316,7 @@ impl WasmPlugin {
             authn: authn::GuestIndices::new(&pre).ok(),
             authz: authz::GuestIndices::new(&pre).ok(),
             transform: transform::GuestIndices::new(&pre).ok(),
+            transform_batch: transform_batch::GuestIndices::new(&pre).ok(),
             deliver: deliver::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
@@ -324,6 +329,7 @@ impl WasmPlugin {
             config: flatten_config(&spec.config_with_files().map_err(fail)?),
             pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
+            cpu_ticks: crate::ticker::budget_ticks(spec.limits.cpu_time),
         };
         // The first instance proves the plugin starts, and tells which hooks it implements.
         let (instance, info) = plugin.instantiate().await.map_err(|failure| fail(failure.to_string()))?;
@@ -365,7 +371,7 @@ impl WasmPlugin {
             client: CallClient::default(),
             memory_cap: self.limits.memory_bytes,
             ticks: 0,
-            cpu_ticks: crate::ticker::budget_ticks(self.limits.cpu_time),
+            cpu_ticks: self.cpu_ticks,
         };
         let mut store = Store::new(engine, state);
         store.limiter(|state| state);
@@ -382,11 +388,12 @@ impl WasmPlugin {
         let exports = &self.exports;
         let lifecycle = exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
         // The hook interfaces the component exports, found once at load.
-        let (authn, authz, transform, deliver, bridge) = (|| {
+        let (authn, authz, transform, transform_batch, deliver, bridge) = (|| {
             Ok::<_, wasmtime::Error>((
                 exports.authn.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.authz.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.transform.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.transform_batch.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.deliver.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.bridge.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
             ))
@@ -398,7 +405,7 @@ impl WasmPlugin {
             .map_err(|error| self.classify(error))?
             .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
         store.data_mut().ticks = 0;
-        Ok((Box::new(InstanceState { store, authn, authz, transform, deliver, bridge }), info))
+        Ok((Box::new(InstanceState { store, authn, authz, transform, transform_batch, deliver, bridge }), info))
     }
 
     fn classify(&self, error: wasmtime::Error) -> Failure {
@@ -421,7 +428,7 @@ impl WasmPlugin {
         let wit_client = wit_client(client);
         let draft = wit_message(message);
         let result = self
-            .with_instance(call_client(client), |mut instance| async move {
+            .with_instance(call_client(client), 1, |mut instance| async move {
                 let result = match (outbound, &instance.transform, &instance.deliver) {
                     (false, Some(guest), _) => guest.call_on_publish(&mut instance.store, &wit_client, &draft).await,
                     (true, _, Some(guest)) => guest.call_on_deliver(&mut instance.store, &wit_client, &draft).await,
@@ -433,9 +440,54 @@ impl WasmPlugin {
         transform_decision(message, result)
     }
 
+    /// `on-publish-batch`: one call for a burst of one client's messages. Every result is checked before any is
+    /// applied, so a bad answer leaves all the messages as they were.
+    pub(crate) async fn transform_batch(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+    ) -> Result<Vec<TransformDecision>, Failure> {
+        let wit_client = wit_client(client);
+        let drafts: Vec<wit::Message> = messages.iter().map(wit_message).collect();
+        let results = self
+            .with_instance(call_client(client), messages.len(), |mut instance| async move {
+                let result = match &instance.transform_batch {
+                    Some(guest) => guest.call_on_publish_batch(&mut instance.store, &wit_client, &drafts).await,
+                    None => Err(wasmtime::Error::msg("the plugin does not export transform-batch")),
+                };
+                (instance, result)
+            })
+            .await?;
+        let stopped_early = matches!(
+            results.last(),
+            Some(wit::TransformResult::Reject(rejection)) if rejection.disconnect
+        );
+        if results.len() > messages.len() || (results.len() < messages.len() && !stopped_early) {
+            return Err(Failure::BadAnswer(format!(
+                "on-publish-batch answered {} results for {} messages",
+                results.len(),
+                messages.len()
+            )));
+        }
+        for result in &results {
+            if let wit::TransformResult::Modified(modified) = result {
+                crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
+            }
+        }
+        results
+            .into_iter()
+            .zip(messages.iter_mut())
+            .map(|(result, message)| transform_decision(message, result))
+            .collect()
+    }
+
+    pub(crate) fn batches_inbound(&self) -> bool {
+        self.exports.transform_batch.is_some()
+    }
+
     /// Borrows an instance, runs `call` on it and returns it to the pool. An instance whose call failed is
     /// dropped, since a trapped store may be left inconsistent; the next call builds a fresh one.
-    async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
+    async fn with_instance<R, F, Fut>(&self, client: CallClient, messages: usize, call: F) -> Result<R, Failure>
     where
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, wasmtime::Result<R>)>,
@@ -451,6 +503,8 @@ impl WasmPlugin {
             let state = instance.store.data_mut();
             state.client = client;
             state.ticks = 0;
+            // A batch gets the budget of each of its messages.
+            state.cpu_ticks = self.cpu_ticks.saturating_mul(u64::try_from(messages.max(1)).unwrap_or(u64::MAX));
         }
         instance.store.set_epoch_deadline(1);
         let (mut instance, result) = call(instance).await;
@@ -466,7 +520,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.4.0";
+const CONTRACT: &str = "tollgate:plugin@0.5.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
@@ -626,7 +680,7 @@ impl Runtime for WasmPlugin {
         };
         let client = CallClient { attributes: Default::default(), peer: request.peer.clone() };
         let decision = self
-            .with_instance(client, |mut instance| async move {
+            .with_instance(client, 1, |mut instance| async move {
                 let result = match &instance.authn {
                     Some(guest) => guest.call_on_connect(&mut instance.store, &info).await,
                     None => Ok(wit::ConnectDecision::Ignore),
@@ -647,7 +701,7 @@ impl Runtime for WasmPlugin {
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
         let wit_client = wit_client(client);
         let decision = self
-            .with_instance(call_client(client), |mut instance| async move {
+            .with_instance(call_client(client), 1, |mut instance| async move {
                 let result = match (&instance.authz, request) {
                     (Some(guest), AclRequest::Publish { topic, qos, retain, will }) => {
                         let kind = if will { wit::PublishKind::Will } else { wit::PublishKind::Publish };
@@ -695,7 +749,7 @@ impl Runtime for WasmPlugin {
         let draft = wit_message(message);
         let bridge_name = bridge_name.to_owned();
         let decision = self
-            .with_instance(CallClient::default(), |mut instance| async move {
+            .with_instance(CallClient::default(), 1, |mut instance| async move {
                 let result = match &instance.bridge {
                     Some(guest) => guest.call_route(&mut instance.store, direction, &bridge_name, &draft).await,
                     None => Ok(wit::RouteDecision::Ignore),

@@ -168,6 +168,52 @@ async fn cpu_budget_obeyed_and_exceeded() {
     }
 }
 
+/// `transform-batch` (WASM): a batch gets each message's CPU budget and counts each message as a call; a loop, a
+/// trap or a broken answer fails the whole call and leaves every message as it was, and the next batch works.
+#[tokio::test]
+async fn a_wasm_batch_has_a_budget_per_message_and_fails_as_a_whole() {
+    let mut spec = testkit(PluginKind::Wasm);
+    spec.limits.cpu_time = Duration::from_millis(100);
+    let (plugin, hook) = load(spec).await;
+    assert!(hook.transforms_in_batches());
+    let burst = |topics: &[&str]| topics.iter().map(|topic| message(topic, "x")).collect::<Vec<_>>();
+    let untouched = |messages: &[Message]| messages.iter().all(|message| &message.payload[..] == b"x");
+    // Three times 60 ms is more than one message's 100 ms, and within three.
+    let mut slow = burst(&["slow/60/a", "slow/60/b", "slow/60/c"]);
+    assert_eq!(hook.transform_inbound_batch(&client(), &mut slow).await, Ok(vec![TransformDecision::Keep; 3]));
+    // A loop stops at the batch's budget, 300 ms, well before the call timeout (3 × 2 s).
+    let started = Instant::now();
+    let mut looping = burst(&["upper/a", "loop/b", "upper/c"]);
+    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut looping).await);
+    assert!(reason.contains("CPU time budget"), "{reason}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(untouched(&looping));
+    let mut trapping = burst(&["upper/a", "trap/b"]);
+    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut trapping).await);
+    assert!(reason.contains("trap"), "{reason}");
+    assert!(untouched(&trapping));
+    let mut short = burst(&["upper/a", "short/b"]);
+    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut short).await);
+    assert!(reason.contains("0 results for 2 messages"), "{reason}");
+    assert!(untouched(&short));
+    let mut good = burst(&["batch/a", "upper/b", "cut/c", "upper/d"]);
+    let decisions = hook.transform_inbound_batch(&client(), &mut good).await.expect("a good batch");
+    assert_eq!(decisions.len(), 3, "nothing after the refusal that disconnects: {decisions:?}");
+    assert_eq!(good[0].user_properties[0].value, "4");
+    assert_eq!((&good[1].payload[..], &good[3].payload[..]), (&b"X"[..], &b"x"[..]));
+    let metrics = &plugin.shared().metrics;
+    assert_eq!(metrics.calls.load(), 3 + 3 + 2 + 2 + 4);
+    assert_eq!(metrics.cpu_limit.load(Ordering::Relaxed), 1);
+    assert_eq!(metrics.traps.load(Ordering::Relaxed), 2, "the trap and the broken answer");
+}
+
+fn failure_of_transform(result: Result<Vec<TransformDecision>, HookError>) -> String {
+    match result {
+        Err(HookError::Failed { reason, .. }) => reason,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn memory_cap_obeyed_and_exceeded() {
     for kind in KINDS {

@@ -12,6 +12,10 @@
 //! | `drop/` | | dropped |
 //! | `sign/` | | user property `sig` = hex HMAC-SHA256 (key id `k1`) of the payload |
 //! | `rewrite/<rest>` | | topic becomes `rewritten/<rest>` |
+//! | `refuse/` | | rejected (not authorized, reason string "testkit refuses") |
+//! | `cut/` | | rejected and the client disconnected |
+//! | `batch/` | | user property `batch` = how many messages the call carried (`transform-batch`; 1 otherwise) |
+//! | `short/` | | in a `transform-batch` call: no results at all, for any message (a broken answer) |
 //!
 //! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
 //! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
@@ -131,9 +135,42 @@ impl Plugin for Testkit {
         } else if let Some(rest) = topic.strip_prefix("rewrite/") {
             message.topic = format!("rewritten/{rest}");
             TransformResult::Modified(message)
+        } else if topic.starts_with("refuse/") || topic.starts_with("cut/") {
+            TransformResult::Reject(Rejection {
+                reason: DenyReason::NotAuthorized,
+                message: "testkit refuses".to_owned(),
+                disconnect: topic.starts_with("cut/"),
+            })
+        } else if topic.starts_with("batch/") {
+            message.user_properties.push(UserProperty { key: "batch".into(), value: "1".into() });
+            TransformResult::Modified(message)
         } else {
             TransformResult::Unchanged
         }
+    }
+
+    /// As the SDK's own loop, plus: `batch/` messages learn the batch's size, and a batch holding a `short/`
+    /// message answers no results at all (a broken plugin).
+    fn on_publish_batch(&self, client: &Client, messages: Vec<Message>) -> Vec<TransformResult> {
+        if messages.iter().any(|message| message.topic.starts_with("short/")) {
+            return Vec::new();
+        }
+        let size = messages.len().to_string();
+        let mut results = Vec::with_capacity(messages.len());
+        for message in messages {
+            let mut result = self.on_publish(client, message);
+            if let TransformResult::Modified(modified) = &mut result {
+                for property in modified.user_properties.iter_mut().filter(|property| property.key == "batch") {
+                    property.value.clone_from(&size);
+                }
+            }
+            let disconnects = matches!(&result, TransformResult::Reject(rejection) if rejection.disconnect);
+            results.push(result);
+            if disconnects {
+                break;
+            }
+        }
+        results
     }
 
     /// Each subscriber's copy: on `per/` topics a subscriber whose id starts with "blind" gets nothing, the others
