@@ -14,7 +14,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::{Instant, Sleep};
 use tollgate_hooks::chain::AuthOutcome;
 use tollgate_hooks::{
-    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, PeerIdentity, TransformOutcome,
+    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, HookChain, PeerIdentity, TransformOutcome,
 };
 use tollgate_protocol::{
     Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
@@ -594,7 +594,8 @@ const MAX_BURST: usize = 32;
 
 /// A PUBLISH that passed every check before the transform.
 struct Admitted {
-    message: Message,
+    /// Made shared here, where routing would make it so anyway, so that moving an `Admitted` moves a pointer.
+    message: Arc<Message>,
     /// The Message Expiry Interval as the client sent it, for the transform's view of the message.
     expiry_interval: Option<u32>,
     /// The topic as published and authorized, for logs (a transform may rewrite the message's).
@@ -607,8 +608,6 @@ struct Admitted {
     now: Instant,
 }
 
-// Not boxed: an `Admission` lives for one step of one PUBLISH, and a box would cost every PUBLISH an allocation.
-#[allow(clippy::large_enum_variant)]
 enum Admission {
     Admitted(Admitted),
     /// Refused (or, for a QoS 2 duplicate, already routed): only the acknowledgement is left.
@@ -779,18 +778,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     async fn process_input(&mut self) -> Result<(), Exit> {
         while let Some(packet) = self.decoder.decode(&mut self.read_buf)? {
             Metrics::add(&self.broker.metrics().messages_received, 1);
-            match packet {
-                // More input follows a PUBLISH and the transform takes batches: hand it the burst in one call.
-                Packet::Publish(publish)
-                    if publish.qos != QoS::ExactlyOnce
-                        && !self.read_buf.is_empty()
-                        && self.broker.hooks().batches_inbound() =>
-                {
-                    // Boxed: the burst's state stays out of the future every connection keeps.
-                    Box::pin(self.process_burst(publish)).await?;
-                }
-                packet => self.handle(packet).await?,
-            }
+            self.handle(packet).await?;
         }
         // An idle connection keeps no read buffer at all; `poll_read_into` reads through a stack buffer.
         if self.read_buf.is_empty() {
@@ -907,23 +895,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     /// batch limit, the end of the input) first finishes the messages gathered so far, so acknowledgements keep
     /// the order of the PUBLISHes [MQTT-4.6.0-2]. QoS 2 goes one by one: its duplicate check needs the earlier
     /// messages acknowledged.
-    async fn process_burst(&mut self, first: Publish) -> Result<(), Exit> {
-        let mut burst: Vec<Admitted> = Vec::new();
-        let mut next = Some(Packet::Publish(first));
+    async fn process_burst(&mut self, first: Admitted) -> Result<(), Exit> {
+        let mut burst: Vec<Admitted> = vec![first];
         loop {
-            let packet = match next.take() {
-                Some(packet) => packet,
-                None => match self.decoder.decode(&mut self.read_buf) {
-                    Ok(Some(packet)) => {
-                        Metrics::add(&self.broker.metrics().messages_received, 1);
-                        packet
-                    }
-                    Ok(None) => break,
-                    Err(error) => {
-                        self.finish_burst(&mut burst).await?;
-                        return Err(error.into());
-                    }
-                },
+            let packet = match self.decoder.decode(&mut self.read_buf) {
+                Ok(Some(packet)) => {
+                    Metrics::add(&self.broker.metrics().messages_received, 1);
+                    packet
+                }
+                Ok(None) => break,
+                Err(error) => {
+                    self.finish_burst(&mut burst).await?;
+                    return Err(error.into());
+                }
             };
             match packet {
                 Packet::Publish(publish) if publish.qos != QoS::ExactlyOnce => {
@@ -959,7 +943,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     async fn finish_burst(&mut self, burst: &mut Vec<Admitted>) -> Result<(), Exit> {
         if burst.len() <= 1 {
             return match burst.pop() {
-                Some(admitted) => self.transform_and_route(admitted).await,
+                Some(admitted) => self.transform_one(admitted, &self.broker.hooks()).await,
                 None => Ok(()),
             };
         }
@@ -976,7 +960,14 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     async fn handle_publish(&mut self, publish: Publish) -> Result<(), Exit> {
         match self.admit_publish(publish).await? {
-            Admission::Admitted(admitted) => self.transform_and_route(admitted).await,
+            Admission::Admitted(admitted) => {
+                let hooks = self.broker.hooks();
+                if hooks.transformers.is_empty() {
+                    self.route_publish(admitted);
+                    return Ok(());
+                }
+                self.transform_and_route(admitted, hooks).await
+            }
             Admission::Answered { qos, packet_id, reason } => {
                 self.ack_publish(qos, packet_id, reason);
                 Ok(())
@@ -1093,7 +1084,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             origin: Some(self.session.id),
         };
         Ok(Admission::Admitted(Admitted {
-            message,
+            message: Arc::new(message),
             expiry_interval: publish.properties.message_expiry_interval,
             topic: topic_for_acl,
             qos,
@@ -1103,12 +1094,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }))
     }
 
-    async fn transform_and_route(&mut self, admitted: Admitted) -> Result<(), Exit> {
-        let hooks = self.broker.hooks();
-        if hooks.transformers.is_empty() {
-            self.route_publish(admitted);
-            return Ok(());
+    async fn transform_and_route(&mut self, admitted: Admitted, hooks: Arc<HookChain>) -> Result<(), Exit> {
+        // More input follows and the transform takes batches: gather the burst and hand it over in one call.
+        if admitted.qos != QoS::ExactlyOnce && !self.read_buf.is_empty() && hooks.batches_inbound() {
+            drop(hooks);
+            // Boxed: the burst's state stays out of the future every connection keeps.
+            return Box::pin(self.process_burst(admitted)).await;
         }
+        self.transform_one(admitted, &hooks).await
+    }
+
+    async fn transform_one(&mut self, admitted: Admitted, hooks: &HookChain) -> Result<(), Exit> {
         let mut draft = to_hook_message(&admitted.message, admitted.expiry_interval);
         let outcome = hooks.transform_inbound(&self.client, &mut draft).await;
         self.finish_publish(admitted, draft, outcome)
@@ -1124,9 +1120,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let Admitted { qos, packet_id, .. } = admitted;
         match outcome {
             TransformOutcome::Deliver => {
-                apply_hook_message(&mut admitted.message, draft, admitted.now);
+                // Not shared yet: `make_mut` does not copy.
+                let message = Arc::make_mut(&mut admitted.message);
+                apply_hook_message(message, draft, admitted.now);
                 // A transform may lower the QoS, never raise it past what the ACL granted.
-                admitted.message.qos = admitted.message.qos.min(admitted.max_qos);
+                message.qos = message.qos.min(admitted.max_qos);
                 self.route_publish(admitted);
                 Ok(())
             }
@@ -1154,7 +1152,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     fn route_publish(&mut self, admitted: Admitted) {
         let Admitted { message, topic, qos, packet_id, .. } = admitted;
-        let matched = self.broker.publish_from(Arc::new(message), Some(&self.session.client_id));
+        let matched = self.broker.publish_from(message, Some(&self.session.client_id));
         self.handed_off |= matched > 0;
         tracing::trace!(client_id = %self.client.client_id, %topic, matched, "published");
         let reason = if matched == 0 && self.version.is_v5() {

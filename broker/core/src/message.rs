@@ -27,7 +27,7 @@ impl std::fmt::Display for ClientId {
 }
 
 /// An accepted PUBLISH (or will, or `$SYS` update) after hooks have run.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Message {
     pub topic: Arc<str>,
     pub payload: Bytes,
