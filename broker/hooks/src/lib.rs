@@ -95,27 +95,7 @@ pub trait Transformer: Send + Sync {
         client: &ClientInfo,
         messages: &mut [Message],
     ) -> Result<Vec<TransformDecision>, HookError> {
-        let originals = messages.to_vec();
-        let mut decisions = Vec::with_capacity(messages.len());
-        for index in 0..messages.len() {
-            match self.transform_inbound(client, &mut messages[index]).await {
-                Ok(decision) => {
-                    if !matches!(decision, TransformDecision::Modified) {
-                        messages[index] = originals[index].clone();
-                    }
-                    let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
-                    decisions.push(decision);
-                    if stop {
-                        break;
-                    }
-                }
-                Err(error) => {
-                    messages.clone_from_slice(&originals);
-                    return Err(error);
-                }
-            }
-        }
-        Ok(decisions)
+        transform_one_by_one(self, client, messages).await
     }
 
     /// Runs once per subscriber copy when [`Transformer::transforms_outbound`] is true.
@@ -131,6 +111,36 @@ pub trait Transformer: Send + Sync {
     fn transforms_outbound(&self) -> bool {
         false
     }
+}
+
+/// [`Transformer::transform_inbound_batch`] as one [`Transformer::transform_inbound`] call per message, under the
+/// same contract: its default, and the fallback of a hook that takes batches only in some configurations.
+pub async fn transform_one_by_one<T: Transformer + ?Sized>(
+    hook: &T,
+    client: &ClientInfo,
+    messages: &mut [Message],
+) -> Result<Vec<TransformDecision>, HookError> {
+    let originals = messages.to_vec();
+    let mut decisions = Vec::with_capacity(messages.len());
+    for index in 0..messages.len() {
+        match hook.transform_inbound(client, &mut messages[index]).await {
+            Ok(decision) => {
+                if !matches!(decision, TransformDecision::Modified) {
+                    messages[index] = originals[index].clone();
+                }
+                let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
+                decisions.push(decision);
+                if stop {
+                    break;
+                }
+            }
+            Err(error) => {
+                messages.clone_from_slice(&originals);
+                return Err(error);
+            }
+        }
+    }
+    Ok(decisions)
 }
 
 /// Chooses what crosses a bridge and under which topic.

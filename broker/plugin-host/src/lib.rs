@@ -402,26 +402,12 @@ impl Transformer for PluginHook {
         client: &ClientInfo,
         messages: &mut [Message],
     ) -> Result<Vec<TransformDecision>, HookError> {
-        if !self.inbound {
-            return Ok(vec![TransformDecision::Keep; messages.len()]);
-        }
         match &self.runtime {
-            AnyRuntime::Wasm(plugin) if self.batches => {
+            AnyRuntime::Wasm(plugin) if self.transforms_in_batches() => {
                 let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
                 self.guarded_batch(HookKind::Transform, count, plugin.transform_batch(client, messages)).await
             }
-            _ => {
-                let mut decisions = Vec::with_capacity(messages.len());
-                for message in messages.iter_mut() {
-                    let decision = self.transform_inbound(client, message).await?;
-                    let stop = matches!(decision, TransformDecision::Reject { disconnect: true, .. });
-                    decisions.push(decision);
-                    if stop {
-                        break;
-                    }
-                }
-                Ok(decisions)
-            }
+            _ => tollgate_hooks::transform_one_by_one(self, client, messages).await,
         }
     }
 

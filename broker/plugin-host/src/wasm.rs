@@ -469,16 +469,12 @@ impl WasmPlugin {
                 messages.len()
             )));
         }
-        for result in &results {
-            if let wit::TransformResult::Modified(modified) = result {
-                crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
-            }
-        }
-        results
+        results.iter().try_for_each(check_transform_result)?;
+        Ok(results
             .into_iter()
             .zip(messages.iter_mut())
-            .map(|(result, message)| transform_decision(message, result))
-            .collect()
+            .map(|(result, message)| apply_transform_result(message, result))
+            .collect())
     }
 
     pub(crate) fn batches_inbound(&self) -> bool {
@@ -582,10 +578,23 @@ fn reason(deny: wit::DenyReason) -> ReasonCode {
 }
 
 fn transform_decision(message: &mut Message, result: wit::TransformResult) -> Result<TransformDecision, Failure> {
-    Ok(match result {
+    check_transform_result(&result)?;
+    Ok(apply_transform_result(message, result))
+}
+
+/// A transform's answer the broker can apply: a rewritten topic must be a topic name.
+fn check_transform_result(result: &wit::TransformResult) -> Result<(), Failure> {
+    match result {
+        wit::TransformResult::Modified(modified) => crate::check_topic(&modified.topic).map_err(Failure::BadAnswer),
+        _ => Ok(()),
+    }
+}
+
+/// Applies an answer [`check_transform_result`] accepted.
+fn apply_transform_result(message: &mut Message, result: wit::TransformResult) -> TransformDecision {
+    match result {
         wit::TransformResult::Unchanged => TransformDecision::Keep,
         wit::TransformResult::Modified(modified) => {
-            crate::check_topic(&modified.topic).map_err(Failure::BadAnswer)?;
             apply_message(message, modified);
             TransformDecision::Modified
         }
@@ -595,7 +604,7 @@ fn transform_decision(message: &mut Message, result: wit::TransformResult) -> Re
             message: rejection.message,
             disconnect: rejection.disconnect,
         },
-    })
+    }
 }
 
 fn wit_client(client: &ClientInfo) -> wit::Client {
