@@ -369,6 +369,16 @@ pub mod host {
         return crate::testing::kv_add(key, delta, durable);
     }
 
+    /// Stores `value` under `key` only if the key holds `expected` (`None`: absent), atomically across all
+    /// instances: `Ok(true)` when stored, `Ok(false)` when the key held something else (read it again and retry).
+    /// With `durable`, written to the state file as [`kv_set_durable`] does.
+    pub fn kv_compare_and_set(key: &str, expected: Option<&[u8]>, value: &[u8], durable: bool) -> Result<bool, String> {
+        #[cfg(target_arch = "wasm32")]
+        return imports::kv_compare_and_set(key, expected, value, durable);
+        #[cfg(not(target_arch = "wasm32"))]
+        return crate::testing::kv_compare_and_set(key, expected, value, durable);
+    }
+
     /// Records `key` for `ttl_ms` milliseconds across all instances: true when it was not recorded yet (or its
     /// record expired), false when it was. In memory only, bounded by the broker (the record closest to expiry
     /// goes first when full): a nonce cache, or a claim that must not outlive its purpose.
@@ -486,6 +496,8 @@ pub mod testing {
         /// `kv_claim` records and when they expire, on the test clock ([`set_now_ms`]).
         claims: BTreeMap<String, u64>,
         clock_synchronized: Option<bool>,
+        /// Runs just before the next `kv_compare_and_set` (see [`before_next_compare_and_set`]).
+        interleaved: Option<Box<dyn FnOnce()>>,
     }
 
     thread_local! {
@@ -514,6 +526,13 @@ pub mod testing {
     /// Fixes the clock; `None` goes back to the real one.
     pub fn set_now_ms(now: Option<u64>) {
         with(|host| host.now_ms = now);
+    }
+
+    /// Runs `other` just before the plugin's next `host::kv_compare_and_set`, between what it read and what it
+    /// writes: another instance (the broker's other worker) acting at the same instant. `other` may call the host
+    /// and other plugin instances.
+    pub fn before_next_compare_and_set(other: impl FnOnce() + 'static) {
+        with(|host| host.interleaved = Some(Box::new(other)));
     }
 
     /// What `host::clock_synchronized` answers (default `None`: cannot tell).
@@ -582,6 +601,27 @@ pub mod testing {
             host.durable.insert(key.to_owned(), value.to_vec());
         });
         Ok(())
+    }
+
+    pub(crate) fn kv_compare_and_set(
+        key: &str,
+        expected: Option<&[u8]>,
+        value: &[u8],
+        durable: bool,
+    ) -> Result<bool, String> {
+        if let Some(other) = with(|host| host.interleaved.take()) {
+            other();
+        }
+        with(|host| {
+            if host.kv.get(key).map(Vec::as_slice) != expected {
+                return Ok(false);
+            }
+            host.kv.insert(key.to_owned(), value.to_vec());
+            if durable {
+                host.durable.insert(key.to_owned(), value.to_vec());
+            }
+            Ok(true)
+        })
     }
 
     pub(crate) fn kv_add(key: &str, delta: u64, durable: bool) -> Result<u64, String> {
@@ -885,8 +925,13 @@ mod tests {
         assert_eq!(host::now_ms(), 42);
         host::kv_set_durable("d", b"2").expect("durable");
         assert_eq!(host::kv_add("c", 5, false), Ok(5));
+        assert_eq!(host::kv_compare_and_set("w", Some(b"0"), b"1", true), Ok(false), "absent, not \"0\"");
+        assert_eq!(host::kv_compare_and_set("w", None, b"1", true), Ok(true));
+        assert_eq!(host::kv_compare_and_set("w", None, b"2", true), Ok(false), "no longer absent");
+        assert_eq!(host::kv_compare_and_set("w", Some(b"1"), b"2", true), Ok(true));
         testing::restart();
         assert_eq!((host::kv_get("a"), host::kv_get("d"), host::kv_get("c")), (None, Some(b"2".to_vec()), None));
+        assert_eq!(host::kv_get("w"), Some(b"2".to_vec()));
         let tag = crypto::hmac_sha256_derived("k1", b"vin", b"m").expect("derived");
         assert_eq!(crypto::verify_hmac_sha256("k1", Some(b"vin"), b"m", &tag), Ok(true));
         assert_eq!(crypto::verify_hmac_sha256("k1", None, b"m", &tag), Ok(false));

@@ -173,6 +173,8 @@ impl LoadedPlugin {
             PluginKind::Wasm => AnyRuntime::Wasm(Arc::new(wasm::WasmPlugin::load(&spec, cache_dir, previous).await?)),
             PluginKind::Lua => AnyRuntime::Lua(Arc::new(lua::LuaPlugin::load(&spec, previous).await?)),
         };
+        // What `init` wrote durably.
+        runtime.shared().flush_durable();
         let provided = runtime.provided_hooks();
         let hooks = match &spec.hooks {
             None => provided,
@@ -286,6 +288,8 @@ impl<T, F: Future<Output = Result<T, Failure>>> Future for Guarded<'_, F> {
             }
         };
         let shared = this.adapter.runtime.shared();
+        // Before the broker acts on the answer: what the call wrote durably is in the state file by then.
+        shared.flush_durable();
         // What one message of a batch cost, counted once for each.
         let messages = (*this.messages).max(1);
         shared.metrics.latency_of(*this.hook).record_many(this.started.elapsed() / messages, u64::from(messages));

@@ -315,6 +315,24 @@ impl LuaPlugin {
         )?;
         let shared = self.shared.clone();
         host.raw_set(
+            "kv_compare_and_set",
+            lua.create_function(
+                move |_, (key, expected, value, durable): (String, Option<LuaString>, LuaString, Option<bool>)| {
+                    let expected = expected.as_ref().map(|expected| expected.as_bytes().to_vec());
+                    shared
+                        .kv_compare_and_set(
+                            &key,
+                            expected.as_deref(),
+                            value.as_bytes().to_vec(),
+                            durable.unwrap_or(false),
+                            true,
+                        )
+                        .map_err(mlua::Error::runtime)
+                },
+            )?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
             "counter_add",
             lua.create_function(move |_, (name, delta): (String, Option<u64>)| {
                 shared.counter_add(&name, delta.unwrap_or(1));

@@ -55,6 +55,8 @@ pub struct PluginMetrics {
     pub timeouts: AtomicU64,
     pub disabled: AtomicU64,
     pub instances_created: AtomicU64,
+    /// Flushes of staged durable writes the state file refused (see [`PluginShared::flush_durable`]).
+    pub state_write_failures: AtomicU64,
     /// Wall time of each call as the broker saw it (waiting for an instance included), per hook kind.
     pub latency: [LatencyHistogram; HookKind::ALL.len()],
 }
@@ -71,6 +73,7 @@ impl PluginMetrics {
             ("timeouts", read(&self.timeouts)),
             ("disabled", read(&self.disabled)),
             ("instances_created", read(&self.instances_created)),
+            ("state_write_failures", read(&self.state_write_failures)),
         ])
     }
 
@@ -264,27 +267,36 @@ impl CallClient {
 /// The append-only file behind `kv-set-durable`: one record per write, `u32` big-endian key length, key, `u32`
 /// value length (`u32::MAX` for a deletion), value. Loading replays it and rewrites it compacted; a torn record at
 /// the end (a crash mid-write) is ignored.
+///
+/// Durable writes are staged during a plugin call and reach the file together when the call returns
+/// ([`PluginShared::flush_durable`]), before the broker acts on its result: msg-auth moves a sender's replay window
+/// on every message, and one `write(2)` per message cost more than the rest of its verification. A key written
+/// several times in one call is written once, with its last value.
 struct DurableKv {
     path: PathBuf,
     file: std::fs::File,
+    /// The file's length after the last complete write: a failed write is cut back to it, so no torn record sits
+    /// before the records written later.
+    len: u64,
     keys: HashSet<String>,
     records: usize,
+    /// Staged writes (`None`: a deletion), not yet in the file.
+    staged: HashMap<String, Option<Vec<u8>>>,
 }
 
 const TOMBSTONE: u32 = u32::MAX;
 
-fn kv_record(key: &str, value: Option<&[u8]>) -> Vec<u8> {
-    let mut record = Vec::with_capacity(8 + key.len() + value.map_or(0, <[u8]>::len));
-    record.extend_from_slice(&(key.len() as u32).to_be_bytes());
-    record.extend_from_slice(key.as_bytes());
+fn put_kv_record(out: &mut Vec<u8>, key: &str, value: Option<&[u8]>) {
+    out.reserve(8 + key.len() + value.map_or(0, <[u8]>::len));
+    out.extend_from_slice(&(key.len() as u32).to_be_bytes());
+    out.extend_from_slice(key.as_bytes());
     match value {
         Some(value) => {
-            record.extend_from_slice(&(value.len() as u32).to_be_bytes());
-            record.extend_from_slice(value);
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
         }
-        None => record.extend_from_slice(&TOMBSTONE.to_be_bytes()),
+        None => out.extend_from_slice(&TOMBSTONE.to_be_bytes()),
     }
-    record
 }
 
 fn parse_kv_log(bytes: &[u8]) -> HashMap<String, Vec<u8>> {
@@ -315,51 +327,76 @@ impl DurableKv {
     /// Writes `entries` as a fresh, compacted file at `path` and keeps it open for appending.
     fn create<'a>(path: PathBuf, entries: impl Iterator<Item = (&'a str, &'a [u8])> + Clone) -> std::io::Result<Self> {
         let keys: HashSet<String> = entries.clone().map(|(key, _)| key.to_owned()).collect();
+        let (file, len) = Self::rewrite(&path, entries)?;
         Ok(DurableKv {
-            file: Self::rewrite(&path, entries)?,
+            file,
+            len,
             path,
             // The rewrite left one record per live key.
             records: keys.len(),
             keys,
+            staged: HashMap::new(),
         })
     }
 
-    fn rewrite<'a>(path: &Path, entries: impl Iterator<Item = (&'a str, &'a [u8])>) -> std::io::Result<std::fs::File> {
+    fn rewrite<'a>(
+        path: &Path,
+        entries: impl Iterator<Item = (&'a str, &'a [u8])>,
+    ) -> std::io::Result<(std::fs::File, u64)> {
         let mut partial = path.as_os_str().to_owned();
         partial.push(".partial");
         let partial = PathBuf::from(partial);
         let mut bytes = Vec::new();
         for (key, value) in entries {
-            bytes.extend_from_slice(&kv_record(key, Some(value)));
+            put_kv_record(&mut bytes, key, Some(value));
         }
         std::fs::write(&partial, &bytes)?;
         std::fs::File::open(&partial)?.sync_all()?;
         std::fs::rename(&partial, path)?;
-        std::fs::OpenOptions::new().append(true).open(path)
+        Ok((std::fs::OpenOptions::new().append(true).open(path)?, bytes.len() as u64))
     }
 
-    fn append(&mut self, key: &str, value: Option<&[u8]>) -> std::io::Result<()> {
-        // One write(2) per record: it reaches the page cache before the plugin's call returns, so it survives the
-        // broker process dying; compaction is the only place that fsyncs.
-        self.file.write_all(&kv_record(key, value))?;
+    /// Records a write for the next [`DurableKv::flush`].
+    fn stage(&mut self, key: &str, value: Option<&[u8]>) {
         match value {
             Some(_) => self.keys.insert(key.to_owned()),
             None => self.keys.remove(key),
         };
-        self.records += 1;
+        self.staged.insert(key.to_owned(), value.map(<[u8]>::to_vec));
+    }
+
+    /// Writes the staged records in one `write(2)`: they reach the page cache, so they survive the broker process
+    /// dying; compaction is the only place that fsyncs. On failure the records stay staged for the next flush.
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        for (key, value) in &self.staged {
+            put_kv_record(&mut bytes, key, value.as_deref());
+        }
+        if let Err(error) = self.file.write_all(&bytes) {
+            // Best effort: if even this fails, loading stops at the torn record, as after a crash mid-write.
+            let _ = self.file.set_len(self.len);
+            return Err(error);
+        }
+        self.len += bytes.len() as u64;
+        self.records += self.staged.len();
+        self.staged.clear();
         Ok(())
     }
 
     /// Rewrites the file from `table` once it holds mostly superseded records. `table` must already hold every
-    /// value appended so far: the rewrite replaces the file, so a value only in the file would be lost.
+    /// value written so far, and nothing may be staged: the rewrite replaces the file.
     fn compact_if_due(&mut self, table: &HashMap<String, Vec<u8>>, plugin: &str) {
-        if self.records <= 4 * self.keys.len() + 4096 {
+        if !self.staged.is_empty() || self.records <= 4 * self.keys.len() + COMPACTION_SLACK {
             return;
         }
         let live = self.keys.iter().filter_map(|key| table.get(key).map(|value| (key.as_str(), value.as_slice())));
         match Self::rewrite(&self.path, live) {
-            Ok(file) => {
+            Ok((file, len)) => {
                 self.file = file;
+                self.len = len;
                 self.records = self.keys.len();
             }
             // The uncompacted file is still whole and appended to; compaction is tried again on the next write.
@@ -368,6 +405,19 @@ impl DurableKv {
     }
 }
 
+impl Drop for DurableKv {
+    /// What a cancelled call staged (its connection went away mid-call) is written by the next call; when the
+    /// plugin is dropped first, here.
+    fn drop(&mut self) {
+        let _ = self.flush();
+    }
+}
+
+/// Superseded records a state file may hold beyond four per live key before it is compacted. Compaction fsyncs,
+/// on the worker that happens to write, so it must stay rare: at one sender's replay window moved per message
+/// this is a compaction every few seconds per shard at full speed.
+const COMPACTION_SLACK: usize = 16_384;
+
 /// Shared by every instance of one plugin.
 pub struct PluginShared {
     pub name: Arc<str>,
@@ -375,7 +425,9 @@ pub struct PluginShared {
     secrets: BTreeMap<String, KeyedSecret>,
     /// Shared with the plugin's next version on a reload (see [`PluginShared::keeping_state_of`]).
     kv: Arc<KvStore>,
-    counters: Mutex<BTreeMap<String, u64>>,
+    /// Read-locked to count (an atomic add): plugins count on every message from every worker, and a plain lock
+    /// made the workers wait for each other.
+    counters: std::sync::RwLock<HashMap<String, AtomicU64, foldhash::fast::RandomState>>,
     health: Mutex<Health>,
     /// Mirrors `health.disabled_until.is_some()`, so that the check every call makes reads one shared flag
     /// instead of taking a lock the other workers take too.
@@ -507,6 +559,9 @@ struct KvShard {
     file: Mutex<Option<DurableKv>>,
     table: Mutex<HashMap<String, Vec<u8>>>,
     claims: Mutex<Claims>,
+    /// The file has staged writes. Set when staging and cleared once they are written, both under `file`'s lock:
+    /// a caller that finds it clear knows every write staged before it looked is in the file.
+    staged: AtomicBool,
 }
 
 /// The key-value table of one plugin (all its instances and versions), optionally backed by state files.
@@ -516,6 +571,7 @@ struct KvStore {
     entries: AtomicUsize,
     /// The state file the shards were attached to (their files are `<path>.<shard>`).
     path: Mutex<Option<PathBuf>>,
+    last_write_warning: Mutex<Option<Instant>>,
 }
 
 impl Default for KvStore {
@@ -524,6 +580,7 @@ impl Default for KvStore {
             shards: (0..KV_SHARDS).map(|_| KvShard::default()).collect(),
             entries: AtomicUsize::new(0),
             path: Mutex::new(None),
+            last_write_warning: Mutex::new(None),
         }
     }
 }
@@ -645,7 +702,7 @@ impl PluginShared {
             metrics: PluginMetrics::default(),
             secrets,
             kv: Arc::default(),
-            counters: Mutex::new(BTreeMap::new()),
+            counters: std::sync::RwLock::default(),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
                 failures_in_window: 0,
@@ -677,10 +734,9 @@ impl PluginShared {
         if table.remove(key).is_some() {
             self.kv.release(true);
         }
-        if let Some(file) = file.as_mut().filter(|file| file.keys.contains(key))
-            && let Err(error) = file.append(key, None)
-        {
-            warn!(plugin = %self.name, %error, "could not record a deletion in the plugin's state file");
+        if let Some(file) = file.as_mut().filter(|file| file.keys.contains(key)) {
+            file.stage(key, None);
+            shard.staged.store(true, Ordering::Release);
         }
     }
 
@@ -716,26 +772,20 @@ impl PluginShared {
         Ok(())
     }
 
+    /// `kv-set-durable`: see the WIT contract. The value reaches the state file when the call returns
+    /// ([`PluginShared::flush_durable`]).
     pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        let shard = self.kv.shard(&key);
-        let mut file = lock(&shard.file);
-        let Some(file) = file.as_mut() else {
-            return Err(NOT_DURABLE.to_owned());
-        };
-        let mut table = lock(&shard.table);
-        let new_key = self.kv.reserve(&table, &key, value.len())?;
-        if let Err(error) = file.append(&key, Some(&value)) {
-            self.kv.release(new_key);
-            return Err(format!("state file: {error}"));
-        }
-        table.insert(key, value);
-        file.compact_if_due(&table, &self.name);
-        Ok(())
+        self.kv_compare_and_set(&key, None, value, true, false).map(|_| ())
     }
 
+    /// `kv-add`: see the WIT contract.
     pub fn kv_add(&self, key: &str, delta: u64, durable: bool) -> Result<u64, String> {
         let shard = self.kv.shard(key);
         let mut file = if durable { Some(lock(&shard.file)) } else { None };
+        let file = match file.as_mut() {
+            None => None,
+            Some(guard) => Some(guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?),
+        };
         // The table stays locked from read to update: the counter is atomic even against non-durable adds.
         let mut table = lock(&shard.table);
         let current = match table.get(key) {
@@ -746,22 +796,71 @@ impl PluginShared {
             ),
         };
         let next = current.wrapping_add(delta);
-        let mut file = match file.as_mut() {
+        self.kv.reserve(&table, key, 8)?;
+        if let Some(file) = file {
+            file.stage(key, Some(&next.to_be_bytes()));
+            shard.staged.store(true, Ordering::Release);
+        }
+        table.insert(key.to_owned(), next.to_be_bytes().to_vec());
+        Ok(next)
+    }
+
+    /// `kv-compare-and-set`: stores `value` under `key` if the key holds `expected` (`None`: absent), atomically
+    /// across the plugin's instances, and says whether it did. With `check` false the value is stored whatever the
+    /// key holds (`kv-set-durable`).
+    pub fn kv_compare_and_set(
+        &self,
+        key: &str,
+        expected: Option<&[u8]>,
+        value: Vec<u8>,
+        durable: bool,
+        check: bool,
+    ) -> Result<bool, String> {
+        let shard = self.kv.shard(key);
+        let mut file = if durable { Some(lock(&shard.file)) } else { None };
+        let file = match file.as_mut() {
             None => None,
             Some(guard) => Some(guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?),
         };
-        let new_key = self.kv.reserve(&table, key, 8)?;
-        if let Some(file) = file.as_deref_mut()
-            && let Err(error) = file.append(key, Some(&next.to_be_bytes()))
-        {
-            self.kv.release(new_key);
-            return Err(format!("state file: {error}"));
+        let mut table = lock(&shard.table);
+        if check && table.get(key).map(Vec::as_slice) != expected {
+            return Ok(false);
         }
-        table.insert(key.to_owned(), next.to_be_bytes().to_vec());
+        self.kv.reserve(&table, key, value.len())?;
         if let Some(file) = file {
-            file.compact_if_due(&table, &self.name);
+            file.stage(key, Some(&value));
+            shard.staged.store(true, Ordering::Release);
         }
-        Ok(next)
+        table.insert(key.to_owned(), value);
+        Ok(true)
+    }
+
+    /// Writes what the plugin's calls staged for its state files (see [`DurableKv`]). Called when a call returns,
+    /// before the broker acts on its result. A write that fails stays staged, is retried by the next call, and is
+    /// logged at most once a minute; the call's result stands (the plugin was told its write would be made, and
+    /// the value is in the table).
+    pub fn flush_durable(&self) {
+        for shard in &self.kv.shards {
+            if !shard.staged.load(Ordering::Acquire) {
+                continue;
+            }
+            let mut file = lock(&shard.file);
+            let Some(file) = file.as_mut() else { continue };
+            match file.flush() {
+                Ok(()) => {
+                    shard.staged.store(false, Ordering::Release);
+                    file.compact_if_due(&lock(&shard.table), &self.name);
+                }
+                Err(error) => {
+                    self.metrics.state_write_failures.fetch_add(1, Ordering::Relaxed);
+                    let mut last = lock(&self.kv.last_write_warning);
+                    if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                        *last = Some(Instant::now());
+                        warn!(plugin = %self.name, %error, "could not write the plugin's state file; retrying on its next call");
+                    }
+                }
+            }
+        }
     }
 
     /// Names become `$SYS` topic levels, so a name that is not a valid topic (empty, wildcards, NUL) is ignored.
@@ -769,16 +868,25 @@ impl PluginShared {
         if tollgate_protocol::topic::validate_topic_name(name).is_err() {
             return;
         }
-        let mut counters = lock(&self.counters);
-        if let Some(value) = counters.get_mut(name) {
-            *value = value.saturating_add(delta);
+        {
+            let counters = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(value) = counters.get(name) {
+                // Saturating, as a `$SYS` counter should; `fetch_update` only loops while another worker adds.
+                let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
+                return;
+            }
+        }
+        let mut counters = self.counters.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(value) = counters.get(name) {
+            let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
         } else if counters.len() < 1024 {
-            counters.insert(name.to_owned(), delta);
+            counters.insert(name.to_owned(), AtomicU64::new(delta));
         }
     }
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        lock(&self.counters).clone()
+        let counters = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        counters.iter().map(|(name, value)| (name.clone(), value.load(Ordering::Relaxed))).collect()
     }
 
     /// `kv-claim`: see the WIT contract.
@@ -1034,9 +1142,11 @@ mod tests {
         let hot_file = shard_path(&path, shard_of("hot"));
         let size = || std::fs::metadata(&hot_file).expect("stat").len();
         let mut compacted_at = None;
-        for round in 0..6000u32 {
+        let rounds = COMPACTION_SLACK as u32 + 2000;
+        for round in 0..rounds {
             let before = size();
             restarted.kv_set_durable("hot".into(), round.to_be_bytes().to_vec()).expect("set");
+            restarted.flush_durable();
             if size() < before && compacted_at.is_none() {
                 compacted_at = Some(round);
                 // Read without opening (opening rewrites the file under the live writer).
@@ -1044,12 +1154,67 @@ mod tests {
                 assert_eq!(on_disk.get("hot"), Some(&round.to_be_bytes().to_vec()), "lost in compaction");
             }
         }
-        assert!(compacted_at.is_some() && size() < 4096 * 20, "the log was compacted");
+        assert!(compacted_at.is_some() && size() < 20 * COMPACTION_SLACK as u64, "the log was compacted");
         drop(restarted);
         let again = PluginShared::new("p", BTreeMap::new());
         again.open_state(path).expect("reopen");
-        assert_eq!(again.kv_get("hot"), Some(5999u32.to_be_bytes().to_vec()));
+        assert_eq!(again.kv_get("hot"), Some((rounds - 1).to_be_bytes().to_vec()));
         assert_eq!(again.kv_get("keep"), Some(b"3".to_vec()));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn durable_writes_of_a_call_reach_the_file_together_when_it_returns() {
+        let dir = std::env::temp_dir().join(format!("tollgate-kv-flush-{}-{:?}", std::process::id(), Instant::now()));
+        let path = dir.join("p.kv");
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.open_state(path.clone()).expect("open");
+        let file = shard_path(&path, shard_of("window"));
+        let on_disk = || parse_kv_log(&std::fs::read(&file).expect("read"));
+        let size = || std::fs::metadata(&file).expect("stat").len();
+        for value in [b"1", b"2", b"3"] {
+            shared.kv_set_durable("window".into(), value.to_vec()).expect("set");
+        }
+        assert_eq!(size(), 0, "written before the call returned");
+        shared.flush_durable();
+        assert_eq!(on_disk().get("window"), Some(&b"3".to_vec()));
+        assert_eq!(size(), 4 + 6 + 4 + 1, "one record for three writes of one key");
+
+        // A refused write stays staged, is counted, and goes in with the next call's.
+        shared.kv_set_durable("window".into(), b"4".to_vec()).expect("set");
+        let shard = shared.kv.shard("window");
+        let writable = {
+            let mut guard = lock(&shard.file);
+            let durable = guard.as_mut().expect("attached");
+            std::mem::replace(&mut durable.file, std::fs::File::open(&file).expect("read-only"))
+        };
+        shared.flush_durable();
+        assert_eq!(shared.metrics.state_write_failures.load(Ordering::Relaxed), 1);
+        assert_eq!(on_disk().get("window"), Some(&b"3".to_vec()));
+        lock(&shard.file).as_mut().expect("attached").file = writable;
+        shared.flush_durable();
+        assert_eq!(on_disk().get("window"), Some(&b"4".to_vec()), "the refused write was lost");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn compare_and_set_stores_only_over_the_expected_value() {
+        let dir = std::env::temp_dir().join(format!("tollgate-kv-cas-{}-{:?}", std::process::id(), Instant::now()));
+        let path = dir.join("p.kv");
+        let shared = PluginShared::new("p", BTreeMap::new());
+        assert!(shared.kv_compare_and_set("w", None, b"1".to_vec(), true, true).is_err(), "no state file yet");
+        assert_eq!(shared.kv_compare_and_set("w", None, b"1".to_vec(), false, true), Ok(true));
+        assert_eq!(shared.kv_compare_and_set("w", None, b"2".to_vec(), false, true), Ok(false), "no longer absent");
+        assert_eq!(shared.kv_compare_and_set("w", Some(b"9"), b"2".to_vec(), false, true), Ok(false));
+        assert_eq!(shared.kv_get("w"), Some(b"1".to_vec()));
+        shared.open_state(path.clone()).expect("open");
+        assert_eq!(shared.kv_compare_and_set("w", Some(b"1"), b"2".to_vec(), true, true), Ok(true));
+        assert!(shared.kv_compare_and_set("big", None, vec![0; KV_MAX_VALUE_BYTES + 1], false, true).is_err());
+        shared.flush_durable();
+        drop(shared);
+        let restarted = PluginShared::new("p", BTreeMap::new());
+        restarted.open_state(path).expect("reopen");
+        assert_eq!(restarted.kv_get("w"), Some(b"2".to_vec()));
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -1060,9 +1225,9 @@ mod tests {
         let path = dir.join("p.kv");
         let mut legacy = Vec::new();
         for (key, value) in [("rx/k/a", b"old".as_slice()), ("rx/k/b", b"1"), ("rx/k/a", b"new")] {
-            legacy.extend_from_slice(&kv_record(key, Some(value)));
+            put_kv_record(&mut legacy, key, Some(value));
         }
-        legacy.extend_from_slice(&kv_record("rx/k/b", None));
+        put_kv_record(&mut legacy, "rx/k/b", None);
         std::fs::write(&path, legacy).expect("write");
         let shared = PluginShared::new("p", BTreeMap::new());
         shared.open_state(path.clone()).expect("open");

@@ -142,6 +142,16 @@ impl tollgate::plugin::host::Host for HostState {
         self.shared.kv_add(&key, delta, durable)
     }
 
+    fn kv_compare_and_set(
+        &mut self,
+        key: String,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        durable: bool,
+    ) -> Result<bool, String> {
+        self.shared.kv_compare_and_set(&key, expected.as_deref(), value, durable, true)
+    }
+
     fn kv_claim(&mut self, key: String, ttl_ms: u64) -> bool {
         self.shared.kv_claim(&key, ttl_ms)
     }
@@ -516,7 +526,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.5.0";
+const CONTRACT: &str = "tollgate:plugin@0.6.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {

@@ -446,7 +446,12 @@ function on_publish(client, msg)
   end
   local n = tollgate.kv_add("seen", 1, true)
   tollgate.kv_set_durable("last", msg.payload)
-  msg.topic = "signed/" .. n .. "/" .. (tollgate.kv_get("last") or "")
+  local marks = tollgate.kv_get("marks")
+  if tollgate.kv_compare_and_set("marks", "not what it holds", "x", true) then
+    return {reject = "not_authorized", reason = "compare-and-set ignored what the key held"}
+  end
+  assert(tollgate.kv_compare_and_set("marks", marks, (marks or "") .. "c", true))
+  msg.topic = "signed/" .. n .. "/" .. (tollgate.kv_get("last") or "") .. "/" .. tollgate.kv_get("marks")
   return msg
 end
 "#,
@@ -464,7 +469,7 @@ end
     let (_plugin, hook) = load(spec()).await;
     let mut signed = message("in", "p1");
     assert_eq!(hook.transform_inbound(&client(), &mut signed).await, Ok(TransformDecision::Modified));
-    assert_eq!(&*signed.topic, "signed/1/p1");
+    assert_eq!(&*signed.topic, "signed/1/p1/c");
     let mut forged = message("forged", "x");
     assert_eq!(
         hook.transform_inbound(&client(), &mut forged).await,
@@ -482,7 +487,7 @@ end
     let (_plugin, restarted) = load(spec()).await;
     let mut again = message("in", "p2");
     assert_eq!(restarted.transform_inbound(&client(), &mut again).await, Ok(TransformDecision::Modified));
-    assert_eq!(&*again.topic, "signed/2/p2");
+    assert_eq!(&*again.topic, "signed/2/p2/cc");
 
     // Without a state directory, durable writes fail: the call fails and its failure policy applies.
     let mut volatile = spec();

@@ -295,7 +295,13 @@ fn take_signatures(message: &mut Message) -> Vec<String> {
 /// The receive-side replay state of one (key, sender): the highest counter seen and a bitmap of the
 /// [`REPLAY_WINDOW`] counters below it.
 fn replay_key(kid: &str, sub: &str) -> String {
-    format!("rx/{kid}/{sub}")
+    // Built by hand: `format!` costs several times as much, on every message.
+    let mut key = String::with_capacity(4 + kid.len() + sub.len());
+    key.push_str("rx/");
+    key.push_str(kid);
+    key.push('/');
+    key.push_str(sub);
+    key
 }
 
 /// A nonce seen from (key, sender), remembered while its timestamp could still pass.
@@ -303,13 +309,8 @@ fn nonce_key(kid: &str, sub: &str, nonce: &str) -> String {
     format!("nonce/{kid}/{sub}/{nonce}")
 }
 
-/// Held (non-durably) while one instance checks and moves the window for this counter.
-fn claim_key(kid: &str, sub: &str, counter: u64) -> String {
-    format!("rx-claim/{kid}/{sub}/{counter}")
-}
-
-fn read_window(bytes: Option<Vec<u8>>) -> (u64, u64) {
-    match bytes.as_deref().and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()) {
+fn read_window(bytes: Option<&[u8]>) -> (u64, u64) {
+    match bytes.and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()) {
         Some(state) => {
             let (high, bits) = state.split_at(8);
             (
@@ -560,16 +561,27 @@ impl Plugin for MsgAuth {
     }
 
     fn on_publish(&self, client: &Client, mut message: Message) -> TransformResult {
-        if !self.rules.iter().any(|rule| rule.applies_to(&message.topic)) {
+        // Sign rules act at delivery; at ingress the first verify or attest rule applies. One pass over the rules,
+        // each topic match made once.
+        let mut any_applies = false;
+        let mut ingress_rule = None;
+        for rule in &self.rules {
+            if rule.applies_to(&message.topic) {
+                any_applies = true;
+                if rule.mode != Mode::Sign {
+                    ingress_rule = Some(rule);
+                    break;
+                }
+            }
+        }
+        if !any_applies {
             return TransformResult::Unchanged;
         }
         // What a client claims about signatures is never passed on as if the broker had said it.
         let before = message.user_properties.len();
         message.user_properties.retain(|property| property.key != STATUS_PROPERTY && property.key != PREVIOUS_PROPERTY);
         let stripped = message.user_properties.len() != before;
-        // Sign rules act at delivery; at ingress the first verify or attest rule applies.
-        let Some(rule) = self.rules.iter().find(|rule| rule.mode != Mode::Sign && rule.applies_to(&message.topic))
-        else {
+        let Some(rule) = ingress_rule else {
             return if stripped { TransformResult::Modified(message) } else { TransformResult::Unchanged };
         };
         let outcome = match rule.mode {
@@ -752,28 +764,28 @@ impl MsgAuth {
         if present.ctr {
             // Checked only now, after the tag: a forged message must not move the window.
             //
-            // The broker runs one instance per worker, so two copies of one message (a replay on another
-            // connection) can be verified at the same instant, each reading the window before the other writes
-            // it. The counter is therefore claimed first with the host's atomic add: only the first claimer goes
-            // on; a second one is a copy in flight, refused as a replay. The claim is dropped once the window is
-            // written, so a later copy meets the window.
-            let claim = claim_key(&signature.kid, &signature.sub, signature.ctr);
-            if host::kv_add(&claim, 1, false) != Ok(1) {
-                return Err((Failure::Replay, Box::new(signature)));
-            }
+            // The broker runs one instance per worker, so two messages of one sender (a copy replayed on another
+            // connection, or the sender on two connections) can be verified at the same instant. The window moves
+            // by compare-and-set: an instance that finds it moved since it read it reads it again, and a copy in
+            // flight then meets the window its original moved. Every retry means another message got through, and
+            // the call's CPU budget bounds the loop anyway.
             let state_key = replay_key(&signature.kid, &signature.sub);
-            let (highest, bits) = read_window(host::kv_get(&state_key));
-            let advanced = advance_window(highest, bits, signature.ctr);
-            if let Some((highest, bits)) = advanced {
-                let mut state = highest.to_be_bytes().to_vec();
-                state.extend_from_slice(&bits.to_be_bytes());
-                if host::kv_set_durable(&state_key, &state).is_err() {
-                    let _ = host::kv_set(&state_key, &state);
+            loop {
+                let current = host::kv_get(&state_key);
+                let (highest, bits) = read_window(current.as_deref());
+                let Some((highest, bits)) = advance_window(highest, bits, signature.ctr) else {
+                    return Err((Failure::Replay, Box::new(signature)));
+                };
+                let mut state = [0; 16];
+                state[..8].copy_from_slice(&highest.to_be_bytes());
+                state[8..].copy_from_slice(&bits.to_be_bytes());
+                // Durable, or (the state table is full) in memory; if even that fails the message passes with the
+                // window unmoved, as an unsigned-state broker would.
+                let stored = host::kv_compare_and_set(&state_key, current.as_deref(), &state, true)
+                    .or_else(|_| host::kv_compare_and_set(&state_key, current.as_deref(), &state, false));
+                if stored != Ok(false) {
+                    break;
                 }
-            }
-            host::kv_delete(&claim);
-            if advanced.is_none() {
-                return Err((Failure::Replay, Box::new(signature)));
             }
         }
         Ok(Box::new(signature))

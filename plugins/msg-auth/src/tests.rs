@@ -96,23 +96,43 @@ fn a_signed_command_passes_and_its_replay_fails() {
 }
 
 #[test]
-fn a_copy_verified_while_the_original_is_in_flight_is_a_replay() {
+fn a_copy_verified_at_the_same_instant_as_its_original_is_a_replay() {
     let plugin = setup();
     let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 7);
-    // Another instance (the other worker) holds the claim on counter 7 of this sender: it is verifying a copy
-    // of this very message and has not written the window yet.
-    let claim = format!("rx-claim/cloud-2026-07/{VIN}/7");
-    assert_eq!(host::kv_add(&claim, 1, false), Ok(1));
+    // The other worker's instance verifies a copy of this very message between this instance's read of the
+    // window and its write: the copy gets through first, and this one, reading the window again, is the replay.
+    let copy = message.clone();
+    let other_passed = std::rc::Rc::new(std::cell::Cell::new(false));
+    let passed = other_passed.clone();
+    testing::before_next_compare_and_set(move || {
+        let other = MsgAuth::init(config(&[])).expect("the other worker's instance");
+        passed.set(other.on_publish(&backend(), copy) == TransformResult::Unchanged);
+    });
     assert_eq!(
         rejected(&plugin.on_publish(&backend(), message.clone())),
         Some((DenyReason::NotAuthorized, "msg-auth: replay".into()))
     );
-    // Once it is done (window written, claim dropped), a copy meets the window. Here the other instance is
-    // pretended to have failed before writing, so the message passes once, and its claim is gone afterwards.
-    host::kv_delete(&claim);
-    assert_eq!(plugin.on_publish(&backend(), message.clone()), TransformResult::Unchanged);
-    assert_eq!(host::kv_get(&claim), None, "the claim outlived the verification");
+    assert!(other_passed.get(), "exactly one of the two copies passes");
     assert!(rejected(&plugin.on_publish(&backend(), message)).is_some());
+}
+
+#[test]
+fn two_counters_of_one_sender_verified_at_once_both_stay_in_the_window() {
+    let plugin = setup();
+    let seventh = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"a", 7);
+    let eighth = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"b", 8);
+    // The sender on two connections: counter 8 moves the window while counter 7 is being checked. Written by
+    // read-then-set, counter 7's write would drop 8 from the window (or 8's would drop 7), and the dropped one
+    // could be replayed.
+    let other = eighth.clone();
+    testing::before_next_compare_and_set(move || {
+        let instance = MsgAuth::init(config(&[])).expect("the other worker's instance");
+        assert_eq!(instance.on_publish(&backend(), other), TransformResult::Unchanged);
+    });
+    assert_eq!(plugin.on_publish(&backend(), seventh.clone()), TransformResult::Unchanged);
+    assert!(rejected(&plugin.on_publish(&backend(), seventh)).is_some(), "counter 7 replayed");
+    assert!(rejected(&plugin.on_publish(&backend(), eighth)).is_some(), "counter 8 replayed");
+    assert_eq!(testing::counter("verify/ok"), 2);
 }
 
 #[test]
