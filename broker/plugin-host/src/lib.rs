@@ -29,7 +29,7 @@ use tollgate_hooks::{
 };
 
 pub use shared::{Failure, PluginMetrics, PluginShared};
-pub use spec::{HookKind, Limits, PluginKind, PluginSpec};
+pub use spec::{DEFAULT_STATE_SYNC, HookKind, Limits, PluginKind, PluginSpec};
 
 /// A plugin that could not be loaded, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

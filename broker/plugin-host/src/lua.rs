@@ -143,7 +143,7 @@ impl LuaPlugin {
         crate::ticker::start().map_err(fail)?;
         let source = std::fs::read_to_string(&spec.path)
             .map_err(|error| fail(format!("cannot read {}: {error}", spec.path.display())))?;
-        let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
+        let shared = PluginShared::for_spec(spec, previous).map_err(fail)?;
         let mut plugin = LuaPlugin {
             shared,
             source: source.into(),

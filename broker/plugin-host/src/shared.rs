@@ -409,7 +409,10 @@ impl Drop for DurableKv {
     /// What a cancelled call staged (its connection went away mid-call) is written by the next call; when the
     /// plugin is dropped first, here.
     fn drop(&mut self) {
-        let _ = self.flush();
+        // A clean shutdown or reload leaves nothing to a power cut.
+        if self.flush().is_ok() {
+            let _ = self.file.sync_data();
+        }
     }
 }
 
@@ -546,6 +549,47 @@ fn monotonic_ms() -> u64 {
     u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The thread that syncs plugin state files every [`PluginSpec::state_sync`]: an fsync can take milliseconds
+/// (seconds on a worn SD card), which no worker may spend.
+mod sync_thread {
+    use std::sync::{Arc, Mutex, OnceLock, Weak};
+    use std::time::Duration;
+
+    use super::{KvStore, PluginShared, lock};
+
+    /// How often the thread looks; a plugin's own interval decides whether it syncs.
+    const LOOK_EVERY: Duration = Duration::from_millis(250);
+
+    static WATCHED: Mutex<Vec<Weak<PluginShared>>> = Mutex::new(Vec::new());
+    static STARTED: OnceLock<()> = OnceLock::new();
+
+    /// Syncs `shared`'s state files from now on, while it lives. A new version of a plugin shares its
+    /// predecessor's table ([`KvStore`]), so one of the two syncing it is enough: duplicates are skipped.
+    pub(super) fn watch(shared: &Arc<PluginShared>) {
+        let mut watched = lock(&WATCHED);
+        watched.retain(|other| other.strong_count() > 0);
+        let store: *const KvStore = Arc::as_ptr(&shared.kv);
+        if !watched.iter().filter_map(Weak::upgrade).any(|other| std::ptr::eq(Arc::as_ptr(&other.kv), store)) {
+            watched.push(Arc::downgrade(shared));
+        }
+        drop(watched);
+        STARTED.get_or_init(|| {
+            let spawned = std::thread::Builder::new().name("tollgate-state-sync".into()).spawn(|| {
+                loop {
+                    std::thread::sleep(LOOK_EVERY);
+                    let live: Vec<Arc<PluginShared>> = lock(&WATCHED).iter().filter_map(Weak::upgrade).collect();
+                    for shared in live.iter().filter(|shared| shared.sync_due()) {
+                        shared.sync_durable();
+                    }
+                }
+            });
+            if let Err(error) = spawned {
+                tracing::warn!(%error, "no state-sync thread: plugin state files are synced only at shutdown");
+            }
+        });
+    }
+}
+
 /// Shards of the key-value table and of its state file. msg-auth claims, reads and writes a sender's replay
 /// window on every message from both workers; behind one lock, held across the durable `write(2)`, they queued
 /// for each other (the broker then used 1.4 of its 2 cores). Keys of different senders now mostly meet different
@@ -562,6 +606,10 @@ struct KvShard {
     /// The file has staged writes. Set when staging and cleared once they are written, both under `file`'s lock:
     /// a caller that finds it clear knows every write staged before it looked is in the file.
     staged: AtomicBool,
+    /// A staged write must survive a power cut before its call returns (a durable `kv-add`).
+    sync_on_flush: AtomicBool,
+    /// Written since the last fsync.
+    unsynced: AtomicBool,
 }
 
 /// The key-value table of one plugin (all its instances and versions), optionally backed by state files.
@@ -572,6 +620,10 @@ struct KvStore {
     /// The state file the shards were attached to (their files are `<path>.<shard>`).
     path: Mutex<Option<PathBuf>>,
     last_write_warning: Mutex<Option<Instant>>,
+    /// [`PluginSpec::state_sync`] in milliseconds (0: never), and when the state files were last synced.
+    sync_interval_ms: AtomicU64,
+    last_sync: Mutex<Option<Instant>>,
+    syncs: AtomicU64,
 }
 
 impl Default for KvStore {
@@ -581,6 +633,9 @@ impl Default for KvStore {
             entries: AtomicUsize::new(0),
             path: Mutex::new(None),
             last_write_warning: Mutex::new(None),
+            sync_interval_ms: AtomicU64::new(0),
+            last_sync: Mutex::new(None),
+            syncs: AtomicU64::new(0),
         }
     }
 }
@@ -752,10 +807,15 @@ impl PluginShared {
 
     /// The shared state of a plugin being loaded from `spec`: a new version of `previous` takes over its table
     /// (see [`PluginShared::keeping_state_of`]), and the spec's state file is attached.
-    pub fn for_spec(spec: &PluginSpec, previous: Option<&PluginShared>) -> Result<Self, String> {
-        let shared = Self::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous);
+    pub fn for_spec(spec: &PluginSpec, previous: Option<&PluginShared>) -> Result<Arc<Self>, String> {
+        let shared = Arc::new(Self::new(&spec.name, spec.secrets.clone()).keeping_state_of(previous));
         if let Some(state_file) = &spec.state_file {
             shared.open_state(state_file.clone())?;
+            shared
+                .kv
+                .sync_interval_ms
+                .store(u64::try_from(spec.state_sync.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
+            sync_thread::watch(&shared);
         }
         Ok(shared)
     }
@@ -800,6 +860,9 @@ impl PluginShared {
         if let Some(file) = file {
             file.stage(key, Some(&next.to_be_bytes()));
             shard.staged.store(true, Ordering::Release);
+            // A counter that must not repeat must not roll back in a power cut either (msg-auth's signing-counter
+            // reservation, once per `counter_reserve` signatures).
+            shard.sync_on_flush.store(true, Ordering::Release);
         }
         table.insert(key.to_owned(), next.to_be_bytes().to_vec());
         Ok(next)
@@ -849,6 +912,10 @@ impl PluginShared {
             match file.flush() {
                 Ok(()) => {
                     shard.staged.store(false, Ordering::Release);
+                    shard.unsynced.store(true, Ordering::Release);
+                    if shard.sync_on_flush.swap(false, Ordering::AcqRel) {
+                        self.sync_shard(shard, &file.file);
+                    }
                     file.compact_if_due(&lock(&shard.table), &self.name);
                 }
                 Err(error) => {
@@ -887,6 +954,52 @@ impl PluginShared {
     pub fn counters(&self) -> BTreeMap<String, u64> {
         let counters = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         counters.iter().map(|(name, value)| (name.clone(), value.load(Ordering::Relaxed))).collect()
+    }
+
+    /// Makes what reached the state files survive a power cut: an fsync of each shard file written since the last
+    /// sync. Called every [`PluginSpec::state_sync`] from the sync thread, never on a worker.
+    pub fn sync_durable(&self) {
+        for shard in &self.kv.shards {
+            if !shard.unsynced.load(Ordering::Acquire) {
+                continue;
+            }
+            // A handle of its own, so writers are not held up by the disk; a file replaced by compaction since
+            // was synced by the compaction.
+            let handle = lock(&shard.file).as_ref().map(|durable| durable.file.try_clone());
+            match handle {
+                Some(Ok(handle)) => self.sync_shard(shard, &handle),
+                Some(Err(error)) => warn!(plugin = %self.name, %error, "could not sync the plugin's state file"),
+                None => {}
+            }
+        }
+        *lock(&self.kv.last_sync) = Some(Instant::now());
+    }
+
+    fn sync_shard(&self, shard: &KvShard, file: &std::fs::File) {
+        shard.unsynced.store(false, Ordering::Release);
+        match file.sync_data() {
+            Ok(()) => {
+                self.kv.syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                shard.unsynced.store(true, Ordering::Release);
+                self.metrics.state_write_failures.fetch_add(1, Ordering::Relaxed);
+                warn!(plugin = %self.name, %error, "could not sync the plugin's state file");
+            }
+        }
+    }
+
+    /// Whether the sync thread should sync this plugin's state now.
+    fn sync_due(&self) -> bool {
+        let interval = self.kv.sync_interval_ms.load(Ordering::Relaxed);
+        interval > 0
+            && lock(&self.kv.last_sync).is_none_or(|last| last.elapsed() >= Duration::from_millis(interval))
+            && self.kv.shards.iter().any(|shard| shard.unsynced.load(Ordering::Acquire))
+    }
+
+    /// fsyncs of this plugin's state files so far.
+    pub fn state_syncs(&self) -> u64 {
+        self.kv.syncs.load(Ordering::Relaxed)
     }
 
     /// `kv-claim`: see the WIT contract.
@@ -1194,6 +1307,39 @@ mod tests {
         lock(&shard.file).as_mut().expect("attached").file = writable;
         shared.flush_durable();
         assert_eq!(on_disk().get("window"), Some(&b"4".to_vec()), "the refused write was lost");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn counters_are_synced_before_their_call_returns_and_the_rest_every_interval() {
+        let dir = std::env::temp_dir().join(format!("tollgate-kv-sync-{}-{:?}", std::process::id(), Instant::now()));
+        let mut spec = PluginSpec::new("p", crate::PluginKind::Lua, "p.lua");
+        spec.state_file = Some(dir.join("p.kv"));
+        spec.state_sync = Duration::ZERO;
+        let shared = PluginShared::for_spec(&spec, None).expect("state");
+        shared.kv_set_durable("window".into(), b"1".to_vec()).expect("set");
+        shared.flush_durable();
+        assert_eq!(shared.state_syncs(), 0, "a window move waits for the interval (here: the OS)");
+        assert_eq!(shared.kv_add("reservation", 1000, true), Ok(1000));
+        shared.flush_durable();
+        assert_eq!(shared.state_syncs(), 1, "a durable counter is synced before its call returns");
+        shared.sync_durable();
+        let synced = shared.state_syncs();
+        assert!(shared.kv.shards.iter().all(|shard| !shard.unsynced.load(Ordering::Acquire)));
+        shared.sync_durable();
+        assert_eq!(shared.state_syncs(), synced, "nothing new, nothing synced");
+        drop(shared);
+
+        // With an interval, the sync thread does it (bounded wait: it looks every 250 ms).
+        spec.state_sync = Duration::from_millis(50);
+        let shared = PluginShared::for_spec(&spec, None).expect("state");
+        shared.kv_set_durable("window".into(), b"2".to_vec()).expect("set");
+        shared.flush_durable();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while shared.state_syncs() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(shared.state_syncs(), 1, "the sync thread did not sync the written shard");
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -137,7 +137,14 @@ pub struct PluginSpec {
     pub files: BTreeMap<String, PathBuf>,
     /// Where the plugin's durable key-value entries live (`kv-set-durable`); `None` means nothing is durable.
     pub state_file: Option<PathBuf>,
+    /// How often what reached the state file is also made to survive a power cut (fsync); zero leaves it to the
+    /// operating system's writeback. A durable `kv-add` is synced before its call returns whatever this is.
+    pub state_sync: std::time::Duration,
 }
+
+/// The default of [`PluginSpec::state_sync`]: a power cut loses at most the last five seconds of replay-window
+/// moves, and a flash device sees at most one small write per changed shard file in that time.
+pub const DEFAULT_STATE_SYNC: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The largest file a plugin may have the broker read for it.
 pub const MAX_PLUGIN_FILE_BYTES: u64 = 4 << 20;
@@ -156,6 +163,7 @@ impl fmt::Debug for PluginSpec {
             .field("cache_decisions", &self.cache_decisions)
             .field("files", &self.files)
             .field("state_file", &self.state_file)
+            .field("state_sync", &self.state_sync)
             .finish()
     }
 }
@@ -174,6 +182,7 @@ impl PluginSpec {
             cache_decisions: false,
             files: BTreeMap::new(),
             state_file: None,
+            state_sync: DEFAULT_STATE_SYNC,
         }
     }
 

@@ -330,7 +330,7 @@ impl WasmPlugin {
             deliver: deliver::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
         };
-        let shared = Arc::new(PluginShared::for_spec(spec, previous).map_err(fail)?);
+        let shared = PluginShared::for_spec(spec, previous).map_err(fail)?;
         let mut plugin = WasmPlugin {
             shared,
             pre,

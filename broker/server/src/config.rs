@@ -40,6 +40,10 @@ pub struct RuntimeConfig {
     /// nothing (durable writes then fail).
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
+    /// Milliseconds between fsyncs of the plugins' state files (what reached the operating system then survives a
+    /// power cut); 0 leaves it to the operating system's writeback. A durable `kv-add` (a counter that must not
+    /// repeat) is synced before its call returns whatever this is.
+    pub state_sync_ms: u32,
     /// A Unix-domain socket (created owner-only) where `tollgate reload` asks the running broker to reload and
     /// hears back what happened. Unset: no admin socket (SIGHUP still reloads).
     #[serde(default)]
@@ -383,7 +387,13 @@ impl Default for Config {
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
             session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5, recheck_interval_ms: 0 },
-            runtime: RuntimeConfig { worker_threads: 0, plugin_cache_dir: None, state_dir: None, admin_socket: None },
+            runtime: RuntimeConfig {
+                worker_threads: 0,
+                plugin_cache_dir: None,
+                state_dir: None,
+                state_sync_ms: u32::try_from(tollgate_plugin_host::DEFAULT_STATE_SYNC.as_millis()).unwrap_or(u32::MAX),
+                admin_socket: None,
+            },
             plugins: Vec::new(),
         }
     }
@@ -429,7 +439,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
     ("session", &["persistent_expiry", "shutdown_grace", "recheck_interval_ms"]),
-    ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir", "admin_socket"]),
+    ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir", "state_sync_ms", "admin_socket"]),
 ];
 const PLUGIN_KEYS: &[&str] =
     &["name", "kind", "path", "hooks", "limits", "on_failure", "cache_decisions", "secrets", "config", "files"];
@@ -564,6 +574,7 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
         ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir" | "admin_socket") => {
             figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
         }
+        ("runtime", "state_sync_ms") => figment.extract_inner::<u32>(&path).map(drop),
         ("limits", "max_keepalive" | "max_inflight" | "topic_alias_maximum") | ("runtime", _) => {
             figment.extract_inner::<u16>(&path).map(drop)
         }
@@ -867,6 +878,7 @@ impl Config {
             match plugin.spec(index) {
                 Ok(mut spec) => {
                     spec.state_file = self.state_dir().map(|dir| dir.join("plugins").join(format!("{}.kv", spec.name)));
+                    spec.state_sync = Duration::from_millis(u64::from(self.runtime.state_sync_ms));
                     specs.push(spec)
                 }
                 Err(more) => problems.extend(more),
