@@ -555,7 +555,7 @@ mod sync_thread {
     use std::sync::{Arc, Mutex, OnceLock, Weak};
     use std::time::Duration;
 
-    use super::{KvStore, PluginShared, lock};
+    use super::{PluginShared, lock};
 
     /// How often the thread looks; a plugin's own interval decides whether it syncs.
     const LOOK_EVERY: Duration = Duration::from_millis(250);
@@ -564,14 +564,12 @@ mod sync_thread {
     static STARTED: OnceLock<()> = OnceLock::new();
 
     /// Syncs `shared`'s state files from now on, while it lives. A new version of a plugin shares its
-    /// predecessor's table ([`KvStore`]), so one of the two syncing it is enough: duplicates are skipped.
+    /// predecessor's table, and both are watched until the old one goes: the table's own last-sync time keeps
+    /// the two from syncing it twice.
     pub(super) fn watch(shared: &Arc<PluginShared>) {
         let mut watched = lock(&WATCHED);
         watched.retain(|other| other.strong_count() > 0);
-        let store: *const KvStore = Arc::as_ptr(&shared.kv);
-        if !watched.iter().filter_map(Weak::upgrade).any(|other| std::ptr::eq(Arc::as_ptr(&other.kv), store)) {
-            watched.push(Arc::downgrade(shared));
-        }
+        watched.push(Arc::downgrade(shared));
         drop(watched);
         STARTED.get_or_init(|| {
             let spawned = std::thread::Builder::new().name("tollgate-state-sync".into()).spawn(|| {
