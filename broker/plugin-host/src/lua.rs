@@ -318,14 +318,13 @@ impl LuaPlugin {
             "kv_compare_and_set",
             lua.create_function(
                 move |_, (key, expected, value, durable): (String, Option<LuaString>, LuaString, Option<bool>)| {
-                    let expected = expected.as_ref().map(|expected| expected.as_bytes().to_vec());
+                    let expected = expected.as_ref().map(LuaString::as_bytes);
                     shared
                         .kv_compare_and_set(
                             &key,
                             expected.as_deref(),
                             value.as_bytes().to_vec(),
                             durable.unwrap_or(false),
-                            true,
                         )
                         .map_err(mlua::Error::runtime)
                 },

@@ -652,9 +652,43 @@ fn shard_path(base: &Path, shard: usize) -> PathBuf {
     PathBuf::from(name)
 }
 
+impl KvShard {
+    /// The shard's state file, locked (before the table: see [`KvShard`]) when the write is `durable`; an error
+    /// when there is none to write to.
+    fn lock_file(&self, durable: bool) -> Result<Option<MutexGuard<'_, Option<DurableKv>>>, String> {
+        if !durable {
+            return Ok(None);
+        }
+        let file = lock(&self.file);
+        if file.is_none() {
+            return Err(NOT_DURABLE.to_owned());
+        }
+        Ok(Some(file))
+    }
+}
+
 impl KvStore {
     fn shard(&self, key: &str) -> &KvShard {
         &self.shards[shard_of(key)]
+    }
+
+    /// Inserts under the shard's locks: counts a new key against the bounds, and stages the write when `file` (the
+    /// guard [`KvShard::lock_file`] gave) is held.
+    fn put(
+        &self,
+        shard: &KvShard,
+        file: Option<&mut MutexGuard<'_, Option<DurableKv>>>,
+        table: &mut HashMap<String, Vec<u8>>,
+        key: &str,
+        value: Vec<u8>,
+    ) -> Result<(), String> {
+        self.reserve(table, key, value.len())?;
+        if let Some(file) = file.and_then(|guard| guard.as_mut()) {
+            file.stage(key, Some(&value));
+            shard.staged.store(true, Ordering::Release);
+        }
+        table.insert(key.to_owned(), value);
+        Ok(())
     }
 
     /// Checks the bounds ([`KV_MAX_VALUE_BYTES`] per value, [`KV_MAX_ENTRIES`] keys) and counts a new key.
@@ -833,17 +867,13 @@ impl PluginShared {
     /// `kv-set-durable`: see the WIT contract. The value reaches the state file when the call returns
     /// ([`PluginShared::flush_durable`]).
     pub fn kv_set_durable(&self, key: String, value: Vec<u8>) -> Result<(), String> {
-        self.kv_compare_and_set(&key, None, value, true, false).map(|_| ())
+        self.store(&key, None, value, true).map(|_| ())
     }
 
     /// `kv-add`: see the WIT contract.
     pub fn kv_add(&self, key: &str, delta: u64, durable: bool) -> Result<u64, String> {
         let shard = self.kv.shard(key);
-        let mut file = if durable { Some(lock(&shard.file)) } else { None };
-        let file = match file.as_mut() {
-            None => None,
-            Some(guard) => Some(guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?),
-        };
+        let mut file = shard.lock_file(durable)?;
         // The table stays locked from read to update: the counter is atomic even against non-durable adds.
         let mut table = lock(&shard.table);
         let current = match table.get(key) {
@@ -854,45 +884,42 @@ impl PluginShared {
             ),
         };
         let next = current.wrapping_add(delta);
-        self.kv.reserve(&table, key, 8)?;
-        if let Some(file) = file {
-            file.stage(key, Some(&next.to_be_bytes()));
-            shard.staged.store(true, Ordering::Release);
+        self.kv.put(shard, file.as_mut(), &mut table, key, next.to_be_bytes().to_vec())?;
+        if durable {
             // A counter that must not repeat must not roll back in a power cut either (msg-auth's signing-counter
             // reservation, once per `counter_reserve` signatures).
             shard.sync_on_flush.store(true, Ordering::Release);
         }
-        table.insert(key.to_owned(), next.to_be_bytes().to_vec());
         Ok(next)
     }
 
     /// `kv-compare-and-set`: stores `value` under `key` if the key holds `expected` (`None`: absent), atomically
-    /// across the plugin's instances, and says whether it did. With `check` false the value is stored whatever the
-    /// key holds (`kv-set-durable`).
+    /// across the plugin's instances, and says whether it did.
     pub fn kv_compare_and_set(
         &self,
         key: &str,
         expected: Option<&[u8]>,
         value: Vec<u8>,
         durable: bool,
-        check: bool,
+    ) -> Result<bool, String> {
+        self.store(key, Some(expected), value, durable)
+    }
+
+    /// Stores `value` under `key`, if `condition` is given only when the key holds it, and says whether it did.
+    fn store(
+        &self,
+        key: &str,
+        condition: Option<Option<&[u8]>>,
+        value: Vec<u8>,
+        durable: bool,
     ) -> Result<bool, String> {
         let shard = self.kv.shard(key);
-        let mut file = if durable { Some(lock(&shard.file)) } else { None };
-        let file = match file.as_mut() {
-            None => None,
-            Some(guard) => Some(guard.as_mut().ok_or_else(|| NOT_DURABLE.to_owned())?),
-        };
+        let mut file = shard.lock_file(durable)?;
         let mut table = lock(&shard.table);
-        if check && table.get(key).map(Vec::as_slice) != expected {
+        if condition.is_some_and(|expected| table.get(key).map(Vec::as_slice) != expected) {
             return Ok(false);
         }
-        self.kv.reserve(&table, key, value.len())?;
-        if let Some(file) = file {
-            file.stage(key, Some(&value));
-            shard.staged.store(true, Ordering::Release);
-        }
-        table.insert(key.to_owned(), value);
+        self.kv.put(shard, file.as_mut(), &mut table, key, value)?;
         Ok(true)
     }
 
@@ -933,17 +960,17 @@ impl PluginShared {
         if tollgate_protocol::topic::validate_topic_name(name).is_err() {
             return;
         }
-        {
-            let counters = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if let Some(value) = counters.get(name) {
-                // Saturating, as a `$SYS` counter should; `fetch_update` only loops while another worker adds.
-                let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
-                return;
-            }
+        // Saturating, as a `$SYS` counter should; `fetch_update` only loops while another worker adds.
+        let add = |value: &AtomicU64| {
+            let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
+        };
+        if let Some(value) = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(name) {
+            add(value);
+            return;
         }
         let mut counters = self.counters.write().unwrap_or_else(|poisoned| poisoned.into_inner());
         if let Some(value) = counters.get(name) {
-            let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
+            add(value);
         } else if counters.len() < 1024 {
             counters.insert(name.to_owned(), AtomicU64::new(delta));
         }
@@ -1346,14 +1373,14 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tollgate-kv-cas-{}-{:?}", std::process::id(), Instant::now()));
         let path = dir.join("p.kv");
         let shared = PluginShared::new("p", BTreeMap::new());
-        assert!(shared.kv_compare_and_set("w", None, b"1".to_vec(), true, true).is_err(), "no state file yet");
-        assert_eq!(shared.kv_compare_and_set("w", None, b"1".to_vec(), false, true), Ok(true));
-        assert_eq!(shared.kv_compare_and_set("w", None, b"2".to_vec(), false, true), Ok(false), "no longer absent");
-        assert_eq!(shared.kv_compare_and_set("w", Some(b"9"), b"2".to_vec(), false, true), Ok(false));
+        assert!(shared.kv_compare_and_set("w", None, b"1".to_vec(), true).is_err(), "no state file yet");
+        assert_eq!(shared.kv_compare_and_set("w", None, b"1".to_vec(), false), Ok(true));
+        assert_eq!(shared.kv_compare_and_set("w", None, b"2".to_vec(), false), Ok(false), "no longer absent");
+        assert_eq!(shared.kv_compare_and_set("w", Some(b"9"), b"2".to_vec(), false), Ok(false));
         assert_eq!(shared.kv_get("w"), Some(b"1".to_vec()));
         shared.open_state(path.clone()).expect("open");
-        assert_eq!(shared.kv_compare_and_set("w", Some(b"1"), b"2".to_vec(), true, true), Ok(true));
-        assert!(shared.kv_compare_and_set("big", None, vec![0; KV_MAX_VALUE_BYTES + 1], false, true).is_err());
+        assert_eq!(shared.kv_compare_and_set("w", Some(b"1"), b"2".to_vec(), true), Ok(true));
+        assert!(shared.kv_compare_and_set("big", None, vec![0; KV_MAX_VALUE_BYTES + 1], false).is_err());
         shared.flush_durable();
         drop(shared);
         let restarted = PluginShared::new("p", BTreeMap::new());

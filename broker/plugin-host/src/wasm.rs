@@ -149,7 +149,7 @@ impl tollgate::plugin::host::Host for HostState {
         value: Vec<u8>,
         durable: bool,
     ) -> Result<bool, String> {
-        self.shared.kv_compare_and_set(&key, expected.as_deref(), value, durable, true)
+        self.shared.kv_compare_and_set(&key, expected.as_deref(), value, durable)
     }
 
     fn kv_claim(&mut self, key: String, ttl_ms: u64) -> bool {

@@ -779,8 +779,8 @@ impl MsgAuth {
                 let mut state = [0; 16];
                 state[..8].copy_from_slice(&highest.to_be_bytes());
                 state[8..].copy_from_slice(&bits.to_be_bytes());
-                // Durable, or (the state table is full) in memory; if even that fails the message passes with the
-                // window unmoved, as an unsigned-state broker would.
+                // Durable, or in memory when the broker keeps no state (`allow_volatile_state`); if even that fails
+                // (the state table is full) the message passes with the window unmoved.
                 let stored = host::kv_compare_and_set(&state_key, current.as_deref(), &state, true)
                     .or_else(|_| host::kv_compare_and_set(&state_key, current.as_deref(), &state, false));
                 if stored != Ok(false) {

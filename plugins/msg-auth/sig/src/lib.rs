@@ -267,7 +267,6 @@ impl Signature {
     }
 }
 
-/// Splits an MQTT 3.1.1 envelope into its header and the original payload; `None` if the payload is not one.
 /// `text.split(sep)` for an ASCII separator, by a plain byte loop: `str::split` searches with `memchr`, whose
 /// set-up costs more than the search in a header of a few short fields, on every message a plugin verifies.
 fn split_at_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
@@ -291,6 +290,7 @@ fn split_at_byte(text: &str, sep: u8) -> impl Iterator<Item = &str> {
 /// The header fields [`Signature::parse`] knows.
 const FIELDS: [&str; 9] = ["alg", "kid", "sub", "iss", "ts", "ctr", "nonce", "exp", "mac"];
 
+/// Splits an MQTT 3.1.1 envelope into its header and the original payload; `None` if the payload is not one.
 pub fn split_envelope(payload: &[u8]) -> Option<Result<(Signature, &[u8]), Malformed>> {
     let rest = payload.strip_prefix(ENVELOPE_PREFIX)?;
     let Some(end) = rest.iter().position(|&b| b == b'\n') else {
