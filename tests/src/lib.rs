@@ -1,4 +1,4 @@
-//! Support for the end-to-end tests in `tests/tests/`: an in-process broker on `127.0.0.1:0` with its own
+//! Support for the end-to-end tests in `tests/tests/e2e/`: an in-process broker on `127.0.0.1:0` with its own
 //! temporary directory, bounded waits, rumqttc wrappers ([`v4`], [`v5`]), a raw codec client for hand-built and
 //! malformed traffic ([`raw`]) and helpers for external tools and the `tollgate` binary ([`external`]).
 //!

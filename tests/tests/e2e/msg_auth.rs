@@ -4,8 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../support/wasm_build.rs"]
-mod wasm_build;
+use crate::wasm_build;
 
 use std::path::Path;
 

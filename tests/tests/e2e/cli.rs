@@ -3,8 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "../support/wasm_build.rs"]
-mod wasm_build;
+use crate::wasm_build;
 
 use std::net::SocketAddr;
 use std::path::Path;
