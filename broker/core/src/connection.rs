@@ -588,11 +588,11 @@ struct Connection<S> {
     mount: Option<Arc<String>>,
 }
 
-/// At most this many PUBLISHes of one read are transformed in one call of a batching transform: a bound on what
-/// one call holds, far above the bursts where the per-call cost matters.
+/// At most this many PUBLISHes of one read are authorized or transformed in one call of a batching hook: a bound on
+/// what one call holds, far above the bursts where the per-call cost matters.
 const MAX_BURST: usize = 32;
 
-/// A PUBLISH that passed every check before the transform.
+/// A PUBLISH that passed every check before the transform, authorization included.
 struct Admitted {
     /// Made shared here, where routing would make it so anyway, so that moving an `Admitted` moves a pointer.
     message: Arc<Message>,
@@ -610,12 +610,14 @@ struct Admitted {
 
 enum Admission {
     Admitted(Admitted),
-    /// Refused (or, for a QoS 2 duplicate, already routed): only the acknowledgement is left.
-    Answered {
-        qos: QoS,
-        packet_id: Option<u16>,
-        reason: ReasonCode,
-    },
+    Answered(Answer),
+}
+
+/// A PUBLISH refused (or, for a QoS 2 duplicate, already routed): only the acknowledgement is left.
+struct Answer {
+    qos: QoS,
+    packet_id: Option<u16>,
+    reason: ReasonCode,
 }
 
 /// Topic aliases of one connection [MQTT-3.3.2.3.4], each direction numbered by its receiver's maximum.
@@ -849,20 +851,59 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             return AclOutcome::Allow { max_qos: QoS::ExactlyOnce };
         }
         let cacheable = hooks.acl_cacheable();
-        // Both only grow, so their sum changes whenever either does: a reload or a recheck empties the cache.
-        let generation = hooks.generation + self.broker.acl_epoch();
+        let generation = self.acl_generation(&hooks);
         if cacheable && let Some(outcome) = self.acl_cache.get(generation, &action) {
             return outcome;
         }
         let outcome = hooks.authorize(&self.client, &action).await;
+        self.record_decision(cacheable, generation, &action, outcome);
+        outcome
+    }
+
+    /// [`Connection::authorize`] for the PUBLISHes of a burst, in order: cached decisions are reused, and the rest
+    /// go to the chain in one [`HookChain::authorize_batch`].
+    async fn authorize_burst(&mut self, actions: &[Action<'_>]) -> Vec<AclOutcome> {
+        let hooks = self.broker.hooks();
+        if hooks.authorizers.is_empty() {
+            return vec![AclOutcome::Allow { max_qos: QoS::ExactlyOnce }; actions.len()];
+        }
+        let cacheable = hooks.acl_cacheable();
+        let generation = self.acl_generation(&hooks);
+        let cached: Vec<Option<AclOutcome>> = actions
+            .iter()
+            .map(|action| if cacheable { self.acl_cache.get(generation, action) } else { None })
+            .collect();
+        let asked: Vec<Action<'_>> =
+            actions.iter().zip(&cached).filter(|(_, cached)| cached.is_none()).map(|(action, _)| *action).collect();
+        let mut fresh = Vec::with_capacity(asked.len());
+        hooks.authorize_batch(&self.client, &asked, &mut fresh).await;
+        for (action, outcome) in asked.iter().zip(&fresh) {
+            self.record_decision(cacheable, generation, action, *outcome);
+        }
+        let mut fresh = fresh.into_iter();
+        cached
+            .into_iter()
+            .map(|cached| {
+                cached.or_else(|| fresh.next()).unwrap_or(AclOutcome::Deny(ReasonCode::IMPLEMENTATION_SPECIFIC_ERROR))
+            })
+            .collect()
+    }
+
+    /// The ACL cache's generation. Both parts only grow, so their sum changes whenever either does: a reload or a
+    /// recheck empties the cache.
+    fn acl_generation(&self, hooks: &HookChain) -> u64 {
+        hooks.generation + self.broker.acl_epoch()
+    }
+
+    /// Caches a decision the chain just made (when decisions may be cached) and counts a denial.
+    fn record_decision(&mut self, cacheable: bool, generation: u64, action: &Action<'_>, outcome: AclOutcome) {
         if cacheable {
-            self.acl_cache.insert(generation, &action, outcome);
+            self.acl_cache.insert(generation, action, outcome);
         }
         if let AclOutcome::Deny(reason) = outcome {
             Metrics::add(&self.broker.metrics().acl_denials, 1);
             debug!(client_id = %self.client.client_id, ?action, %reason, "denied by authorization");
         }
-        outcome
     }
 
     fn ack_publish(&mut self, qos: QoS, packet_id: Option<u16>, reason: ReasonCode) {
@@ -889,14 +930,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
     }
 
-    /// The rest of the input, starting with a PUBLISH, when the transform chain takes batches: consecutive QoS 0
-    /// and 1 PUBLISHes are admitted (aliases, quotas, authorization) one by one, then transformed together, then
-    /// routed and acknowledged in arrival order. Anything else (an answer before routing, another packet, the
-    /// batch limit, the end of the input) first finishes the messages gathered so far, so acknowledgements keep
-    /// the order of the PUBLISHes [MQTT-4.6.0-2]. QoS 2 goes one by one: its duplicate check needs the earlier
-    /// messages acknowledged.
-    async fn process_burst(&mut self, first: Admitted) -> Result<(), Exit> {
-        let mut burst: Vec<Admitted> = vec![first];
+    /// The rest of the input, starting with a checked PUBLISH, when the chain takes batches (of authorization or
+    /// of transforms): consecutive QoS 0 and 1 PUBLISHes are checked (aliases, mount point, quotas) one by one, then
+    /// authorized together, transformed together, and routed and acknowledged in arrival order. Anything else (an
+    /// answer before authorization, another packet, the batch limit, the end of the input) first finishes the
+    /// messages gathered so far, so acknowledgements keep the order of the PUBLISHes [MQTT-4.6.0-2]. QoS 2 goes one
+    /// by one: its duplicate check needs the earlier messages acknowledged.
+    async fn process_burst(&mut self, first: Publish) -> Result<(), Exit> {
+        let mut burst: Vec<Publish> = Vec::with_capacity(MAX_BURST);
+        burst.push(first);
         loop {
             let packet = match self.decoder.decode(&mut self.read_buf) {
                 Ok(Some(packet)) => {
@@ -910,15 +952,15 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 }
             };
             match packet {
-                Packet::Publish(publish) if publish.qos != QoS::ExactlyOnce => {
-                    match self.admit_publish(publish).await {
-                        Ok(Admission::Admitted(admitted)) => {
-                            burst.push(admitted);
+                Packet::Publish(mut publish) if publish.qos != QoS::ExactlyOnce => {
+                    match self.check_publish(&mut publish) {
+                        Ok(None) => {
+                            burst.push(publish);
                             if burst.len() >= MAX_BURST {
                                 self.finish_burst(&mut burst).await?;
                             }
                         }
-                        Ok(Admission::Answered { qos, packet_id, reason }) => {
+                        Ok(Some(Answer { qos, packet_id, reason })) => {
                             self.finish_burst(&mut burst).await?;
                             self.ack_publish(qos, packet_id, reason);
                         }
@@ -937,47 +979,110 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         self.finish_burst(&mut burst).await
     }
 
-    /// Transforms the gathered messages in one call of the chain, then routes and acknowledges each in order. A
-    /// refusal that disconnects ends it there: the later messages are discarded, as the chain never showed them
-    /// to its hooks.
-    async fn finish_burst(&mut self, burst: &mut Vec<Admitted>) -> Result<(), Exit> {
+    /// Authorizes the gathered messages in one call of the chain and transforms the admitted ones in another, then
+    /// routes and acknowledges each in order. A refusal that disconnects (a denial under 3.1.1's `disconnect`
+    /// policy, or a transform's) ends it there: the later messages are discarded, as if they had not been sent.
+    async fn finish_burst(&mut self, burst: &mut Vec<Publish>) -> Result<(), Exit> {
         if burst.len() <= 1 {
             return match burst.pop() {
-                Some(admitted) => self.transform_one(admitted, &self.broker.hooks()).await,
+                Some(publish) => self.publish_checked(publish).await,
                 None => Ok(()),
             };
         }
-        let hooks = self.broker.hooks();
-        let mut drafts: Vec<tollgate_hooks::Message> =
-            burst.iter().map(|admitted| to_hook_message(&admitted.message, admitted.expiry_interval)).collect();
-        let mut outcomes = Vec::with_capacity(burst.len());
-        hooks.transform_inbound_batch(&self.client, &mut drafts, &mut outcomes).await;
-        for ((admitted, draft), outcome) in burst.drain(..).zip(drafts).zip(outcomes) {
-            self.finish_publish(admitted, draft, outcome)?;
+        let actions: Vec<Action<'_>> = burst.iter().map(publish_action).collect();
+        let outcomes = self.authorize_burst(&actions).await;
+        drop(actions);
+        let mut admissions = Vec::with_capacity(burst.len());
+        let mut refused = None;
+        for (publish, outcome) in burst.drain(..).zip(outcomes) {
+            match self.admit_authorized(publish, outcome) {
+                Ok(admission) => admissions.push(admission),
+                Err(exit) => {
+                    refused = Some(exit);
+                    break;
+                }
+            }
         }
-        Ok(())
+        burst.clear();
+        let hooks = self.broker.hooks();
+        if hooks.transformers.is_empty() {
+            for admission in admissions {
+                match admission {
+                    Admission::Admitted(admitted) => self.route_publish(admitted),
+                    Admission::Answered(answer) => self.answer(answer),
+                }
+            }
+        } else {
+            let mut drafts: Vec<tollgate_hooks::Message> = admissions
+                .iter()
+                .filter_map(|admission| match admission {
+                    Admission::Admitted(admitted) => Some(to_hook_message(&admitted.message, admitted.expiry_interval)),
+                    Admission::Answered(_) => None,
+                })
+                .collect();
+            let mut outcomes = Vec::with_capacity(drafts.len());
+            hooks.transform_inbound_batch(&self.client, &mut drafts, &mut outcomes).await;
+            let mut transformed = drafts.into_iter().zip(outcomes);
+            for admission in admissions {
+                match admission {
+                    Admission::Admitted(admitted) => {
+                        // None: a refusal that disconnects ended the batch, and this connection with it.
+                        let Some((draft, outcome)) = transformed.next() else { break };
+                        self.finish_publish(admitted, draft, outcome)?;
+                    }
+                    Admission::Answered(answer) => self.answer(answer),
+                }
+            }
+        }
+        refused.map_or(Ok(()), Err)
     }
 
-    async fn handle_publish(&mut self, publish: Publish) -> Result<(), Exit> {
-        match self.admit_publish(publish).await? {
+    async fn handle_publish(&mut self, mut publish: Publish) -> Result<(), Exit> {
+        if let Some(answer) = self.check_publish(&mut publish)? {
+            self.answer(answer);
+            return Ok(());
+        }
+        // More input follows and the chain takes batches: gather the burst and hand it over in one call.
+        if publish.qos != QoS::ExactlyOnce && !self.read_buf.is_empty() {
+            let hooks = self.broker.hooks();
+            if hooks.batches_authorization() || hooks.batches_inbound() {
+                drop(hooks);
+                // Boxed: the burst's state stays out of the future every connection keeps.
+                return Box::pin(self.process_burst(publish)).await;
+            }
+        }
+        self.publish_checked(publish).await
+    }
+
+    /// Authorizes, transforms, routes and acknowledges one checked PUBLISH.
+    async fn publish_checked(&mut self, publish: Publish) -> Result<(), Exit> {
+        let outcome = self.authorize(publish_action(&publish)).await;
+        match self.admit_authorized(publish, outcome)? {
             Admission::Admitted(admitted) => {
                 let hooks = self.broker.hooks();
                 if hooks.transformers.is_empty() {
                     self.route_publish(admitted);
                     return Ok(());
                 }
-                self.transform_and_route(admitted, hooks).await
+                let mut draft = to_hook_message(&admitted.message, admitted.expiry_interval);
+                let outcome = hooks.transform_inbound(&self.client, &mut draft).await;
+                self.finish_publish(admitted, draft, outcome)
             }
-            Admission::Answered { qos, packet_id, reason } => {
-                self.ack_publish(qos, packet_id, reason);
+            Admission::Answered(answer) => {
+                self.answer(answer);
                 Ok(())
             }
         }
     }
 
-    /// Everything before the transform: protocol checks, topic alias, mount point, quotas, the QoS 2 duplicate
-    /// check and authorization. A message refused here is answered by the caller, which keeps answers in order.
-    async fn admit_publish(&mut self, mut publish: Publish) -> Result<Admission, Exit> {
+    fn answer(&mut self, Answer { qos, packet_id, reason }: Answer) {
+        self.ack_publish(qos, packet_id, reason);
+    }
+
+    /// Everything before authorization: protocol checks, topic alias, mount point, quotas and the QoS 2 duplicate
+    /// check. The topic is resolved in place. A message refused here is answered by the caller, which keeps answers
+    /// in order.
+    fn check_publish(&mut self, publish: &mut Publish) -> Result<Option<Answer>, Exit> {
         let config = self.broker.config();
         Metrics::add(&self.broker.metrics().publish_received, 1);
         if self.version.is_v5() {
@@ -1022,11 +1127,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 ));
             }
             // Dropped and, where the protocol has an answer, told so; the connection stays.
-            return Ok(Admission::Answered {
+            return Ok(Some(Answer {
                 qos: publish.qos,
                 packet_id: publish.packet_id,
                 reason: ReasonCode::QUOTA_EXCEEDED,
-            });
+            }));
         }
         if publish.retain && !config.retain_available {
             return Err(violation(ReasonCode::RETAIN_NOT_SUPPORTED, "retain is not available [MQTT-3.3.1-8]"));
@@ -1039,11 +1144,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             };
             if duplicate {
                 // Already routed: exactly once means acknowledging again without delivering again.
-                return Ok(Admission::Answered {
+                return Ok(Some(Answer {
                     qos: QoS::ExactlyOnce,
                     packet_id: Some(packet_id),
                     reason: ReasonCode::SUCCESS,
-                });
+                }));
             }
             if pending >= usize::from(config.max_inflight) {
                 return Err(violation(
@@ -1052,25 +1157,32 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 ));
             }
         }
+        Ok(None)
+    }
 
+    /// A checked PUBLISH with its authorization outcome: admitted, answered (denied), or for 3.1.1 under the
+    /// `disconnect` policy, the end of the connection.
+    fn admit_authorized(&mut self, publish: Publish, outcome: AclOutcome) -> Result<Admission, Exit> {
         let qos = publish.qos;
         let packet_id = publish.packet_id;
-        let topic_for_acl = publish.topic.clone();
-        let outcome = self.authorize(Action::Publish { topic: &topic_for_acl, qos, retain: publish.retain }).await;
         let max_qos = match outcome {
             AclOutcome::Deny(reason) => {
                 // 3.1.1 has no negative acknowledgement: the message is acknowledged and dropped, as Mosquitto does,
                 // or the client is disconnected if so configured.
                 if !self.version.is_v5() && self.broker.config().publish_denied_v311 == DeniedPublish::Disconnect {
-                    return Err(Exit::Refused { reason, detail: format!("publish to {topic_for_acl} not authorized") });
+                    return Err(Exit::Refused {
+                        reason,
+                        detail: format!("publish to {} not authorized", publish.topic),
+                    });
                 }
                 let reason = if self.version.is_v5() { reason } else { ReasonCode::SUCCESS };
-                return Ok(Admission::Answered { qos, packet_id, reason });
+                return Ok(Admission::Answered(Answer { qos, packet_id, reason }));
             }
             AclOutcome::Allow { max_qos } => max_qos,
         };
 
         let now = Instant::now();
+        let topic = publish.topic.clone();
         let message = Message {
             expires_at: publish
                 .properties
@@ -1086,28 +1198,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         Ok(Admission::Admitted(Admitted {
             message: Arc::new(message),
             expiry_interval: publish.properties.message_expiry_interval,
-            topic: topic_for_acl,
+            topic,
             qos,
             packet_id,
             max_qos,
             now,
         }))
-    }
-
-    async fn transform_and_route(&mut self, admitted: Admitted, hooks: Arc<HookChain>) -> Result<(), Exit> {
-        // More input follows and the transform takes batches: gather the burst and hand it over in one call.
-        if admitted.qos != QoS::ExactlyOnce && !self.read_buf.is_empty() && hooks.batches_inbound() {
-            drop(hooks);
-            // Boxed: the burst's state stays out of the future every connection keeps.
-            return Box::pin(self.process_burst(admitted)).await;
-        }
-        self.transform_one(admitted, &hooks).await
-    }
-
-    async fn transform_one(&mut self, admitted: Admitted, hooks: &HookChain) -> Result<(), Exit> {
-        let mut draft = to_hook_message(&admitted.message, admitted.expiry_interval);
-        let outcome = hooks.transform_inbound(&self.client, &mut draft).await;
-        self.finish_publish(admitted, draft, outcome)
     }
 
     /// Acts on the transform chain's outcome for one admitted message.
@@ -1540,6 +1636,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
         debug!(client_id = %client_id, ?exit, "connection closed");
     }
+}
+
+/// What authorization is asked about a checked PUBLISH.
+fn publish_action(publish: &Publish) -> Action<'_> {
+    Action::Publish { topic: &publish.topic, qos: publish.qos, retain: publish.retain }
 }
 
 fn to_hook_message(message: &Message, expiry: Option<u32>) -> tollgate_hooks::Message {

@@ -222,7 +222,7 @@ impl HookChain {
     }
 
     async fn run_authorize(&self, client: &ClientInfo, action: &Action<'_>, failures_apply: bool) -> AclOutcome {
-        let mut max_qos = QoS::ExactlyOnce;
+        let mut outcome = AclOutcome::Allow { max_qos: QoS::ExactlyOnce };
         let read = action.is_read();
         for slot in &self.authorizers {
             if read && !slot.hook.checks_reads() {
@@ -231,18 +231,60 @@ impl HookChain {
             let attempt = self.attempt(slot.hook.name(), slot.timeout, slot.hook.authorize(client, action)).await;
             let decision = match attempt {
                 Attempt::Done(decision) => decision,
-                Attempt::Failed(_) => match slot.on_failure {
-                    FailurePolicy::FailClosed if failures_apply => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
-                    FailurePolicy::FailClosed | FailurePolicy::PassThrough => AclDecision::Abstain,
-                },
+                Attempt::Failed(_) => failed_authorization(slot, failures_apply),
             };
-            match decision {
-                AclDecision::Deny(reason) => return AclOutcome::Deny(reason),
-                AclDecision::AllowMaxQos(cap) => max_qos = max_qos.min(cap),
-                AclDecision::Allow | AclDecision::Abstain => {}
+            combine_authorization(&mut outcome, decision);
+            if !outcome.is_allowed() {
+                break;
             }
         }
-        AclOutcome::Allow { max_qos }
+        outcome
+    }
+
+    /// Whether [`HookChain::authorize_batch`] saves calls: some authorizer takes batches.
+    pub fn batches_authorization(&self) -> bool {
+        self.authorizers.iter().any(|slot| slot.hook.authorizes_in_batches())
+    }
+
+    /// [`HookChain::authorize`] for the actions of one client's burst, in arrival order, under the same combining
+    /// rules: `outcomes` gets one outcome per action. Each hook is asked about the actions no earlier hook denied: a
+    /// hook that takes batches once for all of them (its timeout scaled by their number; a failure applies its
+    /// policy to each), the others once per action.
+    pub async fn authorize_batch(&self, client: &ClientInfo, actions: &[Action<'_>], outcomes: &mut Vec<AclOutcome>) {
+        outcomes.clear();
+        outcomes.resize(actions.len(), AclOutcome::Allow { max_qos: QoS::ExactlyOnce });
+        let mut asked: Vec<usize> = Vec::with_capacity(actions.len());
+        let mut batch: Vec<Action<'_>> = Vec::with_capacity(actions.len());
+        for slot in &self.authorizers {
+            asked.clear();
+            asked.extend((0..actions.len()).filter(|&index| {
+                outcomes[index].is_allowed() && (!actions[index].is_read() || slot.hook.checks_reads())
+            }));
+            if asked.len() > 1 && slot.hook.authorizes_in_batches() {
+                batch.clear();
+                batch.extend(asked.iter().map(|&index| actions[index]));
+                let count = u32::try_from(batch.len()).unwrap_or(u32::MAX);
+                let timeout = slot.timeout.map(|limit| limit.saturating_mul(count));
+                let decisions =
+                    match self.attempt(slot.hook.name(), timeout, slot.hook.authorize_batch(client, &batch)).await {
+                        Attempt::Done(decisions) if decisions.len() == batch.len() => decisions,
+                        Attempt::Done(_) | Attempt::Failed(_) => vec![failed_authorization(slot, true); batch.len()],
+                    };
+                for (&index, decision) in asked.iter().zip(decisions) {
+                    combine_authorization(&mut outcomes[index], decision);
+                }
+            } else {
+                for &index in &asked {
+                    let action = &actions[index];
+                    let decision =
+                        match self.attempt(slot.hook.name(), slot.timeout, slot.hook.authorize(client, action)).await {
+                            Attempt::Done(decision) => decision,
+                            Attempt::Failed(_) => failed_authorization(slot, true),
+                        };
+                    combine_authorization(&mut outcomes[index], decision);
+                }
+            }
+        }
     }
 
     /// Transforms compose in order; the first drop stops the chain.
@@ -353,6 +395,25 @@ impl HookChain {
             }
         }
         RouteDecision::Forward
+    }
+}
+
+/// What a failed authorizer decides: its failure policy, except that a recheck (`failures_apply` false) never takes
+/// away access already granted.
+fn failed_authorization(slot: &HookSlot<dyn Authorizer>, failures_apply: bool) -> AclDecision {
+    match slot.on_failure {
+        FailurePolicy::FailClosed if failures_apply => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+        FailurePolicy::FailClosed | FailurePolicy::PassThrough => AclDecision::Abstain,
+    }
+}
+
+/// The combining rule of the authorization chain: the first denial wins and QoS caps combine to the lowest.
+fn combine_authorization(outcome: &mut AclOutcome, decision: AclDecision) {
+    match (outcome, decision) {
+        (AclOutcome::Deny(_), _) => {}
+        (outcome, AclDecision::Deny(reason)) => *outcome = AclOutcome::Deny(reason),
+        (AclOutcome::Allow { max_qos }, AclDecision::AllowMaxQos(cap)) => *max_qos = (*max_qos).min(cap),
+        (AclOutcome::Allow { .. }, AclDecision::Allow | AclDecision::Abstain) => {}
     }
 }
 
@@ -643,5 +704,168 @@ mod tests {
         chain.authorizers.push(HookSlot::new(Arc::new(Broken), None, FailurePolicy::FailClosed));
         assert!(chain.checks_reads());
         assert_eq!(now(chain.authorize(&client(), &receive)), AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED));
+    }
+
+    /// Decides by topic prefix: `deny/` denied, `cap/` capped at QoS 0, `fail/` fails the whole call, anything else
+    /// abstains. With `batches`, it takes bursts; it records what each call was asked.
+    struct Prefixes {
+        batches: bool,
+        calls: std::sync::Mutex<Vec<Vec<String>>>,
+    }
+
+    impl Prefixes {
+        fn new(batches: bool) -> Arc<Self> {
+            Arc::new(Prefixes { batches, calls: std::sync::Mutex::new(Vec::new()) })
+        }
+
+        fn calls(&self) -> Vec<Vec<String>> {
+            self.calls.lock().map(|calls| calls.clone()).unwrap_or_default()
+        }
+
+        fn decide(action: &Action<'_>) -> Result<AclDecision, HookError> {
+            let Action::Publish { topic, .. } = action else { return Ok(AclDecision::Abstain) };
+            Ok(match topic.split('/').next() {
+                Some("deny") => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+                Some("cap") => AclDecision::AllowMaxQos(QoS::AtMostOnce),
+                Some("fail") => return Err(HookError::Failed { hook: "prefixes".into(), reason: "trapped".into() }),
+                _ => AclDecision::Abstain,
+            })
+        }
+
+        fn record(&self, actions: &[Action<'_>]) {
+            let topics = actions
+                .iter()
+                .map(|action| match action {
+                    Action::Publish { topic, .. } => (*topic).to_owned(),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            if let Ok(mut calls) = self.calls.lock() {
+                calls.push(topics);
+            }
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Authorizer for Prefixes {
+        fn name(&self) -> &str {
+            "prefixes"
+        }
+
+        async fn authorize(&self, _client: &ClientInfo, action: &Action<'_>) -> Result<AclDecision, HookError> {
+            self.record(std::slice::from_ref(action));
+            Self::decide(action)
+        }
+
+        fn authorizes_in_batches(&self) -> bool {
+            self.batches
+        }
+
+        async fn authorize_batch(
+            &self,
+            _client: &ClientInfo,
+            actions: &[Action<'_>],
+        ) -> Result<Vec<AclDecision>, HookError> {
+            self.record(actions);
+            actions.iter().map(Self::decide).collect()
+        }
+    }
+
+    fn publishes<'a>(topics: &[&'a str]) -> Vec<Action<'a>> {
+        topics.iter().map(|&topic| Action::Publish { topic, qos: QoS::ExactlyOnce, retain: false }).collect()
+    }
+
+    fn batch_outcomes(chain: &HookChain, actions: &[Action<'_>]) -> Vec<AclOutcome> {
+        let mut outcomes = Vec::new();
+        now(chain.authorize_batch(&client(), actions, &mut outcomes));
+        outcomes
+    }
+
+    #[test]
+    fn a_batch_is_decided_as_each_action_alone_would_be() {
+        let (first, second) = (Prefixes::new(true), Prefixes::new(false));
+        let mut three = chain(first.clone());
+        three.authorizers.push(HookSlot::new(second.clone(), None, FailurePolicy::FailClosed));
+        three.authorizers.push(HookSlot::new(Arc::new(DeniesButNotReads), None, FailurePolicy::FailClosed));
+        assert!(three.batches_authorization());
+        let actions = publishes(&["a/1", "deny/2", "cap/3"]);
+        let batched = batch_outcomes(&three, &actions);
+        let alone: Vec<AclOutcome> = actions.iter().map(|action| now(three.authorize(&client(), action))).collect();
+        assert_eq!(batched, alone);
+        // The last hook denies everything that reaches it.
+        assert_eq!(batched, vec![AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED); 3]);
+
+        // Without the denying hook: caps combine, and a later hook never sees what an earlier one denied.
+        let (first, second) = (Prefixes::new(true), Prefixes::new(false));
+        let mut two = chain(first.clone());
+        two.authorizers.push(HookSlot::new(second.clone(), None, FailurePolicy::FailClosed));
+        let outcomes = batch_outcomes(&two, &publishes(&["a/1", "deny/2", "cap/3"]));
+        assert_eq!(
+            outcomes,
+            vec![
+                AclOutcome::Allow { max_qos: QoS::ExactlyOnce },
+                AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED),
+                AclOutcome::Allow { max_qos: QoS::AtMostOnce },
+            ]
+        );
+        assert_eq!(first.calls(), vec![vec!["a/1", "deny/2", "cap/3"]], "one call for the burst");
+        assert_eq!(second.calls(), vec![vec!["a/1"], vec!["cap/3"]], "one call per action it is asked about");
+    }
+
+    #[test]
+    fn a_failed_batch_applies_the_failure_policy_to_every_action() {
+        let actions = publishes(&["a/1", "fail/2", "cap/3"]);
+        let closed = chain(Prefixes::new(true));
+        assert_eq!(batch_outcomes(&closed, &actions), vec![AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED); 3]);
+        let mut open = HookChain::default();
+        open.authorizers.push(HookSlot::new(Prefixes::new(true), None, FailurePolicy::PassThrough));
+        assert_eq!(batch_outcomes(&open, &actions), vec![AclOutcome::Allow { max_qos: QoS::ExactlyOnce }; 3]);
+        // One at a time, only the failing action is affected.
+        let single = chain(Prefixes::new(false));
+        assert_eq!(
+            batch_outcomes(&single, &actions),
+            vec![
+                AclOutcome::Allow { max_qos: QoS::ExactlyOnce },
+                AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED),
+                AclOutcome::Allow { max_qos: QoS::AtMostOnce },
+            ]
+        );
+    }
+
+    /// Answers one decision too few: a broken batch contract.
+    struct ShortAnswer;
+
+    #[async_trait::async_trait]
+    impl Authorizer for ShortAnswer {
+        fn name(&self) -> &str {
+            "short"
+        }
+
+        async fn authorize(&self, _client: &ClientInfo, _action: &Action<'_>) -> Result<AclDecision, HookError> {
+            Ok(AclDecision::Allow)
+        }
+
+        fn authorizes_in_batches(&self) -> bool {
+            true
+        }
+
+        async fn authorize_batch(
+            &self,
+            _client: &ClientInfo,
+            actions: &[Action<'_>],
+        ) -> Result<Vec<AclDecision>, HookError> {
+            Ok(vec![AclDecision::Allow; actions.len() - 1])
+        }
+    }
+
+    #[test]
+    fn a_batch_answered_with_the_wrong_number_of_decisions_counts_as_a_failure() {
+        let actions = publishes(&["a/1", "a/2"]);
+        assert_eq!(
+            batch_outcomes(&chain(Arc::new(ShortAnswer)), &actions),
+            vec![AclOutcome::Deny(ReasonCode::NOT_AUTHORIZED); 2]
+        );
+        // A single action is asked alone, not as a batch of one.
+        assert!(batch_outcomes(&chain(Arc::new(ShortAnswer)), &actions[..1])[0].is_allowed());
     }
 }

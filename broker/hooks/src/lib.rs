@@ -67,6 +67,37 @@ pub trait Authorizer: Send + Sync {
     fn checks_reads(&self) -> bool {
         true
     }
+
+    /// Whether [`Authorizer::authorize_batch`] costs less than one [`Authorizer::authorize`] per action (a plugin
+    /// whose every call crosses a sandbox boundary). Connections gather bursts of PUBLISHes for the chain only when
+    /// some hook says so.
+    fn authorizes_in_batches(&self) -> bool {
+        false
+    }
+
+    /// The actions of one client's burst, in arrival order: exactly one decision per action, each as
+    /// [`Authorizer::authorize`] would give it. On an error the hook's failure policy applies to every action.
+    async fn authorize_batch(
+        &self,
+        client: &ClientInfo,
+        actions: &[Action<'_>],
+    ) -> Result<Vec<AclDecision>, HookError> {
+        authorize_one_by_one(self, client, actions).await
+    }
+}
+
+/// [`Authorizer::authorize_batch`] as one [`Authorizer::authorize`] call per action: its default, and the fallback of
+/// a hook that takes batches only of some actions.
+pub async fn authorize_one_by_one<A: Authorizer + ?Sized>(
+    hook: &A,
+    client: &ClientInfo,
+    actions: &[Action<'_>],
+) -> Result<Vec<AclDecision>, HookError> {
+    let mut decisions = Vec::with_capacity(actions.len());
+    for action in actions {
+        decisions.push(hook.authorize(client, action).await?);
+    }
+    Ok(decisions)
 }
 
 /// Rewrites or drops messages.
