@@ -46,7 +46,7 @@ pub mod bindings {
 
 pub use bindings::tollgate::plugin::types::{
     AclDecision, Client, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, ProtocolVersion,
-    PublishKind, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
+    PublishKind, PublishRequest, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
 };
 
 impl TransformResult {
@@ -91,8 +91,8 @@ impl Client {
 pub mod prelude {
     pub use crate::{
         AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, Plugin,
-        ProtocolVersion, PublishKind, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
-        crypto, export_plugin, host,
+        ProtocolVersion, PublishKind, PublishRequest, Qos, Rejection, RouteDecision, RouteDirection, TransformResult,
+        UserProperty, crypto, export_plugin, host,
     };
 }
 
@@ -197,6 +197,18 @@ pub trait Plugin: Sized + 'static {
         _kind: PublishKind,
     ) -> AclDecision {
         AclDecision::Ignore
+    }
+
+    /// The PUBLISHes one client sent in a burst, in arrival order (the broker's `authz-batch` call). The default
+    /// calls [`Plugin::authorize_publish`] for each, as a [`PublishKind::Publish`]; an override must return one
+    /// decision per request, each the one `authorize_publish` would give.
+    fn authorize_publish_batch(&self, client: &Client, requests: Vec<PublishRequest>) -> Vec<AclDecision> {
+        requests
+            .iter()
+            .map(|request| {
+                self.authorize_publish(client, &request.topic, request.qos, request.retain, PublishKind::Publish)
+            })
+            .collect()
     }
 
     /// One filter of a SUBSCRIBE, without any `$share/<group>/` prefix.
@@ -810,6 +822,20 @@ macro_rules! export_plugin {
 
                 fn authorize_session(client: __types::Client) -> __types::AclDecision {
                     __with(|plugin| $crate::Plugin::authorize_session(plugin, &client), __types::AclDecision::Ignore)
+                }
+            }
+
+            impl __exports::authz_batch::Guest for __TollgateExport {
+                fn authorize_publish_batch(
+                    client: __types::Client,
+                    requests: ::std::vec::Vec<__types::PublishRequest>,
+                ) -> ::std::vec::Vec<__types::AclDecision> {
+                    __STATE.with(|state| match &*state.borrow() {
+                        ::core::option::Option::Some(plugin) => {
+                            $crate::Plugin::authorize_publish_batch(plugin, &client, requests)
+                        }
+                        ::core::option::Option::None => requests.iter().map(|_| __types::AclDecision::Ignore).collect(),
+                    })
                 }
             }
 

@@ -1,7 +1,9 @@
 //! Per-call cost of the plugin adapters, without a broker: `cargo run --release -p tollgate-plugin-host --example
-//! call_cost -- <plugin.wasm|plugin.lua> [authorize|transform|transform-batch:<n>] [calls] [pause µs between calls]`.
+//! call_cost -- <plugin.wasm|plugin.lua> [authorize|authorize-batch:<n>|transform|transform-batch:<n>] [calls] [pause µs
+//! between calls]`.
 //!
-//! `transform-batch:<n>` hands the plugin `n` messages per call (`transform-batch`) and reports the cost per message.
+//! `transform-batch:<n>` and `authorize-batch:<n>` hand the plugin `n` messages per call (`transform-batch`,
+//! `authz-batch`) and report the cost per message.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,7 +35,12 @@ async fn main() {
     };
     let message = Message { topic: "bench/pair/1".into(), payload: Bytes::from(vec![b'x'; 64]), ..Default::default() };
     let pause: u64 = args.get(4).and_then(|n| n.parse().ok()).unwrap_or(0);
-    let batch: usize = hook.strip_prefix("transform-batch:").and_then(|n| n.parse().ok()).unwrap_or(1);
+    let batch: usize = hook
+        .strip_prefix("transform-batch:")
+        .or_else(|| hook.strip_prefix("authorize-batch:"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let publishes = vec![Action::Publish { topic: "bench/pair/1", qos: QoS::AtLeastOnce, retain: false }; batch];
     let calls = if batch > 1 { calls / u32::try_from(batch).expect("batch size") } else { calls };
     for round in 0..3 {
         let mut busy = std::time::Duration::ZERO;
@@ -46,6 +53,10 @@ async fn main() {
                 "transform" => {
                     let mut copy = message.clone();
                     adapter.transform_inbound(&client, &mut copy).await.expect("transform");
+                }
+                _ if batch > 1 && hook.starts_with("authorize-batch:") => {
+                    let decisions = adapter.authorize_batch(&client, &publishes).await.expect("batch");
+                    assert_eq!(decisions.len(), batch);
                 }
                 _ if batch > 1 => {
                     let mut copies = vec![message.clone(); batch];

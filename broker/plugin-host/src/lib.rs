@@ -71,6 +71,14 @@ impl<'a> AclRequest<'a> {
     }
 }
 
+/// A PUBLISH of a burst, as a batch of authorization asks about it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PublishRequest<'a> {
+    topic: &'a str,
+    qos: QoS,
+    retain: bool,
+}
+
 /// What both runtimes offer the adapters below. Statically dispatched (see [`AnyRuntime`]): behind `dyn`, every
 /// call would box its future a second time, the guest call's large state copied into a fresh allocation.
 pub(crate) trait Runtime: Send + Sync {
@@ -78,6 +86,12 @@ pub(crate) trait Runtime: Send + Sync {
     fn provided_hooks(&self) -> Vec<HookKind>;
     async fn authenticate(&self, request: &ConnectRequest) -> Result<AuthDecision, Failure>;
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure>;
+    /// `authorize_publish` for a burst of one client's PUBLISHes: one decision per request, in order.
+    async fn authorize_publish_batch(
+        &self,
+        client: &ClientInfo,
+        requests: &[PublishRequest<'_>],
+    ) -> Result<Vec<AclDecision>, Failure>;
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
     async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
     async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message)
@@ -242,6 +256,10 @@ impl LoadedPlugin {
             inbound: attached.contains(&HookKind::Transform),
             outbound: attached.contains(&HookKind::Deliver),
             batches: matches!(&self.runtime, AnyRuntime::Wasm(plugin) if plugin.batches_inbound()),
+            batches_authorization: match &self.runtime {
+                AnyRuntime::Wasm(plugin) => plugin.batches_authorization(),
+                AnyRuntime::Lua(plugin) => plugin.batches_authorization(),
+            },
         })
     }
 }
@@ -308,6 +326,9 @@ pub struct PluginHook {
     outbound: bool,
     /// The plugin exports `transform-batch` (WASM only: a Lua call is cheap enough not to need it).
     batches: bool,
+    /// PUBLISHes of a burst can be authorized in one call: the WASM plugin exports `authz-batch`, or the Lua script
+    /// has `authorize_publish` (the host loops over the burst inside the VM).
+    batches_authorization: bool,
 }
 
 impl PluginHook {
@@ -372,6 +393,39 @@ impl Authorizer for PluginHook {
 
     fn cacheable(&self) -> bool {
         self.cacheable
+    }
+
+    fn authorizes_in_batches(&self) -> bool {
+        self.batches_authorization
+    }
+
+    async fn authorize_batch(
+        &self,
+        client: &ClientInfo,
+        actions: &[Action<'_>],
+    ) -> Result<Vec<AclDecision>, HookError> {
+        let requests: Option<Vec<PublishRequest<'_>>> = actions
+            .iter()
+            .map(|action| match *action {
+                Action::Publish { topic, qos, retain } => Some(PublishRequest { topic, qos, retain }),
+                _ => None,
+            })
+            .collect();
+        match requests {
+            Some(requests) if self.batches_authorization => {
+                let count = u32::try_from(requests.len()).unwrap_or(u32::MAX);
+                let decisions = on_runtime!(&self.runtime, plugin => {
+                    self.guarded_batch(HookKind::Authorize, count, plugin.authorize_publish_batch(client, &requests)).await
+                })?;
+                if decisions.len() != requests.len() {
+                    let failure =
+                        Failure::BadAnswer(format!("{} decisions for {} publishes", decisions.len(), requests.len()));
+                    return Err(self.failed(HookKind::Authorize, failure));
+                }
+                Ok(decisions)
+            }
+            _ => tollgate_hooks::authorize_one_by_one(self, client, actions).await,
+        }
     }
 
     /// The plugin contract has no read hook ([`AclRequest::from_action`] abstains on reads).

@@ -14,7 +14,7 @@ use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 
 use crate::shared::{CallClient, Failure, MacAlgorithm, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec};
-use crate::{AclRequest, LoadError, Runtime};
+use crate::{AclRequest, LoadError, PublishRequest, Runtime};
 
 const CPU_LIMIT_MESSAGE: &str = "tollgate: CPU time budget exhausted";
 
@@ -25,7 +25,9 @@ const REMOVED_GLOBALS: [&str; 8] =
 /// A call's CPU budget in ticks of [`crate::ticker`]. Atomics rather than a lock: the interrupt reads it at every
 /// function call and loop edge of the script. Only the thread running the instance touches it.
 struct Budget {
-    limit: u64,
+    /// One call's budget; a batch gets it once for each of its messages.
+    per_call: u64,
+    limit: AtomicU64,
     used: AtomicU64,
     /// The tick the running slice began at, or [`NO_SLICE`].
     slice_start: AtomicU64,
@@ -37,7 +39,8 @@ const NO_SLICE: u64 = u64::MAX;
 impl Budget {
     fn new(cpu_time: Duration) -> Self {
         Self {
-            limit: crate::ticker::budget_ticks(cpu_time),
+            per_call: crate::ticker::budget_ticks(cpu_time),
+            limit: AtomicU64::new(crate::ticker::budget_ticks(cpu_time)),
             used: AtomicU64::new(0),
             slice_start: AtomicU64::new(NO_SLICE),
             exhausted: AtomicBool::new(false),
@@ -45,6 +48,13 @@ impl Budget {
     }
 
     fn reset(&self) {
+        self.reset_for(1);
+    }
+
+    /// A fresh budget for a call carrying `messages` messages.
+    fn reset_for(&self, messages: usize) {
+        let messages = u64::try_from(messages.max(1)).unwrap_or(u64::MAX);
+        self.limit.store(self.per_call.saturating_mul(messages), Ordering::Relaxed);
         self.used.store(0, Ordering::Relaxed);
         self.slice_start.store(NO_SLICE, Ordering::Relaxed);
         self.exhausted.store(false, Ordering::Relaxed);
@@ -61,7 +71,7 @@ impl Budget {
         }
         let slice = now.saturating_sub(start);
         let used = self.used.load(Ordering::Relaxed);
-        if used.saturating_add(slice) > self.limit {
+        if used.saturating_add(slice) > self.limit.load(Ordering::Relaxed) {
             self.exhausted.store(true, Ordering::Relaxed);
             return Err(());
         }
@@ -80,6 +90,10 @@ struct Hooks {
     /// request table from plain arguments: a table built in the VM costs a fraction of one built field by field
     /// through the API, where every step is a protected call once a memory limit is set.
     authorize_publish: Option<Function>,
+    /// The script's `authorize_publish` behind a Lua-side loop over a burst of PUBLISHes: one call into the VM
+    /// decides them all. Their topics come as one string, with a string of 4-byte headers (QoS and retain, then
+    /// the topic's length, big-endian), so that entering the call costs the same few API steps whatever the burst.
+    authorize_publish_batch: Option<Function>,
     authorize_subscribe: Option<Function>,
     authorize_session: Option<Function>,
     on_publish: Option<Function>,
@@ -88,6 +102,37 @@ struct Hooks {
 }
 
 const PUBLISH_ENTRY: &str = "local hook = ...\nreturn function(client, topic, qos, retain, kind)\n  return hook(client, { topic = topic, qos = qos, retain = retain, kind = kind })\nend";
+/// Loaded before the script runs, so the library functions it keeps are Luau's own whatever globals the script
+/// then defines; called with the script's `authorize_publish`. Common answers come back as one string of codes
+/// (`n` abstain, `a` allow, `d` deny) and any other answer in a table beside it, so the host reads a burst's
+/// decisions with one string rather than a table lookup and a string copy per message.
+const PUBLISH_BATCH_ENTRY: &str = "local byte, sub, create, concat = string.byte, string.sub, table.create, table.concat
+return function(hook)
+  return function(client, topics, headers, kind)
+    local count = #headers // 4
+    local codes = create(count)
+    local others = nil
+    local start = 1
+    for i = 1, count do
+      local flags, high, middle, low = byte(headers, 4 * i - 3, 4 * i)
+      local stop = start + high * 65536 + middle * 256 + low
+      local decision = hook(client, { topic = sub(topics, start, stop - 1), qos = flags % 4, retain = flags >= 4, kind = kind })
+      start = stop
+      if decision == nil or decision == 'ignore' then
+        codes[i] = 'n'
+      elseif decision == 'allow' or decision == true then
+        codes[i] = 'a'
+      elseif decision == 'deny' or decision == false then
+        codes[i] = 'd'
+      else
+        codes[i] = '?'
+        others = others or {}
+        others[i] = decision
+      end
+    end
+    return concat(codes), others
+  end
+end";
 const SUBSCRIBE_ENTRY: &str = "local hook = ...\nreturn function(client, filter, qos, share_group)\n  return hook(client, { filter = filter, qos = qos, share_group = share_group })\nend";
 
 /// Client tables kept per instance, so a connection's every publish does not rebuild its table. They are
@@ -135,6 +180,7 @@ pub struct LuaPlugin {
     limits: Limits,
     pool: Pool<Instance>,
     hooks: Vec<HookKind>,
+    authorizes_publishes: bool,
 }
 
 impl LuaPlugin {
@@ -152,9 +198,11 @@ impl LuaPlugin {
             limits: spec.limits,
             pool: Pool::new(spec.limits.max_instances),
             hooks: Vec::new(),
+            authorizes_publishes: false,
         };
         let instance = plugin.instantiate().await.map_err(|failure| fail(failure.to_string()))?;
         let hooks = &instance.hooks;
+        plugin.authorizes_publishes = hooks.authorize_publish.is_some();
         plugin.hooks = [
             (HookKind::Authenticate, hooks.on_connect.is_some()),
             (
@@ -182,6 +230,11 @@ impl LuaPlugin {
         Ok(plugin)
     }
 
+    /// Whether bursts of PUBLISHes can be authorized in one call: the script has `authorize_publish`.
+    pub(crate) fn batches_authorization(&self) -> bool {
+        self.authorizes_publishes
+    }
+
     fn classify(&self, budget: &Budget, error: mlua::Error) -> Failure {
         if budget.exhausted.load(Ordering::Relaxed) || error.to_string().contains(CPU_LIMIT_MESSAGE) {
             return Failure::CpuLimit(u64::try_from(self.limits.cpu_time.as_millis()).unwrap_or(u64::MAX));
@@ -198,6 +251,7 @@ impl LuaPlugin {
         let client = Arc::new(Mutex::new(CallClient::default()));
         let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(&budget, error))?;
         let run = async {
+            let batch_entry: Function = lua.load(PUBLISH_BATCH_ENTRY).set_name("=tollgate").call(())?;
             lua.load(&*self.source).set_name(self.chunk_name.clone()).exec_async().await?;
             let globals = lua.globals();
             let wrap = |source: &str, hook: Option<Function>| -> mlua::Result<Option<Function>> {
@@ -206,6 +260,10 @@ impl LuaPlugin {
             let hooks = Hooks {
                 on_connect: globals.get("on_connect")?,
                 authorize_publish: wrap(PUBLISH_ENTRY, globals.get("authorize_publish")?)?,
+                authorize_publish_batch: globals
+                    .get::<Option<Function>>("authorize_publish")?
+                    .map(|hook| batch_entry.call::<Function>(hook))
+                    .transpose()?,
                 authorize_subscribe: wrap(SUBSCRIBE_ENTRY, globals.get("authorize_subscribe")?)?,
                 authorize_session: globals.get("authorize_session")?,
                 on_publish: globals.get("on_publish")?,
@@ -425,6 +483,7 @@ impl LuaPlugin {
         let outcome = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                1,
                 |instance| async move {
                     let result = async {
                         let (name, function) = if outbound {
@@ -476,7 +535,7 @@ impl LuaPlugin {
         Ok(decision)
     }
 
-    async fn with_instance<R, F, Fut>(&self, client: CallClient, call: F) -> Result<R, Failure>
+    async fn with_instance<R, F, Fut>(&self, client: CallClient, messages: usize, call: F) -> Result<R, Failure>
     where
         F: FnOnce(Instance) -> Fut,
         Fut: Future<Output = (Instance, mlua::Result<R>)>,
@@ -489,7 +548,7 @@ impl LuaPlugin {
             None => Box::pin(self.instantiate()).await?,
         };
         *lock(&instance.client) = client;
-        instance.budget.reset();
+        instance.budget.reset_for(messages);
         let (instance, result) = call(instance).await;
         match result {
             Ok(value) => {
@@ -712,7 +771,7 @@ impl Runtime for LuaPlugin {
         let request = request.clone();
         let client = CallClient { attributes: Default::default(), peer: request.peer.clone() };
         let decision = self
-            .with_instance(client, |instance| async move {
+            .with_instance(client, 1, |instance| async move {
                 let result = async {
                     let Some(function) = &instance.hooks.on_connect else { return Ok(Ok(AuthDecision::Abstain)) };
                     let lua = &instance.lua;
@@ -759,6 +818,7 @@ impl Runtime for LuaPlugin {
         let decision = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                1,
                 |mut instance| async move {
                     let result = async {
                         let client = instance.client_table(client)?;
@@ -795,6 +855,66 @@ impl Runtime for LuaPlugin {
         decision.map_err(Failure::BadAnswer)
     }
 
+    async fn authorize_publish_batch(
+        &self,
+        client: &ClientInfo,
+        requests: &[PublishRequest<'_>],
+    ) -> Result<Vec<AclDecision>, Failure> {
+        let mut topics = Vec::with_capacity(requests.iter().map(|request| request.topic.len()).sum());
+        let mut headers = Vec::with_capacity(4 * requests.len());
+        for request in requests {
+            let length = u32::try_from(request.topic.len())
+                .ok()
+                .filter(|length| *length < 1 << 24)
+                .ok_or_else(|| Failure::BadAnswer("a topic longer than 16 MiB".to_owned()))?;
+            let [_, high, middle, low] = length.to_be_bytes();
+            headers.extend_from_slice(&[request.qos as u8 | (u8::from(request.retain) << 2), high, middle, low]);
+            topics.extend_from_slice(request.topic.as_bytes());
+        }
+        let count = requests.len();
+        let decisions = self
+            .with_instance(
+                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
+                count,
+                |mut instance| async move {
+                    let result = async {
+                        let client = instance.client_table(client)?;
+                        let Some(function) = &instance.hooks.authorize_publish_batch else {
+                            return Ok(Ok(vec![AclDecision::Abstain; count]));
+                        };
+                        let topics = instance.lua.create_string(&topics)?;
+                        let headers = instance.lua.create_string(&headers)?;
+                        let args = (client, topics, headers, &instance.kind_publish);
+                        let (codes, others): (LuaString, Option<Table>) = instance.call(function, args).await?;
+                        let codes = codes.as_bytes();
+                        if codes.len() != count {
+                            return Ok(Err(format!("{} decisions for {count} publishes", codes.len())));
+                        }
+                        let mut decisions = Vec::with_capacity(count);
+                        for (index, code) in codes.iter().enumerate() {
+                            decisions.push(match (code, &others) {
+                                (b'n', _) => AclDecision::Abstain,
+                                (b'a', _) => AclDecision::Allow,
+                                (b'd', _) => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+                                (_, Some(others)) => {
+                                    match acl_decision("authorize_publish", others.raw_get(index + 1)?) {
+                                        Ok(decision) => decision,
+                                        Err(error) => return Ok(Err(error)),
+                                    }
+                                }
+                                (_, None) => return Ok(Err(format!("no decision for publish {}", index + 1))),
+                            });
+                        }
+                        Ok(Ok(decisions))
+                    }
+                    .await;
+                    (instance, result)
+                },
+            )
+            .await?;
+        decisions.map_err(Failure::BadAnswer)
+    }
+
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
         self.transform_with(client, message, false).await
     }
@@ -812,7 +932,7 @@ impl Runtime for LuaPlugin {
         let draft = message.clone();
         let bridge = bridge.to_owned();
         let decision = self
-            .with_instance(CallClient::default(), |instance| async move {
+            .with_instance(CallClient::default(), 1, |instance| async move {
                 let result = async {
                     let Some(function) = &instance.hooks.route else { return Ok(Ok(RouteDecision::Abstain)) };
                     let lua = &instance.lua;

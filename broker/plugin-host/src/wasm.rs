@@ -16,7 +16,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use crate::shared::{CallClient, Failure, MacAlgorithm, PluginShared, Pool};
 use crate::spec::{HookKind, Limits, PluginSpec, flatten_config};
-use crate::{AclRequest, LoadError, Runtime};
+use crate::{AclRequest, LoadError, PublishRequest, Runtime};
 
 wasmtime::component::bindgen!({
     path: "../../sdk/wit",
@@ -24,7 +24,7 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use exports::tollgate::plugin::{authn, authz, bridge, deliver, lifecycle, transform, transform_batch};
+use exports::tollgate::plugin::{authn, authz, authz_batch, bridge, deliver, lifecycle, transform, transform_batch};
 use tollgate::plugin::types as wit;
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
@@ -221,6 +221,7 @@ struct Exports {
     lifecycle: lifecycle::GuestIndices,
     authn: Option<authn::GuestIndices>,
     authz: Option<authz::GuestIndices>,
+    authz_batch: Option<authz_batch::GuestIndices>,
     transform: Option<transform::GuestIndices>,
     transform_batch: Option<transform_batch::GuestIndices>,
     deliver: Option<deliver::GuestIndices>,
@@ -234,6 +235,7 @@ struct InstanceState {
     store: Store<HostState>,
     authn: Option<authn::Guest>,
     authz: Option<authz::Guest>,
+    authz_batch: Option<authz_batch::Guest>,
     transform: Option<transform::Guest>,
     transform_batch: Option<transform_batch::Guest>,
     deliver: Option<deliver::Guest>,
@@ -325,6 +327,7 @@ impl WasmPlugin {
             lifecycle: lifecycle::GuestIndices::new(&pre).map_err(|error| fail(wrong_contract(&component, error)))?,
             authn: authn::GuestIndices::new(&pre).ok(),
             authz: authz::GuestIndices::new(&pre).ok(),
+            authz_batch: authz_batch::GuestIndices::new(&pre).ok(),
             transform: transform::GuestIndices::new(&pre).ok(),
             transform_batch: transform_batch::GuestIndices::new(&pre).ok(),
             deliver: deliver::GuestIndices::new(&pre).ok(),
@@ -398,10 +401,11 @@ impl WasmPlugin {
         let exports = &self.exports;
         let lifecycle = exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
         // The hook interfaces the component exports, found once at load.
-        let (authn, authz, transform, transform_batch, deliver, bridge) = (|| {
+        let (authn, authz, authz_batch, transform, transform_batch, deliver, bridge) = (|| {
             Ok::<_, wasmtime::Error>((
                 exports.authn.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.authz.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.authz_batch.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.transform.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.transform_batch.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.deliver.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
@@ -415,7 +419,8 @@ impl WasmPlugin {
             .map_err(|error| self.classify(error))?
             .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
         store.data_mut().ticks = 0;
-        Ok((Box::new(InstanceState { store, authn, authz, transform, transform_batch, deliver, bridge }), info))
+        let state = InstanceState { store, authn, authz, authz_batch, transform, transform_batch, deliver, bridge };
+        Ok((Box::new(state), info))
     }
 
     fn classify(&self, error: wasmtime::Error) -> Failure {
@@ -491,6 +496,10 @@ impl WasmPlugin {
         self.exports.transform_batch.is_some()
     }
 
+    pub(crate) fn batches_authorization(&self) -> bool {
+        self.exports.authz.is_some() && self.exports.authz_batch.is_some()
+    }
+
     /// Borrows an instance, runs `call` on it and returns it to the pool. An instance whose call failed is
     /// dropped, since a trapped store may be left inconsistent; the next call builds a fresh one.
     async fn with_instance<R, F, Fut>(&self, client: CallClient, messages: usize, call: F) -> Result<R, Failure>
@@ -526,7 +535,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.6.0";
+const CONTRACT: &str = "tollgate:plugin@0.7.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
@@ -614,6 +623,15 @@ fn apply_transform_result(message: &mut Message, result: wit::TransformResult) -
             message: rejection.message,
             disconnect: rejection.disconnect,
         },
+    }
+}
+
+fn acl_decision(decision: wit::AclDecision) -> AclDecision {
+    match decision {
+        wit::AclDecision::Allow => AclDecision::Allow,
+        wit::AclDecision::AllowMaxQos(qos) => AclDecision::AllowMaxQos(host_qos(qos)),
+        wit::AclDecision::Deny(deny) => AclDecision::Deny(reason(deny)),
+        wit::AclDecision::Ignore => AclDecision::Abstain,
     }
 }
 
@@ -739,12 +757,42 @@ impl Runtime for WasmPlugin {
                 (instance, result)
             })
             .await?;
-        Ok(match decision {
-            wit::AclDecision::Allow => AclDecision::Allow,
-            wit::AclDecision::AllowMaxQos(qos) => AclDecision::AllowMaxQos(host_qos(qos)),
-            wit::AclDecision::Deny(deny) => AclDecision::Deny(reason(deny)),
-            wit::AclDecision::Ignore => AclDecision::Abstain,
-        })
+        Ok(acl_decision(decision))
+    }
+
+    async fn authorize_publish_batch(
+        &self,
+        client: &ClientInfo,
+        requests: &[PublishRequest<'_>],
+    ) -> Result<Vec<AclDecision>, Failure> {
+        let wit_client = wit_client(client);
+        let wit_requests: Vec<wit::PublishRequest> = requests
+            .iter()
+            .map(|request| wit::PublishRequest {
+                topic: request.topic.to_owned(),
+                qos: wit_qos(request.qos),
+                retain: request.retain,
+            })
+            .collect();
+        let decisions = self
+            .with_instance(call_client(client), requests.len(), |mut instance| async move {
+                let result = match &instance.authz_batch {
+                    Some(guest) => {
+                        guest.call_authorize_publish_batch(&mut instance.store, &wit_client, &wit_requests).await
+                    }
+                    None => Err(wasmtime::Error::msg("the plugin does not export authz-batch")),
+                };
+                (instance, result)
+            })
+            .await?;
+        if decisions.len() != requests.len() {
+            return Err(Failure::BadAnswer(format!(
+                "authorize-publish-batch answered {} decisions for {} requests",
+                decisions.len(),
+                requests.len()
+            )));
+        }
+        Ok(decisions.into_iter().map(acl_decision).collect())
     }
 
     async fn transform(&self, client: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {

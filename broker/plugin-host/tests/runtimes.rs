@@ -207,6 +207,62 @@ async fn a_wasm_batch_has_a_budget_per_message_and_fails_as_a_whole() {
     assert_eq!(metrics.traps.load(Ordering::Relaxed), 2, "the trap and the broken answer");
 }
 
+/// A burst of PUBLISHes authorized in one call, in both runtimes (`authz-batch` for WASM; for Lua the host loops
+/// over the burst inside the VM): each request gets the decision it would get alone, the batch gets each request's
+/// CPU budget and counts each as a call; a loop or an error fails the whole call, and the next batch works.
+#[tokio::test]
+async fn an_authorization_batch_has_a_budget_per_request_and_fails_as_a_whole() {
+    for kind in KINDS {
+        let mut spec = testkit(kind);
+        spec.limits.cpu_time = Duration::from_millis(100);
+        let (plugin, hook) = load(spec).await;
+        assert!(hook.authorizes_in_batches(), "{kind:?}");
+        let publishes = |topics: &[&'static str]| {
+            topics
+                .iter()
+                .map(|&topic| Action::Publish { topic, qos: QoS::AtLeastOnce, retain: false })
+                .collect::<Vec<_>>()
+        };
+        let decisions = hook.authorize_batch(&client(), &publishes(&["ok/a", "deny/b", "quota/c", "ok/d"])).await;
+        let expected = vec![
+            AclDecision::Abstain,
+            AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+            AclDecision::Deny(ReasonCode::QUOTA_EXCEEDED),
+            AclDecision::Abstain,
+        ];
+        assert_eq!(decisions, Ok(expected), "{kind:?}");
+        // Three times 60 ms is more than one request's 100 ms, and within three.
+        let slow = publishes(&["slow/60/a", "slow/60/b", "slow/60/c"]);
+        assert_eq!(hook.authorize_batch(&client(), &slow).await, Ok(vec![AclDecision::Abstain; 3]), "{kind:?}");
+        // A loop stops at the batch's budget, 300 ms, well before the call timeout (3 × 2 s).
+        let started = Instant::now();
+        let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "loop/b", "ok/c"])).await);
+        assert!(reason.contains("CPU time budget"), "{kind:?}: {reason}");
+        assert!(started.elapsed() < Duration::from_millis(1500), "{kind:?}: {:?}", started.elapsed());
+        let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "trap/b"])).await);
+        assert!(reason.contains("trap") || reason.contains("testkit asked to fail"), "{kind:?}: {reason}");
+        assert_eq!(
+            hook.authorize_batch(&client(), &publishes(&["deny/a", "ok/b"])).await,
+            Ok(vec![AclDecision::Deny(ReasonCode::NOT_AUTHORIZED), AclDecision::Abstain]),
+            "{kind:?}: the next batch works"
+        );
+        let metrics = &plugin.shared().metrics;
+        assert_eq!(metrics.calls.load(), 4 + 3 + 3 + 2 + 2, "{kind:?}");
+        assert_eq!(metrics.cpu_limit.load(Ordering::Relaxed), 1, "{kind:?}");
+        if kind == PluginKind::Wasm {
+            let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "undecided/b"])).await);
+            assert!(reason.contains("0 decisions for 2 requests"), "{reason}");
+        }
+    }
+}
+
+fn failure_of_batch(result: Result<Vec<AclDecision>, HookError>) -> String {
+    match result {
+        Err(HookError::Failed { reason, .. }) => reason,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
 fn failure_of_transform(result: Result<Vec<TransformDecision>, HookError>) -> String {
     match result {
         Err(HookError::Failed { reason, .. }) => reason,

@@ -150,11 +150,11 @@ async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
     }
 }
 
-/// PUBLISHes that arrive together (one write, so one read on the broker) reach a WebAssembly transform in one
-/// `transform-batch` call; Lua gets them one by one. Either way each message is transformed, delivered and
-/// acknowledged in the order it was sent: a publish the ACL denies and one the transform refuses are answered
-/// 0x87 in their place, and a refusal that disconnects (MQTT 3.1.1) ends the burst there, so the messages after it
-/// are neither delivered nor acknowledged.
+/// PUBLISHes that arrive together (one write, so one read on the broker) are authorized together, and those the ACL
+/// admits reach a WebAssembly transform in one `transform-batch` call; Lua gets them one by one. Either way each
+/// message is transformed, delivered and acknowledged in the order it was sent: a publish the ACL denies and one the
+/// transform refuses are answered 0x87 in their place, and a refusal that disconnects (MQTT 3.1.1) ends the burst
+/// there, so the messages after it are neither delivered nor acknowledged.
 #[tokio::test]
 async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
     use tollgate_integration_tests::raw::{self, encode, publish_packet};
@@ -216,8 +216,8 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
         }
         subscriber.expect_no_publish(QUIET).await;
         match kind {
-            // The first three arrive together and go in one call; the denied publish after them ends that batch.
-            Kind::Wasm => assert_eq!(sizes[..3], ["3", "3", "3"], "{kind:?}: {sizes:?}"),
+            // The eight the ACL admits go in one call; the denied one is left out.
+            Kind::Wasm => assert!(sizes.iter().all(|size| size == "8"), "{kind:?}: {sizes:?}"),
             Kind::Lua => assert!(sizes.iter().all(|size| size == "1"), "{kind:?}: {sizes:?}"),
         }
         client.disconnect().await;
@@ -237,6 +237,120 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
             assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}");
         }
         subscriber.expect_no_publish(QUIET).await;
+        assert!(broker.stop().await);
+    }
+}
+
+/// Encodes PUBLISHes (QoS 1 gets packet id = position + 1) for one write, so the broker reads them together.
+fn publish_burst(version: tollgate_protocol::ProtocolVersion, messages: &[(&str, tollgate_protocol::QoS)]) -> Vec<u8> {
+    use tollgate_integration_tests::raw::{encode, publish_packet};
+    let mut bytes = Vec::new();
+    for (index, (topic, qos)) in messages.iter().enumerate() {
+        let packet_id = (*qos != tollgate_protocol::QoS::AtMostOnce).then(|| u16::try_from(index + 1).unwrap());
+        let publish = publish_packet(topic, *qos, packet_id, topic.as_bytes());
+        bytes.extend(encode(&tollgate_protocol::Packet::Publish(publish), version));
+    }
+    bytes
+}
+
+/// PUBLISHes read together are authorized in one call: a WebAssembly plugin's `authz-batch` gets the whole burst
+/// (its counters say one call of seven requests), a Lua script's `authorize_publish` runs for each inside one call
+/// into the VM. The decisions are each message's own: denials (0x87, 0x97) are answered in their place, the rest
+/// are delivered in order. MQTT 3.1.1 under `on_publish_denied = "disconnect"` loses the connection at the first
+/// denial, after the messages before it were delivered and acknowledged. A WebAssembly batch answered with the
+/// wrong number of decisions fails, and the failure policy (fail_closed) refuses every message in it.
+#[tokio::test]
+async fn a_burst_of_publishes_is_authorized_in_one_call() {
+    use tollgate_integration_tests::raw;
+    use tollgate_protocol::{Packet, ProtocolVersion, QoS as RawQoS, ReasonCode};
+
+    async fn acks(client: &mut raw::RawClient<tokio::net::TcpStream>, count: usize) -> Vec<(u16, ReasonCode)> {
+        let mut acks = Vec::new();
+        for _ in 0..count {
+            match client.expect_packet().await {
+                Packet::PubAck(ack) => acks.push((ack.packet_id, ack.reason_code)),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+        acks
+    }
+
+    for kind in KINDS {
+        let broker = TestBroker::builder()
+            .configure(|config| {
+                config.plugins = vec![plugin_entry("testkit", kind, testkit_path(kind))];
+                config.runtime.plugin_cache_dir = Some(PathBuf::new());
+                config.auth.on_publish_denied = Some("disconnect".into());
+                config.sys.interval = 1;
+            })
+            .start()
+            .await;
+        let mut subscriber = connect_to(&broker, "sub").await;
+        subscriber.subscribe_ok("ok/#", QoS::AtLeastOnce).await;
+
+        let mut client = raw::tcp(broker.addr, ProtocolVersion::V5).await;
+        client.connect_ok(ProtocolVersion::V5, "burst").await;
+        let (one, zero) = (RawQoS::AtLeastOnce, RawQoS::AtMostOnce);
+        let sent = [
+            ("ok/1", one),
+            ("deny/2", one),
+            ("quota/3", one),
+            ("ok/4", zero),
+            ("ok/5", one),
+            ("deny/6", zero),
+            ("ok/7", one),
+        ];
+        client.send_bytes(&publish_burst(ProtocolVersion::V5, &sent)).await;
+        let ok = ReasonCode::SUCCESS;
+        assert_eq!(
+            acks(&mut client, 5).await,
+            [(1, ok), (2, ReasonCode::NOT_AUTHORIZED), (3, ReasonCode::QUOTA_EXCEEDED), (5, ok), (7, ok)],
+            "{kind:?}"
+        );
+        for expected in ["ok/1", "ok/4", "ok/5", "ok/7"] {
+            assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}: delivered in order");
+        }
+        subscriber.expect_no_publish(QUIET).await;
+        client.disconnect().await;
+
+        // 3.1.1, disconnecting on a denial: what came before it is delivered, what came after it is discarded.
+        let mut old = raw::tcp(broker.addr, ProtocolVersion::V311).await;
+        old.connect_ok(ProtocolVersion::V311, "burst-old").await;
+        let sent = [("ok/a", one), ("ok/b", zero), ("deny/c", one), ("ok/d", one)];
+        old.send_bytes(&publish_burst(ProtocolVersion::V311, &sent)).await;
+        assert_eq!(acks(&mut old, 1).await, [(1, ok)], "{kind:?}");
+        old.expect_closed().await;
+        for expected in ["ok/a", "ok/b"] {
+            assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}");
+        }
+        subscriber.expect_no_publish(QUIET).await;
+
+        if kind == Kind::Wasm {
+            // A broken batch answer: every message in that call is refused (fail_closed), and nothing is delivered.
+            let mut client = raw::tcp(broker.addr, ProtocolVersion::V5).await;
+            client.connect_ok(ProtocolVersion::V5, "broken").await;
+            let sent = [("ok/x", one), ("undecided/y", one), ("ok/z", one)];
+            client.send_bytes(&publish_burst(ProtocolVersion::V5, &sent)).await;
+            let refused = ReasonCode::NOT_AUTHORIZED;
+            assert_eq!(acks(&mut client, 3).await, [(1, refused), (2, refused), (3, refused)]);
+            subscriber.expect_no_publish(QUIET).await;
+            client.disconnect().await;
+
+            // The plugin's own counters: the v5 burst went in one call of seven, the 3.1.1 one in one of four, the
+            // broken one in one of three.
+            let mut watcher = connect_to(&broker, "watcher").await;
+            watcher.subscribe_ok("$SYS/broker/plugins/testkit/counters/#", QoS::AtMostOnce).await;
+            let mut seen = std::collections::BTreeMap::new();
+            within("the testkit's batch counters in $SYS", async {
+                while seen.get("acl_batch_requests").is_none_or(|requests| requests != "14") {
+                    let publish = watcher.next_publish().await;
+                    let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/testkit/counters/").to_owned();
+                    seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
+                }
+            })
+            .await;
+            assert_eq!(seen.get("acl_batch_calls").map(String::as_str), Some("3"), "{seen:?}");
+        }
         assert!(broker.stop().await);
     }
 }

@@ -16,6 +16,10 @@
 //! | `cut/` | | rejected and the client disconnected |
 //! | `batch/` | | user property `batch` = how many messages the call carried (`transform-batch`; 1 otherwise) |
 //! | `short/` | | in a `transform-batch` call: no results at all, for any message (a broken answer) |
+//! | `undecided/` | in an `authz-batch` call: no decisions at all, for any request (a broken answer) | |
+//!
+//! Every `authz-batch` call counts itself and its requests in the counters `acl_batch_calls` and
+//! `acl_batch_requests`.
 //!
 //! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
 //! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
@@ -98,6 +102,21 @@ impl Plugin for Testkit {
         } else {
             AclDecision::Ignore
         }
+    }
+
+    /// As the SDK's own loop, counted; a batch holding an `undecided/` request answers no decisions at all.
+    fn authorize_publish_batch(&self, client: &Client, requests: Vec<PublishRequest>) -> Vec<AclDecision> {
+        host::counter_add("acl_batch_calls", 1);
+        host::counter_add("acl_batch_requests", requests.len() as u64);
+        if requests.iter().any(|request| request.topic.starts_with("undecided/")) {
+            return Vec::new();
+        }
+        requests
+            .iter()
+            .map(|request| {
+                self.authorize_publish(client, &request.topic, request.qos, request.retain, PublishKind::Publish)
+            })
+            .collect()
     }
 
     fn authorize_subscribe(
