@@ -474,11 +474,23 @@ impl VinAcl {
     }
 
     fn decide(&self, client: &Client, operation: Operation, topic: &str, qos: Qos) -> AclDecision {
-        let Some((principal, vin)) = self.principal(client) else {
+        self.decide_as(&self.principal(client), client, operation, topic, qos)
+    }
+
+    /// [`VinAcl::decide`] for a principal already looked up: a burst's requests share their client's.
+    fn decide_as(
+        &self,
+        principal: &Option<(Principal, Option<String>)>,
+        client: &Client,
+        operation: Operation,
+        topic: &str,
+        qos: Qos,
+    ) -> AclDecision {
+        let Some((principal, vin)) = principal else {
             host::counter_add("denied_no_identity", 1);
             return AclDecision::Deny(DenyReason::NotAuthorized);
         };
-        for rule in self.rules.iter().filter(|rule| rule.who == principal) {
+        for rule in self.rules.iter().filter(|rule| rule.who == *principal) {
             let allowed = match operation {
                 Operation::Publish => rule.publish,
                 Operation::Subscribe => rule.subscribe,
@@ -508,7 +520,7 @@ impl VinAcl {
             }
         }
         host::counter_add("denied", 1);
-        let identity = vin.unwrap_or_else(|| format!("{principal:?}"));
+        let identity = vin.clone().unwrap_or_else(|| format!("{principal:?}"));
         let event = if operation == Operation::Publish { "publish_denied" } else { "subscribe_denied" };
         host::security_event(
             host::LogLevel::Info,
@@ -516,6 +528,22 @@ impl VinAcl {
             &[("client_id", &client.client_id), ("identity", &identity), ("topic", topic)],
         );
         AclDecision::Deny(DenyReason::NotAuthorized)
+    }
+}
+
+impl VinAcl {
+    /// A retained command (a `cmd` level) when `deny_retained_commands` is on: refused, and told as an event.
+    fn refuses_retained_command(&self, client: &Client, topic: &str, retain: bool) -> bool {
+        if !(retain && self.deny_retained_commands && topic.split('/').any(|level| level == "cmd")) {
+            return false;
+        }
+        host::counter_add("denied_retained_command", 1);
+        host::security_event(
+            host::LogLevel::Info,
+            "retained_command_denied",
+            &[("client_id", &client.client_id), ("topic", topic)],
+        );
+        true
     }
 }
 
@@ -699,16 +727,24 @@ impl Plugin for VinAcl {
         retain: bool,
         _kind: PublishKind,
     ) -> AclDecision {
-        if retain && self.deny_retained_commands && topic.split('/').any(|level| level == "cmd") {
-            host::counter_add("denied_retained_command", 1);
-            host::security_event(
-                host::LogLevel::Info,
-                "retained_command_denied",
-                &[("client_id", &client.client_id), ("topic", topic)],
-            );
+        if self.refuses_retained_command(client, topic, retain) {
             return AclDecision::Deny(DenyReason::NotAuthorized);
         }
         self.decide(client, Operation::Publish, topic, qos)
+    }
+
+    /// A burst from one client: its principal (a few host calls) is looked up once for all the requests.
+    fn authorize_publish_batch(&self, client: &Client, requests: Vec<PublishRequest>) -> Vec<AclDecision> {
+        let principal = self.principal(client);
+        requests
+            .iter()
+            .map(|request| {
+                if self.refuses_retained_command(client, &request.topic, request.retain) {
+                    return AclDecision::Deny(DenyReason::NotAuthorized);
+                }
+                self.decide_as(&principal, client, Operation::Publish, &request.topic, request.qos)
+            })
+            .collect()
     }
 
     fn authorize_subscribe(&self, client: &Client, filter: &str, qos: Qos, _share_group: Option<&str>) -> AclDecision {
@@ -903,6 +939,40 @@ mod tests {
         for filter in ["vehicle/updates/+", "vehicle/updates/#", "#", &format!("vehicle/updates/{OTHER}")] {
             assert_eq!(subscribe(filter), AclDecision::Deny(DenyReason::NotAuthorized), "{filter}");
         }
+    }
+
+    #[test]
+    fn a_burst_gets_the_decisions_of_its_publishes_one_by_one() {
+        let acl = VinAcl::init(with(&[("deny_retained_commands", "true")])).expect("init");
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", VIN);
+        let car = Client::new(VIN, None);
+        let own = format!("vehicle/{VIN}/status");
+        let other = format!("vehicle/{OTHER}/status");
+        let command = format!("vehicle/{VIN}/cmd/unlock");
+        let requests = [
+            (own.as_str(), Qos::AtMostOnce, false),
+            (other.as_str(), Qos::AtMostOnce, false),
+            (own.as_str(), Qos::ExactlyOnce, false),
+            (command.as_str(), Qos::AtLeastOnce, true),
+        ];
+        let one_by_one: Vec<AclDecision> = requests
+            .iter()
+            .map(|&(topic, qos, retain)| acl.authorize_publish(&car, topic, qos, retain, PublishKind::Publish))
+            .collect();
+        let burst = requests
+            .iter()
+            .map(|&(topic, qos, retain)| PublishRequest { topic: topic.to_owned(), qos, retain })
+            .collect();
+        assert_eq!(acl.authorize_publish_batch(&car, burst), one_by_one);
+        assert_eq!(
+            one_by_one,
+            [
+                AclDecision::Allow,
+                AclDecision::Deny(DenyReason::NotAuthorized),
+                AclDecision::AllowMaxQos(Qos::AtLeastOnce),
+                AclDecision::Deny(DenyReason::NotAuthorized),
+            ]
+        );
     }
 
     #[test]
