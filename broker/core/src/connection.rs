@@ -985,7 +985,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     async fn finish_burst(&mut self, burst: &mut Vec<Publish>) -> Result<(), Exit> {
         if burst.len() <= 1 {
             return match burst.pop() {
-                Some(publish) => self.publish_checked(publish).await,
+                Some(publish) => self.publish_checked(publish, &self.broker.hooks()).await,
                 None => Ok(()),
             };
         }
@@ -1042,24 +1042,24 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             self.answer(answer);
             return Ok(());
         }
+        let hooks = self.broker.hooks();
         // More input follows and the chain takes batches: gather the burst and hand it over in one call.
-        if publish.qos != QoS::ExactlyOnce && !self.read_buf.is_empty() {
-            let hooks = self.broker.hooks();
-            if hooks.batches_authorization() || hooks.batches_inbound() {
-                drop(hooks);
-                // Boxed: the burst's state stays out of the future every connection keeps.
-                return Box::pin(self.process_burst(publish)).await;
-            }
+        if publish.qos != QoS::ExactlyOnce
+            && !self.read_buf.is_empty()
+            && (hooks.batches_authorization() || hooks.batches_inbound())
+        {
+            drop(hooks);
+            // Boxed: the burst's state stays out of the future every connection keeps.
+            return Box::pin(self.process_burst(publish)).await;
         }
-        self.publish_checked(publish).await
+        self.publish_checked(publish, &hooks).await
     }
 
     /// Authorizes, transforms, routes and acknowledges one checked PUBLISH.
-    async fn publish_checked(&mut self, publish: Publish) -> Result<(), Exit> {
+    async fn publish_checked(&mut self, publish: Publish, hooks: &HookChain) -> Result<(), Exit> {
         let outcome = self.authorize(publish_action(&publish)).await;
         match self.admit_authorized(publish, outcome)? {
             Admission::Admitted(admitted) => {
-                let hooks = self.broker.hooks();
                 if hooks.transformers.is_empty() {
                     self.route_publish(admitted);
                     return Ok(());
