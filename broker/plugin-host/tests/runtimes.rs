@@ -139,7 +139,8 @@ async fn every_hook_answers_in_both_runtimes() {
     }
 }
 
-fn failure_of(result: Result<AclDecision, HookError>) -> String {
+/// The reason of a failed call, whatever it would have answered.
+fn failure_of<T: std::fmt::Debug>(result: Result<T, HookError>) -> String {
     match result {
         Err(HookError::Failed { reason, .. }) => reason,
         other => panic!("expected a failure, got {other:?}"),
@@ -184,16 +185,16 @@ async fn a_wasm_batch_has_a_budget_per_message_and_fails_as_a_whole() {
     // A loop stops at the batch's budget, 300 ms, well before the call timeout (3 × 2 s).
     let started = Instant::now();
     let mut looping = burst(&["upper/a", "loop/b", "upper/c"]);
-    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut looping).await);
+    let reason = failure_of(hook.transform_inbound_batch(&client(), &mut looping).await);
     assert!(reason.contains("CPU time budget"), "{reason}");
     assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
     assert!(untouched(&looping));
     let mut trapping = burst(&["upper/a", "trap/b"]);
-    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut trapping).await);
+    let reason = failure_of(hook.transform_inbound_batch(&client(), &mut trapping).await);
     assert!(reason.contains("trap"), "{reason}");
     assert!(untouched(&trapping));
     let mut short = burst(&["upper/a", "short/b"]);
-    let reason = failure_of_transform(hook.transform_inbound_batch(&client(), &mut short).await);
+    let reason = failure_of(hook.transform_inbound_batch(&client(), &mut short).await);
     assert!(reason.contains("0 results for 2 messages"), "{reason}");
     assert!(untouched(&short));
     let mut good = burst(&["batch/a", "upper/b", "cut/c", "upper/d"]);
@@ -236,10 +237,10 @@ async fn an_authorization_batch_has_a_budget_per_request_and_fails_as_a_whole() 
         assert_eq!(hook.authorize_batch(&client(), &slow).await, Ok(vec![AclDecision::Abstain; 3]), "{kind:?}");
         // A loop stops at the batch's budget, 300 ms, well before the call timeout (3 × 2 s).
         let started = Instant::now();
-        let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "loop/b", "ok/c"])).await);
+        let reason = failure_of(hook.authorize_batch(&client(), &publishes(&["ok/a", "loop/b", "ok/c"])).await);
         assert!(reason.contains("CPU time budget"), "{kind:?}: {reason}");
         assert!(started.elapsed() < Duration::from_millis(1500), "{kind:?}: {:?}", started.elapsed());
-        let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "trap/b"])).await);
+        let reason = failure_of(hook.authorize_batch(&client(), &publishes(&["ok/a", "trap/b"])).await);
         assert!(reason.contains("trap") || reason.contains("testkit asked to fail"), "{kind:?}: {reason}");
         assert_eq!(
             hook.authorize_batch(&client(), &publishes(&["deny/a", "ok/b"])).await,
@@ -250,23 +251,9 @@ async fn an_authorization_batch_has_a_budget_per_request_and_fails_as_a_whole() 
         assert_eq!(metrics.calls.load(), 4 + 3 + 3 + 2 + 2, "{kind:?}");
         assert_eq!(metrics.cpu_limit.load(Ordering::Relaxed), 1, "{kind:?}");
         if kind == PluginKind::Wasm {
-            let reason = failure_of_batch(hook.authorize_batch(&client(), &publishes(&["ok/a", "undecided/b"])).await);
+            let reason = failure_of(hook.authorize_batch(&client(), &publishes(&["ok/a", "undecided/b"])).await);
             assert!(reason.contains("0 decisions for 2 requests"), "{reason}");
         }
-    }
-}
-
-fn failure_of_batch(result: Result<Vec<AclDecision>, HookError>) -> String {
-    match result {
-        Err(HookError::Failed { reason, .. }) => reason,
-        other => panic!("expected a failure, got {other:?}"),
-    }
-}
-
-fn failure_of_transform(result: Result<Vec<TransformDecision>, HookError>) -> String {
-    match result {
-        Err(HookError::Failed { reason, .. }) => reason,
-        other => panic!("expected a failure, got {other:?}"),
     }
 }
 
