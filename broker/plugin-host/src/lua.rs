@@ -102,21 +102,21 @@ struct Hooks {
 }
 
 const PUBLISH_ENTRY: &str = "local hook = ...\nreturn function(client, topic, qos, retain, kind)\n  return hook(client, { topic = topic, qos = qos, retain = retain, kind = kind })\nend";
-/// Loaded before the script runs, so the library functions it keeps are Luau's own whatever globals the script
-/// then defines; called with the script's `authorize_publish`. Common answers come back as one string of codes
+/// Loaded before the script runs: Luau resolves a chunk's references to its library (`string.byte`, …) when the chunk
+/// is loaded, so these are Luau's own whatever globals the script then defines. Called with the script's
+/// `authorize_publish`. Common answers come back as one string of codes
 /// (`n` abstain, `a` allow, `d` deny) and any other answer in a table beside it, so the host reads a burst's
 /// decisions with one string rather than a table lookup and a string copy per message.
-const PUBLISH_BATCH_ENTRY: &str = "local byte, sub, create, concat = string.byte, string.sub, table.create, table.concat
-return function(hook)
+const PUBLISH_BATCH_ENTRY: &str = "return function(hook)
   return function(client, topics, headers, kind)
     local count = #headers // 4
-    local codes = create(count)
+    local codes = table.create(count)
     local others = nil
     local start = 1
     for i = 1, count do
-      local flags, high, middle, low = byte(headers, 4 * i - 3, 4 * i)
+      local flags, high, middle, low = string.byte(headers, 4 * i - 3, 4 * i)
       local stop = start + high * 65536 + middle * 256 + low
-      local decision = hook(client, { topic = sub(topics, start, stop - 1), qos = flags % 4, retain = flags >= 4, kind = kind })
+      local decision = hook(client, { topic = string.sub(topics, start, stop - 1), qos = flags % 4, retain = flags >= 4, kind = kind })
       start = stop
       if decision == nil or decision == 'ignore' then
         codes[i] = 'n'
@@ -130,7 +130,7 @@ return function(hook)
         others[i] = decision
       end
     end
-    return concat(codes), others
+    return table.concat(codes), others
   end
 end";
 const SUBSCRIBE_ENTRY: &str = "local hook = ...\nreturn function(client, filter, qos, share_group)\n  return hook(client, { filter = filter, qos = qos, share_group = share_group })\nend";
@@ -520,7 +520,7 @@ impl LuaPlugin {
                                         .map(|()| (TransformDecision::Modified, Some(modified)))
                                 }
                             }
-                            other => Err(format!("{name} returned a {}", other.type_name())),
+                            other => Err(format!("{name} returned a value of type {}", other.type_name())),
                         })
                     }
                     .await;
@@ -729,7 +729,7 @@ fn connect_decision(value: Value) -> Result<AuthDecision, String> {
             }
             Err("on_connect returned a table without allow, deny or challenge".to_owned())
         }
-        other => Err(format!("on_connect returned a {}", other.type_name())),
+        other => Err(format!("on_connect returned a value of type {}", other.type_name())),
     }
 }
 
@@ -754,7 +754,7 @@ fn acl_decision(function: &str, value: Value) -> Result<AclDecision, String> {
             }
             Err(format!("{function} returned a table without deny or max_qos"))
         }
-        other => Err(format!("{function} returned a {}", other.type_name())),
+        other => Err(format!("{function} returned a value of type {}", other.type_name())),
     }
 }
 
@@ -954,7 +954,7 @@ impl Runtime for LuaPlugin {
                             Some(topic) => crate::check_topic(&topic).map(|()| RouteDecision::Rewrite { topic }),
                             None => Err("route returned a table without rewrite".to_owned()),
                         },
-                        other => Err(format!("route returned a {}", other.type_name())),
+                        other => Err(format!("route returned a value of type {}", other.type_name())),
                     })
                 }
                 .await;

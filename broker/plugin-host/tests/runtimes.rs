@@ -427,6 +427,48 @@ async fn compiled_components_are_cached_between_starts() {
     let _ = std::fs::remove_dir_all(cache);
 }
 
+/// The host's loop over a Lua burst uses Luau's own `string` and `table` whatever globals the script defines, and
+/// reads every kind of answer back: codes for the common ones, the table beside them for the rest.
+#[tokio::test]
+async fn a_lua_burst_does_not_depend_on_the_scripts_globals() {
+    let dir = std::env::temp_dir().join(format!("tollgate-plugin-globals-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let script = dir.join("policy.lua");
+    std::fs::write(
+        &script,
+        "string = 'not the library'\ntable = nil\n\
+         local answers = { a = 'allow', d = 'deny', n = nil, t = true, f = false, q = { max_qos = 0 },\n\
+                           r = { deny = 'quota_exceeded' }, i = 'ignore' }\n\
+         function authorize_publish(client, request) return answers[request.topic] end\n",
+    )
+    .expect("write");
+    let (_plugin, hook) = load(PluginSpec::new("globals", PluginKind::Lua, &script)).await;
+    let topics = ["a", "d", "n", "t", "f", "q", "r", "i"];
+    let actions: Vec<Action<'_>> =
+        topics.iter().map(|&topic| Action::Publish { topic, qos: QoS::AtLeastOnce, retain: false }).collect();
+    let denied = AclDecision::Deny(ReasonCode::NOT_AUTHORIZED);
+    assert_eq!(
+        hook.authorize_batch(&client(), &actions).await,
+        Ok(vec![
+            AclDecision::Allow,
+            denied,
+            AclDecision::Abstain,
+            AclDecision::Allow,
+            denied,
+            AclDecision::AllowMaxQos(QoS::AtMostOnce),
+            AclDecision::Deny(ReasonCode::QUOTA_EXCEEDED),
+            AclDecision::Abstain,
+        ])
+    );
+    // An answer the single call refuses fails the batch the same way.
+    std::fs::write(&script, "function authorize_publish(client, request) return 42 end\n").expect("write");
+    let (_plugin, hook) = load(PluginSpec::new("globals", PluginKind::Lua, &script)).await;
+    let reason = failure_of(hook.authorize_batch(&client(), &actions[..2]).await);
+    assert!(reason.contains("authorize_publish returned a value of type integer"), "{reason}");
+    assert!(failure_of(publish(&hook, "a").await).contains("authorize_publish returned a value of type integer"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[tokio::test]
 async fn reload_keeps_unchanged_plugins_and_the_previous_version_of_a_broken_one() {
     let dir = std::env::temp_dir().join(format!("tollgate-plugin-reload-{}", std::process::id()));
