@@ -2,7 +2,8 @@
 //! `cargo run --release -p tollgate-plugin-host --example shipped_plugins -- <vin_acl.wasm> <msg_auth.wasm> [calls]`
 //! (build both with `cargo build --release --target wasm32-wasip2 -p vin-acl -p msg-auth`).
 //!
-//! Measures vin-acl's CONNECT check (certificate identity, VIN validation), its publish check for a car, and
+//! Measures vin-acl's CONNECT check (certificate identity, VIN validation), its publish check for a car (one call,
+//! and per message in bursts of 16), and
 //! msg-auth verifying and attesting a 1 KiB message, and prints p50/p99/max per call. A fourth argument
 //! `volatile` runs msg-auth without a state file (`allow_volatile_state`), to show what the durable writes cost.
 
@@ -104,6 +105,15 @@ async fn main() {
         samples.push(started.elapsed());
     }
     report("vin-acl publish check (uncached)", samples);
+    // A burst of 16 in one `authz-batch` call, reported per message.
+    let burst = vec![Action::Publish { topic: &topic, qos: QoS::AtLeastOnce, retain: false }; 16];
+    let mut samples = Vec::with_capacity(calls / 16);
+    for _ in 0..calls / 16 {
+        let started = Instant::now();
+        acl.authorize_batch(&car, &burst).await.expect("acl batch");
+        samples.push(started.elapsed() / 16);
+    }
+    report("vin-acl publish check, bursts of 16 (each)", samples);
 
     let mut spec = PluginSpec::new("msg-auth", PluginKind::Wasm, msg_auth);
     spec.secrets.insert("ota".into(), OTA_KEY.to_vec());
