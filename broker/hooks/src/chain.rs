@@ -265,11 +265,18 @@ impl HookChain {
                 batch.extend(asked.iter().map(|&index| actions[index]));
                 let count = u32::try_from(batch.len()).unwrap_or(u32::MAX);
                 let timeout = slot.timeout.map(|limit| limit.saturating_mul(count));
-                let decisions =
-                    match self.attempt(slot.hook.name(), timeout, slot.hook.authorize_batch(client, &batch)).await {
-                        Attempt::Done(decisions) if decisions.len() == batch.len() => decisions,
-                        Attempt::Done(_) | Attempt::Failed(_) => vec![failed_authorization(slot, true); batch.len()],
-                    };
+                let name = slot.hook.name();
+                let decisions = match self.attempt(name, timeout, slot.hook.authorize_batch(client, &batch)).await {
+                    Attempt::Done(decisions) if decisions.len() == batch.len() => decisions,
+                    Attempt::Done(decisions) => {
+                        if let Some(observer) = &self.observer {
+                            let reason = format!("{} decisions for {} actions", decisions.len(), batch.len());
+                            observer(&HookError::Failed { hook: name.to_owned(), reason });
+                        }
+                        vec![failed_authorization(slot, true); batch.len()]
+                    }
+                    Attempt::Failed(_) => vec![failed_authorization(slot, true); batch.len()],
+                };
                 for (&index, decision) in asked.iter().zip(decisions) {
                     combine_authorization(&mut outcomes[index], decision);
                 }

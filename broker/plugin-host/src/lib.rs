@@ -414,15 +414,10 @@ impl Authorizer for PluginHook {
         match requests {
             Some(requests) if self.batches_authorization => {
                 let count = u32::try_from(requests.len()).unwrap_or(u32::MAX);
-                let decisions = on_runtime!(&self.runtime, plugin => {
+                // Each runtime answers one decision per request or fails (a wrong count is a bad answer).
+                on_runtime!(&self.runtime, plugin => {
                     self.guarded_batch(HookKind::Authorize, count, plugin.authorize_publish_batch(client, &requests)).await
-                })?;
-                if decisions.len() != requests.len() {
-                    let failure =
-                        Failure::BadAnswer(format!("{} decisions for {} publishes", decisions.len(), requests.len()));
-                    return Err(self.failed(HookKind::Authorize, failure));
-                }
-                Ok(decisions)
+                })
             }
             _ => tollgate_hooks::authorize_one_by_one(self, client, actions).await,
         }
