@@ -1003,7 +1003,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 }
             }
         }
-        burst.clear();
         let hooks = self.broker.hooks();
         if hooks.transformers.is_empty() {
             for admission in admissions {

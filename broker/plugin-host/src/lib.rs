@@ -256,10 +256,7 @@ impl LoadedPlugin {
             inbound: attached.contains(&HookKind::Transform),
             outbound: attached.contains(&HookKind::Deliver),
             batches: matches!(&self.runtime, AnyRuntime::Wasm(plugin) if plugin.batches_inbound()),
-            batches_authorization: match &self.runtime {
-                AnyRuntime::Wasm(plugin) => plugin.batches_authorization(),
-                AnyRuntime::Lua(plugin) => plugin.batches_authorization(),
-            },
+            batches_authorization: on_runtime!(&self.runtime, plugin => plugin.batches_authorization()),
         })
     }
 }

@@ -150,6 +150,33 @@ async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
     }
 }
 
+/// Encodes PUBLISHes (QoS 1 gets packet id = position + 1) for one write, so the broker reads them together.
+fn publish_burst(version: tollgate_protocol::ProtocolVersion, messages: &[(&str, tollgate_protocol::QoS)]) -> Vec<u8> {
+    use tollgate_integration_tests::raw::{encode, publish_packet};
+    let mut bytes = Vec::new();
+    for (index, (topic, qos)) in messages.iter().enumerate() {
+        let packet_id = (*qos != tollgate_protocol::QoS::AtMostOnce).then(|| u16::try_from(index + 1).unwrap());
+        let publish = publish_packet(topic, *qos, packet_id, topic.as_bytes());
+        bytes.extend(encode(&tollgate_protocol::Packet::Publish(publish), version));
+    }
+    bytes
+}
+
+/// The next `count` packets, which must be PUBACKs: their packet ids and reason codes, in order.
+async fn pubacks(
+    client: &mut tollgate_integration_tests::raw::RawClient<tokio::net::TcpStream>,
+    count: usize,
+) -> Vec<(u16, tollgate_protocol::ReasonCode)> {
+    let mut acks = Vec::new();
+    for _ in 0..count {
+        match client.expect_packet().await {
+            tollgate_protocol::Packet::PubAck(ack) => acks.push((ack.packet_id, ack.reason_code)),
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    acks
+}
+
 /// PUBLISHes that arrive together (one write, so one read on the broker) are authorized together, and those the ACL
 /// admits reach a WebAssembly transform in one `transform-batch` call; Lua gets them one by one. Either way each
 /// message is transformed, delivered and acknowledged in the order it was sent: a publish the ACL denies and one the
@@ -157,17 +184,9 @@ async fn a_plugin_modifies_drops_rewrites_and_signs_messages() {
 /// there, so the messages after it are neither delivered nor acknowledged.
 #[tokio::test]
 async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
-    use tollgate_integration_tests::raw::{self, encode, publish_packet};
-    use tollgate_protocol::{Packet, ProtocolVersion, QoS as RawQoS, ReasonCode};
+    use tollgate_integration_tests::raw;
+    use tollgate_protocol::{ProtocolVersion, QoS as RawQoS, ReasonCode};
 
-    let burst = |version: ProtocolVersion, messages: &[(&str, RawQoS)]| {
-        let mut bytes = Vec::new();
-        for (index, (topic, qos)) in messages.iter().enumerate() {
-            let packet_id = (*qos != RawQoS::AtMostOnce).then(|| u16::try_from(index + 1).unwrap());
-            bytes.extend(encode(&Packet::Publish(publish_packet(topic, *qos, packet_id, topic.as_bytes())), version));
-        }
-        bytes
-    };
     for kind in KINDS {
         let broker = testkit_broker(kind).await;
         let mut subscriber = connect_to(&broker, "sub").await;
@@ -187,14 +206,8 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
             ("upper/8", one),
             ("batch/9", one),
         ];
-        client.send_bytes(&burst(ProtocolVersion::V5, &sent)).await;
-        let mut acks = Vec::new();
-        for _ in 0..8 {
-            match client.expect_packet().await {
-                Packet::PubAck(ack) => acks.push((ack.packet_id, ack.reason_code)),
-                other => panic!("{kind:?}: expected PUBACK, got {other:?}"),
-            }
-        }
+        client.send_bytes(&publish_burst(ProtocolVersion::V5, &sent)).await;
+        let acks = pubacks(&mut client, 8).await;
         let ok = ReasonCode::SUCCESS;
         let refused = ReasonCode::NOT_AUTHORIZED;
         assert_eq!(
@@ -225,13 +238,9 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
         let mut old = raw::tcp(broker.addr, ProtocolVersion::V311).await;
         old.connect_ok(ProtocolVersion::V311, "burst-old").await;
         let sent = [("batch/a", one), ("batch/b", one), ("cut/c", one), ("batch/d", one), ("batch/e", one)];
-        old.send_bytes(&burst(ProtocolVersion::V311, &sent)).await;
-        for packet_id in [1, 2] {
-            match old.expect_packet().await {
-                Packet::PubAck(ack) => assert_eq!(ack.packet_id, packet_id, "{kind:?}"),
-                other => panic!("{kind:?}: expected PUBACK, got {other:?}"),
-            }
-        }
+        old.send_bytes(&publish_burst(ProtocolVersion::V311, &sent)).await;
+        let ids: Vec<u16> = pubacks(&mut old, 2).await.into_iter().map(|(packet_id, _)| packet_id).collect();
+        assert_eq!(ids, [1, 2], "{kind:?}");
         old.expect_closed().await;
         for expected in ["batch/a", "batch/b"] {
             assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}");
@@ -239,18 +248,6 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
         subscriber.expect_no_publish(QUIET).await;
         assert!(broker.stop().await);
     }
-}
-
-/// Encodes PUBLISHes (QoS 1 gets packet id = position + 1) for one write, so the broker reads them together.
-fn publish_burst(version: tollgate_protocol::ProtocolVersion, messages: &[(&str, tollgate_protocol::QoS)]) -> Vec<u8> {
-    use tollgate_integration_tests::raw::{encode, publish_packet};
-    let mut bytes = Vec::new();
-    for (index, (topic, qos)) in messages.iter().enumerate() {
-        let packet_id = (*qos != tollgate_protocol::QoS::AtMostOnce).then(|| u16::try_from(index + 1).unwrap());
-        let publish = publish_packet(topic, *qos, packet_id, topic.as_bytes());
-        bytes.extend(encode(&tollgate_protocol::Packet::Publish(publish), version));
-    }
-    bytes
 }
 
 /// PUBLISHes read together are authorized in one call: a WebAssembly plugin's `authz-batch` gets the whole burst
@@ -262,18 +259,7 @@ fn publish_burst(version: tollgate_protocol::ProtocolVersion, messages: &[(&str,
 #[tokio::test]
 async fn a_burst_of_publishes_is_authorized_in_one_call() {
     use tollgate_integration_tests::raw;
-    use tollgate_protocol::{Packet, ProtocolVersion, QoS as RawQoS, ReasonCode};
-
-    async fn acks(client: &mut raw::RawClient<tokio::net::TcpStream>, count: usize) -> Vec<(u16, ReasonCode)> {
-        let mut acks = Vec::new();
-        for _ in 0..count {
-            match client.expect_packet().await {
-                Packet::PubAck(ack) => acks.push((ack.packet_id, ack.reason_code)),
-                other => panic!("expected PUBACK, got {other:?}"),
-            }
-        }
-        acks
-    }
+    use tollgate_protocol::{ProtocolVersion, QoS as RawQoS, ReasonCode};
 
     for kind in KINDS {
         let broker = TestBroker::builder()
@@ -303,7 +289,7 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
         client.send_bytes(&publish_burst(ProtocolVersion::V5, &sent)).await;
         let ok = ReasonCode::SUCCESS;
         assert_eq!(
-            acks(&mut client, 5).await,
+            pubacks(&mut client, 5).await,
             [(1, ok), (2, ReasonCode::NOT_AUTHORIZED), (3, ReasonCode::QUOTA_EXCEEDED), (5, ok), (7, ok)],
             "{kind:?}"
         );
@@ -318,7 +304,7 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
         old.connect_ok(ProtocolVersion::V311, "burst-old").await;
         let sent = [("ok/a", one), ("ok/b", zero), ("deny/c", one), ("ok/d", one)];
         old.send_bytes(&publish_burst(ProtocolVersion::V311, &sent)).await;
-        assert_eq!(acks(&mut old, 1).await, [(1, ok)], "{kind:?}");
+        assert_eq!(pubacks(&mut old, 1).await, [(1, ok)], "{kind:?}");
         old.expect_closed().await;
         for expected in ["ok/a", "ok/b"] {
             assert_eq!(topic(&subscriber.next_publish().await), expected, "{kind:?}");
@@ -332,7 +318,7 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
             let sent = [("ok/x", one), ("undecided/y", one), ("ok/z", one)];
             client.send_bytes(&publish_burst(ProtocolVersion::V5, &sent)).await;
             let refused = ReasonCode::NOT_AUTHORIZED;
-            assert_eq!(acks(&mut client, 3).await, [(1, refused), (2, refused), (3, refused)]);
+            assert_eq!(pubacks(&mut client, 3).await, [(1, refused), (2, refused), (3, refused)]);
             subscriber.expect_no_publish(QUIET).await;
             client.disconnect().await;
 
