@@ -112,6 +112,17 @@ impl BrokerKind {
         }
     }
 
+    /// The hook a plugin variant runs on every publish in the flow scenarios (`$SYS/…/latency/<hook>/…`).
+    pub fn flow_hook(self) -> Option<&'static str> {
+        match self {
+            Self::TollgateWasm | Self::TollgateMsgAuth => Some("transform"),
+            Self::TollgateLua | Self::TollgateLuaCached | Self::TollgateVinAcl | Self::TollgateVinAclCached => {
+                Some("authorize")
+            }
+            Self::Tollgate | Self::Mosquitto | Self::Rumqttd => None,
+        }
+    }
+
     /// The plugin whose `authenticate` hook a connect runs through, for the car-connect scenario's latency reading.
     pub fn connect_plugin(self) -> Option<&'static str> {
         match self {
@@ -322,7 +333,8 @@ pub struct RunningBroker {
     pub kind: BrokerKind,
     /// The listener under test.
     pub addr: SocketAddr,
-    /// A plain-TCP loopback listener next to a TLS one (Tollgate only), for reading `$SYS` without a certificate.
+    /// A plain-TCP loopback listener (Tollgate only: the one under test, or one beside a TLS listener), for reading
+    /// `$SYS` without a certificate.
     pub observer: Option<SocketAddr>,
     pub pid: u32,
     child: Child,
@@ -352,6 +364,8 @@ impl RunningBroker {
                     let side = free_port()?;
                     text.push_str(&format!("\n[[listeners]]\nbind = \"127.0.0.1:{side}\"\n"));
                     observer = Some(format!("127.0.0.1:{side}").parse()?);
+                } else {
+                    observer = Some(addr);
                 }
                 if let Some(plugin) = &spec.plugin {
                     text.push_str(&plugin_config(spec.kind, plugin, &dir.join("state")));

@@ -70,6 +70,10 @@ struct Cli {
     /// Cars (each with its own client certificate) in the mutual-TLS connect scenario.
     #[arg(long, default_value_t = 1000)]
     car_connects: usize,
+    /// Turn `$SYS` on (every second) for the plugin variants and report, per flow, the plugin's calls on its
+    /// publish hook and how many messages one call carried (bursts are authorized and transformed in one call).
+    #[arg(long)]
+    plugin_calls: bool,
     /// Concurrent connect loops in the connection-rate scenarios (the idle scenario uses 8× as many).
     #[arg(long, default_value_t = 16)]
     connect_workers: usize,
@@ -145,6 +149,7 @@ async fn run(cli: Cli) -> Result<()> {
         idle_connections,
         connect_workers: cli.connect_workers.max(1),
         pki,
+        plugin_calls: cli.plugin_calls,
     };
     let limits =
         Limits { max_inflight: cli.max_inflight, max_queued: cli.max_queued, max_connections: idle_connections + 1000 };
@@ -320,8 +325,13 @@ async fn run_one(
     limits: Limits,
     n: usize,
 ) -> Result<Outcome> {
-    // The car-connect scenario reads a plugin's latency from $SYS; everywhere else $SYS stays off.
-    let reads_sys = matches!(scenario.workload, Workload::CarConnects { .. }) && spec.kind.connect_plugin().is_some();
+    // The car-connect scenario (and the flows with --plugin-calls) read a plugin's latency from $SYS; everywhere
+    // else $SYS stays off.
+    let reads_sys = match scenario.workload {
+        Workload::CarConnects { .. } => spec.kind.connect_plugin().is_some(),
+        Workload::Flow(_) => settings.plugin_calls && spec.kind.flow_hook().is_some(),
+        _ => false,
+    };
     let setup =
         Setup { transport: scenario.transport, pki: settings.pki.as_deref(), sys_interval: u32::from(reads_sys) };
     let mut broker = RunningBroker::start(spec, limits, setup, &format!("{n}-{}", scenario.name))?;
@@ -355,9 +365,13 @@ fn summary(o: &Outcome) -> String {
     }
     if let Some(p) = &o.plugin_latency {
         text.push_str(&format!(
-            " [plugin {} {}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs over {} calls, {} instances]",
+            " [plugin {} {}: p50 {:.1} µs, p99 {:.1} µs, max {:.1} µs over {} calls, {} instances",
             p.plugin, p.hook, p.p50_us, p.p99_us, p.max_us, p.count, p.instances
         ));
+        if let Some(mean) = p.messages_per_call() {
+            text.push_str(&format!(", {mean:.1} messages per call"));
+        }
+        text.push(']');
     }
     for detail in &o.loss_detail {
         text.push_str(&format!("\n      {detail}"));

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::brokers::{BrokerKind, Limits};
-use crate::scenarios::Outcome;
+use crate::scenarios::{Outcome, PluginLatency};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Meta {
@@ -56,6 +56,10 @@ struct Row {
     unit: &'static str,
     higher_is_better: bool,
     pick: fn(&Outcome) -> Option<f64>,
+}
+
+fn messages_per_call(latency: &PluginLatency) -> String {
+    latency.messages_per_call().map_or_else(|| "–".into(), |mean| format!("{mean:.1}"))
 }
 
 fn latency_p50(outcome: &Outcome) -> Option<f64> {
@@ -286,17 +290,21 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
         let timed: Vec<&Entry> = entries.iter().filter(|e| e.outcome.plugin_latency.is_some()).collect();
         if !timed.is_empty() {
             let _ = writeln!(out, "\n### Plugin call latency, measured inside the broker\n");
-            let _ = writeln!(out, "| Scenario | Broker | Hook | Calls | p50 µs | p99 µs | max µs | Instances |");
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                out,
+                "| Scenario | Broker | Hook | Calls | Messages per call | p50 µs | p99 µs | max µs | Instances |"
+            );
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
             for entry in timed {
                 if let Some(p) = &entry.outcome.plugin_latency {
                     let _ = writeln!(
                         out,
-                        "| {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
+                        "| {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {} |",
                         entry.scenario,
                         entry.broker.title(),
                         p.hook,
                         p.count,
+                        messages_per_call(p),
                         p.p50_us,
                         p.p99_us,
                         p.max_us,
@@ -307,7 +315,9 @@ pub fn markdown(meta: &Meta, entries: &[Entry]) -> String {
             let _ = writeln!(
                 out,
                 "\nFrom `$SYS/broker/plugins/<name>/latency/<hook>/…`: the wall time of each hook call as the connection \
-                 waited for it (instance checkout and, for the first calls, instance creation included), to within 12.5%."
+                 waited for it (instance checkout and, for the first calls, instance creation included), to within 12.5%. \
+                 Messages per call: the plugin's decisions over its entries (`calls / invocations` in `$SYS`), \
+                 i.e. the mean burst one call decided or transformed."
             );
         }
     }

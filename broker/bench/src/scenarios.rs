@@ -40,6 +40,8 @@ pub struct Settings {
     pub connect_workers: usize,
     /// Certificates for the TLS scenarios (generated only when one is selected).
     pub pki: Option<Arc<Pki>>,
+    /// Read the plugin's call count after each flow, to report how many messages one hook call carried.
+    pub plugin_calls: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -265,6 +267,17 @@ pub struct PluginLatency {
     pub max_us: f64,
     /// Plugin instances the broker had created by then (each a fresh WebAssembly store or Lua state).
     pub instances: u64,
+    /// Decisions the plugin was asked for (a burst counts once per message) and entries into it (a burst counts
+    /// once), over all its hooks.
+    pub calls: u64,
+    pub invocations: u64,
+}
+
+impl PluginLatency {
+    /// The mean burst one entry into the plugin carried.
+    pub fn messages_per_call(&self) -> Option<f64> {
+        (self.invocations > 0).then(|| self.calls as f64 / self.invocations as f64)
+    }
 }
 
 impl Outcome {
@@ -921,6 +934,14 @@ async fn run_flow(
     if spec.latency {
         outcome.latency = Some(percentiles(&mut latencies));
     }
+    if settings.plugin_calls
+        && let (Some(plugin), Some(hook)) = (broker.kind.plugin_name(), broker.kind.flow_hook())
+    {
+        match read_plugin_latency(broker, plugin, hook).await {
+            Ok(latency) => outcome.plugin_latency = Some(latency),
+            Err(error) => outcome.errors.push(format!("plugin calls: {error:#}")),
+        }
+    }
     Ok(outcome)
 }
 
@@ -1153,7 +1174,8 @@ async fn read_plugin_latency(broker: &RunningBroker, plugin: &str, hook: &str) -
     let wanted = ["latency/{hook}/count", "latency/{hook}/p50_us", "latency/{hook}/p99_us", "latency/{hook}/max_us"]
         .map(|name| name.replace("{hook}", hook));
     timeout(Duration::from_secs(3), async {
-        while !wanted.iter().chain(["instances_created".to_string()].iter()).all(|name| readings.contains_key(name)) {
+        let totals = ["instances_created", "calls", "invocations"].map(String::from);
+        while !wanted.iter().chain(totals.iter()).all(|name| readings.contains_key(name)) {
             if let Packet::Publish(publish) = conn.next_packet().await?
                 && let Some(name) = publish.topic.strip_prefix(plugin_prefix.as_str())
             {
@@ -1177,6 +1199,8 @@ async fn read_plugin_latency(broker: &RunningBroker, plugin: &str, hook: &str) -
         p99_us: latency("p99_us")?,
         max_us: latency("max_us")?,
         instances: number("instances_created")? as u64,
+        calls: number("calls")? as u64,
+        invocations: number("invocations")? as u64,
     })
 }
 

@@ -13,6 +13,10 @@ use bytes::Bytes;
 use tollgate_hooks::{Action, Authorizer, ClientInfo, Message, ProtocolVersion, QoS, Transformer};
 use tollgate_plugin_host::{LoadedPlugin, PluginKind, PluginSpec};
 
+/// The broker's allocator, so that costs match what the broker pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -20,6 +20,10 @@ use tollgate_plugin_host::{LoadedPlugin, PluginKind, PluginSpec};
 use tollgate_protocol::UserProperty;
 use tollgate_sig::{Covered, PROPERTY, Present, Signature, keys};
 
+/// The broker's allocator, so that costs match what the broker pays.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const VIN: &str = "1J9RP1A36A1644345";
 const OTA_KEY: &[u8] = b"ota key for the benchmark, 32 b!";
 const SITE_KEY: &[u8] = b"site master key for the benchmark";

@@ -342,6 +342,7 @@ impl PluginHook {
     ) -> Guarded<'_, F> {
         let shared = self.runtime.shared();
         shared.metrics.calls.add(u64::from(messages));
+        shared.metrics.invocations.add(1);
         Guarded {
             call,
             hook,

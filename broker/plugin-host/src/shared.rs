@@ -47,7 +47,10 @@ pub enum Failure {
 /// Counters for one plugin, readable by the broker (`$SYS`, logs) and tests.
 #[derive(Debug, Default)]
 pub struct PluginMetrics {
+    /// Decisions asked for: a burst authorized or transformed in one call counts once per message.
     pub calls: StripedCounter,
+    /// Entries into the plugin: a burst counts once, so `calls / invocations` is the mean burst a call carried.
+    pub invocations: StripedCounter,
     pub failures: AtomicU64,
     pub cpu_limit: AtomicU64,
     pub out_of_memory: AtomicU64,
@@ -66,6 +69,7 @@ impl PluginMetrics {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         BTreeMap::from([
             ("calls", self.calls.load()),
+            ("invocations", self.invocations.load()),
             ("failures", read(&self.failures)),
             ("cpu_limit", read(&self.cpu_limit)),
             ("out_of_memory", read(&self.out_of_memory)),

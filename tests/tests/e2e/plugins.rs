@@ -623,6 +623,7 @@ async fn plugin_metrics_are_published_in_sys() {
     within("plugin metrics in $SYS", async {
         let wanted = [
             "calls",
+            "invocations",
             "failures",
             "counters/refused",
             "latency/authenticate/count",
@@ -638,6 +639,8 @@ async fn plugin_metrics_are_published_in_sys() {
     .await;
     // Retained values from the last tick: at least the refused CONNECT was counted.
     assert!(seen["calls"].parse::<u64>().unwrap() >= 1, "{seen:?}");
+    // No hook of this plugin takes bursts: every call entered it once.
+    assert_eq!(seen["invocations"], seen["calls"], "{seen:?}");
     assert_eq!(seen["failures"], "0", "{seen:?}");
     assert_eq!(seen["counters/refused"], "1", "{seen:?}");
     let timed: u64 = seen["latency/authenticate/count"].parse().unwrap();
