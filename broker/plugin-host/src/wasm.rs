@@ -667,9 +667,15 @@ fn wit_message(message: &Message) -> wit::Message {
     }
 }
 
+/// A field the plugin handed back unchanged keeps its buffer: most transforms add a property or rewrite one field,
+/// and a fresh copy of the rest would cost an allocation per message here and keep two copies alive downstream.
 fn apply_message(target: &mut Message, modified: wit::Message) {
-    target.topic = modified.topic.into();
-    target.payload = modified.payload.into();
+    if *target.topic != *modified.topic {
+        target.topic = modified.topic.into();
+    }
+    if target.payload != modified.payload {
+        target.payload = modified.payload.into();
+    }
     target.qos = host_qos(modified.qos);
     target.retain = modified.retain;
     target.user_properties = modified
