@@ -239,16 +239,7 @@ pub trait Plugin: Sized + 'static {
     /// and stops after a [`TransformResult::Reject`] that disconnects; an override must keep that rule and return
     /// one result per message otherwise.
     fn on_publish_batch(&self, client: &Client, messages: Vec<Message>) -> Vec<TransformResult> {
-        let mut results = Vec::with_capacity(messages.len());
-        for message in messages {
-            let result = self.on_publish(client, message);
-            let disconnects = matches!(&result, TransformResult::Reject(rejection) if rejection.disconnect);
-            results.push(result);
-            if disconnects {
-                break;
-            }
-        }
-        results
+        publish_one_by_one(self, client, messages)
     }
 
     /// One subscriber's copy of a message, as the broker sends it (`subscriber` is the receiving client; its
@@ -745,6 +736,22 @@ pub mod testing {
             }
         }
     }
+}
+
+/// What [`Plugin::on_publish_batch`] does by default: [`Plugin::on_publish`] for each message, stopping after a
+/// [`TransformResult::Reject`] that disconnects. An override that only sets something up around the burst (a clock
+/// reading, counters added once) calls it for the messages themselves.
+pub fn publish_one_by_one<P: Plugin>(plugin: &P, client: &Client, messages: Vec<Message>) -> Vec<TransformResult> {
+    let mut results = Vec::with_capacity(messages.len());
+    for message in messages {
+        let result = plugin.on_publish(client, message);
+        let disconnects = matches!(&result, TransformResult::Reject(rejection) if rejection.disconnect);
+        results.push(result);
+        if disconnects {
+            break;
+        }
+    }
+    results
 }
 
 /// Exports a [`Plugin`] implementation as the plugin's WebAssembly component. Use once per crate.

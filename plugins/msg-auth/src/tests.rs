@@ -96,6 +96,28 @@ fn a_signed_command_passes_and_its_replay_fails() {
 }
 
 #[test]
+fn a_burst_is_verified_as_its_messages_one_by_one_and_counted_once_at_its_end() {
+    let plugin = setup();
+    let topic = command_topic();
+    let first = signed("cloud-2026-07", CLOUD_NEXT, &topic, b"a", 1);
+    let second = signed("cloud-2026-07", CLOUD_NEXT, &topic, b"b", 2);
+    let burst = vec![first, second.clone(), second.clone(), signed("cloud-2026-07", CLOUD_NEXT, &topic, b"c", 3)];
+    let results = plugin.on_publish_batch(&backend(), burst);
+    assert_eq!(results.len(), 4);
+    assert_eq!(results[0], TransformResult::Unchanged);
+    assert_eq!(results[1], TransformResult::Unchanged);
+    assert_eq!(rejected(&results[2]), Some((DenyReason::NotAuthorized, "msg-auth: replay".into())));
+    assert_eq!(results[3], TransformResult::Unchanged);
+    assert_eq!(testing::counter("verify/ok"), 3, "the burst's successes, added when it ended");
+    assert_eq!(testing::counter("verify/replay"), 1);
+    // Outside a burst, a message is counted at once and sees the clock as it is now.
+    testing::set_now_ms(Some(NOW + 3_600_000));
+    assert!(rejected(&plugin.on_publish(&backend(), signed("cloud-2026-07", CLOUD_NEXT, &topic, b"d", 4))).is_some());
+    assert_eq!(testing::counter("verify/stale"), 1, "a later clock reading, not the burst's");
+    assert_eq!(testing::counter("verify/ok"), 3);
+}
+
+#[test]
 fn a_copy_verified_at_the_same_instant_as_its_original_is_a_replay() {
     let plugin = setup();
     let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 7);
