@@ -255,7 +255,7 @@ impl LoadedPlugin {
             cacheable,
             inbound: attached.contains(&HookKind::Transform),
             outbound: attached.contains(&HookKind::Deliver),
-            batches: matches!(&self.runtime, AnyRuntime::Wasm(plugin) if plugin.batches_inbound()),
+            batches: on_runtime!(&self.runtime, plugin => plugin.batches_inbound()),
             batches_authorization: on_runtime!(&self.runtime, plugin => plugin.batches_authorization()),
         })
     }
@@ -321,7 +321,8 @@ pub struct PluginHook {
     /// The plugin's transformer slot serves `transform` (inbound) and `deliver` (outbound): which are attached.
     inbound: bool,
     outbound: bool,
-    /// The plugin exports `transform-batch` (WASM only: a Lua call is cheap enough not to need it).
+    /// Bursts of inbound messages are transformed in one call: the WASM plugin exports `transform-batch`, or the Lua
+    /// script has `on_publish` (the host loops over the burst inside the VM).
     batches: bool,
     /// PUBLISHes of a burst can be authorized in one call: the WASM plugin exports `authz-batch`, or the Lua script
     /// has `authorize_publish` (the host loops over the burst inside the VM).
@@ -453,13 +454,13 @@ impl Transformer for PluginHook {
         client: &ClientInfo,
         messages: &mut [Message],
     ) -> Result<Vec<TransformDecision>, HookError> {
-        match &self.runtime {
-            AnyRuntime::Wasm(plugin) if self.transforms_in_batches() => {
-                let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
-                self.guarded_batch(HookKind::Transform, count, plugin.transform_batch(client, messages)).await
-            }
-            _ => tollgate_hooks::transform_one_by_one(self, client, messages).await,
+        if !self.transforms_in_batches() {
+            return tollgate_hooks::transform_one_by_one(self, client, messages).await;
         }
+        let count = u32::try_from(messages.len()).unwrap_or(u32::MAX);
+        on_runtime!(&self.runtime, plugin => {
+            self.guarded_batch(HookKind::Transform, count, plugin.transform_batch(client, messages)).await
+        })
     }
 
     async fn transform_outbound(

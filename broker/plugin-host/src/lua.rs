@@ -96,6 +96,8 @@ struct Hooks {
     authorize_publish_batch: Option<Function>,
     authorize_subscribe: Option<Function>,
     authorize_session: Option<Function>,
+    /// The script's `on_publish` and `on_deliver` behind a Lua-side loop over a burst of messages (see
+    /// [`TRANSFORM_BATCH_ENTRY`]); a single message is a burst of one.
     on_publish: Option<Function>,
     on_deliver: Option<Function>,
     route: Option<Function>,
@@ -131,6 +133,92 @@ const PUBLISH_BATCH_ENTRY: &str = "return function(hook)
       end
     end
     return table.concat(codes), others
+  end
+end";
+/// Loaded before the script, like [`PUBLISH_BATCH_ENTRY`], and called with the script's `on_publish` (or
+/// `on_deliver`): one call into the VM transforms a burst. Every value that crosses mlua's API costs a protected
+/// call once a memory limit is set (a message table read back field by field cost more than the script itself), so
+/// both ways go as strings. In: the topics, the payloads, and 8-byte headers (flags: QoS, retain 4, UTF-8 payload
+/// 8; the topic's length in 3 bytes and the payload's in 4, big-endian); a message with other properties comes
+/// ready-built in `prebuilt`. Out: a code per message (`k` unchanged, `d` dropped, `m` modified, `?` anything
+/// else, which comes back in the table beside, for the host to read as the single call would), and the modified
+/// messages packed one after the other (see `read_packed_message`). A table that does not pack (a field of the
+/// wrong type) goes back in the table too, so its error is the single call's. The loop stops after a reject that
+/// disconnects, as the WASM default does.
+const TRANSFORM_BATCH_ENTRY: &str = "return function(hook)
+  local function pack(m)
+    if m.drop ~= nil or m.reject ~= nil then
+      return nil
+    end
+    local qos, expiry = m.qos, m.message_expiry
+    if type(m.topic) ~= 'string' or type(m.payload) ~= 'string' or type(qos) ~= 'number' or qos % 1 ~= 0 then
+      return nil
+    end
+    if expiry ~= nil and (type(expiry) ~= 'number' or expiry % 1 ~= 0) then
+      return nil
+    end
+    local content_type, response_topic, correlation = m.content_type, m.response_topic, m.correlation_data
+    local present = (content_type ~= nil and 1 or 0) + (response_topic ~= nil and 2 or 0)
+      + (correlation ~= nil and 4 or 0) + (expiry ~= nil and 8 or 0)
+    local parts = { string.pack('>s2s4BBBB', m.topic, m.payload, qos, m.retain and 1 or 0, m.payload_is_utf8 and 1 or 0, present) }
+    if content_type ~= nil then parts[#parts + 1] = string.pack('>s2', content_type) end
+    if response_topic ~= nil then parts[#parts + 1] = string.pack('>s2', response_topic) end
+    if correlation ~= nil then parts[#parts + 1] = string.pack('>s4', correlation) end
+    if expiry ~= nil then parts[#parts + 1] = string.pack('>I4', expiry) end
+    local properties = m.user_properties
+    local count = properties == nil and 0 or #properties
+    parts[#parts + 1] = string.pack('>I2', count)
+    for j = 1, count do
+      local property = properties[j]
+      parts[#parts + 1] = string.pack('>s2s2', property[1], property[2])
+    end
+    return table.concat(parts)
+  end
+  return function(client, topics, payloads, headers, prebuilt)
+    local count = #headers // 8
+    local codes = table.create(count)
+    local packed = {}
+    local others = nil
+    local topic_at, payload_at = 1, 1
+    for i = 1, count do
+      local flags, t1, t2, t3, p1, p2, p3, p4 = string.byte(headers, 8 * i - 7, 8 * i)
+      local topic_end = topic_at + t1 * 65536 + t2 * 256 + t3
+      local payload_end = payload_at + ((p1 * 256 + p2) * 256 + p3) * 256 + p4
+      local message = prebuilt and prebuilt[i]
+      if message == nil then
+        message = {
+          topic = string.sub(topics, topic_at, topic_end - 1),
+          payload = string.sub(payloads, payload_at, payload_end - 1),
+          qos = flags % 4,
+          retain = flags % 8 >= 4,
+          payload_is_utf8 = flags >= 8,
+          user_properties = {},
+        }
+      end
+      topic_at, payload_at = topic_end, payload_end
+      local result = hook(client, message)
+      local code = '?'
+      if result == nil or result == 'unchanged' then
+        code = 'k'
+      elseif result == 'drop' then
+        code = 'd'
+      elseif type(result) == 'table' then
+        local ok, bytes = pcall(pack, result)
+        if ok and bytes ~= nil then
+          code = 'm'
+          packed[#packed + 1] = bytes
+        end
+      end
+      codes[i] = code
+      if code == '?' then
+        others = others or {}
+        others[i] = result
+      end
+      if type(result) == 'table' and result.reject ~= nil and result.disconnect then
+        break
+      end
+    end
+    return table.concat(codes), table.concat(packed), others
   end
 end";
 const SUBSCRIBE_ENTRY: &str = "local hook = ...\nreturn function(client, filter, qos, share_group)\n  return hook(client, { filter = filter, qos = qos, share_group = share_group })\nend";
@@ -252,6 +340,7 @@ impl LuaPlugin {
         let lua = self.new_state(budget.clone(), client.clone()).map_err(|error| self.classify(&budget, error))?;
         let run = async {
             let batch_entry: Function = lua.load(PUBLISH_BATCH_ENTRY).set_name("=tollgate").call(())?;
+            let transform_batch_entry: Function = lua.load(TRANSFORM_BATCH_ENTRY).set_name("=tollgate").call(())?;
             lua.load(&*self.source).set_name(self.chunk_name.clone()).exec_async().await?;
             let globals = lua.globals();
             let wrap = |source: &str, hook: Option<Function>| -> mlua::Result<Option<Function>> {
@@ -266,8 +355,14 @@ impl LuaPlugin {
                     .transpose()?,
                 authorize_subscribe: wrap(SUBSCRIBE_ENTRY, globals.get("authorize_subscribe")?)?,
                 authorize_session: globals.get("authorize_session")?,
-                on_publish: globals.get("on_publish")?,
-                on_deliver: globals.get("on_deliver")?,
+                on_publish: globals
+                    .get::<Option<Function>>("on_publish")?
+                    .map(|hook| transform_batch_entry.call::<Function>(hook))
+                    .transpose()?,
+                on_deliver: globals
+                    .get::<Option<Function>>("on_deliver")?
+                    .map(|hook| transform_batch_entry.call::<Function>(hook))
+                    .transpose()?,
                 route: globals.get("route")?,
             };
             if let Some(init) = globals.get::<Option<Function>>("init")? {
@@ -472,67 +567,140 @@ impl LuaPlugin {
         Ok(lua)
     }
 
-    /// `on_publish` (inbound) or `on_deliver` (a subscriber's copy): the same tables in and out.
+    /// `on_publish` (inbound) or `on_deliver` (a subscriber's copy) for one message: a burst of one.
     async fn transform_with(
         &self,
         client: &ClientInfo,
         message: &mut Message,
         outbound: bool,
     ) -> Result<TransformDecision, Failure> {
-        let draft: &Message = message;
-        let outcome = self
+        let mut decisions = self.transform_burst(client, std::slice::from_mut(message), outbound).await?;
+        match (decisions.pop(), decisions.is_empty()) {
+            (Some(decision), true) => Ok(decision),
+            _ => Err(Failure::BadAnswer("not one answer for one message".to_owned())),
+        }
+    }
+
+    /// A burst of one client's messages through `on_publish` in one call into the VM.
+    pub(crate) async fn transform_batch(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+    ) -> Result<Vec<TransformDecision>, Failure> {
+        self.transform_burst(client, messages, false).await
+    }
+
+    /// Messages through the script's `on_publish` (or `on_deliver`) in one call into the VM (see
+    /// [`TRANSFORM_BATCH_ENTRY`]). Every answer is checked before any is applied, so a bad answer leaves all the
+    /// messages as they were; the burst then gets the failure policy, as a failed WASM `on-publish-batch` does.
+    async fn transform_burst(
+        &self,
+        client: &ClientInfo,
+        messages: &mut [Message],
+        outbound: bool,
+    ) -> Result<Vec<TransformDecision>, Failure> {
+        let name = if outbound { "on_deliver" } else { "on_publish" };
+        let mut topics = Vec::with_capacity(messages.iter().map(|message| message.topic.len()).sum());
+        let mut payloads = Vec::with_capacity(messages.iter().map(|message| message.payload.len()).sum());
+        let mut headers = Vec::with_capacity(8 * messages.len());
+        for message in messages.iter() {
+            let topic_length = u32::try_from(message.topic.len())
+                .ok()
+                .filter(|length| *length < 1 << 24)
+                .ok_or_else(|| Failure::BadAnswer("a topic longer than 16 MiB".to_owned()))?;
+            let payload_length = u32::try_from(message.payload.len())
+                .map_err(|_| Failure::BadAnswer("a payload longer than 4 GiB".to_owned()))?;
+            let flags = message.qos as u8
+                | (u8::from(message.retain) << 2)
+                | (u8::from(message.payload_format_indicator == Some(1)) << 3);
+            let [_, t1, t2, t3] = topic_length.to_be_bytes();
+            headers.extend_from_slice(&[flags, t1, t2, t3]);
+            headers.extend_from_slice(&payload_length.to_be_bytes());
+            topics.extend_from_slice(message.topic.as_bytes());
+            payloads.extend_from_slice(&message.payload);
+        }
+        let count = messages.len();
+        let drafts: &[Message] = messages;
+        let answers = self
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
-                1,
+                count,
                 |instance| async move {
                     let result = async {
-                        let (name, function) = if outbound {
-                            ("on_deliver", &instance.hooks.on_deliver)
-                        } else {
-                            ("on_publish", &instance.hooks.on_publish)
-                        };
+                        let function = if outbound { &instance.hooks.on_deliver } else { &instance.hooks.on_publish };
                         let Some(function) = function else {
-                            return Ok(Ok((TransformDecision::Keep, None)));
+                            return Ok(Ok(vec![(TransformDecision::Keep, None); count]));
                         };
                         let lua = &instance.lua;
-                        let table = message_table(lua, draft)?;
-                        let value: Value = instance.call(function, (client_table(lua, client)?, table)).await?;
-                        Ok(match value {
-                            Value::Nil => Ok((TransformDecision::Keep, None)),
-                            Value::String(_) => match string_of(&value).as_deref() {
-                                Some("unchanged") => Ok((TransformDecision::Keep, None)),
-                                Some("drop") => {
-                                    Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None))
-                                }
-                                other => Err(format!("{name} returned {other:?}; expected nil, \"drop\" or a message")),
-                            },
-                            Value::Table(table) => {
-                                if let Some(reason) = table.get::<Option<String>>("drop")? {
-                                    Ok((TransformDecision::Drop { reason }, None))
-                                } else if let Some(reason) = table.get::<Option<String>>("reject")? {
-                                    let message = table.get::<Option<String>>("reason")?.unwrap_or_default();
-                                    let disconnect = table.get::<Option<bool>>("disconnect")?.unwrap_or(false);
-                                    deny_reason(&reason)
-                                        .map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
-                                } else {
-                                    let mut modified = draft.clone();
-                                    read_message(&table, &mut modified)
-                                        .map(|()| (TransformDecision::Modified, Some(modified)))
-                                }
+                        let prebuilt = if drafts.iter().any(has_rare_fields) {
+                            let table = lua.create_table()?;
+                            for (index, draft) in drafts.iter().enumerate().filter(|(_, draft)| has_rare_fields(draft))
+                            {
+                                table.raw_set(index + 1, message_table(lua, draft)?)?;
                             }
-                            other => Err(format!("{name} returned a value of type {}", other.type_name())),
-                        })
+                            Some(table)
+                        } else {
+                            None
+                        };
+                        let args = (
+                            client_table(lua, client)?,
+                            lua.create_string(&topics)?,
+                            lua.create_string(&payloads)?,
+                            lua.create_string(&headers)?,
+                            prebuilt,
+                        );
+                        let (codes, packed, others): (LuaString, LuaString, Option<Table>) =
+                            instance.call(function, args).await?;
+                        let (codes, packed) = (codes.as_bytes(), packed.as_bytes());
+                        let mut packed: &[u8] = &packed;
+                        let mut answers = Vec::with_capacity(codes.len());
+                        for (index, code) in codes.iter().enumerate() {
+                            let Some(draft) = drafts.get(index) else {
+                                return Ok(Err(format!(
+                                    "{name} answered {} results for {count} messages",
+                                    codes.len()
+                                )));
+                            };
+                            let answer = match (code, &others) {
+                                (b'k', _) => Ok((TransformDecision::Keep, None)),
+                                (b'd', _) => Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None)),
+                                (b'm', _) => read_packed_message(&mut packed, draft)
+                                    .map(|modified| (TransformDecision::Modified, Some(modified))),
+                                (_, Some(others)) => transform_answer(name, others.raw_get(index + 1)?, draft)?,
+                                (_, None) => Err(format!("no answer for message {}", index + 1)),
+                            };
+                            match answer {
+                                Ok(answer) => answers.push(answer),
+                                Err(error) => return Ok(Err(error)),
+                            }
+                        }
+                        Ok(Ok(answers))
                     }
                     .await;
                     (instance, result)
                 },
             )
-            .await?;
-        let (decision, modified) = outcome.map_err(Failure::BadAnswer)?;
-        if let Some(modified) = modified {
-            *message = modified;
+            .await?
+            .map_err(Failure::BadAnswer)?;
+        let stopped_early = matches!(answers.last(), Some((TransformDecision::Reject { disconnect: true, .. }, _)));
+        if answers.len() > count || (answers.len() < count && !stopped_early) {
+            return Err(Failure::BadAnswer(format!("{name} answered {} results for {count} messages", answers.len())));
         }
-        Ok(decision)
+        Ok(answers
+            .into_iter()
+            .zip(messages.iter_mut())
+            .map(|((decision, modified), message)| {
+                if let Some(modified) = modified {
+                    *message = modified;
+                }
+                decision
+            })
+            .collect())
+    }
+
+    /// Whether bursts go through `on_publish` in one call: the script has `on_publish`.
+    pub(crate) fn batches_inbound(&self) -> bool {
+        self.hooks.contains(&HookKind::Transform)
     }
 
     async fn with_instance<R, F, Fut>(&self, client: CallClient, messages: usize, call: F) -> Result<R, Failure>
@@ -675,6 +843,107 @@ fn read_message(table: &Table, target: &mut Message) -> Result<(), String> {
     target.correlation_data = correlation.map(|data| bytes::Bytes::copy_from_slice(&data.as_bytes()));
     target.message_expiry_interval = table.get("message_expiry").map_err(|error| bad("message_expiry", error))?;
     Ok(())
+}
+
+/// What a script's `on_publish` or `on_deliver` answered about `draft`: the decision, and the message it becomes
+/// when modified. `Err` inside: an answer the contract does not know.
+type TransformAnswer = Result<(TransformDecision, Option<Message>), String>;
+
+fn transform_answer(name: &str, value: Value, draft: &Message) -> mlua::Result<TransformAnswer> {
+    Ok(match value {
+        Value::Nil => Ok((TransformDecision::Keep, None)),
+        Value::String(_) => match string_of(&value).as_deref() {
+            Some("unchanged") => Ok((TransformDecision::Keep, None)),
+            Some("drop") => Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None)),
+            other => Err(format!("{name} returned {other:?}; expected nil, \"drop\" or a message")),
+        },
+        Value::Table(table) => {
+            if let Some(reason) = table.get::<Option<String>>("drop")? {
+                Ok((TransformDecision::Drop { reason }, None))
+            } else if let Some(reason) = table.get::<Option<String>>("reject")? {
+                let message = table.get::<Option<String>>("reason")?.unwrap_or_default();
+                let disconnect = table.get::<Option<bool>>("disconnect")?.unwrap_or(false);
+                deny_reason(&reason).map(|reason| (TransformDecision::Reject { reason, message, disconnect }, None))
+            } else {
+                let mut modified = draft.clone();
+                read_message(&table, &mut modified).map(|()| (TransformDecision::Modified, Some(modified)))
+            }
+        }
+        other => Err(format!("{name} returned a value of type {}", other.type_name())),
+    })
+}
+
+/// Takes `length` bytes off the front of `input`.
+fn take<'a>(input: &mut &'a [u8], length: usize, what: &str) -> Result<&'a [u8], String> {
+    if input.len() < length {
+        return Err(format!("a modified message ends inside its {what}"));
+    }
+    let (taken, rest) = input.split_at(length);
+    *input = rest;
+    Ok(taken)
+}
+
+fn take_number(input: &mut &[u8], bytes: usize, what: &str) -> Result<u32, String> {
+    Ok(take(input, bytes, what)?.iter().fold(0, |number, byte| number << 8 | u32::from(*byte)))
+}
+
+/// A length-prefixed field (`s2` or `s4` in `string.pack`).
+fn take_field<'a>(input: &mut &'a [u8], prefix: usize, what: &str) -> Result<&'a [u8], String> {
+    let length = take_number(input, prefix, what)? as usize;
+    take(input, length, what)
+}
+
+fn take_text(input: &mut &[u8], what: &str) -> Result<String, String> {
+    let bytes = take_field(input, 2, what)?;
+    String::from_utf8(bytes.to_vec()).map_err(|_| format!("message.{what} is not UTF-8"))
+}
+
+/// One modified message as the burst loop packed it (`>s2s4BBBB`: topic, payload, QoS, retain, UTF-8 payload, which
+/// optional fields follow; then content type `s2`, response topic `s2`, correlation data `s4`, expiry `I4` as
+/// present; then the user properties, a count `I2` and `s2s2` pairs), checked as `read_message` checks a table.
+/// Fields the script left as they were keep their buffers.
+fn read_packed_message(input: &mut &[u8], draft: &Message) -> Result<Message, String> {
+    let topic = take_field(input, 2, "topic")?;
+    let topic = std::str::from_utf8(topic).map_err(|_| "message.topic is not UTF-8".to_owned())?;
+    crate::check_topic(topic)?;
+    let payload = take_field(input, 4, "payload")?;
+    let [qos, retain, utf8, present] = <[u8; 4]>::try_from(take(input, 4, "flags")?).unwrap_or_default();
+    let qos = QoS::from_u8(qos).ok_or_else(|| format!("message.qos: {qos} is not 0, 1 or 2"))?;
+    let content_type = if present & 1 != 0 { Some(take_text(input, "content_type")?) } else { None };
+    let response_topic = if present & 2 != 0 { Some(take_text(input, "response_topic")?) } else { None };
+    let correlation_data = if present & 4 != 0 {
+        Some(bytes::Bytes::copy_from_slice(take_field(input, 4, "correlation_data")?))
+    } else {
+        None
+    };
+    let message_expiry_interval = if present & 8 != 0 { Some(take_number(input, 4, "message_expiry")?) } else { None };
+    let count = take_number(input, 2, "user_properties")?;
+    let user_properties = (0..count)
+        .map(|_| {
+            Ok(UserProperty { key: take_text(input, "user_properties")?, value: take_text(input, "user_properties")? })
+        })
+        .collect::<Result<_, String>>()?;
+    Ok(Message {
+        topic: if *draft.topic == *topic { draft.topic.clone() } else { topic.into() },
+        payload: if draft.payload == payload { draft.payload.clone() } else { bytes::Bytes::copy_from_slice(payload) },
+        qos,
+        retain: retain != 0,
+        user_properties,
+        content_type,
+        payload_format_indicator: (utf8 != 0).then_some(1),
+        response_topic,
+        correlation_data,
+        message_expiry_interval,
+    })
+}
+
+/// Whether a message needs a table built through the API: it carries a property the burst loop's strings do not.
+fn has_rare_fields(message: &Message) -> bool {
+    !message.user_properties.is_empty()
+        || message.content_type.is_some()
+        || message.response_topic.is_some()
+        || message.correlation_data.is_some()
+        || message.message_expiry_interval.is_some()
 }
 
 fn deny_reason(name: &str) -> Result<ReasonCode, String> {

@@ -208,6 +208,80 @@ async fn a_wasm_batch_has_a_budget_per_message_and_fails_as_a_whole() {
     assert_eq!(metrics.traps.load(Ordering::Relaxed), 2, "the trap and the broken answer");
 }
 
+/// A Lua burst goes through `on_publish` in one call into the VM (the host's loop builds each message table there):
+/// each message gets the answer it would get alone, including one carrying properties the loop's strings do not;
+/// the loop stops after a refusal that disconnects; the burst gets each message's CPU budget; a loop or an error
+/// fails the whole call and leaves every message as it was, and the next burst works.
+#[tokio::test]
+async fn a_lua_transform_burst_is_one_call_with_each_messages_answer() {
+    use tollgate_protocol::UserProperty;
+    let mut spec = testkit(PluginKind::Lua);
+    spec.limits.cpu_time = Duration::from_millis(100);
+    let (plugin, hook) = load(spec).await;
+    assert!(hook.transforms_in_batches());
+    let burst = |topics: &[&str]| topics.iter().map(|topic| message(topic, "x")).collect::<Vec<_>>();
+    let untouched = |messages: &[Message]| messages.iter().all(|message| &message.payload[..] == b"x");
+    let metrics = &plugin.shared().metrics;
+    let entries_before = metrics.invocations.load();
+
+    let mut good = burst(&["batch/a", "upper/b", "drop/c", "rewrite/d", "refuse/e", "other/f", "sign/g"]);
+    good[6].user_properties.push(UserProperty { key: "from".into(), value: "car".into() });
+    good[6].content_type = Some("text/plain".into());
+    good[6].qos = QoS::AtLeastOnce;
+    good[6].retain = true;
+    let decisions = hook.transform_inbound_batch(&client(), &mut good).await.expect("a good burst");
+    assert_eq!(metrics.invocations.load() - entries_before, 1, "one call for the whole burst");
+    let refused = TransformDecision::Reject {
+        reason: ReasonCode::NOT_AUTHORIZED,
+        message: "testkit refuses".into(),
+        disconnect: false,
+    };
+    assert_eq!(
+        decisions,
+        vec![
+            TransformDecision::Modified,
+            TransformDecision::Modified,
+            TransformDecision::Drop { reason: "testkit drops drop/ topics".into() },
+            TransformDecision::Modified,
+            refused,
+            TransformDecision::Keep,
+            TransformDecision::Modified,
+        ]
+    );
+    assert_eq!(good[0].user_properties, vec![UserProperty { key: "batch".into(), value: "1".into() }]);
+    assert_eq!(&good[1].payload[..], b"X");
+    assert_eq!(&*good[3].topic, "rewritten/d");
+    assert_eq!((&*good[5].topic, &good[5].payload[..]), ("other/f", &b"x"[..]));
+    let signed = &good[6];
+    assert_eq!(signed.user_properties.len(), 2, "{:?}", signed.user_properties);
+    assert_eq!(signed.user_properties[0], UserProperty { key: "from".into(), value: "car".into() });
+    assert_eq!(signed.user_properties[1].key, "sig");
+    assert_eq!(signed.content_type.as_deref(), Some("text/plain"));
+    assert_eq!((signed.qos, signed.retain), (QoS::AtLeastOnce, true));
+
+    let mut cut = burst(&["upper/a", "cut/b", "upper/c"]);
+    let decisions = hook.transform_inbound_batch(&client(), &mut cut).await.expect("a burst cut short");
+    assert_eq!(decisions.len(), 2, "nothing after the refusal that disconnects: {decisions:?}");
+    assert_eq!((&cut[0].payload[..], &cut[2].payload[..]), (&b"X"[..], &b"x"[..]));
+    // Three times 60 ms is more than one message's 100 ms, and within three.
+    let mut slow = burst(&["slow/60/a", "slow/60/b", "slow/60/c"]);
+    assert_eq!(hook.transform_inbound_batch(&client(), &mut slow).await, Ok(vec![TransformDecision::Keep; 3]));
+    let started = Instant::now();
+    let mut looping = burst(&["upper/a", "loop/b", "upper/c"]);
+    let reason = failure_of(hook.transform_inbound_batch(&client(), &mut looping).await);
+    assert!(reason.contains("CPU time budget"), "{reason}");
+    assert!(started.elapsed() < Duration::from_millis(1500), "{:?}", started.elapsed());
+    assert!(untouched(&looping));
+    let mut failing = burst(&["upper/a", "trap/b"]);
+    let reason = failure_of(hook.transform_inbound_batch(&client(), &mut failing).await);
+    assert!(reason.contains("testkit asked to fail"), "{reason}");
+    assert!(untouched(&failing));
+    let mut again = burst(&["upper/a"]);
+    assert_eq!(hook.transform_inbound_batch(&client(), &mut again).await, Ok(vec![TransformDecision::Modified]));
+    assert_eq!(metrics.calls.load(), 7 + 3 + 3 + 3 + 2 + 1, "a burst counts each message");
+    assert_eq!(metrics.cpu_limit.load(Ordering::Relaxed), 1);
+}
+
 /// A burst of PUBLISHes authorized in one call, in both runtimes (`authz-batch` for WASM; for Lua the host loops
 /// over the burst inside the VM): each request gets the decision it would get alone, the batch gets each request's
 /// CPU budget and counts each as a call; a loop or an error fails the whole call, and the next batch works.
@@ -460,6 +534,58 @@ async fn a_lua_burst_does_not_depend_on_the_scripts_globals() {
             AclDecision::Abstain,
         ])
     );
+    // The transform loop too: `type` is gone as well, and the script's own `on_publish` still runs per message.
+    std::fs::write(
+        &script,
+        "string = 'not the library'\ntable = nil\ntype = nil\n\
+         function on_publish(client, msg) if msg.topic == 'd' then return 'drop' end msg.payload = msg.topic return msg end\n",
+    )
+    .expect("write");
+    let (_plugin, hook) = load(PluginSpec::new("globals", PluginKind::Lua, &script)).await;
+    let mut messages = vec![message("a", "x"), message("d", "x"), message("b", "x")];
+    let decisions = hook.transform_inbound_batch(&client(), &mut messages).await.expect("a burst");
+    assert_eq!(
+        decisions,
+        vec![
+            TransformDecision::Modified,
+            TransformDecision::Drop { reason: "dropped by plugin".into() },
+            TransformDecision::Modified,
+        ]
+    );
+    assert_eq!((&messages[0].payload[..], &messages[2].payload[..]), (&b"a"[..], &b"b"[..]));
+    // Every field comes back as the script left it; a field it cannot have fails the burst, with the single call's
+    // words.
+    std::fs::write(
+        &script,
+        "function on_publish(client, msg)\n\
+           if msg.topic == 'qos' then msg.qos = 5 end\n\
+           if msg.topic == 'wild' then msg.topic = 'a/+' end\n\
+           if msg.topic == 'full' then\n\
+             msg.response_topic = 'reply/' .. msg.topic; msg.correlation_data = 'c\\0d'; msg.message_expiry = 60\n\
+             msg.content_type = 'text/plain'; msg.payload_is_utf8 = true; msg.retain = true; msg.qos = 2\n\
+             table.insert(msg.user_properties, { 'k', 'v' })\n\
+           end\n\
+           return msg\n\
+         end\n",
+    )
+    .expect("write");
+    let (_plugin, hook) = load(PluginSpec::new("globals", PluginKind::Lua, &script)).await;
+    let mut full = vec![message("full", "x")];
+    assert_eq!(hook.transform_inbound_batch(&client(), &mut full).await, Ok(vec![TransformDecision::Modified]));
+    let full = &full[0];
+    assert_eq!(full.response_topic.as_deref(), Some("reply/full"));
+    assert_eq!(full.correlation_data.as_deref(), Some(&b"c\0d"[..]));
+    assert_eq!((full.message_expiry_interval, full.content_type.as_deref()), (Some(60), Some("text/plain")));
+    assert_eq!((full.payload_format_indicator, full.retain, full.qos), (Some(1), true, QoS::ExactlyOnce));
+    assert_eq!(full.user_properties.len(), 1);
+    for (topic, words) in [("qos", "message.qos: 5 is not 0, 1 or 2"), ("wild", "contains a wildcard")] {
+        let mut burst = vec![message("ok", "x"), message(topic, "x")];
+        let reason = failure_of(hook.transform_inbound_batch(&client(), &mut burst).await);
+        assert!(reason.contains(words), "{topic}: {reason}");
+        assert_eq!(&*burst[0].topic, "ok", "nothing applied");
+        let reason = failure_of(hook.transform_inbound(&client(), &mut message(topic, "x")).await);
+        assert!(reason.contains(words), "{topic}, alone: {reason}");
+    }
     // An answer the single call refuses fails the batch the same way.
     std::fs::write(&script, "function authorize_publish(client, request) return 42 end\n").expect("write");
     let (_plugin, hook) = load(PluginSpec::new("globals", PluginKind::Lua, &script)).await;

@@ -178,7 +178,8 @@ async fn pubacks(
 }
 
 /// PUBLISHes that arrive together (one write, so one read on the broker) are authorized together, and those the ACL
-/// admits reach a WebAssembly transform in one `transform-batch` call; Lua gets them one by one. Either way each
+/// admits reach a WebAssembly transform in one `transform-batch` call (its answers say how many it got); a Lua
+/// script's `on_publish` runs for each inside one call into the VM (it sees one message at a time). Either way each
 /// message is transformed, delivered and acknowledged in the order it was sent: a publish the ACL denies and one the
 /// transform refuses are answered 0x87 in their place, and a refusal that disconnects (MQTT 3.1.1) ends the burst
 /// there, so the messages after it are neither delivered nor acknowledged.
@@ -231,6 +232,7 @@ async fn a_burst_of_publishes_is_transformed_together_and_answered_in_order() {
         match kind {
             // The eight the ACL admits go in one call; the denied one is left out.
             Kind::Wasm => assert!(sizes.iter().all(|size| size == "8"), "{kind:?}: {sizes:?}"),
+            // The script sees each message on its own; that the burst was one call is runtimes.rs's to check.
             Kind::Lua => assert!(sizes.iter().all(|size| size == "1"), "{kind:?}: {sizes:?}"),
         }
         client.disconnect().await;
