@@ -625,8 +625,9 @@ impl LuaPlugin {
             .with_instance(
                 CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
                 count,
-                |instance| async move {
+                |mut instance| async move {
                     let result = async {
+                        let client = instance.client_table(client)?;
                         let function = if outbound { &instance.hooks.on_deliver } else { &instance.hooks.on_publish };
                         let Some(function) = function else {
                             return Ok(Ok(vec![(TransformDecision::Keep, None); count]));
@@ -643,7 +644,7 @@ impl LuaPlugin {
                             None
                         };
                         let args = (
-                            client_table(lua, client)?,
+                            client,
                             lua.create_string(&topics)?,
                             lua.create_string(&payloads)?,
                             lua.create_string(&headers)?,
