@@ -406,6 +406,14 @@ pub mod host {
         #[cfg(not(target_arch = "wasm32"))]
         crate::testing::counter_add(name, delta);
     }
+
+    /// Sets a named gauge (`$SYS/broker/plugins/<plugin>/gauges/<name>`): a value that goes up and down.
+    pub fn gauge_set(name: &str, value: i64) {
+        #[cfg(target_arch = "wasm32")]
+        imports::gauge_set(name, value);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::gauge_set(name, value);
+    }
 }
 
 /// Host-side cryptography: the secrets live in the broker configuration and never enter the plugin.
@@ -494,6 +502,7 @@ pub mod testing {
         kv: BTreeMap<String, Vec<u8>>,
         durable: BTreeMap<String, Vec<u8>>,
         counters: BTreeMap<String, u64>,
+        gauges: BTreeMap<String, i64>,
         logs: Vec<(LogLevel, String)>,
         now_ms: Option<u64>,
         /// `kv_claim` records and when they expire, on the test clock ([`set_now_ms`]).
@@ -655,6 +664,17 @@ pub mod testing {
 
     pub(crate) fn counter_add(name: &str, delta: u64) {
         with(|host| *host.counters.entry(name.to_owned()).or_default() += delta);
+    }
+
+    pub(crate) fn gauge_set(name: &str, value: i64) {
+        with(|host| {
+            host.gauges.insert(name.to_owned(), value);
+        });
+    }
+
+    /// A gauge's last value, if the plugin set it.
+    pub fn gauge(name: &str) -> Option<i64> {
+        with(|host| host.gauges.get(name).copied())
     }
 
     /// The secret `key_id`, or its HKDF-SHA256 derivation (no salt) of `derived_len` bytes with `derive_info`.

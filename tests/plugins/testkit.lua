@@ -53,6 +53,12 @@ end
 
 function on_publish(client, msg)
   misbehave(msg.topic)
+  -- gauge/<name>/<value> sets that gauge.
+  local gauge, value = string.match(msg.topic, "^gauge/([^/]+)/(-?%d+)$")
+  if gauge then
+    tollgate.gauge_set(gauge, tonumber(value))
+    return nil
+  end
   if starts(msg.topic, "upper/") then
     msg.payload = string.upper(msg.payload)
     return msg

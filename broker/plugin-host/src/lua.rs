@@ -485,6 +485,14 @@ impl LuaPlugin {
         )?;
         let shared = self.shared.clone();
         host.raw_set(
+            "gauge_set",
+            lua.create_function(move |_, (name, value): (String, i64)| {
+                shared.gauge_set(&name, value);
+                Ok(())
+            })?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
             "counter_add",
             lua.create_function(move |_, (name, delta): (String, Option<u64>)| {
                 shared.counter_add(&name, delta.unwrap_or(1));

@@ -3,7 +3,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -435,6 +435,8 @@ pub struct PluginShared {
     /// Read-locked to count (an atomic add): plugins count on every message from every worker, and a plain lock
     /// made the workers wait for each other.
     counters: std::sync::RwLock<HashMap<String, AtomicU64, foldhash::fast::RandomState>>,
+    /// As `counters`, for values the plugin sets rather than adds to.
+    gauges: std::sync::RwLock<HashMap<String, AtomicI64, foldhash::fast::RandomState>>,
     health: Mutex<Health>,
     /// Mirrors `health.disabled_until.is_some()`, so that the check every call makes reads one shared flag
     /// instead of taking a lock the other workers take too.
@@ -794,6 +796,7 @@ impl PluginShared {
             secrets,
             kv: Arc::default(),
             counters: std::sync::RwLock::default(),
+            gauges: std::sync::RwLock::default(),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
                 failures_in_window: 0,
@@ -978,6 +981,28 @@ impl PluginShared {
         } else if counters.len() < 1024 {
             counters.insert(name.to_owned(), AtomicU64::new(delta));
         }
+    }
+
+    /// `host.gauge-set`: named as counters are (a name that is not a valid topic is ignored), at most 1024 of them.
+    pub fn gauge_set(&self, name: &str, value: i64) {
+        if tollgate_protocol::topic::validate_topic_name(name).is_err() {
+            return;
+        }
+        if let Some(gauge) = self.gauges.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(name) {
+            gauge.store(value, Ordering::Relaxed);
+            return;
+        }
+        let mut gauges = self.gauges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(gauge) = gauges.get(name) {
+            gauge.store(value, Ordering::Relaxed);
+        } else if gauges.len() < 1024 {
+            gauges.insert(name.to_owned(), AtomicI64::new(value));
+        }
+    }
+
+    pub fn gauges(&self) -> BTreeMap<String, i64> {
+        let gauges = self.gauges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        gauges.iter().map(|(name, value)| (name.clone(), value.load(Ordering::Relaxed))).collect()
     }
 
     pub fn counters(&self) -> BTreeMap<String, u64> {
@@ -1518,6 +1543,19 @@ mod tests {
         shared.counter_add("a+b", 1);
         shared.counter_add("", 1);
         assert_eq!(shared.counters(), BTreeMap::from([("denied".to_owned(), 2)]));
+    }
+
+    #[test]
+    fn gauges_keep_the_last_value_set_under_topic_safe_names() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.gauge_set("keys/k1/not_after_s", 1_800_000_000);
+        shared.gauge_set("clock_trusted", 1);
+        shared.gauge_set("clock_trusted", 0);
+        shared.gauge_set("below", -3);
+        shared.gauge_set("a/#", 1);
+        shared.gauge_set("", 1);
+        let expected = [("below", -3), ("clock_trusted", 0), ("keys/k1/not_after_s", 1_800_000_000)];
+        assert_eq!(shared.gauges(), expected.into_iter().map(|(name, value)| (name.to_owned(), value)).collect());
     }
 
     #[test]

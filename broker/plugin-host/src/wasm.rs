@@ -160,6 +160,10 @@ impl tollgate::plugin::host::Host for HostState {
         crate::clock::synchronized()
     }
 
+    fn gauge_set(&mut self, name: String, value: i64) {
+        self.shared.gauge_set(&name, value)
+    }
+
     fn counter_add(&mut self, name: String, delta: u64) {
         self.shared.counter_add(&name, delta)
     }
@@ -535,7 +539,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.7.0";
+const CONTRACT: &str = "tollgate:plugin@0.8.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {

@@ -218,6 +218,21 @@ async fn a_transform_burst_has_a_budget_per_message_and_fails_as_a_whole() {
     }
 }
 
+/// `host.gauge-set` from both runtimes: the last value set wins, negative values included, and a name that is not a
+/// topic is ignored.
+#[tokio::test]
+async fn gauges_hold_the_last_value_set() {
+    for kind in KINDS {
+        let (plugin, hook) = load(testkit(kind)).await;
+        for topic in ["gauge/clock_trusted/1", "gauge/clock_trusted/0", "gauge/offset_ms/-250", "gauge/a+b/1"] {
+            let decision = hook.transform_inbound(&client(), &mut message(topic, "x")).await;
+            assert_eq!(decision, Ok(TransformDecision::Keep), "{kind:?}");
+        }
+        let expected = BTreeMap::from([("clock_trusted".to_owned(), 0), ("offset_ms".to_owned(), -250)]);
+        assert_eq!(plugin.shared().gauges(), expected, "{kind:?}");
+    }
+}
+
 /// `transform-batch` (WASM): the plugin sees the whole burst (the testkit writes its size into the message), and an
 /// answer of the wrong length fails the call like a trap.
 #[tokio::test]

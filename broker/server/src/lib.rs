@@ -409,7 +409,7 @@ impl Drop for Server {
     }
 }
 
-/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts, its own counters and the latency of
+/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts, its own counters and gauges, the latency of
 /// its calls per hook (`latency/<hook>/p50_us|p99_us|max_us|count`, since the plugin was loaded), on the `$SYS`
 /// interval.
 async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
@@ -422,6 +422,10 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
             }
             for (counter, value) in shared.counters() {
                 let topic = format!("{prefix}/counters/{counter}");
+                broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
+            }
+            for (gauge, value) in shared.gauges() {
+                let topic = format!("{prefix}/gauges/{gauge}");
                 broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
             }
             for (hook, latency) in shared.metrics.latency_summaries() {

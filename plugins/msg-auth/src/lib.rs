@@ -175,6 +175,8 @@ pub struct MsgAuth {
     next_expiry_check_ms: Cell<u64>,
     /// Set while a burst is being verified (`on_publish_batch`).
     burst: RefCell<Option<Burst>>,
+    /// The `clock_trusted` gauge as this instance last set it (-1: not yet), so it is set only when it changes.
+    clock_trusted_gauge: Cell<i64>,
 }
 
 /// What the messages of one burst share. They arrived in one read, so they are judged at one instant (one clock
@@ -558,8 +560,20 @@ impl Plugin for MsgAuth {
             expiry_warning_ms: warning_days.saturating_mul(86_400_000),
             next_expiry_check_ms: Cell::new(0),
             burst: RefCell::new(None),
+            clock_trusted_gauge: Cell::new(-1),
         };
         plugin.check_key_ages(host::now_ms());
+        for key in &plugin.keys {
+            if let Some(not_after) = key.not_after_ms {
+                let seconds = i64::try_from(not_after / 1000).unwrap_or(i64::MAX);
+                host::gauge_set(&format!("keys/{}/not_after_s", key.kid), seconds);
+            }
+        }
+        plugin.show_clock_trust(match plugin.clock_trust {
+            ClockTrust::Always => true,
+            ClockTrust::Never => false,
+            ClockTrust::Synchronized => host::clock_synchronized() != Some(false),
+        });
         Ok(plugin)
     }
 
@@ -846,7 +860,7 @@ impl MsgAuth {
     /// Whether timestamps may refuse messages now (`clock_trust`); counts `verify/clock_untrusted` when not because
     /// the clock is not synchronized.
     fn clock_trusted(&self) -> bool {
-        match self.clock_trust {
+        let trusted = match self.clock_trust {
             ClockTrust::Always => true,
             ClockTrust::Never => false,
             ClockTrust::Synchronized => {
@@ -856,6 +870,15 @@ impl MsgAuth {
                 }
                 synchronized
             }
+        };
+        self.show_clock_trust(trusted);
+        trusted
+    }
+
+    /// The `clock_trusted` gauge (1 or 0), set when it changes.
+    fn show_clock_trust(&self, trusted: bool) {
+        if self.clock_trusted_gauge.replace(i64::from(trusted)) != i64::from(trusted) {
+            host::gauge_set("clock_trusted", i64::from(trusted));
         }
     }
 

@@ -387,6 +387,9 @@ fn an_expired_key_neither_verifies_nor_signs() {
         ("keys.2.not_after", "2027-01-15T08:00:01Z"),
     ]))
     .expect("init");
+    // Each deadline is a gauge in Unix seconds, for a dashboard to count down from.
+    assert_eq!(testing::gauge("keys/cloud-2026-07/not_after_s"), Some(NOW as i64 / 1000 + 1));
+    assert_eq!(testing::gauge("keys/cloud-2026-01/not_after_s"), None, "a key without a deadline has none");
     let message = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 1);
     let mut car = Message::new(format!("v1/vehicles/{VIN}/telemetry/speed"), b"88".to_vec());
     car.qos = Qos::AtLeastOnce;
@@ -816,11 +819,13 @@ fn with_clock_trust_synchronized_an_unsynchronized_clock_does_not_refuse_by_time
     testing::set_now_ms(Some(NOW + 3_600_000));
     testing::set_clock_synchronized(Some(true));
     assert_eq!(why(&plugin.on_publish(&backend(), old.clone())), Some("msg-auth: stale".into()));
+    assert_eq!(testing::gauge("clock_trusted"), Some(1));
     // Booted offline: the wall clock says nothing, the counter still refuses replays.
     testing::set_clock_synchronized(Some(false));
     assert_eq!(plugin.on_publish(&backend(), old.clone()), TransformResult::Unchanged);
     assert_eq!(why(&plugin.on_publish(&backend(), old)), Some("msg-auth: replay".into()));
     assert_eq!(testing::counter("verify/clock_untrusted"), 2);
+    assert_eq!(testing::gauge("clock_trusted"), Some(0), "the gauge follows the clock");
     // Where the broker cannot tell, the clock is trusted.
     testing::set_clock_synchronized(None);
     let older = signed("cloud-2026-07", CLOUD_NEXT, &command_topic(), b"go", 2);

@@ -127,6 +127,8 @@ pub struct VinAcl {
     /// Non-VIN identities (`id:<identity>` lines), e.g. an end-of-line station's.
     revoked_ids: std::collections::HashSet<String>,
     grants: Vec<Grant>,
+    /// The `grants_active` gauge as this instance last set it, so a connect sets it only when a grant ran out.
+    grants_active: std::cell::Cell<i64>,
 }
 
 /// Attribute names this plugin attaches at CONNECT. `vin` is for other plugins (msg-auth binds it); this plugin
@@ -532,6 +534,20 @@ impl VinAcl {
 }
 
 impl VinAcl {
+    /// The `grants_active` gauge: grants whose deadline is still ahead. Set at start and re-read at each connect,
+    /// where a host call is paid only when a grant has run out since.
+    fn update_grants_active(&self) {
+        if self.grants.is_empty() && self.grants_active.get() == 0 {
+            return;
+        }
+        let now = host::now_ms();
+        let active = self.grants.iter().filter(|grant| grant.until_ms > now).count();
+        let active = i64::try_from(active).unwrap_or(i64::MAX);
+        if self.grants_active.replace(active) != active {
+            host::gauge_set("grants_active", active);
+        }
+    }
+
     /// A retained command (a `cmd` level) when `deny_retained_commands` is on: refused, and told as an event.
     fn refuses_retained_command(&self, client: &Client, topic: &str, retain: bool) -> bool {
         if !(retain && self.deny_retained_commands && topic.split('/').any(|level| level == "cmd")) {
@@ -633,10 +649,18 @@ impl Plugin for VinAcl {
             revoked_serials,
             revoked_ids,
             grants,
+            grants_active: std::cell::Cell::new(-1),
+        })
+        .inspect(|acl| {
+            let revoked = acl.revoked_vins.len() + acl.revoked_serials.len() + acl.revoked_ids.len();
+            host::gauge_set("revoked", i64::try_from(revoked).unwrap_or(i64::MAX));
+            host::gauge_set("grants", i64::try_from(acl.grants.len()).unwrap_or(i64::MAX));
+            acl.update_grants_active();
         })
     }
 
     fn on_connect(&self, info: &ConnectInfo) -> ConnectDecision {
+        self.update_grants_active();
         let Some(peer) = &info.peer else {
             // No certificate: not a car. A role by user name is decided by the authenticators after this one.
             return ConnectDecision::Ignore;
@@ -883,6 +907,24 @@ mod tests {
             acl.authorize_subscribe(&tool, &own, Qos::AtMostOnce, None),
             AclDecision::Deny(DenyReason::NotAuthorized)
         );
+        tollgate_sdk::testing::set_now_ms(None);
+    }
+
+    #[test]
+    fn gauges_count_grants_and_revocations_and_a_connect_notices_a_grant_running_out() {
+        let deadline = parse_time("2026-11-22T15:00:00Z").expect("time");
+        tollgate_sdk::testing::set_now_ms(Some(deadline - 1000));
+        let acl = VinAcl::init(with(&[
+            ("files.grants", &format!("dealer-7 {VIN} 2026-11-22T15:00:00Z\ndealer-8 {OTHER} 2026-12-01T00:00:00Z\n")),
+            ("revoked.0", VIN),
+            ("revoked.1", "serial:0A:FF"),
+        ]))
+        .expect("init");
+        let gauge = |name: &str| tollgate_sdk::testing::gauge(name);
+        assert_eq!((gauge("grants"), gauge("grants_active"), gauge("revoked")), (Some(2), Some(2), Some(2)));
+        tollgate_sdk::testing::set_now_ms(Some(deadline));
+        assert_eq!(acl.on_connect(&connect("backend", None)), ConnectDecision::Ignore);
+        assert_eq!(gauge("grants_active"), Some(1), "dealer-7's grant ran out");
         tollgate_sdk::testing::set_now_ms(None);
     }
 

@@ -344,6 +344,37 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
     }
 }
 
+/// A plugin's gauges (`host.gauge-set` in WebAssembly, `tollgate.gauge_set` in Lua) appear under
+/// `$SYS/broker/plugins/<name>/gauges/` with the last value set, negative ones included.
+#[tokio::test]
+async fn plugin_gauges_are_published_in_sys() {
+    for kind in KINDS {
+        let broker = TestBroker::builder()
+            .configure(|config| {
+                config.plugins = vec![plugin_entry("testkit", kind, testkit_path(kind))];
+                config.runtime.plugin_cache_dir = Some(PathBuf::new());
+                config.sys.interval = 1;
+            })
+            .start()
+            .await;
+        let mut client = connect_to(&broker, "gauges").await;
+        client.publish("gauge/depth/5", QoS::AtLeastOnce, false, b"x").await;
+        client.publish("gauge/depth/-7", QoS::AtLeastOnce, false, b"x").await;
+        let mut watcher = connect_to(&broker, "watcher").await;
+        watcher.subscribe_ok("$SYS/broker/plugins/testkit/gauges/#", QoS::AtMostOnce).await;
+        within("gauges/depth = -7 in $SYS", async {
+            loop {
+                let publish = watcher.next_publish().await;
+                if topic(&publish) == "$SYS/broker/plugins/testkit/gauges/depth" && &publish.payload[..] == b"-7" {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(broker.stop().await, "{kind:?}");
+    }
+}
+
 #[tokio::test]
 async fn each_subscriber_gets_its_own_copy_through_the_deliver_hook() {
     for kind in KINDS {

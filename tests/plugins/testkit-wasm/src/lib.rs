@@ -138,6 +138,13 @@ impl Plugin for Testkit {
     fn on_publish(&self, _client: &Client, mut message: Message) -> TransformResult {
         let topic = message.topic.clone();
         misbehave(&topic);
+        // gauge/<name>/<value> sets that gauge.
+        if let Some((name, value)) = topic.strip_prefix("gauge/").and_then(|rest| rest.split_once('/'))
+            && let Ok(value) = value.parse::<i64>()
+        {
+            host::gauge_set(name, value);
+            return TransformResult::Unchanged;
+        }
         if topic.starts_with("upper/") {
             message.payload = message.payload.to_ascii_uppercase();
             TransformResult::Modified(message)
