@@ -71,9 +71,13 @@ fn latency_p99(outcome: &Outcome) -> Option<f64> {
 }
 
 /// The figure a scenario's first row shows, and whether higher is better: the p50 of the latency scenario, the
-/// headline value elsewhere (lower is better for memory).
+/// broker's CPU per message under the site's fixed load, the headline value elsewhere (lower is better for memory).
 pub fn headline(scenario: &str, outcome: &Outcome) -> (Option<f64>, bool) {
-    if scenario == "latency" { (latency_p50(outcome), false) } else { (outcome.value, outcome.unit != "KiB/conn") }
+    match scenario {
+        "latency" => (latency_p50(outcome), false),
+        "site-load" => (outcome.cpu_us_per_message, false),
+        _ => (outcome.value, outcome.unit != "KiB/conn"),
+    }
 }
 
 fn rows(entries: &[Entry]) -> Vec<Row> {
@@ -82,7 +86,22 @@ fn rows(entries: &[Entry]) -> Vec<Row> {
         if rows.iter().any(|row| row.scenario == entry.scenario) {
             continue;
         }
-        if entry.scenario == "latency" {
+        if entry.scenario == "site-load" {
+            rows.push(Row {
+                scenario: entry.scenario,
+                label: format!("{} — broker CPU per message", entry.title),
+                unit: "µs",
+                higher_is_better: false,
+                pick: |o| o.cpu_us_per_message,
+            });
+            rows.push(Row {
+                scenario: entry.scenario,
+                label: format!("{} — delivery p99", entry.title),
+                unit: "µs",
+                higher_is_better: false,
+                pick: latency_p99,
+            });
+        } else if entry.scenario == "latency" {
             rows.push(Row {
                 scenario: entry.scenario,
                 label: format!("{} — p50", entry.title),
