@@ -612,17 +612,12 @@ impl LuaPlugin {
         let mut payloads = Vec::with_capacity(messages.iter().map(|message| message.payload.len()).sum());
         let mut headers = Vec::with_capacity(8 * messages.len());
         for message in messages.iter() {
-            let topic_length = u32::try_from(message.topic.len())
-                .ok()
-                .filter(|length| *length < 1 << 24)
-                .ok_or_else(|| Failure::BadAnswer("a topic longer than 16 MiB".to_owned()))?;
-            let payload_length = u32::try_from(message.payload.len())
-                .map_err(|_| Failure::BadAnswer("a payload longer than 4 GiB".to_owned()))?;
             let flags = message.qos as u8
                 | (u8::from(message.retain) << 2)
                 | (u8::from(message.payload_format_indicator == Some(1)) << 3);
-            let [_, t1, t2, t3] = topic_length.to_be_bytes();
-            headers.extend_from_slice(&[flags, t1, t2, t3]);
+            push_topic_header(&mut headers, flags, &message.topic)?;
+            let payload_length = u32::try_from(message.payload.len())
+                .map_err(|_| Failure::BadAnswer("a payload longer than 4 GiB".to_owned()))?;
             headers.extend_from_slice(&payload_length.to_be_bytes());
             topics.extend_from_slice(message.topic.as_bytes());
             payloads.extend_from_slice(&message.payload);
@@ -880,6 +875,18 @@ fn transform_answer(name: &str, value: Value, draft: &Message) -> mlua::Result<T
         }
         other => Err(format!("{name} returned a value of type {}", other.type_name())),
     })
+}
+
+/// The 4 bytes both burst loops read first for each message: its flags, then its topic's length in 3 bytes,
+/// big-endian.
+fn push_topic_header(headers: &mut Vec<u8>, flags: u8, topic: &str) -> Result<(), Failure> {
+    let length = u32::try_from(topic.len())
+        .ok()
+        .filter(|length| *length < 1 << 24)
+        .ok_or_else(|| Failure::BadAnswer("a topic longer than 16 MiB".to_owned()))?;
+    let [_, high, middle, low] = length.to_be_bytes();
+    headers.extend_from_slice(&[flags, high, middle, low]);
+    Ok(())
 }
 
 /// Takes `length` bytes off the front of `input`.
@@ -1141,12 +1148,7 @@ impl Runtime for LuaPlugin {
         let mut topics = Vec::with_capacity(requests.iter().map(|request| request.topic.len()).sum());
         let mut headers = Vec::with_capacity(4 * requests.len());
         for request in requests {
-            let length = u32::try_from(request.topic.len())
-                .ok()
-                .filter(|length| *length < 1 << 24)
-                .ok_or_else(|| Failure::BadAnswer("a topic longer than 16 MiB".to_owned()))?;
-            let [_, high, middle, low] = length.to_be_bytes();
-            headers.extend_from_slice(&[request.qos as u8 | (u8::from(request.retain) << 2), high, middle, low]);
+            push_topic_header(&mut headers, request.qos as u8 | (u8::from(request.retain) << 2), request.topic)?;
             topics.extend_from_slice(request.topic.as_bytes());
         }
         let count = requests.len();
