@@ -625,65 +625,57 @@ impl LuaPlugin {
         let count = messages.len();
         let drafts: &[Message] = messages;
         let answers = self
-            .with_instance(
-                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
-                count,
-                |mut instance| async move {
-                    let result = async {
-                        let client = instance.client_table(client)?;
-                        let function = if outbound { &instance.hooks.on_deliver } else { &instance.hooks.on_publish };
-                        let Some(function) = function else {
-                            return Ok(Ok(vec![(TransformDecision::Keep, None); count]));
-                        };
-                        let lua = &instance.lua;
-                        let prebuilt = if drafts.iter().any(has_rare_fields) {
-                            let table = lua.create_table()?;
-                            for (index, draft) in drafts.iter().enumerate().filter(|(_, draft)| has_rare_fields(draft))
-                            {
-                                table.raw_set(index + 1, message_table(lua, draft)?)?;
-                            }
-                            Some(table)
-                        } else {
-                            None
-                        };
-                        let args = (
-                            client,
-                            lua.create_string(&topics)?,
-                            lua.create_string(&payloads)?,
-                            lua.create_string(&headers)?,
-                            prebuilt,
-                        );
-                        let (codes, packed, others): (LuaString, LuaString, Option<Table>) =
-                            instance.call(function, args).await?;
-                        let (codes, packed) = (codes.as_bytes(), packed.as_bytes());
-                        let mut packed: &[u8] = &packed;
-                        let mut answers = Vec::with_capacity(codes.len());
-                        for (index, code) in codes.iter().enumerate() {
-                            let Some(draft) = drafts.get(index) else {
-                                return Ok(Err(format!(
-                                    "{name} answered {} results for {count} messages",
-                                    codes.len()
-                                )));
-                            };
-                            let answer = match (code, &others) {
-                                (b'k', _) => Ok((TransformDecision::Keep, None)),
-                                (b'd', _) => Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None)),
-                                (b'm', _) => read_packed_message(&mut packed, draft)
-                                    .map(|modified| (TransformDecision::Modified, Some(modified))),
-                                (_, Some(others)) => transform_answer(name, others.raw_get(index + 1)?, draft)?,
-                                (_, None) => Err(format!("no answer for message {}", index + 1)),
-                            };
-                            match answer {
-                                Ok(answer) => answers.push(answer),
-                                Err(error) => return Ok(Err(error)),
-                            }
+            .with_instance(CallClient::of(client), count, |mut instance| async move {
+                let result = async {
+                    let client = instance.client_table(client)?;
+                    let function = if outbound { &instance.hooks.on_deliver } else { &instance.hooks.on_publish };
+                    let Some(function) = function else {
+                        return Ok(Ok(vec![(TransformDecision::Keep, None); count]));
+                    };
+                    let lua = &instance.lua;
+                    let prebuilt = if drafts.iter().any(has_rare_fields) {
+                        let table = lua.create_table()?;
+                        for (index, draft) in drafts.iter().enumerate().filter(|(_, draft)| has_rare_fields(draft)) {
+                            table.raw_set(index + 1, message_table(lua, draft)?)?;
                         }
-                        Ok(Ok(answers))
+                        Some(table)
+                    } else {
+                        None
+                    };
+                    let args = (
+                        client,
+                        lua.create_string(&topics)?,
+                        lua.create_string(&payloads)?,
+                        lua.create_string(&headers)?,
+                        prebuilt,
+                    );
+                    let (codes, packed, others): (LuaString, LuaString, Option<Table>) =
+                        instance.call(function, args).await?;
+                    let (codes, packed) = (codes.as_bytes(), packed.as_bytes());
+                    let mut packed: &[u8] = &packed;
+                    let mut answers = Vec::with_capacity(codes.len());
+                    for (index, code) in codes.iter().enumerate() {
+                        let Some(draft) = drafts.get(index) else {
+                            return Ok(Err(format!("{name} answered {} results for {count} messages", codes.len())));
+                        };
+                        let answer = match (code, &others) {
+                            (b'k', _) => Ok((TransformDecision::Keep, None)),
+                            (b'd', _) => Ok((TransformDecision::Drop { reason: "dropped by plugin".into() }, None)),
+                            (b'm', _) => read_packed_message(&mut packed, draft)
+                                .map(|modified| (TransformDecision::Modified, Some(modified))),
+                            (_, Some(others)) => transform_answer(name, others.raw_get(index + 1)?, draft)?,
+                            (_, None) => Err(format!("no answer for message {}", index + 1)),
+                        };
+                        match answer {
+                            Ok(answer) => answers.push(answer),
+                            Err(error) => return Ok(Err(error)),
+                        }
                     }
-                    .await;
-                    (instance, result)
-                },
-            )
+                    Ok(Ok(answers))
+                }
+                .await;
+                (instance, result)
+            })
             .await?
             .map_err(Failure::BadAnswer)?;
         let stopped_early = matches!(answers.last(), Some((TransformDecision::Reject { disconnect: true, .. }, _)));
@@ -1101,41 +1093,37 @@ impl Runtime for LuaPlugin {
 
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
         let decision = self
-            .with_instance(
-                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
-                1,
-                |mut instance| async move {
-                    let result = async {
-                        let client = instance.client_table(client)?;
-                        let (name, value): (&str, Value) = match request {
-                            AclRequest::Publish { topic, qos, retain, will } => {
-                                let Some(function) = &instance.hooks.authorize_publish else {
-                                    return Ok(Ok(AclDecision::Abstain));
-                                };
-                                let kind = if will { &instance.kind_will } else { &instance.kind_publish };
-                                let args = (client, topic, qos as u8, retain, kind);
-                                ("authorize_publish", instance.call(function, args).await?)
-                            }
-                            AclRequest::Subscribe { filter, qos, share_group } => {
-                                let Some(function) = &instance.hooks.authorize_subscribe else {
-                                    return Ok(Ok(AclDecision::Abstain));
-                                };
-                                let args = (client, filter, qos as u8, share_group);
-                                ("authorize_subscribe", instance.call(function, args).await?)
-                            }
-                            AclRequest::Session => {
-                                let Some(function) = &instance.hooks.authorize_session else {
-                                    return Ok(Ok(AclDecision::Abstain));
-                                };
-                                ("authorize_session", instance.call(function, client).await?)
-                            }
-                        };
-                        Ok(acl_decision(name, value))
-                    }
-                    .await;
-                    (instance, result)
-                },
-            )
+            .with_instance(CallClient::of(client), 1, |mut instance| async move {
+                let result = async {
+                    let client = instance.client_table(client)?;
+                    let (name, value): (&str, Value) = match request {
+                        AclRequest::Publish { topic, qos, retain, will } => {
+                            let Some(function) = &instance.hooks.authorize_publish else {
+                                return Ok(Ok(AclDecision::Abstain));
+                            };
+                            let kind = if will { &instance.kind_will } else { &instance.kind_publish };
+                            let args = (client, topic, qos as u8, retain, kind);
+                            ("authorize_publish", instance.call(function, args).await?)
+                        }
+                        AclRequest::Subscribe { filter, qos, share_group } => {
+                            let Some(function) = &instance.hooks.authorize_subscribe else {
+                                return Ok(Ok(AclDecision::Abstain));
+                            };
+                            let args = (client, filter, qos as u8, share_group);
+                            ("authorize_subscribe", instance.call(function, args).await?)
+                        }
+                        AclRequest::Session => {
+                            let Some(function) = &instance.hooks.authorize_session else {
+                                return Ok(Ok(AclDecision::Abstain));
+                            };
+                            ("authorize_session", instance.call(function, client).await?)
+                        }
+                    };
+                    Ok(acl_decision(name, value))
+                }
+                .await;
+                (instance, result)
+            })
             .await?;
         decision.map_err(Failure::BadAnswer)
     }
@@ -1153,44 +1141,38 @@ impl Runtime for LuaPlugin {
         }
         let count = requests.len();
         let decisions = self
-            .with_instance(
-                CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() },
-                count,
-                |mut instance| async move {
-                    let result = async {
-                        let client = instance.client_table(client)?;
-                        let Some(function) = &instance.hooks.authorize_publish_batch else {
-                            return Ok(Ok(vec![AclDecision::Abstain; count]));
-                        };
-                        let topics = instance.lua.create_string(&topics)?;
-                        let headers = instance.lua.create_string(&headers)?;
-                        let args = (client, topics, headers, &instance.kind_publish);
-                        let (codes, others): (LuaString, Option<Table>) = instance.call(function, args).await?;
-                        let codes = codes.as_bytes();
-                        if codes.len() != count {
-                            return Ok(Err(format!("{} decisions for {count} publishes", codes.len())));
-                        }
-                        let mut decisions = Vec::with_capacity(count);
-                        for (index, code) in codes.iter().enumerate() {
-                            decisions.push(match (code, &others) {
-                                (b'n', _) => AclDecision::Abstain,
-                                (b'a', _) => AclDecision::Allow,
-                                (b'd', _) => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
-                                (_, Some(others)) => {
-                                    match acl_decision("authorize_publish", others.raw_get(index + 1)?) {
-                                        Ok(decision) => decision,
-                                        Err(error) => return Ok(Err(error)),
-                                    }
-                                }
-                                (_, None) => return Ok(Err(format!("no decision for publish {}", index + 1))),
-                            });
-                        }
-                        Ok(Ok(decisions))
+            .with_instance(CallClient::of(client), count, |mut instance| async move {
+                let result = async {
+                    let client = instance.client_table(client)?;
+                    let Some(function) = &instance.hooks.authorize_publish_batch else {
+                        return Ok(Ok(vec![AclDecision::Abstain; count]));
+                    };
+                    let topics = instance.lua.create_string(&topics)?;
+                    let headers = instance.lua.create_string(&headers)?;
+                    let args = (client, topics, headers, &instance.kind_publish);
+                    let (codes, others): (LuaString, Option<Table>) = instance.call(function, args).await?;
+                    let codes = codes.as_bytes();
+                    if codes.len() != count {
+                        return Ok(Err(format!("{} decisions for {count} publishes", codes.len())));
                     }
-                    .await;
-                    (instance, result)
-                },
-            )
+                    let mut decisions = Vec::with_capacity(count);
+                    for (index, code) in codes.iter().enumerate() {
+                        decisions.push(match (code, &others) {
+                            (b'n', _) => AclDecision::Abstain,
+                            (b'a', _) => AclDecision::Allow,
+                            (b'd', _) => AclDecision::Deny(ReasonCode::NOT_AUTHORIZED),
+                            (_, Some(others)) => match acl_decision("authorize_publish", others.raw_get(index + 1)?) {
+                                Ok(decision) => decision,
+                                Err(error) => return Ok(Err(error)),
+                            },
+                            (_, None) => return Ok(Err(format!("no decision for publish {}", index + 1))),
+                        });
+                    }
+                    Ok(Ok(decisions))
+                }
+                .await;
+                (instance, result)
+            })
             .await?;
         decisions.map_err(Failure::BadAnswer)
     }

@@ -11,7 +11,7 @@ use aes::Aes128;
 use cmac::Cmac;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
-use tollgate_hooks::PeerIdentity;
+use tollgate_hooks::{ClientInfo, PeerIdentity};
 use tracing::warn;
 
 use crate::latency::{LatencyHistogram, LatencySummary, StripedCounter};
@@ -240,6 +240,30 @@ struct Health {
     suppressed_logs: u64,
 }
 
+/// Updates the counter or gauge `name` in place under the read lock (every message does this, from every worker),
+/// or adds it under the write lock, at most 1024 names. Names become `$SYS` topic levels, so a name that is not a
+/// valid topic (empty, wildcards, NUL) is ignored.
+fn update_named<T>(
+    slots: &std::sync::RwLock<HashMap<String, T, foldhash::fast::RandomState>>,
+    name: &str,
+    update: impl Fn(&T),
+    create: impl FnOnce() -> T,
+) {
+    if tollgate_protocol::topic::validate_topic_name(name).is_err() {
+        return;
+    }
+    if let Some(slot) = slots.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(name) {
+        update(slot);
+        return;
+    }
+    let mut slots = slots.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(slot) = slots.get(name) {
+        update(slot);
+    } else if slots.len() < 1024 {
+        slots.insert(name.to_owned(), create());
+    }
+}
+
 /// What the broker knows about the client of the current call, for `client-attribute`.
 #[derive(Clone, Debug, Default)]
 pub struct CallClient {
@@ -248,6 +272,10 @@ pub struct CallClient {
 }
 
 impl CallClient {
+    pub fn of(client: &ClientInfo) -> Self {
+        CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() }
+    }
+
     pub fn attribute(&self, key: &str) -> Option<String> {
         if let Some(field) = key.strip_prefix("cert.") {
             let peer = self.peer.as_deref()?;
@@ -962,42 +990,17 @@ impl PluginShared {
         }
     }
 
-    /// Names become `$SYS` topic levels, so a name that is not a valid topic (empty, wildcards, NUL) is ignored.
     pub fn counter_add(&self, name: &str, delta: u64) {
-        if tollgate_protocol::topic::validate_topic_name(name).is_err() {
-            return;
-        }
         // Saturating, as a `$SYS` counter should; `fetch_update` only loops while another worker adds.
         let add = |value: &AtomicU64| {
             let _ = value.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
         };
-        if let Some(value) = self.counters.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(name) {
-            add(value);
-            return;
-        }
-        let mut counters = self.counters.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(value) = counters.get(name) {
-            add(value);
-        } else if counters.len() < 1024 {
-            counters.insert(name.to_owned(), AtomicU64::new(delta));
-        }
+        update_named(&self.counters, name, add, || AtomicU64::new(delta));
     }
 
-    /// `host.gauge-set`: named as counters are (a name that is not a valid topic is ignored), at most 1024 of them.
+    /// `host.gauge-set`: named as counters are.
     pub fn gauge_set(&self, name: &str, value: i64) {
-        if tollgate_protocol::topic::validate_topic_name(name).is_err() {
-            return;
-        }
-        if let Some(gauge) = self.gauges.read().unwrap_or_else(|poisoned| poisoned.into_inner()).get(name) {
-            gauge.store(value, Ordering::Relaxed);
-            return;
-        }
-        let mut gauges = self.gauges.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(gauge) = gauges.get(name) {
-            gauge.store(value, Ordering::Relaxed);
-        } else if gauges.len() < 1024 {
-            gauges.insert(name.to_owned(), AtomicI64::new(value));
-        }
+        update_named(&self.gauges, name, |gauge| gauge.store(value, Ordering::Relaxed), || AtomicI64::new(value));
     }
 
     pub fn gauges(&self) -> BTreeMap<String, i64> {

@@ -447,7 +447,7 @@ impl WasmPlugin {
         let wit_client = wit_client(client);
         let draft = wit_message(message);
         let result = self
-            .with_instance(call_client(client), 1, |mut instance| async move {
+            .with_instance(CallClient::of(client), 1, |mut instance| async move {
                 let result = match (outbound, &instance.transform, &instance.deliver) {
                     (false, Some(guest), _) => guest.call_on_publish(&mut instance.store, &wit_client, &draft).await,
                     (true, _, Some(guest)) => guest.call_on_deliver(&mut instance.store, &wit_client, &draft).await,
@@ -469,7 +469,7 @@ impl WasmPlugin {
         let wit_client = wit_client(client);
         let drafts: Vec<wit::Message> = messages.iter().map(wit_message).collect();
         let results = self
-            .with_instance(call_client(client), messages.len(), |mut instance| async move {
+            .with_instance(CallClient::of(client), messages.len(), |mut instance| async move {
                 let result = match &instance.transform_batch {
                     Some(guest) => guest.call_on_publish_batch(&mut instance.store, &wit_client, &drafts).await,
                     None => Err(wasmtime::Error::msg("the plugin does not export transform-batch")),
@@ -648,10 +648,6 @@ fn wit_client(client: &ClientInfo) -> wit::Client {
     }
 }
 
-fn call_client(client: &ClientInfo) -> CallClient {
-    CallClient { attributes: client.attributes.clone(), peer: client.peer.clone() }
-}
-
 fn wit_message(message: &Message) -> wit::Message {
     wit::Message {
         topic: message.topic.to_string(),
@@ -748,7 +744,7 @@ impl Runtime for WasmPlugin {
     async fn authorize(&self, client: &ClientInfo, request: AclRequest<'_>) -> Result<AclDecision, Failure> {
         let wit_client = wit_client(client);
         let decision = self
-            .with_instance(call_client(client), 1, |mut instance| async move {
+            .with_instance(CallClient::of(client), 1, |mut instance| async move {
                 let result = match (&instance.authz, request) {
                     (Some(guest), AclRequest::Publish { topic, qos, retain, will }) => {
                         let kind = if will { wit::PublishKind::Will } else { wit::PublishKind::Publish };
@@ -785,7 +781,7 @@ impl Runtime for WasmPlugin {
             })
             .collect();
         let decisions = self
-            .with_instance(call_client(client), requests.len(), |mut instance| async move {
+            .with_instance(CallClient::of(client), requests.len(), |mut instance| async move {
                 let result = match &instance.authz_batch {
                     Some(guest) => {
                         guest.call_authorize_publish_batch(&mut instance.store, &wit_client, &wit_requests).await
