@@ -59,6 +59,11 @@ function on_publish(client, msg)
     tollgate.gauge_set(gauge, tonumber(value))
     return nil
   end
+  -- once/<rest> passes the first time in a minute and is dropped after (a de-duplicating claim).
+  if starts(msg.topic, "once/") then
+    if tollgate.kv_claim(msg.topic, 60000) then return nil end
+    return { drop = "seen already" }
+  end
   if starts(msg.topic, "upper/") then
     msg.payload = string.upper(msg.payload)
     return msg

@@ -537,6 +537,17 @@ impl Keyed {
     }
 }
 
+/// The size of one plugin's key-value table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSizes {
+    /// Keys set (`kv-set`, `kv-add`, …), against [`KV_MAX_ENTRIES`].
+    pub entries: usize,
+    /// Live `kv-claim` records (a replay cache's size), against [`CLAIM_MAX_ENTRIES`].
+    pub claims: usize,
+    /// Live claims dropped before their expiry because their shard was full: each one a replay window cut short.
+    pub claims_evicted: u64,
+}
+
 /// Live `kv-claim` records over all shards. A nonce cache at 10,000 messages a second with a 2-minute window
 /// needs 1.2 million; this bound is for a site gateway (see msg-auth's README), and a full shard drops the record
 /// closest to expiry first.
@@ -552,12 +563,23 @@ struct Claims {
 }
 
 impl Claims {
-    /// Drops records expired at `now`, and when still full the one closest to expiry.
-    fn make_room(&mut self, now: u64) {
-        while let Some(std::cmp::Reverse((expiry, _))) = self.by_expiry.peek() {
-            if *expiry > now && self.live.len() < CLAIMS_PER_SHARD {
-                break;
+    /// Drops records expired at `now`, and when still full the ones closest to expiry; returns how many live
+    /// records went before their time (each one a replay window cut short).
+    fn make_room(&mut self, now: u64) -> u64 {
+        self.drop_expired(now);
+        let mut evicted = 0;
+        while self.live.len() >= CLAIMS_PER_SHARD {
+            let Some(std::cmp::Reverse((expiry, key))) = self.by_expiry.pop() else { break };
+            if self.live.get(&key) == Some(&expiry) {
+                self.live.remove(&key);
+                evicted += 1;
             }
+        }
+        evicted
+    }
+
+    fn drop_expired(&mut self, now: u64) {
+        while self.by_expiry.peek().is_some_and(|std::cmp::Reverse((expiry, _))| *expiry <= now) {
             let Some(std::cmp::Reverse((expiry, key))) = self.by_expiry.pop() else { break };
             if self.live.get(&key) == Some(&expiry) {
                 self.live.remove(&key);
@@ -565,15 +587,16 @@ impl Claims {
         }
     }
 
-    fn claim(&mut self, key: &str, ttl_ms: u64, now: u64) -> bool {
+    /// Whether `key` was free (and is now held for `ttl_ms`), and how many live records had to go for it.
+    fn claim(&mut self, key: &str, ttl_ms: u64, now: u64) -> (bool, u64) {
         if self.live.get(key).is_some_and(|&expiry| expiry > now) {
-            return false;
+            return (false, 0);
         }
-        self.make_room(now);
+        let evicted = self.make_room(now);
         let expiry = now.saturating_add(ttl_ms.max(1));
         self.live.insert(key.to_owned(), expiry);
         self.by_expiry.push(std::cmp::Reverse((expiry, key.to_owned())));
-        true
+        (true, evicted)
     }
 }
 
@@ -656,6 +679,9 @@ struct KvStore {
     sync_interval_ms: AtomicU64,
     last_sync: Mutex<Option<Instant>>,
     syncs: AtomicU64,
+    /// See [`KvSizes::claims_evicted`].
+    claims_evicted: AtomicU64,
+    last_eviction_warning: Mutex<Option<Instant>>,
 }
 
 impl Default for KvStore {
@@ -668,6 +694,8 @@ impl Default for KvStore {
             sync_interval_ms: AtomicU64::new(0),
             last_sync: Mutex::new(None),
             syncs: AtomicU64::new(0),
+            claims_evicted: AtomicU64::new(0),
+            last_eviction_warning: Mutex::new(None),
         }
     }
 }
@@ -1065,7 +1093,44 @@ impl PluginShared {
     }
 
     fn kv_claim_at(&self, key: &str, ttl_ms: u64, now: u64) -> bool {
-        lock(&self.kv.shard(key).claims).claim(key, ttl_ms, now)
+        let (claimed, evicted) = lock(&self.kv.shard(key).claims).claim(key, ttl_ms, now);
+        if evicted > 0 {
+            self.kv.claims_evicted.fetch_add(evicted, Ordering::Relaxed);
+            let mut last = lock(&self.kv.last_eviction_warning);
+            if last.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+                *last = Some(Instant::now());
+                warn!(
+                    plugin = %self.name,
+                    limit = CLAIM_MAX_ENTRIES,
+                    "the plugin's claim table is full: live records are dropped before they expire (a replay \
+                     window cut short); see kv/claims_evicted in $SYS"
+                );
+            }
+        }
+        claimed
+    }
+
+    /// How full the plugin's key-value table is, for `$SYS/broker/plugins/<name>/kv/…`.
+    pub fn kv_sizes(&self) -> KvSizes {
+        self.kv_sizes_at(monotonic_ms())
+    }
+
+    fn kv_sizes_at(&self, now: u64) -> KvSizes {
+        let claims = self
+            .kv
+            .shards
+            .iter()
+            .map(|shard| {
+                let mut claims = lock(&shard.claims);
+                claims.drop_expired(now);
+                claims.live.len()
+            })
+            .sum();
+        KvSizes {
+            entries: self.kv.entries.load(Ordering::Relaxed),
+            claims,
+            claims_evicted: self.kv.claims_evicted.load(Ordering::Relaxed),
+        }
     }
 
     /// `crypto.mac`: the full tag.
@@ -1537,6 +1602,30 @@ mod tests {
         drop(claims);
         assert!(!shared.kv_claim_at(&keys[CLAIMS_PER_SHARD + 9], 10, 2_001));
         assert!(shared.kv_claim_at(&keys[0], 10, 2_001), "an evicted record is gone");
+    }
+
+    #[test]
+    fn kv_sizes_count_live_claims_and_evictions() {
+        let shared = PluginShared::new("p", BTreeMap::new());
+        shared.kv_set("window/car-1".into(), vec![1]).expect("set");
+        assert!(shared.kv_claim_at("nonce/a", 100, 1_000));
+        assert!(shared.kv_claim_at("nonce/b", 500, 1_000));
+        let sizes = shared.kv_sizes_at(1_050);
+        assert_eq!(sizes, KvSizes { entries: 1, claims: 2, claims_evicted: 0 });
+        // An expired claim is not counted, and reading the sizes evicts nothing live.
+        assert_eq!(shared.kv_sizes_at(1_100).claims, 1);
+        assert_eq!(shared.kv_sizes_at(1_100).claims, 1);
+
+        // A full shard: each claim past the bound pushes out one live record, and says so.
+        let keys: Vec<String> =
+            (0..).map(|n| format!("m{n}")).filter(|key| shard_of(key) == 3).take(CLAIMS_PER_SHARD + 5).collect();
+        for key in &keys {
+            assert!(shared.kv_claim_at(key, 1_000_000, 2_000));
+        }
+        let sizes = shared.kv_sizes_at(2_000);
+        assert_eq!(sizes.claims_evicted, 5);
+        assert_eq!(sizes.claims, CLAIMS_PER_SHARD, "shard 3 full; the two nonces expired");
+        assert_eq!(shared.kv_sizes_at(1_002_001).claims, 0, "everything expires");
     }
 
     #[test]

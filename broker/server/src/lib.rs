@@ -409,8 +409,8 @@ impl Drop for Server {
     }
 }
 
-/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts, its own counters and gauges, the latency of
-/// its calls per hook (`latency/<hook>/p50_us|p99_us|max_us|count`, since the plugin was loaded), on the `$SYS`
+/// `$SYS/broker/plugins/<name>/...`: each plugin's call and failure counts, its own counters and gauges, the size of its
+/// key-value table (`kv/entries`, `kv/claims`, `kv/claims_evicted`), the latency of its calls per hook (`latency/<hook>/p50_us|p99_us|max_us|count`, since the plugin was loaded), on the `$SYS`
 /// interval.
 async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
     tollgate_core::sys::every_interval(&broker, |broker| {
@@ -427,6 +427,12 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
             for (gauge, value) in shared.gauges() {
                 let topic = format!("{prefix}/gauges/{gauge}");
                 broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
+            }
+            let kv = shared.kv_sizes();
+            let sizes =
+                [("entries", kv.entries as u64), ("claims", kv.claims as u64), ("claims_evicted", kv.claims_evicted)];
+            for (size, value) in sizes {
+                broker.publish_local(&format!("{prefix}/kv/{size}"), value.to_string(), QoS::AtMostOnce, true);
             }
             for (hook, latency) in shared.metrics.latency_summaries() {
                 let readings = [("p50_us", latency.p50), ("p99_us", latency.p99), ("max_us", latency.max)];

@@ -345,9 +345,10 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
 }
 
 /// A plugin's gauges (`host.gauge-set` in WebAssembly, `tollgate.gauge_set` in Lua) appear under
-/// `$SYS/broker/plugins/<name>/gauges/` with the last value set, negative ones included.
+/// `$SYS/broker/plugins/<name>/gauges/` with the last value set, negative ones included; the size of its key-value
+/// table under `kv/` (live claims, claims evicted early, entries).
 #[tokio::test]
-async fn plugin_gauges_are_published_in_sys() {
+async fn plugin_gauges_and_table_sizes_are_published_in_sys() {
     for kind in KINDS {
         let broker = TestBroker::builder()
             .configure(|config| {
@@ -358,16 +359,26 @@ async fn plugin_gauges_are_published_in_sys() {
             .start()
             .await;
         let mut client = connect_to(&broker, "gauges").await;
+        client.subscribe_ok("once/#", QoS::AtLeastOnce).await;
         client.publish("gauge/depth/5", QoS::AtLeastOnce, false, b"x").await;
         client.publish("gauge/depth/-7", QoS::AtLeastOnce, false, b"x").await;
+        // Two claims held (a de-duplicating transform: the second `once/a` is dropped).
+        for once in ["once/a", "once/a", "once/b"] {
+            client.publish(once, QoS::AtLeastOnce, false, b"x").await;
+        }
+        for once in ["once/a", "once/b"] {
+            assert_eq!(topic(&client.next_publish().await), once, "{kind:?}");
+        }
+        client.expect_no_publish(QUIET).await;
         let mut watcher = connect_to(&broker, "watcher").await;
-        watcher.subscribe_ok("$SYS/broker/plugins/testkit/gauges/#", QoS::AtMostOnce).await;
-        within("gauges/depth = -7 in $SYS", async {
-            loop {
+        watcher.subscribe_ok("$SYS/broker/plugins/testkit/#", QoS::AtMostOnce).await;
+        let wanted = [("gauges/depth", "-7"), ("kv/claims", "2"), ("kv/claims_evicted", "0"), ("kv/entries", "0")];
+        let mut seen = std::collections::BTreeMap::new();
+        within("gauges/depth = -7 and two claims in $SYS", async {
+            while !wanted.iter().all(|(name, value)| seen.get(*name).is_some_and(|seen: &String| seen == value)) {
                 let publish = watcher.next_publish().await;
-                if topic(&publish) == "$SYS/broker/plugins/testkit/gauges/depth" && &publish.payload[..] == b"-7" {
-                    break;
-                }
+                let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/testkit/").to_owned();
+                seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
             }
         })
         .await;

@@ -145,6 +145,14 @@ impl Plugin for Testkit {
             host::gauge_set(name, value);
             return TransformResult::Unchanged;
         }
+        // once/<rest> passes the first time in a minute and is dropped after (a de-duplicating claim).
+        if topic.starts_with("once/") {
+            return if host::kv_claim(&topic, 60_000) {
+                TransformResult::Unchanged
+            } else {
+                TransformResult::Drop("seen already".to_owned())
+            };
+        }
         if topic.starts_with("upper/") {
             message.payload = message.payload.to_ascii_uppercase();
             TransformResult::Modified(message)
