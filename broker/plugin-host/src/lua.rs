@@ -1226,3 +1226,90 @@ impl Runtime for LuaPlugin {
         decision.map_err(Failure::BadAnswer)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// A message packed as the burst loop's `pack` does.
+    fn packed(message: &Message) -> Vec<u8> {
+        let mut out = Vec::new();
+        let field = |out: &mut Vec<u8>, bytes: &[u8], prefix: usize| {
+            out.extend_from_slice(&(bytes.len() as u32).to_be_bytes()[4 - prefix..]);
+            out.extend_from_slice(bytes);
+        };
+        field(&mut out, message.topic.as_bytes(), 2);
+        field(&mut out, &message.payload, 4);
+        let present = u8::from(message.content_type.is_some())
+            | u8::from(message.response_topic.is_some()) << 1
+            | u8::from(message.correlation_data.is_some()) << 2
+            | u8::from(message.message_expiry_interval.is_some()) << 3;
+        let utf8 = u8::from(message.payload_format_indicator == Some(1));
+        out.extend_from_slice(&[message.qos as u8, u8::from(message.retain), utf8, present]);
+        if let Some(content_type) = &message.content_type {
+            field(&mut out, content_type.as_bytes(), 2);
+        }
+        if let Some(response_topic) = &message.response_topic {
+            field(&mut out, response_topic.as_bytes(), 2);
+        }
+        if let Some(correlation) = &message.correlation_data {
+            field(&mut out, correlation, 4);
+        }
+        if let Some(expiry) = message.message_expiry_interval {
+            out.extend_from_slice(&expiry.to_be_bytes());
+        }
+        out.extend_from_slice(&(message.user_properties.len() as u16).to_be_bytes());
+        for property in &message.user_properties {
+            field(&mut out, property.key.as_bytes(), 2);
+            field(&mut out, property.value.as_bytes(), 2);
+        }
+        out
+    }
+
+    fn a_message() -> impl Strategy<Value = Message> {
+        (
+            "[a-z/]{1,20}",
+            proptest::collection::vec(any::<u8>(), 0..64),
+            0u8..3,
+            any::<bool>(),
+            proptest::option::of("[ -~]{0,8}"),
+            proptest::option::of(proptest::collection::vec(any::<u8>(), 0..8)),
+            proptest::option::of(any::<u32>()),
+            proptest::collection::vec(("[ -~]{0,6}", "\\PC{0,6}"), 0..4),
+        )
+            .prop_map(|(topic, payload, qos, retain, content_type, correlation, expiry, properties)| Message {
+                topic: topic.into(),
+                payload: payload.into(),
+                qos: QoS::from_u8(qos).unwrap_or(QoS::AtMostOnce),
+                retain,
+                content_type,
+                correlation_data: correlation.map(Into::into),
+                message_expiry_interval: expiry,
+                user_properties: properties.into_iter().map(|(key, value)| UserProperty { key, value }).collect(),
+                ..Message::default()
+            })
+    }
+
+    proptest! {
+        /// The host reads what the VM hands back: any bytes get an answer or an error, never a panic.
+        #[test]
+        fn any_bytes_are_read_or_refused(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let mut input = &bytes[..];
+            let _ = read_packed_message(&mut input, &Message::default());
+        }
+
+        /// A packed message reads back whole; cut anywhere short, it is refused.
+        #[test]
+        fn packed_messages_round_trip_and_truncations_fail(message in a_message(), cut in any::<prop::sample::Index>()) {
+            let bytes = packed(&message);
+            let mut input = &bytes[..];
+            let read = read_packed_message(&mut input, &Message::default());
+            prop_assert_eq!(read.as_ref(), Ok(&message));
+            prop_assert!(input.is_empty());
+            let short = &bytes[..cut.index(bytes.len())];
+            prop_assert!(read_packed_message(&mut &short[..], &Message::default()).is_err());
+        }
+    }
+}
