@@ -45,8 +45,9 @@ pub mod bindings {
 }
 
 pub use bindings::tollgate::plugin::types::{
-    AclDecision, Client, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, ProtocolVersion,
-    PublishKind, PublishRequest, Qos, Rejection, RouteDecision, RouteDirection, TransformResult, UserProperty,
+    AclDecision, Client, ConnectDecision, ConnectInfo, DenyReason, DisconnectCause, Hook, Message, PeerCertificate,
+    ProtocolVersion, PublishKind, PublishRequest, Qos, Rejection, RouteDecision, RouteDirection, TransformResult,
+    UserProperty,
 };
 
 impl TransformResult {
@@ -90,9 +91,9 @@ impl Client {
 /// Everything a plugin usually needs.
 pub mod prelude {
     pub use crate::{
-        AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, Hook, Message, PeerCertificate, Plugin,
-        ProtocolVersion, PublishKind, PublishRequest, Qos, Rejection, RouteDecision, RouteDirection, TransformResult,
-        UserProperty, crypto, export_plugin, host,
+        AclDecision, Client, Config, ConnectDecision, ConnectInfo, DenyReason, DisconnectCause, Hook, Message,
+        PeerCertificate, Plugin, ProtocolVersion, PublishKind, PublishRequest, Qos, Rejection, RouteDecision,
+        RouteDirection, TransformResult, UserProperty, crypto, export_plugin, host,
     };
 }
 
@@ -253,6 +254,16 @@ pub trait Plugin: Sized + 'static {
     fn route(&self, _direction: RouteDirection, _bridge: &str, _message: &Message) -> RouteDecision {
         RouteDecision::Ignore
     }
+
+    /// The `session` hook: the broker accepted `client` (its CONNACK is on its way). Attributes set at CONNECT are
+    /// readable with [`host::client_attribute`]. Nothing is decided here; state shared by the plugin's instances
+    /// (a count of who is online) belongs in the host (`host::gauge_add`, the key-value table), because the
+    /// connection's end may be told to another instance.
+    fn on_connected(&self, _client: &Client) {}
+
+    /// The `session` hook: the connection announced by [`Plugin::on_connected`] ended, and why. Called once for
+    /// each `on_connected`, after it.
+    fn on_disconnected(&self, _client: &Client, _cause: DisconnectCause) {}
 }
 
 /// Times as configuration writes them, in the unit [`host::now_ms`] reads the clock in.
@@ -413,6 +424,15 @@ pub mod host {
         imports::gauge_set(name, value);
         #[cfg(not(target_arch = "wasm32"))]
         crate::testing::gauge_set(name, value);
+    }
+
+    /// Adds `delta` (negative to take away) to a named gauge, atomically across the plugin's instances: a count
+    /// of what is live, kept up from several threads.
+    pub fn gauge_add(name: &str, delta: i64) {
+        #[cfg(target_arch = "wasm32")]
+        imports::gauge_add(name, delta);
+        #[cfg(not(target_arch = "wasm32"))]
+        crate::testing::gauge_add(name, delta);
     }
 }
 
@@ -672,6 +692,13 @@ pub mod testing {
         });
     }
 
+    pub(crate) fn gauge_add(name: &str, delta: i64) {
+        with(|host| {
+            let gauge = host.gauges.entry(name.to_owned()).or_default();
+            *gauge = gauge.saturating_add(delta);
+        });
+    }
+
     /// A gauge's last value, if the plugin set it.
     pub fn gauge(name: &str) -> Option<i64> {
         with(|host| host.gauges.get(name).copied())
@@ -913,6 +940,16 @@ macro_rules! export_plugin {
                 }
             }
 
+            impl __exports::session::Guest for __TollgateExport {
+                fn on_connected(client: __types::Client) {
+                    __with(|plugin| $crate::Plugin::on_connected(plugin, &client), ())
+                }
+
+                fn on_disconnected(client: __types::Client, cause: __types::DisconnectCause) {
+                    __with(|plugin| $crate::Plugin::on_disconnected(plugin, &client, cause), ())
+                }
+            }
+
             #[cfg(target_arch = "wasm32")]
             $crate::bindings::__export_bindings!(__TollgateExport);
         };
@@ -974,6 +1011,9 @@ mod tests {
         assert_eq!(host::kv_get("a"), Some(b"1".to_vec()));
         host::counter_add("n", 2);
         assert_eq!(testing::counter("n"), 2);
+        host::gauge_add("online", 2);
+        host::gauge_add("online", -3);
+        assert_eq!(testing::gauge("online"), Some(-1));
         testing::set_now_ms(Some(42));
         assert_eq!(host::now_ms(), 42);
         host::kv_set_durable("d", b"2").expect("durable");

@@ -98,6 +98,22 @@ function on_deliver(subscriber, msg)
   return msg
 end
 
+-- Clients whose id starts with `seen-` are counted: `connected`, `disconnected/<cause>`, and the gauge `online`.
+-- `seen-trap` makes both session calls fail after counting.
+function on_connected(client)
+  if not starts(client.client_id, "seen-") then return end
+  tollgate.counter_add("connected", 1)
+  tollgate.gauge_add("online", 1)
+  if client.client_id == "seen-trap" then error("testkit asked to fail on connect") end
+end
+
+function on_disconnected(client, cause)
+  if not starts(client.client_id, "seen-") then return end
+  tollgate.counter_add("disconnected/" .. cause, 1)
+  tollgate.gauge_add("online", -1)
+  if client.client_id == "seen-trap" then error("testkit asked to fail on disconnect") end
+end
+
 function route(direction, bridge, msg)
   if starts(msg.topic, "local/") then return "drop" end
   local rest = string.match(msg.topic, "^bridge/(.*)$")

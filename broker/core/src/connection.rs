@@ -14,7 +14,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, Wr
 use tokio::time::{Instant, Sleep};
 use tollgate_hooks::chain::AuthOutcome;
 use tollgate_hooks::{
-    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, HookChain, PeerIdentity, TransformOutcome,
+    AclCache, AclOutcome, Action, AuthStep, ClientInfo, ConnectRequest, DisconnectCause, HookChain, PeerIdentity,
+    TransformOutcome,
 };
 use tollgate_protocol::{
     Ack, Auth, ConnAck, Connect, DecodeError, Decoder, Disconnect, Packet, Properties, ProtocolVersion, Publish, QoS,
@@ -128,6 +129,21 @@ enum Exit {
     Shutdown,
 }
 
+impl Exit {
+    fn cause(&self) -> DisconnectCause {
+        match self {
+            Exit::ClientDisconnect { .. } => DisconnectCause::ClientDisconnect,
+            Exit::Closed => DisconnectCause::ConnectionLost,
+            Exit::Violation { .. } => DisconnectCause::ProtocolError,
+            Exit::KeepAliveTimeout => DisconnectCause::KeepAliveTimeout,
+            Exit::TakenOver => DisconnectCause::TakenOver,
+            Exit::Refused { .. } => DisconnectCause::Policy,
+            Exit::Revoked { .. } => DisconnectCause::Revoked,
+            Exit::Shutdown => DisconnectCause::ServerShutdown,
+        }
+    }
+}
+
 fn violation(reason: ReasonCode, detail: impl Into<String>) -> Exit {
     Exit::Violation { reason, detail: detail.into() }
 }
@@ -159,8 +175,13 @@ where
     let handshake = Box::pin(handshake(broker, stream, context));
     async move {
         let Some(mut connection) = handshake.await else { return };
+        // Session observers hear of the connection before its first packet is handled (its CONNACK is written
+        // out with the first write); the names of those told are kept so that the same ones hear of its end.
+        let hooks = connection.broker.hooks();
+        let told = if hooks.observes_sessions() { Some(hooks.session_connected(&connection.client).await) } else { None };
+        drop(hooks);
         let exit = connection.serve_loop().await;
-        Box::pin(connection.finish(exit)).await;
+        Box::pin(connection.finish(exit, told)).await;
     }
 }
 
@@ -1560,7 +1581,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         self.send(&packet);
     }
 
-    async fn finish(mut self: Box<Self>, exit: Exit) {
+    /// The goodbye: `told` names the session observers that heard of this connection's start.
+    async fn finish(mut self: Box<Self>, exit: Exit, told: Option<Vec<String>>) {
+        let cause = exit.cause();
         let client_id = self.client.client_id.clone();
         let (goodbye, publish_will) = match &exit {
             Exit::ClientDisconnect { publish_will } => (None, *publish_will),
@@ -1619,6 +1642,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             } else {
                 self.broker.schedule_expiry(self.session.clone(), self.generation, expiry);
             }
+        }
+        if let Some(told) = told {
+            self.broker.hooks().session_disconnected(&self.client, cause, &told).await;
         }
         // Lingering close: a client still sending when the broker said goodbye would otherwise hit a reset and
         // may never read the DISCONNECT that explains why. Our side is already shut for writing; drain and discard

@@ -10,7 +10,7 @@ use tollgate_protocol::{QoS, ReasonCode};
 
 use crate::decision::*;
 use crate::types::*;
-use crate::{Authenticator, Authorizer, BridgeRouter, HookError, Transformer};
+use crate::{Authenticator, Authorizer, BridgeRouter, HookError, SessionObserver, Transformer};
 
 /// Makes a timer future. The runtime supplies it (tokio's `sleep` in the broker), which keeps this crate free of
 /// any runtime dependency and lets tests drive time.
@@ -67,6 +67,7 @@ pub struct HookChain {
     pub authorizers: Vec<HookSlot<dyn Authorizer>>,
     pub transformers: Vec<HookSlot<dyn Transformer>>,
     pub routers: Vec<HookSlot<dyn BridgeRouter>>,
+    pub observers: Vec<HookSlot<dyn SessionObserver>>,
     /// Decision when every authenticator abstains (or there are none).
     pub auth_fallback: AuthFallback,
     pub generation: u64,
@@ -88,6 +89,7 @@ impl Default for HookChain {
             authorizers: Vec::new(),
             transformers: Vec::new(),
             routers: Vec::new(),
+            observers: Vec::new(),
             auth_fallback: AuthFallback::Allow,
             generation: 0,
             sleeper: None,
@@ -385,6 +387,32 @@ impl HookChain {
         TransformOutcome::Deliver
     }
 
+    /// Whether any hook wants to hear of connections starting and ending.
+    pub fn observes_sessions(&self) -> bool {
+        !self.observers.is_empty()
+    }
+
+    /// Tells every session observer, in order, that `client` was accepted, and returns their names for
+    /// [`HookChain::session_disconnected`]. A failure is the observer's own (reported to the failure observer like
+    /// any other) and stops nothing.
+    pub async fn session_connected(&self, client: &ClientInfo) -> Vec<String> {
+        let mut told = Vec::with_capacity(self.observers.len());
+        for slot in &self.observers {
+            let _ = self.attempt(slot.hook.name(), slot.timeout, slot.hook.connected(client)).await;
+            told.push(slot.hook.name().to_owned());
+        }
+        told
+    }
+
+    /// Tells the session observers that were told of the connection (`told`, by name) that it ended and why. The
+    /// chain may have been reloaded since: an observer added by the reload hears nothing of a connection it never
+    /// saw start, and a new version of a plugin hears the end of what its predecessor saw start.
+    pub async fn session_disconnected(&self, client: &ClientInfo, cause: DisconnectCause, told: &[String]) {
+        for slot in self.observers.iter().filter(|slot| told.iter().any(|name| name == slot.hook.name())) {
+            let _ = self.attempt(slot.hook.name(), slot.timeout, slot.hook.disconnected(client, cause)).await;
+        }
+    }
+
     /// The first hook that does not abstain decides; with none, the message is forwarded unchanged.
     pub async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message) -> RouteDecision {
         for slot in &self.routers {
@@ -500,6 +528,67 @@ mod tests {
         let revoker = chain(Arc::new(Revoker));
         assert_eq!(now(revoker.recheck(&client(), &Action::Session)), AclOutcome::Deny(ReasonCode::BANNED));
         assert!(now(revoker.recheck(&client(), &subscribe)).is_allowed());
+    }
+
+    /// Writes what it is told into a shared log; `fails` makes every call an error after logging it.
+    struct Watcher {
+        name: &'static str,
+        fails: bool,
+        log: Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    #[async_trait::async_trait]
+    impl SessionObserver for Watcher {
+        fn name(&self) -> &str {
+            self.name
+        }
+
+        async fn connected(&self, client: &ClientInfo) -> Result<(), HookError> {
+            self.note(format!("{} connected {}", self.name, client.client_id))
+        }
+
+        async fn disconnected(&self, client: &ClientInfo, cause: DisconnectCause) -> Result<(), HookError> {
+            self.note(format!("{} disconnected {} {}", self.name, client.client_id, cause.as_str()))
+        }
+    }
+
+    impl Watcher {
+        fn note(&self, line: String) -> Result<(), HookError> {
+            self.log.lock().expect("log").push(line);
+            if self.fails { Err(HookError::Failed { hook: self.name.into(), reason: "trapped".into() }) } else { Ok(()) }
+        }
+    }
+
+    #[test]
+    fn every_session_observer_is_told_in_order_and_a_failing_one_stops_nothing() {
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = failures.clone();
+        let mut chain = HookChain::default().with_failure_observer(Arc::new(move |_: &HookError| {
+            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }));
+        assert!(!chain.observes_sessions());
+        for (name, fails) in [("first", true), ("second", false)] {
+            let watcher = Arc::new(Watcher { name, fails, log: log.clone() });
+            chain.observers.push(HookSlot::new(watcher, None, FailurePolicy::PassThrough));
+        }
+        assert!(chain.observes_sessions());
+        let told = now(chain.session_connected(&client()));
+        assert_eq!(told, ["first", "second"]);
+        // An observer added since the connection started hears nothing of its end.
+        let late = Arc::new(Watcher { name: "late", fails: false, log: log.clone() });
+        chain.observers.push(HookSlot::new(late, None, FailurePolicy::PassThrough));
+        now(chain.session_disconnected(&client(), DisconnectCause::KeepAliveTimeout, &told));
+        assert_eq!(
+            *log.lock().expect("log"),
+            [
+                "first connected c",
+                "second connected c",
+                "first disconnected c keep-alive-timeout",
+                "second disconnected c keep-alive-timeout"
+            ]
+        );
+        assert_eq!(failures.load(std::sync::atomic::Ordering::Relaxed), 2, "each failure reaches the failure observer");
     }
 
     /// Denies everything it is asked, and says it never decides reads.

@@ -6,6 +6,7 @@
 //! | authorization | [`Authorizer`] | PUBLISH, SUBSCRIBE (per filter), the will at CONNECT, each delivery |
 //! | transform | [`Transformer`] | an inbound PUBLISH after authorization; optionally each outbound copy |
 //! | bridge route | [`BridgeRouter`] | a message crossing a bridge, in either direction |
+//! | session | [`SessionObserver`] | a connection accepted (after CONNACK) and its end; told, not asked |
 //!
 //! Each hook returns a typed decision, never a `bool`, and may abstain to let the next hook in the [`HookChain`]
 //! decide. The chain bounds every call with a timeout and applies the hook's [`FailurePolicy`] when a hook
@@ -172,6 +173,19 @@ pub async fn transform_one_by_one<T: Transformer + ?Sized>(
         }
     }
     Ok(decisions)
+}
+
+/// Told when a connection is accepted and when it ends: presence, connection limits, audit. It decides nothing; a
+/// failure is the observer's own (counted and logged by whoever runs it) and changes nothing for the client.
+#[async_trait]
+pub trait SessionObserver: Send + Sync {
+    fn name(&self) -> &str;
+
+    /// After CONNACK accepted the client, before its first packet is handled.
+    async fn connected(&self, client: &ClientInfo) -> Result<(), HookError>;
+
+    /// Once for each [`SessionObserver::connected`], after it, when that connection ends.
+    async fn disconnected(&self, client: &ClientInfo, cause: DisconnectCause) -> Result<(), HookError>;
 }
 
 /// Chooses what crosses a bridge and under which topic.

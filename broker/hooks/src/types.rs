@@ -126,6 +126,52 @@ pub struct Message {
     pub message_expiry_interval: Option<u32>,
 }
 
+/// Why a connection ended, as session observers are told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DisconnectCause {
+    /// The client sent DISCONNECT.
+    ClientDisconnect,
+    /// The socket closed or failed without DISCONNECT.
+    ConnectionLost,
+    KeepAliveTimeout,
+    /// A new connection with the same client id took the session over.
+    TakenOver,
+    /// The client broke the protocol.
+    ProtocolError,
+    /// A hook refused something and asked for the client to go.
+    Policy,
+    /// A recheck after a policy change no longer allows the client.
+    Revoked,
+    ServerShutdown,
+}
+
+impl DisconnectCause {
+    pub const ALL: [DisconnectCause; 8] = [
+        Self::ClientDisconnect,
+        Self::ConnectionLost,
+        Self::KeepAliveTimeout,
+        Self::TakenOver,
+        Self::ProtocolError,
+        Self::Policy,
+        Self::Revoked,
+        Self::ServerShutdown,
+    ];
+
+    /// The name plugins see (the WIT enum's case, Lua's string).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientDisconnect => "client-disconnect",
+            Self::ConnectionLost => "connection-lost",
+            Self::KeepAliveTimeout => "keep-alive-timeout",
+            Self::TakenOver => "taken-over",
+            Self::ProtocolError => "protocol-error",
+            Self::Policy => "policy",
+            Self::Revoked => "revoked",
+            Self::ServerShutdown => "server-shutdown",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RouteDirection {
     /// From this broker towards the remote one.

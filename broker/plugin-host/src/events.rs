@@ -8,8 +8,9 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tollgate_hooks::{
-    AclDecision, Action, AuthDecision, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest, HookError,
-    Message, PeerIdentity, ProtocolVersion, QoS, RouteDecision, RouteDirection, TransformDecision, Transformer,
+    AclDecision, Action, AuthDecision, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest,
+    DisconnectCause, HookError, Message, PeerIdentity, ProtocolVersion, QoS, RouteDecision, RouteDirection,
+    SessionObserver, TransformDecision, Transformer,
 };
 use tollgate_protocol::UserProperty;
 
@@ -135,6 +136,22 @@ enum Event {
         #[serde(flatten)]
         message: MessageFields,
     },
+    /// The session hook's `on-connected`.
+    Connected {
+        #[serde(flatten)]
+        client: ClientFields,
+    },
+    /// The session hook's `on-disconnected`; `cause` as plugins see it (`client-disconnect`, …).
+    Disconnected {
+        #[serde(flatten)]
+        client: ClientFields,
+        #[serde(default = "default_cause")]
+        cause: String,
+    },
+}
+
+fn default_cause() -> String {
+    DisconnectCause::ClientDisconnect.as_str().into()
 }
 
 fn default_direction() -> String {
@@ -282,6 +299,21 @@ async fn run(hook: &PluginHook, event: Event) -> Result<Value, String> {
                 Ok(RouteDecision::Rewrite { topic }) => json!({ "decision": "rewrite", "topic": topic }),
                 Ok(RouteDecision::Drop) => json!({ "decision": "drop" }),
                 Ok(RouteDecision::Abstain) => json!({ "decision": "ignore" }),
+                Err(error) => failed(error),
+            }
+        }
+        // A session hook is told, not asked: "told" when it took the news without failing.
+        Event::Connected { client } => match hook.connected(&client_info(client)).await {
+            Ok(()) => json!({ "decision": "told" }),
+            Err(error) => failed(error),
+        },
+        Event::Disconnected { client, cause } => {
+            let Some(cause) = DisconnectCause::ALL.into_iter().find(|known| known.as_str() == cause) else {
+                let known: Vec<&str> = DisconnectCause::ALL.iter().map(|cause| cause.as_str()).collect();
+                return Err(format!("cause {cause:?} is not one of {}", known.join(", ")));
+            };
+            match hook.disconnected(&client_info(client), cause).await {
+                Ok(()) => json!({ "decision": "told" }),
                 Err(error) => failed(error),
             }
         }

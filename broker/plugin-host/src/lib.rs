@@ -25,7 +25,8 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tollgate_hooks::{
     AclDecision, Action, AuthDecision, AuthStep, Authenticator, Authorizer, BridgeRouter, ClientInfo, ConnectRequest,
-    HookError, HookSlot, Message, QoS, RouteDecision, RouteDirection, TransformDecision, Transformer,
+    DisconnectCause, HookError, HookSlot, Message, QoS, RouteDecision, RouteDirection, SessionObserver,
+    TransformDecision, Transformer,
 };
 
 pub use shared::{Failure, PluginMetrics, PluginShared};
@@ -96,6 +97,8 @@ pub(crate) trait Runtime: Send + Sync {
     async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure>;
     async fn route(&self, direction: RouteDirection, bridge: &str, message: &Message)
     -> Result<RouteDecision, Failure>;
+    /// `on-connected` (`cause` none) or `on-disconnected`.
+    async fn session_event(&self, client: &ClientInfo, cause: Option<DisconnectCause>) -> Result<(), Failure>;
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -166,6 +169,7 @@ pub struct PluginSlots {
     pub authorizer: Option<HookSlot<dyn Authorizer>>,
     pub transformer: Option<HookSlot<dyn Transformer>>,
     pub router: Option<HookSlot<dyn BridgeRouter>>,
+    pub observer: Option<HookSlot<dyn SessionObserver>>,
 }
 
 impl LoadedPlugin {
@@ -236,6 +240,7 @@ impl LoadedPlugin {
                     }
                 }
                 HookKind::Route => slots.router = Some(HookSlot::new(adapter.clone(), None, policy)),
+                HookKind::Session => slots.observer = Some(HookSlot::new(adapter.clone(), None, policy)),
             }
         }
         slots
@@ -489,6 +494,21 @@ impl BridgeRouter for PluginHook {
         message: &Message,
     ) -> Result<RouteDecision, HookError> {
         on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Route, plugin.route(direction, bridge, message)).await)
+    }
+}
+
+#[async_trait]
+impl SessionObserver for PluginHook {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn connected(&self, client: &ClientInfo) -> Result<(), HookError> {
+        on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Session, plugin.session_event(client, None)).await)
+    }
+
+    async fn disconnected(&self, client: &ClientInfo, cause: DisconnectCause) -> Result<(), HookError> {
+        on_runtime!(&self.runtime, plugin => self.guarded(HookKind::Session, plugin.session_event(client, Some(cause))).await)
     }
 }
 

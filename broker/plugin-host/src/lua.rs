@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use mlua::{Function, Lua, LuaOptions, LuaSerdeExt, LuaString, StdLib, Table, Value, VmState};
 use tollgate_hooks::{
-    AclDecision, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection, TransformDecision,
+    AclDecision, AuthDecision, ClientInfo, ConnectRequest, DisconnectCause, Message, RouteDecision, RouteDirection,
+    TransformDecision,
 };
 use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 
@@ -101,6 +102,8 @@ struct Hooks {
     on_publish: Option<Function>,
     on_deliver: Option<Function>,
     route: Option<Function>,
+    on_connected: Option<Function>,
+    on_disconnected: Option<Function>,
 }
 
 const PUBLISH_ENTRY: &str = "local hook = ...\nreturn function(client, topic, qos, retain, kind)\n  return hook(client, { topic = topic, qos = qos, retain = retain, kind = kind })\nend";
@@ -302,6 +305,7 @@ impl LuaPlugin {
             (HookKind::Transform, hooks.on_publish.is_some()),
             (HookKind::Deliver, hooks.on_deliver.is_some()),
             (HookKind::Route, hooks.route.is_some()),
+            (HookKind::Session, hooks.on_connected.is_some() || hooks.on_disconnected.is_some()),
         ]
         .into_iter()
         .filter_map(|(hook, present)| present.then_some(hook))
@@ -309,7 +313,7 @@ impl LuaPlugin {
         if plugin.hooks.is_empty() {
             return Err(fail(
                 "defines none of on_connect, authorize_publish, authorize_subscribe, authorize_session, on_publish, \
-                 on_deliver, route"
+                 on_deliver, route, on_connected, on_disconnected"
                     .to_owned(),
             ));
         }
@@ -364,6 +368,8 @@ impl LuaPlugin {
                     .map(|hook| transform_batch_entry.call::<Function>(hook))
                     .transpose()?,
                 route: globals.get("route")?,
+                on_connected: globals.get("on_connected")?,
+                on_disconnected: globals.get("on_disconnected")?,
             };
             if let Some(init) = globals.get::<Option<Function>>("init")? {
                 let config = lua.to_value(&self.config)?;
@@ -482,6 +488,14 @@ impl LuaPlugin {
                         .map_err(mlua::Error::runtime)
                 },
             )?,
+        )?;
+        let shared = self.shared.clone();
+        host.raw_set(
+            "gauge_add",
+            lua.create_function(move |_, (name, delta): (String, i64)| {
+                shared.gauge_add(&name, delta);
+                Ok(())
+            })?,
         )?;
         let shared = self.shared.clone();
         host.raw_set(
@@ -1183,6 +1197,25 @@ impl Runtime for LuaPlugin {
 
     async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
         self.transform_with(subscriber, message, true).await
+    }
+
+    async fn session_event(&self, client: &ClientInfo, cause: Option<DisconnectCause>) -> Result<(), Failure> {
+        self.with_instance(CallClient::of(client), 1, |mut instance| async move {
+            let result = async {
+                let hook = if cause.is_some() { &instance.hooks.on_disconnected } else { &instance.hooks.on_connected };
+                let Some(function) = hook.clone() else { return Ok(()) };
+                let client = instance.client_table(client)?;
+                // What the hook returns is not read: it is told, not asked.
+                let _: Value = match cause {
+                    Some(cause) => instance.call(&function, (client, cause.as_str())).await?,
+                    None => instance.call(&function, client).await?,
+                };
+                Ok::<_, mlua::Error>(())
+            }
+            .await;
+            (instance, result)
+        })
+        .await
     }
 
     async fn route(

@@ -1031,6 +1031,14 @@ impl PluginShared {
         update_named(&self.gauges, name, |gauge| gauge.store(value, Ordering::Relaxed), || AtomicI64::new(value));
     }
 
+    /// `host.gauge-add`: atomic across instances, saturating at the ends of `i64`.
+    pub fn gauge_add(&self, name: &str, delta: i64) {
+        let add = |gauge: &AtomicI64| {
+            let _ = gauge.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| Some(v.saturating_add(delta)));
+        };
+        update_named(&self.gauges, name, add, || AtomicI64::new(delta));
+    }
+
     pub fn gauges(&self) -> BTreeMap<String, i64> {
         let gauges = self.gauges.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         gauges.iter().map(|(name, value)| (name.clone(), value.load(Ordering::Relaxed))).collect()
@@ -1646,7 +1654,20 @@ mod tests {
         shared.gauge_set("below", -3);
         shared.gauge_set("a/#", 1);
         shared.gauge_set("", 1);
-        let expected = [("below", -3), ("clock_trusted", 0), ("keys/k1/not_after_s", 1_800_000_000)];
+        // Adding counts up and down from where the gauge is (nothing yet: zero) and saturates.
+        shared.gauge_add("online", 2);
+        shared.gauge_add("online", -1);
+        shared.gauge_add("below", -3);
+        shared.gauge_add("a/+", 1);
+        shared.gauge_set("edge", i64::MAX);
+        shared.gauge_add("edge", 1);
+        let expected = [
+            ("below", -6),
+            ("clock_trusted", 0),
+            ("edge", i64::MAX),
+            ("keys/k1/not_after_s", 1_800_000_000),
+            ("online", 1),
+        ];
         assert_eq!(shared.gauges(), expected.into_iter().map(|(name, value)| (name.to_owned(), value)).collect());
     }
 

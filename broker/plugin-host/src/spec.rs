@@ -46,11 +46,19 @@ pub enum HookKind {
     /// Each subscriber's copy of a message (the outbound transform).
     Deliver,
     Route,
+    /// A connection accepted and its end (told, not asked).
+    Session,
 }
 
 impl HookKind {
-    pub const ALL: [HookKind; 5] =
-        [HookKind::Authenticate, HookKind::Authorize, HookKind::Transform, HookKind::Deliver, HookKind::Route];
+    pub const ALL: [HookKind; 6] = [
+        HookKind::Authenticate,
+        HookKind::Authorize,
+        HookKind::Transform,
+        HookKind::Deliver,
+        HookKind::Route,
+        HookKind::Session,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -59,15 +67,18 @@ impl HookKind {
             HookKind::Transform => "transform",
             HookKind::Route => "route",
             HookKind::Deliver => "deliver",
+            HookKind::Session => "session",
         }
     }
 
     /// Authentication and authorization fail closed: a broken policy must not open the door. A broken transform
-    /// or route lets the message through unchanged.
+    /// or route lets the message through unchanged. A session hook decides nothing, so its policy changes nothing.
     pub fn default_failure_policy(self) -> FailurePolicy {
         match self {
             HookKind::Authenticate | HookKind::Authorize => FailurePolicy::FailClosed,
-            HookKind::Transform | HookKind::Route | HookKind::Deliver => FailurePolicy::PassThrough,
+            HookKind::Transform | HookKind::Route | HookKind::Deliver | HookKind::Session => {
+                FailurePolicy::PassThrough
+            }
         }
     }
 }
@@ -85,7 +96,7 @@ impl FromStr for HookKind {
         HookKind::ALL
             .into_iter()
             .find(|hook| hook.as_str() == value)
-            .ok_or_else(|| format!("unknown hook {value:?} (expected authenticate, authorize, transform or route)"))
+            .ok_or_else(|| format!("unknown hook {value:?} (expected authenticate, authorize, transform, deliver, route or session)"))
     }
 }
 

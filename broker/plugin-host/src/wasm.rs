@@ -7,7 +7,8 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
 
 use tollgate_hooks::{
-    AclDecision, AuthDecision, ClientInfo, ConnectRequest, Message, RouteDecision, RouteDirection, TransformDecision,
+    AclDecision, AuthDecision, ClientInfo, ConnectRequest, DisconnectCause, Message, RouteDecision, RouteDirection,
+    TransformDecision,
 };
 use tollgate_protocol::{ProtocolVersion, QoS, ReasonCode, UserProperty};
 use wasmtime::component::{Component, HasSelf, InstancePre, Linker, ResourceTable};
@@ -24,7 +25,9 @@ wasmtime::component::bindgen!({
     exports: { default: async },
 });
 
-use exports::tollgate::plugin::{authn, authz, authz_batch, bridge, deliver, lifecycle, transform, transform_batch};
+use exports::tollgate::plugin::{
+    authn, authz, authz_batch, bridge, deliver, lifecycle, session, transform, transform_batch,
+};
 use tollgate::plugin::types as wit;
 
 static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
@@ -164,6 +167,10 @@ impl tollgate::plugin::host::Host for HostState {
         self.shared.gauge_set(&name, value)
     }
 
+    fn gauge_add(&mut self, name: String, delta: i64) {
+        self.shared.gauge_add(&name, delta)
+    }
+
     fn counter_add(&mut self, name: String, delta: u64) {
         self.shared.counter_add(&name, delta)
     }
@@ -230,6 +237,7 @@ struct Exports {
     transform_batch: Option<transform_batch::GuestIndices>,
     deliver: Option<deliver::GuestIndices>,
     bridge: Option<bridge::GuestIndices>,
+    session: Option<session::GuestIndices>,
 }
 
 /// Boxed: the bindings of four interfaces make it a few hundred bytes, moved into and out of every call.
@@ -244,6 +252,7 @@ struct InstanceState {
     transform_batch: Option<transform_batch::Guest>,
     deliver: Option<deliver::Guest>,
     bridge: Option<bridge::Guest>,
+    session: Option<session::Guest>,
 }
 
 /// One loaded WASM plugin.
@@ -336,6 +345,7 @@ impl WasmPlugin {
             transform_batch: transform_batch::GuestIndices::new(&pre).ok(),
             deliver: deliver::GuestIndices::new(&pre).ok(),
             bridge: bridge::GuestIndices::new(&pre).ok(),
+            session: session::GuestIndices::new(&pre).ok(),
         };
         let shared = PluginShared::for_spec(spec, previous).map_err(fail)?;
         let mut plugin = WasmPlugin {
@@ -356,6 +366,7 @@ impl WasmPlugin {
             HookKind::Transform => plugin.exports.transform.is_some(),
             HookKind::Deliver => plugin.exports.deliver.is_some(),
             HookKind::Route => plugin.exports.bridge.is_some(),
+            HookKind::Session => plugin.exports.session.is_some(),
         };
         let mut provided = Vec::new();
         for hook in info.hooks {
@@ -365,6 +376,7 @@ impl WasmPlugin {
                 wit::Hook::Transform => HookKind::Transform,
                 wit::Hook::Route => HookKind::Route,
                 wit::Hook::Deliver => HookKind::Deliver,
+                wit::Hook::Session => HookKind::Session,
             };
             if !exported(hook) {
                 return Err(fail(format!("declares the {hook} hook but does not export its interface")));
@@ -405,7 +417,7 @@ impl WasmPlugin {
         let exports = &self.exports;
         let lifecycle = exports.lifecycle.load(&mut store, &instance).map_err(|error| self.classify(error))?;
         // The hook interfaces the component exports, found once at load.
-        let (authn, authz, authz_batch, transform, transform_batch, deliver, bridge) = (|| {
+        let (authn, authz, authz_batch, transform, transform_batch, deliver, bridge, session) = (|| {
             Ok::<_, wasmtime::Error>((
                 exports.authn.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.authz.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
@@ -414,6 +426,7 @@ impl WasmPlugin {
                 exports.transform_batch.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.deliver.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
                 exports.bridge.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
+                exports.session.as_ref().map(|indices| indices.load(&mut store, &instance)).transpose()?,
             ))
         })()
         .map_err(|error| self.classify(error))?;
@@ -423,7 +436,8 @@ impl WasmPlugin {
             .map_err(|error| self.classify(error))?
             .map_err(|message| Failure::Instantiate(format!("init refused: {message}")))?;
         store.data_mut().ticks = 0;
-        let state = InstanceState { store, authn, authz, authz_batch, transform, transform_batch, deliver, bridge };
+        let state =
+            InstanceState { store, authn, authz, authz_batch, transform, transform_batch, deliver, bridge, session };
         Ok((Box::new(state), info))
     }
 
@@ -539,7 +553,7 @@ impl WasmPlugin {
 }
 
 /// The package version this broker speaks, as the WIT names it.
-const CONTRACT: &str = "tollgate:plugin@0.8.0";
+const CONTRACT: &str = "tollgate:plugin@0.9.0";
 
 /// Explains a component that lacks this contract's lifecycle export: usually one built against another version.
 fn wrong_contract(component: &Component, error: wasmtime::Error) -> String {
@@ -807,6 +821,31 @@ impl Runtime for WasmPlugin {
 
     async fn deliver(&self, subscriber: &ClientInfo, message: &mut Message) -> Result<TransformDecision, Failure> {
         self.run_transform(subscriber, message, true).await
+    }
+
+    async fn session_event(&self, client: &ClientInfo, cause: Option<DisconnectCause>) -> Result<(), Failure> {
+        let guest_client = wit_client(client);
+        self.with_instance(CallClient::of(client), 1, |mut instance| async move {
+            let result = match (&instance.session, cause) {
+                (None, _) => Ok(()),
+                (Some(guest), None) => guest.call_on_connected(&mut instance.store, &guest_client).await,
+                (Some(guest), Some(cause)) => {
+                    let cause = match cause {
+                        DisconnectCause::ClientDisconnect => wit::DisconnectCause::ClientDisconnect,
+                        DisconnectCause::ConnectionLost => wit::DisconnectCause::ConnectionLost,
+                        DisconnectCause::KeepAliveTimeout => wit::DisconnectCause::KeepAliveTimeout,
+                        DisconnectCause::TakenOver => wit::DisconnectCause::TakenOver,
+                        DisconnectCause::ProtocolError => wit::DisconnectCause::ProtocolError,
+                        DisconnectCause::Policy => wit::DisconnectCause::Policy,
+                        DisconnectCause::Revoked => wit::DisconnectCause::Revoked,
+                        DisconnectCause::ServerShutdown => wit::DisconnectCause::ServerShutdown,
+                    };
+                    guest.call_on_disconnected(&mut instance.store, &guest_client, cause).await
+                }
+            };
+            (instance, result)
+        })
+        .await
     }
 
     async fn route(

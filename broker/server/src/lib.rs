@@ -160,6 +160,7 @@ pub fn build_hooks(config: &Config, generation: u64, plugins: &[Arc<LoadedPlugin
     chain.authorizers.extend(slots.iter().filter_map(|slots| slots.authorizer.clone()));
     chain.transformers.extend(slots.iter().filter_map(|slots| slots.transformer.clone()));
     chain.routers.extend(slots.iter().filter_map(|slots| slots.router.clone()));
+    chain.observers.extend(slots.iter().filter_map(|slots| slots.observer.clone()));
     Ok(chain)
 }
 

@@ -344,20 +344,45 @@ async fn a_burst_of_publishes_is_authorized_in_one_call() {
     }
 }
 
+/// A broker running the testkit with `$SYS` published every second.
+async fn testkit_broker_with_sys(kind: Kind) -> TestBroker {
+    TestBroker::builder()
+        .configure(|config| {
+            config.plugins = vec![plugin_entry("testkit", kind, testkit_path(kind))];
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+            config.sys.interval = 1;
+        })
+        .start()
+        .await
+}
+
+/// Waits until `$SYS/broker/plugins/testkit/<name>` holds each wanted value (a later tick replaces an earlier one).
+async fn await_testkit_sys(broker: &TestBroker, what: &str, wanted: &[(&str, &str)]) {
+    let mut watcher = connect_to(broker, "watcher").await;
+    watcher.subscribe_ok("$SYS/broker/plugins/testkit/#", QoS::AtMostOnce).await;
+    let mut seen = std::collections::BTreeMap::new();
+    let settled = |seen: &std::collections::BTreeMap<String, String>| {
+        wanted.iter().all(|(name, value)| seen.get(*name).is_some_and(|seen| seen == value))
+    };
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        while !settled(&seen) {
+            let publish = watcher.next_publish().await;
+            let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/testkit/").to_owned();
+            seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
+        }
+    })
+    .await;
+    assert!(waited.is_ok(), "{what}: wanted {wanted:?}, last seen {seen:?}");
+    watcher.disconnect().await;
+}
+
 /// A plugin's gauges (`host.gauge-set` in WebAssembly, `tollgate.gauge_set` in Lua) appear under
 /// `$SYS/broker/plugins/<name>/gauges/` with the last value set, negative ones included; the size of its key-value
 /// table under `kv/` (live claims, claims evicted early, entries).
 #[tokio::test]
 async fn plugin_gauges_and_table_sizes_are_published_in_sys() {
     for kind in KINDS {
-        let broker = TestBroker::builder()
-            .configure(|config| {
-                config.plugins = vec![plugin_entry("testkit", kind, testkit_path(kind))];
-                config.runtime.plugin_cache_dir = Some(PathBuf::new());
-                config.sys.interval = 1;
-            })
-            .start()
-            .await;
+        let broker = testkit_broker_with_sys(kind).await;
         let mut client = connect_to(&broker, "gauges").await;
         client.subscribe_ok("once/#", QoS::AtLeastOnce).await;
         client.publish("gauge/depth/5", QoS::AtLeastOnce, false, b"x").await;
@@ -370,18 +395,79 @@ async fn plugin_gauges_and_table_sizes_are_published_in_sys() {
             assert_eq!(topic(&client.next_publish().await), once, "{kind:?}");
         }
         client.expect_no_publish(QUIET).await;
-        let mut watcher = connect_to(&broker, "watcher").await;
-        watcher.subscribe_ok("$SYS/broker/plugins/testkit/#", QoS::AtMostOnce).await;
         let wanted = [("gauges/depth", "-7"), ("kv/claims", "2"), ("kv/claims_evicted", "0"), ("kv/entries", "0")];
-        let mut seen = std::collections::BTreeMap::new();
-        within("gauges/depth = -7 and two claims in $SYS", async {
-            while !wanted.iter().all(|(name, value)| seen.get(*name).is_some_and(|seen: &String| seen == value)) {
-                let publish = watcher.next_publish().await;
-                let name = topic(&publish).trim_start_matches("$SYS/broker/plugins/testkit/").to_owned();
-                seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
-            }
-        })
-        .await;
+        await_testkit_sys(&broker, &format!("{kind:?}"), &wanted).await;
+        assert!(broker.stop().await, "{kind:?}");
+    }
+}
+
+/// The session hook through both runtimes: each accepted connection is told once when it starts and once when it
+/// ends, with why it ended (`host.gauge-add` / `tollgate.gauge_add` keeps the count of who is online); a session
+/// hook that fails changes nothing for its client.
+#[tokio::test]
+async fn session_hooks_hear_each_connection_start_and_end_with_its_cause() {
+    use tollgate_integration_tests::raw;
+    use tollgate_protocol::{Packet, ProtocolVersion as Version, ReasonCode};
+    for kind in KINDS {
+        let broker = testkit_broker_with_sys(kind).await;
+        // client-disconnect
+        connect_to(&broker, "seen-normal").await.disconnect().await;
+        // connection-lost: the socket goes without DISCONNECT.
+        let mut lost = raw::tcp(broker.addr, Version::V5).await;
+        lost.connect_ok(Version::V5, "seen-lost").await;
+        drop(lost);
+        // taken-over: the second connection stays.
+        let mut old = raw::tcp(broker.addr, Version::V5).await;
+        old.connect_ok(Version::V5, "seen-twice").await;
+        let mut new = raw::tcp(broker.addr, Version::V5).await;
+        new.connect_ok(Version::V5, "seen-twice").await;
+        old.expect_disconnect(ReasonCode::SESSION_TAKEN_OVER).await;
+        // protocol-error: a packet of reserved type 0.
+        let mut broken = raw::tcp(broker.addr, Version::V5).await;
+        broken.connect_ok(Version::V5, "seen-broken").await;
+        broken.send_bytes(&[0x00, 0x00]).await;
+        broken.expect_disconnect(ReasonCode::MALFORMED_PACKET).await;
+        // policy: the testkit's transform refuses `cut/` and disconnects.
+        let mut cut = raw::tcp(broker.addr, Version::V5).await;
+        cut.connect_ok(Version::V5, "seen-cut").await;
+        cut.send(&Packet::Publish(raw::publish_packet("cut/x", tollgate_protocol::QoS::AtLeastOnce, Some(1), b"x")))
+            .await;
+        assert!(matches!(cut.expect_packet().await, Packet::PubAck(ack) if ack.reason_code == ReasonCode::NOT_AUTHORIZED));
+        cut.expect_disconnect(ReasonCode::NOT_AUTHORIZED).await;
+        // keep-alive-timeout: 1 s of keep-alive, and silence.
+        let mut silent = raw::tcp(broker.addr, Version::V5).await;
+        let mut connect = raw::connect_packet(Version::V5, "seen-silent");
+        connect.keep_alive = 1;
+        assert_eq!(silent.connect(connect).await.reason_code, ReasonCode::SUCCESS);
+        silent.expect_disconnect(ReasonCode::KEEP_ALIVE_TIMEOUT).await;
+        // A session hook that traps on connect: the client is served as if nothing happened.
+        let mut trapped = connect_to(&broker, "seen-trap").await;
+        trapped.subscribe_ok("upper/#", QoS::AtLeastOnce).await;
+        trapped.publish("upper/t", QoS::AtLeastOnce, false, b"still served").await;
+        assert_eq!(&trapped.next_publish().await.payload[..], b"STILL SERVED", "{kind:?}");
+        let wanted = [
+            ("counters/connected", "8"),
+            ("counters/disconnected/client-disconnect", "1"),
+            ("counters/disconnected/connection-lost", "1"),
+            ("counters/disconnected/taken-over", "1"),
+            ("counters/disconnected/protocol-error", "1"),
+            ("counters/disconnected/policy", "1"),
+            ("counters/disconnected/keep-alive-timeout", "1"),
+            // The second `seen-twice` and `seen-trap` are still connected.
+            ("gauges/online", "2"),
+            ("failures", "1"),
+        ];
+        await_testkit_sys(&broker, &format!("{kind:?}"), &wanted).await;
+        // The trapping hook's disconnect call fails too, and is counted once more.
+        trapped.disconnect().await;
+        drop(new);
+        let wanted = [
+            ("counters/disconnected/client-disconnect", "2"),
+            ("counters/disconnected/connection-lost", "2"),
+            ("gauges/online", "0"),
+            ("failures", "2"),
+        ];
+        await_testkit_sys(&broker, &format!("{kind:?}, after the last two left"), &wanted).await;
         assert!(broker.stop().await, "{kind:?}");
     }
 }

@@ -23,7 +23,8 @@
 //!
 //! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
 //! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
-//! to `remote/<rest>`.
+//! to `remote/<rest>`. Connections of clients whose id starts with `seen-` are counted (`connected`,
+//! `disconnected/<cause>`, the gauge `online`); `seen-trap` makes both session calls trap after counting.
 
 use tollgate_sdk::prelude::*;
 
@@ -64,7 +65,8 @@ fn hex(bytes: &[u8]) -> String {
 impl Plugin for Testkit {
     const NAME: &'static str = "testkit";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize, Hook::Transform, Hook::Deliver, Hook::Route];
+    const HOOKS: &'static [Hook] =
+        &[Hook::Authenticate, Hook::Authorize, Hook::Transform, Hook::Deliver, Hook::Route, Hook::Session];
 
     fn init(config: Config) -> Result<Self, String> {
         if config.get("fail_init") == Some("true") {
@@ -228,6 +230,36 @@ impl Plugin for Testkit {
             RouteDecision::Rewrite(format!("remote/{rest}"))
         } else {
             RouteDecision::Ignore
+        }
+    }
+
+    fn on_connected(&self, client: &Client) {
+        if client.client_id.starts_with("seen-") {
+            host::counter_add("connected", 1);
+            host::gauge_add("online", 1);
+            if client.client_id == "seen-trap" {
+                panic!("testkit asked to trap on connect");
+            }
+        }
+    }
+
+    fn on_disconnected(&self, client: &Client, cause: DisconnectCause) {
+        if client.client_id.starts_with("seen-") {
+            let cause = match cause {
+                DisconnectCause::ClientDisconnect => "client-disconnect",
+                DisconnectCause::ConnectionLost => "connection-lost",
+                DisconnectCause::KeepAliveTimeout => "keep-alive-timeout",
+                DisconnectCause::TakenOver => "taken-over",
+                DisconnectCause::ProtocolError => "protocol-error",
+                DisconnectCause::Policy => "policy",
+                DisconnectCause::Revoked => "revoked",
+                DisconnectCause::ServerShutdown => "server-shutdown",
+            };
+            host::counter_add(&format!("disconnected/{cause}"), 1);
+            host::gauge_add("online", -1);
+            if client.client_id == "seen-trap" {
+                panic!("testkit asked to trap on disconnect");
+            }
         }
     }
 }
