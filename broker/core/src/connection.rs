@@ -178,7 +178,8 @@ where
         // Session observers hear of the connection before its first packet is handled (its CONNACK is written
         // out with the first write); the names of those told are kept so that the same ones hear of its end.
         let hooks = connection.broker.hooks();
-        let told = if hooks.observes_sessions() { Some(hooks.session_connected(&connection.client).await) } else { None };
+        let told =
+            if hooks.observes_sessions() { Some(hooks.session_connected(&connection.client).await) } else { None };
         drop(hooks);
         let exit = connection.serve_loop().await;
         Box::pin(connection.finish(exit, told)).await;

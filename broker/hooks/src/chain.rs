@@ -555,7 +555,11 @@ mod tests {
     impl Watcher {
         fn note(&self, line: String) -> Result<(), HookError> {
             self.log.lock().expect("log").push(line);
-            if self.fails { Err(HookError::Failed { hook: self.name.into(), reason: "trapped".into() }) } else { Ok(()) }
+            if self.fails {
+                Err(HookError::Failed { hook: self.name.into(), reason: "trapped".into() })
+            } else {
+                Ok(())
+            }
         }
     }
 

@@ -243,12 +243,9 @@ struct Health {
 /// Updates the counter or gauge `name` in place under the read lock (every message does this, from every worker),
 /// or adds it under the write lock, at most 1024 names. Names become `$SYS` topic levels, so a name that is not a
 /// valid topic (empty, wildcards, NUL) is ignored.
-fn update_named<T>(
-    slots: &std::sync::RwLock<HashMap<String, T, foldhash::fast::RandomState>>,
-    name: &str,
-    update: impl Fn(&T),
-    create: impl FnOnce() -> T,
-) {
+type NamedValues<T> = std::sync::RwLock<HashMap<String, T, foldhash::fast::RandomState>>;
+
+fn update_named<T>(slots: &NamedValues<T>, name: &str, update: impl Fn(&T), create: impl FnOnce() -> T) {
     if tollgate_protocol::topic::validate_topic_name(name).is_err() {
         return;
     }
@@ -461,10 +458,11 @@ pub struct PluginShared {
     /// Shared with the plugin's next version on a reload (see [`PluginShared::keeping_state_of`]).
     kv: Arc<KvStore>,
     /// Read-locked to count (an atomic add): plugins count on every message from every worker, and a plain lock
-    /// made the workers wait for each other.
-    counters: std::sync::RwLock<HashMap<String, AtomicU64, foldhash::fast::RandomState>>,
-    /// As `counters`, for values the plugin sets rather than adds to.
-    gauges: std::sync::RwLock<HashMap<String, AtomicI64, foldhash::fast::RandomState>>,
+    /// made the workers wait for each other. Shared with the plugin's next version, as `kv` is.
+    counters: Arc<NamedValues<AtomicU64>>,
+    /// As `counters`, for values the plugin sets rather than adds to. A gauge is often a count of what is live
+    /// (connections up in `on-connected`, down in `on-disconnected`), which a new version must go on from.
+    gauges: Arc<NamedValues<AtomicI64>>,
     health: Mutex<Health>,
     /// Mirrors `health.disabled_until.is_some()`, so that the check every call makes reads one shared flag
     /// instead of taking a lock the other workers take too.
@@ -851,8 +849,8 @@ impl PluginShared {
             metrics: PluginMetrics::default(),
             secrets,
             kv: Arc::default(),
-            counters: std::sync::RwLock::default(),
-            gauges: std::sync::RwLock::default(),
+            counters: Arc::default(),
+            gauges: Arc::default(),
             health: Mutex::new(Health {
                 window_start: Instant::now(),
                 failures_in_window: 0,
@@ -891,11 +889,14 @@ impl PluginShared {
     }
 
     /// A reloaded plugin keeps its predecessor's key-value table (and state files) rather than starting from the
-    /// files: the old version may still be answering calls of connections that have not switched yet, and what it
-    /// records (a replay window, a counter) must not be lost to the new one.
+    /// files, and its counters and gauges: the old version may still be answering calls of connections that have
+    /// not switched yet, and what it records (a replay window, a count of live connections) must not be lost to
+    /// the new one. The broker's own metrics of the plugin (calls, failures, latency) start again with the version.
     pub fn keeping_state_of(mut self, previous: Option<&PluginShared>) -> Self {
         if let Some(previous) = previous {
             self.kv = previous.kv.clone();
+            self.counters = previous.counters.clone();
+            self.gauges = previous.gauges.clone();
         }
         self
     }

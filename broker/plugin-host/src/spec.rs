@@ -76,9 +76,7 @@ impl HookKind {
     pub fn default_failure_policy(self) -> FailurePolicy {
         match self {
             HookKind::Authenticate | HookKind::Authorize => FailurePolicy::FailClosed,
-            HookKind::Transform | HookKind::Route | HookKind::Deliver | HookKind::Session => {
-                FailurePolicy::PassThrough
-            }
+            HookKind::Transform | HookKind::Route | HookKind::Deliver | HookKind::Session => FailurePolicy::PassThrough,
         }
     }
 }
@@ -93,10 +91,9 @@ impl FromStr for HookKind {
     type Err = String;
 
     fn from_str(value: &str) -> Result<Self, Self::Err> {
-        HookKind::ALL
-            .into_iter()
-            .find(|hook| hook.as_str() == value)
-            .ok_or_else(|| format!("unknown hook {value:?} (expected authenticate, authorize, transform, deliver, route or session)"))
+        HookKind::ALL.into_iter().find(|hook| hook.as_str() == value).ok_or_else(|| {
+            format!("unknown hook {value:?} (expected authenticate, authorize, transform, deliver, route or session)")
+        })
     }
 }
 

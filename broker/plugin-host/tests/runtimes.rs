@@ -770,8 +770,8 @@ end
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// A changed plugin's new version keeps the key-value table of the old one (connections still on the old
-/// version write to the same table), while an unrelated plugin does not see it.
+/// A changed plugin's new version keeps the key-value table, counters and gauges of the old one (connections still
+/// on the old version write to the same ones), while an unrelated plugin does not see them.
 #[tokio::test]
 async fn a_reloaded_plugin_keeps_its_key_value_table() {
     let dir = std::env::temp_dir().join(format!("tollgate-plugin-kv-reload-{}", std::process::id()));
@@ -779,7 +779,7 @@ async fn a_reloaded_plugin_keeps_its_key_value_table() {
     let script = dir.join("counter.lua");
     let source = |version: u32| {
         format!(
-            "-- version {version}\nfunction on_publish(c, m)\n  tollgate.kv_set('n', (tollgate.kv_get('n') or '') .. 'x')\n  m.topic = tollgate.kv_get('n')\n  return m\nend\n"
+            "-- version {version}\nfunction on_publish(c, m)\n  tollgate.kv_set('n', (tollgate.kv_get('n') or '') .. 'x')\n  tollgate.counter_add('seen', 1)\n  tollgate.gauge_add('live', 1)\n  m.topic = tollgate.kv_get('n')\n  return m\nend\n"
         )
     };
     std::fs::write(&script, source(1)).expect("write");
@@ -798,7 +798,11 @@ async fn a_reloaded_plugin_keeps_its_key_value_table() {
     assert!(!Arc::ptr_eq(&first, &second), "the changed plugin was reloaded");
     assert_eq!(count(second.clone()).await, 3, "the new version continues the old table");
     assert_eq!(count(first).await, 4, "the old version, still serving, writes to the same table");
-    let other = LoadedPlugin::load(PluginSpec::new("other", PluginKind::Lua, &script), None).await.expect("load");
-    assert_eq!(count(Arc::new(other)).await, 1, "another plugin has its own table");
+    assert_eq!(second.shared().counters()["seen"], 4);
+    assert_eq!(second.shared().gauges()["live"], 4);
+    let other =
+        Arc::new(LoadedPlugin::load(PluginSpec::new("other", PluginKind::Lua, &script), None).await.expect("load"));
+    assert_eq!(count(other.clone()).await, 1, "another plugin has its own table");
+    assert_eq!((other.shared().counters()["seen"], other.shared().gauges()["live"]), (1, 1));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -563,10 +563,16 @@ impl VinAcl {
     }
 }
 
+/// Whether the current client carries an identity vin-acl bound at CONNECT (not a role, not a token claim: those
+/// are other plugins' or the broker's).
+fn has_bound_identity() -> bool {
+    host::client_attribute(VERIFIED_VIN_ATTRIBUTE).is_some() || host::client_attribute(NAMESPACE_ATTRIBUTE).is_some()
+}
+
 impl Plugin for VinAcl {
     const NAME: &'static str = "vin-acl";
     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
-    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize];
+    const HOOKS: &'static [Hook] = &[Hook::Authenticate, Hook::Authorize, Hook::Session];
 
     fn init(config: Config) -> Result<Self, String> {
         let mut sources = Vec::new();
@@ -657,6 +663,20 @@ impl Plugin for VinAcl {
             host::gauge_set("grants", i64::try_from(acl.grants.len()).unwrap_or(i64::MAX));
             acl.update_grants_active();
         })
+    }
+
+    /// `identities_active`: connections with an identity this plugin bound at CONNECT (a VIN, or a non-VIN
+    /// identity in its namespace), up at each one accepted and down at its end, whichever instance hears it.
+    fn on_connected(&self, _client: &Client) {
+        if has_bound_identity() {
+            host::gauge_add("identities_active", 1);
+        }
+    }
+
+    fn on_disconnected(&self, _client: &Client, _cause: DisconnectCause) {
+        if has_bound_identity() {
+            host::gauge_add("identities_active", -1);
+        }
     }
 
     fn on_connect(&self, info: &ConnectInfo) -> ConnectDecision {
@@ -926,6 +946,31 @@ mod tests {
         assert_eq!(acl.on_connect(&connect("backend", None)), ConnectDecision::Ignore);
         assert_eq!(gauge("grants_active"), Some(1), "dealer-7's grant ran out");
         tollgate_sdk::testing::set_now_ms(None);
+    }
+
+    #[test]
+    fn identities_active_counts_bound_identities_up_and_down() {
+        let acl = VinAcl::init(config()).expect("init");
+        let gauge = || tollgate_sdk::testing::gauge("identities_active");
+        let before = gauge().unwrap_or(0);
+        let car = Client::new(VIN, None);
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", VIN);
+        acl.on_connected(&car);
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin-acl.namespace", "preprod");
+        tollgate_sdk::testing::set_attribute("vin-acl.id", "EOL-STATION-04");
+        acl.on_connected(&Client::new("EOL-STATION-04", None));
+        // A backend by role is not an identity this plugin bound.
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin-acl.role", "backend");
+        acl.on_connected(&Client::new("backend-1", None));
+        assert_eq!(gauge(), Some(before + 2));
+        tollgate_sdk::testing::clear_attributes();
+        tollgate_sdk::testing::set_attribute("vin-acl.vin", VIN);
+        acl.on_disconnected(&car, DisconnectCause::ConnectionLost);
+        assert_eq!(gauge(), Some(before + 1));
+        tollgate_sdk::testing::clear_attributes();
     }
 
     #[test]

@@ -426,6 +426,7 @@ async fn plugin_test_replays_events_and_prints_decisions() {
         concat!(
             "function authorize_publish(client, request)\n  if string.sub(request.topic, 1, 8 + #client.username) == 'tenants/' .. client.username then return 'allow' end\n  return 'deny'\nend\n",
             "function on_deliver(subscriber, msg)\n  if subscriber.client_id == 'blind' then return 'drop' end\n  msg.topic = 'to/' .. subscriber.client_id\n  return msg\nend\n",
+            "function on_disconnected(client, cause)\n  if cause == 'protocol-error' then error('bad client ' .. client.client_id) end\nend\n",
         ),
     );
     let events = write(
@@ -437,13 +438,15 @@ async fn plugin_test_replays_events_and_prints_decisions() {
             "{\"hook\":\"authorize_publish\",\"username\":\"acme\",\"topic\":\"tenants/other/t\"}\n",
             "{\"hook\":\"deliver\",\"client_id\":\"seer\",\"topic\":\"news\"}\n",
             "{\"hook\":\"deliver\",\"client_id\":\"blind\",\"topic\":\"news\"}\n",
+            "{\"hook\":\"connected\",\"client_id\":\"car\"}\n",
+            "{\"hook\":\"disconnected\",\"client_id\":\"car\",\"cause\":\"taken-over\"}\n",
+            "{\"hook\":\"disconnected\",\"client_id\":\"car\",\"cause\":\"protocol-error\"}\n",
         ),
     );
     let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&events), LIMIT).await;
-    assert!(output.status.success(), "{}", describe(&output));
     let lines: Vec<serde_json::Value> =
         String::from_utf8_lossy(&output.stdout).lines().map(|line| serde_json::from_str(line).unwrap()).collect();
-    assert_eq!(lines.len(), 4, "{}", describe(&output));
+    assert_eq!(lines.len(), 7, "{}", describe(&output));
     assert_eq!((lines[0]["line"].as_u64(), lines[0]["decision"].as_str()), (Some(2), Some("allow")));
     assert_eq!((lines[1]["decision"].as_str(), lines[1]["reason_code"].as_u64()), (Some("deny"), Some(0x87)));
     // Each subscriber's copy (the deliver hook).
@@ -452,11 +455,20 @@ async fn plugin_test_replays_events_and_prints_decisions() {
         (Some("modified"), Some("to/seer"))
     );
     assert_eq!(lines[3]["decision"].as_str(), Some("drop"));
+    // The session hook is told, not asked; a failure in it is reported like any other, and fails the command.
+    assert_eq!((lines[4]["hook"].as_str(), lines[4]["decision"].as_str()), (Some("connected"), Some("told")));
+    assert_eq!(lines[5]["decision"].as_str(), Some("told"));
+    assert_eq!(lines[6]["decision"].as_str(), Some("failed"));
+    assert!(lines[6]["error"].as_str().is_some_and(|error| error.contains("bad client car")), "{}", describe(&output));
+    assert!(!output.status.success(), "a failed call fails the command: {}", describe(&output));
     // A bad event line makes the command fail, after printing what it could.
-    let bad = write(dir.path(), "bad.jsonl", "{\"hook\":\"teleport\"}\n");
+    let bad =
+        write(dir.path(), "bad.jsonl", "{\"hook\":\"teleport\"}\n{\"hook\":\"disconnected\",\"cause\":\"boredom\"}\n");
     let output = run(tollgate().args(["plugin", "test"]).arg(&script).arg("--events").arg(&bad), LIMIT).await;
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stdout).contains("invalid event"), "{}", describe(&output));
+    let printed = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(printed.matches("invalid event").count(), 2, "{}", describe(&output));
+    assert!(printed.contains("\\\"boredom\\\" is not one of client-disconnect,"), "{}", describe(&output));
 }
 
 /// SIGHUP reloads a changed Lua plugin in the running binary: the connected client stays connected and its next

@@ -432,7 +432,9 @@ async fn session_hooks_hear_each_connection_start_and_end_with_its_cause() {
         cut.connect_ok(Version::V5, "seen-cut").await;
         cut.send(&Packet::Publish(raw::publish_packet("cut/x", tollgate_protocol::QoS::AtLeastOnce, Some(1), b"x")))
             .await;
-        assert!(matches!(cut.expect_packet().await, Packet::PubAck(ack) if ack.reason_code == ReasonCode::NOT_AUTHORIZED));
+        assert!(
+            matches!(cut.expect_packet().await, Packet::PubAck(ack) if ack.reason_code == ReasonCode::NOT_AUTHORIZED)
+        );
         cut.expect_disconnect(ReasonCode::NOT_AUTHORIZED).await;
         // keep-alive-timeout: 1 s of keep-alive, and silence.
         let mut silent = raw::tcp(broker.addr, Version::V5).await;

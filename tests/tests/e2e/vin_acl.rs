@@ -196,6 +196,58 @@ async fn revocation_ends_a_live_cars_session_within_a_second() {
     assert!(broker.stop().await);
 }
 
+/// `identities_active` (kept by vin-acl's session hook): up when a car connects, down when it leaves, whether it
+/// disconnects itself or a revocation throws it out.
+#[tokio::test]
+async fn identities_active_follows_cars_coming_and_going() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = make_certs(dir.path());
+    let revoked = dir.path().join("revoked.txt");
+    std::fs::write(&revoked, "").unwrap();
+    let mut plugin = vin_acl();
+    plugin.files.insert("revoked".into(), revoked.clone());
+    let rules = plugin.config["rules"].as_array_mut().unwrap();
+    rules.push(serde_json::json!({ "id": "ops", "who": "role:backend", "allow": ["subscribe"],
+        "topics": ["$SYS/broker/plugins/vin-acl/gauges/#"] }));
+    let broker = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            let mut tls = ListenerConfig::tcp("127.0.0.1:0");
+            tls.protocol = "tls".into();
+            tls.cert = Some(certs.join("server.pem"));
+            tls.key = Some(certs.join("server.key"));
+            tls.client_ca = Some(certs.join("ca.pem"));
+            tls.require_client_cert = true;
+            config.listeners = vec![tls, ListenerConfig::tcp("127.0.0.1:0")];
+            config.plugins = vec![plugin];
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+            config.sys.interval = 1;
+        })
+        .start()
+        .await;
+    let (tls, tcp) = (broker.server.addresses[0], broker.server.addresses[1]);
+    let mut watcher_options = rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", tcp.port());
+    watcher_options.set_credentials("ota-backend", "");
+    let (mut watcher, _) = v5::connect(watcher_options).await;
+    watcher.subscribe_ok("$SYS/broker/plugins/vin-acl/gauges/identities_active", QoS::AtMostOnce).await;
+    let mut active = async |wanted: &str| {
+        tollgate_integration_tests::within(&format!("identities_active = {wanted}"), async {
+            while &watcher.next_publish().await.payload[..] != wanted.as_bytes() {}
+        })
+        .await;
+    };
+
+    let (car, _) = v5::connect(tls_options(tls, VIN, &certs, Some(VIN))).await;
+    let (other, _) = v5::connect(tls_options(tls, OTHER_VIN, &certs, Some(OTHER_VIN))).await;
+    active("2").await;
+    std::fs::write(&revoked, format!("{VIN}\n")).unwrap();
+    broker.server.reload(&broker.config).await.unwrap();
+    active("1").await;
+    other.disconnect().await;
+    active("0").await;
+    drop(car);
+    assert!(broker.stop().await);
+}
+
 #[tokio::test]
 async fn an_end_of_line_station_reaches_its_namespace_only() {
     let dir = tempfile::tempdir().unwrap();
