@@ -65,6 +65,11 @@ async fn broker(certs: &Path) -> TestBroker {
 }
 
 async fn broker_with(certs: &Path, plugin: PluginConfig) -> TestBroker {
+    broker_configured(certs, plugin, |_| {}).await
+}
+
+/// A broker with a mutual-TLS listener (first address) and a TCP one, running `plugin`; `more` adjusts the rest.
+async fn broker_configured(certs: &Path, plugin: PluginConfig, more: impl FnOnce(&mut Config)) -> TestBroker {
     TestBroker::builder()
         .configure(|config: &mut Config| {
             let mut tls = ListenerConfig::tcp("127.0.0.1:0");
@@ -76,6 +81,7 @@ async fn broker_with(certs: &Path, plugin: PluginConfig) -> TestBroker {
             config.listeners = vec![tls, ListenerConfig::tcp("127.0.0.1:0")];
             config.plugins = vec![plugin];
             config.runtime.plugin_cache_dir = Some(PathBuf::new());
+            more(config);
         })
         .start()
         .await
@@ -209,21 +215,7 @@ async fn identities_active_follows_cars_coming_and_going() {
     let rules = plugin.config["rules"].as_array_mut().unwrap();
     rules.push(serde_json::json!({ "id": "ops", "who": "role:backend", "allow": ["subscribe"],
         "topics": ["$SYS/broker/plugins/vin-acl/gauges/#"] }));
-    let broker = TestBroker::builder()
-        .configure(|config: &mut Config| {
-            let mut tls = ListenerConfig::tcp("127.0.0.1:0");
-            tls.protocol = "tls".into();
-            tls.cert = Some(certs.join("server.pem"));
-            tls.key = Some(certs.join("server.key"));
-            tls.client_ca = Some(certs.join("ca.pem"));
-            tls.require_client_cert = true;
-            config.listeners = vec![tls, ListenerConfig::tcp("127.0.0.1:0")];
-            config.plugins = vec![plugin];
-            config.runtime.plugin_cache_dir = Some(PathBuf::new());
-            config.sys.interval = 1;
-        })
-        .start()
-        .await;
+    let broker = broker_configured(&certs, plugin, |config| config.sys.interval = 1).await;
     let (tls, tcp) = (broker.server.addresses[0], broker.server.addresses[1]);
     let mut watcher_options = rumqttc::v5::MqttOptions::new("ops", "127.0.0.1", tcp.port());
     watcher_options.set_credentials("ota-backend", "");
