@@ -329,7 +329,8 @@ impl Server {
         })
     }
 
-    /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks and health.
+    /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks, health, counters and
+    /// gauges.
     pub fn status(&self) -> serde_json::Value {
         let stats = tollgate_core::sys::Stats::of(&self.broker);
         let plugins: Vec<serde_json::Value> = self
@@ -343,6 +344,8 @@ impl Server {
                     "kind": plugin.spec.kind.as_str(),
                     "hooks": plugin.hooks.iter().map(|hook| hook.as_str()).collect::<Vec<_>>(),
                     "metrics": shared.metrics.snapshot(),
+                    "counters": shared.counters(),
+                    "gauges": shared.gauges(),
                     "enabled": shared.check_enabled().is_ok(),
                 })
             })

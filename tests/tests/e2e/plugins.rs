@@ -470,7 +470,13 @@ async fn session_hooks_hear_each_connection_start_and_end_with_its_cause() {
             ("failures", "2"),
         ];
         await_testkit_sys(&broker, &format!("{kind:?}, after the last two left"), &wanted).await;
-        assert!(broker.stop().await, "{kind:?}");
+        // server-shutdown: the broker says goodbye to the last client, and the hook hears it before it stops.
+        let _last = connect_to(&broker, "seen-last").await;
+        assert!(within("shutdown", broker.server.shutdown()).await, "{kind:?}");
+        let status = broker.server.status();
+        let testkit = &status["plugins"][0];
+        assert_eq!(testkit["counters"]["disconnected/server-shutdown"], 1, "{kind:?}: {testkit}");
+        assert_eq!(testkit["gauges"]["online"], 0, "{kind:?}: {testkit}");
     }
 }
 
