@@ -58,6 +58,22 @@ impl TransformResult {
     }
 }
 
+impl DisconnectCause {
+    /// The cause as the WIT contract spells it (and Lua scripts receive it): `client-disconnect`, … .
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DisconnectCause::ClientDisconnect => "client-disconnect",
+            DisconnectCause::ConnectionLost => "connection-lost",
+            DisconnectCause::KeepAliveTimeout => "keep-alive-timeout",
+            DisconnectCause::TakenOver => "taken-over",
+            DisconnectCause::ProtocolError => "protocol-error",
+            DisconnectCause::Policy => "policy",
+            DisconnectCause::Revoked => "revoked",
+            DisconnectCause::ServerShutdown => "server-shutdown",
+        }
+    }
+}
+
 impl Message {
     /// A QoS 0 message without properties, for tests.
     pub fn new(topic: impl Into<String>, payload: impl Into<Vec<u8>>) -> Self {

@@ -245,17 +245,7 @@ impl Plugin for Testkit {
 
     fn on_disconnected(&self, client: &Client, cause: DisconnectCause) {
         if client.client_id.starts_with("seen-") {
-            let cause = match cause {
-                DisconnectCause::ClientDisconnect => "client-disconnect",
-                DisconnectCause::ConnectionLost => "connection-lost",
-                DisconnectCause::KeepAliveTimeout => "keep-alive-timeout",
-                DisconnectCause::TakenOver => "taken-over",
-                DisconnectCause::ProtocolError => "protocol-error",
-                DisconnectCause::Policy => "policy",
-                DisconnectCause::Revoked => "revoked",
-                DisconnectCause::ServerShutdown => "server-shutdown",
-            };
-            host::counter_add(&format!("disconnected/{cause}"), 1);
+            host::counter_add(&format!("disconnected/{}", cause.as_str()), 1);
             host::gauge_add("online", -1);
             if client.client_id == "seen-trap" {
                 panic!("testkit asked to trap on disconnect");
