@@ -723,6 +723,45 @@ fn api_keys_entry() -> PluginConfig {
 
 const SENSOR_KEY_SHA256: &str = "8d969eef6ecad3c29a3a629280e686cf0c3f5d5a86aff3ca12020c923adc6c92"; // "123456"
 
+/// The acl-lua example's connection limit over real sockets: two connections per tenant, a third refused with
+/// 0x97, a reconnect under a connected client id let in (a takeover), and room again once a client has left.
+#[tokio::test]
+async fn the_acl_lua_example_limits_connections_per_tenant() {
+    let mut entry =
+        plugin_entry("tenants", Kind::Lua, wasm_build::workspace_root().join("examples/acl-lua/tenants.lua"));
+    entry.config = serde_json::json!({ "max_connections": 2 }).as_object().unwrap().clone();
+    let broker = broker_with(vec![entry]).await;
+    let tenant = |client_id: &str| {
+        let mut options = options(&broker, client_id);
+        options.set_credentials("acme", "");
+        options
+    };
+    let (first, _) = connect(tenant("m1")).await;
+    let (second, _) = connect(tenant("m2")).await;
+    assert_eq!(v5::refused_code(tenant("m3")).await, ConnectReturnCode::QuotaExceeded);
+    // Another tenant has its own count.
+    let mut other = options(&broker, "g1");
+    other.set_credentials("globex", "");
+    connect(other).await.0.disconnect().await;
+    // m2 comes back while its old connection is still open: the takeover does not count twice.
+    let (second_again, _) = connect(tenant("m2")).await;
+    drop(second);
+    assert_eq!(v5::refused_code(tenant("m3")).await, ConnectReturnCode::QuotaExceeded);
+    first.disconnect().await;
+    let (third, _) = within("room for m3 after m1 left", async {
+        loop {
+            if let Ok(connected) = v5::try_connect(tenant("m3")).await {
+                return connected;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    third.disconnect().await;
+    second_again.disconnect().await;
+    assert!(broker.stop().await);
+}
+
 #[tokio::test]
 async fn the_auth_wasm_example_checks_api_keys() {
     let entry = api_keys_entry();
