@@ -45,6 +45,12 @@ function authorize_publish(client, request)
   return nil
 end
 
+-- In strict mode, a recheck ends the sessions of clients whose id starts with `seen-revoked`.
+function authorize_session(client)
+  if strict and starts(client.client_id, "seen-revoked") then return "deny" end
+  return nil
+end
+
 function authorize_subscribe(client, request)
   if starts(request.filter, "capped/") then return { max_qos = 0 } end
   if starts(request.filter, "deny/") then return "deny" end

@@ -470,12 +470,22 @@ async fn session_hooks_hear_each_connection_start_and_end_with_its_cause() {
             ("failures", "2"),
         ];
         await_testkit_sys(&broker, &format!("{kind:?}, after the last two left"), &wanted).await;
+        // revoked: a reload into strict mode, whose recheck ends this client's session. The changed plugin's new
+        // version goes on with the old version's counters and gauges.
+        let mut revoked = raw::tcp(broker.addr, Version::V5).await;
+        revoked.connect_ok(Version::V5, "seen-revoked").await;
+        let mut strict = broker.config.clone();
+        strict.plugins[0].config.insert("mode".into(), "strict".into());
+        broker.server.reload(&strict).await.expect("reload");
+        revoked.expect_disconnect(ReasonCode::NOT_AUTHORIZED).await;
         // server-shutdown: the broker says goodbye to the last client, and the hook hears it before it stops.
         let _last = connect_to(&broker, "seen-last").await;
         assert!(within("shutdown", broker.server.shutdown()).await, "{kind:?}");
         let status = broker.server.status();
         let testkit = &status["plugins"][0];
         assert_eq!(testkit["counters"]["disconnected/server-shutdown"], 1, "{kind:?}: {testkit}");
+        assert_eq!(testkit["counters"]["disconnected/revoked"], 1, "{kind:?}: {testkit}");
+        assert_eq!(testkit["counters"]["connected"], 10, "{kind:?}: {testkit}");
         assert_eq!(testkit["gauges"]["online"], 0, "{kind:?}: {testkit}");
     }
 }

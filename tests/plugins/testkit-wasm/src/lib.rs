@@ -23,7 +23,8 @@
 //!
 //! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
 //! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
-//! to `remote/<rest>`. Connections of clients whose id starts with `seen-` are counted (`connected`,
+//! to `remote/<rest>`. In strict mode a recheck ends sessions of clients whose id starts with `seen-revoked`.
+//! Connections of clients whose id starts with `seen-` are counted (`connected`,
 //! `disconnected/<cause>`, the gauge `online`); `seen-trap` makes both session calls trap after counting.
 
 use tollgate_sdk::prelude::*;
@@ -119,6 +120,15 @@ impl Plugin for Testkit {
                 self.authorize_publish(client, &request.topic, request.qos, request.retain, PublishKind::Publish)
             })
             .collect()
+    }
+
+    /// In strict mode, a recheck ends the sessions of clients whose id starts with `seen-revoked`.
+    fn authorize_session(&self, client: &Client) -> AclDecision {
+        if self.strict && client.client_id.starts_with("seen-revoked") {
+            AclDecision::Deny(DenyReason::NotAuthorized)
+        } else {
+            AclDecision::Ignore
+        }
     }
 
     fn authorize_subscribe(
