@@ -122,6 +122,7 @@ end
 
 function route(direction, bridge, msg)
   if starts(msg.topic, "local/") then return "drop" end
+  if direction == "ingress" and starts(msg.topic, "outbound-only/") then return "drop" end
   local rest = string.match(msg.topic, "^bridge/(.*)$")
   if rest then return { rewrite = "remote/" .. rest } end
   return nil

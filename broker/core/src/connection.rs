@@ -1037,7 +1037,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             let mut drafts: Vec<tollgate_hooks::Message> = admissions
                 .iter()
                 .filter_map(|admission| match admission {
-                    Admission::Admitted(admitted) => Some(to_hook_message(&admitted.message, admitted.expiry_interval)),
+                    Admission::Admitted(admitted) => {
+                        Some(Message::hook_view(&admitted.message, admitted.expiry_interval))
+                    }
                     Admission::Answered(_) => None,
                 })
                 .collect();
@@ -1085,7 +1087,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     self.route_publish(admitted);
                     return Ok(());
                 }
-                let mut draft = to_hook_message(&admitted.message, admitted.expiry_interval);
+                let mut draft = Message::hook_view(&admitted.message, admitted.expiry_interval);
                 let outcome = hooks.transform_inbound(&self.client, &mut draft).await;
                 self.finish_publish(admitted, draft, outcome)
             }
@@ -1483,7 +1485,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     async fn transform_outbound(&mut self, delivery: Delivery) -> Option<Delivery> {
         let hooks = self.broker.hooks();
         let now = Instant::now();
-        let mut draft = to_hook_message(&delivery.message, delivery.message.remaining_expiry(now));
+        let mut draft = Message::hook_view(&delivery.message, delivery.message.remaining_expiry(now));
         match hooks.transform_outbound(&self.client, &mut draft).await {
             TransformOutcome::Deliver => {
                 let mut message = Message {
@@ -1667,21 +1669,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 /// What authorization is asked about a checked PUBLISH.
 fn publish_action(publish: &Publish) -> Action<'_> {
     Action::Publish { topic: &publish.topic, qos: publish.qos, retain: publish.retain }
-}
-
-fn to_hook_message(message: &Message, expiry: Option<u32>) -> tollgate_hooks::Message {
-    tollgate_hooks::Message {
-        topic: message.topic.clone(),
-        payload: message.payload.clone(),
-        qos: message.qos,
-        retain: message.retain,
-        user_properties: message.properties.user_properties.clone(),
-        content_type: message.properties.content_type.clone(),
-        payload_format_indicator: message.properties.payload_format_indicator,
-        response_topic: message.properties.response_topic.clone(),
-        correlation_data: message.properties.correlation_data.clone(),
-        message_expiry_interval: expiry,
-    }
 }
 
 fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now: Instant) {

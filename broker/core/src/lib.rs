@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod local;
 pub mod message;
 pub mod metrics;
 pub mod retained;
@@ -28,6 +29,7 @@ use tollgate_protocol::QoS;
 use tracing::{debug, info, warn};
 
 pub use config::{BrokerConfig, DeniedPublish, OverflowPolicy};
+pub use local::{LocalClient, LocalFilterError, Unfinished};
 pub use message::{ClientId, Delivery, Message, SessionId};
 use metrics::Metrics;
 use retained::{MemoryRetainedStore, RetainedStore};

@@ -67,6 +67,22 @@ impl Message {
         }
     }
 
+    /// The message as hooks see it, with `expiry` as its remaining Message Expiry Interval.
+    pub fn hook_view(&self, expiry: Option<u32>) -> tollgate_hooks::Message {
+        tollgate_hooks::Message {
+            topic: self.topic.clone(),
+            payload: self.payload.clone(),
+            qos: self.qos,
+            retain: self.retain,
+            user_properties: self.properties.user_properties.clone(),
+            content_type: self.properties.content_type.clone(),
+            payload_format_indicator: self.properties.payload_format_indicator,
+            response_topic: self.properties.response_topic.clone(),
+            correlation_data: self.properties.correlation_data.clone(),
+            message_expiry_interval: expiry,
+        }
+    }
+
     pub fn user_properties(&self) -> &[UserProperty] {
         &self.properties.user_properties
     }

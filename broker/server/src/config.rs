@@ -24,6 +24,9 @@ pub struct Config {
     /// Policy plugins, in chain order.
     #[serde(default)]
     pub plugins: Vec<PluginConfig>,
+    /// Links to other brokers.
+    #[serde(default)]
+    pub bridges: Vec<crate::bridge_config::BridgeConfig>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -395,6 +398,7 @@ impl Default for Config {
                 admin_socket: None,
             },
             plugins: Vec::new(),
+            bridges: Vec::new(),
         }
     }
 }
@@ -508,9 +512,13 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
         && let Err(error) = figment.extract_inner::<Vec<PluginConfig>>("plugins")
     {
         for error in error {
-            problems.push(problem(error_key(&error), error.kind.to_string()));
+            // Unknown keys are already reported, by name, by `check_unknown_keys`.
+            if !matches!(error.kind, figment::error::Kind::UnknownField(..)) {
+                problems.push(problem(list_error_key("plugins", &error), error.kind.to_string()));
+            }
         }
     }
+    check_bridges(&data, &mut problems);
     if !problems.is_empty() {
         // Still check what can be checked: drop the keys already reported, validate the rest on top of the
         // defaults, and add the problems found under keys not yet named.
@@ -542,7 +550,7 @@ pub fn load(file: Option<&Path>) -> Result<Config, Vec<ConfigProblem>> {
 
 /// Removes `section.key`, a top-level key, or (for any `listeners…` key) the whole listener list.
 fn remove_key(data: &mut Dict, key: &str) {
-    for list in ["listeners", "plugins"] {
+    for list in ["listeners", "plugins", "bridges"] {
         if key.starts_with(list) {
             data.remove(list);
             return;
@@ -555,6 +563,53 @@ fn remove_key(data: &mut Dict, key: &str) {
         Some((section, field)) => {
             if let Some(Value::Dict(_, fields)) = data.get_mut(section) {
                 fields.remove(field);
+            }
+        }
+    }
+}
+
+/// `plugins[0].hooks` for an error figment places at `0.hooks` in the list.
+fn list_error_key(list: &str, error: &figment::Error) -> String {
+    let parts: Vec<&str> = error.path.iter().map(String::as_str).filter(|part| *part != list).collect();
+    match parts.split_first() {
+        Some((index, rest)) if index.parse::<usize>().is_ok() => {
+            rest.iter().fold(format!("{list}[{index}]"), |key, part| format!("{key}.{part}"))
+        }
+        _ => list.to_owned(),
+    }
+}
+
+/// Each `[[bridges]]` entry on its own, so one bad bridge does not hide the problems of the next.
+fn check_bridges(data: &Dict, problems: &mut Vec<ConfigProblem>) {
+    use crate::bridge_config::BridgeConfig;
+    let Some(value) = data.get("bridges") else { return };
+    let Value::Array(_, bridges) = value else {
+        problems.push(problem("bridges", "must be a list of tables ([[bridges]])"));
+        return;
+    };
+    let mut names: Vec<String> = Vec::new();
+    for (index, bridge) in bridges.iter().enumerate() {
+        match Figment::from(Serialized::defaults(bridge)).extract::<BridgeConfig>() {
+            Ok(bridge) => {
+                if names.contains(&bridge.name) {
+                    problems
+                        .push(problem(format!("bridges[{index}].name"), format!("{:?} is used twice", bridge.name)));
+                }
+                names.push(bridge.name.clone());
+                if let Err(more) = bridge.settings(index) {
+                    problems.extend(more);
+                }
+            }
+            Err(errors) => {
+                for error in errors {
+                    if !matches!(error.kind, figment::error::Kind::UnknownField(..)) {
+                        let key = std::iter::once(format!("bridges[{index}]"))
+                            .chain(error.path.iter().cloned())
+                            .collect::<Vec<_>>()
+                            .join(".");
+                        problems.push(problem(key, error.kind.to_string()));
+                    }
+                }
             }
         }
     }
@@ -623,6 +678,10 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
             }
             continue;
         }
+        if key == "bridges" {
+            check_bridge_keys(value, problems);
+            continue;
+        }
         let Some((_, known)) = SECTION_KEYS.iter().find(|(section, _)| section == key) else {
             problems.push(problem(key.clone(), "unknown section or key"));
             continue;
@@ -630,6 +689,34 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
         if let Value::Dict(_, fields) = value {
             for field in fields.keys().filter(|field| !known.contains(&field.as_str())) {
                 problems.push(problem(format!("{key}.{field}"), "unknown key"));
+            }
+        }
+    }
+}
+
+fn check_bridge_keys(value: &Value, problems: &mut Vec<ConfigProblem>) {
+    use crate::bridge_config::{BRIDGE_KEYS, BRIDGE_TLS_KEYS, BRIDGE_TOPIC_KEYS};
+    let Value::Array(_, bridges) = value else { return };
+    for (index, bridge) in bridges.iter().enumerate() {
+        let Value::Dict(_, fields) = bridge else { continue };
+        for (field, value) in fields {
+            let key = format!("bridges[{index}].{field}");
+            match (field.as_str(), value) {
+                ("tls", Value::Dict(_, tls)) => {
+                    for unknown in tls.keys().filter(|name| !BRIDGE_TLS_KEYS.contains(&name.as_str())) {
+                        problems.push(problem(format!("{key}.{unknown}"), "unknown key"));
+                    }
+                }
+                ("topics", Value::Array(_, topics)) => {
+                    for (position, topic) in topics.iter().enumerate() {
+                        let Value::Dict(_, topic) = topic else { continue };
+                        for unknown in topic.keys().filter(|name| !BRIDGE_TOPIC_KEYS.contains(&name.as_str())) {
+                            problems.push(problem(format!("{key}[{position}].{unknown}"), "unknown key"));
+                        }
+                    }
+                }
+                (name, _) if !BRIDGE_KEYS.contains(&name) => problems.push(problem(key, "unknown key")),
+                _ => {}
             }
         }
     }
@@ -885,6 +972,22 @@ impl Config {
             }
         }
         if problems.is_empty() { Ok(specs) } else { Err(problems) }
+    }
+
+    /// The validated bridges, or every problem with its key.
+    pub fn bridge_settings(&self) -> Result<Vec<tollgate_bridge::BridgeSettings>, Vec<ConfigProblem>> {
+        let mut settings = Vec::new();
+        let mut problems = Vec::new();
+        for (index, bridge) in self.bridges.iter().enumerate() {
+            if self.bridges[..index].iter().any(|earlier| earlier.name == bridge.name) {
+                problems.push(problem(format!("bridges[{index}].name"), format!("{:?} is used twice", bridge.name)));
+            }
+            match bridge.settings(index) {
+                Ok(bridge) => settings.push(bridge),
+                Err(more) => problems.extend(more),
+            }
+        }
+        if problems.is_empty() { Ok(settings) } else { Err(problems) }
     }
 
     /// The directory for state that outlives the process, if any.

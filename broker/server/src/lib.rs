@@ -3,6 +3,7 @@
 
 #[cfg(unix)]
 pub mod admin;
+pub mod bridge_config;
 pub mod certs;
 pub mod config;
 pub mod grants;
@@ -69,6 +70,8 @@ pub struct Server {
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
     /// Loaded plugins, kept across reloads so unchanged ones keep their instances and state.
     plugins: Arc<PluginHost>,
+    /// Links to other brokers, started with the server; a reload does not change them.
+    bridges: Vec<tollgate_bridge::BridgeHandle>,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -269,6 +272,14 @@ impl Server {
         }
         broker.spawn(tollgate_core::sys::run(broker.clone()));
         broker.spawn(publish_plugin_metrics(broker.clone(), plugin_host.clone()));
+        let bridge_settings = config.bridge_settings().map_err(|problems| {
+            anyhow::anyhow!(problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
+        })?;
+        let mut bridges = Vec::new();
+        for settings in bridge_settings {
+            info!(bridge = %settings.name, address = %settings.address, mappings = settings.topics.len(), "bridge starting");
+            bridges.push(tollgate_bridge::start(&broker, settings)?);
+        }
         if config.session.recheck_interval_ms > 0 {
             broker.spawn(recheck_periodically(
                 broker.clone(),
@@ -283,6 +294,7 @@ impl Server {
             stop_workers,
             tls: tls_listeners,
             plugins: plugin_host,
+            bridges,
         })
     }
 
@@ -329,6 +341,11 @@ impl Server {
         })
     }
 
+    /// The running bridges.
+    pub fn bridges(&self) -> &[tollgate_bridge::BridgeHandle] {
+        &self.bridges
+    }
+
     /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks, health, counters and
     /// gauges.
     pub fn status(&self) -> serde_json::Value {
@@ -363,6 +380,7 @@ impl Server {
             "messages_dropped": stats.publish_dropped,
             "policy_generation": self.generation.load(Ordering::Relaxed),
             "plugins": plugins,
+            "bridges": self.bridges.iter().map(bridge_status).collect::<Vec<_>>(),
         })
     }
 
@@ -551,4 +569,18 @@ fn worker_listeners(
     }
     sockets.insert(0, first);
     Ok(sockets)
+}
+
+fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {
+    use tollgate_bridge::BridgeStats;
+    let stats = &bridge.stats;
+    serde_json::json!({
+        "name": bridge.name,
+        "connected": stats.connected.load(Ordering::Relaxed),
+        "connects": BridgeStats::get(&stats.connects),
+        "sent": BridgeStats::get(&stats.sent),
+        "received": BridgeStats::get(&stats.received),
+        "dropped_by_route": BridgeStats::get(&stats.dropped_by_route),
+        "refused_by_remote": BridgeStats::get(&stats.refused_by_remote),
+    })
 }

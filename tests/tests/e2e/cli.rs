@@ -810,3 +810,36 @@ async fn sig_signs_cmac_with_a_random_nonce_and_verifies_it() {
     assert_eq!(short_key.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&short_key.stderr).contains("16-byte"), "{}", describe(&short_key));
 }
+
+#[tokio::test]
+async fn check_config_names_each_bad_bridge_key_and_keeps_checking_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "bridges.toml",
+        "[[bridges]]\nname = \"cloud\"\naddress = \"nowhere\"\ncolour = \"blue\"\n\
+         tls = { ca_file = \"/no/such/ca.pem\", pin = \"x\" }\n\
+         [[bridges.topics]]\npattern = \"a/#/b\"\nweight = 3\n\n\
+         [[bridges]]\nname = \"cloud\"\naddress = \"127.0.0.1:1883\"\nprotocol = \"v311\"\n\
+         topics = [{ pattern = \"x/#\", direction = \"both\", qos = 7 }]\n\n\
+         [[bridges]]\nname = \"empty\"\naddress = \"127.0.0.1:1883\"\n",
+    );
+    assert_refused_with(
+        &config,
+        &[
+            "bridges[0].colour: unknown key",
+            "bridges[0].tls.pin: unknown key",
+            "bridges[0].topics[0].weight: unknown key",
+            "bridges[0].address: \"nowhere\" is not host:port",
+            "bridges[0].tls.ca_file: cannot read /no/such/ca.pem",
+            "bridges[0].topics[0].pattern",
+            "bridges[1].name: \"cloud\" is used twice",
+            "bridges[1].topics[0].qos: 7 is not a QoS",
+            "bridges[1].topics[0].direction: \"both\" on a v311 bridge would loop",
+            "bridges[2].topics: a bridge needs at least one",
+        ],
+    )
+    .await;
+    let output = run(tollgate().args(["run", "--config"]).arg(&config), LIMIT).await;
+    assert!(!output.status.success(), "run started with bad bridges: {}", describe(&output));
+}

@@ -6,6 +6,7 @@
 #[path = "../../support/wasm_build.rs"]
 mod wasm_build;
 
+mod bridge;
 mod cli;
 mod malformed;
 mod mosquitto_clients;

@@ -22,10 +22,10 @@
 //! `acl_batch_requests`.
 //!
 //! Subscriptions to `capped/#`-style filters are granted QoS 0 at most; `deny/` filters are refused. CONNECT with
-//! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `bridge/<rest>` rewritten
-//! to `remote/<rest>`. In strict mode a recheck ends sessions of clients whose id starts with `seen-revoked`.
-//! Connections of clients whose id starts with `seen-` are counted (`connected`,
-//! `disconnected/<cause>`, the gauge `online`); `seen-trap` makes both session calls trap after counting.
+//! user name `blocked` is refused; `loop` as user name loops. Routes: `local/` dropped, `outbound-only/` dropped
+//! coming in (ingress), `bridge/<rest>` rewritten to `remote/<rest>`. In strict mode a recheck ends sessions of
+//! clients whose id starts with `seen-revoked`. Connections of clients whose id starts with `seen-` are counted
+//! (`connected`, `disconnected/<cause>`, the gauge `online`); `seen-trap` makes both session calls trap after counting.
 
 use tollgate_sdk::prelude::*;
 
@@ -233,8 +233,10 @@ impl Plugin for Testkit {
         TransformResult::Modified(message)
     }
 
-    fn route(&self, _direction: RouteDirection, _bridge: &str, message: &Message) -> RouteDecision {
-        if message.topic.starts_with("local/") {
+    fn route(&self, direction: RouteDirection, _bridge: &str, message: &Message) -> RouteDecision {
+        if message.topic.starts_with("local/")
+            || (matches!(direction, RouteDirection::Ingress) && message.topic.starts_with("outbound-only/"))
+        {
             RouteDecision::Drop
         } else if let Some(rest) = message.topic.strip_prefix("bridge/") {
             RouteDecision::Rewrite(format!("remote/{rest}"))

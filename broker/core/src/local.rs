@@ -1,0 +1,137 @@
+//! A client inside the process: a session with subscriptions and a bounded queue like any network client's, but
+//! drained by the code that holds it instead of a socket. Bridges use it to take the messages they forward.
+//!
+//! The session is not in the session store: it is not taken over, expired, rechecked or persisted, and ends
+//! when the `LocalClient` is dropped. It stays attached for its whole life, so messages queue (within the
+//! broker's queue bound and overflow policy) while its holder cannot pass them on.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+use tollgate_protocol::{PacketId, SubscriptionOptions};
+
+use crate::Broker;
+use crate::message::{ClientId, Delivery, Message, SessionId};
+use crate::router::Subscriber;
+use crate::session::{Inflight, SessionRef, SessionSubscription};
+
+/// A subscription filter a local client could not use.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid subscription filter {filter:?}: {reason}")]
+pub struct LocalFilterError {
+    pub filter: String,
+    pub reason: String,
+}
+
+/// What a local client must still finish after its holder reconnects elsewhere, in the order first sent.
+#[derive(Clone, Debug)]
+pub enum Unfinished {
+    /// Sent (or about to be) and not acknowledged: send again, marked duplicate.
+    Publish(PacketId, Delivery),
+    /// QoS 2: the receiver has it; only the release remains.
+    Release(PacketId),
+}
+
+pub struct LocalClient {
+    broker: Broker,
+    session: SessionRef,
+}
+
+impl Broker {
+    /// A client inside the process, named `client_id` in logs. See [`LocalClient`].
+    pub fn local_client(&self, client_id: &str) -> LocalClient {
+        let session = self.new_session(ClientId(client_id.into()), u32::MAX);
+        let client = Arc::new(tollgate_hooks::ClientInfo {
+            client_id: client_id.into(),
+            username: None,
+            protocol: tollgate_protocol::ProtocolVersion::V5,
+            remote_addr: None,
+            listener: "local".into(),
+            peer: None,
+            attributes: Arc::default(),
+        });
+        session.attach(client);
+        LocalClient { broker: self.clone(), session }
+    }
+}
+
+impl LocalClient {
+    pub fn session_id(&self) -> SessionId {
+        self.session.id
+    }
+
+    /// Subscribes; retained messages matching the filter are queued now, as for a new network subscription.
+    pub fn subscribe(&self, filter: &str, options: SubscriptionOptions) -> Result<(), LocalFilterError> {
+        let parsed = tollgate_protocol::topic::parse_subscription_filter(filter)
+            .map_err(|error| LocalFilterError { filter: filter.into(), reason: error.to_string() })?;
+        let subscriber = Subscriber { session: self.session.clone(), options, identifier: None };
+        self.broker.router().subscribe(parsed.filter, parsed.share_group, subscriber);
+        self.session.lock().subscriptions.insert(filter.into(), SessionSubscription { options, identifier: None });
+        if parsed.share_group.is_none() && options.retain_handling != 2 {
+            for message in self.broker.retained().matching(parsed.filter, Instant::now()) {
+                let qos = message.qos.min(options.qos);
+                // A retained message sent because of a new subscription keeps its flag [MQTT-3.3.1-8].
+                self.broker
+                    .deliver(&self.session, Delivery { message, qos, retain: true, subscription_ids: Vec::new() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until something is queued and takes what the in-flight `window` allows (at most `max_batch`),
+    /// with packet ids assigned to QoS 1 and 2. Cancel-safe: nothing is taken until it returns.
+    pub async fn next_batch(&self, window: usize, max_batch: usize) -> Vec<(Delivery, Option<PacketId>)> {
+        loop {
+            let woken = self.session.wakeup.notified();
+            let batch = self.session.lock().take_sendable(window, max_batch, Instant::now());
+            if !batch.is_empty() {
+                return batch;
+            }
+            woken.await;
+        }
+    }
+
+    /// QoS 1 acknowledged, or QoS 2 completed: the slot opens.
+    pub fn complete(&self, packet_id: PacketId) -> bool {
+        let known = self.session.lock().complete(packet_id);
+        self.session.wakeup.notify_one();
+        known
+    }
+
+    /// QoS 2 received by the other side: only the release remains.
+    pub fn received(&self, packet_id: PacketId) -> bool {
+        self.session.lock().received(packet_id)
+    }
+
+    /// Everything in flight, for sending again after the holder's link came back [MQTT-4.4.0-1].
+    pub fn unfinished(&self) -> Vec<Unfinished> {
+        self.session
+            .lock()
+            .inflight_in_order()
+            .into_iter()
+            .map(|(packet_id, entry)| match entry {
+                Inflight::Publish(delivery) => Unfinished::Publish(packet_id, delivery),
+                Inflight::Release => Unfinished::Release(packet_id),
+            })
+            .collect()
+    }
+
+    /// Messages waiting to be taken, and those taken and not yet finished.
+    pub fn backlog(&self) -> (usize, usize) {
+        let state = self.session.lock();
+        (state.queue.len(), state.inflight.len())
+    }
+
+    /// Publishes into the broker as this client: its own no-local subscriptions do not get the message back.
+    pub fn publish(&self, mut message: Message) -> usize {
+        message.origin = Some(self.session.id);
+        let client_id = self.session.client_id.clone();
+        self.broker.publish_from(Arc::new(message), Some(&client_id))
+    }
+}
+
+impl Drop for LocalClient {
+    fn drop(&mut self) {
+        self.broker.end_session(&self.session);
+    }
+}

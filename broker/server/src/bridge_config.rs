@@ -1,0 +1,317 @@
+//! `[[bridges]]`: connections to other brokers, each with its topic mappings (`[[bridges.topics]]`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tollgate_bridge::{BridgeSettings, Direction, TlsSettings, TopicMapping};
+use tollgate_protocol::{ProtocolVersion, QoS};
+
+use crate::config::ConfigProblem;
+
+pub(crate) const BRIDGE_KEYS: &[&str] = &[
+    "name",
+    "address",
+    "protocol",
+    "client_id",
+    "username",
+    "password",
+    "keepalive",
+    "clean_start",
+    "session_expiry",
+    "max_inflight",
+    "connect_timeout",
+    "reconnect_min_ms",
+    "reconnect_max_ms",
+    "tls",
+    "topics",
+];
+pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
+pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
+
+/// One `[[bridges]]` entry.
+// Unknown keys are reported by the configuration's key check, by name, without stopping the rest of the entry
+// from being checked; `deny_unknown_fields` would refuse the whole entry.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BridgeConfig {
+    pub name: String,
+    /// `host:port` of the remote broker.
+    pub address: String,
+    /// `v5` (default) or `v311`.
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Unset: `tollgate-bridge-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Seconds.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: u16,
+    #[serde(default)]
+    pub clean_start: bool,
+    /// Seconds the remote keeps the bridge's session after the link drops (MQTT 5).
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: u32,
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+    /// Seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: u16,
+    #[serde(default = "default_reconnect_min")]
+    pub reconnect_min_ms: u32,
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_ms: u32,
+    #[serde(default)]
+    pub tls: Option<BridgeTlsConfig>,
+    #[serde(default)]
+    pub topics: Vec<BridgeTopicConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BridgeTlsConfig {
+    pub ca_file: PathBuf,
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BridgeTopicConfig {
+    pub pattern: String,
+    /// `out`, `in` or `both`.
+    #[serde(default = "default_direction")]
+    pub direction: String,
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub local_prefix: String,
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+fn default_protocol() -> String {
+    "v5".into()
+}
+fn default_keepalive() -> u16 {
+    60
+}
+fn default_session_expiry() -> u32 {
+    86_400
+}
+fn default_max_inflight() -> u16 {
+    32
+}
+fn default_connect_timeout() -> u16 {
+    20
+}
+fn default_reconnect_min() -> u32 {
+    1_000
+}
+fn default_reconnect_max() -> u32 {
+    60_000
+}
+fn default_direction() -> String {
+    "out".into()
+}
+fn default_qos() -> u8 {
+    1
+}
+
+impl BridgeConfig {
+    /// The bridge's settings, or every problem with its key (`bridges[<index>].<key>`).
+    pub fn settings(&self, index: usize) -> Result<BridgeSettings, Vec<ConfigProblem>> {
+        let key = |name: &str| format!("bridges[{index}].{name}");
+        let mut problems = Vec::new();
+        let mut report = |key: String, message: String| problems.push(ConfigProblem { key, message });
+        // The name becomes a `$SYS` topic level and a log field.
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'".into());
+        }
+        match self.address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) => {}
+            _ => report(key("address"), format!("{:?} is not host:port", self.address)),
+        }
+        let protocol = match self.protocol.as_str() {
+            "v5" => ProtocolVersion::V5,
+            "v311" => ProtocolVersion::V311,
+            other => {
+                report(key("protocol"), format!("{other:?} is not \"v5\" or \"v311\""));
+                ProtocolVersion::V5
+            }
+        };
+        let client_id = self.client_id.clone().unwrap_or_else(|| format!("tollgate-bridge-{}", self.name));
+        if client_id.is_empty() || client_id.len() > 65_535 {
+            report(key("client_id"), "must be 1 to 65535 bytes".into());
+        }
+        if self.password.is_some() && self.username.is_none() && !protocol.is_v5() {
+            report(key("password"), "MQTT 3.1.1 sends a password only with a username".into());
+        }
+        if self.max_inflight == 0 {
+            report(key("max_inflight"), "must be at least 1".into());
+        }
+        if self.connect_timeout == 0 {
+            report(key("connect_timeout"), "must be at least 1 second".into());
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            report(key("reconnect_min_ms"), "must be at least 1 and no more than reconnect_max_ms".into());
+        }
+        let tls = self.tls.as_ref().map(|tls| {
+            for (name, path) in
+                [("ca_file", Some(&tls.ca_file)), ("cert", tls.cert.as_ref()), ("key", tls.key.as_ref())]
+            {
+                if let Some(path) = path
+                    && !path.is_file()
+                {
+                    report(key(&format!("tls.{name}")), format!("cannot read {}", path.display()));
+                }
+            }
+            if tls.cert.is_some() != tls.key.is_some() {
+                report(key("tls"), "a client certificate needs both cert and key".into());
+            }
+            TlsSettings {
+                ca_file: tls.ca_file.clone(),
+                cert: tls.cert.clone(),
+                key: tls.key.clone(),
+                server_name: tls.server_name.clone(),
+            }
+        });
+        if self.topics.is_empty() {
+            report(key("topics"), "a bridge needs at least one [[bridges.topics]] mapping".into());
+        }
+        let mut topics = Vec::new();
+        for (position, topic) in self.topics.iter().enumerate() {
+            let key = |name: &str| format!("bridges[{index}].topics[{position}].{name}");
+            let direction = topic.direction.parse::<Direction>().unwrap_or_else(|message| {
+                report(key("direction"), message);
+                Direction::Out
+            });
+            let qos = QoS::from_u8(topic.qos).unwrap_or_else(|| {
+                report(key("qos"), format!("{} is not a QoS (0, 1 or 2)", topic.qos));
+                QoS::AtMostOnce
+            });
+            let mapping = TopicMapping {
+                pattern: topic.pattern.clone(),
+                direction,
+                qos,
+                local_prefix: topic.local_prefix.clone(),
+                remote_prefix: topic.remote_prefix.clone(),
+            };
+            if let Err(message) = mapping.check() {
+                report(key("pattern"), message);
+            }
+            // MQTT 3.1.1 has no No Local: the remote would send back every message the bridge forwards to it.
+            if !protocol.is_v5() && direction == Direction::Both {
+                report(
+                    key("direction"),
+                    "\"both\" on a v311 bridge would loop (MQTT 3.1.1 has no No Local); use one direction".into(),
+                );
+            }
+            topics.push(mapping);
+        }
+        if !problems.is_empty() {
+            return Err(problems);
+        }
+        Ok(BridgeSettings {
+            name: self.name.clone(),
+            address: self.address.clone(),
+            protocol,
+            client_id,
+            username: self.username.clone(),
+            password: self.password.clone(),
+            keep_alive: Duration::from_secs(u64::from(self.keepalive)),
+            clean_start: self.clean_start,
+            session_expiry: Duration::from_secs(u64::from(self.session_expiry)),
+            max_inflight: self.max_inflight,
+            connect_timeout: Duration::from_secs(u64::from(self.connect_timeout)),
+            reconnect_min: Duration::from_millis(u64::from(self.reconnect_min_ms)),
+            reconnect_max: Duration::from_millis(u64::from(self.reconnect_max_ms)),
+            tls,
+            topics,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bridge(toml: &str) -> BridgeConfig {
+        use figment::providers::Format;
+        figment::Figment::from(figment::providers::Toml::string(toml)).extract().expect("a bridge table")
+    }
+
+    #[test]
+    fn a_minimal_bridge_gets_its_defaults() {
+        let settings = bridge(
+            r#"
+            name = "cloud"
+            address = "127.0.0.1:1883"
+            topics = [{ pattern = "site/#" }]
+            "#,
+        )
+        .settings(0)
+        .expect("valid");
+        assert_eq!(settings.client_id, "tollgate-bridge-cloud");
+        assert_eq!(settings.protocol, ProtocolVersion::V5);
+        assert_eq!(settings.topics[0].direction, Direction::Out);
+        assert_eq!(settings.topics[0].qos, QoS::AtLeastOnce);
+        assert_eq!(settings.keep_alive, Duration::from_secs(60));
+    }
+
+    #[test]
+    fn every_problem_is_named_by_its_key() {
+        let problems = bridge(
+            r#"
+            name = "a b"
+            address = "nowhere"
+            protocol = "v4"
+            max_inflight = 0
+            tls = { ca_file = "/no/such/ca.pem", cert = "/no/such/cert.pem" }
+            topics = [
+                { pattern = "a/#/b" },
+                { pattern = "x", direction = "sideways", qos = 3 },
+            ]
+            "#,
+        )
+        .settings(2)
+        .expect_err("invalid");
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+        for expected in [
+            "bridges[2].name",
+            "bridges[2].address",
+            "bridges[2].protocol",
+            "bridges[2].max_inflight",
+            "bridges[2].tls.ca_file",
+            "bridges[2].tls.cert",
+            "bridges[2].tls",
+            "bridges[2].topics[0].pattern",
+            "bridges[2].topics[1].direction",
+            "bridges[2].topics[1].qos",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn both_directions_on_a_v311_bridge_is_refused_as_a_loop() {
+        let problems = bridge(
+            r#"
+            name = "old"
+            address = "127.0.0.1:1883"
+            protocol = "v311"
+            topics = [{ pattern = "a/#", direction = "both" }]
+            "#,
+        )
+        .settings(0)
+        .expect_err("a loop");
+        assert_eq!(problems[0].key, "bridges[0].topics[0].direction");
+        assert!(problems[0].message.contains("loop"), "{}", problems[0].message);
+    }
+}

@@ -1,0 +1,267 @@
+//! A broker-to-broker bridge: one MQTT client connection to a remote broker per bridge, forwarding the topics
+//! its mappings name in either direction, every message through the route hook (`forward`, `rewrite`, `drop`).
+//!
+//! The local side is a [`LocalClient`]: the bridge subscribes to the outgoing mappings' local filters like any
+//! client, so messages queue in its session (the broker's queue bound and overflow policy) while the remote is
+//! unreachable, and what was in flight is sent again, marked duplicate, after a reconnect. The queue is in
+//! memory: a restart of this broker loses what had not reached the remote. Incoming messages are published
+//! locally as the bridge's own, so its no-local subscriptions never send them back; on MQTT 5 remotes the
+//! bridge subscribes with No Local, so the remote never echoes what the bridge sent it.
+//!
+//! Layout: this file holds the settings and the topic mapping, [`link`] runs the connection.
+
+mod link;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tollgate_core::Broker;
+use tollgate_protocol::{ProtocolVersion, QoS, topic};
+
+/// Which way a mapping carries messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Local messages to the remote.
+    Out,
+    /// Remote messages into this broker.
+    In,
+    Both,
+}
+
+impl std::str::FromStr for Direction {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "out" => Ok(Self::Out),
+            "in" => Ok(Self::In),
+            "both" => Ok(Self::Both),
+            other => Err(format!("{other:?} is not a direction: out, in or both")),
+        }
+    }
+}
+
+/// One topic mapping, as Mosquitto's `topic pattern direction qos local-prefix remote-prefix`: the local filter
+/// is `local_prefix + pattern`, the remote one `remote_prefix + pattern`, and a topic crossing the bridge keeps
+/// its part after the prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicMapping {
+    pub pattern: String,
+    pub direction: Direction,
+    /// The most a message crosses at (the bridge's subscription QoS on the sending side).
+    pub qos: QoS,
+    pub local_prefix: String,
+    pub remote_prefix: String,
+}
+
+impl TopicMapping {
+    pub fn local_filter(&self) -> String {
+        format!("{}{}", self.local_prefix, self.pattern)
+    }
+
+    pub fn remote_filter(&self) -> String {
+        format!("{}{}", self.remote_prefix, self.pattern)
+    }
+
+    pub fn sends_out(&self) -> bool {
+        matches!(self.direction, Direction::Out | Direction::Both)
+    }
+
+    pub fn takes_in(&self) -> bool {
+        matches!(self.direction, Direction::In | Direction::Both)
+    }
+
+    /// The remote topic for a local one this mapping carries out.
+    pub fn to_remote(&self, local_topic: &str) -> Option<String> {
+        if !self.sends_out() || !topic::matches(&self.local_filter(), local_topic) {
+            return None;
+        }
+        let rest = local_topic.strip_prefix(self.local_prefix.as_str())?;
+        Some(format!("{}{rest}", self.remote_prefix))
+    }
+
+    /// The local topic for a remote one this mapping carries in.
+    pub fn to_local(&self, remote_topic: &str) -> Option<String> {
+        if !self.takes_in() || !topic::matches(&self.remote_filter(), remote_topic) {
+            return None;
+        }
+        let rest = remote_topic.strip_prefix(self.remote_prefix.as_str())?;
+        Some(format!("{}{rest}", self.local_prefix))
+    }
+
+    /// Whether the mapping is usable: a valid filter, prefixes without wildcards.
+    pub fn check(&self) -> Result<(), String> {
+        if self.pattern.is_empty() {
+            return Err("the pattern is empty".into());
+        }
+        topic::validate_topic_filter(&self.pattern).map_err(|error| format!("pattern {:?}: {error}", self.pattern))?;
+        if self.pattern.starts_with("$share/") {
+            return Err("a bridge does not take shared subscriptions".into());
+        }
+        for (name, prefix) in [("local_prefix", &self.local_prefix), ("remote_prefix", &self.remote_prefix)] {
+            if prefix.contains(['+', '#', '\0']) {
+                return Err(format!("{name} {prefix:?} must not contain wildcards"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// TLS toward the remote (`mqtts`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// CA certificates the remote's certificate is verified against (PEM).
+    pub ca_file: PathBuf,
+    /// A client certificate chain and key (PEM), for remotes that ask for one.
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// The name the remote's certificate must carry; the address's host when unset.
+    pub server_name: Option<String>,
+}
+
+/// One bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BridgeSettings {
+    /// Names the bridge in logs, `$SYS` and the route hook's `bridge` argument.
+    pub name: String,
+    /// `host:port` of the remote broker.
+    pub address: String,
+    pub protocol: ProtocolVersion,
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub keep_alive: Duration,
+    /// Whether the remote session starts afresh on each connect; false keeps what the remote queued for the
+    /// bridge while the link was down.
+    pub clean_start: bool,
+    /// MQTT 5: how long the remote keeps the bridge's session after the link drops.
+    pub session_expiry: Duration,
+    /// Messages sent to the remote and not yet acknowledged, at most.
+    pub max_inflight: u16,
+    pub connect_timeout: Duration,
+    /// The first wait before reconnecting; it doubles up to `reconnect_max`, and resets once a link has been up
+    /// for a minute.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub tls: Option<TlsSettings>,
+    pub topics: Vec<TopicMapping>,
+}
+
+/// Why a bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    #[error("bridge {bridge}: topics[{index}]: {reason}")]
+    Mapping { bridge: String, index: usize, reason: String },
+    #[error("bridge {bridge}: {path}: {reason}")]
+    File { bridge: String, path: PathBuf, reason: String },
+    #[error("bridge {bridge}: tls: {reason}")]
+    Tls { bridge: String, reason: String },
+}
+
+/// What a running bridge has done, for status and tests.
+#[derive(Debug, Default)]
+pub struct BridgeStats {
+    pub connected: AtomicBool,
+    /// Links established.
+    pub connects: AtomicU64,
+    /// Messages sent to the remote (resends not counted again).
+    pub sent: AtomicU64,
+    /// Messages from the remote published here.
+    pub received: AtomicU64,
+    /// Messages the route hook dropped, either way.
+    pub dropped_by_route: AtomicU64,
+    /// Messages the remote refused (an error reason code in its acknowledgement).
+    pub refused_by_remote: AtomicU64,
+}
+
+impl BridgeStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// A started bridge. It runs until the broker shuts down.
+pub struct BridgeHandle {
+    pub name: String,
+    pub stats: Arc<BridgeStats>,
+}
+
+/// The retained `$SYS` topic where a bridge's state (`connected` or `disconnected`) is kept.
+pub fn state_topic(name: &str) -> String {
+    format!("$SYS/broker/bridges/{name}/state")
+}
+
+/// Checks the settings, builds the TLS configuration and starts the bridge as a task of `broker` (the shutdown
+/// drain waits for its goodbye to the remote).
+pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, BridgeError> {
+    for (index, mapping) in settings.topics.iter().enumerate() {
+        mapping.check().map_err(|reason| BridgeError::Mapping { bridge: settings.name.clone(), index, reason })?;
+    }
+    let tls = match &settings.tls {
+        Some(tls) => Some(link::client_config(&settings.name, &settings.address, tls)?),
+        None => None,
+    };
+    let stats = Arc::new(BridgeStats::default());
+    let handle = BridgeHandle { name: settings.name.clone(), stats: stats.clone() };
+    broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats));
+    Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mapping(pattern: &str, direction: Direction, local: &str, remote: &str) -> TopicMapping {
+        TopicMapping {
+            pattern: pattern.into(),
+            direction,
+            qos: QoS::AtLeastOnce,
+            local_prefix: local.into(),
+            remote_prefix: remote.into(),
+        }
+    }
+
+    #[test]
+    fn prefixes_are_swapped_and_the_rest_kept() {
+        let both = mapping("sensors/#", Direction::Both, "site/", "sites/a/");
+        assert_eq!(both.local_filter(), "site/sensors/#");
+        assert_eq!(both.remote_filter(), "sites/a/sensors/#");
+        assert_eq!(both.to_remote("site/sensors/t1").as_deref(), Some("sites/a/sensors/t1"));
+        assert_eq!(both.to_local("sites/a/sensors/t1").as_deref(), Some("site/sensors/t1"));
+        assert_eq!(both.to_remote("other/sensors/t1"), None);
+        assert_eq!(both.to_local("sites/b/sensors/t1"), None);
+    }
+
+    #[test]
+    fn a_mapping_carries_only_its_direction() {
+        let out = mapping("a/+", Direction::Out, "", "");
+        assert_eq!(out.to_remote("a/1").as_deref(), Some("a/1"));
+        assert_eq!(out.to_local("a/1"), None);
+        let into = mapping("a/+", Direction::In, "", "");
+        assert_eq!(into.to_local("a/1").as_deref(), Some("a/1"));
+        assert_eq!(into.to_remote("a/1"), None);
+    }
+
+    #[test]
+    fn bad_mappings_are_named() {
+        assert!(mapping("a/#/b", Direction::Out, "", "").check().is_err());
+        assert!(mapping("", Direction::Out, "", "").check().is_err());
+        assert!(
+            mapping("a", Direction::Out, "x/+/", "").check().expect_err("a wildcard prefix").contains("local_prefix")
+        );
+        assert!(mapping("$share/g/a", Direction::In, "", "").check().is_err());
+        assert!(mapping("a/#", Direction::Both, "l/", "r/").check().is_ok());
+    }
+
+    #[test]
+    fn directions_parse() {
+        assert_eq!("both".parse::<Direction>(), Ok(Direction::Both));
+        assert!("sideways".parse::<Direction>().expect_err("not a direction").contains("sideways"));
+    }
+}

@@ -1,0 +1,593 @@
+//! The bridge's connection to the remote broker: connect (TCP or TLS), CONNECT, subscribe to the incoming
+//! mappings, then move messages both ways until the link drops or the broker shuts down; reconnect with backoff.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use rustls::ClientConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+use tollgate_core::{Broker, Delivery, LocalClient, Message, Unfinished};
+use tollgate_hooks::{RouteDecision, RouteDirection};
+use tollgate_protocol::{
+    Ack, Connect, Disconnect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
+    Subscription, SubscriptionOptions, decode_packet, encode_packet, topic,
+};
+use tracing::{debug, info, warn};
+
+use crate::{BridgeError, BridgeSettings, BridgeStats, TlsSettings, state_topic};
+
+/// A link up this long is healthy: the next reconnect starts again from the shortest wait.
+const STABLE: Duration = Duration::from_secs(60);
+/// Deliveries taken from the local queue per wake-up.
+const BATCH: usize = 64;
+
+pub(crate) struct Tls {
+    config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// The host part of `host:port` (`[v6]:port` too).
+fn host_of(address: &str) -> &str {
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+pub(crate) fn client_config(bridge: &str, address: &str, settings: &TlsSettings) -> Result<Tls, BridgeError> {
+    let file_error = |path: &std::path::Path, reason: String| BridgeError::File {
+        bridge: bridge.into(),
+        path: path.to_owned(),
+        reason,
+    };
+    let tls_error = |reason: String| BridgeError::Tls { bridge: bridge.into(), reason };
+    let read_chain = |path: &std::path::Path| -> Result<Vec<CertificateDer<'static>>, BridgeError> {
+        let chain = CertificateDer::pem_file_iter(path)
+            .map_err(|error| file_error(path, error.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| file_error(path, error.to_string()))?;
+        if chain.is_empty() {
+            return Err(file_error(path, "no PEM certificate in the file".into()));
+        }
+        Ok(chain)
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_chain(&settings.ca_file)? {
+        roots.add(certificate).map_err(|error| file_error(&settings.ca_file, error.to_string()))?;
+    }
+    let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|error| tls_error(error.to_string()))?
+        .with_root_certificates(roots);
+    let config = match (&settings.cert, &settings.key) {
+        (Some(cert), Some(key)) => {
+            let chain = read_chain(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|error| file_error(key, error.to_string()))?;
+            builder.with_client_auth_cert(chain, key).map_err(|error| tls_error(error.to_string()))?
+        }
+        (None, None) => builder.with_no_client_auth(),
+        _ => return Err(tls_error("a client certificate needs both cert and key".into())),
+    };
+    let host = settings.server_name.clone().unwrap_or_else(|| host_of(address).to_owned());
+    let server_name =
+        ServerName::try_from(host.clone()).map_err(|error| tls_error(format!("server name {host:?}: {error}")))?;
+    Ok(Tls { config: Arc::new(config), server_name })
+}
+
+fn publish_state(broker: &Broker, name: &str, connected: bool) {
+    let state = if connected { "connected" } else { "disconnected" };
+    broker.publish_local(&state_topic(name), state, QoS::AtMostOnce, true);
+}
+
+/// A wait of 75–100% of `delay`, so bridges that lost the same remote do not all return at once.
+fn jittered(delay: Duration) -> Duration {
+    let noise =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.subsec_nanos());
+    delay.mul_f64(0.75 + f64::from(noise % 1000) / 4000.0)
+}
+
+/// How a link ended.
+enum LinkEnd {
+    Shutdown,
+    Lost(String),
+}
+
+/// The bridge's task: reconnects until the broker shuts down.
+pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Option<Tls>, stats: Arc<BridgeStats>) {
+    let name = settings.name.as_str();
+    let local = broker.local_client(&format!("$bridge/{name}"));
+    for mapping in settings.topics.iter().filter(|mapping| mapping.sends_out()) {
+        let options =
+            SubscriptionOptions { qos: mapping.qos, no_local: true, retain_as_published: true, retain_handling: 0 };
+        if let Err(error) = local.subscribe(&mapping.local_filter(), options) {
+            warn!(bridge = name, %error, "bridge mapping not subscribed");
+        }
+    }
+    publish_state(&broker, name, false);
+    let shutdown = broker.shutdown_token();
+    // QoS 2 messages from the remote acknowledged with PUBREC and not yet released: kept across links, as the
+    // remote keeps its side in the bridge's session.
+    let mut incoming_qos2 = HashSet::new();
+    let mut delay = settings.reconnect_min;
+    loop {
+        let attempt = tokio::select! {
+            attempt = connect(&broker, &settings, tls.as_ref()) => attempt,
+            () = shutdown.cancelled() => break,
+        };
+        match attempt {
+            Ok(link) => {
+                let up_since = Instant::now();
+                if !link.session_present {
+                    incoming_qos2.clear();
+                }
+                stats.connected.store(true, std::sync::atomic::Ordering::Relaxed);
+                BridgeStats::bump(&stats.connects);
+                publish_state(&broker, name, true);
+                info!(bridge = name, address = %settings.address, "bridge connected");
+                let end = link.serve(&broker, &settings, &local, &stats, &shutdown, &mut incoming_qos2).await;
+                stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                publish_state(&broker, name, false);
+                match end {
+                    LinkEnd::Shutdown => {
+                        info!(bridge = name, "bridge closed for shutdown");
+                        break;
+                    }
+                    LinkEnd::Lost(reason) => {
+                        let (queued, inflight) = local.backlog();
+                        warn!(bridge = name, %reason, queued, inflight, "bridge link lost");
+                    }
+                }
+                if up_since.elapsed() >= STABLE {
+                    delay = settings.reconnect_min;
+                }
+            }
+            Err(reason) => {
+                warn!(bridge = name, address = %settings.address, %reason, retry_in = ?delay, "bridge cannot connect")
+            }
+        }
+        tokio::select! {
+            () = sleep(jittered(delay)) => {}
+            () = shutdown.cancelled() => break,
+        }
+        delay = (delay * 2).min(settings.reconnect_max);
+    }
+}
+
+struct Link {
+    stream: Box<dyn Io>,
+    read: BytesMut,
+    write: BytesMut,
+    version: ProtocolVersion,
+    max_packet: usize,
+    /// The remote's limits from CONNACK.
+    remote_max_packet: usize,
+    remote_receive_maximum: u16,
+    session_present: bool,
+}
+
+async fn connect(broker: &Broker, settings: &BridgeSettings, tls: Option<&Tls>) -> Result<Link, String> {
+    let attempt = async {
+        let tcp = TcpStream::connect(&settings.address).await.map_err(|error| format!("connect: {error}"))?;
+        // Small acknowledgements must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        let stream: Box<dyn Io> = match tls {
+            Some(tls) => Box::new(
+                TlsConnector::from(tls.config.clone())
+                    .connect(tls.server_name.clone(), tcp)
+                    .await
+                    .map_err(|error| format!("TLS: {error}"))?,
+            ),
+            None => Box::new(tcp),
+        };
+        let max_packet = broker.config().max_packet_size as usize;
+        let mut link = Link {
+            stream,
+            read: BytesMut::with_capacity(8 * 1024),
+            write: BytesMut::with_capacity(8 * 1024),
+            version: settings.protocol,
+            max_packet,
+            remote_max_packet: max_packet,
+            remote_receive_maximum: u16::MAX,
+            session_present: false,
+        };
+        let v5 = settings.protocol.is_v5();
+        let properties = Properties {
+            session_expiry_interval: v5
+                .then(|| u32::try_from(settings.session_expiry.as_secs()).unwrap_or(u32::MAX))
+                .filter(|seconds| *seconds > 0),
+            maximum_packet_size: v5.then(|| u32::try_from(max_packet).unwrap_or(u32::MAX)),
+            ..Properties::default()
+        };
+        link.queue(&Packet::Connect(Box::new(Connect {
+            protocol: settings.protocol,
+            clean_start: settings.clean_start,
+            keep_alive: u16::try_from(settings.keep_alive.as_secs()).unwrap_or(u16::MAX),
+            client_id: settings.client_id.clone(),
+            username: settings.username.clone(),
+            password: settings.password.clone().map(Into::into),
+            will: None,
+            properties,
+        })))?;
+        link.flush().await?;
+        let connack = match link.next_packet().await? {
+            Packet::ConnAck(connack) => connack,
+            other => return Err(format!("expected CONNACK, the remote sent {}", other.kind())),
+        };
+        if connack.reason_code.is_error() {
+            return Err(format!("the remote refused the connection: reason code 0x{:02X}", connack.reason_code.0));
+        }
+        link.session_present = connack.session_present;
+        if let Some(limit) = connack.properties.maximum_packet_size {
+            link.remote_max_packet = link.remote_max_packet.min(limit as usize);
+        }
+        if let Some(limit) = connack.properties.receive_maximum {
+            link.remote_receive_maximum = limit;
+        }
+        let subscriptions: Vec<Subscription> = settings
+            .topics
+            .iter()
+            .filter(|mapping| mapping.takes_in())
+            .map(|mapping| Subscription {
+                filter: mapping.remote_filter(),
+                // No Local: the remote must not send back what the bridge published to it. A 3.1.1 remote has no
+                // such option; the configuration refuses mappings in both directions for it.
+                options: SubscriptionOptions {
+                    qos: mapping.qos,
+                    no_local: v5,
+                    retain_as_published: v5,
+                    retain_handling: 0,
+                },
+            })
+            .collect();
+        if !subscriptions.is_empty() {
+            link.queue(&Packet::Subscribe(Subscribe {
+                packet_id: 1,
+                subscriptions,
+                properties: Properties::default(),
+            }))?;
+            link.flush().await?;
+        }
+        Ok(link)
+    };
+    timeout(settings.connect_timeout, attempt).await.map_err(|_| "timed out".to_owned())?
+}
+
+impl Link {
+    fn queue(&mut self, packet: &Packet) -> Result<(), String> {
+        encode_packet(packet, self.version, &mut self.write)
+            .map(drop)
+            .map_err(|error| format!("cannot encode {}: {error}", packet.kind()))
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if self.write.is_empty() {
+            return Ok(());
+        }
+        let result = self.stream.write_all(&self.write).await.map_err(|error| format!("write: {error}"));
+        self.write.clear();
+        result?;
+        self.stream.flush().await.map_err(|error| format!("write: {error}"))
+    }
+
+    async fn next_packet(&mut self) -> Result<Packet, String> {
+        loop {
+            if let Some(packet) = decode_packet(&mut self.read, self.version, self.max_packet)
+                .map_err(|error| format!("malformed packet from the remote: {error}"))?
+            {
+                return Ok(packet);
+            }
+            if self.stream.read_buf(&mut self.read).await.map_err(|error| format!("read: {error}"))? == 0 {
+                return Err("closed by the remote".into());
+            }
+        }
+    }
+
+    async fn serve(
+        mut self,
+        broker: &Broker,
+        settings: &BridgeSettings,
+        local: &LocalClient,
+        stats: &BridgeStats,
+        shutdown: &CancellationToken,
+        incoming_qos2: &mut HashSet<PacketId>,
+    ) -> LinkEnd {
+        let window = usize::from(settings.max_inflight.min(self.remote_receive_maximum).max(1));
+        // What was in flight when the last link dropped goes first, in its original order [MQTT-4.4.0-1].
+        for unfinished in local.unfinished() {
+            match unfinished {
+                Unfinished::Publish(packet_id, delivery) => {
+                    self.forward(broker, settings, local, stats, delivery, Some(packet_id), true).await;
+                }
+                Unfinished::Release(packet_id) => {
+                    if let Err(reason) = self.queue(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS))) {
+                        return LinkEnd::Lost(reason);
+                    }
+                }
+            }
+        }
+        let keep_alive = settings.keep_alive;
+        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut ping_due = if keep_alive.is_zero() { far() } else { Instant::now() + keep_alive };
+        let mut awaiting_pong = false;
+        loop {
+            if let Err(reason) = self.flush().await {
+                return LinkEnd::Lost(reason);
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => {
+                    let goodbye = Disconnect { reason_code: ReasonCode::NORMAL_DISCONNECTION, properties: Properties::default() };
+                    if self.queue(&Packet::Disconnect(goodbye)).is_ok() {
+                        let _ = timeout(Duration::from_secs(1), self.flush()).await;
+                    }
+                    return LinkEnd::Shutdown;
+                }
+                read = self.stream.read_buf(&mut self.read) => {
+                    match read {
+                        Ok(0) => return LinkEnd::Lost("closed by the remote".into()),
+                        Ok(_) => {}
+                        Err(error) => return LinkEnd::Lost(format!("read: {error}")),
+                    }
+                    loop {
+                        let packet = match decode_packet(&mut self.read, self.version, self.max_packet) {
+                            Ok(Some(packet)) => packet,
+                            Ok(None) => break,
+                            Err(error) => return LinkEnd::Lost(format!("malformed packet from the remote: {error}")),
+                        };
+                        if matches!(packet, Packet::PingResp) {
+                            awaiting_pong = false;
+                            continue;
+                        }
+                        if let Err(reason) = self.handle(packet, broker, settings, local, stats, incoming_qos2).await {
+                            return LinkEnd::Lost(reason);
+                        }
+                    }
+                }
+                batch = local.next_batch(window, BATCH) => {
+                    for (delivery, packet_id) in batch {
+                        self.forward(broker, settings, local, stats, delivery, packet_id, false).await;
+                    }
+                }
+                () = sleep_until(ping_due) => {
+                    if awaiting_pong {
+                        return LinkEnd::Lost("no PINGRESP within the keep-alive".into());
+                    }
+                    if let Err(reason) = self.queue(&Packet::PingReq) {
+                        return LinkEnd::Lost(reason);
+                    }
+                    awaiting_pong = true;
+                    ping_due = Instant::now() + keep_alive;
+                }
+            }
+        }
+    }
+
+    /// Sends one local message to the remote, unless the route hook drops it.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &mut self,
+        broker: &Broker,
+        settings: &BridgeSettings,
+        local: &LocalClient,
+        stats: &BridgeStats,
+        delivery: Delivery,
+        packet_id: Option<PacketId>,
+        resend: bool,
+    ) {
+        let message = &delivery.message;
+        let now = Instant::now();
+        let Some(mut remote_topic) = settings.topics.iter().find_map(|mapping| mapping.to_remote(&message.topic))
+        else {
+            // A mapping's filter took it but its prefix did not fit (cannot happen with valid mappings).
+            debug!(bridge = %settings.name, topic = %message.topic, "no outgoing mapping fits; not sent");
+            finish(local, packet_id);
+            return;
+        };
+        let expiry = message.remaining_expiry(now);
+        let hooks = broker.hooks();
+        if !hooks.routers.is_empty() {
+            let mut view = message.hook_view(expiry);
+            view.topic = remote_topic.as_str().into();
+            view.qos = delivery.qos;
+            view.retain = delivery.retain;
+            match decide(&hooks, RouteDirection::Egress, settings, &view).await {
+                Some(topic) => remote_topic = topic,
+                None => {
+                    BridgeStats::bump(&stats.dropped_by_route);
+                    finish(local, packet_id);
+                    return;
+                }
+            }
+        }
+        let mut properties = Message::forwarded_properties(&message.properties);
+        properties.message_expiry_interval = expiry;
+        let publish = Publish {
+            dup: resend && delivery.qos != QoS::AtMostOnce,
+            qos: delivery.qos,
+            retain: delivery.retain,
+            topic: remote_topic.into(),
+            packet_id,
+            properties,
+            payload: message.payload.clone(),
+        };
+        let start = self.write.len();
+        let encoded = encode_packet(&Packet::Publish(publish), self.version, &mut self.write);
+        let too_large = self.write.len() - start > self.remote_max_packet;
+        if encoded.is_err() || too_large {
+            self.write.truncate(start);
+            warn!(bridge = %settings.name, topic = %message.topic, too_large, "message cannot be sent to the remote; dropped");
+            BridgeStats::bump(&stats.refused_by_remote);
+            finish(local, packet_id);
+            return;
+        }
+        if !resend {
+            BridgeStats::bump(&stats.sent);
+        }
+        if delivery.qos == QoS::AtMostOnce {
+            debug!(bridge = %settings.name, topic = %message.topic, "sent at QoS 0");
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        packet: Packet,
+        broker: &Broker,
+        settings: &BridgeSettings,
+        local: &LocalClient,
+        stats: &BridgeStats,
+        incoming_qos2: &mut HashSet<PacketId>,
+    ) -> Result<(), String> {
+        match packet {
+            Packet::Publish(publish) => match (publish.qos, publish.packet_id) {
+                (QoS::AtMostOnce, _) => admit(broker, settings, local, stats, publish).await,
+                (QoS::AtLeastOnce, Some(packet_id)) => {
+                    admit(broker, settings, local, stats, publish).await;
+                    self.queue(&Packet::PubAck(Ack::new(packet_id, ReasonCode::SUCCESS)))?;
+                }
+                (QoS::ExactlyOnce, Some(packet_id)) => {
+                    // Published once; a resend before PUBREL is only acknowledged again [MQTT-4.3.3].
+                    if incoming_qos2.insert(packet_id) {
+                        admit(broker, settings, local, stats, publish).await;
+                    }
+                    self.queue(&Packet::PubRec(Ack::new(packet_id, ReasonCode::SUCCESS)))?;
+                }
+                _ => return Err("a QoS 1 or 2 PUBLISH without a packet id".into()),
+            },
+            Packet::PubRel(ack) => {
+                incoming_qos2.remove(&ack.packet_id);
+                self.queue(&Packet::PubComp(Ack::new(ack.packet_id, ReasonCode::SUCCESS)))?;
+            }
+            Packet::PubAck(ack) => {
+                refused(settings, stats, "PUBACK", ack.reason_code);
+                local.complete(ack.packet_id);
+            }
+            Packet::PubRec(ack) => {
+                if refused(settings, stats, "PUBREC", ack.reason_code) {
+                    local.complete(ack.packet_id);
+                } else if local.received(ack.packet_id) {
+                    self.queue(&Packet::PubRel(Ack::new(ack.packet_id, ReasonCode::SUCCESS)))?;
+                } else {
+                    self.queue(&Packet::PubRel(Ack::new(ack.packet_id, ReasonCode::PACKET_IDENTIFIER_NOT_FOUND)))?;
+                }
+            }
+            Packet::PubComp(ack) => {
+                local.complete(ack.packet_id);
+            }
+            Packet::SubAck(suback) => {
+                let filters = settings.topics.iter().filter(|mapping| mapping.takes_in());
+                for (mapping, code) in filters.zip(&suback.reason_codes) {
+                    if code.is_error() {
+                        warn!(bridge = %settings.name, filter = %mapping.remote_filter(), code = format!("0x{:02X}", code.0), "the remote refused a bridge subscription");
+                    }
+                }
+            }
+            Packet::Disconnect(disconnect) => {
+                return Err(format!("the remote disconnected: reason code 0x{:02X}", disconnect.reason_code.0));
+            }
+            other => return Err(format!("unexpected {} from the remote", other.kind())),
+        }
+        Ok(())
+    }
+}
+
+/// Whether an acknowledgement says the remote refused the message (logged and counted; the message is not sent
+/// again, as a refusal would only repeat).
+fn refused(settings: &BridgeSettings, stats: &BridgeStats, kind: &str, code: ReasonCode) -> bool {
+    if !code.is_error() {
+        return false;
+    }
+    BridgeStats::bump(&stats.refused_by_remote);
+    warn!(bridge = %settings.name, ack = kind, code = format!("0x{:02X}", code.0), "the remote refused a bridged message");
+    true
+}
+
+fn finish(local: &LocalClient, packet_id: Option<PacketId>) {
+    if let Some(packet_id) = packet_id {
+        local.complete(packet_id);
+    }
+}
+
+/// The route chain's answer: the topic to use, or `None` to drop.
+async fn decide(
+    hooks: &tollgate_hooks::HookChain,
+    direction: RouteDirection,
+    settings: &BridgeSettings,
+    view: &tollgate_hooks::Message,
+) -> Option<String> {
+    match hooks.route(direction, &settings.name, view).await {
+        RouteDecision::Forward | RouteDecision::Abstain => Some(view.topic.to_string()),
+        RouteDecision::Rewrite { topic: rewritten } => match topic::validate_topic_name(&rewritten) {
+            Ok(()) => Some(rewritten),
+            Err(error) => {
+                warn!(bridge = %settings.name, ?direction, topic = %rewritten, %error, "route rewrote to an invalid topic; dropped");
+                None
+            }
+        },
+        RouteDecision::Drop => {
+            debug!(bridge = %settings.name, ?direction, topic = %view.topic, "route dropped a message");
+            None
+        }
+    }
+}
+
+/// Publishes a message from the remote here, unless the route hook drops it.
+async fn admit(broker: &Broker, settings: &BridgeSettings, local: &LocalClient, stats: &BridgeStats, publish: Publish) {
+    let Some(local_topic) = settings.topics.iter().find_map(|mapping| mapping.to_local(&publish.topic)) else {
+        debug!(bridge = %settings.name, topic = %publish.topic, "no incoming mapping takes it; ignored");
+        return;
+    };
+    let now = Instant::now();
+    let mut message = Message {
+        topic: local_topic.into(),
+        payload: publish.payload,
+        qos: publish.qos,
+        retain: publish.retain,
+        properties: Message::forwarded_properties(&publish.properties),
+        expires_at: publish
+            .properties
+            .message_expiry_interval
+            .map(|seconds| now + Duration::from_secs(u64::from(seconds))),
+        origin: None,
+    };
+    let hooks = broker.hooks();
+    if !hooks.routers.is_empty() {
+        let view = message.hook_view(publish.properties.message_expiry_interval);
+        match decide(&hooks, RouteDirection::Ingress, settings, &view).await {
+            Some(topic) => message.topic = topic.into(),
+            None => {
+                BridgeStats::bump(&stats.dropped_by_route);
+                return;
+            }
+        }
+    }
+    BridgeStats::bump(&stats.received);
+    local.publish(message);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_host_is_what_precedes_the_port() {
+        assert_eq!(host_of("cloud.example.com:8883"), "cloud.example.com");
+        assert_eq!(host_of("[::1]:1883"), "::1");
+        assert_eq!(host_of("localhost"), "localhost");
+    }
+
+    #[test]
+    fn jitter_stays_within_a_quarter_below() {
+        for _ in 0..100 {
+            let wait = jittered(Duration::from_secs(4));
+            assert!(wait >= Duration::from_secs(3) && wait <= Duration::from_secs(4), "{wait:?}");
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! Bridges end to end: a site broker with a `[[bridges]]` link to a remote broker (another Tollgate, or a real
+//! Mosquitto), real clients on both sides. Route decisions through both plugin runtimes, loop safety of a
+//! two-way mapping, and no loss across a remote outage.
+
+#![allow(clippy::unwrap_used)]
+
+use crate::wasm_build;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use tollgate::bridge_config::{BridgeConfig, BridgeTopicConfig};
+use tollgate::config::{PluginConfig, PluginLimitsConfig};
+use tollgate_bridge::BridgeStats;
+use tollgate_integration_tests::external::{self, require_tool};
+use tollgate_integration_tests::v5::{self, connect_to, topic};
+use tollgate_integration_tests::{QUIET, TestBroker, wait_until, within};
+
+fn mapping(pattern: &str, direction: &str, qos: u8, local_prefix: &str, remote_prefix: &str) -> BridgeTopicConfig {
+    BridgeTopicConfig {
+        pattern: pattern.into(),
+        direction: direction.into(),
+        qos,
+        local_prefix: local_prefix.into(),
+        remote_prefix: remote_prefix.into(),
+    }
+}
+
+fn bridge_to(port: u16, topics: Vec<BridgeTopicConfig>) -> BridgeConfig {
+    BridgeConfig {
+        name: "cloud".into(),
+        address: format!("127.0.0.1:{port}"),
+        protocol: "v5".into(),
+        client_id: Some("site-1".into()),
+        username: None,
+        password: None,
+        keepalive: 10,
+        clean_start: false,
+        session_expiry: 3600,
+        max_inflight: 8,
+        connect_timeout: 5,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 200,
+        tls: None,
+        topics,
+    }
+}
+
+async fn site_with(bridge: BridgeConfig, plugins: Vec<PluginConfig>) -> TestBroker {
+    TestBroker::builder()
+        .configure(|config| {
+            config.bridges = vec![bridge];
+            config.plugins = plugins;
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+        })
+        .start()
+        .await
+}
+
+fn stats(site: &TestBroker) -> &BridgeStats {
+    &site.server.bridges()[0].stats
+}
+
+fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    BridgeStats::get(counter)
+}
+
+async fn wait_connected(site: &TestBroker) {
+    wait_until("the bridge to connect", || stats(site).connected.load(Ordering::Relaxed)).await;
+}
+
+/// Publishes `probe` on the remote until it arrives at the site: the bridge's remote subscription is in place.
+async fn wait_until_ingress_flows(remote: &mut v5::Client, site_subscriber: &mut v5::Client, probe: (&str, &str)) {
+    within("the bridge's remote subscription", async {
+        loop {
+            remote.publish(probe.0, QoS::AtLeastOnce, false, b"probe").await;
+            if let Some(publish) = site_subscriber.publish_within(Duration::from_millis(200)).await {
+                assert_eq!(topic(&publish), probe.1);
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// Topics (and payloads) received until `last` arrives.
+async fn topics_until(client: &mut v5::Client, last: &str) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    loop {
+        let publish = client.next_publish().await;
+        let entry = (topic(&publish), String::from_utf8_lossy(&publish.payload).into_owned());
+        let done = entry.0 == last;
+        seen.push(entry);
+        if done {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test]
+async fn route_decisions_cross_a_bridge_both_ways_through_both_runtimes() {
+    let kinds = [
+        ("wasm", wasm_build::wasm_plugin("testkit-wasm")),
+        ("lua", wasm_build::workspace_root().join("tests/plugins/testkit.lua")),
+    ];
+    for (kind, path) in kinds {
+        let remote = TestBroker::start().await;
+        let router = PluginConfig {
+            name: "router".into(),
+            kind: kind.into(),
+            path,
+            hooks: Some(vec!["route".into()]),
+            limits: PluginLimitsConfig::default(),
+            on_failure: Default::default(),
+            cache_decisions: false,
+            secrets: Default::default(),
+            config: Default::default(),
+            files: Default::default(),
+        };
+        // Out: the site's `site/...` goes to the remote without the prefix. In: the remote's `cloud/...` comes
+        // in without it. The route hook sees the topic the message will have on arrival.
+        let site = site_with(
+            bridge_to(remote.port(), vec![mapping("#", "out", 2, "site/", ""), mapping("#", "in", 2, "", "cloud/")]),
+            vec![router],
+        )
+        .await;
+        wait_connected(&site).await;
+        let mut remote_client = connect_to(&remote, "cloud-app").await;
+        remote_client.subscribe_ok("#", QoS::ExactlyOnce).await;
+        let mut site_client = connect_to(&site, "site-app").await;
+        site_client.subscribe_ok("#", QoS::ExactlyOnce).await;
+        wait_until_ingress_flows(&mut remote_client, &mut site_client, ("cloud/plain/probe", "plain/probe")).await;
+
+        // Egress: dropped, rewritten, forwarded (the ingress-only rule does not apply going out).
+        for (topic, payload) in [
+            ("site/local/x", "never"),
+            ("site/bridge/x", "rewritten"),
+            ("site/outbound-only/o", "out"),
+            ("site/plain/end", "end"),
+        ] {
+            site_client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes()).await;
+        }
+        let egress: Vec<(String, String)> = topics_until(&mut remote_client, "plain/end")
+            .await
+            .into_iter()
+            .filter(|(topic, _)| !topic.starts_with("cloud/"))
+            .collect();
+        let expected_egress = [("remote/x", "rewritten"), ("outbound-only/o", "out"), ("plain/end", "end")]
+            .map(|(topic, payload)| (topic.to_owned(), payload.to_owned()));
+        assert_eq!(egress, expected_egress, "{kind}: what reached the remote");
+
+        // Ingress: dropped, rewritten, dropped because it is coming in, forwarded at QoS 2.
+        for (topic, payload) in
+            [("cloud/local/y", "never"), ("cloud/bridge/y", "rewritten"), ("cloud/outbound-only/i", "never")]
+        {
+            remote_client.publish(topic, QoS::AtLeastOnce, false, payload.as_bytes()).await;
+        }
+        remote_client.publish("cloud/plain/end", QoS::ExactlyOnce, false, b"end").await;
+        let ingress: Vec<(String, String)> = topics_until(&mut site_client, "plain/end")
+            .await
+            .into_iter()
+            .filter(|(topic, _)| !topic.starts_with("site/"))
+            .collect();
+        let expected_ingress = [("remote/y", "rewritten"), ("plain/end", "end")]
+            .map(|(topic, payload)| (topic.to_owned(), payload.to_owned()));
+        assert_eq!(ingress, expected_ingress, "{kind}: what reached the site");
+
+        let stats = stats(&site);
+        assert_eq!(count(&stats.dropped_by_route), 3, "{kind}: local/x out, local/y and outbound-only/i in");
+        assert_eq!(count(&stats.sent), 3, "{kind}");
+        assert!(count(&stats.received) >= 3, "{kind}: probes, remote/y and plain/end");
+        let status = site.server.status();
+        assert_eq!(status["bridges"][0]["name"], "cloud");
+        assert_eq!(status["bridges"][0]["connected"], true);
+        site.stop().await;
+        remote.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_two_way_mapping_does_not_loop() {
+    let remote = TestBroker::start().await;
+    let site = site_with(bridge_to(remote.port(), vec![mapping("chat/#", "both", 1, "", "")]), Vec::new()).await;
+    wait_connected(&site).await;
+    let mut remote_client = connect_to(&remote, "remote-chat").await;
+    remote_client.subscribe_ok("chat/#", QoS::AtLeastOnce).await;
+    let mut site_client = connect_to(&site, "site-chat").await;
+    site_client.subscribe_ok("chat/#", QoS::AtLeastOnce).await;
+    // The bridge's subscription on the remote arrives after its CONNACK; wait for it.
+    wait_until_ingress_flows(&mut remote_client, &mut site_client, ("chat/probe", "chat/probe")).await;
+    assert_eq!(topic(&remote_client.next_publish().await), "chat/probe", "the remote's own copy");
+
+    site_client.publish("chat/from-site", QoS::AtLeastOnce, false, b"1").await;
+    remote_client.publish("chat/from-remote", QoS::AtLeastOnce, false, b"2").await;
+    let mut at_site = vec![topic(&site_client.next_publish().await), topic(&site_client.next_publish().await)];
+    let mut at_remote = vec![topic(&remote_client.next_publish().await), topic(&remote_client.next_publish().await)];
+    at_site.sort();
+    at_remote.sort();
+    assert_eq!(at_site, ["chat/from-remote", "chat/from-site"]);
+    assert_eq!(at_remote, ["chat/from-remote", "chat/from-site"]);
+    // Nothing comes back around.
+    site_client.expect_no_publish(QUIET).await;
+    remote_client.expect_no_publish(Duration::ZERO).await;
+    assert_eq!(count(&stats(&site).sent), 1, "only chat/from-site went out");
+    site.stop().await;
+    remote.stop().await;
+}
+
+/// A Mosquitto broker on a fixed loopback port, stopped when dropped.
+struct Mosquitto {
+    _process: external::Background,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+async fn start_mosquitto(binary: &std::path::Path, dir: &std::path::Path, port: u16) -> Mosquitto {
+    let config = dir.join("mosquitto.conf");
+    std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    let process = external::spawn(tokio::process::Command::new(binary).arg("-c").arg(&config));
+    within("mosquitto to listen", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    Mosquitto { _process: process }
+}
+
+fn mosquitto_binary() -> Option<PathBuf> {
+    // Debian installs the broker in /usr/sbin, which is not on every user's PATH.
+    let sbin = PathBuf::from("/usr/sbin/mosquitto");
+    if sbin.is_file() && !external::skip_external() {
+        return Some(sbin);
+    }
+    require_tool("mosquitto", "apt-get install mosquitto")
+}
+
+/// A TCP relay standing for the site's uplink: it can be cut (live connections dropped, new ones closed at once)
+/// and restored, while the brokers on both sides keep running.
+struct Uplink {
+    port: u16,
+    up: Arc<AtomicBool>,
+    pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Uplink {
+    async fn to(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let up = Arc::new(AtomicBool::new(true));
+        let pipes: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let accept = tokio::spawn({
+            let (up, pipes) = (up.clone(), pipes.clone());
+            async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if !up.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    pipes.lock().unwrap().push(tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    }));
+                }
+            }
+        });
+        Self { port, up, pipes, accept }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, Ordering::SeqCst);
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Uplink {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
+    let Some(mosquitto) = mosquitto_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _remote = start_mosquitto(&mosquitto, dir.path(), port).await;
+    let uplink = Uplink::to(port).await;
+    let site = site_with(
+        bridge_to(
+            uplink.port,
+            vec![mapping("telemetry/#", "out", 1, "", "sites/1/"), mapping("cmd/#", "in", 1, "", "sites/1/")],
+        ),
+        Vec::new(),
+    )
+    .await;
+    wait_connected(&site).await;
+    let mut site_client = connect_to(&site, "car-gateway").await;
+    site_client.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
+
+    // Mosquitto is a real remote: commands come in, telemetry goes out.
+    let mut options = rumqttc::v5::MqttOptions::new("cloud-backend", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (mut cloud, _) = v5::connect(options).await;
+    cloud.subscribe_ok("sites/1/telemetry/#", QoS::AtLeastOnce).await;
+    within("a command through the bridge", async {
+        loop {
+            cloud.publish("sites/1/cmd/probe", QoS::AtLeastOnce, false, b"probe").await;
+            if let Some(publish) = site_client.publish_within(Duration::from_millis(200)).await {
+                assert_eq!(topic(&publish), "cmd/probe");
+                return;
+            }
+        }
+    })
+    .await;
+    site_client.publish("telemetry/speed", QoS::AtLeastOnce, false, b"0").await;
+    assert_eq!(topic(&cloud.next_publish().await), "sites/1/telemetry/speed");
+    while site_client.publish_within(QUIET).await.is_some() {} // late probes
+
+    // The uplink goes down. The site keeps taking telemetry (the bridge's queue), the cloud keeps sending
+    // commands (Mosquitto keeps them in the bridge's persistent session).
+    uplink.cut();
+    wait_until("the bridge to notice the outage", || !stats(&site).connected.load(Ordering::Relaxed)).await;
+    for index in 0..20 {
+        site_client.publish(&format!("telemetry/seq/{index}"), QoS::AtLeastOnce, false, b"x").await;
+    }
+    for index in 0..5 {
+        cloud.publish(&format!("sites/1/cmd/seq/{index}"), QoS::AtLeastOnce, false, b"y").await;
+    }
+    cloud.expect_no_publish(QUIET).await;
+    uplink.restore();
+
+    let received: Vec<String> = within("the backlog after the outage", async {
+        let mut received = Vec::new();
+        while received.len() < 20 {
+            received.push(topic(&cloud.next_publish().await));
+        }
+        received
+    })
+    .await;
+    let expected: Vec<String> = (0..20).map(|index| format!("sites/1/telemetry/seq/{index}")).collect();
+    assert_eq!(received, expected, "every message, in order, once");
+    let commands: Vec<String> = within("the commands sent during the outage", async {
+        let mut commands = Vec::new();
+        while commands.len() < 5 {
+            commands.push(topic(&site_client.next_publish().await));
+        }
+        commands
+    })
+    .await;
+    let expected: Vec<String> = (0..5).map(|index| format!("cmd/seq/{index}")).collect();
+    assert_eq!(commands, expected, "commands queued by Mosquitto for the bridge's session");
+    cloud.expect_no_publish(QUIET).await;
+    assert!(count(&stats(&site).connects) >= 2);
+    site.stop().await;
+}
