@@ -73,6 +73,7 @@ async fn wait_connected(site: &TestBroker) {
 }
 
 /// Publishes `probe` on the remote until it arrives at the site: the bridge's remote subscription is in place.
+/// Then lets both clients go quiet, so no late probe (or the remote's own copies) reaches what a test reads next.
 async fn wait_until_ingress_flows(remote: &mut v5::Client, site_subscriber: &mut v5::Client, probe: (&str, &str)) {
     within("the bridge's remote subscription", async {
         loop {
@@ -84,6 +85,8 @@ async fn wait_until_ingress_flows(remote: &mut v5::Client, site_subscriber: &mut
         }
     })
     .await;
+    while site_subscriber.publish_within(QUIET).await.is_some() {}
+    while remote.publish_within(Duration::ZERO).await.is_some() {}
 }
 
 /// Topics (and payloads) received until `last` arrives.
@@ -191,7 +194,6 @@ async fn a_two_way_mapping_does_not_loop() {
     site_client.subscribe_ok("chat/#", QoS::AtLeastOnce).await;
     // The bridge's subscription on the remote arrives after its CONNACK; wait for it.
     wait_until_ingress_flows(&mut remote_client, &mut site_client, ("chat/probe", "chat/probe")).await;
-    assert_eq!(topic(&remote_client.next_publish().await), "chat/probe", "the remote's own copy");
 
     site_client.publish("chat/from-site", QoS::AtLeastOnce, false, b"1").await;
     remote_client.publish("chat/from-remote", QoS::AtLeastOnce, false, b"2").await;
@@ -366,4 +368,188 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     cloud.expect_no_publish(QUIET).await;
     assert!(count(&stats(&site).connects) >= 2);
     site.stop().await;
+}
+
+#[tokio::test]
+async fn a_bridge_over_mutual_tls_reaches_a_remote_that_requires_client_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    tollgate::certs::init(&certs, &["localhost".into(), "127.0.0.1".into()], 30, false).expect("certs init");
+    let subject =
+        tollgate::certs::ClientSubject { common_name: "site-gw-1".into(), san_uris: Vec::new(), subject_serial: None };
+    tollgate::certs::client(&certs, &subject, "site-gw-1", 30, false).expect("client certificate");
+    let remote = TestBroker::builder()
+        .configure(|config| {
+            let listener = &mut config.listeners[0];
+            listener.protocol = "tls".into();
+            listener.cert = Some(certs.join("server.pem"));
+            listener.key = Some(certs.join("server.key"));
+            listener.client_ca = Some(certs.join("ca.pem"));
+            listener.require_client_cert = true;
+        })
+        .start()
+        .await;
+    let tls = |client_certificate: bool| tollgate::bridge_config::BridgeTlsConfig {
+        ca_file: certs.join("ca.pem"),
+        cert: client_certificate.then(|| certs.join("site-gw-1.pem")),
+        key: client_certificate.then(|| certs.join("site-gw-1.key")),
+        server_name: Some("localhost".into()),
+    };
+
+    // Without a client certificate the remote refuses the handshake: the bridge keeps trying, never connected.
+    let mut refused = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
+    refused.tls = Some(tls(false));
+    let refused_site = site_with(refused, Vec::new()).await;
+
+    let mut bridge = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
+    bridge.tls = Some(tls(true));
+    let site = site_with(bridge, Vec::new()).await;
+    wait_connected(&site).await;
+    let mut cloud =
+        v5::connect(tollgate_integration_tests::tls::tls_options(remote.addr, "cloud-app", &certs, Some("site-gw-1")))
+            .await
+            .0;
+    cloud.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let mut site_client = connect_to(&site, "sensor").await;
+    site_client.publish("up/temperature", QoS::AtLeastOnce, false, b"21").await;
+    let publish = cloud.next_publish().await;
+    assert_eq!((topic(&publish), &publish.payload[..]), ("up/temperature".to_owned(), &b"21"[..]));
+
+    // The state is kept retained in `$SYS` on each site.
+    for (broker, expected) in [(&site, "connected"), (&refused_site, "disconnected")] {
+        let mut watcher = connect_to(broker, "watcher").await;
+        watcher.subscribe_ok("$SYS/broker/bridges/cloud/state", QoS::AtMostOnce).await;
+        let state = watcher.next_publish().await;
+        assert!(state.retain);
+        assert_eq!(&state.payload[..], expected.as_bytes());
+    }
+    assert!(!stats(&refused_site).connected.load(Ordering::Relaxed));
+    assert_eq!(count(&stats(&refused_site).connects), 0, "no link without a client certificate");
+    refused_site.stop().await;
+    site.stop().await;
+    remote.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_the_remote_refuses_is_counted_and_the_rest_keep_flowing() {
+    let remote = TestBroker::builder().acl("topic readwrite allowed/#\n").start().await;
+    let site = site_with(bridge_to(remote.port(), vec![mapping("#", "out", 1, "", "")]), Vec::new()).await;
+    wait_connected(&site).await;
+    let mut cloud = connect_to(&remote, "cloud-app").await;
+    cloud.subscribe_ok("allowed/#", QoS::AtLeastOnce).await;
+    let mut site_client = connect_to(&site, "sensor").await;
+    // The remote answers PUBACK 0x87 to the first: the bridge does not send it again and moves on.
+    site_client.publish("forbidden/a", QoS::AtLeastOnce, false, b"x").await;
+    site_client.publish("allowed/b", QoS::AtLeastOnce, false, b"y").await;
+    assert_eq!(topic(&cloud.next_publish().await), "allowed/b");
+    wait_until("the refusal to be counted", || count(&stats(&site).refused_by_remote) == 1).await;
+    cloud.expect_no_publish(QUIET).await;
+    assert_eq!(count(&stats(&site).refused_by_remote), 1, "refused once, not retried");
+    site.stop().await;
+    remote.stop().await;
+}
+
+#[tokio::test]
+async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
+    // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let silent = tokio::spawn({
+        let accepted = accepted.clone();
+        async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buffer = [0u8; 1024];
+                    if socket.read(&mut buffer).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    // CONNACK (MQTT 5): session not present, success, no properties. Nothing after it.
+                    let _ = socket.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await;
+                    while socket.read(&mut buffer).await.unwrap_or(0) > 0 {}
+                });
+            }
+        }
+    });
+    let mut bridge = bridge_to(port, vec![mapping("a/#", "out", 1, "", "")]);
+    bridge.keepalive = 1;
+    let site = site_with(bridge, Vec::new()).await;
+    wait_connected(&site).await;
+    let started = std::time::Instant::now();
+    // No PINGRESP within the keep-alive after a PINGREQ: the link is dropped and dialled again.
+    wait_until("a second connection", || accepted.load(Ordering::SeqCst) >= 2).await;
+    let elapsed = started.elapsed();
+    assert!(elapsed >= Duration::from_millis(1500), "left too early: {elapsed:?}");
+    assert!(count(&stats(&site).connects) >= 2);
+    silent.abort();
+    site.stop().await;
+}
+
+/// `examples/bridge` as shipped: its `site.toml` (ports moved to free ones) with its route policy, against a
+/// plain broker standing for the cloud, driven by the Mosquitto command-line clients as its README shows.
+#[tokio::test]
+async fn the_bridge_example_keeps_diagnostics_on_site_and_lets_in_only_allowed_commands() {
+    let Some(mosquitto_pub) = require_tool("mosquitto_pub", "apt-get install mosquitto-clients") else { return };
+    let root = wasm_build::workspace_root();
+    let cloud = TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let site_toml = std::fs::read_to_string(root.join("examples/bridge/site.toml"))
+        .unwrap()
+        .replace("127.0.0.1:1885", &cloud.addr.to_string())
+        .replace("127.0.0.1:1884", "127.0.0.1:0")
+        .replace("examples/bridge/route.lua", &root.join("examples/bridge/route.lua").to_string_lossy());
+    let path = dir.path().join("site.toml");
+    std::fs::write(&path, site_toml).unwrap();
+    let example = tollgate::config::load(Some(&path)).unwrap_or_else(|problems| panic!("{problems:?}"));
+    let site = TestBroker::builder()
+        .configure(|config| {
+            config.bridges = example.bridges;
+            config.plugins = example.plugins;
+            config.runtime.plugin_cache_dir = Some(PathBuf::new());
+        })
+        .start()
+        .await;
+    wait_connected(&site).await;
+    let mut cloud_watch = connect_to(&cloud, "cloud-watch").await;
+    cloud_watch.subscribe_ok("sites/#", QoS::AtLeastOnce).await;
+    let mut site_watch = connect_to(&site, "site-watch").await;
+    site_watch.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
+    // The bridge's own subscription on the cloud: wait until it is there (the cloud watcher is the other one).
+    cloud.wait_for_subscriptions(2).await;
+
+    let publish = |port: u16, topic: &str, payload: &str| {
+        let mut command = tokio::process::Command::new(&mosquitto_pub);
+        command.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1", "-t", topic, "-m", payload]);
+        command
+    };
+    const VIN: &str = "1J9RP1A36A1644345";
+    for (port, topic, payload) in [
+        (site.port(), format!("telemetry/{VIN}/debug/can"), "raw frames"),
+        (site.port(), format!("telemetry/{VIN}/speed"), "0"),
+        (cloud.port(), format!("sites/dealer-42/cmd/{VIN}/open-hood"), "now"),
+        (cloud.port(), format!("sites/dealer-42/cmd/{VIN}/unlock"), "now"),
+    ] {
+        let output = external::run(&mut publish(port, &topic, payload), Duration::from_secs(10)).await;
+        assert!(output.status.success(), "{}", external::describe(&output));
+    }
+    // The cloud watcher also sees the commands published on the cloud itself, in whatever order they overtake the
+    // bridged telemetry.
+    let up = within("telemetry at the cloud", async {
+        loop {
+            let publish = cloud_watch.next_publish().await;
+            if !topic(&publish).starts_with("sites/dealer-42/cmd/") {
+                return publish;
+            }
+        }
+    })
+    .await;
+    assert_eq!(topic(&up), format!("sites/dealer-42/telemetry/{VIN}/speed"), "the debug message stayed on site");
+    let down = site_watch.next_publish().await;
+    assert_eq!(topic(&down), format!("cmd/{VIN}/unlock"), "open-hood was refused");
+    site_watch.expect_no_publish(QUIET).await;
+    assert_eq!(count(&stats(&site).dropped_by_route), 2);
+    site.stop().await;
+    cloud.stop().await;
 }
