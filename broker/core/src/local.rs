@@ -35,6 +35,7 @@ pub enum Unfinished {
 pub struct LocalClient {
     broker: Broker,
     session: SessionRef,
+    client: Arc<tollgate_hooks::ClientInfo>,
 }
 
 impl Broker {
@@ -50,14 +51,19 @@ impl Broker {
             peer: None,
             attributes: Arc::default(),
         });
-        session.attach(client);
-        LocalClient { broker: self.clone(), session }
+        session.attach(client.clone());
+        LocalClient { broker: self.clone(), session, client }
     }
 }
 
 impl LocalClient {
     pub fn session_id(&self) -> SessionId {
         self.session.id
+    }
+
+    /// Who this client is to hooks (a `deliver` hook sees it as the subscriber).
+    pub fn client(&self) -> Arc<tollgate_hooks::ClientInfo> {
+        self.client.clone()
     }
 
     /// Subscribes; retained messages matching the filter are queued now, as for a new network subscription.

@@ -580,7 +580,9 @@ fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {
         "connects": BridgeStats::get(&stats.connects),
         "sent": BridgeStats::get(&stats.sent),
         "received": BridgeStats::get(&stats.received),
-        "dropped_by_route": BridgeStats::get(&stats.dropped_by_route),
+        "dropped_by_policy": BridgeStats::get(&stats.dropped_by_policy),
         "refused_by_remote": BridgeStats::get(&stats.refused_by_remote),
+        "queued": BridgeStats::get(&stats.queued),
+        "inflight": BridgeStats::get(&stats.inflight),
     })
 }

@@ -170,10 +170,13 @@ pub struct BridgeStats {
     pub sent: AtomicU64,
     /// Messages from the remote published here.
     pub received: AtomicU64,
-    /// Messages the route hook dropped, either way.
-    pub dropped_by_route: AtomicU64,
+    /// Messages the route hook dropped (either way), or a `deliver` hook dropped on their way out.
+    pub dropped_by_policy: AtomicU64,
     /// Messages the remote refused (an error reason code in its acknowledgement).
     pub refused_by_remote: AtomicU64,
+    /// Messages waiting in the bridge's queue, and sent but not yet acknowledged by the remote, as last seen.
+    pub queued: AtomicU64,
+    pub inflight: AtomicU64,
 }
 
 impl BridgeStats {

@@ -15,7 +15,7 @@ use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use tollgate_core::{Broker, Delivery, LocalClient, Message, Unfinished};
-use tollgate_hooks::{RouteDecision, RouteDirection};
+use tollgate_hooks::{RouteDecision, RouteDirection, TransformOutcome};
 use tollgate_protocol::{
     Ack, Connect, Disconnect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
     Subscription, SubscriptionOptions, decode_packet, encode_packet, topic,
@@ -83,6 +83,15 @@ pub(crate) fn client_config(bridge: &str, address: &str, settings: &TlsSettings)
     Ok(Tls { config: Arc::new(config), server_name })
 }
 
+impl BridgeStats {
+    fn note_backlog(&self, local: &LocalClient) -> (usize, usize) {
+        let (queued, inflight) = local.backlog();
+        self.queued.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
+        self.inflight.store(inflight as u64, std::sync::atomic::Ordering::Relaxed);
+        (queued, inflight)
+    }
+}
+
 fn publish_state(broker: &Broker, name: &str, connected: bool) {
     let state = if connected { "connected" } else { "disconnected" };
     broker.publish_local(&state_topic(name), state, QoS::AtMostOnce, true);
@@ -142,7 +151,7 @@ pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Opti
                         break;
                     }
                     LinkEnd::Lost(reason) => {
-                        let (queued, inflight) = local.backlog();
+                        let (queued, inflight) = stats.note_backlog(&local);
                         warn!(bridge = name, %reason, queued, inflight, "bridge link lost");
                     }
                 }
@@ -322,6 +331,7 @@ impl Link {
             if let Err(reason) = self.flush().await {
                 return LinkEnd::Lost(reason);
             }
+            stats.note_backlog(local);
             tokio::select! {
                 () = shutdown.cancelled() => {
                     let goodbye = Disconnect { reason_code: ReasonCode::NORMAL_DISCONNECTION, properties: Properties::default() };
@@ -393,30 +403,63 @@ impl Link {
         };
         let expiry = message.remaining_expiry(now);
         let hooks = broker.hooks();
-        if !hooks.routers.is_empty() {
+        let mut properties = Message::forwarded_properties(&message.properties);
+        properties.message_expiry_interval = expiry;
+        let mut payload = message.payload.clone();
+        let mut retain = delivery.retain;
+        if !hooks.routers.is_empty() || hooks.has_outbound_transform() {
             let mut view = message.hook_view(expiry);
             view.topic = remote_topic.as_str().into();
             view.qos = delivery.qos;
             view.retain = delivery.retain;
-            match decide(&hooks, RouteDirection::Egress, settings, &view).await {
-                Some(topic) => remote_topic = topic,
-                None => {
-                    BridgeStats::bump(&stats.dropped_by_route);
-                    finish(local, packet_id);
-                    return;
+            if !hooks.routers.is_empty() {
+                match decide(&hooks, RouteDirection::Egress, settings, &view).await {
+                    Some(topic) => {
+                        view.topic = topic.as_str().into();
+                        remote_topic = topic;
+                    }
+                    None => {
+                        BridgeStats::bump(&stats.dropped_by_policy);
+                        finish(local, packet_id);
+                        return;
+                    }
+                }
+            }
+            // The bridge is this copy's subscriber: a `deliver` hook (msg-auth's `sign`) sees it as sent, after
+            // the mapping and the route, so a signature covers the topic the remote receives.
+            if hooks.has_outbound_transform() {
+                match hooks.transform_outbound(&local.client(), &mut view).await {
+                    TransformOutcome::Deliver => {
+                        if topic::validate_topic_name(&view.topic).is_ok() {
+                            remote_topic = view.topic.to_string();
+                        }
+                        payload = view.payload;
+                        retain = view.retain;
+                        properties.user_properties = view.user_properties;
+                        properties.content_type = view.content_type;
+                        properties.payload_format_indicator = view.payload_format_indicator;
+                        properties.response_topic = view.response_topic;
+                        properties.correlation_data = view.correlation_data;
+                        properties.message_expiry_interval = view.message_expiry_interval;
+                    }
+                    TransformOutcome::Drop { hook, reason }
+                    | TransformOutcome::Reject { hook, message: reason, .. } => {
+                        debug!(bridge = %settings.name, %hook, %reason, "a deliver hook dropped the copy for the bridge");
+                        BridgeStats::bump(&stats.dropped_by_policy);
+                        finish(local, packet_id);
+                        return;
+                    }
                 }
             }
         }
-        let mut properties = Message::forwarded_properties(&message.properties);
-        properties.message_expiry_interval = expiry;
         let publish = Publish {
             dup: resend && delivery.qos != QoS::AtMostOnce,
             qos: delivery.qos,
-            retain: delivery.retain,
+            retain,
             topic: remote_topic.into(),
             packet_id,
             properties,
-            payload: message.payload.clone(),
+            payload,
         };
         let start = self.write.len();
         let encoded = encode_packet(&Packet::Publish(publish), self.version, &mut self.write);
@@ -563,7 +606,7 @@ async fn admit(broker: &Broker, settings: &BridgeSettings, local: &LocalClient, 
         match decide(&hooks, RouteDirection::Ingress, settings, &view).await {
             Some(topic) => message.topic = topic.into(),
             None => {
-                BridgeStats::bump(&stats.dropped_by_route);
+                BridgeStats::bump(&stats.dropped_by_policy);
                 return;
             }
         }

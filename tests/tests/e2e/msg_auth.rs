@@ -364,3 +364,87 @@ async fn cmac_commands_with_nonces_from_two_replicas_pass_once_each() {
     car.next_publish().await;
     assert!(broker.stop().await);
 }
+
+/// The built-in bridge is the subscriber of what it forwards: a `sign` rule naming it (`$bridge/<name>`) signs
+/// each copy when the bridge sends it, after the topic mapping, so the cloud verifies the topic it receives.
+#[tokio::test]
+async fn a_copy_sent_over_the_built_in_bridge_is_signed_over_the_topic_the_cloud_receives() {
+    let cloud = TestBroker::start().await;
+    let mut plugin = msg_auth_with_car_keys();
+    plugin.config["rules"].as_array_mut().unwrap().push(serde_json::json!({
+        "id": "to-cloud", "mode": "sign", "topics": ["sites/42/v1/vehicles/+/telemetry/#"], "key": "vin-1",
+        "sub_level": 4, "subscribers": ["$bridge/cloud"]
+    }));
+    let state = tempfile::tempdir().unwrap();
+    let site = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            config.plugins = vec![plugin];
+            config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
+            config.runtime.state_dir = Some(state.path().to_path_buf());
+            config.bridges = vec![tollgate::bridge_config::BridgeConfig {
+                name: "cloud".into(),
+                address: cloud.addr.to_string(),
+                protocol: "v5".into(),
+                client_id: None,
+                username: None,
+                password: None,
+                keepalive: 30,
+                clean_start: false,
+                session_expiry: 300,
+                max_inflight: 8,
+                connect_timeout: 5,
+                reconnect_min_ms: 50,
+                reconnect_max_ms: 200,
+                tls: None,
+                topics: vec![tollgate::bridge_config::BridgeTopicConfig {
+                    pattern: "v1/vehicles/+/telemetry/#".into(),
+                    direction: "out".into(),
+                    qos: 1,
+                    local_prefix: String::new(),
+                    remote_prefix: "sites/42/".into(),
+                }],
+            }];
+        })
+        .start()
+        .await;
+    tollgate_integration_tests::wait_until("the bridge to connect", || {
+        site.server.bridges()[0].stats.connected.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let mut backend = v5::connect_to(&cloud, "backend").await;
+    backend.subscribe_ok("sites/42/#", QoS::AtLeastOnce).await;
+    let mut dashboard = v5::connect_to(&site, "dashboard").await;
+    dashboard.subscribe_ok("v1/vehicles/+/telemetry/#", QoS::AtLeastOnce).await;
+
+    let mut car = v5::connect_to(&site, "car").await;
+    car.publish(&format!("v1/vehicles/{VIN}/telemetry/speed"), QoS::AtLeastOnce, false, b"88").await;
+    let local = dashboard.next_publish().await;
+    assert!(v5::properties(&local).user_properties.is_empty(), "a local subscriber's copy is not signed");
+    let bridged = backend.next_publish().await;
+    let topic = format!("sites/42/v1/vehicles/{VIN}/telemetry/speed");
+    assert_eq!(v5::topic(&bridged), topic);
+    let properties = v5::properties(&bridged).user_properties;
+    assert_eq!(properties.len(), 1, "{properties:?}");
+    assert_eq!(properties[0].0, PROPERTY);
+    let signature = Signature::parse(&properties[0].1).unwrap();
+    assert_eq!((signature.kid.as_str(), signature.sub.as_str()), ("vin-1", VIN));
+    let key = keys::mac_key(Algorithm::Hs256, SITE_MASTER, Some(&derive_info("vin-mac-v1:${sub}", VIN)));
+    assert!(keys::verify(
+        &key,
+        &signature,
+        &Covered { topic: &topic, payload: &bridged.payload, ..Covered::default() }
+    ));
+    let local_topic = format!("v1/vehicles/{VIN}/telemetry/speed");
+    assert!(
+        !keys::verify(
+            &key,
+            &signature,
+            &Covered { topic: &local_topic, payload: &bridged.payload, ..Covered::default() }
+        ),
+        "the signature covers the cloud's topic, not the site's"
+    );
+    car.disconnect().await;
+    dashboard.disconnect().await;
+    assert!(site.stop().await);
+    cloud.stop().await;
+}
