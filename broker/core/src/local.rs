@@ -97,6 +97,11 @@ impl LocalClient {
         }
     }
 
+    /// What [`LocalClient::next_batch`] would take now, without waiting (empty when nothing is queued).
+    pub fn try_batch(&self, window: usize, max_batch: usize) -> Vec<(Delivery, Option<PacketId>)> {
+        self.session.lock().take_sendable(window, max_batch, Instant::now())
+    }
+
     /// QoS 1 acknowledged, or QoS 2 completed: the slot opens.
     pub fn complete(&self, packet_id: PacketId) -> bool {
         let known = self.session.lock().complete(packet_id);

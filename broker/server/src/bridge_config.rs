@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tollgate_bridge::journal::{FsyncPolicy, JournalSettings};
 use tollgate_bridge::{BridgeSettings, Direction, TlsSettings, TopicMapping};
 use tollgate_protocol::{ProtocolVersion, QoS};
 
@@ -25,9 +26,11 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "reconnect_max_ms",
     "tls",
     "topics",
+    "queue",
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
 pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
+pub(crate) const BRIDGE_QUEUE_KEYS: &[&str] = &["dir", "max_mb", "segment_mb", "fsync", "fsync_interval_ms"];
 
 /// One `[[bridges]]` entry.
 // Unknown keys are reported by the configuration's key check, by name, without stopping the rest of the entry
@@ -68,6 +71,38 @@ pub struct BridgeConfig {
     pub tls: Option<BridgeTlsConfig>,
     #[serde(default)]
     pub topics: Vec<BridgeTopicConfig>,
+    /// Store-and-forward on disk; unset: messages wait in memory.
+    #[serde(default)]
+    pub queue: Option<BridgeQueueConfig>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BridgeQueueConfig {
+    /// Where the journal's segment files live (one directory per bridge).
+    pub dir: PathBuf,
+    /// The journal's size on disk at most, in MiB; beyond, its oldest messages are dropped (and counted).
+    #[serde(default = "default_queue_max_mb")]
+    pub max_mb: u64,
+    #[serde(default = "default_segment_mb")]
+    pub segment_mb: u64,
+    /// `always` (every message on disk before the next), `interval` (every `fsync_interval_ms`) or `never`.
+    #[serde(default = "default_fsync")]
+    pub fsync: String,
+    #[serde(default = "default_fsync_interval")]
+    pub fsync_interval_ms: u32,
+}
+
+fn default_queue_max_mb() -> u64 {
+    1024
+}
+fn default_segment_mb() -> u64 {
+    16
+}
+fn default_fsync() -> String {
+    "interval".into()
+}
+fn default_fsync_interval() -> u32 {
+    200
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -182,6 +217,40 @@ impl BridgeConfig {
                 server_name: tls.server_name.clone(),
             }
         });
+        let queue = self.queue.as_ref().map(|queue| {
+            let fsync = match queue.fsync.as_str() {
+                "always" => FsyncPolicy::Always,
+                "interval" if queue.fsync_interval_ms > 0 => {
+                    FsyncPolicy::Interval(Duration::from_millis(u64::from(queue.fsync_interval_ms)))
+                }
+                "interval" => {
+                    report(key("queue.fsync_interval_ms"), "must be at least 1".into());
+                    FsyncPolicy::Never
+                }
+                "never" => FsyncPolicy::Never,
+                other => {
+                    report(key("queue.fsync"), format!("{other:?} is not \"always\", \"interval\" or \"never\""));
+                    FsyncPolicy::Never
+                }
+            };
+            if queue.dir.as_os_str().is_empty() {
+                report(key("queue.dir"), "an empty path".into());
+            } else if queue.dir.exists() && !queue.dir.is_dir() {
+                report(key("queue.dir"), format!("{} is not a directory", queue.dir.display()));
+            }
+            if queue.segment_mb == 0 || queue.segment_mb > 1024 {
+                report(key("queue.segment_mb"), "must be between 1 and 1024".into());
+            }
+            if queue.max_mb < queue.segment_mb.saturating_mul(2) {
+                report(key("queue.max_mb"), "must hold at least two segments (2 × segment_mb)".into());
+            }
+            JournalSettings {
+                dir: queue.dir.clone(),
+                max_bytes: queue.max_mb.saturating_mul(1 << 20),
+                segment_bytes: queue.segment_mb.saturating_mul(1 << 20),
+                fsync,
+            }
+        });
         if self.topics.is_empty() {
             report(key("topics"), "a bridge needs at least one [[bridges.topics]] mapping".into());
         }
@@ -234,6 +303,7 @@ impl BridgeConfig {
             reconnect_max: Duration::from_millis(u64::from(self.reconnect_max_ms)),
             tls,
             topics,
+            queue,
         })
     }
 }
@@ -297,6 +367,36 @@ mod tests {
         ] {
             assert!(keys.contains(&expected), "{expected} missing from {keys:?}");
         }
+    }
+
+    #[test]
+    fn a_disk_queue_is_checked_and_sized() {
+        let settings = bridge(
+            r#"
+            name = "cloud"
+            address = "127.0.0.1:1883"
+            topics = [{ pattern = "site/#" }]
+            queue = { dir = "/var/lib/tollgate/bridge-cloud", max_mb = 512, fsync = "always" }
+            "#,
+        )
+        .settings(0)
+        .expect("valid");
+        let queue = settings.queue.expect("a queue");
+        assert_eq!(queue.max_bytes, 512 << 20);
+        assert_eq!(queue.segment_bytes, 16 << 20);
+        assert_eq!(queue.fsync, FsyncPolicy::Always);
+        let problems = bridge(
+            r#"
+            name = "cloud"
+            address = "127.0.0.1:1883"
+            topics = [{ pattern = "site/#" }]
+            queue = { dir = "", max_mb = 8, segment_mb = 16, fsync = "sometimes" }
+            "#,
+        )
+        .settings(1)
+        .expect_err("invalid");
+        let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
+        assert_eq!(keys, ["bridges[1].queue.fsync", "bridges[1].queue.dir", "bridges[1].queue.max_mb"]);
     }
 
     #[test]

@@ -695,7 +695,7 @@ fn check_unknown_keys(data: &Dict, problems: &mut Vec<ConfigProblem>) {
 }
 
 fn check_bridge_keys(value: &Value, problems: &mut Vec<ConfigProblem>) {
-    use crate::bridge_config::{BRIDGE_KEYS, BRIDGE_TLS_KEYS, BRIDGE_TOPIC_KEYS};
+    use crate::bridge_config::{BRIDGE_KEYS, BRIDGE_QUEUE_KEYS, BRIDGE_TLS_KEYS, BRIDGE_TOPIC_KEYS};
     let Value::Array(_, bridges) = value else { return };
     for (index, bridge) in bridges.iter().enumerate() {
         let Value::Dict(_, fields) = bridge else { continue };
@@ -704,6 +704,11 @@ fn check_bridge_keys(value: &Value, problems: &mut Vec<ConfigProblem>) {
             match (field.as_str(), value) {
                 ("tls", Value::Dict(_, tls)) => {
                     for unknown in tls.keys().filter(|name| !BRIDGE_TLS_KEYS.contains(&name.as_str())) {
+                        problems.push(problem(format!("{key}.{unknown}"), "unknown key"));
+                    }
+                }
+                ("queue", Value::Dict(_, queue)) => {
+                    for unknown in queue.keys().filter(|name| !BRIDGE_QUEUE_KEYS.contains(&name.as_str())) {
                         problems.push(problem(format!("{key}.{unknown}"), "unknown key"));
                     }
                 }

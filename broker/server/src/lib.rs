@@ -584,5 +584,7 @@ fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {
         "refused_by_remote": BridgeStats::get(&stats.refused_by_remote),
         "queued": BridgeStats::get(&stats.queued),
         "inflight": BridgeStats::get(&stats.inflight),
+        "dropped_overflow": BridgeStats::get(&stats.dropped_overflow),
+        "journal_failures": BridgeStats::get(&stats.journal_failures),
     })
 }

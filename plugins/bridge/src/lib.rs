@@ -3,13 +3,16 @@
 //!
 //! The local side is a [`LocalClient`]: the bridge subscribes to the outgoing mappings' local filters like any
 //! client, so messages queue in its session (the broker's queue bound and overflow policy) while the remote is
-//! unreachable, and what was in flight is sent again, marked duplicate, after a reconnect. The queue is in
-//! memory: a restart of this broker loses what had not reached the remote. Incoming messages are published
+//! unreachable, and what was in flight is sent again, marked duplicate, after a reconnect. With a `queue`
+//! configured, a spooler moves them from there into a [`journal`] on disk as they arrive, and the link sends from
+//! the journal: an outage lasts as long as the disk budget, and a restart of this broker loses nothing that
+//! reached the journal. Incoming messages are published
 //! locally as the bridge's own, so its no-local subscriptions never send them back; on MQTT 5 remotes the
 //! bridge subscribes with No Local, so the remote never echoes what the bridge sent it.
 //!
 //! Layout: this file holds the settings and the topic mapping, [`link`] runs the connection.
 
+pub mod journal;
 mod link;
 
 use std::path::PathBuf;
@@ -147,6 +150,8 @@ pub struct BridgeSettings {
     pub reconnect_max: Duration,
     pub tls: Option<TlsSettings>,
     pub topics: Vec<TopicMapping>,
+    /// Store-and-forward on disk; `None` keeps waiting messages in memory.
+    pub queue: Option<journal::JournalSettings>,
 }
 
 /// Why a bridge could not start.
@@ -158,6 +163,8 @@ pub enum BridgeError {
     File { bridge: String, path: PathBuf, reason: String },
     #[error("bridge {bridge}: tls: {reason}")]
     Tls { bridge: String, reason: String },
+    #[error("bridge {bridge}: queue {dir}: {reason}")]
+    Queue { bridge: String, dir: PathBuf, reason: String },
 }
 
 /// What a running bridge has done, for status and tests.
@@ -177,6 +184,10 @@ pub struct BridgeStats {
     /// Messages waiting in the bridge's queue, and sent but not yet acknowledged by the remote, as last seen.
     pub queued: AtomicU64,
     pub inflight: AtomicU64,
+    /// Messages the disk queue dropped, oldest first, to stay within its size.
+    pub dropped_overflow: AtomicU64,
+    /// Messages the disk queue could not store (a disk error): lost.
+    pub journal_failures: AtomicU64,
 }
 
 impl BridgeStats {
@@ -210,9 +221,28 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
         Some(tls) => Some(link::client_config(&settings.name, &settings.address, tls)?),
         None => None,
     };
+    let journal = match &settings.queue {
+        None => None,
+        Some(queue) => {
+            let queue_error = |error: std::io::Error| BridgeError::Queue {
+                bridge: settings.name.clone(),
+                dir: queue.dir.clone(),
+                reason: error.to_string(),
+            };
+            let (journal, recovery) = journal::Journal::open(queue.clone()).map_err(queue_error)?;
+            tracing::info!(
+                bridge = %settings.name,
+                dir = %queue.dir.display(),
+                messages = recovery.messages,
+                bytes = recovery.bytes,
+                "bridge queue opened"
+            );
+            Some(journal)
+        }
+    };
     let stats = Arc::new(BridgeStats::default());
     let handle = BridgeHandle { name: settings.name.clone(), stats: stats.clone() };
-    broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats));
+    broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats, journal));
     Ok(handle)
 }
 

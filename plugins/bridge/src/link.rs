@@ -1,7 +1,7 @@
 //! The bridge's connection to the remote broker: connect (TCP or TLS), CONNECT, subscribe to the incoming
 //! mappings, then move messages both ways until the link drops or the broker shuts down; reconnect with backoff.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
@@ -22,12 +23,16 @@ use tollgate_protocol::{
 };
 use tracing::{debug, info, warn};
 
+use crate::journal::{FsyncPolicy, Journal, SharedJournal};
 use crate::{BridgeError, BridgeSettings, BridgeStats, TlsSettings, state_topic};
 
 /// A link up this long is healthy: the next reconnect starts again from the shortest wait.
 const STABLE: Duration = Duration::from_secs(60);
 /// Deliveries taken from the local queue per wake-up.
 const BATCH: usize = 64;
+/// The spooler's window on the local queue: it completes each message as soon as it is appended.
+const SPOOL_WINDOW: usize = 1024;
+const SPOOL_BATCH: usize = 256;
 
 pub(crate) struct Tls {
     config: Arc<ClientConfig>,
@@ -84,8 +89,7 @@ pub(crate) fn client_config(bridge: &str, address: &str, settings: &TlsSettings)
 }
 
 impl BridgeStats {
-    fn note_backlog(&self, local: &LocalClient) -> (usize, usize) {
-        let (queued, inflight) = local.backlog();
+    fn note_backlog(&self, (queued, inflight): (usize, usize)) -> (usize, usize) {
         self.queued.store(queued as u64, std::sync::atomic::Ordering::Relaxed);
         self.inflight.store(inflight as u64, std::sync::atomic::Ordering::Relaxed);
         (queued, inflight)
@@ -110,10 +114,64 @@ enum LinkEnd {
     Lost(String),
 }
 
+/// Where messages for the remote wait, and what is in flight on the link.
+enum Egress {
+    /// In the local client's own queue, in memory; its packet ids are the link's.
+    Memory,
+    /// In the journal on disk, which the spooler fills from the local client; link packet ids map to offsets.
+    Disk { journal: SharedJournal, ready: Arc<Notify>, inflight: HashMap<PacketId, u64>, next_packet_id: PacketId },
+}
+
+impl Egress {
+    fn backlog(&self, local: &LocalClient) -> (usize, usize) {
+        match self {
+            Egress::Memory => local.backlog(),
+            Egress::Disk { journal, inflight, .. } => {
+                let waiting = lock(journal).counts().messages as usize;
+                (waiting.saturating_sub(inflight.len()), inflight.len())
+            }
+        }
+    }
+
+    /// The remote is done with the message sent under `packet_id`.
+    fn settle(&mut self, local: &LocalClient, packet_id: PacketId) {
+        match self {
+            Egress::Memory => {
+                local.complete(packet_id);
+            }
+            Egress::Disk { journal, inflight, .. } => {
+                if let Some(offset) = inflight.remove(&packet_id)
+                    && let Err(error) = lock(journal).settle(offset)
+                {
+                    warn!(%error, "bridge journal: cannot record an acknowledgement");
+                }
+            }
+        }
+    }
+}
+
+fn lock(journal: &SharedJournal) -> std::sync::MutexGuard<'_, Journal> {
+    journal.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What every step of a link needs.
+struct Context<'a> {
+    broker: &'a Broker,
+    settings: &'a BridgeSettings,
+    local: &'a LocalClient,
+    stats: &'a BridgeStats,
+}
+
 /// The bridge's task: reconnects until the broker shuts down.
-pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Option<Tls>, stats: Arc<BridgeStats>) {
+pub(crate) async fn run(
+    broker: Broker,
+    settings: Arc<BridgeSettings>,
+    tls: Option<Tls>,
+    stats: Arc<BridgeStats>,
+    journal: Option<Journal>,
+) {
     let name = settings.name.as_str();
-    let local = broker.local_client(&format!("$bridge/{name}"));
+    let local = Arc::new(broker.local_client(&format!("$bridge/{name}")));
     for mapping in settings.topics.iter().filter(|mapping| mapping.sends_out()) {
         let options =
             SubscriptionOptions { qos: mapping.qos, no_local: true, retain_as_published: true, retain_handling: 0 };
@@ -123,10 +181,29 @@ pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Opti
     }
     publish_state(&broker, name, false);
     let shutdown = broker.shutdown_token();
+    let mut egress = match journal {
+        None => Egress::Memory,
+        Some(journal) => {
+            let journal: SharedJournal = Arc::new(std::sync::Mutex::new(journal));
+            let ready = Arc::new(Notify::new());
+            let fsync = settings.queue.as_ref().map_or(FsyncPolicy::Never, |queue| queue.fsync);
+            broker.spawn(spool(
+                local.clone(),
+                journal.clone(),
+                ready.clone(),
+                stats.clone(),
+                settings.name.clone(),
+                fsync,
+                shutdown.clone(),
+            ));
+            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1 }
+        }
+    };
     // QoS 2 messages from the remote acknowledged with PUBREC and not yet released: kept across links, as the
     // remote keeps its side in the bridge's session.
     let mut incoming_qos2 = HashSet::new();
     let mut delay = settings.reconnect_min;
+    let cx = Context { broker: &broker, settings: &settings, local: &local, stats: &stats };
     loop {
         let attempt = tokio::select! {
             attempt = connect(&broker, &settings, tls.as_ref()) => attempt,
@@ -142,7 +219,7 @@ pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Opti
                 BridgeStats::bump(&stats.connects);
                 publish_state(&broker, name, true);
                 info!(bridge = name, address = %settings.address, "bridge connected");
-                let end = link.serve(&broker, &settings, &local, &stats, &shutdown, &mut incoming_qos2).await;
+                let end = link.serve(&cx, &mut egress, &shutdown, &mut incoming_qos2).await;
                 stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                 publish_state(&broker, name, false);
                 match end {
@@ -151,7 +228,7 @@ pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Opti
                         break;
                     }
                     LinkEnd::Lost(reason) => {
-                        let (queued, inflight) = stats.note_backlog(&local);
+                        let (queued, inflight) = stats.note_backlog(egress.backlog(&local));
                         warn!(bridge = name, %reason, queued, inflight, "bridge link lost");
                     }
                 }
@@ -168,6 +245,75 @@ pub(crate) async fn run(broker: Broker, settings: Arc<BridgeSettings>, tls: Opti
             () = shutdown.cancelled() => break,
         }
         delay = (delay * 2).min(settings.reconnect_max);
+    }
+    if let Egress::Disk { journal, .. } = &egress
+        && let Err(error) = lock(journal).sync()
+    {
+        warn!(bridge = name, %error, "bridge journal: final sync failed");
+    }
+}
+
+/// Takes the bridge's local queue as it fills and appends it to the journal, linked or not, so what waits for
+/// the remote is on disk rather than in memory; wakes the link. Syncs the journal on the configured interval.
+async fn spool(
+    local: Arc<LocalClient>,
+    journal: SharedJournal,
+    ready: Arc<Notify>,
+    stats: Arc<BridgeStats>,
+    name: String,
+    fsync: FsyncPolicy,
+    shutdown: CancellationToken,
+) {
+    let append = |batch: Vec<(Delivery, Option<PacketId>)>| {
+        let mut journal = lock(&journal);
+        for (delivery, packet_id) in batch {
+            let message = Message { qos: delivery.qos, retain: delivery.retain, ..Message::clone(&delivery.message) };
+            match journal.append(&message) {
+                Ok(0) => {}
+                Ok(dropped) => warn!(bridge = %name, dropped, "bridge journal full: its oldest messages were dropped"),
+                Err(error) => {
+                    BridgeStats::bump(&stats.journal_failures);
+                    warn!(bridge = %name, %error, topic = %message.topic, "bridge journal: cannot append; message lost");
+                }
+            }
+            if let Some(packet_id) = packet_id {
+                local.complete(packet_id);
+            }
+        }
+        let counts = journal.counts();
+        stats.dropped_overflow.store(counts.dropped_overflow, std::sync::atomic::Ordering::Relaxed);
+        let inflight = stats.inflight.load(std::sync::atomic::Ordering::Relaxed);
+        stats.queued.store(counts.messages.saturating_sub(inflight), std::sync::atomic::Ordering::Relaxed);
+        drop(journal);
+        ready.notify_one();
+    };
+    let mut tick = tokio::time::interval(match fsync {
+        FsyncPolicy::Interval(every) => every,
+        // The commit offset is written on this tick whatever the policy.
+        FsyncPolicy::Always | FsyncPolicy::Never => Duration::from_secs(1),
+    });
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            batch = local.next_batch(SPOOL_WINDOW, SPOOL_BATCH) => append(batch),
+            _ = tick.tick() => {
+                if let Err(error) = lock(&journal).sync() {
+                    warn!(bridge = %name, %error, "bridge journal: sync failed");
+                }
+            }
+            () = shutdown.cancelled() => break,
+        }
+    }
+    // Whatever reached the local queue before the shutdown goes to disk too.
+    loop {
+        let batch = local.try_batch(SPOOL_WINDOW, SPOOL_BATCH);
+        if batch.is_empty() {
+            break;
+        }
+        append(batch);
+    }
+    if let Err(error) = lock(&journal).sync() {
+        warn!(bridge = %name, %error, "bridge journal: sync at shutdown failed");
     }
 }
 
@@ -302,36 +448,56 @@ impl Link {
 
     async fn serve(
         mut self,
-        broker: &Broker,
-        settings: &BridgeSettings,
-        local: &LocalClient,
-        stats: &BridgeStats,
+        cx: &Context<'_>,
+        egress: &mut Egress,
         shutdown: &CancellationToken,
         incoming_qos2: &mut HashSet<PacketId>,
     ) -> LinkEnd {
-        let window = usize::from(settings.max_inflight.min(self.remote_receive_maximum).max(1));
-        // What was in flight when the last link dropped goes first, in its original order [MQTT-4.4.0-1].
-        for unfinished in local.unfinished() {
-            match unfinished {
-                Unfinished::Publish(packet_id, delivery) => {
-                    self.forward(broker, settings, local, stats, delivery, Some(packet_id), true).await;
-                }
-                Unfinished::Release(packet_id) => {
-                    if let Err(reason) = self.queue(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS))) {
-                        return LinkEnd::Lost(reason);
+        let window = usize::from(cx.settings.max_inflight.min(self.remote_receive_maximum).max(1));
+        match egress {
+            Egress::Memory => {
+                // What was in flight when the last link dropped goes first, in its original order [MQTT-4.4.0-1].
+                for unfinished in cx.local.unfinished() {
+                    match unfinished {
+                        Unfinished::Publish(packet_id, delivery) => {
+                            let (qos, retain) = (delivery.qos, delivery.retain);
+                            if !self.forward(cx, &delivery.message, qos, retain, Some(packet_id), true).await {
+                                cx.local.complete(packet_id);
+                            }
+                        }
+                        Unfinished::Release(packet_id) => {
+                            if let Err(reason) = self.queue(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS))) {
+                                return LinkEnd::Lost(reason);
+                            }
+                        }
                     }
                 }
             }
+            Egress::Disk { journal, inflight, .. } => {
+                // The journal is read again from its commit: what was unacknowledged goes first, in order.
+                lock(journal).rewind();
+                inflight.clear();
+            }
         }
-        let keep_alive = settings.keep_alive;
+        let keep_alive = cx.settings.keep_alive;
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
         let mut ping_due = if keep_alive.is_zero() { far() } else { Instant::now() + keep_alive };
         let mut awaiting_pong = false;
+        let memory = matches!(egress, Egress::Memory);
+        let ready = match egress {
+            Egress::Disk { ready, .. } => Some(ready.clone()),
+            Egress::Memory => None,
+        };
         loop {
+            if let Egress::Disk { .. } = egress
+                && let Err(reason) = self.fill_from_journal(cx, egress, window).await
+            {
+                return LinkEnd::Lost(reason);
+            }
             if let Err(reason) = self.flush().await {
                 return LinkEnd::Lost(reason);
             }
-            stats.note_backlog(local);
+            cx.stats.note_backlog(egress.backlog(cx.local));
             tokio::select! {
                 () = shutdown.cancelled() => {
                     let goodbye = Disconnect { reason_code: ReasonCode::NORMAL_DISCONNECTION, properties: Properties::default() };
@@ -356,16 +522,23 @@ impl Link {
                             awaiting_pong = false;
                             continue;
                         }
-                        if let Err(reason) = self.handle(packet, broker, settings, local, stats, incoming_qos2).await {
+                        if let Err(reason) = self.handle(cx, egress, packet, incoming_qos2).await {
                             return LinkEnd::Lost(reason);
                         }
                     }
                 }
-                batch = local.next_batch(window, BATCH) => {
+                batch = cx.local.next_batch(window, BATCH), if memory => {
                     for (delivery, packet_id) in batch {
-                        self.forward(broker, settings, local, stats, delivery, packet_id, false).await;
+                        let (qos, retain) = (delivery.qos, delivery.retain);
+                        if !self.forward(cx, &delivery.message, qos, retain, packet_id, false).await
+                            && let Some(packet_id) = packet_id
+                        {
+                            cx.local.complete(packet_id);
+                        }
                     }
                 }
+                // The spooler appended: the loop's top reads the journal.
+                () = async { if let Some(ready) = &ready { ready.notified().await } }, if !memory => {}
                 () = sleep_until(ping_due) => {
                     if awaiting_pong {
                         return LinkEnd::Lost("no PINGRESP within the keep-alive".into());
@@ -380,38 +553,60 @@ impl Link {
         }
     }
 
-    /// Sends one local message to the remote, unless the route hook drops it.
-    #[allow(clippy::too_many_arguments)]
+    /// Sends what the journal holds, while the in-flight window has room. Messages cross at QoS 1 at most: the
+    /// journal is the bridge's side of the exchange, so QoS 2's extra round trip would add nothing.
+    async fn fill_from_journal(&mut self, cx: &Context<'_>, egress: &mut Egress, window: usize) -> Result<(), String> {
+        let Egress::Disk { journal, inflight, next_packet_id, .. } = egress else { return Ok(()) };
+        while inflight.len() < window {
+            let records = lock(journal).next(window - inflight.len()).map_err(|error| format!("journal: {error}"))?;
+            if records.is_empty() {
+                break;
+            }
+            for (offset, message) in records {
+                let qos = message.qos.min(QoS::AtLeastOnce);
+                let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
+                let sent = self.forward(cx, &message, qos, message.retain, packet_id, false).await;
+                match packet_id {
+                    Some(packet_id) if sent => {
+                        inflight.insert(packet_id, offset);
+                    }
+                    _ => lock(journal).settle(offset).map_err(|error| format!("journal: {error}"))?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one message to the remote; false if it was not sent (a hook dropped it, or it cannot be encoded for
+    /// the remote), so the caller settles it.
     async fn forward(
         &mut self,
-        broker: &Broker,
-        settings: &BridgeSettings,
-        local: &LocalClient,
-        stats: &BridgeStats,
-        delivery: Delivery,
+        cx: &Context<'_>,
+        message: &Message,
+        qos: QoS,
+        retain: bool,
         packet_id: Option<PacketId>,
         resend: bool,
-    ) {
-        let message = &delivery.message;
+    ) -> bool {
+        let (broker, settings, stats) = (cx.broker, cx.settings, cx.stats);
         let now = Instant::now();
         let Some(mut remote_topic) = settings.topics.iter().find_map(|mapping| mapping.to_remote(&message.topic))
         else {
             // A mapping's filter took it but its prefix did not fit (cannot happen with valid mappings).
             debug!(bridge = %settings.name, topic = %message.topic, "no outgoing mapping fits; not sent");
-            finish(local, packet_id);
-            return;
+            return false;
         };
         let expiry = message.remaining_expiry(now);
         let hooks = broker.hooks();
         let mut properties = Message::forwarded_properties(&message.properties);
         properties.message_expiry_interval = expiry;
         let mut payload = message.payload.clone();
-        let mut retain = delivery.retain;
+        let mut retain = retain;
         if !hooks.routers.is_empty() || hooks.has_outbound_transform() {
             let mut view = message.hook_view(expiry);
             view.topic = remote_topic.as_str().into();
-            view.qos = delivery.qos;
-            view.retain = delivery.retain;
+            view.qos = qos;
+            view.retain = retain;
             if !hooks.routers.is_empty() {
                 match decide(&hooks, RouteDirection::Egress, settings, &view).await {
                     Some(topic) => {
@@ -420,15 +615,14 @@ impl Link {
                     }
                     None => {
                         BridgeStats::bump(&stats.dropped_by_policy);
-                        finish(local, packet_id);
-                        return;
+                        return false;
                     }
                 }
             }
             // The bridge is this copy's subscriber: a `deliver` hook (msg-auth's `sign`) sees it as sent, after
             // the mapping and the route, so a signature covers the topic the remote receives.
             if hooks.has_outbound_transform() {
-                match hooks.transform_outbound(&local.client(), &mut view).await {
+                match hooks.transform_outbound(&cx.local.client(), &mut view).await {
                     TransformOutcome::Deliver => {
                         if topic::validate_topic_name(&view.topic).is_ok() {
                             remote_topic = view.topic.to_string();
@@ -446,15 +640,14 @@ impl Link {
                     | TransformOutcome::Reject { hook, message: reason, .. } => {
                         debug!(bridge = %settings.name, %hook, %reason, "a deliver hook dropped the copy for the bridge");
                         BridgeStats::bump(&stats.dropped_by_policy);
-                        finish(local, packet_id);
-                        return;
+                        return false;
                     }
                 }
             }
         }
         let publish = Publish {
-            dup: resend && delivery.qos != QoS::AtMostOnce,
-            qos: delivery.qos,
+            dup: resend && qos != QoS::AtMostOnce,
+            qos,
             retain,
             topic: remote_topic.into(),
             packet_id,
@@ -468,37 +661,33 @@ impl Link {
             self.write.truncate(start);
             warn!(bridge = %settings.name, topic = %message.topic, too_large, "message cannot be sent to the remote; dropped");
             BridgeStats::bump(&stats.refused_by_remote);
-            finish(local, packet_id);
-            return;
+            return false;
         }
         if !resend {
             BridgeStats::bump(&stats.sent);
         }
-        if delivery.qos == QoS::AtMostOnce {
-            debug!(bridge = %settings.name, topic = %message.topic, "sent at QoS 0");
-        }
+        true
     }
 
     async fn handle(
         &mut self,
+        cx: &Context<'_>,
+        egress: &mut Egress,
         packet: Packet,
-        broker: &Broker,
-        settings: &BridgeSettings,
-        local: &LocalClient,
-        stats: &BridgeStats,
         incoming_qos2: &mut HashSet<PacketId>,
     ) -> Result<(), String> {
+        let (settings, local, stats) = (cx.settings, cx.local, cx.stats);
         match packet {
             Packet::Publish(publish) => match (publish.qos, publish.packet_id) {
-                (QoS::AtMostOnce, _) => admit(broker, settings, local, stats, publish).await,
+                (QoS::AtMostOnce, _) => admit(cx, publish).await,
                 (QoS::AtLeastOnce, Some(packet_id)) => {
-                    admit(broker, settings, local, stats, publish).await;
+                    admit(cx, publish).await;
                     self.queue(&Packet::PubAck(Ack::new(packet_id, ReasonCode::SUCCESS)))?;
                 }
                 (QoS::ExactlyOnce, Some(packet_id)) => {
                     // Published once; a resend before PUBREL is only acknowledged again [MQTT-4.3.3].
                     if incoming_qos2.insert(packet_id) {
-                        admit(broker, settings, local, stats, publish).await;
+                        admit(cx, publish).await;
                     }
                     self.queue(&Packet::PubRec(Ack::new(packet_id, ReasonCode::SUCCESS)))?;
                 }
@@ -510,11 +699,11 @@ impl Link {
             }
             Packet::PubAck(ack) => {
                 refused(settings, stats, "PUBACK", ack.reason_code);
-                local.complete(ack.packet_id);
+                egress.settle(local, ack.packet_id);
             }
             Packet::PubRec(ack) => {
-                if refused(settings, stats, "PUBREC", ack.reason_code) {
-                    local.complete(ack.packet_id);
+                if refused(settings, stats, "PUBREC", ack.reason_code) || !matches!(egress, Egress::Memory) {
+                    egress.settle(local, ack.packet_id);
                 } else if local.received(ack.packet_id) {
                     self.queue(&Packet::PubRel(Ack::new(ack.packet_id, ReasonCode::SUCCESS)))?;
                 } else {
@@ -522,7 +711,7 @@ impl Link {
                 }
             }
             Packet::PubComp(ack) => {
-                local.complete(ack.packet_id);
+                egress.settle(local, ack.packet_id);
             }
             Packet::SubAck(suback) => {
                 let filters = settings.topics.iter().filter(|mapping| mapping.takes_in());
@@ -541,6 +730,17 @@ impl Link {
     }
 }
 
+/// The next link packet id not in flight.
+fn allocate_packet_id(next: &mut PacketId, inflight: &HashMap<PacketId, u64>) -> PacketId {
+    loop {
+        let candidate = *next;
+        *next = next.checked_add(1).unwrap_or(1);
+        if !inflight.contains_key(&candidate) {
+            return candidate;
+        }
+    }
+}
+
 /// Whether an acknowledgement says the remote refused the message (logged and counted; the message is not sent
 /// again, as a refusal would only repeat).
 fn refused(settings: &BridgeSettings, stats: &BridgeStats, kind: &str, code: ReasonCode) -> bool {
@@ -550,12 +750,6 @@ fn refused(settings: &BridgeSettings, stats: &BridgeStats, kind: &str, code: Rea
     BridgeStats::bump(&stats.refused_by_remote);
     warn!(bridge = %settings.name, ack = kind, code = format!("0x{:02X}", code.0), "the remote refused a bridged message");
     true
-}
-
-fn finish(local: &LocalClient, packet_id: Option<PacketId>) {
-    if let Some(packet_id) = packet_id {
-        local.complete(packet_id);
-    }
 }
 
 /// The route chain's answer: the topic to use, or `None` to drop.
@@ -582,7 +776,8 @@ async fn decide(
 }
 
 /// Publishes a message from the remote here, unless the route hook drops it.
-async fn admit(broker: &Broker, settings: &BridgeSettings, local: &LocalClient, stats: &BridgeStats, publish: Publish) {
+async fn admit(cx: &Context<'_>, publish: Publish) {
+    let (broker, settings, local, stats) = (cx.broker, cx.settings, cx.local, cx.stats);
     let Some(local_topic) = settings.topics.iter().find_map(|mapping| mapping.to_local(&publish.topic)) else {
         debug!(bridge = %settings.name, topic = %publish.topic, "no incoming mapping takes it; ignored");
         return;

@@ -46,6 +46,7 @@ fn bridge_to(port: u16, topics: Vec<BridgeTopicConfig>) -> BridgeConfig {
         reconnect_max_ms: 200,
         tls: None,
         topics,
+        queue: None,
     }
 }
 
@@ -499,7 +500,8 @@ async fn the_bridge_example_keeps_diagnostics_on_site_and_lets_in_only_allowed_c
         .unwrap()
         .replace("127.0.0.1:1885", &cloud.addr.to_string())
         .replace("127.0.0.1:1884", "127.0.0.1:0")
-        .replace("examples/bridge/route.lua", &root.join("examples/bridge/route.lua").to_string_lossy());
+        .replace("examples/bridge/route.lua", &root.join("examples/bridge/route.lua").to_string_lossy())
+        .replace("target/example-bridge-queue/cloud", &dir.path().join("queue").to_string_lossy());
     let path = dir.path().join("site.toml");
     std::fs::write(&path, site_toml).unwrap();
     let example = tollgate::config::load(Some(&path)).unwrap_or_else(|problems| panic!("{problems:?}"));
@@ -550,6 +552,133 @@ async fn the_bridge_example_keeps_diagnostics_on_site_and_lets_in_only_allowed_c
     assert_eq!(topic(&down), format!("cmd/{VIN}/unlock"), "open-hood was refused");
     site_watch.expect_no_publish(QUIET).await;
     assert_eq!(count(&stats(&site).dropped_by_policy), 2);
+    assert!(dir.path().join("queue").is_dir(), "the example's disk queue is in use");
     site.stop().await;
+    cloud.stop().await;
+}
+
+/// With `[bridges.queue]`, what waits for the remote is on disk: it outlives an outage and a restart of the site
+/// broker, and reaches the cloud in order once the uplink is back.
+#[tokio::test]
+async fn a_bridge_with_a_disk_queue_loses_nothing_across_an_outage_and_a_restart() {
+    let cloud = TestBroker::start().await;
+    let uplink = Uplink::to(cloud.port()).await;
+    let queue_dir = tempfile::tempdir().unwrap();
+    let durable = || {
+        let mut bridge = bridge_to(uplink.port, vec![mapping("up/#", "out", 1, "", "")]);
+        bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
+            dir: queue_dir.path().join("cloud"),
+            max_mb: 64,
+            segment_mb: 1,
+            fsync: "always".into(),
+            fsync_interval_ms: 200,
+        });
+        bridge
+    };
+    let site = site_with(durable(), Vec::new()).await;
+    wait_connected(&site).await;
+    let mut backend = connect_to(&cloud, "backend").await;
+    backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    sensor.publish("up/first", QoS::AtLeastOnce, false, b"0").await;
+    assert_eq!(topic(&backend.next_publish().await), "up/first");
+
+    uplink.cut();
+    wait_until("the bridge to notice the outage", || !stats(&site).connected.load(Ordering::Relaxed)).await;
+    for index in 0..30 {
+        sensor.publish(&format!("up/seq/{index}"), QoS::AtLeastOnce, false, format!("{index}").as_bytes()).await;
+    }
+    sensor.disconnect().await;
+    // The site broker restarts while the uplink is still down.
+    assert!(site.stop().await);
+    let site = site_with(durable(), Vec::new()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stats(&site).connected.load(Ordering::Relaxed), "the uplink is still down");
+    uplink.restore();
+    let received: Vec<(String, String)> = within("the backlog after the restart", async {
+        let mut received = Vec::new();
+        while received.len() < 30 {
+            let publish = backend.next_publish().await;
+            received.push((topic(&publish), String::from_utf8_lossy(&publish.payload).into_owned()));
+        }
+        received
+    })
+    .await;
+    let expected: Vec<(String, String)> = (0..30).map(|index| (format!("up/seq/{index}"), index.to_string())).collect();
+    assert_eq!(received, expected, "every message, in order, once");
+    backend.expect_no_publish(QUIET).await;
+    wait_until("the journal to empty", || count(&stats(&site).queued) == 0 && count(&stats(&site).inflight) == 0).await;
+    site.stop().await;
+    cloud.stop().await;
+}
+
+/// The `tollgate` binary with a disk queue, killed with SIGKILL (no shutdown, no final sync) while the uplink is
+/// down, then started again: what it had acknowledged to publishers reaches the cloud.
+#[tokio::test]
+async fn a_disk_queue_outlives_a_killed_broker() {
+    let cloud = TestBroker::start().await;
+    let uplink = Uplink::to(cloud.port()).await;
+    uplink.cut();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("site.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[[bridges]]\nname = \"cloud\"\naddress = \"127.0.0.1:{}\"\n\
+             reconnect_min_ms = 50\nreconnect_max_ms = 200\n\
+             topics = [{{ pattern = \"up/#\", direction = \"out\", qos = 1 }}]\n\
+             queue = {{ dir = \"{}\", fsync = \"always\" }}\n",
+            uplink.port,
+            dir.path().join("queue").display()
+        ),
+    )
+    .unwrap();
+    let start = || {
+        let mut command = tokio::process::Command::new(external::tollgate_bin());
+        external::clean_env(&mut command).arg("run").arg("--config").arg(&config);
+        external::spawn(&mut command)
+    };
+    let listening = || async {
+        within("the site broker to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    };
+    let mut site = start();
+    listening().await;
+    let options = |id: &str| {
+        let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    };
+    let (mut sensor, _) = v5::connect(options("sensor")).await;
+    for index in 0..25 {
+        sensor.publish(&format!("up/seq/{index}"), QoS::AtLeastOnce, false, b"x").await;
+    }
+    // The spooler appends within moments of the PUBACK; give it those, then pull the plug.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    site.signal("KILL");
+    site.wait(Duration::from_secs(10)).await;
+    drop(sensor);
+
+    let mut backend = connect_to(&cloud, "backend").await;
+    backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let _site = start();
+    listening().await;
+    uplink.restore();
+    let received: Vec<String> = within("the backlog after the crash", async {
+        let mut received = Vec::new();
+        while received.len() < 25 {
+            received.push(topic(&backend.next_publish().await));
+        }
+        received
+    })
+    .await;
+    let expected: Vec<String> = (0..25).map(|index| format!("up/seq/{index}")).collect();
+    assert_eq!(received, expected);
+    backend.expect_no_publish(QUIET).await;
     cloud.stop().await;
 }

@@ -403,6 +403,7 @@ async fn a_copy_sent_over_the_built_in_bridge_is_signed_over_the_topic_the_cloud
                     local_prefix: String::new(),
                     remote_prefix: "sites/42/".into(),
                 }],
+                queue: None,
             }];
         })
         .start()
