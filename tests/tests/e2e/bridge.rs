@@ -331,6 +331,8 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     .await;
     site_client.publish("telemetry/speed", QoS::AtLeastOnce, false, b"0").await;
     assert_eq!(topic(&cloud.next_publish().await), "sites/1/telemetry/speed");
+    // Cut only once Mosquitto's PUBACK is in: otherwise the message is rightly sent again after the outage.
+    wait_until("the telemetry to be acknowledged", || count(&stats(&site).inflight) == 0).await;
     while site_client.publish_within(QUIET).await.is_some() {} // late probes
 
     // The uplink goes down. The site keeps taking telemetry (the bridge's queue), the cloud keeps sending
@@ -480,10 +482,10 @@ async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     wait_connected(&site).await;
     let started = std::time::Instant::now();
     // No PINGRESP within the keep-alive after a PINGREQ: the link is dropped and dialled again.
-    wait_until("a second connection", || accepted.load(Ordering::SeqCst) >= 2).await;
+    wait_until("a second link", || count(&stats(&site).connects) >= 2).await;
     let elapsed = started.elapsed();
     assert!(elapsed >= Duration::from_millis(1500), "left too early: {elapsed:?}");
-    assert!(count(&stats(&site).connects) >= 2);
+    assert!(accepted.load(Ordering::SeqCst) >= 2);
     silent.abort();
     site.stop().await;
 }
@@ -582,6 +584,8 @@ async fn a_bridge_with_a_disk_queue_loses_nothing_across_an_outage_and_a_restart
     let mut sensor = connect_to(&site, "sensor").await;
     sensor.publish("up/first", QoS::AtLeastOnce, false, b"0").await;
     assert_eq!(topic(&backend.next_publish().await), "up/first");
+    // Cut only once the cloud's PUBACK is in: otherwise up/first is rightly sent again after the outage.
+    wait_until("up/first to be acknowledged", || count(&stats(&site).inflight) == 0).await;
 
     uplink.cut();
     wait_until("the bridge to notice the outage", || !stats(&site).connected.load(Ordering::Relaxed)).await;
