@@ -327,6 +327,8 @@ pub struct Setup<'a> {
     pub pki: Option<&'a Pki>,
     /// `$SYS` interval in seconds (0 = off), for scenarios that read the broker's own metrics.
     pub sys_interval: u32,
+    /// Appended to the broker's configuration file as it is (the bridge benchmark's bridge sections).
+    pub extra: &'a str,
 }
 
 pub struct RunningBroker {
@@ -370,6 +372,7 @@ impl RunningBroker {
                 if let Some(plugin) = &spec.plugin {
                     text.push_str(&plugin_config(spec.kind, plugin, &dir.join("state")));
                 }
+                text.push_str(setup.extra);
                 fs::write(&config, text)?;
                 command.arg("run").arg("--config").arg(config);
             }
@@ -379,6 +382,7 @@ impl RunningBroker {
                 if let Some((pki, mutual)) = tls {
                     text.push_str(&mosquitto_tls(pki, mutual));
                 }
+                text.push_str(setup.extra);
                 fs::write(&config, text)?;
                 command.arg("-c").arg(config);
             }

@@ -1,6 +1,7 @@
 //! `tollgate-bench`: runs the same MQTT workloads against Tollgate, Mosquitto and rumqttd, each started as its
 //! own process on a free loopback port, and prints a markdown table with the ratios. See README.md.
 
+mod bridge;
 mod brokers;
 mod client;
 mod pki;
@@ -55,6 +56,13 @@ struct Cli {
     /// List the scenarios and exit.
     #[arg(long)]
     list: bool,
+    /// Instead of the scenarios: a site broker bridged to a cloud broker, Tollgate (queue in memory and on
+    /// disk) against Mosquitto; live throughput, backlog drain rate and the site's memory with the backlog.
+    #[arg(long)]
+    bridge: bool,
+    /// Messages per bridge measurement (live, then the same number as backlog).
+    #[arg(long, default_value_t = 50_000)]
+    bridge_messages: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -113,6 +121,9 @@ fn main() -> Result<()> {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    if cli.bridge {
+        return run_bridge(&cli).await;
+    }
     let all_scenarios = scenarios::all(cli.pairs.max(1), cli.car_connects.max(1));
     if cli.list {
         for scenario in &all_scenarios {
@@ -332,8 +343,12 @@ async fn run_one(
         Workload::Flow(_) => settings.plugin_calls && spec.kind.flow_hook().is_some(),
         _ => false,
     };
-    let setup =
-        Setup { transport: scenario.transport, pki: settings.pki.as_deref(), sys_interval: u32::from(reads_sys) };
+    let setup = Setup {
+        transport: scenario.transport,
+        pki: settings.pki.as_deref(),
+        sys_interval: u32::from(reads_sys),
+        extra: "",
+    };
     let mut broker = RunningBroker::start(spec, limits, setup, &format!("{n}-{}", scenario.name))?;
     let outcome = scenarios::run(scenario, &mut broker, settings).await;
     let tail = broker.log_tail();
@@ -427,4 +442,79 @@ fn machine() -> Machine {
         })
         .unwrap_or(0);
     Machine { nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), cpu, kernel, mem_total_kib }
+}
+
+/// `--bridge`: each variant bridged to its own kind, sizes 64 B and 1 KiB, rounds taking turns; the median round.
+async fn run_bridge(cli: &Cli) -> Result<()> {
+    use crate::bridge::{BridgeOutcome, Variant};
+    let workspace = workspace_dir();
+    let limits = Limits { max_inflight: cli.max_inflight, max_queued: cli.max_queued, max_connections: 1000 };
+    let tollgate = brokers::locate(BrokerKind::Tollgate, cli.tollgate_bin.as_deref(), &workspace)?;
+    let mosquitto = brokers::locate(BrokerKind::Mosquitto, cli.mosquitto_bin.as_deref(), &workspace)?;
+    let variants = [Variant::Mosquitto, Variant::TollgateMemory, Variant::TollgateDisk];
+    let rounds = cli.rounds.max(1);
+    let mut table = format!(
+        "Bridge benchmark, {} (Tollgate {}, Mosquitto {}): {} QoS 1 messages per measurement, publisher window 100, \
+         bridge window {}, median of {rounds} round(s).\n\n\
+         | payload | site → cloud | live msg/s | backlog drain msg/s | site RSS idle → with backlog |\n\
+         |---|---|---|---|---|\n",
+        date(),
+        tollgate.version,
+        mosquitto.version,
+        cli.bridge_messages,
+        cli.max_inflight,
+    );
+    for payload in [64usize, 1024] {
+        let mut results: Vec<Vec<BridgeOutcome>> = vec![Vec::new(); variants.len()];
+        for round in 1..=rounds {
+            for (index, variant) in variants.iter().enumerate() {
+                let spec = if *variant == Variant::Mosquitto { &mosquitto } else { &tollgate };
+                eprint!("   bridge {payload:>5} B  {:<40} round {round}/{rounds} ", variant.title());
+                let outcome = bridge::measure(
+                    *variant,
+                    spec,
+                    spec,
+                    limits,
+                    cli.bridge_messages,
+                    payload,
+                    &format!("{payload}-{index}-{round}"),
+                )
+                .await;
+                match &outcome.error {
+                    Some(error) => eprintln!("failed: {error}"),
+                    None => eprintln!(
+                        "live {:.0}/s, drain {:.0}/s, RSS {} → {} KiB",
+                        outcome.live_msgs_per_s,
+                        outcome.backlog_drain_msgs_per_s,
+                        outcome.site_rss_idle_kib,
+                        outcome.site_rss_backlog_kib
+                    ),
+                }
+                results[index].push(outcome);
+            }
+        }
+        for (variant, mut outcomes) in variants.iter().zip(results) {
+            outcomes.sort_by(|a, b| a.live_msgs_per_s.total_cmp(&b.live_msgs_per_s));
+            let failed = outcomes.iter().find_map(|outcome| outcome.error.clone());
+            let median = &outcomes[outcomes.len() / 2];
+            match failed {
+                Some(error) => {
+                    table.push_str(&format!("| {payload} B | {} | failed: {error} | | |\n", variant.title()))
+                }
+                None => table.push_str(&format!(
+                    "| {payload} B | {} | {:.0} | {:.0} | {:.1} → {:.1} MiB |\n",
+                    variant.title(),
+                    median.live_msgs_per_s,
+                    median.backlog_drain_msgs_per_s,
+                    median.site_rss_idle_kib as f64 / 1024.0,
+                    median.site_rss_backlog_kib as f64 / 1024.0,
+                )),
+            }
+        }
+    }
+    println!("{table}");
+    if let Some(path) = &cli.markdown {
+        std::fs::write(path, &table).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
