@@ -72,6 +72,8 @@ pub struct Server {
     plugins: Arc<PluginHost>,
     /// Links to other brokers, started with the server; a reload does not change them.
     bridges: Vec<tollgate_bridge::BridgeHandle>,
+    /// Their configuration, so a reload can say when it differs.
+    bridge_config: Vec<bridge_config::BridgeConfig>,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -295,6 +297,7 @@ impl Server {
             tls: tls_listeners,
             plugins: plugin_host,
             bridges,
+            bridge_config: config.bridges.clone(),
         })
     }
 
@@ -328,6 +331,12 @@ impl Server {
             }
         }
         failed.extend(report.kept_previous.iter().map(|error| format!("{error} (previous version kept)")));
+        if config.bridges != self.bridge_config {
+            error!(
+                "[[bridges]] changed: bridges are not reloaded; the running ones keep their settings until a restart"
+            );
+            failed.push("[[bridges]] changed: bridges are not reloaded, restart to apply".into());
+        }
         if !failed.is_empty() {
             anyhow::bail!("reload incomplete: {}", failed.join("; "));
         }

@@ -629,10 +629,12 @@ async fn a_disk_queue_outlives_a_killed_broker() {
     std::fs::write(
         &config,
         format!(
-            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[[bridges]]\nname = \"cloud\"\naddress = \"127.0.0.1:{}\"\n\
+            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[runtime]\nadmin_socket = \"{}\"\n\n\
+             [[bridges]]\nname = \"cloud\"\naddress = \"127.0.0.1:{}\"\n\
              reconnect_min_ms = 50\nreconnect_max_ms = 200\n\
              topics = [{{ pattern = \"up/#\", direction = \"out\", qos = 1 }}]\n\
              queue = {{ dir = \"{}\", fsync = \"always\" }}\n",
+            dir.path().join("admin.sock").display(),
             uplink.port,
             dir.path().join("queue").display()
         ),
@@ -662,8 +664,23 @@ async fn a_disk_queue_outlives_a_killed_broker() {
     for index in 0..25 {
         sensor.publish(&format!("up/seq/{index}"), QoS::AtLeastOnce, false, b"x").await;
     }
-    // The spooler appends within moments of the PUBACK; give it those, then pull the plug.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The spooler appends within moments of the PUBACK (an fsync each here): wait until `tollgate status` says
+    // all 25 are queued, then pull the plug.
+    within("the 25 messages in the disk queue", async {
+        loop {
+            let mut status = tokio::process::Command::new(external::tollgate_bin());
+            external::clean_env(&mut status).arg("status").arg("--config").arg(&config);
+            let output = external::run(&mut status, Duration::from_secs(10)).await;
+            let queued = serde_json::from_slice::<serde_json::Value>(&output.stdout)
+                .ok()
+                .and_then(|status| status["bridges"][0]["queued"].as_u64());
+            if queued == Some(25) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     site.signal("KILL");
     site.wait(Duration::from_secs(10)).await;
     drop(sensor);
@@ -685,4 +702,20 @@ async fn a_disk_queue_outlives_a_killed_broker() {
     assert_eq!(received, expected);
     backend.expect_no_publish(QUIET).await;
     cloud.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_says_that_changed_bridges_need_a_restart() {
+    let remote = TestBroker::start().await;
+    let site = site_with(bridge_to(remote.port(), vec![mapping("a/#", "out", 1, "", "")]), Vec::new()).await;
+    wait_connected(&site).await;
+    // The same configuration reloads cleanly.
+    site.server.reload(&site.config).await.unwrap();
+    let mut changed = site.config.clone();
+    changed.bridges[0].topics.push(mapping("b/#", "out", 1, "", ""));
+    let error = site.server.reload(&changed).await.expect_err("a changed bridge is not applied");
+    assert!(error.to_string().contains("[[bridges]] changed"), "{error:#}");
+    assert!(stats(&site).connected.load(Ordering::Relaxed), "the running bridge is left alone");
+    site.stop().await;
+    remote.stop().await;
 }
