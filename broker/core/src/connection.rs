@@ -1241,7 +1241,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             TransformOutcome::Deliver => {
                 // Not shared yet: `make_mut` does not copy.
                 let message = Arc::make_mut(&mut admitted.message);
-                apply_hook_message(message, draft, admitted.now);
+                message.apply_hook_view(draft, admitted.now);
                 // A transform may lower the QoS, never raise it past what the ACL granted.
                 message.qos = message.qos.min(admitted.max_qos);
                 self.route_publish(admitted);
@@ -1497,7 +1497,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     expires_at: delivery.message.expires_at,
                     origin: delivery.message.origin,
                 };
-                apply_hook_message(&mut message, draft, now);
+                message.apply_hook_view(draft, now);
                 Some(Delivery { message: Arc::new(message), ..delivery })
             }
             TransformOutcome::Drop { hook, reason } | TransformOutcome::Reject { hook, message: reason, .. } => {
@@ -1669,21 +1669,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 /// What authorization is asked about a checked PUBLISH.
 fn publish_action(publish: &Publish) -> Action<'_> {
     Action::Publish { topic: &publish.topic, qos: publish.qos, retain: publish.retain }
-}
-
-fn apply_hook_message(message: &mut Message, draft: tollgate_hooks::Message, now: Instant) {
-    if topic::validate_topic_name(&draft.topic).is_ok() {
-        message.topic = draft.topic;
-    }
-    message.payload = draft.payload;
-    message.qos = draft.qos;
-    message.retain = draft.retain;
-    message.properties.user_properties = draft.user_properties;
-    message.properties.content_type = draft.content_type;
-    message.properties.payload_format_indicator = draft.payload_format_indicator;
-    message.properties.response_topic = draft.response_topic;
-    message.properties.correlation_data = draft.correlation_data;
-    message.expires_at = draft.message_expiry_interval.map(|seconds| now + Duration::from_secs(u64::from(seconds)));
 }
 
 #[cfg(test)]

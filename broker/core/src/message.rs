@@ -83,6 +83,23 @@ impl Message {
         }
     }
 
+    /// Takes over what a hook changed in its view (an invalid topic is ignored; expiry restarts from `now`).
+    pub fn apply_hook_view(&mut self, draft: tollgate_hooks::Message, now: Instant) {
+        if tollgate_protocol::topic::validate_topic_name(&draft.topic).is_ok() {
+            self.topic = draft.topic;
+        }
+        self.payload = draft.payload;
+        self.qos = draft.qos;
+        self.retain = draft.retain;
+        self.properties.user_properties = draft.user_properties;
+        self.properties.content_type = draft.content_type;
+        self.properties.payload_format_indicator = draft.payload_format_indicator;
+        self.properties.response_topic = draft.response_topic;
+        self.properties.correlation_data = draft.correlation_data;
+        self.expires_at =
+            draft.message_expiry_interval.map(|seconds| now + std::time::Duration::from_secs(u64::from(seconds)));
+    }
+
     pub fn user_properties(&self) -> &[UserProperty] {
         &self.properties.user_properties
     }

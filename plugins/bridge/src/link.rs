@@ -806,6 +806,24 @@ async fn admit(cx: &Context<'_>, publish: Publish) {
             }
         }
     }
+    // Then the inbound transforms, as for a client's publish with the bridge as the publisher: a command that
+    // came over the bridge is verified (msg-auth) like one a backend sent here directly.
+    if !hooks.transformers.is_empty() {
+        let mut draft = message.hook_view(message.remaining_expiry(now));
+        match hooks.transform_inbound(&local.client(), &mut draft).await {
+            TransformOutcome::Deliver => {
+                let received_at = message.qos;
+                message.apply_hook_view(draft, now);
+                // A transform may lower the QoS, never raise it past what the remote delivered at.
+                message.qos = message.qos.min(received_at);
+            }
+            TransformOutcome::Drop { hook, reason } | TransformOutcome::Reject { hook, message: reason, .. } => {
+                debug!(bridge = %settings.name, %hook, %reason, topic = %message.topic, "a transform refused a bridged message");
+                BridgeStats::bump(&stats.dropped_by_policy);
+                return;
+            }
+        }
+    }
     BridgeStats::bump(&stats.received);
     local.publish(message);
 }

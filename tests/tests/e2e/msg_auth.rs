@@ -449,3 +449,73 @@ async fn a_copy_sent_over_the_built_in_bridge_is_signed_over_the_topic_the_cloud
     assert!(site.stop().await);
     cloud.stop().await;
 }
+
+/// Commands that come down the built-in bridge go through msg-auth's `verify` like commands a backend sends to the
+/// site directly: signed ones reach the car, tampered and replayed ones do not.
+#[tokio::test]
+async fn commands_arriving_over_the_built_in_bridge_are_verified() {
+    let cloud = TestBroker::start().await;
+    let state = tempfile::tempdir().unwrap();
+    let site = TestBroker::builder()
+        .configure(|config: &mut Config| {
+            config.plugins = vec![msg_auth()];
+            config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
+            config.runtime.state_dir = Some(state.path().to_path_buf());
+            config.bridges = vec![tollgate::bridge_config::BridgeConfig {
+                name: "cloud".into(),
+                address: cloud.addr.to_string(),
+                protocol: "v5".into(),
+                client_id: None,
+                username: None,
+                password: None,
+                keepalive: 30,
+                clean_start: false,
+                session_expiry: 300,
+                max_inflight: 8,
+                connect_timeout: 5,
+                reconnect_min_ms: 50,
+                reconnect_max_ms: 200,
+                tls: None,
+                topics: vec![tollgate::bridge_config::BridgeTopicConfig {
+                    pattern: "v1/vehicles/+/cmd/#".into(),
+                    direction: "in".into(),
+                    qos: 1,
+                    local_prefix: String::new(),
+                    remote_prefix: String::new(),
+                }],
+                queue: None,
+            }];
+        })
+        .start()
+        .await;
+    tollgate_integration_tests::wait_until("the bridge's subscription on the cloud", || {
+        cloud.subscription_count() >= 1
+    })
+    .await;
+    let mut car = v5::connect_to(&site, "car").await;
+    car.subscribe_ok("v1/vehicles/+/cmd/#", QoS::AtLeastOnce).await;
+    let mut backend = v5::connect_to(&cloud, "backend").await;
+    let topic = command_topic();
+
+    let good = signed(&topic, b"unlock", 1);
+    backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good.clone())).await;
+    let delivered = car.next_publish().await;
+    assert_eq!(&delivered.payload[..], b"unlock");
+    // Tampered, replayed, unsigned: the cloud broker takes them (it verifies nothing), the site does not pass them on.
+    let fresh = signed(&topic, b"unlock", 2);
+    backend.publish_with(&topic, QoS::AtLeastOnce, false, b"UNLOCK", Some(fresh.clone())).await;
+    backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good)).await;
+    backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", None).await;
+    car.expect_no_publish(QUIET).await;
+    let stats = &site.server.bridges()[0].stats;
+    tollgate_integration_tests::wait_until("three refusals counted", || {
+        tollgate_bridge::BridgeStats::get(&stats.dropped_by_policy) == 3
+    })
+    .await;
+    // The untouched counter-2 command still passes.
+    backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(fresh)).await;
+    assert_eq!(&car.next_publish().await.payload[..], b"unlock");
+    car.disconnect().await;
+    assert!(site.stop().await);
+    cloud.stop().await;
+}
