@@ -187,3 +187,45 @@ impl Drop for TestBroker {
         self.server.broker.shutdown();
     }
 }
+
+/// A `[[bridges]]` entry named `cloud` toward `address`, with short reconnect waits for tests and no disk queue.
+pub fn bridge_config(
+    address: &str,
+    topics: Vec<tollgate::bridge_config::BridgeTopicConfig>,
+) -> tollgate::bridge_config::BridgeConfig {
+    tollgate::bridge_config::BridgeConfig {
+        name: "cloud".into(),
+        address: address.into(),
+        protocol: "v5".into(),
+        client_id: None,
+        username: None,
+        password: None,
+        keepalive: 10,
+        clean_start: false,
+        session_expiry: 3600,
+        max_inflight: 8,
+        connect_timeout: 5,
+        reconnect_min_ms: 50,
+        reconnect_max_ms: 200,
+        tls: None,
+        topics,
+        queue: None,
+    }
+}
+
+/// One topic mapping of a bridge.
+pub fn bridge_topic(
+    pattern: &str,
+    direction: &str,
+    qos: u8,
+    local_prefix: &str,
+    remote_prefix: &str,
+) -> tollgate::bridge_config::BridgeTopicConfig {
+    tollgate::bridge_config::BridgeTopicConfig {
+        pattern: pattern.into(),
+        direction: direction.into(),
+        qos,
+        local_prefix: local_prefix.into(),
+        remote_prefix: remote_prefix.into(),
+    }
+}

@@ -255,63 +255,52 @@ pub async fn measure(
     payload: usize,
     tag: &str,
 ) -> BridgeOutcome {
-    match measure_inner(variant, site_spec, cloud_spec, limits, messages, payload, tag).await {
-        Ok(outcome) => outcome,
-        Err(error) => BridgeOutcome { error: Some(format!("{error:#}")), ..BridgeOutcome::default() },
+    let measured: Result<BridgeOutcome> = async {
+        if site_spec.kind.program() != variant.program() || cloud_spec.kind.program() != variant.program() {
+            bail!("{variant:?} needs {:?} brokers", variant.program());
+        }
+        let plain = |extra| Setup { transport: Transport::Tcp, pki: None, sys_interval: 0, extra };
+        let cloud = RunningBroker::start(cloud_spec, limits, plain(""), &format!("{tag}-cloud"))?;
+        let relay = Relay::to(cloud.addr.port()).await?;
+        let queue_dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{tag}-queue", std::process::id()));
+        let _ = std::fs::remove_dir_all(&queue_dir);
+        let extra = variant.bridge_config(relay.port, limits, &queue_dir);
+        let mut site = RunningBroker::start(site_spec, limits, plain(&extra), &format!("{tag}-site"))?;
+        let site_dialer = Dialer::tcp(site.addr);
+        let cloud_dialer = Dialer::tcp(cloud.addr);
+        let mut subscriber = Conn::connect(&cloud_dialer, 0, "bench-cloud-sub", 1 << 20).await?;
+        subscriber.subscribe("bench/#", QoS::AtLeastOnce).await?;
+        wait_for_bridge(&site_dialer, &mut subscriber).await?;
+        let mut publisher = Conn::connect(&site_dialer, 0, "bench-site-pub", 1 << 20).await?;
+        let mut outcome = BridgeOutcome { site_rss_idle_kib: site.rss_kib()?, ..BridgeOutcome::default() };
+
+        // Live.
+        let started = Instant::now();
+        let (published, received) = tokio::join!(
+            publish(&mut publisher, 0, messages, payload),
+            receive(&mut subscriber, 0, messages, payload, Duration::from_secs(120))
+        );
+        published?;
+        let (_, last) = received?;
+        outcome.live_msgs_per_s = messages as f64 / last.duration_since(started).as_secs_f64();
+
+        // Backlog: the uplink goes down, the publisher sends the same number again, the site queues them all.
+        relay.cut();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        publish(&mut publisher, messages, messages, payload).await?;
+        // PUBACKs come once a message is routed; the disk variant's spooler writes it moments later.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        outcome.site_rss_backlog_kib = site.rss_kib()?;
+        relay.restore();
+        let (first, last) = receive(&mut subscriber, messages, 2 * messages, payload, Duration::from_secs(300)).await?;
+        outcome.backlog_drain_msgs_per_s = messages as f64 / last.duration_since(first).as_secs_f64().max(1e-6);
+        site.check_alive()?;
+        site.stop()?;
+        cloud.stop()?;
+        drop(relay);
+        let _ = std::fs::remove_dir_all(&queue_dir);
+        Ok(outcome)
     }
-}
-
-async fn measure_inner(
-    variant: Variant,
-    site_spec: &BrokerSpec,
-    cloud_spec: &BrokerSpec,
-    limits: Limits,
-    messages: u64,
-    payload: usize,
-    tag: &str,
-) -> Result<BridgeOutcome> {
-    if site_spec.kind.program() != variant.program() || cloud_spec.kind.program() != variant.program() {
-        bail!("{variant:?} needs {:?} brokers", variant.program());
-    }
-    let plain = |extra| Setup { transport: Transport::Tcp, pki: None, sys_interval: 0, extra };
-    let cloud = RunningBroker::start(cloud_spec, limits, plain(""), &format!("{tag}-cloud"))?;
-    let relay = Relay::to(cloud.addr.port()).await?;
-    let queue_dir = std::env::temp_dir().join(format!("tollgate-bench-{}-{tag}-queue", std::process::id()));
-    let _ = std::fs::remove_dir_all(&queue_dir);
-    let extra = variant.bridge_config(relay.port, limits, &queue_dir);
-    let mut site = RunningBroker::start(site_spec, limits, plain(&extra), &format!("{tag}-site"))?;
-    let site_dialer = Dialer::tcp(site.addr);
-    let cloud_dialer = Dialer::tcp(cloud.addr);
-    let mut subscriber = Conn::connect(&cloud_dialer, 0, "bench-cloud-sub", 1 << 20).await?;
-    subscriber.subscribe("bench/#", QoS::AtLeastOnce).await?;
-    wait_for_bridge(&site_dialer, &mut subscriber).await?;
-    let mut publisher = Conn::connect(&site_dialer, 0, "bench-site-pub", 1 << 20).await?;
-    let mut outcome = BridgeOutcome { site_rss_idle_kib: site.rss_kib()?, ..BridgeOutcome::default() };
-
-    // Live.
-    let started = Instant::now();
-    let (published, received) = tokio::join!(
-        publish(&mut publisher, 0, messages, payload),
-        receive(&mut subscriber, 0, messages, payload, Duration::from_secs(120))
-    );
-    published?;
-    let (_, last) = received?;
-    outcome.live_msgs_per_s = messages as f64 / last.duration_since(started).as_secs_f64();
-
-    // Backlog: the uplink goes down, the publisher sends the same number again, the site queues them all.
-    relay.cut();
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    publish(&mut publisher, messages, messages, payload).await?;
-    // PUBACKs come once a message is routed; the disk variant's spooler writes it moments later.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    outcome.site_rss_backlog_kib = site.rss_kib()?;
-    relay.restore();
-    let (first, last) = receive(&mut subscriber, messages, 2 * messages, payload, Duration::from_secs(300)).await?;
-    outcome.backlog_drain_msgs_per_s = messages as f64 / last.duration_since(first).as_secs_f64().max(1e-6);
-    site.check_alive()?;
-    site.stop()?;
-    cloud.stop()?;
-    drop(relay);
-    let _ = std::fs::remove_dir_all(&queue_dir);
-    Ok(outcome)
+    .await;
+    measured.unwrap_or_else(|error| BridgeOutcome { error: Some(format!("{error:#}")), ..BridgeOutcome::default() })
 }

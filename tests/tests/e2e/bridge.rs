@@ -17,37 +17,14 @@ use tollgate::config::{PluginConfig, PluginLimitsConfig};
 use tollgate_bridge::BridgeStats;
 use tollgate_integration_tests::external::{self, require_tool};
 use tollgate_integration_tests::v5::{self, connect_to, topic};
-use tollgate_integration_tests::{QUIET, TestBroker, wait_until, within};
+use tollgate_integration_tests::{QUIET, TestBroker, bridge_config, bridge_topic, wait_until, within};
 
 fn mapping(pattern: &str, direction: &str, qos: u8, local_prefix: &str, remote_prefix: &str) -> BridgeTopicConfig {
-    BridgeTopicConfig {
-        pattern: pattern.into(),
-        direction: direction.into(),
-        qos,
-        local_prefix: local_prefix.into(),
-        remote_prefix: remote_prefix.into(),
-    }
+    bridge_topic(pattern, direction, qos, local_prefix, remote_prefix)
 }
 
 fn bridge_to(port: u16, topics: Vec<BridgeTopicConfig>) -> BridgeConfig {
-    BridgeConfig {
-        name: "cloud".into(),
-        address: format!("127.0.0.1:{port}"),
-        protocol: "v5".into(),
-        client_id: Some("site-1".into()),
-        username: None,
-        password: None,
-        keepalive: 10,
-        clean_start: false,
-        session_expiry: 3600,
-        max_inflight: 8,
-        connect_timeout: 5,
-        reconnect_min_ms: 50,
-        reconnect_max_ms: 200,
-        tls: None,
-        topics,
-        queue: None,
-    }
+    BridgeConfig { client_id: Some("site-1".into()), ..bridge_config(&format!("127.0.0.1:{port}"), topics) }
 }
 
 async fn site_with(bridge: BridgeConfig, plugins: Vec<PluginConfig>) -> TestBroker {

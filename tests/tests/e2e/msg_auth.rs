@@ -381,30 +381,10 @@ async fn a_copy_sent_over_the_built_in_bridge_is_signed_over_the_topic_the_cloud
             config.plugins = vec![plugin];
             config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
             config.runtime.state_dir = Some(state.path().to_path_buf());
-            config.bridges = vec![tollgate::bridge_config::BridgeConfig {
-                name: "cloud".into(),
-                address: cloud.addr.to_string(),
-                protocol: "v5".into(),
-                client_id: None,
-                username: None,
-                password: None,
-                keepalive: 30,
-                clean_start: false,
-                session_expiry: 300,
-                max_inflight: 8,
-                connect_timeout: 5,
-                reconnect_min_ms: 50,
-                reconnect_max_ms: 200,
-                tls: None,
-                topics: vec![tollgate::bridge_config::BridgeTopicConfig {
-                    pattern: "v1/vehicles/+/telemetry/#".into(),
-                    direction: "out".into(),
-                    qos: 1,
-                    local_prefix: String::new(),
-                    remote_prefix: "sites/42/".into(),
-                }],
-                queue: None,
-            }];
+            config.bridges = vec![tollgate_integration_tests::bridge_config(
+                &cloud.addr.to_string(),
+                vec![tollgate_integration_tests::bridge_topic("v1/vehicles/+/telemetry/#", "out", 1, "", "sites/42/")],
+            )];
         })
         .start()
         .await;
@@ -461,30 +441,10 @@ async fn commands_arriving_over_the_built_in_bridge_are_verified() {
             config.plugins = vec![msg_auth()];
             config.runtime.plugin_cache_dir = Some(std::path::PathBuf::new());
             config.runtime.state_dir = Some(state.path().to_path_buf());
-            config.bridges = vec![tollgate::bridge_config::BridgeConfig {
-                name: "cloud".into(),
-                address: cloud.addr.to_string(),
-                protocol: "v5".into(),
-                client_id: None,
-                username: None,
-                password: None,
-                keepalive: 30,
-                clean_start: false,
-                session_expiry: 300,
-                max_inflight: 8,
-                connect_timeout: 5,
-                reconnect_min_ms: 50,
-                reconnect_max_ms: 200,
-                tls: None,
-                topics: vec![tollgate::bridge_config::BridgeTopicConfig {
-                    pattern: "v1/vehicles/+/cmd/#".into(),
-                    direction: "in".into(),
-                    qos: 1,
-                    local_prefix: String::new(),
-                    remote_prefix: String::new(),
-                }],
-                queue: None,
-            }];
+            config.bridges = vec![tollgate_integration_tests::bridge_config(
+                &cloud.addr.to_string(),
+                vec![tollgate_integration_tests::bridge_topic("v1/vehicles/+/cmd/#", "in", 1, "", "")],
+            )];
         })
         .start()
         .await;
