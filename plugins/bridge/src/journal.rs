@@ -538,6 +538,17 @@ mod tests {
         }
     }
 
+    /// A journal with t/0, t/1 and t/2 (same size each) written and closed: its directory and only segment.
+    fn three_records_closed() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(settings(dir.path())).expect("open");
+        for index in 0..3 {
+            journal.append(&message(&format!("t/{index}"), "payload")).expect("append");
+        }
+        let segment = segment_path(dir.path(), 0);
+        (dir, segment)
+    }
+
     fn topics(batch: &[(u64, Message)]) -> Vec<String> {
         batch.iter().map(|(_, message)| message.topic.to_string()).collect()
     }
@@ -566,13 +577,7 @@ mod tests {
 
     #[test]
     fn a_torn_tail_is_cut_off_and_the_journal_goes_on_after_it() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(settings(dir.path())).expect("open");
-        for index in 0..3 {
-            journal.append(&message(&format!("t/{index}"), "payload")).expect("append");
-        }
-        drop(journal);
-        let segment = segment_path(dir.path(), 0);
+        let (dir, segment) = three_records_closed();
         let length = fs::metadata(&segment).expect("segment").len();
         // A power cut in the middle of the third record.
         OpenOptions::new().write(true).open(&segment).expect("open").set_len(length - 5).expect("cut");
@@ -585,13 +590,7 @@ mod tests {
 
     #[test]
     fn a_flipped_bit_ends_the_journal_at_that_record() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let (mut journal, _) = Journal::open(settings(dir.path())).expect("open");
-        for index in 0..3 {
-            journal.append(&message(&format!("t/{index}"), "payload")).expect("append");
-        }
-        drop(journal);
-        let segment = segment_path(dir.path(), 0);
+        let (dir, segment) = three_records_closed();
         let mut bytes = fs::read(&segment).expect("read");
         let second_record_body = bytes.len() / 3 + HEADER + 4;
         bytes[second_record_body] ^= 0x01;
