@@ -11,7 +11,9 @@
 //! At open, every segment is read through: the first record that is short or fails its CRC (a write torn by a
 //! power cut) is where the journal ends; the rest of that segment and any later ones are removed, and logged.
 //! Reading for sending starts at the commit offset, so what was sent and not yet acknowledged before a restart is
-//! sent again (at most the in-flight window twice).
+//! sent again. The commit offset is written on the sync tick (at least every second) and at shutdown, not per
+//! acknowledgement: after a crash, what the remote acknowledged since the last tick is sent again too (at least
+//! once, never lost).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -32,7 +34,8 @@ const MAX_BODY: usize = 268_435_460 + 8;
 /// When appended records reach the disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FsyncPolicy {
-    /// After every append: nothing acknowledged to the bridge's queue is lost to a power cut.
+    /// After every batch the spooler appends, before it takes the next: nothing in the journal is lost to a
+    /// power cut.
     Always,
     /// Every so often (the bridge calls [`Journal::sync`] on a timer): a power cut loses at most that much.
     Interval(Duration),
@@ -314,11 +317,17 @@ impl Journal {
         }
         self.end += record_len;
         self.pending += 1;
-        match self.settings.fsync {
-            FsyncPolicy::Always => self.sync_data()?,
-            FsyncPolicy::Interval(_) | FsyncPolicy::Never => self.unsynced = true,
-        }
+        self.unsynced = true;
         self.enforce_budget()
+    }
+
+    /// With [`FsyncPolicy::Always`], puts what was appended since the last call on the disk: the spooler calls it
+    /// after each batch, before it completes the batch locally (one fsync per batch, not per message).
+    pub fn flush_appends(&mut self) -> io::Result<()> {
+        if self.settings.fsync == FsyncPolicy::Always && self.unsynced {
+            self.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Drops whole oldest segments while over budget (never the one being written).
@@ -430,9 +439,6 @@ impl Journal {
         }
         if self.committed != before {
             self.remove_settled_segments()?;
-            if self.settings.fsync == FsyncPolicy::Always {
-                self.write_commit()?;
-            }
         }
         Ok(())
     }

@@ -264,9 +264,11 @@ async fn spool(
     fsync: FsyncPolicy,
     shutdown: CancellationToken,
 ) {
-    let append = |batch: Vec<(Delivery, Option<PacketId>)>| {
+    let mut completed = Vec::with_capacity(SPOOL_BATCH);
+    let mut append = |batch: Vec<(Delivery, Option<PacketId>)>| {
         let mut journal = lock(&journal);
         for (delivery, packet_id) in batch {
+            completed.extend(packet_id);
             let message = Message { qos: delivery.qos, retain: delivery.retain, ..Message::clone(&delivery.message) };
             match journal.append(&message) {
                 Ok(0) => {}
@@ -276,9 +278,14 @@ async fn spool(
                     warn!(bridge = %name, %error, topic = %message.topic, "bridge journal: cannot append; message lost");
                 }
             }
-            if let Some(packet_id) = packet_id {
-                local.complete(packet_id);
-            }
+        }
+        if let Err(error) = journal.flush_appends() {
+            BridgeStats::bump(&stats.journal_failures);
+            warn!(bridge = %name, %error, "bridge journal: fsync failed; the batch may not survive a power cut");
+        }
+        // Only now is the batch the journal's: the local queue lets go of it.
+        for packet_id in completed.drain(..) {
+            local.complete(packet_id);
         }
         let counts = journal.counts();
         stats.dropped_overflow.store(counts.dropped_overflow, std::sync::atomic::Ordering::Relaxed);
