@@ -41,6 +41,8 @@ pub struct ReloadSummary {
     pub revoked: usize,
     pub subscriptions_removed: usize,
     pub retained_purged: usize,
+    /// Bridges started, restarted (their configuration changed) or stopped (removed) by the reload.
+    pub bridges_changed: usize,
 }
 
 impl std::fmt::Display for ReloadSummary {
@@ -55,7 +57,11 @@ impl std::fmt::Display for ReloadSummary {
             self.revoked,
             self.subscriptions_removed,
             self.retained_purged
-        )
+        )?;
+        if self.bridges_changed > 0 {
+            write!(f, "; {} bridges started, restarted or stopped", self.bridges_changed)?;
+        }
+        Ok(())
     }
 }
 
@@ -70,10 +76,9 @@ pub struct Server {
     tls: Vec<(Arc<str>, Arc<ReloadableTls>)>,
     /// Loaded plugins, kept across reloads so unchanged ones keep their instances and state.
     plugins: Arc<PluginHost>,
-    /// Links to other brokers, started with the server; a reload does not change them.
-    bridges: Vec<tollgate_bridge::BridgeHandle>,
-    /// Their configuration, so a reload can say when it differs.
-    bridge_config: Vec<bridge_config::BridgeConfig>,
+    /// Links to other brokers with the configuration each was started with: a reload restarts those whose
+    /// configuration changed and leaves the others running.
+    bridges: std::sync::Mutex<Vec<(bridge_config::BridgeConfig, tollgate_bridge::BridgeHandle)>>,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -278,9 +283,8 @@ impl Server {
             anyhow::anyhow!(problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))
         })?;
         let mut bridges = Vec::new();
-        for settings in bridge_settings {
-            info!(bridge = %settings.name, address = %settings.address, mappings = settings.topics.len(), "bridge starting");
-            bridges.push(tollgate_bridge::start(&broker, settings)?);
+        for (entry, settings) in config.bridges.iter().zip(bridge_settings) {
+            bridges.push((entry.clone(), start_bridge(&broker, settings)?));
         }
         if config.session.recheck_interval_ms > 0 {
             broker.spawn(recheck_periodically(
@@ -296,8 +300,7 @@ impl Server {
             stop_workers,
             tls: tls_listeners,
             plugins: plugin_host,
-            bridges,
-            bridge_config: config.bridges.clone(),
+            bridges: std::sync::Mutex::new(bridges),
         })
     }
 
@@ -321,6 +324,7 @@ impl Server {
         // Certificates: each listener keeps its old ones if the new files do not load; established connections
         // are never touched.
         let mut failed = Vec::new();
+        let mut bridges_changed = 0;
         for (name, tls) in &self.tls {
             match tls.reload() {
                 Ok(()) => info!(listener = %name, "TLS certificates reloaded"),
@@ -331,11 +335,9 @@ impl Server {
             }
         }
         failed.extend(report.kept_previous.iter().map(|error| format!("{error} (previous version kept)")));
-        if config.bridges != self.bridge_config {
-            error!(
-                "[[bridges]] changed: bridges are not reloaded; the running ones keep their settings until a restart"
-            );
-            failed.push("[[bridges]] changed: bridges are not reloaded, restart to apply".into());
+        match self.reload_bridges(config).await {
+            Ok(changed) => bridges_changed = changed,
+            Err(problems) => failed.extend(problems),
         }
         if !failed.is_empty() {
             anyhow::bail!("reload incomplete: {}", failed.join("; "));
@@ -347,12 +349,57 @@ impl Server {
             revoked: recheck.revoked,
             subscriptions_removed: recheck.subscriptions_removed,
             retained_purged: recheck.retained_purged,
+            bridges_changed,
         })
     }
 
-    /// The running bridges.
-    pub fn bridges(&self) -> &[tollgate_bridge::BridgeHandle] {
-        &self.bridges
+    /// Stops the bridges whose `[[bridges]]` entry changed or went, and starts the changed and new ones; an
+    /// unchanged bridge keeps running and keeps its link. Returns how many were stopped or started.
+    async fn reload_bridges(&self, config: &Config) -> Result<usize, Vec<String>> {
+        let wanted = config
+            .bridge_settings()
+            .map_err(|problems| problems.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        let running = std::mem::take(&mut *self.bridges.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let grace = self.broker.config().shutdown_grace;
+        let mut kept = Vec::new();
+        let mut changed = 0;
+        for (entry, handle) in running {
+            if config.bridges.contains(&entry) {
+                kept.push((entry, handle));
+                continue;
+            }
+            info!(bridge = %entry.name, "bridge stopping: its configuration changed or was removed");
+            if !handle.stop(grace).await {
+                error!(bridge = %entry.name, "bridge did not stop within the shutdown grace");
+            }
+            changed += 1;
+        }
+        let mut next = Vec::new();
+        let mut problems = Vec::new();
+        for (entry, settings) in config.bridges.iter().zip(wanted) {
+            if let Some(position) = kept.iter().position(|(running, _)| running == entry) {
+                next.push(kept.swap_remove(position));
+                continue;
+            }
+            match start_bridge(&self.broker, settings) {
+                Ok(handle) => {
+                    next.push((entry.clone(), handle));
+                    changed += 1;
+                }
+                Err(error) => {
+                    error!(%error, "bridge not started");
+                    problems.push(error.to_string());
+                }
+            }
+        }
+        *self.bridges.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = next;
+        if problems.is_empty() { Ok(changed) } else { Err(problems) }
+    }
+
+    /// The running bridges, in configuration order.
+    pub fn bridges(&self) -> Vec<tollgate_bridge::BridgeHandle> {
+        let bridges = self.bridges.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        bridges.iter().map(|(_, handle)| handle.clone()).collect()
     }
 
     /// A snapshot for `tollgate status`: what `$SYS` publishes, plus each plugin's hooks, health, counters and
@@ -389,7 +436,7 @@ impl Server {
             "messages_dropped": stats.publish_dropped,
             "policy_generation": self.generation.load(Ordering::Relaxed),
             "plugins": plugins,
-            "bridges": self.bridges.iter().map(bridge_status).collect::<Vec<_>>(),
+            "bridges": self.bridges().iter().map(bridge_status).collect::<Vec<_>>(),
         })
     }
 
@@ -578,6 +625,14 @@ fn worker_listeners(
     }
     sockets.insert(0, first);
     Ok(sockets)
+}
+
+fn start_bridge(
+    broker: &Broker,
+    settings: tollgate_bridge::BridgeSettings,
+) -> anyhow::Result<tollgate_bridge::BridgeHandle> {
+    info!(bridge = %settings.name, address = %settings.address, mappings = settings.topics.len(), "bridge starting");
+    Ok(tollgate_bridge::start(broker, settings)?)
 }
 
 fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {

@@ -200,10 +200,28 @@ impl BridgeStats {
     }
 }
 
-/// A started bridge. It runs until the broker shuts down.
+/// A started bridge. It runs until the broker shuts down or [`BridgeHandle::stop`] (a reload that changed or
+/// removed it).
+#[derive(Clone)]
 pub struct BridgeHandle {
     pub name: String,
     pub stats: Arc<BridgeStats>,
+    stop: tokio_util::sync::CancellationToken,
+    task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl BridgeHandle {
+    /// Stops the bridge: DISCONNECT to the remote, what its local queue holds spooled to the disk queue and the
+    /// journal synced and closed (in memory, what waits is lost, as with a restart). Waits up to `limit`; false
+    /// if the bridge was still running then.
+    pub async fn stop(&self, limit: Duration) -> bool {
+        self.stop.cancel();
+        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        match task {
+            Some(task) => tokio::time::timeout(limit, task).await.is_ok(),
+            None => true,
+        }
+    }
 }
 
 /// The retained `$SYS` topic where a bridge's state (`connected` or `disconnected`) is kept.
@@ -241,9 +259,10 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
         }
     };
     let stats = Arc::new(BridgeStats::default());
-    let handle = BridgeHandle { name: settings.name.clone(), stats: stats.clone() };
-    broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats, journal));
-    Ok(handle)
+    let stop = broker.shutdown_token().child_token();
+    let name = settings.name.clone();
+    let task = broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats.clone(), journal, stop.clone()));
+    Ok(BridgeHandle { name, stats, stop, task: Arc::new(std::sync::Mutex::new(Some(task))) })
 }
 
 #[cfg(test)]

@@ -162,13 +162,14 @@ struct Context<'a> {
     stats: &'a BridgeStats,
 }
 
-/// The bridge's task: reconnects until the broker shuts down.
+/// The bridge's task: reconnects until `shutdown` (the broker's shutdown, or this bridge being stopped).
 pub(crate) async fn run(
     broker: Broker,
     settings: Arc<BridgeSettings>,
     tls: Option<Tls>,
     stats: Arc<BridgeStats>,
     journal: Option<Journal>,
+    shutdown: CancellationToken,
 ) {
     let name = settings.name.as_str();
     let local = Arc::new(broker.local_client(&format!("$bridge/{name}")));
@@ -180,14 +181,14 @@ pub(crate) async fn run(
         }
     }
     publish_state(&broker, name, false);
-    let shutdown = broker.shutdown_token();
+    let mut spooler = None;
     let mut egress = match journal {
         None => Egress::Memory,
         Some(journal) => {
             let journal: SharedJournal = Arc::new(std::sync::Mutex::new(journal));
             let ready = Arc::new(Notify::new());
             let fsync = settings.queue.as_ref().map_or(FsyncPolicy::Never, |queue| queue.fsync);
-            broker.spawn(spool(
+            spooler = Some(broker.spawn(spool(
                 local.clone(),
                 journal.clone(),
                 ready.clone(),
@@ -195,7 +196,7 @@ pub(crate) async fn run(
                 settings.name.clone(),
                 fsync,
                 shutdown.clone(),
-            ));
+            )));
             Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1 }
         }
     };
@@ -224,7 +225,7 @@ pub(crate) async fn run(
                 publish_state(&broker, name, false);
                 match end {
                     LinkEnd::Shutdown => {
-                        info!(bridge = name, "bridge closed for shutdown");
+                        info!(bridge = name, "bridge link closed: the bridge is stopping");
                         break;
                     }
                     LinkEnd::Lost(reason) => {
@@ -245,6 +246,10 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => break,
         }
         delay = (delay * 2).min(settings.reconnect_max);
+    }
+    // The spooler puts what is still in the local queue into the journal first; then the last acknowledgements.
+    if let Some(spooler) = spooler {
+        let _ = spooler.await;
     }
     if let Egress::Disk { journal, .. } = &egress
         && let Err(error) = lock(journal).sync()

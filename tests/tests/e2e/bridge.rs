@@ -38,8 +38,8 @@ async fn site_with(bridge: BridgeConfig, plugins: Vec<PluginConfig>) -> TestBrok
         .await
 }
 
-fn stats(site: &TestBroker) -> &BridgeStats {
-    &site.server.bridges()[0].stats
+fn stats(site: &TestBroker) -> Arc<BridgeStats> {
+    site.server.bridges()[0].stats.clone()
 }
 
 fn count(counter: &std::sync::atomic::AtomicU64) -> u64 {
@@ -682,17 +682,61 @@ async fn a_disk_queue_outlives_a_killed_broker() {
 }
 
 #[tokio::test]
-async fn a_reload_says_that_changed_bridges_need_a_restart() {
+async fn a_reload_restarts_changed_bridges_starts_new_ones_and_leaves_the_rest() {
     let remote = TestBroker::start().await;
-    let site = site_with(bridge_to(remote.port(), vec![mapping("a/#", "out", 1, "", "")]), Vec::new()).await;
-    wait_connected(&site).await;
-    // The same configuration reloads cleanly.
-    site.server.reload(&site.config).await.unwrap();
+    let named = |name: &str, topics| BridgeConfig {
+        name: name.into(),
+        client_id: Some(format!("site-{name}")),
+        ..bridge_to(remote.port(), topics)
+    };
+    let site = TestBroker::builder()
+        .configure(|config| {
+            config.bridges = vec![
+                named("cloud", vec![mapping("a/#", "out", 1, "", "")]),
+                named("steady", vec![mapping("s/#", "out", 1, "", "")]),
+                named("retired", vec![mapping("r/#", "out", 1, "", "")]),
+            ];
+        })
+        .start()
+        .await;
+    let handles = site.server.bridges();
+    for handle in &handles {
+        wait_until(&format!("{} to connect", handle.name), || handle.stats.connected.load(Ordering::Relaxed)).await;
+    }
+    // The same configuration changes nothing.
+    let summary = site.server.reload(&site.config).await.unwrap();
+    assert_eq!(summary.bridges_changed, 0);
+
     let mut changed = site.config.clone();
     changed.bridges[0].topics.push(mapping("b/#", "out", 1, "", ""));
-    let error = site.server.reload(&changed).await.expect_err("a changed bridge is not applied");
-    assert!(error.to_string().contains("[[bridges]] changed"), "{error:#}");
-    assert!(stats(&site).connected.load(Ordering::Relaxed), "the running bridge is left alone");
+    changed.bridges.remove(2);
+    changed.bridges.push(named("added", vec![mapping("n/#", "out", 1, "", "")]));
+    let summary = site.server.reload(&changed).await.unwrap();
+    assert_eq!(summary.bridges_changed, 4, "cloud stopped and started, retired stopped, added started");
+    let names: Vec<String> = site.server.bridges().iter().map(|handle| handle.name.clone()).collect();
+    assert_eq!(names, ["cloud", "steady", "added"]);
+    assert!(!handles[2].stats.connected.load(Ordering::Relaxed), "the removed bridge is gone");
+    assert!(handles[1].stats.connected.load(Ordering::Relaxed), "the unchanged bridge kept its link");
+    assert_eq!(count(&handles[1].stats.connects), 1);
+
+    // The changed bridge carries its new mapping, the added one its own.
+    for handle in site.server.bridges() {
+        wait_until(&format!("{} to connect", handle.name), || handle.stats.connected.load(Ordering::Relaxed)).await;
+    }
+    let mut cloud = connect_to(&remote, "cloud-app").await;
+    cloud.subscribe_ok("#", QoS::AtLeastOnce).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    for topic in ["b/1", "n/1", "r/1", "s/1"] {
+        sensor.publish(topic, QoS::AtLeastOnce, false, b"x").await;
+    }
+    let mut received = vec![
+        topic(&cloud.next_publish().await),
+        topic(&cloud.next_publish().await),
+        topic(&cloud.next_publish().await),
+    ];
+    received.sort();
+    assert_eq!(received, ["b/1", "n/1", "s/1"], "r/ went with its bridge");
+    cloud.expect_no_publish(QUIET).await;
     site.stop().await;
     remote.stop().await;
 }

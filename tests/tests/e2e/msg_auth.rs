@@ -467,7 +467,7 @@ async fn commands_arriving_over_the_built_in_bridge_are_verified() {
     backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", Some(good)).await;
     backend.publish_with(&topic, QoS::AtLeastOnce, false, b"unlock", None).await;
     car.expect_no_publish(QUIET).await;
-    let stats = &site.server.bridges()[0].stats;
+    let stats = site.server.bridges()[0].stats.clone();
     tollgate_integration_tests::wait_until("three refusals counted", || {
         tollgate_bridge::BridgeStats::get(&stats.dropped_by_policy) == 3
     })
