@@ -210,6 +210,7 @@ pub fn bridge_config(
         tls: None,
         topics,
         queue: None,
+        remote_status_topic: None,
     }
 }
 

@@ -27,6 +27,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "tls",
     "topics",
     "queue",
+    "remote_status_topic",
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
 pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
@@ -74,6 +75,9 @@ pub struct BridgeConfig {
     /// Store-and-forward on disk; unset: messages wait in memory.
     #[serde(default)]
     pub queue: Option<BridgeQueueConfig>,
+    /// A topic on the remote for the bridge's retained `online`/`offline` (its will); unset: none.
+    #[serde(default)]
+    pub remote_status_topic: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -251,6 +255,11 @@ impl BridgeConfig {
                 fsync,
             }
         });
+        if let Some(topic) = &self.remote_status_topic
+            && let Err(error) = tollgate_protocol::topic::validate_topic_name(topic)
+        {
+            report(key("remote_status_topic"), format!("{topic:?}: {error}"));
+        }
         if self.topics.is_empty() {
             report(key("topics"), "a bridge needs at least one [[bridges.topics]] mapping".into());
         }
@@ -304,6 +313,7 @@ impl BridgeConfig {
             tls,
             topics,
             queue,
+            remote_status_topic: self.remote_status_topic.clone(),
         })
     }
 }
@@ -343,6 +353,7 @@ mod tests {
             address = "nowhere"
             protocol = "v4"
             max_inflight = 0
+            remote_status_topic = "sites/+/state"
             tls = { ca_file = "/no/such/ca.pem", cert = "/no/such/cert.pem" }
             topics = [
                 { pattern = "a/#/b" },
@@ -358,6 +369,7 @@ mod tests {
             "bridges[2].address",
             "bridges[2].protocol",
             "bridges[2].max_inflight",
+            "bridges[2].remote_status_topic",
             "bridges[2].tls.ca_file",
             "bridges[2].tls.cert",
             "bridges[2].tls",

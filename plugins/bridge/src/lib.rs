@@ -152,6 +152,10 @@ pub struct BridgeSettings {
     pub topics: Vec<TopicMapping>,
     /// Store-and-forward on disk; `None` keeps waiting messages in memory.
     pub queue: Option<journal::JournalSettings>,
+    /// A topic on the remote where the bridge keeps its state, retained: `online` once linked, and `offline` as
+    /// its will, which the remote publishes when the link dies (Mosquitto's bridge notifications). The cloud sees
+    /// which sites are cut off.
+    pub remote_status_topic: Option<String>,
 }
 
 /// Why a bridge could not start.

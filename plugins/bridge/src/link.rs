@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -18,8 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tollgate_core::{Broker, Delivery, LocalClient, Message, Unfinished};
 use tollgate_hooks::{RouteDecision, RouteDirection, TransformOutcome};
 use tollgate_protocol::{
-    Ack, Connect, Disconnect, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode, Subscribe,
-    Subscription, SubscriptionOptions, decode_packet, encode_packet, topic,
+    Ack, Connect, Disconnect, LastWill, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
+    Subscribe, Subscription, SubscriptionOptions, decode_packet, encode_packet, topic,
 };
 use tracing::{debug, info, warn};
 
@@ -99,6 +99,20 @@ impl BridgeStats {
 fn publish_state(broker: &Broker, name: &str, connected: bool) {
     let state = if connected { "connected" } else { "disconnected" };
     broker.publish_local(&state_topic(name), state, QoS::AtMostOnce, true);
+}
+
+/// The bridge's retained state on the remote. QoS 0: no packet id to keep apart from the forwarded messages',
+/// and the will covers a lost `online` going stale.
+fn remote_status(topic: &str, state: &'static [u8]) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: true,
+        topic: topic.into(),
+        packet_id: None,
+        properties: Properties::default(),
+        payload: Bytes::from_static(state),
+    })
 }
 
 /// A wait of 75–100% of `delay`, so bridges that lost the same remote do not all return at once.
@@ -381,7 +395,13 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, tls: Option<&Tls>) 
             client_id: settings.client_id.clone(),
             username: settings.username.clone(),
             password: settings.password.clone().map(Into::into),
-            will: None,
+            will: settings.remote_status_topic.as_ref().map(|topic| LastWill {
+                topic: topic.clone(),
+                payload: Bytes::from_static(b"offline"),
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                properties: Properties::default(),
+            }),
             properties,
         })))?;
         link.flush().await?;
@@ -415,14 +435,17 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, tls: Option<&Tls>) 
                 },
             })
             .collect();
+        if let Some(topic) = &settings.remote_status_topic {
+            link.queue(&remote_status(topic, b"online"))?;
+        }
         if !subscriptions.is_empty() {
             link.queue(&Packet::Subscribe(Subscribe {
                 packet_id: 1,
                 subscriptions,
                 properties: Properties::default(),
             }))?;
-            link.flush().await?;
         }
+        link.flush().await?;
         Ok(link)
     };
     timeout(settings.connect_timeout, attempt).await.map_err(|_| "timed out".to_owned())?
@@ -512,6 +535,10 @@ impl Link {
             cx.stats.note_backlog(egress.backlog(cx.local));
             tokio::select! {
                 () = shutdown.cancelled() => {
+                    // A clean DISCONNECT discards the will: say `offline` first.
+                    if let Some(topic) = &cx.settings.remote_status_topic {
+                        let _ = self.queue(&remote_status(topic, b"offline"));
+                    }
                     let goodbye = Disconnect { reason_code: ReasonCode::NORMAL_DISCONNECTION, properties: Properties::default() };
                     if self.queue(&Packet::Disconnect(goodbye)).is_ok() {
                         let _ = timeout(Duration::from_secs(1), self.flush()).await;

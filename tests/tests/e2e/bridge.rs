@@ -279,15 +279,24 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     let port = free_port();
     let _remote = start_mosquitto(&mosquitto, dir.path(), port).await;
     let uplink = Uplink::to(port).await;
+    // The cloud watches the site's bridge state: `online` retained, `offline` as the bridge's will.
+    let mut watcher_options = rumqttc::v5::MqttOptions::new("cloud-watcher", "127.0.0.1", port);
+    watcher_options.set_keep_alive(Duration::from_secs(30));
+    let (mut watcher, _) = v5::connect(watcher_options).await;
+    watcher.subscribe_ok("sites/1/bridge/state", QoS::AtLeastOnce).await;
     let site = site_with(
-        bridge_to(
-            uplink.port,
-            vec![mapping("telemetry/#", "out", 1, "", "sites/1/"), mapping("cmd/#", "in", 1, "", "sites/1/")],
-        ),
+        BridgeConfig {
+            remote_status_topic: Some("sites/1/bridge/state".into()),
+            ..bridge_to(
+                uplink.port,
+                vec![mapping("telemetry/#", "out", 1, "", "sites/1/"), mapping("cmd/#", "in", 1, "", "sites/1/")],
+            )
+        },
         Vec::new(),
     )
     .await;
     wait_connected(&site).await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"online");
     let mut site_client = connect_to(&site, "car-gateway").await;
     site_client.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
 
@@ -316,6 +325,7 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     // commands (Mosquitto keeps them in the bridge's persistent session).
     uplink.cut();
     wait_until("the bridge to notice the outage", || !stats(&site).connected.load(Ordering::Relaxed)).await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"offline", "Mosquitto published the bridge's will");
     for index in 0..20 {
         site_client.publish(&format!("telemetry/seq/{index}"), QoS::AtLeastOnce, false, b"x").await;
     }
@@ -345,9 +355,12 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     .await;
     let expected: Vec<String> = (0..5).map(|index| format!("cmd/seq/{index}")).collect();
     assert_eq!(commands, expected, "commands queued by Mosquitto for the bridge's session");
+    assert_eq!(&watcher.next_publish().await.payload[..], b"online", "back online");
     cloud.expect_no_publish(QUIET).await;
     assert!(count(&stats(&site).connects) >= 2);
     site.stop().await;
+    // A clean DISCONNECT discards the will, so the bridge says it itself.
+    assert_eq!(&watcher.next_publish().await.payload[..], b"offline", "said on a clean stop");
 }
 
 #[tokio::test]
@@ -495,6 +508,9 @@ async fn the_bridge_example_keeps_diagnostics_on_site_and_lets_in_only_allowed_c
     wait_connected(&site).await;
     let mut cloud_watch = connect_to(&cloud, "cloud-watch").await;
     cloud_watch.subscribe_ok("sites/#", QoS::AtLeastOnce).await;
+    // The site's state on the cloud (`remote_status_topic`) comes first: the bridge sends it before anything else.
+    let status = cloud_watch.next_publish().await;
+    assert_eq!((topic(&status), &status.payload[..]), ("sites/dealer-42/bridge/state".to_owned(), &b"online"[..]));
     let mut site_watch = connect_to(&site, "site-watch").await;
     site_watch.subscribe_ok("cmd/#", QoS::AtLeastOnce).await;
     // The bridge's own subscription on the cloud: wait until it is there (the cloud watcher is the other one).
