@@ -146,3 +146,65 @@ impl Drop for LocalClient {
         self.broker.end_session(&self.session);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tollgate_hooks::HookChain;
+    use tollgate_protocol::QoS;
+
+    use super::*;
+    use crate::BrokerConfig;
+
+    fn message(topic: &str, qos: QoS, retain: bool) -> Message {
+        Message {
+            topic: topic.into(),
+            payload: bytes::Bytes::from_static(b"x"),
+            qos,
+            retain,
+            properties: Default::default(),
+            expires_at: None,
+            origin: None,
+        }
+    }
+
+    fn options(qos: QoS) -> SubscriptionOptions {
+        SubscriptionOptions { qos, no_local: true, retain_as_published: true, retain_handling: 0 }
+    }
+
+    #[tokio::test]
+    async fn a_local_client_takes_its_messages_within_a_window_and_finishes_them() {
+        let broker = Broker::new(BrokerConfig::default(), HookChain::default());
+        broker.publish(Arc::new(message("site/retained", QoS::AtLeastOnce, true)));
+        let local = broker.local_client("$bridge/test");
+        local.subscribe("site/#", options(QoS::AtLeastOnce)).expect("a valid filter");
+        assert!(local.subscribe("site/#/bad", options(QoS::AtLeastOnce)).is_err());
+        for index in 0..3 {
+            broker.publish(Arc::new(message(&format!("site/{index}"), QoS::AtLeastOnce, false)));
+        }
+        // The retained message first (flag kept), then the live ones; a window of 2 holds back the rest.
+        let batch = tokio::time::timeout(Duration::from_secs(1), local.next_batch(2, 10)).await.expect("queued");
+        let topics: Vec<&str> = batch.iter().map(|(delivery, _)| &*delivery.message.topic).collect();
+        assert_eq!(topics, ["site/retained", "site/0"]);
+        assert!(batch[0].0.retain);
+        assert_eq!(local.backlog(), (2, 2));
+        assert!(local.try_batch(2, 10).is_empty(), "the window is full");
+        let first = batch[0].1.expect("QoS 1 has a packet id");
+        assert!(local.complete(first));
+        assert!(!local.complete(first), "completed once");
+        assert_eq!(local.unfinished().len(), 1, "site/0 is still in flight, for a resend");
+        assert_eq!(local.try_batch(2, 10).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn what_a_local_client_publishes_does_not_come_back_to_it_and_dropping_it_unsubscribes() {
+        let broker = Broker::new(BrokerConfig::default(), HookChain::default());
+        let local = broker.local_client("$bridge/test");
+        local.subscribe("a/#", options(QoS::AtMostOnce)).expect("a valid filter");
+        assert_eq!(local.publish(message("a/1", QoS::AtMostOnce, false)), 0, "no-local: not to itself");
+        assert_eq!(broker.router().subscription_count(), 1);
+        drop(local);
+        assert_eq!(broker.router().subscription_count(), 0);
+    }
+}
