@@ -196,6 +196,7 @@ pub fn bridge_config(
     tollgate::bridge_config::BridgeConfig {
         name: "cloud".into(),
         address: address.into(),
+        fallback_addresses: Vec::new(),
         protocol: "v5".into(),
         client_id: None,
         username: None,

@@ -13,6 +13,7 @@ use crate::config::ConfigProblem;
 pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "name",
     "address",
+    "fallback_addresses",
     "protocol",
     "client_id",
     "username",
@@ -41,6 +42,9 @@ pub struct BridgeConfig {
     pub name: String,
     /// `host:port` of the remote broker.
     pub address: String,
+    /// Tried in order when `address` does not answer (the primary again after a link ends).
+    #[serde(default)]
+    pub fallback_addresses: Vec<String>,
     /// `v5` (default) or `v311`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
@@ -173,9 +177,17 @@ impl BridgeConfig {
         {
             report(key("name"), "must be non-empty letters, digits, '-', '_' or '.'".into());
         }
-        match self.address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0) => {}
-            _ => report(key("address"), format!("{:?} is not host:port", self.address)),
+        let is_host_port = |address: &str| {
+            matches!(address.rsplit_once(':'),
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|port| port > 0))
+        };
+        if !is_host_port(&self.address) {
+            report(key("address"), format!("{:?} is not host:port", self.address));
+        }
+        for (position, address) in self.fallback_addresses.iter().enumerate() {
+            if !is_host_port(address) {
+                report(key(&format!("fallback_addresses[{position}]")), format!("{address:?} is not host:port"));
+            }
         }
         let protocol = match self.protocol.as_str() {
             "v5" => ProtocolVersion::V5,
@@ -299,6 +311,7 @@ impl BridgeConfig {
         Ok(BridgeSettings {
             name: self.name.clone(),
             address: self.address.clone(),
+            fallback_addresses: self.fallback_addresses.clone(),
             protocol,
             client_id,
             username: self.username.clone(),
@@ -353,6 +366,7 @@ mod tests {
             address = "nowhere"
             protocol = "v4"
             max_inflight = 0
+            fallback_addresses = ["127.0.0.1:1884", "nohost"]
             remote_status_topic = "sites/+/state"
             tls = { ca_file = "/no/such/ca.pem", cert = "/no/such/cert.pem" }
             topics = [
@@ -369,6 +383,7 @@ mod tests {
             "bridges[2].address",
             "bridges[2].protocol",
             "bridges[2].max_inflight",
+            "bridges[2].fallback_addresses[1]",
             "bridges[2].remote_status_topic",
             "bridges[2].tls.ca_file",
             "bridges[2].tls.cert",

@@ -131,6 +131,8 @@ pub struct BridgeSettings {
     pub name: String,
     /// `host:port` of the remote broker.
     pub address: String,
+    /// Tried in order when `address` does not answer; after a link ends, `address` comes first again.
+    pub fallback_addresses: Vec<String>,
     pub protocol: ProtocolVersion,
     pub client_id: String,
     pub username: Option<String>,
@@ -240,7 +242,12 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
         mapping.check().map_err(|reason| BridgeError::Mapping { bridge: settings.name.clone(), index, reason })?;
     }
     let tls = match &settings.tls {
-        Some(tls) => Some(link::client_config(&settings.name, &settings.address, tls)?),
+        Some(tls) => {
+            let addresses: Vec<&str> = std::iter::once(settings.address.as_str())
+                .chain(settings.fallback_addresses.iter().map(String::as_str))
+                .collect();
+            Some(link::client_config(&settings.name, &addresses, tls)?)
+        }
         None => None,
     };
     let journal = match &settings.queue {

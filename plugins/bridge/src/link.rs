@@ -36,7 +36,18 @@ const SPOOL_BATCH: usize = 256;
 
 pub(crate) struct Tls {
     config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
+    /// The configured name; unset, each address's host.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl Tls {
+    fn server_name(&self, address: &str) -> Result<ServerName<'static>, String> {
+        match &self.server_name {
+            Some(name) => Ok(name.clone()),
+            None => ServerName::try_from(host_of(address).to_owned())
+                .map_err(|error| format!("TLS server name {:?}: {error}", host_of(address))),
+        }
+    }
 }
 
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -48,7 +59,7 @@ fn host_of(address: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-pub(crate) fn client_config(bridge: &str, address: &str, settings: &TlsSettings) -> Result<Tls, BridgeError> {
+pub(crate) fn client_config(bridge: &str, addresses: &[&str], settings: &TlsSettings) -> Result<Tls, BridgeError> {
     let file_error = |path: &std::path::Path, reason: String| BridgeError::File {
         bridge: bridge.into(),
         path: path.to_owned(),
@@ -82,10 +93,17 @@ pub(crate) fn client_config(bridge: &str, address: &str, settings: &TlsSettings)
         (None, None) => builder.with_no_client_auth(),
         _ => return Err(tls_error("a client certificate needs both cert and key".into())),
     };
-    let host = settings.server_name.clone().unwrap_or_else(|| host_of(address).to_owned());
-    let server_name =
-        ServerName::try_from(host.clone()).map_err(|error| tls_error(format!("server name {host:?}: {error}")))?;
-    Ok(Tls { config: Arc::new(config), server_name })
+    let server_name = match &settings.server_name {
+        Some(host) => Some(
+            ServerName::try_from(host.clone()).map_err(|error| tls_error(format!("server name {host:?}: {error}")))?,
+        ),
+        None => None,
+    };
+    let tls = Tls { config: Arc::new(config), server_name };
+    for address in addresses {
+        tls.server_name(address).map_err(tls_error)?;
+    }
+    Ok(tls)
 }
 
 impl BridgeStats {
@@ -219,13 +237,27 @@ pub(crate) async fn run(
     let mut incoming_qos2 = HashSet::new();
     let mut delay = settings.reconnect_min;
     let cx = Context { broker: &broker, settings: &settings, local: &local, stats: &stats };
-    loop {
-        let attempt = tokio::select! {
-            attempt = connect(&broker, &settings, tls.as_ref()) => attempt,
-            () = shutdown.cancelled() => break,
-        };
-        match attempt {
-            Ok(link) => {
+    let addresses: Vec<&str> = std::iter::once(settings.address.as_str())
+        .chain(settings.fallback_addresses.iter().map(String::as_str))
+        .collect();
+    'bridge: loop {
+        // The primary first, then each fallback in turn; after a link ends, the primary again.
+        let mut linked = None;
+        for address in &addresses {
+            let attempt = tokio::select! {
+                attempt = connect(&broker, &settings, address, tls.as_ref()) => attempt,
+                () = shutdown.cancelled() => break 'bridge,
+            };
+            match attempt {
+                Ok(link) => {
+                    linked = Some((*address, link));
+                    break;
+                }
+                Err(reason) => warn!(bridge = name, address, %reason, "bridge cannot connect"),
+            }
+        }
+        match linked {
+            Some((address, link)) => {
                 let up_since = Instant::now();
                 if !link.session_present {
                     incoming_qos2.clear();
@@ -233,14 +265,14 @@ pub(crate) async fn run(
                 stats.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                 BridgeStats::bump(&stats.connects);
                 publish_state(&broker, name, true);
-                info!(bridge = name, address = %settings.address, "bridge connected");
+                info!(bridge = name, address, "bridge connected");
                 let end = link.serve(&cx, &mut egress, &shutdown, &mut incoming_qos2).await;
                 stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                 publish_state(&broker, name, false);
                 match end {
                     LinkEnd::Shutdown => {
                         info!(bridge = name, "bridge link closed: the bridge is stopping");
-                        break;
+                        break 'bridge;
                     }
                     LinkEnd::Lost(reason) => {
                         let (queued, inflight) = stats.note_backlog(egress.backlog(&local));
@@ -251,13 +283,11 @@ pub(crate) async fn run(
                     delay = settings.reconnect_min;
                 }
             }
-            Err(reason) => {
-                warn!(bridge = name, address = %settings.address, %reason, retry_in = ?delay, "bridge cannot connect")
-            }
+            None => warn!(bridge = name, retry_in = ?delay, "bridge: no remote address answered"),
         }
         tokio::select! {
             () = sleep(jittered(delay)) => {}
-            () = shutdown.cancelled() => break,
+            () = shutdown.cancelled() => break 'bridge,
         }
         delay = (delay * 2).min(settings.reconnect_max);
     }
@@ -355,15 +385,15 @@ struct Link {
     session_present: bool,
 }
 
-async fn connect(broker: &Broker, settings: &BridgeSettings, tls: Option<&Tls>) -> Result<Link, String> {
+async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls: Option<&Tls>) -> Result<Link, String> {
     let attempt = async {
-        let tcp = TcpStream::connect(&settings.address).await.map_err(|error| format!("connect: {error}"))?;
+        let tcp = TcpStream::connect(address).await.map_err(|error| format!("connect: {error}"))?;
         // Small acknowledgements must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let stream: Box<dyn Io> = match tls {
             Some(tls) => Box::new(
                 TlsConnector::from(tls.config.clone())
-                    .connect(tls.server_name.clone(), tcp)
+                    .connect(tls.server_name(address)?, tcp)
                     .await
                     .map_err(|error| format!("TLS: {error}"))?,
             ),

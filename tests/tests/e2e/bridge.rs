@@ -756,3 +756,25 @@ async fn a_reload_restarts_changed_bridges_starts_new_ones_and_leaves_the_rest()
     site.stop().await;
     remote.stop().await;
 }
+
+#[tokio::test]
+async fn a_bridge_falls_back_to_its_next_address_when_the_primary_does_not_answer() {
+    let remote = TestBroker::start().await;
+    let silent_primary = free_port();
+    let site = site_with(
+        BridgeConfig {
+            fallback_addresses: vec![format!("127.0.0.1:{}", remote.port())],
+            ..bridge_to(silent_primary, vec![mapping("up/#", "out", 1, "", "")])
+        },
+        Vec::new(),
+    )
+    .await;
+    wait_connected(&site).await;
+    let mut cloud = connect_to(&remote, "cloud-app").await;
+    cloud.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    sensor.publish("up/via-fallback", QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(topic(&cloud.next_publish().await), "up/via-fallback");
+    site.stop().await;
+    remote.stop().await;
+}
