@@ -456,12 +456,15 @@ impl Journal {
     }
 
     /// After the link dropped: what was handed out and not settled is read again, from the commit on.
-    pub fn rewind(&mut self) {
+    /// Returns where reading had got to: records below it were handed out before, and go again as resends.
+    pub fn rewind(&mut self) -> u64 {
         // Settled entries above the commit are read (and sent) again too: at most the in-flight window twice.
+        let reached = self.cursor;
         self.handed.clear();
         self.cursor = self.committed;
         self.reader = None;
         self.pending = self.recount();
+        reached
     }
 
     /// Messages between the commit and the end, counted by reading headers (after a rewind only).
@@ -658,6 +661,10 @@ mod tests {
         }
         let batch = journal.next(3).expect("next");
         journal.settle(batch[0].0).expect("settle");
+        let reached = journal.rewind();
+        assert!(reached > batch[2].0, "t/0..t/2 were handed out: resends");
+        let next = journal.next(10).expect("next");
+        assert!(next[1].0 < reached && next[2].0 >= reached, "t/3 was never handed out");
         journal.rewind();
         assert_eq!(journal.counts().messages, 4);
         assert_eq!(topics(&journal.next(10).expect("next")), ["t/1", "t/2", "t/3", "t/4"]);

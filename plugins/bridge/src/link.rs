@@ -151,7 +151,15 @@ enum Egress {
     /// In the local client's own queue, in memory; its packet ids are the link's.
     Memory,
     /// In the journal on disk, which the spooler fills from the local client; link packet ids map to offsets.
-    Disk { journal: SharedJournal, ready: Arc<Notify>, inflight: HashMap<PacketId, u64>, next_packet_id: PacketId },
+    Disk {
+        journal: SharedJournal,
+        ready: Arc<Notify>,
+        inflight: HashMap<PacketId, u64>,
+        next_packet_id: PacketId,
+        /// Records below this offset were sent on an earlier link: they go again marked DUP (and are not counted
+        /// as sent twice).
+        resend_below: u64,
+    },
 }
 
 impl Egress {
@@ -229,7 +237,7 @@ pub(crate) async fn run(
                 fsync,
                 shutdown.clone(),
             )));
-            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1 }
+            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1, resend_below: 0 }
         }
     };
     // QoS 2 messages from the remote acknowledged with PUBREC and not yet released: kept across links, as the
@@ -538,9 +546,10 @@ impl Link {
                     }
                 }
             }
-            Egress::Disk { journal, inflight, .. } => {
+            Egress::Disk { journal, inflight, resend_below, .. } => {
                 // The journal is read again from its commit: what was unacknowledged goes first, in order.
-                lock(journal).rewind();
+                let reached = lock(journal).rewind();
+                *resend_below = (*resend_below).max(reached);
                 inflight.clear();
             }
         }
@@ -625,7 +634,7 @@ impl Link {
     /// Sends what the journal holds, while the in-flight window has room. Messages cross at QoS 1 at most: the
     /// journal is the bridge's side of the exchange, so QoS 2's extra round trip would add nothing.
     async fn fill_from_journal(&mut self, cx: &Context<'_>, egress: &mut Egress, window: usize) -> Result<(), String> {
-        let Egress::Disk { journal, inflight, next_packet_id, .. } = egress else { return Ok(()) };
+        let Egress::Disk { journal, inflight, next_packet_id, resend_below, .. } = egress else { return Ok(()) };
         while inflight.len() < window {
             let records = lock(journal).next(window - inflight.len()).map_err(|error| format!("journal: {error}"))?;
             if records.is_empty() {
@@ -634,7 +643,8 @@ impl Link {
             for (offset, message) in records {
                 let qos = message.qos.min(QoS::AtLeastOnce);
                 let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
-                let sent = self.forward(cx, &message, qos, message.retain, packet_id, false).await;
+                let resend = offset < *resend_below;
+                let sent = self.forward(cx, &message, qos, message.retain, packet_id, resend).await;
                 match packet_id {
                     Some(packet_id) if sent => {
                         inflight.insert(packet_id, offset);
