@@ -11,7 +11,7 @@ use tokio::time::Instant;
 use tollgate_protocol::{PacketId, SubscriptionOptions};
 
 use crate::Broker;
-use crate::message::{ClientId, Delivery, Message, SessionId};
+use crate::message::{ClientId, Delivery, Message};
 use crate::router::Subscriber;
 use crate::session::{Inflight, SessionRef, SessionSubscription};
 
@@ -57,10 +57,6 @@ impl Broker {
 }
 
 impl LocalClient {
-    pub fn session_id(&self) -> SessionId {
-        self.session.id
-    }
-
     /// Who this client is to hooks (a `deliver` hook sees it as the subscriber).
     pub fn client(&self) -> Arc<tollgate_hooks::ClientInfo> {
         self.client.clone()

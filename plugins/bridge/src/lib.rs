@@ -160,6 +160,13 @@ pub struct BridgeSettings {
     pub remote_status_topic: Option<String>,
 }
 
+impl BridgeSettings {
+    /// The primary address, then the fallbacks, in the order they are tried.
+    pub fn addresses(&self) -> Vec<&str> {
+        std::iter::once(self.address.as_str()).chain(self.fallback_addresses.iter().map(String::as_str)).collect()
+    }
+}
+
 /// Why a bridge could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
@@ -242,12 +249,7 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
         mapping.check().map_err(|reason| BridgeError::Mapping { bridge: settings.name.clone(), index, reason })?;
     }
     let tls = match &settings.tls {
-        Some(tls) => {
-            let addresses: Vec<&str> = std::iter::once(settings.address.as_str())
-                .chain(settings.fallback_addresses.iter().map(String::as_str))
-                .collect();
-            Some(link::client_config(&settings.name, &addresses, tls)?)
-        }
+        Some(tls) => Some(link::client_config(&settings.name, &settings.addresses(), tls)?),
         None => None,
     };
     let journal = match &settings.queue {

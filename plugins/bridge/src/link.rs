@@ -245,9 +245,7 @@ pub(crate) async fn run(
     let mut incoming_qos2 = HashSet::new();
     let mut delay = settings.reconnect_min;
     let cx = Context { broker: &broker, settings: &settings, local: &local, stats: &stats };
-    let addresses: Vec<&str> = std::iter::once(settings.address.as_str())
-        .chain(settings.fallback_addresses.iter().map(String::as_str))
-        .collect();
+    let addresses = settings.addresses();
     'bridge: loop {
         // The primary first, then each fallback in turn; after a link ends, the primary again.
         let mut linked = None;
