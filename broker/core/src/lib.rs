@@ -30,7 +30,7 @@ use tracing::{debug, info, warn};
 
 pub use config::{BrokerConfig, DeniedPublish, OverflowPolicy};
 pub use local::{LocalClient, LocalFilterError, Unfinished};
-pub use message::{ClientId, Delivery, Message, SessionId};
+pub use message::{ClientId, Delivery, DurableAcks, DurableReceipt, Message, SessionId};
 use metrics::Metrics;
 use retained::{MemoryRetainedStore, RetainedStore};
 use router::Router;
@@ -289,8 +289,12 @@ impl Broker {
     }
 
     pub(crate) fn new_session(&self, client_id: ClientId, expiry: u32) -> SessionRef {
+        Arc::new(self.unshared_session(client_id, expiry))
+    }
+
+    pub(crate) fn unshared_session(&self, client_id: ClientId, expiry: u32) -> Session {
         let id = SessionId(self.inner.next_session_id.fetch_add(1, Ordering::Relaxed));
-        Arc::new(Session::new(id, client_id, expiry))
+        Session::new(id, client_id, expiry)
     }
 
     pub(crate) fn assign_client_id(&self) -> ClientId {
@@ -307,6 +311,16 @@ impl Broker {
     /// then queues one delivery per subscribed session (merging overlapping subscriptions). Returns how many
     /// sessions it was queued for.
     pub fn publish_from(&self, message: Arc<Message>, publisher: Option<&ClientId>) -> usize {
+        self.route(message, publisher, None)
+    }
+
+    /// [`Broker::publish_from`] for a message whose publisher waits for an acknowledgement: copies for sessions
+    /// that acknowledge durably carry a receipt from `acks`, which the publisher waits on before it answers.
+    pub fn publish_acked(&self, message: Arc<Message>, publisher: Option<&ClientId>, acks: &mut DurableAcks) -> usize {
+        self.route(message, publisher, Some(acks))
+    }
+
+    fn route(&self, message: Arc<Message>, publisher: Option<&ClientId>, mut acks: Option<&mut DurableAcks>) -> usize {
         let inner = &*self.inner;
         if message.retain && inner.config.retain_available {
             inner.retained.store(message.clone(), publisher);
@@ -335,10 +349,13 @@ impl Broker {
                 }
                 _ => {
                     let subscription_ids = subscriber.identifier.into_iter().collect();
-                    merged.push((
-                        subscriber.session,
-                        Delivery { message: message.clone(), qos, retain, subscription_ids },
-                    ));
+                    let mut delivery = Delivery::new(message.clone(), qos, retain, subscription_ids);
+                    if subscriber.session.durable_acks
+                        && let Some(acks) = acks.as_deref_mut()
+                    {
+                        delivery.receipt = Some(acks.receipt());
+                    }
+                    merged.push((subscriber.session, delivery));
                 }
             }
         }

@@ -41,7 +41,21 @@ pub struct LocalClient {
 impl Broker {
     /// A client inside the process, named `client_id` in logs. See [`LocalClient`].
     pub fn local_client(&self, client_id: &str) -> LocalClient {
-        let session = self.new_session(ClientId(client_id.into()), u32::MAX);
+        self.make_local_client(client_id, false)
+    }
+
+    /// A local client whose copies publishers wait for: a network client's PUBACK or PUBREC for a message this
+    /// client is queued a copy of goes out only once the holder has let go of the copy ([`LocalClient::complete`]
+    /// for QoS 1 and 2, dropping the batch entry for all). A bridge's disk queue uses it to acknowledge after the
+    /// journal write. Backpressure: the publisher is answered no faster than the holder keeps up.
+    pub fn durable_local_client(&self, client_id: &str) -> LocalClient {
+        self.make_local_client(client_id, true)
+    }
+
+    fn make_local_client(&self, client_id: &str, durable_acks: bool) -> LocalClient {
+        let mut session = self.unshared_session(ClientId(client_id.into()), u32::MAX);
+        session.durable_acks = durable_acks;
+        let session = Arc::new(session);
         let client = Arc::new(tollgate_hooks::ClientInfo {
             client_id: client_id.into(),
             username: None,
@@ -73,8 +87,7 @@ impl LocalClient {
             for message in self.broker.retained().matching(parsed.filter, Instant::now()) {
                 let qos = message.qos.min(options.qos);
                 // A retained message sent because of a new subscription keeps its flag [MQTT-3.3.1-8].
-                self.broker
-                    .deliver(&self.session, Delivery { message, qos, retain: true, subscription_ids: Vec::new() });
+                self.broker.deliver(&self.session, Delivery::new(message, qos, true, Vec::new()));
             }
         }
         Ok(())
@@ -152,6 +165,7 @@ mod tests {
 
     use super::*;
     use crate::BrokerConfig;
+    use crate::message::DurableAcks;
 
     fn message(topic: &str, qos: QoS, retain: bool) -> Message {
         Message {
@@ -191,6 +205,49 @@ mod tests {
         assert!(!local.complete(first), "completed once");
         assert_eq!(local.unfinished().len(), 1, "site/0 is still in flight, for a resend");
         assert_eq!(local.try_batch(2, 10).len(), 1);
+    }
+
+    fn is_ready<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        future.poll(&mut cx).is_ready()
+    }
+
+    #[tokio::test]
+    async fn a_publisher_waits_until_a_durable_local_client_lets_go_of_its_copies() {
+        let broker = Broker::new(BrokerConfig::default(), HookChain::default());
+        let durable = broker.durable_local_client("$bridge/disk");
+        durable.subscribe("site/#", options(QoS::AtLeastOnce)).expect("a valid filter");
+        let plain = broker.local_client("$bridge/memory");
+        plain.subscribe("other/#", options(QoS::AtLeastOnce)).expect("a valid filter");
+
+        // Only copies for the durable client hold a receipt; a message it does not take needs no wait.
+        let mut acks = DurableAcks::default();
+        broker.publish_acked(Arc::new(message("other/1", QoS::AtLeastOnce, false)), None, &mut acks);
+        assert!(!acks.is_pending());
+        assert!(is_ready(std::pin::pin!(acks.wait())));
+
+        // Two messages (one at QoS 0 to the client) share this publisher's receipt.
+        broker.publish_acked(Arc::new(message("site/1", QoS::AtLeastOnce, false)), None, &mut acks);
+        broker.publish_acked(Arc::new(message("site/2", QoS::AtMostOnce, false)), None, &mut acks);
+        assert!(acks.is_pending());
+        let mut wait = Box::pin(acks.wait());
+        assert!(!is_ready(wait.as_mut()), "nothing taken yet");
+        let batch = durable.try_batch(10, 10);
+        assert_eq!(batch.len(), 2);
+        let packet_id = batch[0].1.expect("QoS 1 has a packet id");
+        drop(batch);
+        assert!(!is_ready(wait.as_mut()), "the QoS 1 copy is still in flight");
+        assert!(durable.complete(packet_id));
+        assert!(is_ready(wait.as_mut()), "every copy let go of");
+        drop(wait);
+        assert!(!acks.is_pending(), "the next input starts afresh");
+
+        // Copies the holder never takes are let go of when it goes: the publisher is not held forever.
+        broker.publish_acked(Arc::new(message("site/3", QoS::AtLeastOnce, false)), None, &mut acks);
+        let mut wait = Box::pin(acks.wait());
+        assert!(!is_ready(wait.as_mut()));
+        drop(durable);
+        assert!(is_ready(wait.as_mut()));
     }
 
     #[tokio::test]

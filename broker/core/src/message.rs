@@ -113,4 +113,72 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// Set on copies for a session that acknowledges durably: the publisher's acknowledgement waits until every
+    /// copy carrying it has been let go of.
+    pub receipt: Option<DurableReceipt>,
+}
+
+impl Delivery {
+    pub fn new(message: Arc<Message>, qos: QoS, retain: bool, subscription_ids: Vec<u32>) -> Self {
+        Self { message, qos, retain, subscription_ids, receipt: None }
+    }
+}
+
+/// What the copies of one publisher's messages hold while a durable subscriber (a bridge's disk queue) has not
+/// yet made them durable. The publisher keeps the [`DurableAcks`] and acknowledges once no copy holds a receipt:
+/// the holder appended and synced it, or it was dropped (queue bound, session end), which is the same answer the
+/// publisher would have had without a durable subscriber.
+#[derive(Debug)]
+pub struct DurableReceipt(Arc<ReceiptShared>);
+
+#[derive(Debug, Default)]
+struct ReceiptShared {
+    holders: std::sync::atomic::AtomicUsize,
+    released: tokio::sync::Notify,
+}
+
+impl Clone for DurableReceipt {
+    fn clone(&self) -> Self {
+        self.0.holders.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self(self.0.clone())
+    }
+}
+
+impl Drop for DurableReceipt {
+    fn drop(&mut self) {
+        // AcqRel: the holder's work on the copy (the journal write) happens before the publisher sees zero.
+        if self.0.holders.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            self.0.released.notify_one();
+        }
+    }
+}
+
+/// The publisher's side of [`DurableReceipt`]: hands out receipts while messages are routed, then waits for them.
+/// Empty (no allocation) until a message meets a durable subscriber.
+#[derive(Debug, Default)]
+pub struct DurableAcks(Option<Arc<ReceiptShared>>);
+
+impl DurableAcks {
+    pub(crate) fn receipt(&mut self) -> DurableReceipt {
+        let shared = self.0.get_or_insert_with(Arc::default);
+        shared.holders.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        DurableReceipt(shared.clone())
+    }
+
+    /// Whether a receipt was handed out since the last wait.
+    pub fn is_pending(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Waits until no copy holds a receipt handed out so far, and starts afresh.
+    pub async fn wait(&mut self) {
+        let Some(shared) = self.0.take() else { return };
+        loop {
+            let released = shared.released.notified();
+            if shared.holders.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            released.await;
+        }
+    }
 }

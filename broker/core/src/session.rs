@@ -95,6 +95,9 @@ pub struct Session {
     /// Set when the session ends (expiry, clean start, or disconnect with expiry 0): a delayed will waits for the
     /// delay or for this, whichever comes first [MQTT-3.1.3-9].
     pub ended: SessionEnd,
+    /// Publishers are acknowledged only once this session's holder has let go of its copy (see
+    /// [`crate::message::DurableReceipt`]). Only local clients set it.
+    pub durable_acks: bool,
 }
 
 /// Whether a session has ended, and a way to wait for it. The token to wait on is made only when something
@@ -142,6 +145,7 @@ impl Session {
             wakeup: Notify::new(),
             kicked_through: AtomicU64::new(0),
             ended: SessionEnd::default(),
+            durable_acks: false,
         }
     }
 

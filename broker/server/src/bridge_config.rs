@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tollgate_bridge::journal::{FsyncPolicy, JournalSettings};
+use tollgate_bridge::journal::{AckPolicy, FsyncPolicy, JournalSettings};
 use tollgate_bridge::{BridgeSettings, Direction, TlsSettings, TopicMapping};
 use tollgate_protocol::{ProtocolVersion, QoS};
 
@@ -32,7 +32,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
 pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
-pub(crate) const BRIDGE_QUEUE_KEYS: &[&str] = &["dir", "max_mb", "segment_mb", "fsync", "fsync_interval_ms"];
+pub(crate) const BRIDGE_QUEUE_KEYS: &[&str] = &["dir", "max_mb", "segment_mb", "fsync", "fsync_interval_ms", "ack"];
 
 /// One `[[bridges]]` entry.
 // Unknown keys are reported by the configuration's key check, by name, without stopping the rest of the entry
@@ -98,6 +98,10 @@ pub struct BridgeQueueConfig {
     pub fsync: String,
     #[serde(default = "default_fsync_interval")]
     pub fsync_interval_ms: u32,
+    /// When a local publisher of a forwarded QoS 1/2 message is acknowledged: `after_durable` (once the message is
+    /// in the journal) or `immediate` (once routed).
+    #[serde(default = "default_ack")]
+    pub ack: String,
 }
 
 fn default_queue_max_mb() -> u64 {
@@ -111,6 +115,9 @@ fn default_fsync() -> String {
 }
 fn default_fsync_interval() -> u32 {
     200
+}
+fn default_ack() -> String {
+    "after_durable".into()
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -249,6 +256,14 @@ impl BridgeConfig {
                     FsyncPolicy::Never
                 }
             };
+            let ack = match queue.ack.as_str() {
+                "after_durable" => AckPolicy::AfterDurable,
+                "immediate" => AckPolicy::Immediate,
+                other => {
+                    report(key("queue.ack"), format!("{other:?} is not \"after_durable\" or \"immediate\""));
+                    AckPolicy::AfterDurable
+                }
+            };
             if queue.dir.as_os_str().is_empty() {
                 report(key("queue.dir"), "an empty path".into());
             } else if queue.dir.exists() && !queue.dir.is_dir() {
@@ -265,6 +280,7 @@ impl BridgeConfig {
                 max_bytes: queue.max_mb.saturating_mul(1 << 20),
                 segment_bytes: queue.segment_mb.saturating_mul(1 << 20),
                 fsync,
+                ack,
             }
         });
         if let Some(topic) = &self.remote_status_topic
@@ -412,18 +428,22 @@ mod tests {
         assert_eq!(queue.max_bytes, 512 << 20);
         assert_eq!(queue.segment_bytes, 16 << 20);
         assert_eq!(queue.fsync, FsyncPolicy::Always);
+        assert_eq!(queue.ack, AckPolicy::AfterDurable, "the default");
         let problems = bridge(
             r#"
             name = "cloud"
             address = "127.0.0.1:1883"
             topics = [{ pattern = "site/#" }]
-            queue = { dir = "", max_mb = 8, segment_mb = 16, fsync = "sometimes" }
+            queue = { dir = "", max_mb = 8, segment_mb = 16, fsync = "sometimes", ack = "later" }
             "#,
         )
         .settings(1)
         .expect_err("invalid");
         let keys: Vec<&str> = problems.iter().map(|problem| problem.key.as_str()).collect();
-        assert_eq!(keys, ["bridges[1].queue.fsync", "bridges[1].queue.dir", "bridges[1].queue.max_mb"]);
+        assert_eq!(
+            keys,
+            ["bridges[1].queue.fsync", "bridges[1].queue.ack", "bridges[1].queue.dir", "bridges[1].queue.max_mb"]
+        );
     }
 
     #[test]

@@ -646,6 +646,7 @@ fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {
         "received": BridgeStats::get(&stats.received),
         "dropped_by_policy": BridgeStats::get(&stats.dropped_by_policy),
         "refused_by_remote": BridgeStats::get(&stats.refused_by_remote),
+        "remote_busy": BridgeStats::get(&stats.remote_busy),
         "queued": BridgeStats::get(&stats.queued),
         "inflight": BridgeStats::get(&stats.inflight),
         "dropped_overflow": BridgeStats::get(&stats.dropped_overflow),

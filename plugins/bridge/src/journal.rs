@@ -43,6 +43,19 @@ pub enum FsyncPolicy {
     Never,
 }
 
+/// When a local publisher's QoS 1 or 2 message that the bridge forwards is acknowledged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AckPolicy {
+    /// Once the message is in the journal (and on the disk with [`FsyncPolicy::Always`]): a PUBACK means the
+    /// bridge has it, whatever happens to the process next. The publisher is answered no faster than the journal
+    /// takes messages.
+    #[default]
+    AfterDurable,
+    /// As soon as the message is routed, as for any subscriber: a crash before the spooler's next write loses
+    /// what was acknowledged and not yet in the journal.
+    Immediate,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct JournalSettings {
     pub dir: PathBuf,
@@ -50,6 +63,7 @@ pub struct JournalSettings {
     pub max_bytes: u64,
     pub segment_bytes: u64,
     pub fsync: FsyncPolicy,
+    pub ack: AckPolicy,
 }
 
 #[derive(Debug)]
@@ -532,7 +546,13 @@ mod tests {
     use super::*;
 
     fn settings(dir: &Path) -> JournalSettings {
-        JournalSettings { dir: dir.to_owned(), max_bytes: 1 << 20, segment_bytes: 4096, fsync: FsyncPolicy::Never }
+        JournalSettings {
+            dir: dir.to_owned(),
+            max_bytes: 1 << 20,
+            segment_bytes: 4096,
+            fsync: FsyncPolicy::Never,
+            ack: AckPolicy::AfterDurable,
+        }
     }
 
     fn message(topic: &str, payload: &str) -> Message {

@@ -192,8 +192,11 @@ pub struct BridgeStats {
     pub received: AtomicU64,
     /// Messages the route hook dropped (either way), or a `deliver` hook dropped on their way out.
     pub dropped_by_policy: AtomicU64,
-    /// Messages the remote refused (an error reason code in its acknowledgement).
+    /// Messages the remote refused (an error reason code in its acknowledgement), other than for being busy.
     pub refused_by_remote: AtomicU64,
+    /// Acknowledgements saying the remote is busy or over a quota (0x89, 0x97): the link backs off and the
+    /// message goes again.
+    pub remote_busy: AtomicU64,
     /// Messages waiting in the bridge's queue, and sent but not yet acknowledged by the remote, as last seen.
     pub queued: AtomicU64,
     pub inflight: AtomicU64,

@@ -23,7 +23,7 @@ use tollgate_protocol::{
 };
 use tracing::{debug, info, warn};
 
-use crate::journal::{FsyncPolicy, Journal, SharedJournal};
+use crate::journal::{AckPolicy, FsyncPolicy, Journal, SharedJournal};
 use crate::{BridgeError, BridgeSettings, BridgeStats, TlsSettings, state_topic};
 
 /// A link up this long is healthy: the next reconnect starts again from the shortest wait.
@@ -212,7 +212,11 @@ pub(crate) async fn run(
     shutdown: CancellationToken,
 ) {
     let name = settings.name.as_str();
-    let local = Arc::new(broker.local_client(&format!("$bridge/{name}")));
+    let client_id = format!("$bridge/{name}");
+    let local = Arc::new(match (&journal, settings.queue.as_ref().map(|queue| queue.ack)) {
+        (Some(_), Some(AckPolicy::AfterDurable)) => broker.durable_local_client(&client_id),
+        _ => broker.local_client(&client_id),
+    });
     for mapping in settings.topics.iter().filter(|mapping| mapping.sends_out()) {
         let options =
             SubscriptionOptions { qos: mapping.qos, no_local: true, retain_as_published: true, retain_handling: 0 };
@@ -320,10 +324,12 @@ async fn spool(
     shutdown: CancellationToken,
 ) {
     let mut completed = Vec::with_capacity(SPOOL_BATCH);
+    let mut receipts = Vec::with_capacity(SPOOL_BATCH);
     let mut append = |batch: Vec<(Delivery, Option<PacketId>)>| {
         let mut journal = lock(&journal);
-        for (delivery, packet_id) in batch {
+        for (mut delivery, packet_id) in batch {
             completed.extend(packet_id);
+            receipts.extend(delivery.receipt.take());
             let message = Message { qos: delivery.qos, retain: delivery.retain, ..Message::clone(&delivery.message) };
             match journal.append(&message) {
                 Ok(0) => {}
@@ -338,10 +344,12 @@ async fn spool(
             BridgeStats::bump(&stats.journal_failures);
             warn!(bridge = %name, %error, "bridge journal: fsync failed; the batch may not survive a power cut");
         }
-        // Only now is the batch the journal's: the local queue lets go of it.
+        // Only now is the batch the journal's: the local queue lets go of it, and its publishers are answered
+        // (with `ack = after_durable`, their PUBACKs waited for these receipts).
         for packet_id in completed.drain(..) {
             local.complete(packet_id);
         }
+        receipts.clear();
         let counts = journal.counts();
         stats.dropped_overflow.store(counts.dropped_overflow, std::sync::atomic::Ordering::Relaxed);
         let inflight = stats.inflight.load(std::sync::atomic::Ordering::Relaxed);
@@ -775,10 +783,12 @@ impl Link {
                 self.queue(&Packet::PubComp(Ack::new(ack.packet_id, ReasonCode::SUCCESS)))?;
             }
             Packet::PubAck(ack) => {
+                busy(stats, "PUBACK", ack.reason_code)?;
                 refused(settings, stats, "PUBACK", ack.reason_code);
                 egress.settle(local, ack.packet_id);
             }
             Packet::PubRec(ack) => {
+                busy(stats, "PUBREC", ack.reason_code)?;
                 if refused(settings, stats, "PUBREC", ack.reason_code) || !matches!(egress, Egress::Memory) {
                     egress.settle(local, ack.packet_id);
                 } else if local.received(ack.packet_id) {
@@ -816,6 +826,17 @@ fn allocate_packet_id(next: &mut PacketId, inflight: &HashMap<PacketId, u64>) ->
             return candidate;
         }
     }
+}
+
+/// An acknowledgement saying the remote cannot take the message now (0x89 Server busy, 0x97 Quota exceeded) ends
+/// the link: the message stays unsettled, and the reconnect's backoff is the pause the remote asked for. Sending
+/// on over the same link would only meet the same quota, and settling would lose the message.
+fn busy(stats: &BridgeStats, kind: &str, code: ReasonCode) -> Result<(), String> {
+    if code != ReasonCode::SERVER_BUSY && code != ReasonCode::QUOTA_EXCEEDED {
+        return Ok(());
+    }
+    BridgeStats::bump(&stats.remote_busy);
+    Err(format!("the remote is busy ({kind} 0x{:02X}); backing off, the message goes again", code.0))
 }
 
 /// Whether an acknowledgement says the remote refused the message (logged and counted; the message is not sent

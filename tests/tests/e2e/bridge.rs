@@ -442,6 +442,59 @@ async fn a_message_the_remote_refuses_is_counted_and_the_rest_keep_flowing() {
     remote.stop().await;
 }
 
+/// A remote over its quota answers PUBACK 0x97 (here Tollgate's `max_publish_bytes_rate`, four 1 KiB messages per
+/// second per connection): the bridge backs off and sends again instead of dropping, from memory and from disk.
+/// Every message arrives, first arrivals in order; resends of what was in flight may come twice.
+#[tokio::test]
+async fn a_busy_remote_is_given_time_and_loses_nothing() {
+    let remote = TestBroker::builder()
+        .configure(|config| {
+            config.limits.max_publish_bytes_rate = 4_096;
+        })
+        .start()
+        .await;
+    let mut cloud = connect_to(&remote, "cloud-app").await;
+    cloud.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let queue_dir = tempfile::tempdir().unwrap();
+    for disk in [false, true] {
+        let mut bridge = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
+        if disk {
+            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
+                dir: queue_dir.path().join("cloud"),
+                max_mb: 64,
+                segment_mb: 1,
+                fsync: "never".into(),
+                fsync_interval_ms: 200,
+                ack: "after_durable".into(),
+            });
+        }
+        let site = site_with(bridge, Vec::new()).await;
+        wait_connected(&site).await;
+        let mut sensor = connect_to(&site, "sensor").await;
+        let payload = [b'x'; 1024];
+        for index in 0..10 {
+            sensor.publish(&format!("up/{disk}/{index}"), QoS::AtLeastOnce, false, &payload).await;
+        }
+        let expected: Vec<String> = (0..10).map(|index| format!("up/{disk}/{index}")).collect();
+        let mut first_arrivals: Vec<String> = Vec::new();
+        within("all ten at the remote", async {
+            while first_arrivals.len() < expected.len() {
+                let arrived = topic(&cloud.next_publish().await);
+                if !first_arrivals.contains(&arrived) {
+                    first_arrivals.push(arrived);
+                }
+            }
+        })
+        .await;
+        assert_eq!(first_arrivals, expected, "disk queue: {disk}");
+        assert!(count(&stats(&site).remote_busy) >= 2, "ten 1 KiB messages at four a second per link");
+        assert_eq!(count(&stats(&site).refused_by_remote), 0, "busy is not a refusal");
+        site.stop().await;
+        while cloud.publish_within(QUIET).await.is_some() {}
+    }
+    remote.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
@@ -567,6 +620,9 @@ async fn a_bridge_with_a_disk_queue_loses_nothing_across_an_outage_and_a_restart
             segment_mb: 1,
             fsync: "always".into(),
             fsync_interval_ms: 200,
+            // Acknowledged on routing: a clean stop still spools what the local queue holds (the killed-broker
+            // test below covers `after_durable`).
+            ack: "immediate".into(),
         });
         bridge
     };
@@ -609,8 +665,58 @@ async fn a_bridge_with_a_disk_queue_loses_nothing_across_an_outage_and_a_restart
     cloud.stop().await;
 }
 
-/// The `tollgate` binary with a disk queue, killed with SIGKILL (no shutdown, no final sync) while the uplink is
-/// down, then started again: what it had acknowledged to publishers reaches the cloud.
+/// What `ack = "after_durable"` rests on: a publisher's PUBACK (3.1.1 and 5) and PUBREC wait until a durable local
+/// client (a disk queue's) has let go of its copy; a message it does not take is answered at once.
+#[tokio::test]
+async fn an_acknowledgement_waits_for_a_durable_subscriber_to_let_go_of_its_copy() {
+    use tollgate_integration_tests::raw;
+    use tollgate_protocol::{Packet, ProtocolVersion, QoS as Level, ReasonCode, SubscriptionOptions};
+
+    let site = TestBroker::start().await;
+    let durable = site.broker().durable_local_client("$bridge/disk");
+    let options =
+        SubscriptionOptions { qos: Level::ExactlyOnce, no_local: true, retain_as_published: true, retain_handling: 0 };
+    durable.subscribe("up/#", options).unwrap();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], site.port()));
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        let mut publisher = raw::tcp(address, version).await;
+        publisher.connect_ok(version, "sensor").await;
+        for (qos, packet_id) in [(Level::AtLeastOnce, 1), (Level::ExactlyOnce, 2)] {
+            publisher.send(&Packet::Publish(raw::publish_packet("up/1", qos, Some(packet_id), b"x"))).await;
+            assert!(
+                publisher.recv_within(QUIET).await.is_none(),
+                "{version:?} {qos:?}: answered before the copy was let go of"
+            );
+            let batch = durable.try_batch(8, 8);
+            assert_eq!(batch.len(), 1);
+            let taken = batch[0].1.unwrap();
+            drop(batch);
+            assert!(publisher.recv_within(QUIET).await.is_none(), "the copy is still in flight");
+            assert!(durable.complete(taken));
+            match (qos, publisher.expect_packet().await) {
+                (Level::AtLeastOnce, Packet::PubAck(ack)) | (Level::ExactlyOnce, Packet::PubRec(ack)) => {
+                    assert_eq!((ack.packet_id, ack.reason_code), (packet_id, ReasonCode::SUCCESS));
+                }
+                (_, other) => panic!("{version:?} {qos:?}: expected its acknowledgement, got {other:?}"),
+            }
+            if qos == Level::ExactlyOnce {
+                publisher.send(&Packet::PubRel(tollgate_protocol::Ack::new(packet_id, ReasonCode::SUCCESS))).await;
+                assert!(matches!(publisher.expect_packet().await, Packet::PubComp(_)));
+            }
+        }
+        let unmatched = publisher.publish_qos1(raw::publish_packet("other/1", Level::AtLeastOnce, Some(3), b"x")).await;
+        let expected =
+            if version == ProtocolVersion::V5 { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
+        assert_eq!(unmatched, expected);
+        publisher.disconnect().await;
+    }
+    drop(durable);
+    site.stop().await;
+}
+
+/// The `tollgate` binary with a disk queue, killed with SIGKILL (no shutdown, no final sync) right after its last
+/// PUBACK while the uplink is down, then started again: everything it had acknowledged to publishers reaches the
+/// cloud.
 #[tokio::test]
 async fn a_disk_queue_outlives_a_killed_broker() {
     let cloud = TestBroker::start().await;
@@ -657,23 +763,8 @@ async fn a_disk_queue_outlives_a_killed_broker() {
     for index in 0..25 {
         sensor.publish(&format!("up/seq/{index}"), QoS::AtLeastOnce, false, b"x").await;
     }
-    // The spooler appends within moments of the PUBACK (an fsync each here): wait until `tollgate status` says
-    // all 25 are queued, then pull the plug.
-    within("the 25 messages in the disk queue", async {
-        loop {
-            let mut status = tokio::process::Command::new(external::tollgate_bin());
-            external::clean_env(&mut status).arg("status").arg("--config").arg(&config);
-            let output = external::run(&mut status, Duration::from_secs(10)).await;
-            let queued = serde_json::from_slice::<serde_json::Value>(&output.stdout)
-                .ok()
-                .and_then(|status| status["bridges"][0]["queued"].as_u64());
-            if queued == Some(25) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await;
+    // No waiting for the spooler: with `ack = "after_durable"` (the default) each PUBACK came after the message's
+    // fsync, so the plug is pulled the moment the last one arrives.
     site.signal("KILL");
     site.wait(Duration::from_secs(10)).await;
     drop(sensor);
