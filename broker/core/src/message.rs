@@ -105,6 +105,87 @@ impl Message {
     }
 }
 
+/// A message read back from its stored form ([`Message::encode_stored`]).
+#[derive(Debug)]
+pub struct StoredMessage {
+    pub message: Message,
+    /// Its expiry passed while it was stored.
+    pub expired: bool,
+    pub subscription_ids: Vec<u32>,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
+}
+
+impl Message {
+    /// Appends the form a message is kept in across restarts (the bridge's journal, the broker's state file): its
+    /// expiry as wall-clock milliseconds (0: none), then the message as an MQTT 5 PUBLISH in our own codec, so
+    /// every forwarded property survives, with `subscription_ids` as its Subscription Identifiers.
+    pub fn encode_stored(
+        &self,
+        now: Instant,
+        subscription_ids: &[u32],
+        out: &mut bytes::BytesMut,
+    ) -> Result<(), String> {
+        let expires_at_ms = match self.remaining_expiry(now) {
+            Some(seconds) => unix_ms() + u64::from(seconds) * 1000,
+            None => 0,
+        };
+        let mut properties = Message::forwarded_properties(&self.properties);
+        properties.subscription_identifiers = subscription_ids.to_vec();
+        let publish = tollgate_protocol::Publish {
+            dup: false,
+            qos: self.qos,
+            retain: self.retain,
+            topic: self.topic.clone(),
+            packet_id: (self.qos != QoS::AtMostOnce).then_some(1),
+            properties,
+            payload: self.payload.clone(),
+        };
+        out.extend_from_slice(&expires_at_ms.to_be_bytes());
+        tollgate_protocol::encode_packet(
+            &tollgate_protocol::Packet::Publish(publish),
+            tollgate_protocol::ProtocolVersion::V5,
+            out,
+        )
+        .map(drop)
+        .map_err(|error| error.to_string())
+    }
+
+    /// The message in a stored form, its expiry an `Instant` again; `None` if the bytes are not one.
+    pub fn decode_stored(body: &[u8], now: Instant) -> Option<StoredMessage> {
+        let (expiry, packet) = body.split_at_checked(8)?;
+        let expires_at_ms = u64::from_be_bytes(expiry.try_into().ok()?);
+        let mut buffer = bytes::BytesMut::from(packet);
+        let Ok(Some(tollgate_protocol::Packet::Publish(publish))) =
+            tollgate_protocol::decode_packet(&mut buffer, tollgate_protocol::ProtocolVersion::V5, usize::MAX)
+        else {
+            return None;
+        };
+        if !buffer.is_empty() {
+            return None;
+        }
+        let (expires_at, expired) = if expires_at_ms == 0 {
+            (None, false)
+        } else {
+            let now_ms = unix_ms();
+            let left = std::time::Duration::from_millis(expires_at_ms.saturating_sub(now_ms));
+            (Some(now + left), expires_at_ms <= now_ms)
+        };
+        let message = Message {
+            topic: publish.topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties: Message::forwarded_properties(&publish.properties),
+            expires_at,
+            origin: None,
+        };
+        Some(StoredMessage { message, expired, subscription_ids: publish.properties.subscription_identifiers })
+    }
+}
+
 /// One message on its way to one subscriber.
 #[derive(Clone, Debug)]
 pub struct Delivery {

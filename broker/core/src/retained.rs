@@ -18,6 +18,8 @@ pub trait RetainedStore: Send + Sync {
     /// Removes every retained message `publisher` set and nobody replaced since; returns how many. For a revoked
     /// client: what it retained must not outlive its access (the CVE-2018-12546 class).
     fn purge_publisher(&self, publisher: &ClientId) -> usize;
+    /// Every live retained message with the client that set it, for a state snapshot.
+    fn all(&self, now: Instant) -> Vec<(Arc<Message>, Option<ClientId>)>;
     fn len(&self) -> usize;
     fn is_empty(&self) -> bool {
         self.len() == 0
@@ -65,6 +67,15 @@ impl RetainedStore for MemoryRetainedStore {
         let before = messages.len();
         messages.retain(|_, retained| retained.publisher.as_ref() != Some(publisher));
         before - messages.len()
+    }
+
+    fn all(&self, now: Instant) -> Vec<(Arc<Message>, Option<ClientId>)> {
+        let messages = self.lock();
+        messages
+            .values()
+            .filter(|retained| !retained.message.is_expired(now))
+            .map(|retained| (retained.message.clone(), retained.publisher.clone()))
+            .collect()
     }
 
     fn len(&self) -> usize {

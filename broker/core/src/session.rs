@@ -330,6 +330,13 @@ impl SessionState {
         }
     }
 
+    /// Puts back an exchange that was in flight before a restart; called in the order first sent.
+    pub(crate) fn restore_inflight(&mut self, packet_id: PacketId, entry: Inflight) {
+        self.inflight_sequence += 1;
+        self.inflight.insert(packet_id, (self.inflight_sequence, entry));
+        self.next_packet_id = packet_id.checked_add(1).unwrap_or(1);
+    }
+
     /// Drops all queued and in-flight state (clean start, or the session ended).
     pub fn clear_messages(&mut self) {
         self.queue.clear();

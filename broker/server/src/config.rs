@@ -20,6 +20,8 @@ pub struct Config {
     pub sys: SysConfig,
     pub log: LogConfig,
     pub session: SessionConfig,
+    #[serde(default)]
+    pub persistence: PersistenceConfig,
     pub runtime: RuntimeConfig,
     /// Policy plugins, in chain order.
     #[serde(default)]
@@ -367,6 +369,24 @@ pub struct SessionConfig {
     pub recheck_interval_ms: u32,
 }
 
+/// Retained messages and persistent sessions kept across restarts (Mosquitto's `persistence`): a state file written
+/// at shutdown and every `autosave_interval` seconds, read back at start.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PersistenceConfig {
+    pub enabled: bool,
+    /// The state file; unset: `broker.state` in `runtime.state_dir`.
+    pub file: Option<PathBuf>,
+    /// Seconds between saves while running (what a crash or power cut can lose); 0 saves only at shutdown.
+    pub autosave_interval: u32,
+}
+
+impl Default for PersistenceConfig {
+    fn default() -> Self {
+        Self { enabled: false, file: None, autosave_interval: 60 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         let core = BrokerConfig::default();
@@ -390,6 +410,7 @@ impl Default for Config {
             sys: SysConfig { interval: 10 },
             log: LogConfig { level: "info".into(), format: "human".into() },
             session: SessionConfig { persistent_expiry: 0, shutdown_grace: 5, recheck_interval_ms: 0 },
+            persistence: PersistenceConfig::default(),
             runtime: RuntimeConfig {
                 worker_threads: 0,
                 plugin_cache_dir: None,
@@ -443,6 +464,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("sys", &["interval"]),
     ("log", &["level", "format"]),
     ("session", &["persistent_expiry", "shutdown_grace", "recheck_interval_ms"]),
+    ("persistence", &["enabled", "file", "autosave_interval"]),
     ("runtime", &["worker_threads", "plugin_cache_dir", "state_dir", "state_sync_ms", "admin_socket"]),
 ];
 const PLUGIN_KEYS: &[&str] =
@@ -626,7 +648,8 @@ fn check_key(figment: &Figment, section: &str, key: &str) -> Result<(), String> 
             figment.extract_inner::<Option<bool>>(&path).map(drop)
         }
         ("auth", "on_publish_denied") => figment.extract_inner::<Option<String>>(&path).map(drop),
-        ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir" | "admin_socket") => {
+        ("persistence", "enabled") => figment.extract_inner::<bool>(&path).map(drop),
+        ("auth", _) | ("runtime", "plugin_cache_dir" | "state_dir" | "admin_socket") | ("persistence", "file") => {
             figment.extract_inner::<Option<PathBuf>>(&path).map(drop)
         }
         ("runtime", "state_sync_ms") => figment.extract_inner::<u32>(&path).map(drop),
@@ -739,6 +762,18 @@ fn validate(config: &Config, problems: &mut Vec<ConfigProblem>) {
     }
     if let Err(more) = config.plugin_specs() {
         problems.extend(more);
+    }
+    if config.persistence.enabled {
+        match config.persistence_file() {
+            None => problems.push(problem(
+                "persistence.file",
+                "no state file: set persistence.file, or a runtime.state_dir for the default",
+            )),
+            Some(file) if file.is_dir() => {
+                problems.push(problem("persistence.file", format!("{} is a directory", file.display())))
+            }
+            Some(_) => {}
+        }
     }
 }
 
@@ -996,6 +1031,15 @@ impl Config {
     }
 
     /// The directory for state that outlives the process, if any.
+    /// Where the broker's state is kept (`[persistence]`), whether or not persistence is on.
+    pub fn persistence_file(&self) -> Option<PathBuf> {
+        match &self.persistence.file {
+            Some(file) if !file.as_os_str().is_empty() => Some(file.clone()),
+            Some(_) => None,
+            None => self.state_dir().map(|dir| dir.join("broker.state")),
+        }
+    }
+
     pub fn state_dir(&self) -> Option<PathBuf> {
         user_dir(&self.runtime.state_dir, "XDG_STATE_HOME", &[".local", "state"], &["tollgate"])
     }

@@ -7,6 +7,7 @@ pub mod bridge_config;
 pub mod certs;
 pub mod config;
 pub mod grants;
+pub mod persistence;
 pub mod sig;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tollgate_builtins::acl_file::AclFile;
 use tollgate_builtins::password_file::PasswordFile;
 use tollgate_builtins::{AclFileAuthorizer, AnonymousAccess, CertificateIdentityAuth, PasswordFileAuth};
-use tollgate_core::Broker;
+use tollgate_core::{Broker, SnapshotCounts};
 use tollgate_hooks::{AuthFallback, FailurePolicy, HookChain, HookSlot};
 use tollgate_plugin_host::{LoadReport, LoadedPlugin, PluginHost};
 use tollgate_protocol::QoS;
@@ -79,6 +80,8 @@ pub struct Server {
     /// Links to other brokers with the configuration each was started with: a reload restarts those whose
     /// configuration changed and leaves the others running.
     bridges: std::sync::Mutex<Vec<(bridge_config::BridgeConfig, tollgate_bridge::BridgeHandle)>>,
+    /// `[persistence]` on: where the state is saved at shutdown.
+    state_file: Option<std::path::PathBuf>,
 }
 
 fn load_policy_file<T, E: ToString>(
@@ -185,6 +188,15 @@ impl Server {
         }
         let hooks = build_hooks(config, 1, &plugins)?;
         let broker = Broker::new(config.broker_config(), hooks);
+        // Before any listener or bridge: restored sessions and retained messages are there for the first client.
+        let state_file = config.persistence.enabled.then(|| config.persistence_file()).flatten();
+        if let Some(file) = &state_file {
+            persistence::restore(&broker, file)?;
+            if config.persistence.autosave_interval > 0 {
+                let interval = Duration::from_secs(u64::from(config.persistence.autosave_interval));
+                broker.spawn(persistence::autosave(broker.clone(), file.clone(), interval));
+            }
+        }
         let (workers, worker_threads, stop_workers) = start_workers(config.runtime.worker_threads)?;
         let limits = Arc::new(ConnectionLimits::new(
             config.limits.max_connections as usize,
@@ -301,6 +313,7 @@ impl Server {
             tls: tls_listeners,
             plugins: plugin_host,
             bridges: std::sync::Mutex::new(bridges),
+            state_file,
         })
     }
 
@@ -445,6 +458,15 @@ impl Server {
     pub async fn shutdown(&self) -> bool {
         self.broker.shutdown();
         let drained = self.broker.drained().await;
+        // Every connection has left its session by now: what is saved is what a client resumes.
+        if let Some(file) = &self.state_file {
+            match persistence::save(&self.broker, file).await {
+                Ok(SnapshotCounts { retained, sessions, messages }) => {
+                    info!(file = %file.display(), retained, sessions, messages, "state saved")
+                }
+                Err(error) => error!(error = format!("{error:#}"), "state not saved at shutdown"),
+            }
+        }
         self.stop_workers.cancel();
         let threads = std::mem::take(&mut *self.worker_threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         // Joining is blocking; the threads exit promptly once told to stop.

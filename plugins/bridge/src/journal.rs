@@ -20,11 +20,10 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tollgate_core::Message;
-use tollgate_protocol::{Packet, ProtocolVersion, Publish, QoS, decode_packet, encode_packet};
 use tracing::warn;
 
 const HEADER: usize = 8;
@@ -129,29 +128,10 @@ fn segment_path(dir: &Path, start: u64) -> PathBuf {
     dir.join(format!("{start:020}.seg"))
 }
 
-fn unix_ms(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
-}
-
-/// The record for `message`, its expiry made absolute.
+/// The record for `message`: its stored form (expiry made absolute, the message as an MQTT 5 PUBLISH).
 fn encode_record(message: &Message, now: tokio::time::Instant) -> io::Result<Vec<u8>> {
-    let expires_at_ms = match message.remaining_expiry(now) {
-        Some(seconds) => unix_ms(SystemTime::now()) + u64::from(seconds) * 1000,
-        None => 0,
-    };
-    let publish = Publish {
-        dup: false,
-        qos: message.qos,
-        retain: message.retain,
-        topic: message.topic.clone(),
-        packet_id: (message.qos != QoS::AtMostOnce).then_some(1),
-        properties: Message::forwarded_properties(&message.properties),
-        payload: message.payload.clone(),
-    };
     let mut body = BytesMut::new();
-    body.extend_from_slice(&expires_at_ms.to_be_bytes());
-    encode_packet(&Packet::Publish(publish), ProtocolVersion::V5, &mut body)
-        .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error.to_string()))?;
+    message.encode_stored(now, &[], &mut body).map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
     let mut record = Vec::with_capacity(HEADER + body.len());
     record.extend_from_slice(&(body.len() as u32).to_be_bytes());
     record.extend_from_slice(&crc32fast::hash(&body).to_be_bytes());
@@ -161,29 +141,7 @@ fn encode_record(message: &Message, now: tokio::time::Instant) -> io::Result<Vec
 
 /// The message in a record body, with its expiry as an `Instant` again; `None` if unreadable.
 fn decode_body(body: &[u8], now: tokio::time::Instant) -> Option<(Message, bool)> {
-    let (expiry, packet) = body.split_at_checked(8)?;
-    let expires_at_ms = u64::from_be_bytes(expiry.try_into().ok()?);
-    let mut buffer = BytesMut::from(packet);
-    let Ok(Some(Packet::Publish(publish))) = decode_packet(&mut buffer, ProtocolVersion::V5, MAX_BODY) else {
-        return None;
-    };
-    let (expires_at, expired) = if expires_at_ms == 0 {
-        (None, false)
-    } else {
-        let now_ms = unix_ms(SystemTime::now());
-        let left = Duration::from_millis(expires_at_ms.saturating_sub(now_ms));
-        (Some(now + left), expires_at_ms <= now_ms)
-    };
-    let message = Message {
-        topic: publish.topic,
-        payload: publish.payload,
-        qos: publish.qos,
-        retain: publish.retain,
-        properties: Message::forwarded_properties(&publish.properties),
-        expires_at,
-        origin: None,
-    };
-    Some((message, expired))
+    Message::decode_stored(body, now).map(|stored| (stored.message, stored.expired))
 }
 
 /// Reads the record at the reader's position: `Ok(None)` at a clean end, `Err` for a short or corrupt record.
@@ -544,6 +502,7 @@ pub type SharedJournal = Arc<std::sync::Mutex<Journal>>;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tollgate_protocol::QoS;
 
     fn settings(dir: &Path) -> JournalSettings {
         JournalSettings {

@@ -143,6 +143,31 @@ async fn check_config_reports_semantic_problems_together() {
 }
 
 #[tokio::test]
+async fn check_config_names_persistence_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "persistence.toml",
+        "[persistence]\nenabled = \"yes\"\nautosave = 10\nautosave_interval = -1\n",
+    );
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for key in ["persistence.enabled", "persistence.autosave: unknown key", "persistence.autosave_interval"] {
+        assert!(stderr.contains(key), "{key} not reported\n{}", describe(&output));
+    }
+    // On, with nowhere to keep the state.
+    let config = write(dir.path(), "nowhere.toml", "[persistence]\nenabled = true\n\n[runtime]\nstate_dir = \"\"\n");
+    let output = run(tollgate().arg("check-config").arg(&config), LIMIT).await;
+    assert!(!output.status.success());
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("persistence.file: no state file"),
+        "{}",
+        describe(&output)
+    );
+}
+
+#[tokio::test]
 async fn check_config_accepts_a_good_file() {
     let dir = tempfile::tempdir().unwrap();
     let acl = write(dir.path(), "acl", "pattern readwrite #\n");

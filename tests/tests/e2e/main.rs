@@ -12,6 +12,7 @@ mod malformed;
 mod mosquitto_clients;
 mod msg_auth;
 mod paho_python;
+mod persistence;
 mod plugins;
 mod protocol;
 mod rumqttc_v4;
