@@ -212,6 +212,7 @@ pub fn bridge_config(
         topics,
         queue: None,
         remote_status_topic: None,
+        message_id_property: None,
     }
 }
 

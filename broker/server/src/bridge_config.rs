@@ -29,6 +29,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "topics",
     "queue",
     "remote_status_topic",
+    "message_id_property",
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
 pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
@@ -82,6 +83,10 @@ pub struct BridgeConfig {
     /// A topic on the remote for the bridge's retained `online`/`offline` (its will); unset: none.
     #[serde(default)]
     pub remote_status_topic: Option<String>,
+    /// A user property naming each forwarded message uniquely (MQTT 5 remotes), the same on every resend, so the
+    /// cloud can drop duplicates; unset: none.
+    #[serde(default)]
+    pub message_id_property: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -288,6 +293,15 @@ impl BridgeConfig {
         {
             report(key("remote_status_topic"), format!("{topic:?}: {error}"));
         }
+        match &self.message_id_property {
+            Some(name) if name.is_empty() || name.contains('\0') => {
+                report(key("message_id_property"), "a user property name: not empty, no NUL".into())
+            }
+            Some(_) if !protocol.is_v5() => {
+                report(key("message_id_property"), "user properties need protocol = \"v5\"".into())
+            }
+            _ => {}
+        }
         if self.topics.is_empty() {
             report(key("topics"), "a bridge needs at least one [[bridges.topics]] mapping".into());
         }
@@ -343,6 +357,7 @@ impl BridgeConfig {
             topics,
             queue,
             remote_status_topic: self.remote_status_topic.clone(),
+            message_id_property: self.message_id_property.clone(),
         })
     }
 }
@@ -460,5 +475,22 @@ mod tests {
         .expect_err("a loop");
         assert_eq!(problems[0].key, "bridges[0].topics[0].direction");
         assert!(problems[0].message.contains("loop"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn a_message_id_property_needs_an_mqtt_5_remote() {
+        let settings = |protocol: &str, name: &str| {
+            bridge(&format!(
+                "name = \"cloud\"\naddress = \"127.0.0.1:1883\"\nprotocol = \"{protocol}\"\n\
+                 message_id_property = \"{name}\"\ntopics = [{{ pattern = \"a/#\" }}]\n"
+            ))
+            .settings(0)
+        };
+        assert_eq!(settings("v5", "x-bridge-id").expect("valid").message_id_property.as_deref(), Some("x-bridge-id"));
+        for (protocol, name, complaint) in [("v311", "x-bridge-id", "v5"), ("v5", "", "empty")] {
+            let problems = settings(protocol, name).expect_err("refused");
+            assert_eq!(problems[0].key, "bridges[0].message_id_property");
+            assert!(problems[0].message.contains(complaint), "{}", problems[0].message);
+        }
     }
 }

@@ -106,6 +106,8 @@ pub struct JournalCounts {
 }
 
 pub struct Journal {
+    /// Kept in the directory's `id` file; see [`Journal::instance`].
+    instance: String,
     settings: JournalSettings,
     segments: VecDeque<Segment>,
     writer: Option<File>,
@@ -234,7 +236,20 @@ impl Journal {
         if recovery.truncated_bytes > 0 {
             warn!(dir = %settings.dir.display(), bytes = recovery.truncated_bytes, "bridge journal: a torn or corrupt tail was cut off");
         }
+        // Names this journal's offsets in message ids. A new one whenever offsets could start over (an empty
+        // journal without a commit), so an id is never given to two messages.
+        let id_path = settings.dir.join("id");
+        let fresh = segments.is_empty() && committed_on_disk == 0;
+        let instance = match fs::read_to_string(&id_path) {
+            Ok(text) if !fresh && !text.trim().is_empty() => text.trim().to_owned(),
+            _ => {
+                let instance = crate::instance_id();
+                fs::write(&id_path, &instance)?;
+                instance
+            }
+        };
         let mut journal = Self {
+            instance,
             settings,
             segments,
             writer: None,
@@ -250,6 +265,12 @@ impl Journal {
         };
         journal.remove_settled_segments()?;
         Ok((journal, recovery))
+    }
+
+    /// With a record's offset, names the record for good: `<instance>-<offset>` is a message id no other record
+    /// of this or any other journal has.
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     pub fn counts(&self) -> JournalCounts {
@@ -539,6 +560,28 @@ mod tests {
 
     fn topics(batch: &[(u64, Message)]) -> Vec<String> {
         batch.iter().map(|(_, message)| message.topic.to_string()).collect()
+    }
+
+    #[test]
+    fn the_instance_id_holds_while_offsets_continue_and_changes_when_they_could_start_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut journal, _) = Journal::open(settings(dir.path())).expect("open");
+        let first = journal.instance().to_owned();
+        assert_eq!(first.len(), 16);
+        journal.append(&message("t/0", "x")).expect("append");
+        drop(journal);
+        let (journal, _) = Journal::open(settings(dir.path())).expect("reopen");
+        assert_eq!(journal.instance(), first, "the same records, the same names");
+        drop(journal);
+        // Emptied by hand (segments and commit gone): offsets restart at 0, so the instance must change.
+        for entry in fs::read_dir(dir.path()).expect("list") {
+            let path = entry.expect("entry").path();
+            if path.file_name().is_some_and(|name| name != "id") {
+                fs::remove_file(path).expect("remove");
+            }
+        }
+        let (journal, _) = Journal::open(settings(dir.path())).expect("reopen empty");
+        assert_ne!(journal.instance(), first);
     }
 
     #[test]

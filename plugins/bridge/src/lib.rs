@@ -158,6 +158,21 @@ pub struct BridgeSettings {
     /// its will, which the remote publishes when the link dies (Mosquitto's bridge notifications). The cloud sees
     /// which sites are cut off.
     pub remote_status_topic: Option<String>,
+    /// MQTT 5: a user property carrying each forwarded message's id (`<instance>-<n>`), the same on every resend
+    /// of that message, so the remote's consumers can drop duplicates. With a disk queue the instance is the
+    /// journal's (kept in its directory) and `n` the record's offset, so ids hold across restarts too.
+    pub message_id_property: Option<String>,
+}
+
+/// 64 random bits in hex, to tell message ids of different journals and bridge runs apart.
+pub(crate) fn instance_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // `RandomState` is seeded from the operating system's randomness; time and process mix in more.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    hasher.write_u128(now.as_nanos());
+    hasher.write_u32(std::process::id());
+    format!("{:016x}", hasher.finish())
 }
 
 impl BridgeSettings {

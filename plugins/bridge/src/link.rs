@@ -19,7 +19,7 @@ use tollgate_core::{Broker, Delivery, LocalClient, Message, Unfinished};
 use tollgate_hooks::{RouteDecision, RouteDirection, TransformOutcome};
 use tollgate_protocol::{
     Ack, Connect, Disconnect, LastWill, Packet, PacketId, Properties, ProtocolVersion, Publish, QoS, ReasonCode,
-    Subscribe, Subscription, SubscriptionOptions, decode_packet, encode_packet, topic,
+    Subscribe, Subscription, SubscriptionOptions, UserProperty, decode_packet, encode_packet, topic,
 };
 use tracing::{debug, info, warn};
 
@@ -149,7 +149,12 @@ enum LinkEnd {
 /// Where messages for the remote wait, and what is in flight on the link.
 enum Egress {
     /// In the local client's own queue, in memory; its packet ids are the link's.
-    Memory,
+    Memory {
+        /// With `message_id_property`: the id each message in flight was first sent with, for its resends.
+        ids: HashMap<PacketId, u64>,
+        next_id: u64,
+        instance: String,
+    },
     /// In the journal on disk, which the spooler fills from the local client; link packet ids map to offsets.
     Disk {
         journal: SharedJournal,
@@ -159,13 +164,15 @@ enum Egress {
         /// Records below this offset were sent on an earlier link: they go again marked DUP (and are not counted
         /// as sent twice).
         resend_below: u64,
+        /// The journal's, for message ids (`<instance>-<offset>`).
+        instance: String,
     },
 }
 
 impl Egress {
     fn backlog(&self, local: &LocalClient) -> (usize, usize) {
         match self {
-            Egress::Memory => local.backlog(),
+            Egress::Memory { .. } => local.backlog(),
             Egress::Disk { journal, inflight, .. } => {
                 let waiting = lock(journal).counts().messages as usize;
                 (waiting.saturating_sub(inflight.len()), inflight.len())
@@ -173,10 +180,29 @@ impl Egress {
         }
     }
 
+    /// The id of a message from the memory queue (`message_id_property`): the one it was first sent with, or a
+    /// new one. `None` without the property, or from the disk queue (whose ids are offsets).
+    fn memory_id(&mut self, settings: &BridgeSettings, packet_id: Option<PacketId>) -> Option<String> {
+        settings.message_id_property.as_ref()?;
+        let Egress::Memory { ids, next_id, instance } = self else { return None };
+        let number = match packet_id {
+            Some(packet_id) => *ids.entry(packet_id).or_insert_with(|| {
+                *next_id += 1;
+                *next_id - 1
+            }),
+            None => {
+                *next_id += 1;
+                *next_id - 1
+            }
+        };
+        Some(format!("{instance}-{number}"))
+    }
+
     /// The remote is done with the message sent under `packet_id`.
     fn settle(&mut self, local: &LocalClient, packet_id: PacketId) {
         match self {
-            Egress::Memory => {
+            Egress::Memory { ids, .. } => {
+                ids.remove(&packet_id);
                 local.complete(packet_id);
             }
             Egress::Disk { journal, inflight, .. } => {
@@ -227,7 +253,7 @@ pub(crate) async fn run(
     publish_state(&broker, name, false);
     let mut spooler = None;
     let mut egress = match journal {
-        None => Egress::Memory,
+        None => Egress::Memory { ids: HashMap::new(), next_id: 1, instance: crate::instance_id() },
         Some(journal) => {
             let journal: SharedJournal = Arc::new(std::sync::Mutex::new(journal));
             let ready = Arc::new(Notify::new());
@@ -241,7 +267,8 @@ pub(crate) async fn run(
                 fsync,
                 shutdown.clone(),
             )));
-            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1, resend_below: 0 }
+            let instance = lock(&journal).instance().to_owned();
+            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1, resend_below: 0, instance }
         }
     };
     // QoS 2 messages from the remote acknowledged with PUBREC and not yet released: kept across links, as the
@@ -534,14 +561,15 @@ impl Link {
     ) -> LinkEnd {
         let window = usize::from(cx.settings.max_inflight.min(self.remote_receive_maximum).max(1));
         match egress {
-            Egress::Memory => {
+            Egress::Memory { .. } => {
                 // What was in flight when the last link dropped goes first, in its original order [MQTT-4.4.0-1].
                 for unfinished in cx.local.unfinished() {
                     match unfinished {
                         Unfinished::Publish(packet_id, delivery) => {
                             let (qos, retain) = (delivery.qos, delivery.retain);
-                            if !self.forward(cx, &delivery.message, qos, retain, Some(packet_id), true).await {
-                                cx.local.complete(packet_id);
+                            let id = egress.memory_id(cx.settings, Some(packet_id));
+                            if !self.forward(cx, &delivery.message, qos, retain, Some(packet_id), true, id).await {
+                                egress.settle(cx.local, packet_id);
                             }
                         }
                         Unfinished::Release(packet_id) => {
@@ -563,10 +591,10 @@ impl Link {
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
         let mut ping_due = if keep_alive.is_zero() { far() } else { Instant::now() + keep_alive };
         let mut awaiting_pong = false;
-        let memory = matches!(egress, Egress::Memory);
+        let memory = matches!(egress, Egress::Memory { .. });
         let ready = match egress {
             Egress::Disk { ready, .. } => Some(ready.clone()),
-            Egress::Memory => None,
+            Egress::Memory { .. } => None,
         };
         loop {
             if let Egress::Disk { .. } = egress
@@ -614,10 +642,11 @@ impl Link {
                 batch = cx.local.next_batch(window, BATCH), if memory => {
                     for (delivery, packet_id) in batch {
                         let (qos, retain) = (delivery.qos, delivery.retain);
-                        if !self.forward(cx, &delivery.message, qos, retain, packet_id, false).await
+                        let id = egress.memory_id(cx.settings, packet_id);
+                        if !self.forward(cx, &delivery.message, qos, retain, packet_id, false, id).await
                             && let Some(packet_id) = packet_id
                         {
-                            cx.local.complete(packet_id);
+                            egress.settle(cx.local, packet_id);
                         }
                     }
                 }
@@ -640,7 +669,9 @@ impl Link {
     /// Sends what the journal holds, while the in-flight window has room. Messages cross at QoS 1 at most: the
     /// journal is the bridge's side of the exchange, so QoS 2's extra round trip would add nothing.
     async fn fill_from_journal(&mut self, cx: &Context<'_>, egress: &mut Egress, window: usize) -> Result<(), String> {
-        let Egress::Disk { journal, inflight, next_packet_id, resend_below, .. } = egress else { return Ok(()) };
+        let Egress::Disk { journal, inflight, next_packet_id, resend_below, instance, .. } = egress else {
+            return Ok(());
+        };
         while inflight.len() < window {
             let records = lock(journal).next(window - inflight.len()).map_err(|error| format!("journal: {error}"))?;
             if records.is_empty() {
@@ -650,7 +681,8 @@ impl Link {
                 let qos = message.qos.min(QoS::AtLeastOnce);
                 let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
                 let resend = offset < *resend_below;
-                let sent = self.forward(cx, &message, qos, message.retain, packet_id, resend).await;
+                let id = cx.settings.message_id_property.as_ref().map(|_| format!("{instance}-{offset}"));
+                let sent = self.forward(cx, &message, qos, message.retain, packet_id, resend, id).await;
                 match packet_id {
                     Some(packet_id) if sent => {
                         inflight.insert(packet_id, offset);
@@ -663,7 +695,8 @@ impl Link {
     }
 
     /// Sends one message to the remote; false if it was not sent (a hook dropped it, or it cannot be encoded for
-    /// the remote), so the caller settles it.
+    /// the remote), so the caller settles it. `id` goes in the `message_id_property`, after the hooks.
+    #[allow(clippy::too_many_arguments)]
     async fn forward(
         &mut self,
         cx: &Context<'_>,
@@ -672,6 +705,7 @@ impl Link {
         retain: bool,
         packet_id: Option<PacketId>,
         resend: bool,
+        id: Option<String>,
     ) -> bool {
         let (broker, settings, stats) = (cx.broker, cx.settings, cx.stats);
         let now = Instant::now();
@@ -729,6 +763,11 @@ impl Link {
                     }
                 }
             }
+        }
+        if let (Some(name), Some(id)) = (&settings.message_id_property, id) {
+            // One id per link: a message that crossed another bridge before gets this link's.
+            properties.user_properties.retain(|property| property.key != *name);
+            properties.user_properties.push(UserProperty { key: name.clone(), value: id });
         }
         let publish = Publish {
             dup: resend && qos != QoS::AtMostOnce,
@@ -789,7 +828,7 @@ impl Link {
             }
             Packet::PubRec(ack) => {
                 busy(stats, "PUBREC", ack.reason_code)?;
-                if refused(settings, stats, "PUBREC", ack.reason_code) || !matches!(egress, Egress::Memory) {
+                if refused(settings, stats, "PUBREC", ack.reason_code) || !matches!(egress, Egress::Memory { .. }) {
                     egress.settle(local, ack.packet_id);
                 } else if local.received(ack.packet_id) {
                     self.queue(&Packet::PubRel(Ack::new(ack.packet_id, ReasonCode::SUCCESS)))?;

@@ -495,6 +495,79 @@ async fn a_busy_remote_is_given_time_and_loses_nothing() {
     remote.stop().await;
 }
 
+/// `message_id_property`: every forwarded message carries an id in a user property, and a resend carries the
+/// same one, so the cloud can drop a duplicate; from the memory queue and from the disk queue. The remote here is
+/// scripted on a raw socket: it takes the first message, hangs up without acknowledging it, then acknowledges
+/// everything on the next link.
+#[tokio::test]
+async fn a_resent_message_carries_the_id_it_was_first_sent_with() {
+    use tollgate_integration_tests::raw::RawClient;
+    use tollgate_protocol::{Ack, ConnAck, Packet, ProtocolVersion, ReasonCode};
+
+    let queue_dir = tempfile::tempdir().unwrap();
+    for disk in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, bool, String)>();
+        let remote = tokio::spawn(async move {
+            for link in 0..2 {
+                let (socket, _) = listener.accept().await.unwrap();
+                let mut remote = RawClient::new(socket, ProtocolVersion::V5, "scripted remote");
+                assert!(matches!(remote.expect_packet().await, Packet::Connect(_)));
+                let connack = ConnAck {
+                    session_present: link > 0,
+                    reason_code: ReasonCode::SUCCESS,
+                    properties: Default::default(),
+                };
+                remote.send(&Packet::ConnAck(connack)).await;
+                loop {
+                    let Packet::Publish(publish) = remote.expect_packet().await else { continue };
+                    let id = publish
+                        .properties
+                        .user_properties
+                        .iter()
+                        .find(|property| property.key == "x-bridge-id")
+                        .map(|property| property.value.clone())
+                        .unwrap_or_default();
+                    seen_tx.send((publish.topic.to_string(), publish.dup, id)).unwrap();
+                    if link == 0 {
+                        break; // hang up without PUBACK
+                    }
+                    remote.send(&Packet::PubAck(Ack::new(publish.packet_id.unwrap(), ReasonCode::SUCCESS))).await;
+                }
+            }
+        });
+        let mut bridge = bridge_to(port, vec![mapping("up/#", "out", 1, "", "")]);
+        bridge.message_id_property = Some("x-bridge-id".into());
+        if disk {
+            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
+                dir: queue_dir.path().join("cloud"),
+                max_mb: 64,
+                segment_mb: 1,
+                fsync: "never".into(),
+                fsync_interval_ms: 200,
+                ack: "after_durable".into(),
+            });
+        }
+        let site = site_with(bridge, Vec::new()).await;
+        let mut sensor = connect_to(&site, "sensor").await;
+        sensor.publish("up/1", QoS::AtLeastOnce, false, b"x").await;
+        let (topic_1, dup_1, first) = within("the first send", seen.recv()).await.unwrap();
+        let (topic_2, dup_2, again) = within("the resend", seen.recv()).await.unwrap();
+        assert_eq!((topic_1.as_str(), dup_1, topic_2.as_str(), dup_2), ("up/1", false, "up/1", true), "disk: {disk}");
+        assert!(!first.is_empty(), "an id on the first send");
+        assert_eq!(first, again, "the resend carries the same id (disk: {disk})");
+        sensor.publish("up/2", QoS::AtLeastOnce, false, b"y").await;
+        let (topic_3, _, other) = within("the next message", seen.recv()).await.unwrap();
+        assert_eq!(topic_3, "up/2");
+        assert_ne!(other, first, "a new message, a new id");
+        let instance = |id: &str| id.rsplit_once('-').map(|(instance, _)| instance.to_owned());
+        assert_eq!(instance(&other), instance(&first), "one bridge, one instance part");
+        site.stop().await;
+        remote.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
