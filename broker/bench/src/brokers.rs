@@ -446,6 +446,23 @@ impl RunningBroker {
         cpu_ticks(&format!("/proc/{}/stat", self.pid))
     }
 
+    /// SIGTERM, then the time until the process exits (its shutdown work, a state save included); an error if
+    /// it is still running after `limit` (it is then killed).
+    pub fn stop_timed(mut self, limit: Duration) -> Result<Duration> {
+        let started = Instant::now();
+        Command::new("kill").arg("-TERM").arg(self.pid.to_string()).status()?;
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("{} exited with {status} after SIGTERM: {}", self.kind, self.log_tail());
+                }
+                return Ok(started.elapsed());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        bail!("{} still running {limit:?} after SIGTERM", self.kind)
+    }
+
     /// SIGTERM, a grace period, then SIGKILL.
     pub fn stop(mut self) -> Result<()> {
         self.terminate();

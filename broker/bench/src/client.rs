@@ -128,11 +128,23 @@ impl Conn {
         username: Option<&str>,
         buffer: usize,
     ) -> Result<Conn> {
+        Ok(Self::connect_session(dialer, index, client_id, username, true, buffer).await?.0)
+    }
+
+    /// [`Conn::connect_as`] choosing clean session; also returns CONNACK's session present flag.
+    pub async fn connect_session(
+        dialer: &Dialer,
+        index: usize,
+        client_id: &str,
+        username: Option<&str>,
+        clean_start: bool,
+        buffer: usize,
+    ) -> Result<(Conn, bool)> {
         let stream = dialer.open(index).await?;
         let mut conn = Conn { stream, rbuf: BytesMut::with_capacity(buffer), wbuf: BytesMut::with_capacity(buffer) };
         let connect = Packet::Connect(Box::new(Connect {
             protocol: VERSION,
-            clean_start: true,
+            clean_start,
             keep_alive: KEEP_ALIVE,
             client_id: client_id.into(),
             username: username.map(Into::into),
@@ -142,7 +154,7 @@ impl Conn {
         }));
         conn.send(&connect).await?;
         match conn.next_packet().await? {
-            Packet::ConnAck(ack) if !ack.reason_code.is_error() => Ok(conn),
+            Packet::ConnAck(ack) if !ack.reason_code.is_error() => Ok((conn, ack.session_present)),
             Packet::ConnAck(ack) => bail!("CONNACK refused: {:?}", ack.reason_code),
             other => bail!("expected CONNACK, got {}", other.kind()),
         }

@@ -6,6 +6,7 @@ mod brokers;
 mod client;
 mod pki;
 mod report;
+mod restart;
 mod scenarios;
 
 use std::path::{Path, PathBuf};
@@ -63,6 +64,16 @@ struct Cli {
     /// Messages per bridge measurement (live, then the same number as backlog).
     #[arg(long, default_value_t = 50_000)]
     bridge_messages: u64,
+    /// Instead of the scenarios: restart Tollgate (`[persistence]`) and Mosquitto (`persistence true`) holding
+    /// offline sessions with queued messages; save, restore and recovery times, state size and memory.
+    #[arg(long)]
+    restart: bool,
+    /// Offline persistent sessions in the restart benchmark.
+    #[arg(long, default_value_t = 2_000)]
+    restart_sessions: usize,
+    /// QoS 1 messages queued for each of them.
+    #[arg(long, default_value_t = 20)]
+    restart_messages: u64,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -123,6 +134,9 @@ fn main() -> Result<()> {
 async fn run(cli: Cli) -> Result<()> {
     if cli.bridge {
         return run_bridge(&cli).await;
+    }
+    if cli.restart {
+        return run_restart(&cli).await;
     }
     let all_scenarios = scenarios::all(cli.pairs.max(1), cli.car_connects.max(1));
     if cli.list {
@@ -442,6 +456,78 @@ fn machine() -> Machine {
         })
         .unwrap_or(0);
     Machine { nproc: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), cpu, kernel, mem_total_kib }
+}
+
+/// `--restart`: Mosquitto and Tollgate taking turns, the median round by recovery time.
+async fn run_restart(cli: &Cli) -> Result<()> {
+    use crate::restart::RestartOutcome;
+    let workspace = workspace_dir();
+    let sessions = cli.restart_sessions.max(1);
+    let limits =
+        Limits { max_inflight: cli.max_inflight, max_queued: cli.max_queued, max_connections: sessions + 1000 };
+    let tollgate = brokers::locate(BrokerKind::Tollgate, cli.tollgate_bin.as_deref(), &workspace)?;
+    let mosquitto = brokers::locate(BrokerKind::Mosquitto, cli.mosquitto_bin.as_deref(), &workspace)?;
+    let rounds = cli.rounds.max(1);
+    let mut table = format!(
+        "Restart benchmark, {} (Tollgate {}, Mosquitto {}): {sessions} offline MQTT 3.1.1 sessions (clean session \
+         off) with {} QoS 1 messages of 64 B queued each, saved at shutdown, restored at start, then every client \
+         back; median of {rounds} round(s) by recovery time.\n\n\
+         | broker | stop (state saved) | state on disk | start (state read) to listening | RSS after start | \
+         sessions resumed | all queued messages delivered in |\n|---|---|---|---|---|---|---|\n",
+        date(),
+        tollgate.version,
+        mosquitto.version,
+        cli.restart_messages,
+    );
+    let brokers = [("Mosquitto", &mosquitto), ("Tollgate", &tollgate)];
+    let mut results: Vec<Vec<RestartOutcome>> = vec![Vec::new(); brokers.len()];
+    for round in 1..=rounds {
+        for (index, (name, spec)) in brokers.iter().enumerate() {
+            eprint!("   restart  {name:<10} round {round}/{rounds} ");
+            let outcome =
+                restart::measure(spec, limits, sessions, cli.restart_messages, &format!("restart-{index}-{round}"))
+                    .await;
+            match &outcome.error {
+                Some(error) => eprintln!("failed: {error}"),
+                None => eprintln!(
+                    "stop {:.0} ms, {} KiB, start {:.0} ms, RSS {} → {} KiB, resumed {}, {} messages in {:.0} ms",
+                    outcome.stop.as_secs_f64() * 1e3,
+                    outcome.state_bytes / 1024,
+                    outcome.start.as_secs_f64() * 1e3,
+                    outcome.rss_before_kib,
+                    outcome.rss_after_kib,
+                    outcome.resumed,
+                    outcome.delivered,
+                    outcome.recover.as_secs_f64() * 1e3,
+                ),
+            }
+            results[index].push(outcome);
+        }
+    }
+    for ((name, _), mut outcomes) in brokers.iter().zip(results) {
+        if let Some(error) = outcomes.iter().find_map(|outcome| outcome.error.clone()) {
+            table.push_str(&format!("| {name} | failed: {error} | | | | | |\n"));
+            continue;
+        }
+        outcomes.sort_by_key(|outcome| outcome.recover);
+        let median = &outcomes[outcomes.len() / 2];
+        table.push_str(&format!(
+            "| {name} | {:.0} ms | {:.1} MiB | {:.0} ms | {:.1} MiB (before: {:.1}) | {} of {sessions} | {:.0} ms ({} messages) |\n",
+            median.stop.as_secs_f64() * 1e3,
+            median.state_bytes as f64 / (1024.0 * 1024.0),
+            median.start.as_secs_f64() * 1e3,
+            median.rss_after_kib as f64 / 1024.0,
+            median.rss_before_kib as f64 / 1024.0,
+            median.resumed,
+            median.recover.as_secs_f64() * 1e3,
+            median.delivered,
+        ));
+    }
+    println!("{table}");
+    if let Some(path) = &cli.markdown {
+        std::fs::write(path, &table).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// `--bridge`: each variant bridged to its own kind, sizes 64 B and 1 KiB, rounds taking turns; the median round.

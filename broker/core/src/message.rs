@@ -34,8 +34,10 @@ pub struct Message {
     pub qos: QoS,
     pub retain: bool,
     /// The v5 properties that travel with the message (format, content type, response topic, correlation
-    /// data, user properties). Expiry is tracked through `expires_at` instead.
-    pub properties: Properties,
+    /// data, user properties); `None` when it has none, the common case. Boxed because the full set is 344
+    /// bytes: inline, it made every queued or retained message a 448-byte allocation whatever it carried. Read
+    /// them through [`Message::properties`]. Expiry is tracked through `expires_at` instead.
+    pub properties: Option<Box<Properties>>,
     pub expires_at: Option<Instant>,
     /// The session that published it, for no-local subscriptions.
     pub origin: Option<SessionId>,
@@ -53,6 +55,27 @@ impl Message {
             let seconds = remaining.as_secs() + u64::from(remaining.subsec_nanos() > 0);
             u32::try_from(seconds).unwrap_or(u32::MAX)
         })
+    }
+
+    /// The properties the message carries (empty ones when it has none).
+    pub fn properties(&self) -> &Properties {
+        static NONE: std::sync::LazyLock<Properties> = std::sync::LazyLock::new(Properties::default);
+        self.properties.as_deref().unwrap_or(&NONE)
+    }
+
+    /// What a message keeps of a PUBLISH's (or will's) properties: those forwarded to subscribers, boxed, or
+    /// `None` when there are none.
+    pub fn carried_properties(incoming: &Properties) -> Option<Box<Properties>> {
+        Self::carries_any(incoming).then(|| Box::new(Self::forwarded_properties(incoming)))
+    }
+
+    /// Whether any of the forwarded properties is set: checked field by field, as this runs for every PUBLISH.
+    fn carries_any(properties: &Properties) -> bool {
+        properties.payload_format_indicator.is_some()
+            || properties.content_type.is_some()
+            || properties.response_topic.is_some()
+            || properties.correlation_data.is_some()
+            || !properties.user_properties.is_empty()
     }
 
     /// Copies only the properties that are forwarded to subscribers [MQTT-3.3.2-*].
@@ -74,11 +97,11 @@ impl Message {
             payload: self.payload.clone(),
             qos: self.qos,
             retain: self.retain,
-            user_properties: self.properties.user_properties.clone(),
-            content_type: self.properties.content_type.clone(),
-            payload_format_indicator: self.properties.payload_format_indicator,
-            response_topic: self.properties.response_topic.clone(),
-            correlation_data: self.properties.correlation_data.clone(),
+            user_properties: self.properties().user_properties.clone(),
+            content_type: self.properties().content_type.clone(),
+            payload_format_indicator: self.properties().payload_format_indicator,
+            response_topic: self.properties().response_topic.clone(),
+            correlation_data: self.properties().correlation_data.clone(),
             message_expiry_interval: expiry,
         }
     }
@@ -91,17 +114,21 @@ impl Message {
         self.payload = draft.payload;
         self.qos = draft.qos;
         self.retain = draft.retain;
-        self.properties.user_properties = draft.user_properties;
-        self.properties.content_type = draft.content_type;
-        self.properties.payload_format_indicator = draft.payload_format_indicator;
-        self.properties.response_topic = draft.response_topic;
-        self.properties.correlation_data = draft.correlation_data;
+        let properties = Properties {
+            user_properties: draft.user_properties,
+            content_type: draft.content_type,
+            payload_format_indicator: draft.payload_format_indicator,
+            response_topic: draft.response_topic,
+            correlation_data: draft.correlation_data,
+            ..Properties::default()
+        };
+        self.properties = Self::carries_any(&properties).then(|| Box::new(properties));
         self.expires_at =
             draft.message_expiry_interval.map(|seconds| now + std::time::Duration::from_secs(u64::from(seconds)));
     }
 
     pub fn user_properties(&self) -> &[UserProperty] {
-        &self.properties.user_properties
+        &self.properties().user_properties
     }
 }
 
@@ -132,7 +159,7 @@ impl Message {
             Some(seconds) => unix_ms() + u64::from(seconds) * 1000,
             None => 0,
         };
-        let mut properties = Message::forwarded_properties(&self.properties);
+        let mut properties = Message::forwarded_properties(self.properties());
         properties.subscription_identifiers = subscription_ids.to_vec();
         let publish = tollgate_protocol::Publish {
             dup: false,
@@ -178,7 +205,7 @@ impl Message {
             payload: publish.payload,
             qos: publish.qos,
             retain: publish.retain,
-            properties: Message::forwarded_properties(&publish.properties),
+            properties: Message::carried_properties(&publish.properties),
             expires_at,
             origin: None,
         };
@@ -261,5 +288,33 @@ impl DurableAcks {
             }
             released.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every queued, retained and in-flight message is one `Arc<Message>`: with its properties inline it was a
+    /// 448-byte allocation whatever it carried.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_message_without_properties_is_a_small_allocation() {
+        assert!(std::mem::size_of::<Message>() + 2 * std::mem::size_of::<usize>() <= 112);
+    }
+
+    #[test]
+    fn only_forwarded_properties_are_carried_and_none_costs_nothing() {
+        assert!(Message::carried_properties(&Properties::default()).is_none());
+        let incoming = Properties {
+            topic_alias: Some(3),
+            message_expiry_interval: Some(60),
+            subscription_identifiers: vec![7],
+            ..Properties::default()
+        };
+        assert!(Message::carried_properties(&incoming).is_none(), "not forwarded: nothing to carry");
+        let incoming = Properties { content_type: Some("json".into()), topic_alias: Some(3), ..Properties::default() };
+        let carried = Message::carried_properties(&incoming).expect("a content type is carried");
+        assert_eq!((carried.content_type.as_deref(), carried.topic_alias), (Some("json"), None));
     }
 }

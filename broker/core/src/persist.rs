@@ -418,7 +418,7 @@ mod tests {
             payload: bytes::Bytes::from_static(payload),
             qos,
             retain,
-            properties,
+            properties: Some(Box::new(properties)),
             expires_at: None,
             origin: None,
         })
@@ -473,8 +473,8 @@ mod tests {
             (&on.0.payload[..], on.0.qos, on.1.as_ref().map(ClientId::as_str)),
             (&b"on"[..], QoS::AtLeastOnce, Some("sensor"))
         );
-        assert_eq!(on.0.properties.user_properties[0].value, "v");
-        assert_eq!(on.0.properties.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(on.0.properties().user_properties[0].value, "v");
+        assert_eq!(on.0.properties().content_type.as_deref(), Some("text/plain"));
 
         assert!(broker.sessions().get(&ClientId("passer-by".into())).is_none(), "expiry 0 is not saved");
         let session = broker.sessions().get(&ClientId("car-1".into())).expect("car-1 restored");

@@ -717,7 +717,7 @@ impl Link {
         };
         let expiry = message.remaining_expiry(now);
         let hooks = broker.hooks();
-        let mut properties = Message::forwarded_properties(&message.properties);
+        let mut properties = Message::forwarded_properties(message.properties());
         properties.message_expiry_interval = expiry;
         let mut payload = message.payload.clone();
         let mut retain = retain;
@@ -925,7 +925,7 @@ async fn admit(cx: &Context<'_>, publish: Publish) {
         payload: publish.payload,
         qos: publish.qos,
         retain: publish.retain,
-        properties: Message::forwarded_properties(&publish.properties),
+        properties: Message::carried_properties(&publish.properties),
         expires_at: publish
             .properties
             .message_expiry_interval
