@@ -202,7 +202,9 @@ impl Message {
         };
         let message = Message {
             topic: publish.topic,
-            payload: publish.payload,
+            // Its own allocation: the decoded payload shares the buffer the whole record was copied into, which
+            // a restored queue would otherwise keep per message.
+            payload: Bytes::copy_from_slice(&publish.payload),
             qos: publish.qos,
             retain: publish.retain,
             properties: Message::carried_properties(&publish.properties),

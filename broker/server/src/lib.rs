@@ -460,9 +460,11 @@ impl Server {
         let drained = self.broker.drained().await;
         // Every connection has left its session by now: what is saved is what a client resumes.
         if let Some(file) = &self.state_file {
+            let started = std::time::Instant::now();
             match persistence::save(&self.broker, file).await {
                 Ok(SnapshotCounts { retained, sessions, messages }) => {
-                    info!(file = %file.display(), retained, sessions, messages, "state saved")
+                    let elapsed_ms = started.elapsed().as_millis() as u64;
+                    info!(file = %file.display(), retained, sessions, messages, elapsed_ms, "state saved")
                 }
                 Err(error) => error!(error = format!("{error:#}"), "state not saved at shutdown"),
             }

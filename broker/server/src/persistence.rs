@@ -24,9 +24,11 @@ pub fn restore(broker: &Broker, file: &Path) -> anyhow::Result<()> {
         // Unreadable (permissions, a directory): saving would fail too, so say it now.
         Err(error) => return Err(error).with_context(|| format!("persistence: reading {}", file.display())),
     };
+    let started = std::time::Instant::now();
     match broker.restore(&bytes) {
         Ok(SnapshotCounts { retained, sessions, messages }) => {
-            info!(file = %file.display(), retained, sessions, messages, "saved state restored");
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            info!(file = %file.display(), retained, sessions, messages, elapsed_ms, "saved state restored");
         }
         Err(problem) => {
             let aside = aside_name(file);
