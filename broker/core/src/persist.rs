@@ -49,6 +49,8 @@ pub struct SnapshotCounts {
 struct RestoredSession {
     client_id: String,
     expiry: u32,
+    /// Unix seconds; the expiry runs from here, across the restart.
+    offline_since: u32,
     subscriptions: Vec<(String, SessionSubscription)>,
     queue: Vec<Delivery>,
     inflight: Vec<(PacketId, Inflight)>,
@@ -60,6 +62,7 @@ impl Broker {
     /// own lock (copied out, encoded after), so a snapshot taken while serving holds no session for long.
     pub fn snapshot(&self) -> (Vec<u8>, SnapshotCounts) {
         let now = Instant::now();
+        let now_unix = crate::session::unix_now_s();
         let mut counts = SnapshotCounts::default();
         let mut body = BytesMut::new();
         let retained: Vec<_> = self.retained().all(now);
@@ -91,6 +94,7 @@ impl Broker {
             let record = (
                 session.client_id.clone(),
                 state.expiry_interval,
+                state.offline_since(now_unix),
                 subscriptions,
                 queue,
                 state.inflight_in_order(),
@@ -100,9 +104,10 @@ impl Broker {
             sessions.push(record);
         }
         put_u32(&mut body, sessions.len());
-        for (client_id, expiry, subscriptions, queue, inflight, incoming_qos2) in &sessions {
+        for (client_id, expiry, offline_since, subscriptions, queue, inflight, incoming_qos2) in &sessions {
             put_str(&mut body, client_id.as_str());
             body.extend_from_slice(&expiry.to_be_bytes());
+            body.extend_from_slice(&offline_since.to_be_bytes());
             put_u32(&mut body, subscriptions.len());
             for (filter, subscription) in subscriptions {
                 put_str(&mut body, filter);
@@ -141,16 +146,23 @@ impl Broker {
     }
 
     /// Puts back what [`Broker::snapshot`] saved, before any client connects. The whole file is read and checked
-    /// first: a damaged one changes nothing. Restored sessions are offline; their expiry starts again now (the
-    /// time they spent offline before the restart is not known), and a session already in the store (there
-    /// should be none this early) is replaced.
+    /// first: a damaged one changes nothing. Restored sessions are offline, and expire when they would have had
+    /// the broker kept running (the time it was down counts as time offline): one whose expiry passed meanwhile
+    /// is not restored. A session already in the store (there should be none this early) is replaced.
     pub fn restore(&self, bytes: &[u8]) -> Result<SnapshotCounts, SnapshotError> {
-        let (retained, sessions) = decode(bytes, Instant::now())?;
+        let (retained, mut sessions) = decode(bytes, Instant::now())?;
+        let now_unix = crate::session::unix_now_s();
+        let remaining = |session: &RestoredSession| match session.expiry {
+            u32::MAX => Some(u32::MAX),
+            expiry => expiry.checked_sub(now_unix.saturating_sub(session.offline_since)).filter(|&left| left > 0),
+        };
+        sessions.retain(|session| remaining(session).is_some());
         let mut counts = SnapshotCounts { retained: retained.len(), sessions: sessions.len(), messages: 0 };
         for (message, publisher) in retained {
             self.retained().store(Arc::new(message), publisher.as_ref());
         }
         for restored in sessions {
+            let left = remaining(&restored).unwrap_or(0);
             counts.messages += restored.queue.len() + restored.inflight.len();
             let client_id = ClientId(restored.client_id.into());
             let session = self.new_session(client_id.clone(), restored.expiry);
@@ -161,6 +173,7 @@ impl Broker {
                     state.restore_inflight(packet_id, entry);
                 }
                 state.incoming_qos2.extend(restored.incoming_qos2);
+                state.restore_offline_since(restored.offline_since);
             }
             for (filter, subscription) in restored.subscriptions {
                 // Checked while decoding.
@@ -177,7 +190,7 @@ impl Broker {
             if let Some(discarded) = opened.discarded {
                 self.end_session(&discarded);
             }
-            self.schedule_expiry(session.clone(), session.generation(), restored.expiry);
+            self.schedule_expiry(session.clone(), session.generation(), left);
         }
         Ok(counts)
     }
@@ -252,6 +265,7 @@ fn decode(bytes: &[u8], now: Instant) -> Result<Decoded, SnapshotError> {
     for _ in 0..reader.count()? {
         let client_id = reader.str()?;
         let expiry = reader.u32()?;
+        let offline_since = reader.u32()?;
         let mut subscriptions = Vec::new();
         for _ in 0..reader.count()? {
             let filter = reader.str()?;
@@ -290,7 +304,15 @@ fn decode(bytes: &[u8], now: Instant) -> Result<Decoded, SnapshotError> {
         for _ in 0..reader.count()? {
             incoming_qos2.push(reader.packet_id()?);
         }
-        sessions.push(RestoredSession { client_id, expiry, subscriptions, queue, inflight, incoming_qos2 });
+        sessions.push(RestoredSession {
+            client_id,
+            expiry,
+            offline_since,
+            subscriptions,
+            queue,
+            inflight,
+            incoming_qos2,
+        });
     }
     if reader.position != body.len() {
         return Err(reader.malformed("bytes after the last session".into()));
@@ -406,6 +428,8 @@ impl Reader<'_> {
 mod tests {
     use tollgate_hooks::HookChain;
 
+    use std::time::Duration;
+
     use super::*;
     use crate::BrokerConfig;
 
@@ -500,6 +524,30 @@ mod tests {
         assert!(ids.iter().all(|id| !inflight.iter().any(|(old, _)| old == id)), "{ids:?} against {inflight:?}");
         // And it saves the same again.
         assert_eq!(broker.snapshot().1.sessions, 1);
+    }
+
+    /// The time a session spent offline before the snapshot, and while the broker was down, counts against its
+    /// expiry: one past it is not restored, one with time left expires when that runs out.
+    #[tokio::test(start_paused = true)]
+    async fn a_restored_session_expires_when_it_would_have_without_the_restart() {
+        let broker = Broker::new(BrokerConfig::default(), HookChain::default());
+        let now = crate::session::unix_now_s();
+        for (client_id, expiry) in [("expired", 60), ("lasting", 200)] {
+            let session = broker.new_session(ClientId(client_id.into()), expiry);
+            session.lock().restore_offline_since(now - 100);
+            broker.sessions().open(&session.client_id, true, &mut || session.clone());
+        }
+        let (bytes, counts) = broker.snapshot();
+        assert_eq!(counts.sessions, 2);
+
+        let restored = Broker::new(BrokerConfig::default(), HookChain::default());
+        assert_eq!(restored.restore(&bytes).map(|counts| counts.sessions), Ok(1));
+        assert!(restored.sessions().get(&ClientId("expired".into())).is_none(), "60 s expiry, 100 s offline");
+        let lasting = ClientId("lasting".into());
+        tokio::time::sleep(Duration::from_secs(95)).await;
+        assert!(restored.sessions().get(&lasting).is_some(), "about 100 s were left");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(restored.sessions().get(&lasting).is_none(), "expired on time");
     }
 
     #[tokio::test]

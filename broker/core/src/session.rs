@@ -74,7 +74,9 @@ pub struct SessionState {
     attachment: Option<Attachment>,
     /// Incremented on every attach, so late work from an old connection can tell it is stale.
     generation: u64,
-    pub dropped_messages: u64,
+    /// When the last connection left, in wall-clock seconds since the Unix epoch (kept for a restart, so a
+    /// restored session expires when it would have; see [`SessionState::offline_since`]).
+    offline_since_unix_s: u32,
     /// Who the session belongs to, as the latest connection authenticated it: what a recheck asks policy about.
     pub client: Option<Arc<ClientInfo>>,
     /// Set when a recheck revoked the client, so the kicked connection says why.
@@ -141,7 +143,12 @@ impl Session {
         Self {
             id,
             client_id,
-            state: Mutex::new(SessionState { expiry_interval, next_packet_id: 1, ..SessionState::default() }),
+            state: Mutex::new(SessionState {
+                expiry_interval,
+                next_packet_id: 1,
+                offline_since_unix_s: unix_now_s(),
+                ..SessionState::default()
+            }),
             wakeup: Notify::new(),
             kicked_through: AtomicU64::new(0),
             ended: SessionEnd::default(),
@@ -188,6 +195,7 @@ impl Session {
         match &state.attachment {
             Some(attachment) if attachment.generation == generation => {
                 state.attachment = None;
+                state.offline_since_unix_s = unix_now_s();
                 true
             }
             _ => false,
@@ -237,7 +245,6 @@ impl Session {
                 return EnqueueResult::SkippedOffline;
             }
             if state.queue.len() >= limit {
-                state.dropped_messages += 1;
                 match policy {
                     OverflowPolicy::DropNewest => return EnqueueResult::DroppedNewest,
                     OverflowPolicy::DropOldest => {
@@ -330,6 +337,16 @@ impl SessionState {
         }
     }
 
+    /// Since when (Unix seconds) the session has had no connection: `now` while one is attached.
+    pub(crate) fn offline_since(&self, now: u32) -> u32 {
+        if self.attachment.is_some() { now } else { self.offline_since_unix_s }
+    }
+
+    /// A restored session has been offline since `since` (Unix seconds), as saved.
+    pub(crate) fn restore_offline_since(&mut self, since: u32) {
+        self.offline_since_unix_s = since;
+    }
+
     /// Puts back an exchange that was in flight before a restart; called in the order first sent.
     pub(crate) fn restore_inflight(&mut self, packet_id: PacketId, entry: Inflight) {
         self.inflight_sequence += 1;
@@ -343,6 +360,12 @@ impl SessionState {
         self.inflight.clear();
         self.incoming_qos2.clear();
     }
+}
+
+/// Wall-clock seconds since the Unix epoch (fits a `u32` until 2106).
+pub(crate) fn unix_now_s() -> u32 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u32::try_from(now.as_secs()).unwrap_or(u32::MAX)
 }
 
 /// Shared handle used by the router and the registry.
