@@ -4,9 +4,9 @@
 //!
 //! Format (version 1): a 16-byte header (`tollgate-state\n` and the version), the body, then a CRC-32 of the body.
 //! The body is big-endian and length-prefixed throughout: the retained messages (publisher, stored message), then
-//! the sessions (client id, expiry, subscriptions, queue, in flight, QoS 2 ids received). A message is in its stored
-//! form ([`Message::encode_stored`]), the one the bridge's journal uses. Reading checks every length against what is
-//! left, so a damaged file is refused with where it went wrong, never half applied.
+//! the sessions (client id, expiry, offline since, subscriptions, queue, in flight, QoS 2 ids received). A message
+//! is in its stored form ([`Message::encode_stored`]), the one the bridge's journal uses. Reading checks every
+//! length against what is left, so a damaged file is refused with where it went wrong, never half applied.
 
 use std::collections::HashSet;
 use std::sync::Arc;
