@@ -205,6 +205,7 @@ pub fn bridge_config(
         clean_start: false,
         session_expiry: 3600,
         max_inflight: 8,
+        max_send_rate: 0,
         connect_timeout: 5,
         reconnect_min_ms: 50,
         reconnect_max_ms: 200,

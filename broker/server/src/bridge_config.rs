@@ -22,6 +22,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "clean_start",
     "session_expiry",
     "max_inflight",
+    "max_send_rate",
     "connect_timeout",
     "reconnect_min_ms",
     "reconnect_max_ms",
@@ -66,6 +67,9 @@ pub struct BridgeConfig {
     pub session_expiry: u32,
     #[serde(default = "default_max_inflight")]
     pub max_inflight: u16,
+    /// Messages per second toward the remote at most; 0: no limit.
+    #[serde(default)]
+    pub max_send_rate: u32,
     /// Seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: u16,
@@ -350,6 +354,7 @@ impl BridgeConfig {
             clean_start: self.clean_start,
             session_expiry: Duration::from_secs(u64::from(self.session_expiry)),
             max_inflight: self.max_inflight,
+            max_send_rate: self.max_send_rate,
             connect_timeout: Duration::from_secs(u64::from(self.connect_timeout)),
             reconnect_min: Duration::from_millis(u64::from(self.reconnect_min_ms)),
             reconnect_max: Duration::from_millis(u64::from(self.reconnect_max_ms)),

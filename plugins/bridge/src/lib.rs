@@ -145,6 +145,9 @@ pub struct BridgeSettings {
     pub session_expiry: Duration,
     /// Messages sent to the remote and not yet acknowledged, at most.
     pub max_inflight: u16,
+    /// Messages per second sent to the remote at most (a backlog drains at this pace, within a cloud's
+    /// per-connection limit); 0: as fast as the window allows.
+    pub max_send_rate: u32,
     pub connect_timeout: Duration,
     /// The first wait before reconnecting; it doubles up to `reconnect_max`, and resets once a link has been up
     /// for a minute.

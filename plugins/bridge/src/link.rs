@@ -140,6 +140,44 @@ fn jittered(delay: Duration) -> Duration {
     delay.mul_f64(0.75 + f64::from(noise % 1000) / 4000.0)
 }
 
+/// `max_send_rate` as a token bucket over the messages sent, a tenth of a second deep (at least one message), so
+/// even a day's backlog leaves at the configured pace rather than in bursts a cloud would throttle.
+struct Pace {
+    per_second: f64,
+    tokens: f64,
+    depth: f64,
+    refilled: Instant,
+}
+
+impl Pace {
+    fn new(per_second: u32) -> Option<Pace> {
+        (per_second > 0).then(|| {
+            let per_second = f64::from(per_second);
+            let depth = (per_second / 10.0).max(1.0);
+            Pace { per_second, tokens: depth, depth, refilled: Instant::now() }
+        })
+    }
+
+    /// Messages that may go now.
+    fn available(&mut self) -> usize {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + earned).min(self.depth);
+        self.refilled = now;
+        self.tokens as usize
+    }
+
+    fn spend(&mut self, messages: usize) {
+        self.tokens -= messages as f64;
+    }
+
+    /// When the next whole message is earned.
+    fn next_at(&self) -> Instant {
+        let missing = (1.0 - self.tokens).max(0.0);
+        self.refilled + Duration::from_secs_f64(missing / self.per_second)
+    }
+}
+
 /// How a link ended.
 enum LinkEnd {
     Shutdown,
@@ -596,12 +634,17 @@ impl Link {
             Egress::Disk { ready, .. } => Some(ready.clone()),
             Egress::Memory { .. } => None,
         };
+        let mut pace = Pace::new(cx.settings.max_send_rate);
         loop {
-            if let Egress::Disk { .. } = egress
-                && let Err(reason) = self.fill_from_journal(cx, egress, window).await
-            {
-                return LinkEnd::Lost(reason);
+            let budget = pace.as_mut().map_or(usize::MAX, Pace::available);
+            if let Egress::Disk { .. } = egress {
+                match self.fill_from_journal(cx, egress, window, budget).await {
+                    Ok(sent) => pace.as_mut().map_or((), |pace| pace.spend(sent)),
+                    Err(reason) => return LinkEnd::Lost(reason),
+                }
             }
+            let budget = pace.as_mut().map_or(usize::MAX, Pace::available);
+            let paced_until = pace.as_ref().filter(|_| budget == 0).map(Pace::next_at);
             if let Err(reason) = self.flush().await {
                 return LinkEnd::Lost(reason);
             }
@@ -639,7 +682,10 @@ impl Link {
                         }
                     }
                 }
-                batch = cx.local.next_batch(window, BATCH), if memory => {
+                batch = cx.local.next_batch(window, BATCH.min(budget)), if memory && budget > 0 => {
+                    if let Some(pace) = pace.as_mut() {
+                        pace.spend(batch.len());
+                    }
                     for (delivery, packet_id) in batch {
                         let (qos, retain) = (delivery.qos, delivery.retain);
                         let id = egress.memory_id(cx.settings, packet_id);
@@ -652,6 +698,8 @@ impl Link {
                 }
                 // The spooler appended: the loop's top reads the journal.
                 () = async { if let Some(ready) = &ready { ready.notified().await } }, if !memory => {}
+                // `max_send_rate` spent: the next message may go then.
+                () = async { if let Some(at) = paced_until { sleep_until(at).await } }, if paced_until.is_some() => {}
                 () = sleep_until(ping_due) => {
                     if awaiting_pong {
                         return LinkEnd::Lost("no PINGRESP within the keep-alive".into());
@@ -668,15 +716,25 @@ impl Link {
 
     /// Sends what the journal holds, while the in-flight window has room. Messages cross at QoS 1 at most: the
     /// journal is the bridge's side of the exchange, so QoS 2's extra round trip would add nothing.
-    async fn fill_from_journal(&mut self, cx: &Context<'_>, egress: &mut Egress, window: usize) -> Result<(), String> {
+    /// Returns how many it took, at most `budget`.
+    async fn fill_from_journal(
+        &mut self,
+        cx: &Context<'_>,
+        egress: &mut Egress,
+        window: usize,
+        budget: usize,
+    ) -> Result<usize, String> {
         let Egress::Disk { journal, inflight, next_packet_id, resend_below, instance, .. } = egress else {
-            return Ok(());
+            return Ok(0);
         };
-        while inflight.len() < window {
-            let records = lock(journal).next(window - inflight.len()).map_err(|error| format!("journal: {error}"))?;
+        let mut taken = 0;
+        while inflight.len() < window && taken < budget {
+            let limit = (window - inflight.len()).min(budget - taken);
+            let records = lock(journal).next(limit).map_err(|error| format!("journal: {error}"))?;
             if records.is_empty() {
                 break;
             }
+            taken += records.len();
             for (offset, message) in records {
                 let qos = message.qos.min(QoS::AtLeastOnce);
                 let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
@@ -691,7 +749,7 @@ impl Link {
                 }
             }
         }
-        Ok(())
+        Ok(taken)
     }
 
     /// Sends one message to the remote; false if it was not sent (a hook dropped it, or it cannot be encoded for
@@ -968,6 +1026,22 @@ async fn admit(cx: &Context<'_>, publish: Publish) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_send_pace_is_a_tenth_of_a_second_deep_and_refills_at_the_rate() {
+        assert!(Pace::new(0).is_none(), "0: no limit");
+        let mut pace = Pace::new(20).expect("paced");
+        assert_eq!(pace.available(), 2, "a tenth of a second of 20/s");
+        pace.spend(2);
+        assert_eq!(pace.available(), 0);
+        assert_eq!(pace.next_at() - Instant::now(), Duration::from_millis(50));
+        tokio::time::advance(Duration::from_millis(50)).await;
+        assert_eq!(pace.available(), 1);
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(pace.available(), 2, "idle time does not bank a burst");
+        let mut slow = Pace::new(1).expect("paced");
+        assert_eq!(slow.available(), 1, "at least one message deep");
+    }
 
     #[test]
     fn the_host_is_what_precedes_the_port() {

@@ -568,6 +568,54 @@ async fn a_resent_message_carries_the_id_it_was_first_sent_with() {
     }
 }
 
+/// `max_send_rate`: a backlog leaves at the configured pace (a cloud's per-connection limit), from memory and
+/// from disk, still all of it and in order. 30 messages at 20 a second with a burst of 2 take at least 1.4 s.
+#[tokio::test]
+async fn a_paced_bridge_sends_no_faster_than_its_rate() {
+    let cloud = TestBroker::start().await;
+    let mut backend = connect_to(&cloud, "backend").await;
+    backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let uplink = Uplink::to(cloud.port()).await;
+    let queue_dir = tempfile::tempdir().unwrap();
+    for disk in [false, true] {
+        uplink.cut();
+        let mut bridge = bridge_to(uplink.port, vec![mapping("up/#", "out", 1, "", "")]);
+        bridge.max_send_rate = 20;
+        if disk {
+            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
+                dir: queue_dir.path().join("cloud"),
+                max_mb: 64,
+                segment_mb: 1,
+                fsync: "never".into(),
+                fsync_interval_ms: 200,
+                ack: "after_durable".into(),
+            });
+        }
+        let site = site_with(bridge, Vec::new()).await;
+        let mut sensor = connect_to(&site, "sensor").await;
+        for index in 0..30 {
+            sensor.publish(&format!("up/{disk}/{index}"), QoS::AtLeastOnce, false, b"x").await;
+        }
+        uplink.restore();
+        let (first_at, received) = within("the paced backlog", async {
+            let first = topic(&backend.next_publish().await);
+            let first_at = std::time::Instant::now();
+            let mut received = vec![first];
+            while received.len() < 30 {
+                received.push(topic(&backend.next_publish().await));
+            }
+            (first_at, received)
+        })
+        .await;
+        let took = first_at.elapsed();
+        let expected: Vec<String> = (0..30).map(|index| format!("up/{disk}/{index}")).collect();
+        assert_eq!(received, expected);
+        assert!(took >= Duration::from_millis(1300), "30 messages at 20/s arrived within {took:?} (disk: {disk})");
+        site.stop().await;
+    }
+    cloud.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
