@@ -166,6 +166,20 @@ impl Background {
 /// Removes every `TOLLGATE_*` variable from a child's environment: the broker reads them as configuration
 /// overrides (`TOLLGATE_LIMITS__MAX_INFLIGHT`), and test switches such as `TOLLGATE_SKIP_EXTERNAL` would be
 /// refused there as unknown keys.
+/// `tollgate run --config <config>`, once it accepts connections on `port` (its listener in the file).
+pub async fn run_broker(config: &std::path::Path, port: u16) -> Background {
+    let mut command = Command::new(tollgate_bin());
+    clean_env(&mut command).arg("run").arg("--config").arg(config);
+    let broker = spawn(&mut command);
+    crate::within("the broker to listen", async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    broker
+}
+
 pub fn clean_env(command: &mut Command) -> &mut Command {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("TOLLGATE_") {

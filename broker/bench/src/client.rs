@@ -225,6 +225,38 @@ impl Conn {
     }
 }
 
+/// Sends `count` QoS 1 PUBLISHes with at most `window` unacknowledged, `put(buffer, n, packet_id)` writing the
+/// n-th; returns once every PUBACK is in.
+pub async fn publish_windowed(
+    conn: &mut Conn,
+    count: u64,
+    window: usize,
+    mut put: impl FnMut(&mut BytesMut, u64, u16),
+) -> Result<()> {
+    let (mut sent, mut acked, mut inflight) = (0u64, 0u64, 0usize);
+    let mut packet_id: u16 = 0;
+    while acked < count {
+        while sent < count && inflight < window {
+            packet_id = packet_id.checked_add(1).unwrap_or(1);
+            put(&mut conn.wbuf, sent, packet_id);
+            sent += 1;
+            inflight += 1;
+        }
+        conn.flush().await?;
+        if conn.stream.read_buf(&mut conn.rbuf).await? == 0 {
+            bail!("the broker closed the publisher's connection");
+        }
+        drain_frames(&mut conn.rbuf, |frame| {
+            if let Frame::PubAck(_) = frame {
+                acked += 1;
+                inflight = inflight.saturating_sub(1);
+            }
+            Ok(())
+        })?;
+    }
+    Ok(())
+}
+
 /// One frame found in a read buffer.
 pub enum Frame<'a> {
     Publish { qos: u8, packet_id: u16, topic: &'a [u8], payload: &'a [u8] },

@@ -17,7 +17,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::brokers::{BrokerSpec, Limits, Program, RunningBroker, Setup};
-use crate::client::{Conn, Dialer, Frame, drain_frames, parse_payload, put_puback, put_publish};
+use crate::client::{Conn, Dialer, Frame, drain_frames, parse_payload, publish_windowed, put_puback, put_publish};
 use crate::scenarios::Transport;
 use tollgate_protocol::QoS;
 
@@ -87,29 +87,11 @@ where
 /// Publishes `per_session` QoS 1 messages to every session's topic, round by round, with a window.
 async fn publish_all(dialer: &Dialer, sessions: usize, per_session: u64) -> Result<()> {
     let mut conn = Conn::connect(dialer, 0, "bench-restart-pub", 1 << 20).await?;
-    let total = sessions as u64 * per_session;
-    let (mut sent, mut acked, mut inflight) = (0u64, 0u64, 0usize);
-    let mut packet_id: u16 = 0;
-    while acked < total {
-        while sent < total && inflight < WINDOW {
-            let (round, session) = (sent / sessions as u64, (sent % sessions as u64) as usize);
-            packet_id = packet_id.checked_add(1).unwrap_or(1);
-            put_publish(&mut conn.wbuf, topic(session).as_bytes(), 1, packet_id, session as u32, round, PAYLOAD, None);
-            sent += 1;
-            inflight += 1;
-        }
-        conn.flush().await?;
-        if conn.stream.read_buf(&mut conn.rbuf).await? == 0 {
-            bail!("the broker closed the publisher's connection");
-        }
-        drain_frames(&mut conn.rbuf, |frame| {
-            if let Frame::PubAck(_) = frame {
-                acked += 1;
-                inflight -= 1;
-            }
-            Ok(())
-        })?;
-    }
+    publish_windowed(&mut conn, sessions as u64 * per_session, WINDOW, |buffer, n, packet_id| {
+        let (round, session) = (n / sessions as u64, (n % sessions as u64) as usize);
+        put_publish(buffer, topic(session).as_bytes(), 1, packet_id, session as u32, round, PAYLOAD, None);
+    })
+    .await?;
     conn.disconnect(Duration::from_millis(200)).await
 }
 

@@ -23,6 +23,18 @@ fn mapping(pattern: &str, direction: &str, qos: u8, local_prefix: &str, remote_p
     bridge_topic(pattern, direction, qos, local_prefix, remote_prefix)
 }
 
+/// A `[bridges.queue]` in `dir`: 64 MiB in 1 MiB segments.
+fn disk_queue(dir: std::path::PathBuf, fsync: &str, ack: &str) -> tollgate::bridge_config::BridgeQueueConfig {
+    tollgate::bridge_config::BridgeQueueConfig {
+        dir,
+        max_mb: 64,
+        segment_mb: 1,
+        fsync: fsync.into(),
+        fsync_interval_ms: 200,
+        ack: ack.into(),
+    }
+}
+
 fn bridge_to(port: u16, topics: Vec<BridgeTopicConfig>) -> BridgeConfig {
     BridgeConfig { client_id: Some("site-1".into()), ..bridge_config(&format!("127.0.0.1:{port}"), topics) }
 }
@@ -459,14 +471,7 @@ async fn a_busy_remote_is_given_time_and_loses_nothing() {
     for disk in [false, true] {
         let mut bridge = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
         if disk {
-            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
-                dir: queue_dir.path().join("cloud"),
-                max_mb: 64,
-                segment_mb: 1,
-                fsync: "never".into(),
-                fsync_interval_ms: 200,
-                ack: "after_durable".into(),
-            });
+            bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "never", "after_durable"));
         }
         let site = site_with(bridge, Vec::new()).await;
         wait_connected(&site).await;
@@ -540,14 +545,7 @@ async fn a_resent_message_carries_the_id_it_was_first_sent_with() {
         let mut bridge = bridge_to(port, vec![mapping("up/#", "out", 1, "", "")]);
         bridge.message_id_property = Some("x-bridge-id".into());
         if disk {
-            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
-                dir: queue_dir.path().join("cloud"),
-                max_mb: 64,
-                segment_mb: 1,
-                fsync: "never".into(),
-                fsync_interval_ms: 200,
-                ack: "after_durable".into(),
-            });
+            bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "never", "after_durable"));
         }
         let site = site_with(bridge, Vec::new()).await;
         let mut sensor = connect_to(&site, "sensor").await;
@@ -582,14 +580,7 @@ async fn a_paced_bridge_sends_no_faster_than_its_rate() {
         let mut bridge = bridge_to(uplink.port, vec![mapping("up/#", "out", 1, "", "")]);
         bridge.max_send_rate = 20;
         if disk {
-            bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
-                dir: queue_dir.path().join("cloud"),
-                max_mb: 64,
-                segment_mb: 1,
-                fsync: "never".into(),
-                fsync_interval_ms: 200,
-                ack: "after_durable".into(),
-            });
+            bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "never", "after_durable"));
         }
         let site = site_with(bridge, Vec::new()).await;
         let mut sensor = connect_to(&site, "sensor").await;
@@ -735,16 +726,9 @@ async fn a_bridge_with_a_disk_queue_loses_nothing_across_an_outage_and_a_restart
     let queue_dir = tempfile::tempdir().unwrap();
     let durable = || {
         let mut bridge = bridge_to(uplink.port, vec![mapping("up/#", "out", 1, "", "")]);
-        bridge.queue = Some(tollgate::bridge_config::BridgeQueueConfig {
-            dir: queue_dir.path().join("cloud"),
-            max_mb: 64,
-            segment_mb: 1,
-            fsync: "always".into(),
-            fsync_interval_ms: 200,
-            // Acknowledged on routing: a clean stop still spools what the local queue holds (the killed-broker
-            // test below covers `after_durable`).
-            ack: "immediate".into(),
-        });
+        // Acknowledged on routing: a clean stop still spools what the local queue holds (the killed-broker test
+        // below covers `after_durable`).
+        bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "always", "immediate"));
         bridge
     };
     let site = site_with(durable(), Vec::new()).await;
@@ -860,21 +844,7 @@ async fn a_disk_queue_outlives_a_killed_broker() {
         ),
     )
     .unwrap();
-    let start = || {
-        let mut command = tokio::process::Command::new(external::tollgate_bin());
-        external::clean_env(&mut command).arg("run").arg("--config").arg(&config);
-        external::spawn(&mut command)
-    };
-    let listening = || async {
-        within("the site broker to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-    };
-    let mut site = start();
-    listening().await;
+    let mut site = external::run_broker(&config, port).await;
     let options = |id: &str| {
         let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
@@ -892,8 +862,7 @@ async fn a_disk_queue_outlives_a_killed_broker() {
 
     let mut backend = connect_to(&cloud, "backend").await;
     backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
-    let _site = start();
-    listening().await;
+    let _site = external::run_broker(&config, port).await;
     uplink.restore();
     let received: Vec<String> = within("the backlog after the crash", async {
         let mut received = Vec::new();

@@ -101,26 +101,12 @@ async fn the_last_autosave_outlives_a_killed_broker() {
         ),
     )
     .unwrap();
-    let start = || {
-        let mut command = tokio::process::Command::new(external::tollgate_bin());
-        external::clean_env(&mut command).arg("run").arg("--config").arg(&config);
-        external::spawn(&mut command)
-    };
-    let listening = || async {
-        within("the broker to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-    };
     let client_options = |id: &str| {
         let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options
     };
-    let mut broker = start();
-    listening().await;
+    let mut broker = external::run_broker(&config, port).await;
     let mut car = client_options("car-1");
     car.set_clean_start(false);
     car.set_session_expiry_interval(Some(3600));
@@ -146,8 +132,7 @@ async fn the_last_autosave_outlives_a_killed_broker() {
     broker.wait(Duration::from_secs(10)).await;
     drop(sensor);
 
-    let _broker = start();
-    listening().await;
+    let _broker = external::run_broker(&config, port).await;
     let (mut client, connack) = v5::connect(car).await;
     assert!(connack.session_present);
     assert_eq!(topic(&client.next_publish().await), "cmd/unlock");
