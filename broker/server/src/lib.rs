@@ -79,7 +79,7 @@ pub struct Server {
     plugins: Arc<PluginHost>,
     /// Links to other brokers with the configuration each was started with: a reload restarts those whose
     /// configuration changed and leaves the others running.
-    bridges: std::sync::Mutex<Vec<(bridge_config::BridgeConfig, tollgate_bridge::BridgeHandle)>>,
+    bridges: Arc<std::sync::Mutex<Vec<(bridge_config::BridgeConfig, tollgate_bridge::BridgeHandle)>>>,
     /// `[persistence]` on: where the state is saved at shutdown.
     state_file: Option<std::path::PathBuf>,
 }
@@ -298,6 +298,8 @@ impl Server {
         for (entry, settings) in config.bridges.iter().zip(bridge_settings) {
             bridges.push((entry.clone(), start_bridge(&broker, settings)?));
         }
+        let bridges = Arc::new(std::sync::Mutex::new(bridges));
+        broker.spawn(publish_bridge_metrics(broker.clone(), bridges.clone()));
         if config.session.recheck_interval_ms > 0 {
             broker.spawn(recheck_periodically(
                 broker.clone(),
@@ -312,7 +314,7 @@ impl Server {
             stop_workers,
             tls: tls_listeners,
             plugins: plugin_host,
-            bridges: std::sync::Mutex::new(bridges),
+            bridges,
             state_file,
         })
     }
@@ -551,6 +553,30 @@ async fn publish_plugin_metrics(broker: Broker, plugins: Arc<PluginHost>) {
     .await;
 }
 
+/// Every bridge's counters as `$SYS/broker/bridges/<name>/<counter>` (retained), on the `$SYS` interval; its
+/// link state has its own topic, published as it changes.
+async fn publish_bridge_metrics(
+    broker: Broker,
+    bridges: Arc<std::sync::Mutex<Vec<(bridge_config::BridgeConfig, tollgate_bridge::BridgeHandle)>>>,
+) {
+    tollgate_core::sys::every_interval(&broker, |broker| {
+        let handles: Vec<tollgate_bridge::BridgeHandle> = bridges
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|(_, handle)| handle.clone())
+            .collect();
+        for bridge in &handles {
+            let serde_json::Value::Object(fields) = bridge_status(bridge) else { continue };
+            for (counter, value) in fields.iter().filter(|(key, _)| !matches!(key.as_str(), "name" | "connected")) {
+                let topic = format!("$SYS/broker/bridges/{}/{counter}", bridge.name);
+                broker.publish_local(&topic, value.to_string(), QoS::AtMostOnce, true);
+            }
+        }
+    })
+    .await;
+}
+
 /// Starts one current-thread runtime per worker thread, each accepting and serving its own connections.
 ///
 /// Why not one multi-threaded runtime: its scheduler runs the most recently woken task first (the LIFO slot), so
@@ -674,6 +700,7 @@ fn bridge_status(bridge: &tollgate_bridge::BridgeHandle) -> serde_json::Value {
         "queued": BridgeStats::get(&stats.queued),
         "inflight": BridgeStats::get(&stats.inflight),
         "dropped_overflow": BridgeStats::get(&stats.dropped_overflow),
+        "expired": BridgeStats::get(&stats.expired),
         "journal_failures": BridgeStats::get(&stats.journal_failures),
     })
 }

@@ -218,6 +218,8 @@ pub struct BridgeStats {
     /// Messages waiting in the bridge's queue, and sent but not yet acknowledged by the remote, as last seen.
     pub queued: AtomicU64,
     pub inflight: AtomicU64,
+    /// Messages whose Message Expiry passed while they waited in the disk queue: not sent.
+    pub expired: AtomicU64,
     /// Messages the disk queue dropped, oldest first, to stay within its size.
     pub dropped_overflow: AtomicU64,
     /// Messages the disk queue could not store (a disk error): lost.

@@ -417,6 +417,7 @@ async fn spool(
         receipts.clear();
         let counts = journal.counts();
         stats.dropped_overflow.store(counts.dropped_overflow, std::sync::atomic::Ordering::Relaxed);
+        stats.expired.store(counts.expired, std::sync::atomic::Ordering::Relaxed);
         let inflight = stats.inflight.load(std::sync::atomic::Ordering::Relaxed);
         stats.queued.store(counts.messages.saturating_sub(inflight), std::sync::atomic::Ordering::Relaxed);
         drop(journal);

@@ -607,6 +607,46 @@ async fn a_paced_bridge_sends_no_faster_than_its_rate() {
     cloud.stop().await;
 }
 
+/// The bridge's counters reach `$SYS/broker/bridges/<name>/…` (retained, on the `$SYS` interval), so a site can
+/// be watched over MQTT: what was sent, what waits, what was refused.
+#[tokio::test]
+async fn bridge_counters_are_published_under_sys() {
+    let remote = TestBroker::builder().acl("topic readwrite allowed/#\n").start().await;
+    let bridge = bridge_to(remote.port(), vec![mapping("#", "out", 1, "", "")]);
+    let site = TestBroker::builder()
+        .configure(|config| {
+            config.bridges = vec![bridge];
+            config.sys.interval = 1;
+        })
+        .start()
+        .await;
+    wait_connected(&site).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    for index in 0..3 {
+        sensor.publish(&format!("allowed/{index}"), QoS::AtLeastOnce, false, b"x").await;
+    }
+    sensor.publish("forbidden/x", QoS::AtLeastOnce, false, b"x").await;
+    wait_until("the refusal to be counted", || count(&stats(&site).refused_by_remote) == 1).await;
+    let mut watcher = connect_to(&site, "watcher").await;
+    watcher.subscribe_ok("$SYS/broker/bridges/cloud/#", QoS::AtMostOnce).await;
+    let mut seen = std::collections::HashMap::new();
+    within("the counters as the bridge counted them", async {
+        while seen.get("sent").map(String::as_str) != Some("4")
+            || seen.get("refused_by_remote").map(String::as_str) != Some("1")
+            || !seen.contains_key("queued")
+            || !seen.contains_key("state")
+        {
+            let publish = watcher.next_publish().await;
+            let name = topic(&publish).rsplit('/').next().unwrap().to_owned();
+            seen.insert(name, String::from_utf8_lossy(&publish.payload).into_owned());
+        }
+    })
+    .await;
+    assert_eq!(seen["state"], "connected");
+    site.stop().await;
+    remote.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
