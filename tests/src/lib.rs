@@ -214,6 +214,7 @@ pub fn bridge_config(
         queue: None,
         remote_status_topic: None,
         message_id_property: None,
+        proxy: None,
     }
 }
 

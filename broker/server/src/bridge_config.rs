@@ -30,10 +30,11 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "topics",
     "queue",
     "remote_status_topic",
+    "proxy",
     "message_id_property",
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
-pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name"];
+pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name", "alpn"];
 pub(crate) const BRIDGE_QUEUE_KEYS: &[&str] = &["dir", "max_mb", "segment_mb", "fsync", "fsync_interval_ms", "ack"];
 
 /// One `[[bridges]]` entry.
@@ -87,6 +88,9 @@ pub struct BridgeConfig {
     /// A topic on the remote for the bridge's retained `online`/`offline` (its will); unset: none.
     #[serde(default)]
     pub remote_status_topic: Option<String>,
+    /// An HTTP proxy for the link: `host:port` or `http://[user:password@]host:port`.
+    #[serde(default)]
+    pub proxy: Option<String>,
     /// A user property naming each forwarded message uniquely (MQTT 5 remotes), the same on every resend, so the
     /// cloud can drop duplicates; unset: none.
     #[serde(default)]
@@ -138,6 +142,9 @@ pub struct BridgeTlsConfig {
     pub key: Option<PathBuf>,
     #[serde(default)]
     pub server_name: Option<String>,
+    /// Protocols offered by ALPN (`["x-amzn-mqtt-ca"]` for AWS IoT Core on port 443).
+    #[serde(default)]
+    pub alpn: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -247,8 +254,13 @@ impl BridgeConfig {
                 cert: tls.cert.clone(),
                 key: tls.key.clone(),
                 server_name: tls.server_name.clone(),
+                alpn: tls.alpn.clone(),
             }
         });
+        let proxy = self
+            .proxy
+            .as_deref()
+            .and_then(|text| tollgate_bridge::Proxy::parse(text).map_err(|message| report(key("proxy"), message)).ok());
         let queue = self.queue.as_ref().map(|queue| {
             let fsync = match queue.fsync.as_str() {
                 "always" => FsyncPolicy::Always,
@@ -363,6 +375,7 @@ impl BridgeConfig {
             queue,
             remote_status_topic: self.remote_status_topic.clone(),
             message_id_property: self.message_id_property.clone(),
+            proxy,
         })
     }
 }
@@ -480,6 +493,31 @@ mod tests {
         .expect_err("a loop");
         assert_eq!(problems[0].key, "bridges[0].topics[0].direction");
         assert!(problems[0].message.contains("loop"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn a_proxy_is_checked_and_alpn_passed_on() {
+        let settings = bridge(
+            r#"
+            name = "cloud"
+            address = "abc-ats.iot.eu-central-1.amazonaws.com:443"
+            proxy = "http://proxy.plant.local:3128"
+            tls = { ca_file = "Cargo.toml", alpn = ["x-amzn-mqtt-ca"] }
+            topics = [{ pattern = "a/#" }]
+            "#,
+        )
+        .settings(0)
+        .expect("valid");
+        assert_eq!(settings.proxy.map(|proxy| proxy.address), Some("proxy.plant.local:3128".into()));
+        assert_eq!(settings.tls.map(|tls| tls.alpn), Some(vec!["x-amzn-mqtt-ca".to_owned()]));
+        let problems = bridge(
+            "name = \"cloud\"\naddress = \"127.0.0.1:1883\"\nproxy = \"socks5://10.0.0.1:1080\"\n\
+             topics = [{ pattern = \"a/#\" }]\n",
+        )
+        .settings(0)
+        .expect_err("refused");
+        assert_eq!(problems[0].key, "bridges[0].proxy");
+        assert!(problems[0].message.contains("HTTP proxy"), "{}", problems[0].message);
     }
 
     #[test]

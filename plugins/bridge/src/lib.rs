@@ -122,6 +122,9 @@ pub struct TlsSettings {
     pub key: Option<PathBuf>,
     /// The name the remote's certificate must carry; the address's host when unset.
     pub server_name: Option<String>,
+    /// Protocols offered in the TLS handshake (ALPN), for remotes that want one: AWS IoT Core takes MQTT with a
+    /// client certificate on port 443 when offered `x-amzn-mqtt-ca`.
+    pub alpn: Vec<String>,
 }
 
 /// One bridge.
@@ -161,6 +164,9 @@ pub struct BridgeSettings {
     /// its will, which the remote publishes when the link dies (Mosquitto's bridge notifications). The cloud sees
     /// which sites are cut off.
     pub remote_status_topic: Option<String>,
+    /// An HTTP proxy (`host:port`, or `http://[user:password@]host:port`) the link goes through with `CONNECT`,
+    /// for sites whose only way out is a proxy. TLS to the remote runs inside the tunnel, end to end.
+    pub proxy: Option<Proxy>,
     /// MQTT 5: a user property carrying each forwarded message's id (`<instance>-<n>`), the same on every resend
     /// of that message, so the remote's consumers can drop duplicates. With a disk queue the instance is the
     /// journal's (kept in its directory) and `n` the record's offset, so ids hold across restarts too.
@@ -176,6 +182,47 @@ pub(crate) fn instance_id() -> String {
     hasher.write_u128(now.as_nanos());
     hasher.write_u32(std::process::id());
     format!("{:016x}", hasher.finish())
+}
+
+/// An HTTP proxy for the link (see [`BridgeSettings::proxy`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Proxy {
+    /// `host:port`.
+    pub address: String,
+    /// `user:password`, sent as Basic `Proxy-Authorization`.
+    pub credentials: Option<String>,
+}
+
+impl std::fmt::Debug for Proxy {
+    // Never print the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("address", &self.address)
+            .field("credentials", &self.credentials.is_some())
+            .finish()
+    }
+}
+
+impl Proxy {
+    /// `host:port` or `http://[user:password@]host:port[/]`.
+    pub fn parse(text: &str) -> Result<Proxy, String> {
+        let rest = match text.split_once("://") {
+            Some(("http", rest)) => rest,
+            Some((scheme, _)) => return Err(format!("{scheme}:// proxies are not supported; use an HTTP proxy")),
+            None => text,
+        };
+        let rest = rest.trim_end_matches('/');
+        let (credentials, address) = match rest.rsplit_once('@') {
+            Some((credentials, address)) => (Some(credentials.to_owned()), address),
+            None => (None, rest),
+        };
+        match address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Proxy { address: address.to_owned(), credentials })
+            }
+            _ => Err(format!("{text:?} is not host:port or http://[user:password@]host:port")),
+        }
+    }
 }
 
 impl BridgeSettings {
@@ -304,6 +351,18 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_proxy_is_host_port_or_an_http_url_with_credentials() {
+        let plain = Proxy::parse("proxy.plant.local:3128").expect("host:port");
+        assert_eq!((plain.address.as_str(), plain.credentials), ("proxy.plant.local:3128", None));
+        let url = Proxy::parse("http://site:p@ss@10.0.0.1:8080/").expect("a URL");
+        assert_eq!((url.address.as_str(), url.credentials.as_deref()), ("10.0.0.1:8080", Some("site:p@ss")));
+        assert!(!format!("{url:?}").contains("p@ss"), "the password stays out of logs");
+        for bad in ["socks5://10.0.0.1:1080", "http://10.0.0.1", "nohost:", ":3128", "proxy:99999"] {
+            assert!(Proxy::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     fn mapping(pattern: &str, direction: Direction, local: &str, remote: &str) -> TopicMapping {
         TopicMapping {

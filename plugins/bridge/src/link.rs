@@ -53,6 +53,36 @@ impl Tls {
 trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
+/// A TCP stream to `address` through an HTTP proxy's `CONNECT` tunnel. The proxy's answer is read a byte at a
+/// time up to its blank line, so nothing the remote sends after it is taken from the stream.
+async fn through_proxy(proxy: &crate::Proxy, address: &str) -> Result<TcpStream, String> {
+    use base64::Engine;
+    let mut tcp = TcpStream::connect(&proxy.address)
+        .await
+        .map_err(|error| format!("proxy {}: connect: {error}", proxy.address))?;
+    let mut request = format!("CONNECT {address} HTTP/1.1\r\nHost: {address}\r\n");
+    if let Some(credentials) = &proxy.credentials {
+        let token = base64::engine::general_purpose::STANDARD.encode(credentials);
+        request.push_str(&format!("Proxy-Authorization: Basic {token}\r\n"));
+    }
+    request.push_str("\r\n");
+    tcp.write_all(request.as_bytes()).await.map_err(|error| format!("proxy {}: {error}", proxy.address))?;
+    let mut answer = Vec::new();
+    while !answer.ends_with(b"\r\n\r\n") {
+        if answer.len() >= 8 * 1024 {
+            return Err(format!("proxy {}: an answer of more than 8 KiB", proxy.address));
+        }
+        let byte = tcp.read_u8().await.map_err(|error| format!("proxy {}: {error}", proxy.address))?;
+        answer.push(byte);
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.lines().next().unwrap_or_default();
+    match status.split_whitespace().nth(1) {
+        Some(code) if code.starts_with('2') => Ok(tcp),
+        _ => Err(format!("proxy {} refused the tunnel to {address}: {status}", proxy.address)),
+    }
+}
+
 /// The host part of `host:port` (`[v6]:port` too).
 fn host_of(address: &str) -> &str {
     let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
@@ -99,6 +129,8 @@ pub(crate) fn client_config(bridge: &str, addresses: &[&str], settings: &TlsSett
         ),
         None => None,
     };
+    let mut config = config;
+    config.alpn_protocols = settings.alpn.iter().map(|protocol| protocol.as_bytes().to_vec()).collect();
     let tls = Tls { config: Arc::new(config), server_name };
     for address in addresses {
         tls.server_name(address).map_err(tls_error)?;
@@ -467,7 +499,10 @@ struct Link {
 
 async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls: Option<&Tls>) -> Result<Link, String> {
     let attempt = async {
-        let tcp = TcpStream::connect(address).await.map_err(|error| format!("connect: {error}"))?;
+        let tcp = match &settings.proxy {
+            None => TcpStream::connect(address).await.map_err(|error| format!("connect: {error}"))?,
+            Some(proxy) => through_proxy(proxy, address).await?,
+        };
         // Small acknowledgements must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
         let stream: Box<dyn Io> = match tls {

@@ -399,6 +399,7 @@ async fn a_bridge_over_mutual_tls_reaches_a_remote_that_requires_client_certific
         cert: client_certificate.then(|| certs.join("site-gw-1.pem")),
         key: client_certificate.then(|| certs.join("site-gw-1.key")),
         server_name: Some("localhost".into()),
+        alpn: Vec::new(),
     };
 
     // Without a client certificate the remote refuses the handshake: the bridge keeps trying, never connected.
@@ -644,6 +645,139 @@ async fn bridge_counters_are_published_under_sys() {
     .await;
     assert_eq!(seen["state"], "connected");
     site.stop().await;
+    remote.stop().await;
+}
+
+/// `proxy`: the link goes through an HTTP proxy's CONNECT tunnel, with Basic credentials; a proxy that refuses
+/// (407 here) leaves the bridge unconnected, retrying. The proxy is a small one in the test.
+#[tokio::test]
+async fn a_bridge_reaches_its_remote_through_an_http_proxy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let remote = TestBroker::start().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let proxy_port = listener.local_addr().unwrap().port();
+    let requests = Arc::new(Mutex::new(Vec::<String>::new()));
+    let proxy = tokio::spawn({
+        let requests = requests.clone();
+        async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let requests = requests.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read_u8().await {
+                            Ok(byte) => head.push(byte),
+                            Err(_) => return,
+                        }
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    requests.lock().unwrap().push(head.clone());
+                    // "site:secret"
+                    if !head.contains("Proxy-Authorization: Basic c2l0ZTpzZWNyZXQ=\r\n") {
+                        let _ = client.write_all(b"HTTP/1.1 407 Proxy Authentication Required\r\n\r\n").await;
+                        return;
+                    }
+                    let target = head.split_whitespace().nth(1).unwrap_or_default().to_owned();
+                    let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else { return };
+                    let _ = client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+            }
+        }
+    });
+    let mut refused = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
+    refused.proxy = Some(format!("http://site:wrong@127.0.0.1:{proxy_port}"));
+    let refused_site = site_with(refused, Vec::new()).await;
+
+    let mut bridge = bridge_to(remote.port(), vec![mapping("up/#", "out", 1, "", "")]);
+    bridge.proxy = Some(format!("http://site:secret@127.0.0.1:{proxy_port}/"));
+    let site = site_with(bridge, Vec::new()).await;
+    wait_connected(&site).await;
+    let mut backend = connect_to(&remote, "backend").await;
+    backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    sensor.publish("up/through-the-proxy", QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(topic(&backend.next_publish().await), "up/through-the-proxy");
+    let expected = format!("CONNECT 127.0.0.1:{} HTTP/1.1\r\n", remote.port());
+    assert!(requests.lock().unwrap().iter().all(|head| head.starts_with(&expected)), "{:?}", requests.lock().unwrap());
+    wait_until("the refused bridge to try twice", || requests.lock().unwrap().len() >= 3).await;
+    assert_eq!(count(&stats(&refused_site).connects), 0, "no link through a proxy that refuses");
+    refused_site.stop().await;
+    site.stop().await;
+    proxy.abort();
+    remote.stop().await;
+}
+
+/// `tls.alpn`: the bridge offers the configured protocols in its TLS handshake. The remote here is a TLS front in
+/// the test that, like AWS IoT Core on port 443, serves MQTT only to a client that negotiated `x-amzn-mqtt-ca`,
+/// and relays it to a plain broker.
+#[tokio::test]
+async fn a_bridge_offers_its_alpn_protocol_to_a_remote_that_requires_it() {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    tollgate::certs::init(&certs, &["localhost".into()], 30, false).expect("certs init");
+    let remote = TestBroker::start().await;
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(certs.join("server.pem")).unwrap().collect::<Result<_, _>>().unwrap();
+    let key = PrivateKeyDer::from_pem_file(certs.join("server.key")).unwrap();
+    let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    server.alpn_protocols = vec![b"x-amzn-mqtt-ca".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_port = listener.local_addr().unwrap().port();
+    let negotiated = Arc::new(Mutex::new(Vec::<Option<Vec<u8>>>::new()));
+    let front = tokio::spawn({
+        let (negotiated, remote_port) = (negotiated.clone(), remote.port());
+        async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let (acceptor, negotiated) = (acceptor.clone(), negotiated.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else { return };
+                    let protocol = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                    let served = protocol.as_deref() == Some(&b"x-amzn-mqtt-ca"[..]);
+                    negotiated.lock().unwrap().push(protocol);
+                    if served && let Ok(mut upstream) = tokio::net::TcpStream::connect(("127.0.0.1", remote_port)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut upstream).await;
+                    }
+                });
+            }
+        }
+    });
+    let tls = |alpn: Vec<String>| tollgate::bridge_config::BridgeTlsConfig {
+        ca_file: certs.join("ca.pem"),
+        cert: None,
+        key: None,
+        server_name: Some("localhost".into()),
+        alpn,
+    };
+    let mut without = bridge_to(front_port, vec![mapping("up/#", "out", 1, "", "")]);
+    without.tls = Some(tls(Vec::new()));
+    let without_site = site_with(without, Vec::new()).await;
+    let mut bridge = bridge_to(front_port, vec![mapping("up/#", "out", 1, "", "")]);
+    bridge.tls = Some(tls(vec!["x-amzn-mqtt-ca".into()]));
+    let site = site_with(bridge, Vec::new()).await;
+    wait_connected(&site).await;
+    let mut backend = connect_to(&remote, "backend").await;
+    backend.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    sensor.publish("up/alpn", QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(topic(&backend.next_publish().await), "up/alpn");
+    wait_until("the bridge without ALPN to be turned away twice", || {
+        negotiated.lock().unwrap().iter().filter(|protocol| protocol.is_none()).count() >= 2
+    })
+    .await;
+    assert_eq!(count(&stats(&without_site).connects), 0);
+    without_site.stop().await;
+    site.stop().await;
+    front.abort();
     remote.stop().await;
 }
 
