@@ -452,7 +452,31 @@ impl Server {
             "policy_generation": self.generation.load(Ordering::Relaxed),
             "plugins": plugins,
             "bridges": self.bridges().iter().map(bridge_status).collect::<Vec<_>>(),
+            "persistence": self.state_file.as_ref().map(|file| serde_json::json!({
+                "file": file.display().to_string(),
+                "saved_unix_s": std::fs::metadata(file)
+                    .and_then(|meta| meta.modified())
+                    .ok()
+                    .and_then(|modified| modified.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|since| since.as_secs()),
+            })),
         })
+    }
+
+    /// With `[persistence]` on, writes the state file now (`why` goes in the log line: shutdown, SIGUSR1).
+    pub async fn save_state(&self, why: &str) {
+        let Some(file) = &self.state_file else {
+            info!(why, "no state saved: [persistence] is off");
+            return;
+        };
+        let started = std::time::Instant::now();
+        match persistence::save(&self.broker, file).await {
+            Ok(SnapshotCounts { retained, sessions, messages }) => {
+                let elapsed_ms = started.elapsed().as_millis() as u64;
+                info!(file = %file.display(), why, retained, sessions, messages, elapsed_ms, "state saved")
+            }
+            Err(error) => error!(why, error = format!("{error:#}"), "state not saved"),
+        }
     }
 
     /// Stops accepting, says goodbye to every client and waits for them up to the grace period, then stops the
@@ -461,16 +485,7 @@ impl Server {
         self.broker.shutdown();
         let drained = self.broker.drained().await;
         // Every connection has left its session by now: what is saved is what a client resumes.
-        if let Some(file) = &self.state_file {
-            let started = std::time::Instant::now();
-            match persistence::save(&self.broker, file).await {
-                Ok(SnapshotCounts { retained, sessions, messages }) => {
-                    let elapsed_ms = started.elapsed().as_millis() as u64;
-                    info!(file = %file.display(), retained, sessions, messages, elapsed_ms, "state saved")
-                }
-                Err(error) => error!(error = format!("{error:#}"), "state not saved at shutdown"),
-            }
-        }
+        self.save_state("shutdown").await;
         self.stop_workers.cancel();
         let threads = std::mem::take(&mut *self.worker_threads.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         // Joining is blocking; the threads exit promptly once told to stop.

@@ -857,13 +857,23 @@ fn run(config_path: Option<&Path>, listen: Vec<String>, log_format: Option<LogFo
 }
 
 #[cfg(unix)]
-type Signals = Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal, tokio::signal::unix::Signal)>;
+type Signals = Option<(
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+    tokio::signal::unix::Signal,
+)>;
 
 #[cfg(unix)]
 fn install_signals() -> Signals {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-        (Ok(terminate), Ok(interrupt), Ok(hangup)) => Some((terminate, interrupt, hangup)),
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined1()),
+    ) {
+        (Ok(terminate), Ok(interrupt), Ok(hangup), Ok(save)) => Some((terminate, interrupt, hangup, save)),
         _ => None,
     }
 }
@@ -876,7 +886,7 @@ async fn wait_for_signals(
     config_path: Option<&Path>,
     running: &Config,
 ) {
-    let Some((mut terminate, mut interrupt, mut hangup)) = signals else {
+    let Some((mut terminate, mut interrupt, mut hangup, mut save)) = signals else {
         warn!("cannot install signal handlers; stop with SIGKILL");
         std::future::pending::<()>().await;
         return;
@@ -893,6 +903,8 @@ async fn wait_for_signals(
             _ = hangup.recv() => {
                 let _ = reload_from_file(server, config_path, running).await;
             }
+            // Mosquitto's SIGUSR1: write the state file now (before a planned power-off, a backup, an upgrade).
+            _ = save.recv() => server.save_state("SIGUSR1").await,
             accepted = next_admin_request(&admin) => {
                 let mut stream = match accepted {
                     Ok(stream) => stream,

@@ -141,6 +141,55 @@ async fn the_last_autosave_outlives_a_killed_broker() {
     assert_eq!(&watcher.next_publish().await.payload[..], b"open");
 }
 
+/// SIGUSR1 writes the state file at once (Mosquitto's signal for it), here with autosave off; `tollgate status`
+/// says when it was saved; a SIGKILL after it loses nothing that was in it.
+#[tokio::test]
+async fn sigusr1_saves_the_state_now() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let file = dir.path().join("broker.state");
+    let config = dir.path().join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[runtime]\nadmin_socket = \"{}\"\n\n\
+             [persistence]\nenabled = true\nfile = \"{}\"\nautosave_interval = 0\n",
+            dir.path().join("admin.sock").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    let mut broker = external::run_broker(&config, port).await;
+    let options = rumqttc::v5::MqttOptions::new("sensor", "127.0.0.1", port);
+    let (mut sensor, _) = v5::connect(options).await;
+    sensor.publish("site/gate", QoS::AtLeastOnce, true, b"shut").await;
+    assert!(!file.exists(), "autosave is off");
+    broker.signal("USR1");
+    within("the state file", async {
+        while !file.is_file() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut status = tokio::process::Command::new(external::tollgate_bin());
+    external::clean_env(&mut status).arg("status").arg("--config").arg(&config);
+    let output = external::run(&mut status, Duration::from_secs(10)).await;
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["persistence"]["file"], file.display().to_string());
+    assert!(status["persistence"]["saved_unix_s"].as_u64().is_some(), "{status}");
+    broker.signal("KILL");
+    broker.wait(Duration::from_secs(10)).await;
+    drop(sensor);
+
+    let _broker = external::run_broker(&config, port).await;
+    let (mut watcher, _) = v5::connect(rumqttc::v5::MqttOptions::new("watcher", "127.0.0.1", port)).await;
+    watcher.subscribe_ok("site/#", QoS::AtLeastOnce).await;
+    assert_eq!(&watcher.next_publish().await.payload[..], b"shut");
+}
+
 #[tokio::test]
 async fn a_damaged_state_file_is_kept_aside_and_the_broker_starts_empty() {
     let state = tempfile::tempdir().unwrap();
