@@ -232,5 +232,6 @@ pub fn bridge_topic(
         qos,
         local_prefix: local_prefix.into(),
         remote_prefix: remote_prefix.into(),
+        priority: None,
     }
 }

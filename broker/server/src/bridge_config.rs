@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tollgate_bridge::journal::{AckPolicy, FsyncPolicy, JournalSettings};
-use tollgate_bridge::{BridgeSettings, Direction, TlsSettings, TopicMapping};
+use tollgate_bridge::{BridgeSettings, Direction, Priority, TlsSettings, TopicMapping};
 use tollgate_protocol::{ProtocolVersion, QoS};
 
 use crate::config::ConfigProblem;
@@ -33,7 +33,8 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "proxy",
     "message_id_property",
 ];
-pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] = &["pattern", "direction", "qos", "local_prefix", "remote_prefix"];
+pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] =
+    &["pattern", "direction", "qos", "local_prefix", "remote_prefix", "priority"];
 pub(crate) const BRIDGE_TLS_KEYS: &[&str] = &["ca_file", "cert", "key", "server_name", "alpn"];
 pub(crate) const BRIDGE_QUEUE_KEYS: &[&str] = &["dir", "max_mb", "segment_mb", "fsync", "fsync_interval_ms", "ack"];
 
@@ -159,6 +160,9 @@ pub struct BridgeTopicConfig {
     pub local_prefix: String,
     #[serde(default)]
     pub remote_prefix: String,
+    /// `high` or `normal`: the disk queue's lane for what this mapping sends out.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 fn default_protocol() -> String {
@@ -332,12 +336,27 @@ impl BridgeConfig {
                 report(key("qos"), format!("{} is not a QoS (0, 1 or 2)", topic.qos));
                 QoS::AtMostOnce
             });
+            let priority = match topic.priority.as_deref().map(str::parse::<Priority>) {
+                None => Priority::Normal,
+                Some(Ok(priority)) => priority,
+                Some(Err(message)) => {
+                    report(key("priority"), message);
+                    Priority::Normal
+                }
+            };
+            if priority == Priority::High && self.queue.is_none() {
+                report(key("priority"), "lanes are the disk queue's: add a [bridges.queue]".into());
+            }
+            if priority == Priority::High && direction == Direction::In {
+                report(key("priority"), "orders what is sent out; this mapping only takes in".into());
+            }
             let mapping = TopicMapping {
                 pattern: topic.pattern.clone(),
                 direction,
                 qos,
                 local_prefix: topic.local_prefix.clone(),
                 remote_prefix: topic.remote_prefix.clone(),
+                priority,
             };
             if let Err(message) = mapping.check() {
                 report(key("pattern"), message);
@@ -493,6 +512,38 @@ mod tests {
         .expect_err("a loop");
         assert_eq!(problems[0].key, "bridges[0].topics[0].direction");
         assert!(problems[0].message.contains("loop"), "{}", problems[0].message);
+    }
+
+    #[test]
+    fn a_high_priority_lane_needs_a_disk_queue_and_an_outgoing_mapping() {
+        let settings = bridge(
+            r#"
+            name = "cloud"
+            address = "127.0.0.1:1883"
+            queue = { dir = "/var/lib/tollgate/bridge-cloud" }
+            topics = [{ pattern = "events/#", priority = "high" }, { pattern = "telemetry/#" }]
+            "#,
+        )
+        .settings(0)
+        .expect("valid");
+        let priorities: Vec<Priority> = settings.topics.iter().map(|mapping| mapping.priority).collect();
+        assert_eq!(priorities, [Priority::High, Priority::Normal]);
+        let problems = bridge(
+            r#"
+            name = "cloud"
+            address = "127.0.0.1:1883"
+            topics = [
+              { pattern = "events/#", priority = "high" },
+              { pattern = "cmd/#", direction = "in", priority = "urgent" },
+            ]
+            "#,
+        )
+        .settings(0)
+        .expect_err("refused");
+        let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(messages.len(), 2, "{messages:?}");
+        assert!(messages[0].starts_with("bridges[0].topics[0].priority: lanes are the disk queue's"), "{messages:?}");
+        assert!(messages[1].starts_with("bridges[0].topics[1].priority: \"urgent\""), "{messages:?}");
     }
 
     #[test]

@@ -33,6 +33,27 @@ pub enum Direction {
     Both,
 }
 
+/// Which lane of the disk queue a mapping's messages wait in. After an outage the high lane drains first, and
+/// each lane has its own size budget, so bulk telemetry filling the queue never evicts a crash event.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            other => Err(format!("{other:?} is not \"high\" or \"normal\"")),
+        }
+    }
+}
+
 impl std::str::FromStr for Direction {
     type Err = String;
 
@@ -57,6 +78,8 @@ pub struct TopicMapping {
     pub qos: QoS,
     pub local_prefix: String,
     pub remote_prefix: String,
+    /// The disk queue's lane for what this mapping sends out.
+    pub priority: Priority,
 }
 
 impl TopicMapping {
@@ -322,29 +345,37 @@ pub fn start(broker: &Broker, settings: BridgeSettings) -> Result<BridgeHandle, 
         Some(tls) => Some(link::client_config(&settings.name, &settings.addresses(), tls)?),
         None => None,
     };
-    let journal = match &settings.queue {
-        None => None,
-        Some(queue) => {
+    // The disk queue's lanes, drained in this order: `<dir>/high` when a mapping asks for it, then `<dir>`.
+    let mut journals = Vec::new();
+    if let Some(queue) = &settings.queue {
+        let high = settings.topics.iter().any(|mapping| mapping.sends_out() && mapping.priority == Priority::High);
+        let mut lanes = Vec::new();
+        if high {
+            lanes.push(journal::JournalSettings { dir: queue.dir.join("high"), ..queue.clone() });
+        }
+        lanes.push(queue.clone());
+        for lane in lanes {
+            let dir = lane.dir.clone();
             let queue_error = |error: std::io::Error| BridgeError::Queue {
                 bridge: settings.name.clone(),
-                dir: queue.dir.clone(),
+                dir: dir.clone(),
                 reason: error.to_string(),
             };
-            let (journal, recovery) = journal::Journal::open(queue.clone()).map_err(queue_error)?;
+            let (journal, recovery) = journal::Journal::open(lane).map_err(queue_error)?;
             tracing::info!(
                 bridge = %settings.name,
-                dir = %queue.dir.display(),
+                dir = %dir.display(),
                 messages = recovery.messages,
                 bytes = recovery.bytes,
                 "bridge queue opened"
             );
-            Some(journal)
+            journals.push(journal);
         }
-    };
+    }
     let stats = Arc::new(BridgeStats::default());
     let stop = broker.shutdown_token().child_token();
     let name = settings.name.clone();
-    let task = broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats.clone(), journal, stop.clone()));
+    let task = broker.spawn(link::run(broker.clone(), Arc::new(settings), tls, stats.clone(), journals, stop.clone()));
     Ok(BridgeHandle { name, stats, stop, task: Arc::new(std::sync::Mutex::new(Some(task))) })
 }
 
@@ -371,6 +402,7 @@ mod tests {
             qos: QoS::AtLeastOnce,
             local_prefix: local.into(),
             remote_prefix: remote.into(),
+            priority: Priority::Normal,
         }
     }
 

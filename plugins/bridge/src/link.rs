@@ -24,7 +24,7 @@ use tollgate_protocol::{
 use tracing::{debug, info, warn};
 
 use crate::journal::{AckPolicy, FsyncPolicy, Journal, SharedJournal};
-use crate::{BridgeError, BridgeSettings, BridgeStats, TlsSettings, state_topic};
+use crate::{BridgeError, BridgeSettings, BridgeStats, Priority, TlsSettings, TopicMapping, state_topic};
 
 /// A link up this long is healthy: the next reconnect starts again from the shortest wait.
 const STABLE: Duration = Duration::from_secs(60);
@@ -225,27 +225,28 @@ enum Egress {
         next_id: u64,
         instance: String,
     },
-    /// In the journal on disk, which the spooler fills from the local client; link packet ids map to offsets.
-    Disk {
-        journal: SharedJournal,
-        ready: Arc<Notify>,
-        inflight: HashMap<PacketId, u64>,
-        next_packet_id: PacketId,
-        /// Records below this offset were sent on an earlier link: they go again marked DUP (and are not counted
-        /// as sent twice).
-        resend_below: u64,
-        /// The journal's, for message ids (`<instance>-<offset>`).
-        instance: String,
-    },
+    /// In journals on disk (one per lane, drained in order: high priority first), which the spooler fills from
+    /// the local client; link packet ids map to a lane and an offset.
+    Disk { lanes: Vec<Lane>, ready: Arc<Notify>, inflight: HashMap<PacketId, (usize, u64)>, next_packet_id: PacketId },
+}
+
+/// One journal of the disk queue, as the link reads it.
+struct Lane {
+    journal: SharedJournal,
+    /// Records below this offset were sent on an earlier link: they go again marked DUP (and are not counted as
+    /// sent twice).
+    resend_below: u64,
+    /// The journal's, for message ids (`<instance>-<offset>`).
+    instance: String,
 }
 
 impl Egress {
     fn backlog(&self, local: &LocalClient) -> (usize, usize) {
         match self {
             Egress::Memory { .. } => local.backlog(),
-            Egress::Disk { journal, inflight, .. } => {
-                let waiting = lock(journal).counts().messages as usize;
-                (waiting.saturating_sub(inflight.len()), inflight.len())
+            Egress::Disk { lanes, inflight, .. } => {
+                let waiting: u64 = lanes.iter().map(|lane| lock(&lane.journal).counts().messages).sum();
+                ((waiting as usize).saturating_sub(inflight.len()), inflight.len())
             }
         }
     }
@@ -275,9 +276,10 @@ impl Egress {
                 ids.remove(&packet_id);
                 local.complete(packet_id);
             }
-            Egress::Disk { journal, inflight, .. } => {
-                if let Some(offset) = inflight.remove(&packet_id)
-                    && let Err(error) = lock(journal).settle(offset)
+            Egress::Disk { lanes, inflight, .. } => {
+                if let Some((lane, offset)) = inflight.remove(&packet_id)
+                    && let Some(lane) = lanes.get(lane)
+                    && let Err(error) = lock(&lane.journal).settle(offset)
                 {
                     warn!(%error, "bridge journal: cannot record an acknowledgement");
                 }
@@ -304,13 +306,14 @@ pub(crate) async fn run(
     settings: Arc<BridgeSettings>,
     tls: Option<Tls>,
     stats: Arc<BridgeStats>,
-    journal: Option<Journal>,
+    journals: Vec<Journal>,
     shutdown: CancellationToken,
 ) {
     let name = settings.name.as_str();
     let client_id = format!("$bridge/{name}");
-    let local = Arc::new(match (&journal, settings.queue.as_ref().map(|queue| queue.ack)) {
-        (Some(_), Some(AckPolicy::AfterDurable)) => broker.durable_local_client(&client_id),
+    let durable = !journals.is_empty();
+    let local = Arc::new(match settings.queue.as_ref().map(|queue| queue.ack) {
+        Some(AckPolicy::AfterDurable) if durable => broker.durable_local_client(&client_id),
         _ => broker.local_client(&client_id),
     });
     for mapping in settings.topics.iter().filter(|mapping| mapping.sends_out()) {
@@ -322,24 +325,38 @@ pub(crate) async fn run(
     }
     publish_state(&broker, name, false);
     let mut spooler = None;
-    let mut egress = match journal {
-        None => Egress::Memory { ids: HashMap::new(), next_id: 1, instance: crate::instance_id() },
-        Some(journal) => {
-            let journal: SharedJournal = Arc::new(std::sync::Mutex::new(journal));
-            let ready = Arc::new(Notify::new());
-            let fsync = settings.queue.as_ref().map_or(FsyncPolicy::Never, |queue| queue.fsync);
-            spooler = Some(broker.spawn(spool(
-                local.clone(),
-                journal.clone(),
-                ready.clone(),
-                stats.clone(),
-                settings.name.clone(),
-                fsync,
-                shutdown.clone(),
-            )));
-            let instance = lock(&journal).instance().to_owned();
-            Egress::Disk { journal, ready, inflight: HashMap::new(), next_packet_id: 1, resend_below: 0, instance }
-        }
+    let mut egress = if journals.is_empty() {
+        Egress::Memory { ids: HashMap::new(), next_id: 1, instance: crate::instance_id() }
+    } else {
+        let journals: Vec<SharedJournal> =
+            journals.into_iter().map(|journal| Arc::new(std::sync::Mutex::new(journal))).collect();
+        let ready = Arc::new(Notify::new());
+        let fsync = settings.queue.as_ref().map_or(FsyncPolicy::Never, |queue| queue.fsync);
+        // With two lanes the first is the high one: what a high-priority mapping takes goes there.
+        let high_filters: Vec<String> = settings
+            .topics
+            .iter()
+            .filter(|mapping| journals.len() > 1 && mapping.sends_out() && mapping.priority == Priority::High)
+            .map(TopicMapping::local_filter)
+            .collect();
+        spooler = Some(broker.spawn(spool(
+            local.clone(),
+            journals.clone(),
+            high_filters,
+            ready.clone(),
+            stats.clone(),
+            settings.name.clone(),
+            fsync,
+            shutdown.clone(),
+        )));
+        let lanes = journals
+            .into_iter()
+            .map(|journal| {
+                let instance = lock(&journal).instance().to_owned();
+                Lane { journal, resend_below: 0, instance }
+            })
+            .collect();
+        Egress::Disk { lanes, ready, inflight: HashMap::new(), next_packet_id: 1 }
     };
     // QoS 2 messages from the remote acknowledged with PUBREC and not yet released: kept across links, as the
     // remote keeps its side in the bridge's session.
@@ -402,18 +419,23 @@ pub(crate) async fn run(
     if let Some(spooler) = spooler {
         let _ = spooler.await;
     }
-    if let Egress::Disk { journal, .. } = &egress
-        && let Err(error) = lock(journal).sync()
-    {
-        warn!(bridge = name, %error, "bridge journal: final sync failed");
+    if let Egress::Disk { lanes, .. } = &egress {
+        for lane in lanes {
+            if let Err(error) = lock(&lane.journal).sync() {
+                warn!(bridge = name, %error, "bridge journal: final sync failed");
+            }
+        }
     }
 }
 
-/// Takes the bridge's local queue as it fills and appends it to the journal, linked or not, so what waits for
-/// the remote is on disk rather than in memory; wakes the link. Syncs the journal on the configured interval.
+/// Takes the bridge's local queue as it fills and appends it to the journals, linked or not, so what waits for
+/// the remote is on disk rather than in memory; wakes the link. A message a high-priority mapping takes goes to
+/// the first journal (`high_filters` is empty with one). Syncs the journals on the configured interval.
+#[allow(clippy::too_many_arguments)]
 async fn spool(
     local: Arc<LocalClient>,
-    journal: SharedJournal,
+    journals: Vec<SharedJournal>,
+    high_filters: Vec<String>,
     ready: Arc<Notify>,
     stats: Arc<BridgeStats>,
     name: String,
@@ -422,12 +444,15 @@ async fn spool(
 ) {
     let mut completed = Vec::with_capacity(SPOOL_BATCH);
     let mut receipts = Vec::with_capacity(SPOOL_BATCH);
+    let normal = journals.len() - 1;
     let mut append = |batch: Vec<(Delivery, Option<PacketId>)>| {
-        let mut journal = lock(&journal);
+        let mut locked: Vec<_> = journals.iter().map(lock).collect();
         for (mut delivery, packet_id) in batch {
             completed.extend(packet_id);
             receipts.extend(delivery.receipt.take());
             let message = Message { qos: delivery.qos, retain: delivery.retain, ..Message::clone(&delivery.message) };
+            let high = high_filters.iter().any(|filter| topic::matches(filter, &message.topic));
+            let journal = &mut locked[if high { 0 } else { normal }];
             match journal.append(&message) {
                 Ok(0) => {}
                 Ok(dropped) => warn!(bridge = %name, dropped, "bridge journal full: its oldest messages were dropped"),
@@ -437,9 +462,11 @@ async fn spool(
                 }
             }
         }
-        if let Err(error) = journal.flush_appends() {
-            BridgeStats::bump(&stats.journal_failures);
-            warn!(bridge = %name, %error, "bridge journal: fsync failed; the batch may not survive a power cut");
+        for journal in &mut locked {
+            if let Err(error) = journal.flush_appends() {
+                BridgeStats::bump(&stats.journal_failures);
+                warn!(bridge = %name, %error, "bridge journal: fsync failed; the batch may not survive a power cut");
+            }
         }
         // Only now is the batch the journal's: the local queue lets go of it, and its publishers are answered
         // (with `ack = after_durable`, their PUBACKs waited for these receipts).
@@ -447,12 +474,17 @@ async fn spool(
             local.complete(packet_id);
         }
         receipts.clear();
-        let counts = journal.counts();
-        stats.dropped_overflow.store(counts.dropped_overflow, std::sync::atomic::Ordering::Relaxed);
-        stats.expired.store(counts.expired, std::sync::atomic::Ordering::Relaxed);
+        let (mut messages, mut dropped_overflow, mut expired) = (0, 0, 0);
+        for journal in &locked {
+            let counts = journal.counts();
+            (messages, dropped_overflow, expired) =
+                (messages + counts.messages, dropped_overflow + counts.dropped_overflow, expired + counts.expired);
+        }
+        stats.dropped_overflow.store(dropped_overflow, std::sync::atomic::Ordering::Relaxed);
+        stats.expired.store(expired, std::sync::atomic::Ordering::Relaxed);
         let inflight = stats.inflight.load(std::sync::atomic::Ordering::Relaxed);
-        stats.queued.store(counts.messages.saturating_sub(inflight), std::sync::atomic::Ordering::Relaxed);
-        drop(journal);
+        stats.queued.store(messages.saturating_sub(inflight), std::sync::atomic::Ordering::Relaxed);
+        drop(locked);
         ready.notify_one();
     };
     let mut tick = tokio::time::interval(match fsync {
@@ -465,8 +497,10 @@ async fn spool(
         tokio::select! {
             batch = local.next_batch(SPOOL_WINDOW, SPOOL_BATCH) => append(batch),
             _ = tick.tick() => {
-                if let Err(error) = lock(&journal).sync() {
-                    warn!(bridge = %name, %error, "bridge journal: sync failed");
+                for journal in &journals {
+                    if let Err(error) = lock(journal).sync() {
+                        warn!(bridge = %name, %error, "bridge journal: sync failed");
+                    }
                 }
             }
             () = shutdown.cancelled() => break,
@@ -480,8 +514,10 @@ async fn spool(
         }
         append(batch);
     }
-    if let Err(error) = lock(&journal).sync() {
-        warn!(bridge = %name, %error, "bridge journal: sync at shutdown failed");
+    for journal in &journals {
+        if let Err(error) = lock(journal).sync() {
+            warn!(bridge = %name, %error, "bridge journal: sync at shutdown failed");
+        }
     }
 }
 
@@ -654,10 +690,12 @@ impl Link {
                     }
                 }
             }
-            Egress::Disk { journal, inflight, resend_below, .. } => {
-                // The journal is read again from its commit: what was unacknowledged goes first, in order.
-                let reached = lock(journal).rewind();
-                *resend_below = (*resend_below).max(reached);
+            Egress::Disk { lanes, inflight, .. } => {
+                // Each journal is read again from its commit: what was unacknowledged goes first, in order.
+                for lane in lanes.iter_mut() {
+                    let reached = lock(&lane.journal).rewind();
+                    lane.resend_below = lane.resend_below.max(reached);
+                }
                 inflight.clear();
             }
         }
@@ -760,29 +798,36 @@ impl Link {
         window: usize,
         budget: usize,
     ) -> Result<usize, String> {
-        let Egress::Disk { journal, inflight, next_packet_id, resend_below, instance, .. } = egress else {
+        let Egress::Disk { lanes, inflight, next_packet_id, .. } = egress else {
             return Ok(0);
         };
         let mut taken = 0;
-        while inflight.len() < window && taken < budget {
-            let limit = (window - inflight.len()).min(budget - taken);
-            let records = lock(journal).next(limit).map_err(|error| format!("journal: {error}"))?;
-            if records.is_empty() {
-                break;
-            }
-            taken += records.len();
-            for (offset, message) in records {
-                let qos = message.qos.min(QoS::AtLeastOnce);
-                let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
-                let resend = offset < *resend_below;
-                let id = cx.settings.message_id_property.as_ref().map(|_| format!("{instance}-{offset}"));
-                let sent = self.forward(cx, &message, qos, message.retain, packet_id, resend, id).await;
-                match packet_id {
-                    Some(packet_id) if sent => {
-                        inflight.insert(packet_id, offset);
-                    }
-                    _ => lock(journal).settle(offset).map_err(|error| format!("journal: {error}"))?,
+        // Lanes in order: the next lane's messages go only when the ones before are all sent.
+        for (index, lane) in lanes.iter_mut().enumerate() {
+            let Lane { journal, resend_below, instance } = lane;
+            while inflight.len() < window && taken < budget {
+                let limit = (window - inflight.len()).min(budget - taken);
+                let records = lock(journal).next(limit).map_err(|error| format!("journal: {error}"))?;
+                if records.is_empty() {
+                    break;
                 }
+                taken += records.len();
+                for (offset, message) in records {
+                    let qos = message.qos.min(QoS::AtLeastOnce);
+                    let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
+                    let resend = offset < *resend_below;
+                    let id = cx.settings.message_id_property.as_ref().map(|_| format!("{instance}-{offset}"));
+                    let sent = self.forward(cx, &message, qos, message.retain, packet_id, resend, id).await;
+                    match packet_id {
+                        Some(packet_id) if sent => {
+                            inflight.insert(packet_id, (index, offset));
+                        }
+                        _ => lock(journal).settle(offset).map_err(|error| format!("journal: {error}"))?,
+                    }
+                }
+            }
+            if inflight.len() >= window || taken >= budget {
+                break;
             }
         }
         Ok(taken)
@@ -951,7 +996,7 @@ impl Link {
 }
 
 /// The next link packet id not in flight.
-fn allocate_packet_id(next: &mut PacketId, inflight: &HashMap<PacketId, u64>) -> PacketId {
+fn allocate_packet_id<T>(next: &mut PacketId, inflight: &HashMap<PacketId, T>) -> PacketId {
     loop {
         let candidate = *next;
         *next = next.checked_add(1).unwrap_or(1);

@@ -781,6 +781,54 @@ async fn a_bridge_offers_its_alpn_protocol_to_a_remote_that_requires_it() {
     remote.stop().await;
 }
 
+/// `priority = "high"`: with a disk queue, what a high-priority mapping takes waits in its own lane, which drains
+/// first after an outage (crash events before the telemetry queued ahead of them), and which the other lane's
+/// size budget never touches; both lanes survive a restart.
+#[tokio::test]
+async fn high_priority_messages_leave_first_after_an_outage() {
+    let cloud = TestBroker::start().await;
+    let mut backend = connect_to(&cloud, "backend").await;
+    backend.subscribe_ok("#", QoS::AtLeastOnce).await;
+    let uplink = Uplink::to(cloud.port()).await;
+    uplink.cut();
+    let queue_dir = tempfile::tempdir().unwrap();
+    let configured = || {
+        let mut events = mapping("events/#", "out", 1, "", "");
+        events.priority = Some("high".into());
+        let mut bridge = bridge_to(uplink.port, vec![mapping("telemetry/#", "out", 1, "", ""), events]);
+        bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "never", "after_durable"));
+        bridge
+    };
+    let site = site_with(configured(), Vec::new()).await;
+    let mut sensor = connect_to(&site, "sensor").await;
+    for index in 0..10 {
+        sensor.publish(&format!("telemetry/{index}"), QoS::AtLeastOnce, false, b"x").await;
+    }
+    for index in 0..3 {
+        sensor.publish(&format!("events/crash/{index}"), QoS::AtLeastOnce, false, b"!").await;
+    }
+    drop(sensor);
+    // A restart in between: both lanes are on disk.
+    site.stop().await;
+    assert!(queue_dir.path().join("cloud").join("high").is_dir(), "the high lane has its own journal");
+    let site = site_with(configured(), Vec::new()).await;
+    uplink.restore();
+    let received: Vec<String> = within("the backlog", async {
+        let mut received = Vec::new();
+        while received.len() < 13 {
+            received.push(topic(&backend.next_publish().await));
+        }
+        received
+    })
+    .await;
+    let mut expected: Vec<String> = (0..3).map(|index| format!("events/crash/{index}")).collect();
+    expected.extend((0..10).map(|index| format!("telemetry/{index}")));
+    assert_eq!(received, expected);
+    backend.expect_no_publish(QUIET).await;
+    site.stop().await;
+    cloud.stop().await;
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
