@@ -68,6 +68,7 @@ pub fn connect_packet(version: ProtocolVersion, client_id: &str) -> Connect {
         password: None,
         will: None,
         properties: Properties::default(),
+        bridge: false,
     }
 }
 

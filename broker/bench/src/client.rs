@@ -151,6 +151,7 @@ impl Conn {
             password: None,
             will: None,
             properties: Default::default(),
+            bridge: false,
         }));
         conn.send(&connect).await?;
         match conn.next_packet().await? {

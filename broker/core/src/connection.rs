@@ -254,7 +254,8 @@ struct Handshake<S> {
 fn peek_connect_level(buffer: &[u8]) -> Option<u8> {
     let (_, header_len, _) = parse_fixed_header(buffer).ok().flatten()?;
     let name_len = usize::from(u16::from_be_bytes([*buffer.get(header_len)?, *buffer.get(header_len + 1)?]));
-    buffer.get(header_len + 2 + name_len).copied()
+    // Without a bridge's 0x80 (Mosquitto's try_private).
+    buffer.get(header_len + 2 + name_len).map(|level| level & 0x7F)
 }
 
 impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
@@ -561,6 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Handshake<S> {
             expiry_was_zero: expiry == 0,
             fill_pending: false,
             handed_off: false,
+            bridge_client: connect.bridge,
             durable_acks: DurableAcks::default(),
             publish_window: PublishWindow::default(),
             mount,
@@ -603,6 +605,10 @@ struct Connection<S> {
     fill_pending: bool,
     /// The input just handled delivered to other sessions: their tasks run before this one writes its acks.
     handed_off: bool,
+    /// Another broker's bridge (CONNECT's protocol level with 0x80, Mosquitto's `try_private`): every subscription
+    /// it makes is no-local and retain-as-published, so nothing it publishes comes back to it and retained
+    /// messages keep their flag across the bridge (what Mosquitto does for such clients).
+    bridge_client: bool,
     /// Receipts of this input's messages held by durable subscribers; its acknowledgements wait for them.
     durable_acks: DurableAcks,
     publish_window: PublishWindow,
@@ -1299,6 +1305,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     async fn handle_subscribe(&mut self, mut subscribe: Subscribe) -> Result<(), Exit> {
+        if self.bridge_client {
+            // A shared subscription may not be no-local [MQTT-3.8.3-4]; a bridge has no use for one anyway.
+            for subscription in subscribe.subscriptions.iter_mut().filter(|s| !s.filter.starts_with("$share/")) {
+                subscription.options.no_local = true;
+                subscription.options.retain_as_published = true;
+            }
+        }
         if let Some(mount) = &self.mount {
             for subscription in &mut subscribe.subscriptions {
                 subscription.filter = mounted_filter(mount, &subscription.filter);

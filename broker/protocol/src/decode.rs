@@ -192,7 +192,8 @@ fn v5_properties(
 
 fn decode_connect(reader: &mut Reader) -> Result<Connect, DecodeError> {
     let name = reader.string()?;
-    let level = reader.u8()?;
+    let level_byte = reader.u8()?;
+    let (level, bridge) = (level_byte & 0x7F, level_byte & 0x80 != 0);
     let protocol = match (name.as_str(), level) {
         ("MQTT", 4) => ProtocolVersion::V311,
         ("MQTT", 5) => ProtocolVersion::V5,
@@ -232,7 +233,7 @@ fn decode_connect(reader: &mut Reader) -> Result<Connect, DecodeError> {
     };
     let username = if username_flag { Some(reader.string()?) } else { None };
     let password = if password_flag { Some(reader.binary()?) } else { None };
-    Ok(Connect { protocol, clean_start, keep_alive, client_id, username, password, will, properties })
+    Ok(Connect { protocol, clean_start, keep_alive, client_id, username, password, will, properties, bridge })
 }
 
 fn decode_connack(reader: &mut Reader, version: ProtocolVersion) -> Result<ConnAck, DecodeError> {

@@ -345,7 +345,7 @@ fn encode_connect(connect: &Connect, out: &mut BytesMut) {
     } else {
         put_string(out, "MQTT");
     }
-    out.put_u8(version.level());
+    out.put_u8(version.level() | if connect.bridge { 0x80 } else { 0 });
     let mut flags = 0u8;
     if connect.clean_start {
         flags |= 0x02;

@@ -103,6 +103,9 @@ pub struct Connect {
     pub password: Option<Bytes>,
     pub will: Option<LastWill>,
     pub properties: Properties,
+    /// The client says it is another broker's bridge: the protocol level's top bit (0x80) set, as Mosquitto's
+    /// bridges do with `try_private` (the default). Such a client is not sent back what it published.
+    pub bridge: bool,
 }
 
 #[derive(Clone, PartialEq, Eq, Debug)]

@@ -800,6 +800,7 @@ fn connect_packet(protocol: ProtocolVersion, client_id: &str) -> Connect {
         password: None,
         will: None,
         properties: Properties::default(),
+        bridge: false,
     }
 }
 
@@ -909,6 +910,12 @@ fn accepted_corpus() -> Vec<(&'static str, ProtocolVersion, Vec<u8>, Packet)> {
                 password: Some(Bytes::from_static(b"pw")),
                 ..connect_packet(ProtocolVersion::V5, "c")
             })),
+        ),
+        (
+            "CONNECT from a bridge (level 0x84: Mosquitto's try_private)",
+            V3,
+            connect(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x84], 0x02, &[0x00, 0x01, b'c']),
+            Packet::Connect(Box::new(Connect { bridge: true, ..connect_packet(ProtocolVersion::V311, "c") })),
         ),
         (
             "CONNECT with an empty will payload and empty password",

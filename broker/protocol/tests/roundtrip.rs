@@ -279,22 +279,25 @@ fn connect(v5: bool) -> impl Strategy<Value = Packet> {
         weighted(0.5, mqtt_string()),
         weighted(0.5, binary()),
         weighted(0.4, will(v5)),
-        properties(Ctx::Connect, v5),
+        (properties(Ctx::Connect, v5), any::<bool>()),
     )
-        .prop_map(move |(protocol, clean_start, keep_alive, client_id, username, password, will, properties)| {
-            // 3.1.1 forbids a password without a user name [MQTT-3.1.2-22]; v5 allows it.
-            let password = if !v5 && username.is_none() { None } else { password };
-            Packet::Connect(Box::new(Connect {
-                protocol,
-                clean_start,
-                keep_alive,
-                client_id,
-                username,
-                password,
-                will,
-                properties,
-            }))
-        })
+        .prop_map(
+            move |(protocol, clean_start, keep_alive, client_id, username, password, will, (properties, bridge))| {
+                // 3.1.1 forbids a password without a user name [MQTT-3.1.2-22]; v5 allows it.
+                let password = if !v5 && username.is_none() { None } else { password };
+                Packet::Connect(Box::new(Connect {
+                    protocol,
+                    clean_start,
+                    keep_alive,
+                    client_id,
+                    username,
+                    password,
+                    will,
+                    properties,
+                    bridge,
+                }))
+            },
+        )
 }
 
 fn connack(v5: bool) -> impl Strategy<Value = Packet> {

@@ -584,6 +584,9 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
                 properties: Properties::default(),
             }),
             properties,
+            // Not announced as a bridge: on MQTT 5 No Local does the job, and a 3.1.1 remote that does not know
+            // the bit would refuse the connection.
+            bridge: false,
         })))?;
         link.flush().await?;
         let connack = match link.next_packet().await? {

@@ -17,7 +17,7 @@ use tollgate::config::{PluginConfig, PluginLimitsConfig};
 use tollgate_bridge::BridgeStats;
 use tollgate_integration_tests::external::{self, require_tool};
 use tollgate_integration_tests::v5::{self, connect_to, topic};
-use tollgate_integration_tests::{QUIET, TestBroker, bridge_config, bridge_topic, wait_until, within};
+use tollgate_integration_tests::{QUIET, TestBroker, bridge_config, bridge_topic, v4, wait_until, within};
 
 fn mapping(pattern: &str, direction: &str, qos: u8, local_prefix: &str, remote_prefix: &str) -> BridgeTopicConfig {
     bridge_topic(pattern, direction, qos, local_prefix, remote_prefix)
@@ -210,9 +210,9 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-async fn start_mosquitto(binary: &std::path::Path, dir: &std::path::Path, port: u16) -> Mosquitto {
+async fn start_mosquitto(binary: &std::path::Path, dir: &std::path::Path, port: u16, extra: &str) -> Mosquitto {
     let config = dir.join("mosquitto.conf");
-    std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\n")).unwrap();
+    std::fs::write(&config, format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}")).unwrap();
     let process = external::spawn(tokio::process::Command::new(binary).arg("-c").arg(&config));
     within("mosquitto to listen", async {
         while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
@@ -289,7 +289,7 @@ async fn a_bridge_to_mosquitto_loses_nothing_across_an_uplink_outage() {
     let Some(mosquitto) = mosquitto_binary() else { return };
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let _remote = start_mosquitto(&mosquitto, dir.path(), port).await;
+    let _remote = start_mosquitto(&mosquitto, dir.path(), port, "").await;
     let uplink = Uplink::to(port).await;
     // The cloud watches the site's bridge state: `online` retained, `offline` as the bridge's will.
     let mut watcher_options = rumqttc::v5::MqttOptions::new("cloud-watcher", "127.0.0.1", port);
@@ -826,6 +826,47 @@ async fn high_priority_messages_leave_first_after_an_outage() {
     assert_eq!(received, expected);
     backend.expect_no_publish(QUIET).await;
     site.stop().await;
+    cloud.stop().await;
+}
+
+/// A Mosquitto bridge with its defaults (`try_private`: CONNECT's protocol level with 0x80 set) is accepted at
+/// its first attempt, and a two-way mapping does not echo: what comes in over it is not sent back to it.
+#[tokio::test]
+async fn a_mosquitto_bridge_announcing_itself_is_accepted_and_not_echoed() {
+    let Some(binary) = mosquitto_binary() else { return };
+    let cloud = TestBroker::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let bridge = format!(
+        "connection tollgate\naddress 127.0.0.1:{}\ntopic up/# both 1\nbridge_protocol_version mqttv311\n\
+         restart_timeout 30\n",
+        cloud.port()
+    );
+    let _mosquitto = start_mosquitto(&binary, dir.path(), port, &bridge).await;
+    // Subscribed on Tollgate at the first attempt: after a refusal Mosquitto would wait 30 s to try again.
+    cloud.wait_for_subscriptions(1).await;
+    let mosquitto_client = |id: &str| {
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    };
+    let (mut site_app, _) = v4::connect(mosquitto_client("site-app")).await;
+    site_app.subscribe_ok("up/#", rumqttc::QoS::AtLeastOnce).await;
+    let mut cloud_app = connect_to(&cloud, "cloud-app").await;
+    cloud_app.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+
+    let (mut site_sensor, _) = v4::connect(mosquitto_client("site-sensor")).await;
+    site_sensor.publish("up/from-site", rumqttc::QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(topic(&cloud_app.next_publish().await), "up/from-site");
+    assert_eq!(v4::topic(&site_app.next_publish().await), "up/from-site");
+    site_app.expect_no_publish(QUIET).await;
+
+    let mut cloud_sensor = connect_to(&cloud, "cloud-sensor").await;
+    cloud_sensor.publish("up/from-cloud", QoS::AtLeastOnce, false, b"y").await;
+    assert_eq!(v4::topic(&site_app.next_publish().await), "up/from-cloud");
+    assert_eq!(topic(&cloud_app.next_publish().await), "up/from-cloud");
+    cloud_app.expect_no_publish(QUIET).await;
+    site_app.expect_no_publish(QUIET).await;
     cloud.stop().await;
 }
 
