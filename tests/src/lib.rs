@@ -215,6 +215,7 @@ pub fn bridge_config(
         remote_status_topic: None,
         message_id_property: None,
         proxy: None,
+        try_private: false,
     }
 }
 

@@ -131,6 +131,23 @@ impl Client {
         }
     }
 
+    /// The next incoming PUBLISH if one comes within `window`.
+    pub async fn publish_within(&mut self, window: Duration) -> Option<Publish> {
+        if let Some(publish) = self.pending.pop_front() {
+            return Some(publish);
+        }
+        let deadline = tokio::time::Instant::now() + window;
+        loop {
+            match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Err(_) => return None,
+                Ok(None) => panic!("event loop of {} ended", self.id),
+                Ok(Some(Ok(Event::Incoming(Packet::Publish(publish))))) => return Some(publish),
+                Ok(Some(Ok(_))) => {}
+                Ok(Some(Err(error))) => panic!("{} lost its connection: {error:?}", self.id),
+            }
+        }
+    }
+
     /// Asserts that no PUBLISH arrives within `window` (and that the connection stays up).
     pub async fn expect_no_publish(&mut self, window: Duration) {
         if let Some(publish) = self.pending.pop_front() {

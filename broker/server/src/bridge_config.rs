@@ -31,6 +31,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "queue",
     "remote_status_topic",
     "proxy",
+    "try_private",
     "message_id_property",
 ];
 pub(crate) const BRIDGE_TOPIC_KEYS: &[&str] =
@@ -92,6 +93,10 @@ pub struct BridgeConfig {
     /// An HTTP proxy for the link: `host:port` or `http://[user:password@]host:port`.
     #[serde(default)]
     pub proxy: Option<String>,
+    /// Announce the link as a bridge (Mosquitto's `try_private`: CONNECT's protocol level with 0x80), so a remote
+    /// that knows the convention (Mosquitto, Tollgate) sends nothing back over it; allows `both` on v311.
+    #[serde(default)]
+    pub try_private: bool,
     /// A user property naming each forwarded message uniquely (MQTT 5 remotes), the same on every resend, so the
     /// cloud can drop duplicates; unset: none.
     #[serde(default)]
@@ -361,11 +366,14 @@ impl BridgeConfig {
             if let Err(message) = mapping.check() {
                 report(key("pattern"), message);
             }
-            // MQTT 3.1.1 has no No Local: the remote would send back every message the bridge forwards to it.
-            if !protocol.is_v5() && direction == Direction::Both {
+            // MQTT 3.1.1 has no No Local: the remote would send back every message the bridge forwards to it,
+            // unless it knows the link for a bridge (`try_private`).
+            if !protocol.is_v5() && direction == Direction::Both && !self.try_private {
                 report(
                     key("direction"),
-                    "\"both\" on a v311 bridge would loop (MQTT 3.1.1 has no No Local); use one direction".into(),
+                    "\"both\" on a v311 bridge would loop (MQTT 3.1.1 has no No Local); use one direction, or \
+                     try_private = true toward a remote that honours it (Mosquitto, Tollgate)"
+                        .into(),
                 );
             }
             topics.push(mapping);
@@ -395,6 +403,7 @@ impl BridgeConfig {
             remote_status_topic: self.remote_status_topic.clone(),
             message_id_property: self.message_id_property.clone(),
             proxy,
+            try_private: self.try_private,
         })
     }
 }
@@ -512,6 +521,18 @@ mod tests {
         .expect_err("a loop");
         assert_eq!(problems[0].key, "bridges[0].topics[0].direction");
         assert!(problems[0].message.contains("loop"), "{}", problems[0].message);
+        let announced = bridge(
+            r#"
+            name = "old"
+            address = "127.0.0.1:1883"
+            protocol = "v311"
+            try_private = true
+            topics = [{ pattern = "a/#", direction = "both" }]
+            "#,
+        )
+        .settings(0)
+        .expect("a remote that honours try_private sends nothing back");
+        assert!(announced.try_private);
     }
 
     #[test]

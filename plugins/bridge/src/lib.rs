@@ -190,6 +190,9 @@ pub struct BridgeSettings {
     /// An HTTP proxy (`host:port`, or `http://[user:password@]host:port`) the link goes through with `CONNECT`,
     /// for sites whose only way out is a proxy. TLS to the remote runs inside the tunnel, end to end.
     pub proxy: Option<Proxy>,
+    /// Announce the link as a bridge (CONNECT's protocol level with 0x80, Mosquitto's `try_private`): a remote
+    /// that honours it sends nothing back over the link, which MQTT 3.1.1 cannot otherwise ask for.
+    pub try_private: bool,
     /// MQTT 5: a user property carrying each forwarded message's id (`<instance>-<n>`), the same on every resend
     /// of that message, so the remote's consumers can drop duplicates. With a disk queue the instance is the
     /// journal's (kept in its directory) and `n` the record's offset, so ids hold across restarts too.

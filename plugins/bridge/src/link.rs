@@ -584,9 +584,8 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
                 properties: Properties::default(),
             }),
             properties,
-            // Not announced as a bridge: on MQTT 5 No Local does the job, and a 3.1.1 remote that does not know
-            // the bit would refuse the connection.
-            bridge: false,
+            // Off by default: on MQTT 5 No Local does the job, and a remote that does not know the bit refuses.
+            bridge: settings.try_private,
         })))?;
         link.flush().await?;
         let connack = match link.next_packet().await? {
@@ -594,7 +593,15 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
             other => return Err(format!("expected CONNACK, the remote sent {}", other.kind())),
         };
         if connack.reason_code.is_error() {
-            return Err(format!("the remote refused the connection: reason code 0x{:02X}", connack.reason_code.0));
+            let hint = if settings.try_private && connack.reason_code == ReasonCode::UNSUPPORTED_PROTOCOL_VERSION {
+                " (it may not accept try_private: set try_private = false)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "the remote refused the connection: reason code 0x{:02X}{hint}",
+                connack.reason_code.0
+            ));
         }
         link.session_present = connack.session_present;
         if let Some(limit) = connack.properties.maximum_packet_size {

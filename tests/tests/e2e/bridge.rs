@@ -870,6 +870,64 @@ async fn a_mosquitto_bridge_announcing_itself_is_accepted_and_not_echoed() {
     cloud.stop().await;
 }
 
+/// `try_private = true`: a 3.1.1 bridge announces itself, so a Mosquitto remote sends nothing back over it and a
+/// two-way mapping, refused on 3.1.1 without it, does not loop.
+#[tokio::test]
+async fn a_v311_bridge_with_try_private_maps_both_ways_to_mosquitto_without_a_loop() {
+    let Some(binary) = mosquitto_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let _mosquitto = start_mosquitto(&binary, dir.path(), port, "").await;
+    let mut bridge = bridge_to(port, vec![mapping("up/#", "both", 1, "", "")]);
+    bridge.protocol = "v311".into();
+    bridge.try_private = true;
+    let site = site_with(bridge, Vec::new()).await;
+    wait_connected(&site).await;
+    let mosquitto_client = |id: &str| {
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options
+    };
+    let (mut remote_app, _) = v4::connect(mosquitto_client("remote-app")).await;
+    remote_app.subscribe_ok("up/#", rumqttc::QoS::AtLeastOnce).await;
+    let mut site_app = connect_to(&site, "site-app").await;
+    site_app.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    wait_until_ingress_flows_v4(&mut remote_app, &mut site_app, port).await;
+
+    let mut sensor = connect_to(&site, "sensor").await;
+    sensor.publish("up/from-site", QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(v4::topic(&remote_app.next_publish().await), "up/from-site");
+    assert_eq!(topic(&site_app.next_publish().await), "up/from-site");
+    site_app.expect_no_publish(QUIET).await;
+    let (mut remote_sensor, _) = v4::connect(mosquitto_client("remote-sensor")).await;
+    remote_sensor.publish("up/from-remote", rumqttc::QoS::AtLeastOnce, false, b"y").await;
+    assert_eq!(topic(&site_app.next_publish().await), "up/from-remote");
+    assert_eq!(v4::topic(&remote_app.next_publish().await), "up/from-remote");
+    remote_app.expect_no_publish(QUIET).await;
+    site_app.expect_no_publish(QUIET).await;
+    site.stop().await;
+}
+
+/// Probes from the remote until the site sees one: the bridge's subscription on the remote is in place. The
+/// probes' copies are taken off both subscribers.
+async fn wait_until_ingress_flows_v4(remote_app: &mut v4::Client, site_app: &mut v5::Client, port: u16) {
+    let mut options = rumqttc::MqttOptions::new("probe", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (mut probe, _) = v4::connect(options).await;
+    within("the remote's messages to reach the site", async {
+        loop {
+            probe.publish("up/probe", rumqttc::QoS::AtMostOnce, false, b"?").await;
+            if site_app.publish_within(Duration::from_millis(200)).await.is_some() {
+                return;
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while site_app.publish_within(Duration::from_millis(50)).await.is_some() {}
+    while remote_app.publish_within(Duration::from_millis(50)).await.is_some() {}
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
