@@ -82,25 +82,34 @@ async fn retained_messages_and_persistent_sessions_outlive_a_restart() {
     second.stop().await;
 }
 
+/// A configuration for the `tollgate` binary in `dir`: a free loopback port, an admin socket, `[persistence]` with
+/// `autosave_interval`. Returns the port, the state file and the configuration file.
+fn binary_config(dir: &Path, autosave_interval: u32) -> (u16, std::path::PathBuf, std::path::PathBuf) {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let file = dir.join("broker.state");
+    let config = dir.join("tollgate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[runtime]\nadmin_socket = \"{}\"\n\n\
+             [persistence]\nenabled = true\nfile = \"{}\"\nautosave_interval = {autosave_interval}\n",
+            dir.join("admin.sock").display(),
+            file.display()
+        ),
+    )
+    .unwrap();
+    (port, file, config)
+}
+
 /// The `tollgate` binary with `autosave_interval = 1`, killed with SIGKILL once a save has happened, then started
 /// again: the retained message and the offline session's queue were in the last save.
 #[tokio::test]
 async fn the_last_autosave_outlives_a_killed_broker() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let file = dir.path().join("broker.state");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[persistence]\nenabled = true\nfile = \"{}\"\nautosave_interval = 1\n",
-            file.display()
-        ),
-    )
-    .unwrap();
+    let (port, file, config) = binary_config(dir.path(), 1);
     let client_options = |id: &str| {
         let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
@@ -146,22 +155,7 @@ async fn the_last_autosave_outlives_a_killed_broker() {
 #[tokio::test]
 async fn sigusr1_saves_the_state_now() {
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let file = dir.path().join("broker.state");
-    let config = dir.path().join("tollgate.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[[listeners]]\nbind = \"127.0.0.1:{port}\"\n\n[runtime]\nadmin_socket = \"{}\"\n\n\
-             [persistence]\nenabled = true\nfile = \"{}\"\nautosave_interval = 0\n",
-            dir.path().join("admin.sock").display(),
-            file.display()
-        ),
-    )
-    .unwrap();
+    let (port, file, config) = binary_config(dir.path(), 0);
     let mut broker = external::run_broker(&config, port).await;
     let options = rumqttc::v5::MqttOptions::new("sensor", "127.0.0.1", port);
     let (mut sensor, _) = v5::connect(options).await;
