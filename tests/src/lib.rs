@@ -197,6 +197,7 @@ pub fn bridge_config(
         name: "cloud".into(),
         address: address.into(),
         fallback_addresses: Vec::new(),
+        primary_retry_s: 60,
         protocol: "v5".into(),
         client_id: None,
         username: None,

@@ -14,6 +14,7 @@ pub(crate) const BRIDGE_KEYS: &[&str] = &[
     "name",
     "address",
     "fallback_addresses",
+    "primary_retry_s",
     "protocol",
     "client_id",
     "username",
@@ -50,6 +51,9 @@ pub struct BridgeConfig {
     /// Tried in order when `address` does not answer (the primary again after a link ends).
     #[serde(default)]
     pub fallback_addresses: Vec<String>,
+    /// Linked to a fallback address, seconds between probes of the primary (taken back once it answers); 0: never.
+    #[serde(default = "default_primary_retry")]
+    pub primary_retry_s: u32,
     /// `v5` (default) or `v311`.
     #[serde(default = "default_protocol")]
     pub protocol: String,
@@ -170,6 +174,9 @@ pub struct BridgeTopicConfig {
     pub priority: Option<String>,
 }
 
+fn default_primary_retry() -> u32 {
+    60
+}
 fn default_protocol() -> String {
     "v5".into()
 }
@@ -385,6 +392,7 @@ impl BridgeConfig {
             name: self.name.clone(),
             address: self.address.clone(),
             fallback_addresses: self.fallback_addresses.clone(),
+            primary_retry: Duration::from_secs(u64::from(self.primary_retry_s)),
             protocol,
             client_id,
             username: self.username.clone(),

@@ -159,6 +159,8 @@ pub struct BridgeSettings {
     pub address: String,
     /// Tried in order when `address` does not answer; after a link ends, `address` comes first again.
     pub fallback_addresses: Vec<String>,
+    /// Linked to a fallback, the primary is probed this often and taken back once it answers; zero: never.
+    pub primary_retry: Duration,
     pub protocol: ProtocolVersion,
     pub client_id: String,
     pub username: Option<String>,

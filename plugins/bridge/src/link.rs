@@ -390,7 +390,10 @@ pub(crate) async fn run(
                 BridgeStats::bump(&stats.connects);
                 publish_state(&broker, name, true);
                 info!(bridge = name, address, "bridge connected");
-                let end = link.serve(&cx, &mut egress, &shutdown, &mut incoming_qos2).await;
+                // On a fallback address, the primary is probed every `primary_retry` and taken back when it answers.
+                let primary = (address != settings.address && !settings.primary_retry.is_zero())
+                    .then(|| (settings.address.as_str(), settings.primary_retry));
+                let end = link.serve(&cx, &mut egress, &shutdown, &mut incoming_qos2, primary).await;
                 stats.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                 publish_state(&broker, name, false);
                 match end {
@@ -678,8 +681,12 @@ impl Link {
         egress: &mut Egress,
         shutdown: &CancellationToken,
         incoming_qos2: &mut HashSet<PacketId>,
+        primary: Option<(&str, Duration)>,
     ) -> LinkEnd {
         let window = usize::from(cx.settings.max_inflight.min(self.remote_receive_maximum).max(1));
+        let mut probe_due = primary.map(|(_, every)| Instant::now() + every);
+        // A TCP connect to the primary, in its own task so the link is served meanwhile.
+        let mut probe: Option<tokio::task::JoinHandle<bool>> = None;
         match egress {
             Egress::Memory { .. } => {
                 // What was in flight when the last link dropped goes first, in its original order [MQTT-4.4.0-1].
@@ -784,6 +791,21 @@ impl Link {
                 () = async { if let Some(ready) = &ready { ready.notified().await } }, if !memory => {}
                 // `max_send_rate` spent: the next message may go then.
                 () = async { if let Some(at) = paced_until { sleep_until(at).await } }, if paced_until.is_some() => {}
+                () = async { if let Some(at) = probe_due { sleep_until(at).await } }, if probe_due.is_some() && probe.is_none() => {
+                    if let Some((address, every)) = primary {
+                        let address = address.to_owned();
+                        probe = Some(tokio::spawn(async move {
+                            matches!(timeout(Duration::from_secs(5), TcpStream::connect(address)).await, Ok(Ok(_)))
+                        }));
+                        probe_due = Some(Instant::now() + every);
+                    }
+                }
+                answered = async { if let Some(task) = probe.as_mut() { task.await.unwrap_or(false) } else { false } }, if probe.is_some() => {
+                    probe = None;
+                    if answered {
+                        return LinkEnd::Lost("the primary address answers again: going back to it".into());
+                    }
+                }
                 () = sleep_until(ping_due) => {
                     if awaiting_pong {
                         return LinkEnd::Lost("no PINGRESP within the keep-alive".into());

@@ -1266,6 +1266,7 @@ async fn a_bridge_falls_back_to_its_next_address_when_the_primary_does_not_answe
     let site = site_with(
         BridgeConfig {
             fallback_addresses: vec![format!("127.0.0.1:{}", remote.port())],
+            primary_retry_s: 1,
             ..bridge_to(silent_primary, vec![mapping("up/#", "out", 1, "", "")])
         },
         Vec::new(),
@@ -1277,6 +1278,22 @@ async fn a_bridge_falls_back_to_its_next_address_when_the_primary_does_not_answe
     let mut sensor = connect_to(&site, "sensor").await;
     sensor.publish("up/via-fallback", QoS::AtLeastOnce, false, b"x").await;
     assert_eq!(topic(&cloud.next_publish().await), "up/via-fallback");
+
+    // The primary comes up: probed every second (`primary_retry_s`), it is taken back.
+    let primary = TestBroker::builder()
+        .configure(|config| config.listeners[0].bind = format!("127.0.0.1:{silent_primary}"))
+        .start()
+        .await;
+    let mut primary_app = connect_to(&primary, "primary-app").await;
+    primary_app.subscribe_ok("up/#", QoS::AtLeastOnce).await;
+    wait_until("the bridge to go back to the primary", || {
+        count(&stats(&site).connects) >= 2 && stats(&site).connected.load(Ordering::Relaxed)
+    })
+    .await;
+    sensor.publish("up/via-primary", QoS::AtLeastOnce, false, b"y").await;
+    assert_eq!(topic(&primary_app.next_publish().await), "up/via-primary");
+    cloud.expect_no_publish(QUIET).await;
     site.stop().await;
+    primary.stop().await;
     remote.stop().await;
 }
