@@ -83,6 +83,16 @@ struct BrokerInner {
     instance_tag: u64,
     /// Bumped by every recheck, so connections drop ACL decisions cached before it.
     acl_epoch: AtomicU64,
+    /// Wills waiting out their delay, by session: what a state snapshot saves of them.
+    pending_wills: std::sync::Mutex<std::collections::HashMap<SessionId, PendingWill>>,
+}
+
+/// A will waiting for its delay to pass (see [`Broker::schedule_will`]).
+pub(crate) struct PendingWill {
+    pub(crate) session: SessionRef,
+    pub(crate) generation: u64,
+    pub(crate) will: Arc<Message>,
+    pub(crate) due: Instant,
 }
 
 /// What a recheck of every session did.
@@ -135,6 +145,7 @@ impl Broker {
                 started: Instant::now(),
                 instance_tag,
                 acl_epoch: AtomicU64::new(0),
+                pending_wills: std::sync::Mutex::default(),
             }),
         }
     }
@@ -424,6 +435,9 @@ impl Broker {
         let broker = self.clone();
         let shutdown = self.shutdown_token();
         let ended = session.ended.waiter();
+        let pending =
+            PendingWill { session: session.clone(), generation, will: will.clone(), due: Instant::now() + delay };
+        self.pending_wills().insert(session.id, pending);
         self.inner.tasks.spawn(async move {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {
@@ -439,9 +453,18 @@ impl Broker {
                         broker.publish_from(will, Some(&session.client_id));
                     }
                 }
-                _ = shutdown.cancelled() => {}
+                // Still pending at shutdown: the entry stays, for the state saved after the drain.
+                _ = shutdown.cancelled() => return,
+            }
+            let mut pending = broker.pending_wills();
+            if pending.get(&session.id).is_some_and(|entry| entry.generation == generation) {
+                pending.remove(&session.id);
             }
         });
+    }
+
+    pub(crate) fn pending_wills(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SessionId, PendingWill>> {
+        self.inner.pending_wills.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Begins shutdown: listeners stop accepting and connections say goodbye (v5 DISCONNECT 0x8B).

@@ -2,14 +2,16 @@
 //! persistent session (session expiry above zero) with its subscriptions, queued messages, messages in flight both
 //! ways. No I/O here: the server writes the bytes to a file and hands them back at start.
 //!
-//! Format (version 1): a 16-byte header (`tollgate-state\n` and the version), the body, then a CRC-32 of the body.
+//! Format (version 2): a 16-byte header (`tollgate-state\n` and the version), the body, then a CRC-32 of the body.
 //! The body is big-endian and length-prefixed throughout: the retained messages (publisher, stored message), then
-//! the sessions (client id, expiry, offline since, subscriptions, queue, in flight, QoS 2 ids received). A message
+//! the sessions (client id, expiry, offline since, subscriptions, queue, in flight, QoS 2 ids received), then the
+//! wills waiting out their delay (client id, when due, stored message; not in version 1). A message
 //! is in its stored form ([`Message::encode_stored`]), the one the bridge's journal uses. Reading checks every
 //! length against what is left, so a damaged file is refused with where it went wrong, never half applied.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::time::Instant;
@@ -21,7 +23,8 @@ use crate::router::Subscriber;
 use crate::session::{Inflight, PacketIdHasher, SessionSubscription};
 
 const MAGIC: &[u8; 15] = b"tollgate-state\n";
-const VERSION: u8 = 1;
+/// 2 added the wills waiting out their delay; 1 is still read (as having none).
+const VERSION: u8 = 2;
 const HEADER: usize = MAGIC.len() + 1;
 
 /// Why a state file cannot be restored.
@@ -44,6 +47,16 @@ pub struct SnapshotCounts {
     pub sessions: usize,
     /// Queued and in-flight messages over all sessions.
     pub messages: usize,
+    /// Wills waiting out their Will Delay Interval.
+    pub wills: usize,
+}
+
+/// A will that was waiting out its delay: it goes when the delay ends, or at once if its session is gone.
+struct RestoredWill {
+    client_id: String,
+    /// Unix milliseconds.
+    due: u64,
+    will: Message,
 }
 
 struct RestoredSession {
@@ -137,6 +150,29 @@ impl Broker {
         }
         counts.sessions = sessions.len();
 
+        // Wills still waiting, for sessions still offline (a reconnect since cancelled the will).
+        let now_ms = unix_ms();
+        let wills: Vec<(ClientId, u64, Arc<Message>)> = self
+            .pending_wills()
+            .values()
+            .filter(|pending| {
+                pending.session.generation() == pending.generation
+                    && !pending.session.is_connected()
+                    && !pending.session.ended.has_ended()
+            })
+            .map(|pending| {
+                let left = pending.due.saturating_duration_since(now).as_millis() as u64;
+                (pending.session.client_id.clone(), now_ms + left, pending.will.clone())
+            })
+            .collect();
+        put_u32(&mut body, wills.len());
+        for (client_id, due, will) in &wills {
+            put_str(&mut body, client_id.as_str());
+            body.extend_from_slice(&due.to_be_bytes());
+            put_message(&mut body, will, &[], now);
+        }
+        counts.wills = wills.len();
+
         let mut out = Vec::with_capacity(HEADER + body.len() + 4);
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -150,14 +186,15 @@ impl Broker {
     /// the broker kept running (the time it was down counts as time offline): one whose expiry passed meanwhile
     /// is not restored. A session already in the store (there should be none this early) is replaced.
     pub fn restore(&self, bytes: &[u8]) -> Result<SnapshotCounts, SnapshotError> {
-        let (retained, mut sessions) = decode(bytes, Instant::now())?;
+        let (retained, mut sessions, wills) = decode(bytes, Instant::now())?;
         let now_unix = crate::session::unix_now_s();
         let remaining = |session: &RestoredSession| match session.expiry {
             u32::MAX => Some(u32::MAX),
             expiry => expiry.checked_sub(now_unix.saturating_sub(session.offline_since)).filter(|&left| left > 0),
         };
         sessions.retain(|session| remaining(session).is_some());
-        let mut counts = SnapshotCounts { retained: retained.len(), sessions: sessions.len(), messages: 0 };
+        let mut counts =
+            SnapshotCounts { retained: retained.len(), sessions: sessions.len(), messages: 0, wills: wills.len() };
         for (message, publisher) in retained {
             self.retained().store(Arc::new(message), publisher.as_ref());
         }
@@ -191,6 +228,22 @@ impl Broker {
                 self.end_session(&discarded);
             }
             self.schedule_expiry(session.clone(), session.generation(), left);
+        }
+        // After the sessions: a will whose session came back waits out the rest of its delay; one whose session
+        // is gone (expired while the broker was down) goes now, as it would have when the session ended.
+        let now_ms = unix_ms();
+        for restored in wills {
+            let will = Arc::new(restored.will);
+            let client_id = ClientId(restored.client_id.into());
+            match self.sessions().get(&client_id) {
+                Some(session) => {
+                    let left = Duration::from_millis(restored.due.saturating_sub(now_ms));
+                    self.schedule_will(session.clone(), session.generation(), will, left);
+                }
+                None => {
+                    self.publish_from(will, Some(&client_id));
+                }
+            }
         }
         Ok(counts)
     }
@@ -239,14 +292,19 @@ fn options_byte(options: SubscriptionOptions) -> u8 {
         | ((options.retain_handling & 0b11) << 4)
 }
 
-type Decoded = (Vec<(Message, Option<ClientId>)>, Vec<RestoredSession>);
+type Decoded = (Vec<(Message, Option<ClientId>)>, Vec<RestoredSession>, Vec<RestoredWill>);
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
+}
 
 fn decode(bytes: &[u8], now: Instant) -> Result<Decoded, SnapshotError> {
     if bytes.len() < HEADER + 4 || &bytes[..MAGIC.len()] != MAGIC {
         return Err(SnapshotError::NotAState);
     }
-    if bytes[MAGIC.len()] != VERSION {
-        return Err(SnapshotError::NewerFormat(bytes[MAGIC.len()]));
+    let version = bytes[MAGIC.len()];
+    if version == 0 || version > VERSION {
+        return Err(SnapshotError::NewerFormat(version));
     }
     let (body, checksum) = bytes[HEADER..].split_at(bytes.len() - HEADER - 4);
     if crc32fast::hash(body).to_be_bytes() != checksum {
@@ -314,10 +372,19 @@ fn decode(bytes: &[u8], now: Instant) -> Result<Decoded, SnapshotError> {
             incoming_qos2,
         });
     }
-    if reader.position != body.len() {
-        return Err(reader.malformed("bytes after the last session".into()));
+    let mut wills = Vec::new();
+    if version >= 2 {
+        for _ in 0..reader.count()? {
+            let client_id = reader.str()?;
+            let due = reader.u64()?;
+            let will = reader.message(now)?.message;
+            wills.push(RestoredWill { client_id, due, will });
+        }
     }
-    Ok((retained, sessions))
+    if reader.position != body.len() {
+        return Err(reader.malformed("bytes after the last section".into()));
+    }
+    Ok((retained, sessions, wills))
 }
 
 struct Reader<'a> {
@@ -342,6 +409,13 @@ impl Reader<'_> {
 
     fn u8(&mut self) -> Result<u8, SnapshotError> {
         Ok(self.take(1, "a byte")?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, SnapshotError> {
+        let bytes = self.take(8, "a number")?;
+        let mut array = [0u8; 8];
+        array.copy_from_slice(bytes);
+        Ok(u64::from_be_bytes(array))
     }
 
     fn u32(&mut self) -> Result<u32, SnapshotError> {
@@ -487,7 +561,7 @@ mod tests {
     #[tokio::test]
     async fn a_restored_broker_has_the_retained_messages_and_sessions_it_saved() {
         let (bytes, counts) = broker_with_state().snapshot();
-        assert_eq!(counts, SnapshotCounts { retained: 2, sessions: 1, messages: 3 });
+        assert_eq!(counts, SnapshotCounts { retained: 2, sessions: 1, messages: 3, wills: 0 });
 
         let broker = Broker::new(BrokerConfig::default(), HookChain::default());
         assert_eq!(broker.restore(&bytes), Ok(counts));
@@ -548,6 +622,42 @@ mod tests {
         assert!(restored.sessions().get(&lasting).is_some(), "about 100 s were left");
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert!(restored.sessions().get(&lasting).is_none(), "expired on time");
+    }
+
+    /// A will waiting out its delay survives the restart: it goes when the delay ends, or at once when its
+    /// session did not survive (expired while the broker was down).
+    #[tokio::test(start_paused = true)]
+    async fn a_delayed_will_goes_when_its_delay_ends_across_a_restart() {
+        let broker = Broker::new(BrokerConfig::default(), HookChain::default());
+        let now = crate::session::unix_now_s();
+        for (client_id, expiry, offline_for, delay) in [("car", 3600, 0, 100), ("gone", 60, 100, 1000)] {
+            let session = broker.new_session(ClientId(client_id.into()), expiry);
+            session.lock().restore_offline_since(now - offline_for);
+            broker.sessions().open(&session.client_id, true, &mut || session.clone());
+            let will = message(&format!("cars/{client_id}/status"), b"offline", QoS::AtLeastOnce, true);
+            broker.schedule_will(session.clone(), session.generation(), will, Duration::from_secs(delay));
+        }
+        let (bytes, counts) = broker.snapshot();
+        assert_eq!((counts.sessions, counts.wills), (2, 2));
+
+        let restored = Broker::new(BrokerConfig::default(), HookChain::default());
+        let watcher = restored.local_client("watcher");
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: true,
+            retain_handling: 0,
+        };
+        watcher.subscribe("cars/#", options).expect("a valid filter");
+        assert_eq!(restored.restore(&bytes).map(|counts| (counts.sessions, counts.wills)), Ok((1, 2)));
+        let topics = |batch: Vec<(Delivery, Option<PacketId>)>| -> Vec<String> {
+            batch.into_iter().map(|(delivery, _)| delivery.message.topic.to_string()).collect()
+        };
+        assert_eq!(topics(watcher.try_batch(10, 10)), ["cars/gone/status"], "its session expired: at once");
+        tokio::time::sleep(Duration::from_secs(95)).await;
+        assert!(watcher.try_batch(10, 10).is_empty(), "about 100 s of delay were left");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(topics(watcher.try_batch(10, 10)), ["cars/car/status"]);
     }
 
     #[tokio::test]

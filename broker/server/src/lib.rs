@@ -471,9 +471,9 @@ impl Server {
         };
         let started = std::time::Instant::now();
         match persistence::save(&self.broker, file).await {
-            Ok(SnapshotCounts { retained, sessions, messages }) => {
+            Ok(SnapshotCounts { retained, sessions, messages, wills }) => {
                 let elapsed_ms = started.elapsed().as_millis() as u64;
-                info!(file = %file.display(), why, retained, sessions, messages, elapsed_ms, "state saved")
+                info!(file = %file.display(), why, retained, sessions, messages, wills, elapsed_ms, "state saved")
             }
             Err(error) => error!(why, error = format!("{error:#}"), "state not saved"),
         }

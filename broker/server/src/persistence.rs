@@ -26,9 +26,9 @@ pub fn restore(broker: &Broker, file: &Path) -> anyhow::Result<()> {
     };
     let started = std::time::Instant::now();
     match broker.restore(&bytes) {
-        Ok(SnapshotCounts { retained, sessions, messages }) => {
+        Ok(SnapshotCounts { retained, sessions, messages, wills }) => {
             let elapsed_ms = started.elapsed().as_millis() as u64;
-            info!(file = %file.display(), retained, sessions, messages, elapsed_ms, "saved state restored");
+            info!(file = %file.display(), retained, sessions, messages, wills, elapsed_ms, "saved state restored");
         }
         Err(problem) => {
             let aside = aside_name(file);

@@ -82,6 +82,43 @@ async fn retained_messages_and_persistent_sessions_outlive_a_restart() {
     second.stop().await;
 }
 
+/// A will waiting out its Will Delay Interval when the broker stops is saved with the state: after the restart it
+/// is published when the delay ends (the car never came back), not lost.
+#[tokio::test]
+async fn a_delayed_will_pending_at_shutdown_is_published_after_the_restart() {
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("broker.state");
+    let first = broker_saving_to(&file).await;
+    let properties = rumqttc::v5::mqttbytes::v5::LastWillProperties {
+        delay_interval: Some(2),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    let mut car =
+        v5::options_with_will(&first, "car-9", "cars/car-9/status", "offline", QoS::AtLeastOnce, Some(properties));
+    car.set_clean_start(false);
+    car.set_session_expiry_interval(Some(3600));
+    let (client, _) = connect(car).await;
+    client.kill().await;
+    tollgate_integration_tests::wait_until("the car's connection to be gone", || {
+        first.broker().sessions().get(&tollgate_core::ClientId("car-9".into())).is_some_and(|s| !s.is_connected())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(first.stop().await);
+
+    let second = broker_saving_to(&file).await;
+    let mut backend = connect_to(&second, "backend").await;
+    backend.subscribe_ok("cars/#", QoS::AtLeastOnce).await;
+    let will = backend.next_publish().await;
+    assert_eq!((topic(&will), &will.payload[..]), ("cars/car-9/status".into(), &b"offline"[..]));
+    second.stop().await;
+}
+
 /// A configuration for the `tollgate` binary in `dir`: a free loopback port, an admin socket, `[persistence]` with
 /// `autosave_interval`. Returns the port, the state file and the configuration file.
 fn binary_config(dir: &Path, autosave_interval: u32) -> (u16, std::path::PathBuf, std::path::PathBuf) {
