@@ -153,11 +153,11 @@ fn publish_state(broker: &Broker, name: &str, connected: bool) {
 
 /// The bridge's retained state on the remote. QoS 0: no packet id to keep apart from the forwarded messages',
 /// and the will covers a lost `online` going stale.
-fn remote_status(topic: &str, state: &'static [u8]) -> Packet {
+fn remote_status(topic: &str, state: &'static [u8], retain: bool) -> Packet {
     Packet::Publish(Publish {
         dup: false,
         qos: QoS::AtMostOnce,
-        retain: true,
+        retain,
         topic: topic.into(),
         packet_id: None,
         properties: Properties::default(),
@@ -533,6 +533,10 @@ struct Link {
     /// The remote's limits from CONNACK.
     remote_max_packet: usize,
     remote_receive_maximum: u16,
+    /// CONNACK's Maximum QoS and Retain Available (MQTT 5): sending above either is a protocol error that the
+    /// remote answers with a DISCONNECT [MQTT-3.2.2-11, MQTT-3.2.2-14] (AWS IoT Core takes QoS 1 at most).
+    remote_max_qos: QoS,
+    remote_retain: bool,
     session_present: bool,
 }
 
@@ -562,6 +566,8 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
             max_packet,
             remote_max_packet: max_packet,
             remote_receive_maximum: u16::MAX,
+            remote_max_qos: QoS::ExactlyOnce,
+            remote_retain: true,
             session_present: false,
         };
         let v5 = settings.protocol.is_v5();
@@ -613,6 +619,10 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
         if let Some(limit) = connack.properties.receive_maximum {
             link.remote_receive_maximum = limit;
         }
+        if let Some(qos) = connack.properties.maximum_qos.and_then(QoS::from_u8) {
+            link.remote_max_qos = qos;
+        }
+        link.remote_retain = connack.properties.retain_available != Some(0);
         let subscriptions: Vec<Subscription> = settings
             .topics
             .iter()
@@ -630,7 +640,7 @@ async fn connect(broker: &Broker, settings: &BridgeSettings, address: &str, tls:
             })
             .collect();
         if let Some(topic) = &settings.remote_status_topic {
-            link.queue(&remote_status(topic, b"online"))?;
+            link.queue(&remote_status(topic, b"online", link.remote_retain))?;
         }
         if !subscriptions.is_empty() {
             link.queue(&Packet::Subscribe(Subscribe {
@@ -693,9 +703,13 @@ impl Link {
                 for unfinished in cx.local.unfinished() {
                     match unfinished {
                         Unfinished::Publish(packet_id, delivery) => {
-                            let (qos, retain) = (delivery.qos, delivery.retain);
+                            let (qos, retain) = (delivery.qos.min(self.remote_max_qos), delivery.retain);
                             let id = egress.memory_id(cx.settings, Some(packet_id));
-                            if !self.forward(cx, &delivery.message, qos, retain, Some(packet_id), true, id).await {
+                            let sent_with = Some(packet_id).filter(|_| qos != QoS::AtMostOnce);
+                            // Sent at QoS 0 (the remote's Maximum QoS), nothing will acknowledge it.
+                            if !self.forward(cx, &delivery.message, qos, retain, sent_with, true, id).await
+                                || sent_with.is_none()
+                            {
                                 egress.settle(cx.local, packet_id);
                             }
                         }
@@ -744,7 +758,7 @@ impl Link {
                 () = shutdown.cancelled() => {
                     // A clean DISCONNECT discards the will: say `offline` first.
                     if let Some(topic) = &cx.settings.remote_status_topic {
-                        let _ = self.queue(&remote_status(topic, b"offline"));
+                        let _ = self.queue(&remote_status(topic, b"offline", self.remote_retain));
                     }
                     let goodbye = Disconnect { reason_code: ReasonCode::NORMAL_DISCONNECTION, properties: Properties::default() };
                     if self.queue(&Packet::Disconnect(goodbye)).is_ok() {
@@ -778,9 +792,12 @@ impl Link {
                         pace.spend(batch.len());
                     }
                     for (delivery, packet_id) in batch {
-                        let (qos, retain) = (delivery.qos, delivery.retain);
+                        let (qos, retain) = (delivery.qos.min(self.remote_max_qos), delivery.retain);
                         let id = egress.memory_id(cx.settings, packet_id);
-                        if !self.forward(cx, &delivery.message, qos, retain, packet_id, false, id).await
+                        let sent_with = packet_id.filter(|_| qos != QoS::AtMostOnce);
+                        // Sent at QoS 0 (the remote's Maximum QoS), nothing will acknowledge it.
+                        if (!self.forward(cx, &delivery.message, qos, retain, sent_with, false, id).await
+                            || sent_with.is_none())
                             && let Some(packet_id) = packet_id
                         {
                             egress.settle(cx.local, packet_id);
@@ -845,7 +862,7 @@ impl Link {
                 }
                 taken += records.len();
                 for (offset, message) in records {
-                    let qos = message.qos.min(QoS::AtLeastOnce);
+                    let qos = message.qos.min(QoS::AtLeastOnce).min(self.remote_max_qos);
                     let packet_id = (qos != QoS::AtMostOnce).then(|| allocate_packet_id(next_packet_id, inflight));
                     let resend = offset < *resend_below;
                     let id = cx.settings.message_id_property.as_ref().map(|_| format!("{instance}-{offset}"));
@@ -943,7 +960,8 @@ impl Link {
         let publish = Publish {
             dup: resend && qos != QoS::AtMostOnce,
             qos,
-            retain,
+            // A remote without retained messages would disconnect for the flag [MQTT-3.2.2-14].
+            retain: retain && self.remote_retain,
             topic: remote_topic.into(),
             packet_id,
             properties,

@@ -928,6 +928,59 @@ async fn wait_until_ingress_flows_v4(remote_app: &mut v4::Client, site_app: &mut
     while remote_app.publish_within(Duration::from_millis(50)).await.is_some() {}
 }
 
+/// A remote's CONNACK limits are obeyed: with Maximum QoS 1 (AWS IoT Core's) a QoS 2 message crosses at QoS 1,
+/// with Maximum QoS 0 at QoS 0 (and the local window is not held by it), and with Retain Available 0 nothing is
+/// sent retained; either would otherwise be a protocol error the remote disconnects for. The remote is scripted.
+#[tokio::test]
+async fn a_remote_s_maximum_qos_and_retain_available_are_obeyed() {
+    use tollgate_integration_tests::raw::RawClient;
+    use tollgate_protocol::{Ack, ConnAck, Packet, ProtocolVersion, ReasonCode};
+
+    for (max_qos, queue) in [(1u8, false), (1, true), (0, false)] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, u8, bool)>();
+        let remote = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let mut remote = RawClient::new(socket, ProtocolVersion::V5, "scripted remote");
+            assert!(matches!(remote.expect_packet().await, Packet::Connect(_)));
+            let mut connack =
+                ConnAck { session_present: false, reason_code: ReasonCode::SUCCESS, properties: Default::default() };
+            connack.properties.maximum_qos = Some(max_qos);
+            connack.properties.retain_available = Some(0);
+            remote.send(&Packet::ConnAck(connack)).await;
+            loop {
+                let Packet::Publish(publish) = remote.expect_packet().await else { continue };
+                seen_tx.send((publish.topic.to_string(), publish.qos as u8, publish.retain)).unwrap();
+                if let Some(packet_id) = publish.packet_id {
+                    remote.send(&Packet::PubAck(Ack::new(packet_id, ReasonCode::SUCCESS))).await;
+                }
+            }
+        });
+        let queue_dir = tempfile::tempdir().unwrap();
+        let mut bridge = bridge_to(port, vec![mapping("up/#", "out", 2, "", "")]);
+        bridge.max_inflight = 2;
+        if queue {
+            bridge.queue = Some(disk_queue(queue_dir.path().join("cloud"), "never", "after_durable"));
+        }
+        let site = site_with(bridge, Vec::new()).await;
+        wait_connected(&site).await;
+        let mut sensor = connect_to(&site, "sensor").await;
+        // More messages than the window: a copy held for an acknowledgement that never comes would stall them.
+        for index in 0..4 {
+            sensor.publish(&format!("up/{index}"), QoS::ExactlyOnce, true, b"x").await;
+        }
+        for index in 0..4 {
+            let (topic, qos, retain) = within("the next message at the remote", seen.recv()).await.unwrap();
+            assert_eq!(topic, format!("up/{index}"));
+            assert!(qos <= max_qos, "QoS {qos} sent to a remote that takes {max_qos} at most (disk: {queue})");
+            assert!(!retain, "sent retained to a remote without retained messages");
+        }
+        site.stop().await;
+        remote.abort();
+    }
+}
+
 #[tokio::test]
 async fn a_remote_that_stops_answering_pings_is_left_and_dialled_again() {
     // A remote that accepts the connection and then goes silent (a dead cellular link looks like this).
