@@ -141,7 +141,8 @@ pub struct StoredMessage {
     pub subscription_ids: Vec<u32>,
 }
 
-fn unix_ms() -> u64 {
+/// Wall-clock milliseconds since the Unix epoch: what outlives the process where an `Instant` cannot.
+pub(crate) fn unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
 }
 

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tollgate_protocol::{PacketId, QoS, SubscriptionOptions};
 
 use crate::Broker;
-use crate::message::{ClientId, Delivery, Message};
+use crate::message::{ClientId, Delivery, Message, unix_ms};
 use crate::router::Subscriber;
 use crate::session::{Inflight, PacketIdHasher, SessionSubscription};
 
@@ -293,10 +293,6 @@ fn options_byte(options: SubscriptionOptions) -> u8 {
 }
 
 type Decoded = (Vec<(Message, Option<ClientId>)>, Vec<RestoredSession>, Vec<RestoredWill>);
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |since| since.as_millis() as u64)
-}
 
 fn decode(bytes: &[u8], now: Instant) -> Result<Decoded, SnapshotError> {
     if bytes.len() < HEADER + 4 || &bytes[..MAGIC.len()] != MAGIC {

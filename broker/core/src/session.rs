@@ -364,8 +364,7 @@ impl SessionState {
 
 /// Wall-clock seconds since the Unix epoch (fits a `u32` until 2106).
 pub(crate) fn unix_now_s() -> u32 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    u32::try_from(now.as_secs()).unwrap_or(u32::MAX)
+    u32::try_from(crate::message::unix_ms() / 1000).unwrap_or(u32::MAX)
 }
 
 /// Shared handle used by the router and the registry.

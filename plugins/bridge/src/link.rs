@@ -114,7 +114,7 @@ pub(crate) fn client_config(bridge: &str, addresses: &[&str], settings: &TlsSett
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|error| tls_error(error.to_string()))?
         .with_root_certificates(roots);
-    let config = match (&settings.cert, &settings.key) {
+    let mut config = match (&settings.cert, &settings.key) {
         (Some(cert), Some(key)) => {
             let chain = read_chain(cert)?;
             let key = PrivateKeyDer::from_pem_file(key).map_err(|error| file_error(key, error.to_string()))?;
@@ -129,7 +129,6 @@ pub(crate) fn client_config(bridge: &str, addresses: &[&str], settings: &TlsSett
         ),
         None => None,
     };
-    let mut config = config;
     config.alpn_protocols = settings.alpn.iter().map(|protocol| protocol.as_bytes().to_vec()).collect();
     let tls = Tls { config: Arc::new(config), server_name };
     for address in addresses {
@@ -256,15 +255,13 @@ impl Egress {
     fn memory_id(&mut self, settings: &BridgeSettings, packet_id: Option<PacketId>) -> Option<String> {
         settings.message_id_property.as_ref()?;
         let Egress::Memory { ids, next_id, instance } = self else { return None };
+        let mut fresh = || {
+            *next_id += 1;
+            *next_id - 1
+        };
         let number = match packet_id {
-            Some(packet_id) => *ids.entry(packet_id).or_insert_with(|| {
-                *next_id += 1;
-                *next_id - 1
-            }),
-            None => {
-                *next_id += 1;
-                *next_id - 1
-            }
+            Some(packet_id) => *ids.entry(packet_id).or_insert_with(fresh),
+            None => fresh(),
         };
         Some(format!("{instance}-{number}"))
     }
@@ -423,10 +420,15 @@ pub(crate) async fn run(
         let _ = spooler.await;
     }
     if let Egress::Disk { lanes, .. } = &egress {
-        for lane in lanes {
-            if let Err(error) = lock(&lane.journal).sync() {
-                warn!(bridge = name, %error, "bridge journal: final sync failed");
-            }
+        sync_all(lanes.iter().map(|lane| &lane.journal), name, "final sync");
+    }
+}
+
+/// Syncs each journal (and writes its commit offset); a failure is logged, naming `when`, and the rest still go.
+fn sync_all<'a>(journals: impl IntoIterator<Item = &'a SharedJournal>, name: &str, when: &str) {
+    for journal in journals {
+        if let Err(error) = lock(journal).sync() {
+            warn!(bridge = name, %error, "bridge journal: {when} failed");
         }
     }
 }
@@ -499,13 +501,7 @@ async fn spool(
     loop {
         tokio::select! {
             batch = local.next_batch(SPOOL_WINDOW, SPOOL_BATCH) => append(batch),
-            _ = tick.tick() => {
-                for journal in &journals {
-                    if let Err(error) = lock(journal).sync() {
-                        warn!(bridge = %name, %error, "bridge journal: sync failed");
-                    }
-                }
-            }
+            _ = tick.tick() => sync_all(&journals, &name, "sync"),
             () = shutdown.cancelled() => break,
         }
     }
@@ -517,11 +513,7 @@ async fn spool(
         }
         append(batch);
     }
-    for journal in &journals {
-        if let Err(error) = lock(journal).sync() {
-            warn!(bridge = %name, %error, "bridge journal: sync at shutdown failed");
-        }
-    }
+    sync_all(&journals, &name, "sync at shutdown");
 }
 
 struct Link {
@@ -703,15 +695,7 @@ impl Link {
                 for unfinished in cx.local.unfinished() {
                     match unfinished {
                         Unfinished::Publish(packet_id, delivery) => {
-                            let (qos, retain) = (delivery.qos.min(self.remote_max_qos), delivery.retain);
-                            let id = egress.memory_id(cx.settings, Some(packet_id));
-                            let sent_with = Some(packet_id).filter(|_| qos != QoS::AtMostOnce);
-                            // Sent at QoS 0 (the remote's Maximum QoS), nothing will acknowledge it.
-                            if !self.forward(cx, &delivery.message, qos, retain, sent_with, true, id).await
-                                || sent_with.is_none()
-                            {
-                                egress.settle(cx.local, packet_id);
-                            }
+                            self.forward_from_memory(cx, egress, &delivery, Some(packet_id), true).await;
                         }
                         Unfinished::Release(packet_id) => {
                             if let Err(reason) = self.queue(&Packet::PubRel(Ack::new(packet_id, ReasonCode::SUCCESS))) {
@@ -744,7 +728,11 @@ impl Link {
             let budget = pace.as_mut().map_or(usize::MAX, Pace::available);
             if let Egress::Disk { .. } = egress {
                 match self.fill_from_journal(cx, egress, window, budget).await {
-                    Ok(sent) => pace.as_mut().map_or((), |pace| pace.spend(sent)),
+                    Ok(sent) => {
+                        if let Some(pace) = pace.as_mut() {
+                            pace.spend(sent);
+                        }
+                    }
                     Err(reason) => return LinkEnd::Lost(reason),
                 }
             }
@@ -792,16 +780,7 @@ impl Link {
                         pace.spend(batch.len());
                     }
                     for (delivery, packet_id) in batch {
-                        let (qos, retain) = (delivery.qos.min(self.remote_max_qos), delivery.retain);
-                        let id = egress.memory_id(cx.settings, packet_id);
-                        let sent_with = packet_id.filter(|_| qos != QoS::AtMostOnce);
-                        // Sent at QoS 0 (the remote's Maximum QoS), nothing will acknowledge it.
-                        if (!self.forward(cx, &delivery.message, qos, retain, sent_with, false, id).await
-                            || sent_with.is_none())
-                            && let Some(packet_id) = packet_id
-                        {
-                            egress.settle(cx.local, packet_id);
-                        }
+                        self.forward_from_memory(cx, egress, &delivery, packet_id, false).await;
                     }
                 }
                 // The spooler appended: the loop's top reads the journal.
@@ -839,6 +818,27 @@ impl Link {
 
     /// Sends what the journal holds, while the in-flight window has room. Messages cross at QoS 1 at most: the
     /// journal is the bridge's side of the exchange, so QoS 2's extra round trip would add nothing.
+    /// Sends one delivery of the memory queue (first or again), within the remote's Maximum QoS; what will not be
+    /// acknowledged (not sent, or sent at QoS 0) is settled at once, so it does not hold a window slot.
+    async fn forward_from_memory(
+        &mut self,
+        cx: &Context<'_>,
+        egress: &mut Egress,
+        delivery: &Delivery,
+        packet_id: Option<PacketId>,
+        resend: bool,
+    ) {
+        let qos = delivery.qos.min(self.remote_max_qos);
+        let id = egress.memory_id(cx.settings, packet_id);
+        let sent_with = packet_id.filter(|_| qos != QoS::AtMostOnce);
+        let sent = self.forward(cx, &delivery.message, qos, delivery.retain, sent_with, resend, id).await;
+        if (!sent || sent_with.is_none())
+            && let Some(packet_id) = packet_id
+        {
+            egress.settle(cx.local, packet_id);
+        }
+    }
+
     /// Returns how many it took, at most `budget`.
     async fn fill_from_journal(
         &mut self,
